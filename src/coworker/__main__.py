@@ -1,0 +1,3 @@
+from coworker.cli import main
+
+raise SystemExit(main())

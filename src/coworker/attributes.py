@@ -1,0 +1,102 @@
+"""Every span attribute key, metric name and baggage key that coworker emits.
+
+This module is the contract with collector configs (``collector-config/``), Grafana dashboards
+(``dashboards/``) and the audit record: nothing else in the package spells a key as a string
+literal. Keys follow OpenTelemetry semantic conventions where one exists (``user.id``,
+``session.id``, ``gen_ai.*``, ``error.type``, ``exception.*``) and are dotted lower case
+otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# -- the flow chain (names fixed by the product) -------------------------------------------
+FLOW_TYPE: Final = "flow.type"
+"""Kind of flow: ``workflow``, ``ai-conversation``, ``batch-job``, ``api-request``, or any
+lower-case name."""
+FLOW_ID: Final = "flow.id"
+"""One user intent; a new id on every start and every break."""
+FLOW_DEFINITION_ID: Final = "flow.definition.id"
+"""The workflow template the flow was started from."""
+FLOW_PREVIOUS_ID: Final = "flow.previous.id"
+"""The flow this one broke from."""
+FLOW_BREAK_REASON: Final = "flow.break.reason"
+"""Why the previous flow was broken (``topic-change``, ``timeout``, ...)."""
+FLOW_METADATA_PREFIX: Final = "flow.metadata."
+"""Prefix of the ``**metadata`` given to :func:`coworker.flow`."""
+STEP_ID: Final = "step.id"
+"""Position in the flow: from a workflow definition or assigned at run time."""
+
+# -- the run -------------------------------------------------------------------------------
+RUN_ID: Final = "coworker.run.id"
+RUN_PARENT_ID: Final = "coworker.run.parent_id"
+CHAIN_ID: Final = "coworker.chain.id"
+"""The id of the root run of a tree of nested runs."""
+OPERATION: Final = "coworker.operation"
+DOCTYPE: Final = "coworker.doctype"
+INPUT: Final = "coworker.input"
+"""Redacted, size-limited JSON of the bound arguments (only with ``capture_input``)."""
+OUTPUT: Final = "coworker.output"
+"""Redacted, size-limited JSON of the return value (only with ``capture_output``)."""
+CODE_FUNCTION: Final = "code.function.name"
+"""OTel semconv: the fully qualified name of the decorated callable."""
+
+# -- audit classification --------------------------------------------------------------------
+AUDIT: Final = "coworker.audit"
+"""``True`` when the span belongs to the audit trail (a real boolean, never the string)."""
+AUDIT_CATEGORY: Final = "coworker.audit.category"
+CATEGORY_STATE_CHANGE: Final = "state-change"
+CATEGORY_AUTHORIZATION_FAILURE: Final = "authorization-failure"
+CATEGORY_VALIDATION_VIOLATION: Final = "validation-violation"
+CATEGORY_SENSITIVE_READ: Final = "sensitive-read"
+CATEGORY_POLICY_VIOLATION: Final = "policy-violation"
+"""A rate limit or other policy rule that is not a permission (issue: ACL)."""
+AUDIT_CATEGORIES: Final = (
+    CATEGORY_STATE_CHANGE,
+    CATEGORY_AUTHORIZATION_FAILURE,
+    CATEGORY_VALIDATION_VIOLATION,
+    CATEGORY_SENSITIVE_READ,
+    CATEGORY_POLICY_VIOLATION,
+)
+
+# -- who acts (OTel semantic conventions) ----------------------------------------------------
+USER_ID: Final = "user.id"
+SESSION_ID: Final = "session.id"
+AGENT_ID: Final = "gen_ai.agent.id"
+AGENT_NAME: Final = "gen_ai.agent.name"
+CONVERSATION_ID: Final = "gen_ai.conversation.id"
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+GEN_AI_TOOL_NAME: Final = "gen_ai.tool.name"
+GEN_AI_OP_EXECUTE_TOOL: Final = "execute_tool"
+GEN_AI_OP_INVOKE_AGENT: Final = "invoke_agent"
+GEN_AI_OP_INVOKE_WORKFLOW: Final = "invoke_workflow"
+
+# -- errors (OTel semantic conventions) ------------------------------------------------------
+ERROR_TYPE: Final = "error.type"
+EXCEPTION_TYPE: Final = "exception.type"
+EXCEPTION_MESSAGE: Final = "exception.message"
+EXCEPTION_STACKTRACE: Final = "exception.stacktrace"
+EXCEPTION_EVENT: Final = "exception"
+
+# -- resource ----------------------------------------------------------------------------------
+SERVICE_NAME: Final = "service.name"
+
+# -- baggage keys used by coworker.inject / coworker.extract ---------------------------------
+BAGGAGE_PREFIX: Final = "coworker."
+"""Baggage entries are the attribute keys above prefixed with this, so that they never collide
+with an application's own baggage."""
+
+# -- metric names (OTel metric naming conventions: dotted, unit in the instrument) -----------
+METRIC_RUNS: Final = "coworker.runs"
+"""Counter of finished runs, by ``flow.type``, ``coworker.operation`` and ``outcome``."""
+METRIC_RUN_DURATION: Final = "coworker.run.duration"
+"""Histogram of run durations in seconds."""
+METRIC_AUDIT_APPENDS: Final = "coworker.audit.appends"
+"""Counter of audit records appended, by ``coworker.audit.category`` and ``outcome``."""
+METRIC_AUDIT_APPEND_DURATION: Final = "coworker.audit.append.duration"
+"""Histogram of audit append latency in seconds."""
+METRIC_AUDIT_SPOOL_DEPTH: Final = "coworker.audit.spool.depth"
+"""Gauge of records waiting in the local spool for the shared store."""
+METRIC_ATTR_OUTCOME: Final = "outcome"
+"""Metric attribute: ``ok`` or the error type."""

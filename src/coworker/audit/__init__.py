@@ -1,0 +1,1 @@
+"""The audit trail: records, the hash chain, stores, the exporter and verification."""

@@ -1,0 +1,90 @@
+"""The exceptions coworker raises, as one tree.
+
+```
+CoworkerError
+├── ConfigError (also ValueError)       bad argument or setting; raised at construction
+├── PermissionDenied (also PermissionError)   the policy refused a run; audited
+│   └── RateLimited                     too many runs of an operation class in a window; audited
+├── ValidationError (also ValueError)   a business rule raised by application code; audited
+└── AuditUnavailable                    an audit record could not be made durable
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AuditUnavailable",
+    "ConfigError",
+    "CoworkerError",
+    "PermissionDenied",
+    "RateLimited",
+    "ValidationError",
+]
+
+
+class CoworkerError(Exception):
+    """Base class of every exception coworker raises."""
+
+
+class ConfigError(CoworkerError, ValueError):
+    """A configuration value is invalid; the message names the parameter."""
+
+
+class PermissionDenied(CoworkerError, PermissionError):
+    """The effective permissions of the acting user (and agent) do not allow the run.
+
+    Raised by ``coworker.run`` before the function body runs. The span is marked as an error
+    and an ``authorization-failure`` audit record is written.
+
+    Attributes:
+        user: the user id, or ``None`` for an anonymous run.
+        agent: the agent id, or ``None``.
+        operation: the operation that was refused.
+        doctype: the doctype it was refused on.
+        rule: a human-readable description of the rule that decided.
+    """
+
+    def __init__(
+        self,
+        message: str = "permission denied",
+        *,
+        user: str | None = None,
+        agent: str | None = None,
+        operation: str | None = None,
+        doctype: str | None = None,
+        rule: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.user = user
+        self.agent = agent
+        self.operation = operation
+        self.doctype = doctype
+        self.rule = rule
+
+
+class RateLimited(PermissionDenied):
+    """A rate limit of the policy was exceeded; audited as a policy violation.
+
+    Attributes:
+        retry_after: seconds until the window allows another run (best effort).
+    """
+
+    def __init__(self, message: str = "rate limited", *, retry_after: float | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class ValidationError(CoworkerError, ValueError):
+    """A business-rule violation raised by application code; audited as
+    ``validation-violation``."""
+
+
+class AuditUnavailable(CoworkerError):
+    """An audit record could not be made durable.
+
+    In fail-closed mode this is raised *before* a state-changing run executes, and the
+    function body does not run.
+    """
