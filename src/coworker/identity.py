@@ -32,7 +32,7 @@ class User:
 
     id: str
     roles: tuple[str, ...] = ()
-    attributes: Mapping[str, Any] = field(default=_EMPTY)
+    attributes: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -68,7 +68,7 @@ class Identity:
     user: User | None
     agent: Agent | None = None
     session: str | None = None
-    span_attributes: Mapping[str, str] = field(default=_EMPTY, compare=False, repr=False)
+    span_attributes: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         attrs: dict[str, str] = {}

@@ -1,0 +1,104 @@
+"""coworker: OpenTelemetry spans that say which flow, which step, which run, which user and
+which AI agent — and a tamper-evident audit trail of the runs that change state.
+
+Quick start::
+
+    import coworker
+
+    coworker.configure("billing", audit="sqlite:///audit.db")
+
+    @coworker.run(operation="update", doctype="Invoice")
+    def set_amount(invoice_id: str, amount: int) -> None: ...
+
+    with coworker.acting_as("user-456", agent="agent-789", agent_name="billing-assistant"):
+        with coworker.flow("api-request"):
+            set_amount("INV-1", 120)
+
+``import coworker`` loads only the OpenTelemetry API; the SDK, the audit stores and the CLI
+are imported when :func:`configure` or the ``coworker`` command needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from coworker._decorator import Run, current_run, run
+from coworker._setup import configure, force_flush, shutdown
+from coworker.exceptions import (
+    AuditUnavailable,
+    ConfigError,
+    CoworkerError,
+    PermissionDenied,
+    RateLimited,
+    ValidationError,
+)
+from coworker.flow import (
+    BREAK_REASONS,
+    Conversation,
+    Flow,
+    WorkflowDefinition,
+    acting_as,
+    break_flow,
+    conversation,
+    current_flow,
+    current_identity,
+    current_step,
+    flow,
+    step,
+    workflow,
+)
+from coworker.identity import Agent, Identity, User
+from coworker.propagation import extract, inject, propagate
+
+if TYPE_CHECKING:
+    from coworker.acl import Policy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BREAK_REASONS",
+    "Agent",
+    "AuditUnavailable",
+    "ConfigError",
+    "Conversation",
+    "CoworkerError",
+    "Flow",
+    "Identity",
+    "PermissionDenied",
+    "Policy",
+    "RateLimited",
+    "Run",
+    "User",
+    "ValidationError",
+    "WorkflowDefinition",
+    "acting_as",
+    "break_flow",
+    "configure",
+    "conversation",
+    "current_flow",
+    "current_identity",
+    "current_run",
+    "current_step",
+    "extract",
+    "flow",
+    "force_flush",
+    "inject",
+    "propagate",
+    "run",
+    "shutdown",
+    "step",
+    "workflow",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the policy loader and the audit package stay out of ``import coworker``.
+    if name == "Policy":
+        from coworker.acl import Policy
+
+        return Policy
+    if name == "audit":
+        import importlib
+
+        return importlib.import_module("coworker.audit")
+    raise AttributeError(f"module 'coworker' has no attribute {name!r}")

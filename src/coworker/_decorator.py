@@ -1,0 +1,889 @@
+"""``coworker.run``: one object, three forms (``@run``, ``@run(...)``, ``with run(...)``).
+
+Everything that can be computed once per decorated callable (span name, static attributes,
+signature, callable kind) is computed at decoration time in :class:`_Spec`; a call merges
+ready-made attribute dicts (flow, identity) and opens one span.
+
+Generators and async generators are wrapped in objects that run each step of the original in a
+private ``contextvars.Context`` captured at call time: the span is current exactly while the
+generator body runs, never in the consumer's code between items (where every peer SDK leaks
+it), and ends on exhaustion, ``close()``, an early ``break`` or garbage collection.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+import os
+import random
+import traceback
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping
+from types import TracebackType
+from typing import Any, Final, TypeVar, overload
+
+import wrapt
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+from coworker import attributes as attr
+from coworker._capture import capture
+from coworker._state import SETTINGS
+from coworker.exceptions import PermissionDenied, RateLimited, ValidationError
+from coworker.flow import AI_CONVERSATION, SCOPE, Flow, _restore, _Scope, touch
+
+__all__ = ["Run", "current_run", "run"]
+
+_log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Run ids and (via coworker._sdk) span/trace ids come from a private generator, never from the
+# application's global ``random`` state: a program seeded with random.seed must behave the same
+# with and without coworker. Reseeded in forked children so siblings don't repeat ids.
+_RNG: Final = random.Random()
+os.register_at_fork(after_in_child=_RNG.seed)
+_getrandbits = _RNG.getrandbits
+
+_TRACER: trace.Tracer | None = None
+_VERSION = "0.1.0"
+
+
+def new_id() -> str:
+    """A new 64-bit run id as 16 lower-case hex digits (private RNG)."""
+    return f"{_getrandbits(64):016x}"
+
+
+def _tracer() -> trace.Tracer:
+    t = _TRACER
+    return t if t is not None else _resolve_tracer()
+
+
+def _resolve_tracer() -> trace.Tracer:
+    global _TRACER
+    provider = trace.get_tracer_provider()
+    tracer = provider.get_tracer("coworker", _VERSION)
+    if isinstance(provider, trace.ProxyTracerProvider):
+        # No SDK yet: not cached, so runs pick up a provider the app sets later.
+        return tracer
+    gen = getattr(tracer, "id_generator", None)
+    if gen is not None and type(gen).__name__ == "RandomIdGenerator":
+        from coworker._sdk import PrivateRandomIdGenerator
+
+        # Only our own tracer's generator: the application's tracers are left alone.
+        tracer.id_generator = PrivateRandomIdGenerator()
+    _TRACER = tracer
+    return tracer
+
+
+def reset_tracer() -> None:
+    """Forget the cached tracer (after the global provider changed)."""
+    global _TRACER
+    _TRACER = None
+
+
+_ERROR_TYPES: dict[type, str] = {}
+
+
+def error_type(exc: BaseException) -> str:
+    """The OTel ``error.type`` of an exception: its fully qualified class name."""
+    cls = type(exc)
+    name = _ERROR_TYPES.get(cls)
+    if name is None:
+        mod = cls.__module__
+        name = cls.__qualname__ if mod == "builtins" else f"{mod}.{cls.__qualname__}"
+        _ERROR_TYPES[cls] = name
+    return name
+
+
+def _is_failure(exc: BaseException) -> bool:
+    if isinstance(exc, GeneratorExit | StopIteration | StopAsyncIteration):
+        return False
+    return not (isinstance(exc, SystemExit) and exc.code in (0, None))
+
+
+def _record_failure(span: Span, exc: BaseException) -> None:
+    etype = error_type(exc)
+    attrs: dict[str, Any] = {attr.ERROR_TYPE: etype}
+    if isinstance(exc, PermissionDenied):
+        attrs[attr.AUDIT] = True
+        attrs[attr.AUDIT_CATEGORY] = (
+            attr.CATEGORY_POLICY_VIOLATION
+            if isinstance(exc, RateLimited)
+            else attr.CATEGORY_AUTHORIZATION_FAILURE
+        )
+    elif isinstance(exc, ValidationError):
+        attrs[attr.AUDIT] = True
+        attrs[attr.AUDIT_CATEGORY] = attr.CATEGORY_VALIDATION_VIOLATION
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<unprintable {etype}>"
+    span.set_attributes(attrs)
+    event = {attr.EXCEPTION_TYPE: etype, attr.EXCEPTION_MESSAGE: message}
+    if SETTINGS.debug:
+        event[attr.EXCEPTION_STACKTRACE] = "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)
+        )
+    span.add_event(attr.EXCEPTION_EVENT, event)
+    span.set_status(Status(StatusCode.ERROR, f"{etype}: {message}"))
+
+
+def _classify(op_key: str | None, doctype: str | None, forced: bool | None) -> str | None:
+    if forced:
+        return attr.CATEGORY_STATE_CHANGE
+    if op_key is None:
+        return None
+    s = SETTINGS
+    if forced is None and op_key in s.state_changing:
+        return attr.CATEGORY_STATE_CHANGE
+    if doctype is not None and op_key in s.read_operations and doctype in s.sensitive_doctypes:
+        return attr.CATEGORY_SENSITIVE_READ
+    return None
+
+
+class Run:
+    """A running ``coworker.run``: what ``with coworker.run(...) as r`` gives and
+    :func:`current_run` returns.
+
+    Attributes:
+        id: ``coworker.run.id``.
+        parent_id: the enclosing run's id, or ``None`` for a root run.
+        chain_id: the root run's id (``coworker.chain.id``).
+        name: the span name.
+        operation: ``coworker.operation``, if any.
+        doctype: ``coworker.doctype``, if any.
+        step: ``step.id``, if any.
+        flow: the :class:`~coworker.Flow` the run belongs to, if any.
+        category: the audit category assigned at start, or ``None``.
+        span: the OpenTelemetry span.
+    """
+
+    __slots__ = (
+        "_otel_token",
+        "_scope_token",
+        "_spec",
+        "category",
+        "chain_id",
+        "doctype",
+        "flow",
+        "id",
+        "name",
+        "operation",
+        "parent_id",
+        "span",
+        "step",
+    )
+
+    id: str
+    parent_id: str | None
+    chain_id: str
+    name: str
+    operation: str | None
+    doctype: str | None
+    step: str | None
+    flow: Flow | None
+    category: str | None
+    span: Span
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        """Set an attribute on the run's span."""
+        self.span.set_attribute(key, value)
+
+    def set_output(self, value: Any) -> None:
+        """Record ``value`` as the run's captured output (redacted, size-limited)."""
+        self.span.set_attribute(
+            attr.OUTPUT, capture(value, SETTINGS.redact, SETTINGS.capture_limit)
+        )
+
+    def __repr__(self) -> str:
+        return f"Run(name={self.name!r}, id={self.id!r}, parent_id={self.parent_id!r})"
+
+
+def current_run() -> Run | None:
+    """The innermost active run of the current context, or ``None``."""
+    return SCOPE.get().run
+
+
+class _Spec:
+    """What one decorated callable (or one ``with run(...)``) needs per call, precomputed."""
+
+    __slots__ = (
+        "attributes_fn",
+        "capture_input",
+        "capture_output",
+        "doctype",
+        "explicit_name",
+        "forced",
+        "op_key",
+        "operation",
+        "short",
+        "sig",
+        "sig_bound",
+        "span_name",
+        "static_attrs",
+        "step",
+        "target",
+    )
+
+    def __init__(self, options: RunOptions, target: Any, qualname: str) -> None:
+        self.operation = options.operation
+        self.op_key = options.operation.lower() if options.operation else None
+        self.doctype = options.doctype
+        self.step = options.step
+        self.forced = options.state_changing
+        self.capture_input = options.capture_input
+        self.capture_output = options.capture_output
+        self.target = target
+        self.sig: inspect.Signature | None = None
+        self.sig_bound: inspect.Signature | None = None
+        static: dict[str, Any] = {}
+        self.attributes_fn: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+        if callable(options.attributes):
+            self.attributes_fn = options.attributes
+        elif options.attributes:
+            static.update(options.attributes)
+        if options.operation:
+            static[attr.OPERATION] = options.operation
+        if options.doctype:
+            static[attr.DOCTYPE] = options.doctype
+        if target is not None:
+            module = getattr(target, "__module__", None)
+            static[attr.CODE_FUNCTION] = f"{module}.{qualname}" if module else qualname
+        self.static_attrs = static
+        self.explicit_name = options.name is not None
+        self.span_name = options.name or _span_name(options.operation, options.doctype, qualname)
+        self.short = _slug(options.operation or qualname.rsplit(".", 1)[-1])
+
+
+def _span_name(operation: str | None, doctype: str | None, qualname: str) -> str:
+    if operation and doctype:
+        return f"{operation} {doctype}"
+    return qualname
+
+
+def _slug(text: str) -> str:
+    out = "".join(c if c.isalnum() or c in "_." else "-" for c in text.lower()).strip("-")
+    return out or "run"
+
+
+def _bind(spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by parameter name (without ``self``/``cls``)."""
+    if spec.target is None:
+        return {}
+    try:
+        if spec.sig is None:
+            spec.sig = inspect.signature(spec.target)
+            params = list(spec.sig.parameters.values())
+            spec.sig_bound = spec.sig.replace(parameters=params[1:]) if params else spec.sig
+        sig = spec.sig_bound if getattr(wrapped, "__self__", None) is not None else spec.sig
+        assert sig is not None
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    except (TypeError, ValueError):
+        # Unbindable (the call itself will raise) or no signature (some builtins).
+        return {"args": args, "kwargs": kwargs}
+
+
+def _begin(spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Run:
+    """Open the run's span and scope; enforce policy and the fail-closed gate.
+
+    On a denial the span is ended as an error and the scope restored before raising.
+    """
+    scope = SCOPE.get()
+    settings = SETTINGS
+    attrs = spec.static_attrs.copy()
+    op = spec.operation
+    op_key = spec.op_key
+    doctype = spec.doctype
+    name = spec.span_name
+    bound: dict[str, Any] | None = None
+    if spec.attributes_fn is not None or spec.capture_input:
+        bound = _bind(spec, wrapped, instance, args, kwargs)
+        if spec.attributes_fn is not None:
+            op, doctype, name = _dynamic_attributes(spec, bound, attrs, op, doctype, name)
+            op_key = op.lower() if op else None
+        if spec.capture_input:
+            attrs[attr.INPUT] = capture(bound, settings.redact, settings.capture_limit)
+    cell = scope.cell
+    identity = scope.identity
+    flow = None
+    if cell is not None:
+        flow = touch(cell, identity)
+        attrs.update(flow.span_attributes)
+    step = spec.step
+    if step is not None:
+        if flow is not None and flow.definition is not None:
+            flow._check_step(step)
+    else:
+        step = scope.step
+        if step is None and flow is not None and flow.type == AI_CONVERSATION:
+            turn = scope.turn.number if scope.turn is not None else 0
+            step = flow._assign_step(turn, _slug(op) if op else spec.short)
+    if step is not None:
+        attrs[attr.STEP_ID] = step
+    if identity is not None:
+        attrs.update(identity.span_attributes)
+        if identity.agent is not None and attr.GEN_AI_OPERATION_NAME not in attrs:
+            attrs[attr.GEN_AI_OPERATION_NAME] = attr.GEN_AI_OP_EXECUTE_TOOL
+            attrs[attr.GEN_AI_TOOL_NAME] = name
+    parent = scope.run
+    run_id = f"{_getrandbits(64):016x}"
+    attrs[attr.RUN_ID] = run_id
+    if parent is not None:
+        attrs[attr.RUN_PARENT_ID] = parent.id
+        chain_id = parent.chain_id
+    else:
+        chain_id = run_id
+    attrs[attr.CHAIN_ID] = chain_id
+    category = _classify(op_key, doctype, spec.forced)
+    if category is not None:
+        attrs[attr.AUDIT] = True
+        attrs[attr.AUDIT_CATEGORY] = category
+    else:
+        attrs[attr.AUDIT] = False
+
+    span = _tracer().start_span(name, attributes=attrs)
+    r = Run()
+    r.id = run_id
+    r.parent_id = parent.id if parent is not None else None
+    r.chain_id = chain_id
+    r.name = name
+    r.operation = op
+    r.doctype = doctype
+    r.step = step
+    r.flow = flow
+    r.category = category
+    r.span = span
+    r._spec = spec
+    r._otel_token = otel_context.attach(trace.set_span_in_context(span))
+    r._scope_token = SCOPE.set(_Scope(cell, step, r, identity, scope.turn))
+    policy = settings.policy
+    gate = settings.audit_gate
+    if policy is not None or (gate is not None and category == attr.CATEGORY_STATE_CHANGE):
+        try:
+            if policy is not None:
+                if bound is None:
+
+                    def arguments() -> Mapping[str, Any]:
+                        nonlocal bound
+                        if bound is None:
+                            bound = _bind(spec, wrapped, instance, args, kwargs)
+                        return bound
+
+                else:
+                    frozen = bound
+
+                    def arguments() -> Mapping[str, Any]:
+                        return frozen
+
+                policy.enforce(identity, op, doctype, arguments)
+            if gate is not None and category == attr.CATEGORY_STATE_CHANGE:
+                gate.intent(span)
+        except BaseException as exc:
+            _end(r, exc)
+            raise
+    return r
+
+
+def _dynamic_attributes(
+    spec: _Spec,
+    bound: Mapping[str, Any],
+    attrs: dict[str, Any],
+    op: str | None,
+    doctype: str | None,
+    name: str,
+) -> tuple[str | None, str | None, str]:
+    assert spec.attributes_fn is not None
+    try:
+        extra = spec.attributes_fn(bound)
+    except Exception:
+        # The callable is the app's code: a bug there must not break the call it observes.
+        _log.exception("coworker.run attributes callable of %r raised; ignored", spec.span_name)
+        return op, doctype, name
+    if not extra:
+        return op, doctype, name
+    for key, value in extra.items():
+        if key in ("operation", attr.OPERATION):
+            op = str(value)
+            attrs[attr.OPERATION] = op
+        elif key in ("doctype", attr.DOCTYPE):
+            doctype = str(value)
+            attrs[attr.DOCTYPE] = doctype
+        elif value is not None:
+            attrs[key] = value if isinstance(value, str | bool | int | float) else str(value)
+    if op and doctype and not spec.explicit_name:
+        name = f"{op} {doctype}"
+    return op, doctype, name
+
+
+def _end(r: Run, exc: BaseException | None) -> None:
+    span = r.span
+    if exc is not None and _is_failure(exc):
+        _record_failure(span, exc)
+    _restore(r._scope_token)
+    otel_context.detach(r._otel_token)
+    # Ending may append an audit record; a failure there (AuditUnavailable) surfaces here.
+    span.end()
+
+
+class RunOptions:
+    """The options of one ``coworker.run(...)`` call; a decorator and a context manager.
+
+    Not created directly: see :func:`run`.
+    """
+
+    __slots__ = (
+        "attributes",
+        "capture_input",
+        "capture_output",
+        "doctype",
+        "name",
+        "operation",
+        "spec",
+        "state_changing",
+        "step",
+    )
+
+    def __init__(
+        self,
+        name: str | None,
+        operation: str | None,
+        doctype: str | None,
+        step: str | None,
+        state_changing: bool | None,
+        capture_input: bool,
+        capture_output: bool,
+        attributes: Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any]] | None,
+    ) -> None:
+        for label, value in (("name", name), ("operation", operation), ("doctype", doctype),
+                             ("step", step)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"coworker.run {label}= must be a non-empty string, got {value!r}")
+        if attributes is not None and not callable(attributes) and not isinstance(
+            attributes, Mapping
+        ):
+            raise TypeError("coworker.run attributes= must be a dict or a callable")
+        self.name = name
+        self.operation = operation
+        self.doctype = doctype
+        self.step = step
+        self.state_changing = state_changing
+        self.capture_input = capture_input
+        self.capture_output = capture_output
+        self.attributes = attributes
+        self.spec: _Spec | None = None
+
+    def __call__(self, fn: F) -> F:
+        return _decorate(fn, self)
+
+    def _context_spec(self) -> _Spec:
+        spec = self.spec
+        if spec is None:
+            spec = self.spec = _Spec(self, None, self.name or "run")
+            spec.span_name = self.name or _span_name(self.operation, self.doctype, "run")
+        return spec
+
+    def __enter__(self) -> Run:
+        return _begin(self._context_spec(), None, None, (), {})
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        r = SCOPE.get().run
+        if r is None or r._spec is not self.spec:
+            _log.error("coworker.run block exited out of order; its span may be unfinished")
+            return
+        _end(r, exc)
+
+    async def __aenter__(self) -> Run:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+def _qualname(fn: Any) -> str:
+    name = getattr(fn, "__qualname__", None)
+    if isinstance(name, str):
+        return name
+    if isinstance(fn, functools.partial):
+        return _qualname(fn.func)
+    return type(fn).__qualname__
+
+
+def _decorate(fn: Any, options: RunOptions) -> Any:
+    target = fn.__func__ if isinstance(fn, classmethod | staticmethod) else fn
+    if not callable(target):
+        raise TypeError(f"coworker.run can only decorate callables, got {type(fn).__name__}")
+    spec = _Spec(options, target, _qualname(target))
+    probe = target
+    if not (inspect.isfunction(target) or inspect.ismethod(target) or isinstance(
+        target, functools.partial
+    )) and hasattr(type(target), "__call__"):
+        probe = type(target).__call__
+    if inspect.isasyncgenfunction(probe):
+        return _agen_wrapper(spec)(fn)
+    if inspect.iscoroutinefunction(probe):
+        return _async_wrapper(spec)(fn)
+    if inspect.isgeneratorfunction(probe):
+        return _gen_wrapper(spec)(fn)
+    return _sync_wrapper(spec)(fn)
+
+
+def _sync_wrapper(spec: _Spec) -> Any:
+    @wrapt.decorator
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        r = _begin(spec, wrapped, instance, args, kwargs)
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            _end(r, exc)
+            raise
+        if spec.capture_output:
+            r.set_output(result)
+        _end(r, None)
+        return result
+
+    return wrapper
+
+
+def _async_wrapper(spec: _Spec) -> Any:
+    @wrapt.decorator
+    async def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        # Opened when awaited (not when the coroutine is created), closed after the await.
+        r = _begin(spec, wrapped, instance, args, kwargs)
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException as exc:
+            _end(r, exc)
+            raise
+        if spec.capture_output:
+            r.set_output(result)
+        _end(r, None)
+        return result
+
+    return wrapper
+
+
+def _gen_wrapper(spec: _Spec) -> Any:
+    @wrapt.decorator
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        # Calling the original creates the generator (argument errors raise here, as before);
+        # its body, the policy check and the span wait for the first next().
+        gen = wrapped(*args, **kwargs)
+        return _GeneratorRun(gen, spec, wrapped, instance, args, kwargs)
+
+    return wrapper
+
+
+def _agen_wrapper(spec: _Spec) -> Any:
+    @wrapt.decorator
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        agen = wrapped(*args, **kwargs)
+        return _AsyncGeneratorRun(agen, spec, wrapped, instance, args, kwargs)
+
+    return wrapper
+
+
+class _StepRunner:
+    """Shared by both generator kinds: the private context, the lazy start and the end."""
+
+    __slots__ = ("_call", "_ctx", "_done", "_run", "_spec", "__weakref__")
+
+    def __init__(self, spec: _Spec, wrapped: Any, instance: Any, args: tuple,
+                 kwargs: dict) -> None:
+        self._spec = spec
+        self._call = (wrapped, instance, args, kwargs)
+        # The context of the call site: flow, step, identity and parent span as they were
+        # when the generator was created, whoever iterates it later.
+        self._ctx = contextvars.copy_context()
+        self._run: Run | None = None
+        self._done = False
+
+    def _start(self) -> None:
+        wrapped, instance, args, kwargs = self._call
+        self._run = self._ctx.run(_begin, self._spec, wrapped, instance, args, kwargs)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        r = self._run
+        if r is not None:
+            self._ctx.run(_end, r, exc)
+
+
+class _GeneratorRun(_StepRunner, Generator[Any, Any, Any]):
+    """A generator proxy whose span covers exactly the original's body."""
+
+    __slots__ = ("_gen",)
+
+    def __init__(self, gen: Generator[Any, Any, Any], spec: _Spec, wrapped: Any,
+                 instance: Any, args: tuple, kwargs: dict) -> None:
+        super().__init__(spec, wrapped, instance, args, kwargs)
+        self._gen = gen
+
+    def _step(self, method: Callable[..., Any], *arg: Any) -> Any:
+        if self._run is None and not self._done:
+            try:
+                self._start()
+            except BaseException:
+                self._done = True
+                self._gen.close()
+                raise
+        try:
+            value = self._ctx.run(method, *arg)
+        except BaseException as exc:
+            self._finish(exc)
+            raise
+        return value
+
+    def __next__(self) -> Any:
+        return self._step(self._gen.send, None)
+
+    def send(self, value: Any) -> Any:
+        return self._step(self._gen.send, value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if val is None and tb is None:
+            return self._step(self._gen.throw, typ)
+        return self._step(self._gen.throw, typ, val, tb)
+
+    def close(self) -> None:
+        if self._done:
+            self._gen.close()
+            return
+        if self._run is None:
+            # Never started: the body never ran, so there is no span to end.
+            self._done = True
+            self._gen.close()
+            return
+        try:
+            self._ctx.run(self._gen.close)
+        except BaseException as exc:
+            self._finish(exc)
+            raise
+        self._finish(None)
+
+    def __del__(self) -> None:
+        if not self._done and self._run is not None:
+            try:
+                self.close()
+            except BaseException:
+                _log.debug("closing an abandoned generator raised", exc_info=True)
+
+    def __iter__(self) -> _GeneratorRun:
+        return self
+
+    @property
+    def gi_frame(self) -> Any:
+        return self._gen.gi_frame
+
+    @property
+    def gi_running(self) -> bool:
+        return self._gen.gi_running
+
+    @property
+    def gi_code(self) -> Any:
+        return self._gen.gi_code
+
+    @property
+    def gi_yieldfrom(self) -> Any:
+        return self._gen.gi_yieldfrom
+
+    def __repr__(self) -> str:
+        return f"<coworker.run generator {self._spec.span_name!r} wrapping {self._gen!r}>"
+
+
+class _AsyncGeneratorRun(_StepRunner, AsyncGenerator[Any, Any]):
+    """An async generator proxy; each step of the original is driven inside the private
+    context, so the span is current only while the body runs."""
+
+    __slots__ = ("_agen",)
+
+    def __init__(self, agen: AsyncGenerator[Any, Any], spec: _Spec, wrapped: Any,
+                 instance: Any, args: tuple, kwargs: dict) -> None:
+        super().__init__(spec, wrapped, instance, args, kwargs)
+        self._agen = agen
+
+    def __aiter__(self) -> _AsyncGeneratorRun:
+        return self
+
+    def __anext__(self) -> Any:
+        return _Drive(self, self._agen.asend, (None,))
+
+    def asend(self, value: Any) -> Any:
+        return _Drive(self, self._agen.asend, (value,))
+
+    def athrow(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        arg = (typ,) if val is None and tb is None else (typ, val, tb)
+        return _Drive(self, self._agen.athrow, arg)
+
+    async def aclose(self) -> None:
+        if self._run is None or self._done:
+            self._done = True
+            await self._agen.aclose()
+            return
+        await _Drive(self, self._agen.aclose, (), closing=True)
+
+    def __del__(self) -> None:
+        if not self._done and self._run is not None:
+            # Cannot await aclose() here; the event loop's asyncgen hooks finalize the
+            # original. End the span so it is not lost.
+            self._finish(None)
+
+    @property
+    def ag_frame(self) -> Any:
+        return self._agen.ag_frame
+
+    @property
+    def ag_running(self) -> bool:
+        return self._agen.ag_running
+
+    @property
+    def ag_code(self) -> Any:
+        return self._agen.ag_code
+
+    def __repr__(self) -> str:
+        return f"<coworker.run async generator {self._spec.span_name!r} wrapping {self._agen!r}>"
+
+
+class _Drive:
+    """An awaitable that steps one ``asend``/``athrow``/``aclose`` coroutine of the original
+    inside the run's private context, handing every yielded future to the event loop."""
+
+    __slots__ = ("_args", "_closing", "_method", "_owner")
+
+    def __init__(self, owner: _AsyncGeneratorRun, method: Callable[..., Any], args: tuple,
+                 closing: bool = False) -> None:
+        self._owner = owner
+        self._method = method
+        self._args = args
+        self._closing = closing
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        owner = self._owner
+        ctx = owner._ctx
+        if owner._run is None and not owner._done:
+            owner._start()
+        coro = self._method(*self._args)
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                if error is not None:
+                    yielded = ctx.run(coro.throw, error)
+                else:
+                    yielded = ctx.run(coro.send, send)
+            except StopIteration as stop:
+                if self._closing:
+                    owner._finish(None)
+                return stop.value
+            except BaseException as exc:
+                owner._finish(exc)
+                raise
+            try:
+                send = yield yielded
+                error = None
+            except BaseException as exc:
+                error = exc
+                send = None
+
+
+@overload
+def run(target: F, /) -> F: ...
+
+
+@overload
+def run(
+    target: str | None = None,
+    /,
+    *,
+    name: str | None = None,
+    operation: str | None = None,
+    doctype: str | None = None,
+    step: str | None = None,
+    state_changing: bool | None = None,
+    capture_input: bool = False,
+    capture_output: bool = False,
+    attributes: Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+) -> RunOptions: ...
+
+
+def run(
+    target: Any = None,
+    /,
+    *,
+    name: str | None = None,
+    operation: str | None = None,
+    doctype: str | None = None,
+    step: str | None = None,
+    state_changing: bool | None = None,
+    capture_input: bool = False,
+    capture_output: bool = False,
+    attributes: Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+) -> Any:
+    """Turn calls of a function into spans that carry flow, step, run, user and agent.
+
+    Three forms::
+
+        @coworker.run
+        def f(): ...
+
+        @coworker.run(operation="update", doctype="Invoice")
+        def update_invoice(invoice_id, amount): ...
+
+        with coworker.run("import batch", operation="import", doctype="Invoice") as r:
+            ...
+
+    Works on functions, coroutines, generators, async generators, methods, classmethods,
+    staticmethods, ``functools.partial`` objects and other callables, and leaves their
+    signature, names, docstring, arguments, return values and exceptions untouched.
+
+    Args:
+        target: the callable (bare ``@coworker.run``) or the span name (``run("name")``).
+        name: span name; default ``"{operation} {doctype}"`` when both are given, else the
+            callable's qualified name.
+        operation: what the run does (``create``, ``update``, ``select``, ...); decides the
+            audit classification together with ``doctype``.
+        doctype: the kind of record it acts on (``Invoice``).
+        step: the ``step.id`` of this run (shorthand for ``with coworker.step(...)``).
+        state_changing: ``True`` forces the run into the audit trail as a state change;
+            ``False`` keeps it out even if its operation is state-changing.
+        capture_input: record the bound arguments (redacted, size-limited) as
+            ``coworker.input``.
+        capture_output: record the return value as ``coworker.output``.
+        attributes: extra span attributes: a dict, or a callable receiving the call's bound
+            arguments by name and returning a dict (keys ``operation`` / ``doctype`` set
+            those of the run).
+
+    Returns:
+        The wrapped callable, or an object usable as decorator and (async) context manager.
+
+    Raises:
+        coworker.PermissionDenied: at call time, when the configured policy refuses the run.
+        coworker.AuditUnavailable: at call time, in fail-closed mode, when the intent record
+            of a state-changing run cannot be written (the function does not run).
+    """
+    if target is not None and not isinstance(target, str):
+        options = RunOptions(name, operation, doctype, step, state_changing, capture_input,
+                             capture_output, attributes)
+        return _decorate(target, options)
+    if target is not None:
+        if name is not None:
+            raise TypeError("coworker.run got the span name twice (positional and name=)")
+        name = target
+    return RunOptions(name, operation, doctype, step, state_changing, capture_input,
+                      capture_output, attributes)

@@ -1,0 +1,83 @@
+"""The parts of coworker that need the OpenTelemetry SDK; imported only by ``configure``.
+
+* :class:`PrivateRandomIdGenerator`: span/trace ids from a private RNG (the SDK's default
+  draws from the global ``random`` state, so a seeded program would change once traced).
+* :class:`CoworkerProcessor`: the one span processor coworker adds to a provider. The
+  processors that ``configure`` sets up live inside it, so that a later ``configure`` can
+  replace them without touching the application's own processors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import INVALID_SPAN_ID, INVALID_TRACE_ID
+
+from coworker._decorator import _getrandbits
+
+__all__ = ["CoworkerProcessor", "PrivateRandomIdGenerator"]
+
+
+class PrivateRandomIdGenerator(RandomIdGenerator):
+    """Random ids from coworker's private ``random.Random`` (reseeded after fork)."""
+
+    def generate_span_id(self) -> int:
+        span_id = _getrandbits(64)
+        while span_id == INVALID_SPAN_ID:
+            span_id = _getrandbits(64)
+        return span_id
+
+    def generate_trace_id(self) -> int:
+        trace_id = _getrandbits(128)
+        while trace_id == INVALID_TRACE_ID:
+            trace_id = _getrandbits(128)
+        return trace_id
+
+
+class CoworkerProcessor(SpanProcessor):
+    """A composite processor whose members ``configure`` replaces atomically.
+
+    Members are called in order; ``on_end`` lets an exception of a member (the audit
+    processor's ``AuditUnavailable`` under the ``raise`` policy) propagate after the other
+    members have seen the span.
+    """
+
+    def __init__(self) -> None:
+        self._members: tuple[SpanProcessor, ...] = ()
+        self._lock = threading.Lock()
+
+    @property
+    def members(self) -> tuple[SpanProcessor, ...]:
+        """The current member processors."""
+        return self._members
+
+    def replace(self, members: Sequence[SpanProcessor]) -> tuple[SpanProcessor, ...]:
+        """Install ``members``; return the previous ones (the caller shuts them down)."""
+        with self._lock:
+            old, self._members = self._members, tuple(members)
+        return old
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        for member in self._members:
+            member.on_start(span, parent_context=parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        error: BaseException | None = None
+        for member in self._members:
+            try:
+                member.on_end(span)
+            except BaseException as exc:  # keep feeding the others, then surface it
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def shutdown(self) -> None:
+        for member in self.replace(()):
+            member.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return all(member.force_flush(timeout_millis) for member in self._members)

@@ -1,0 +1,272 @@
+"""``coworker.configure`` and ``coworker.shutdown``: wiring coworker into OpenTelemetry.
+
+The rule is OTel's: never take over an application's setup. ``configure`` installs a global
+SDK ``TracerProvider`` only when none is set, and otherwise adds one processor of its own
+(:class:`coworker._sdk.CoworkerProcessor`) to the existing SDK provider. Everything
+``configure`` sets up lives inside that processor, so calling ``configure`` again replaces it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from opentelemetry import trace
+
+from coworker import _decorator, config
+from coworker._state import SETTINGS
+from coworker.exceptions import ConfigError
+
+__all__ = ["configure", "force_flush", "shutdown"]
+
+_log = logging.getLogger(__name__)
+_lock = threading.RLock()
+_processor: Any = None  # the CoworkerProcessor on the provider, once added
+_owns_provider = False
+_audit_pipeline: Any = None
+_atexit_registered = False
+
+
+def _sdk_disabled() -> bool:
+    raw = os.environ.get("OTEL_SDK_DISABLED")
+    return raw is not None and raw.strip().lower() == "true"
+
+
+def configure(
+    service_name: str | None = None,
+    *,
+    exporter: Any | Sequence[Any] | None = None,
+    debug: bool | None = None,
+    audit: Any = None,
+    fail_closed: bool | None = None,
+    audit_failure: str = "raise",
+    policy: Any = None,
+    require_identity: bool = False,
+    state_changing_operations: Iterable[str] | None = None,
+    sensitive_doctypes: Iterable[str] | None = None,
+    redact: Iterable[str] | None = None,
+    capture_limit: int | None = None,
+    flow_idle_timeout: float | None = None,
+    trust_baggage_identity: bool | None = None,
+    otlp: bool | None = None,
+    metrics: bool = True,
+) -> None:
+    """Set up coworker: the tracer provider, exporters, the audit trail and the policy.
+
+    Each call describes the whole coworker setup and replaces the previous one (the
+    application's own processors are never touched).
+
+    Args:
+        service_name: ``service.name`` of a provider coworker installs (default:
+            ``OTEL_SERVICE_NAME``, else OTel's ``unknown_service``).
+        exporter: a ``SpanExporter`` (added behind a ``BatchSpanProcessor``), a
+            ``SpanProcessor`` (added as is), or a list of them: the operational trail.
+        debug: record exception stack traces on spans (default: ``COWORKER_DEBUG``).
+        audit: the audit store: a URL (``sqlite:///path.db``, ``postgresql://...``,
+            ``memory://``), ``True`` for the default SQLite file
+            (:data:`coworker.config.DEFAULT_AUDIT_PATH`), or an ``AuditStore``. Default:
+            ``COWORKER_AUDIT_URL``, else no audit trail.
+        fail_closed: write an intent record before each state-changing run and refuse to run
+            it when that fails (default: ``COWORKER_AUDIT_FAIL_CLOSED``, else ``False``).
+        audit_failure: what a failed audit append does at the end of a run: ``"raise"``
+            (``AuditUnavailable`` propagates to the caller) or ``"log"`` (an error log line
+            and an in-memory retry queue).
+        policy: a ``coworker.Policy``, a path to a TOML/YAML policy file, or a dict.
+        require_identity: with a policy, a run without a user is a denial.
+        state_changing_operations: operations classified as ``state-change`` (replaces the
+            default set: create, insert, update, delete, submit, cancel, amend, ...).
+        sensitive_doctypes: doctypes whose reads are audited (``sensitive-read``), added to
+            those the policy marks sensitive.
+        redact: key fragments whose captured values are redacted (replaces the default).
+        capture_limit: maximum characters of a captured input/output (default 4096).
+        flow_idle_timeout: seconds after which an idle ``ai-conversation`` flow breaks
+            (default: ``COWORKER_FLOW_IDLE_TIMEOUT``, else 1800; 0 disables).
+        trust_baggage_identity: accept identity from W3C baggage in ``coworker.extract``.
+        otlp: add an OTLP exporter (default: when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+            ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set and coworker installed the
+            provider, so that an application's own OTLP export is not doubled).
+        metrics: record run metrics through the OTel metrics API (no-op without a
+            ``MeterProvider``).
+
+    Raises:
+        ConfigError: a setting is invalid (the message names it). Security-relevant settings
+            (audit store, policy) fail here rather than fall back.
+    """
+    global _processor, _owns_provider, _audit_pipeline, _atexit_registered
+    if audit_failure not in ("raise", "log"):
+        raise ConfigError(f"audit_failure={audit_failure!r}: use 'raise' or 'log'")
+    if capture_limit is not None and (not isinstance(capture_limit, int) or capture_limit < 16):
+        raise ConfigError(f"capture_limit={capture_limit!r}: must be an int >= 16")
+    with _lock:
+        enforcer = None
+        if policy is not None or require_identity:
+            from coworker.acl import build_enforcer
+
+            enforcer = build_enforcer(policy, require_identity=require_identity)
+        fail_closed = config.resolve(
+            fail_closed, config.COWORKER_AUDIT_FAIL_CLOSED, False, config.parse_bool
+        )
+        if audit is None:
+            audit = os.environ.get(config.COWORKER_AUDIT_URL) or None
+        if audit is True:
+            audit = "sqlite:///" + config.DEFAULT_AUDIT_PATH
+        if fail_closed and audit in (None, False):
+            raise ConfigError("fail_closed=True needs an audit store (audit=...)")
+
+        s = SETTINGS
+        s.debug = config.resolve(debug, config.COWORKER_DEBUG, False, config.parse_bool)
+        s.policy = enforcer
+        if state_changing_operations is not None:
+            s.state_changing = frozenset(o.lower() for o in state_changing_operations)
+        sensitive = set(sensitive_doctypes or ())
+        if enforcer is not None:
+            sensitive |= set(getattr(enforcer, "sensitive_doctypes", ()))
+        s.sensitive_doctypes = frozenset(sensitive)
+        if redact is not None:
+            s.redact = tuple(r.lower() for r in redact)
+        if capture_limit is not None:
+            s.capture_limit = capture_limit
+        if flow_idle_timeout is not None:
+            if flow_idle_timeout < 0:
+                raise ConfigError(f"flow_idle_timeout={flow_idle_timeout!r} must be >= 0")
+            s.flow_idle_timeout = flow_idle_timeout
+        if trust_baggage_identity is not None:
+            s.trust_baggage_identity = trust_baggage_identity
+
+        if _sdk_disabled():
+            _log.info("OTEL_SDK_DISABLED=true: coworker runs create no spans; policy still applies")
+            if audit not in (None, False):
+                _log.error("OTEL_SDK_DISABLED=true: the audit trail is OFF (it is built from spans)")
+            s.audit_gate = None
+            return
+
+        from coworker._sdk import CoworkerProcessor, PrivateRandomIdGenerator
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, trace.ProxyTracerProvider):
+            resource = Resource.create({SERVICE_NAME: service_name} if service_name else {})
+            provider = TracerProvider(resource=resource, id_generator=PrivateRandomIdGenerator())
+            trace.set_tracer_provider(provider)
+            if trace.get_tracer_provider() is not provider:  # lost a race with the app
+                provider = trace.get_tracer_provider()
+            else:
+                _owns_provider = True
+        if not isinstance(provider, TracerProvider):
+            raise ConfigError(
+                f"the global tracer provider is a {type(provider).__name__}, not the OTel SDK's "
+                "TracerProvider: coworker cannot add its processors to it"
+            )
+        if service_name and not _owns_provider:
+            current = provider.resource.attributes.get(SERVICE_NAME)
+            if current != service_name:
+                _log.warning(
+                    "configure(service_name=%r) ignored: the application's provider already "
+                    "names the service %r", service_name, current,
+                )
+        if _processor is None:
+            _processor = CoworkerProcessor()
+            provider.add_span_processor(_processor)
+
+        members: list[Any] = []
+        pipeline = None
+        if audit not in (None, False):
+            from coworker.audit.pipeline import build_pipeline
+
+            pipeline = build_pipeline(audit, fail_closed=fail_closed, on_failure=audit_failure)
+            members.append(pipeline.processor)
+        if metrics:
+            from coworker.metrics import RunMetricsProcessor
+
+            members.append(RunMetricsProcessor())
+        exporters = [] if exporter is None else (
+            list(exporter) if isinstance(exporter, list | tuple) else [exporter]
+        )
+        for item in exporters:
+            members.append(item if isinstance(item, SpanProcessor) else BatchSpanProcessor(item))
+        if otlp or (otlp is None and _owns_provider and _otlp_env_set()):
+            members.append(BatchSpanProcessor(_otlp_exporter()))
+
+        old = _processor.replace(members)
+        old_pipeline, _audit_pipeline = _audit_pipeline, pipeline
+        s.audit_gate = pipeline.gate if pipeline is not None and fail_closed else None
+        _shutdown_members(old, old_pipeline)
+        _decorator.reset_tracer()
+        if not _atexit_registered:
+            # The SDK provider flushes at exit too; this covers a provider that was created
+            # with shutdown_on_exit=False by the application.
+            atexit.register(shutdown)
+            _atexit_registered = True
+
+
+def _otlp_env_set() -> bool:
+    if "none" in os.environ.get("OTEL_TRACES_EXPORTER", "").lower().split(","):
+        return False
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def _otlp_exporter() -> Any:
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if protocol in ("http/protobuf", "http/json"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HTTPExporter,
+        )
+
+        return HTTPExporter()
+    raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
+
+
+def _shutdown_members(members: Iterable[Any], pipeline: Any) -> None:
+    for member in members:
+        try:
+            member.shutdown()
+        except Exception:
+            _log.exception("coworker: shutting down %r failed", member)
+    if pipeline is not None:
+        pipeline.shutdown()
+
+
+def force_flush(timeout_millis: int = 30000) -> bool:
+    """Export everything coworker's processors hold; ``True`` when all succeeded."""
+    with _lock:
+        return _processor.force_flush(timeout_millis) if _processor is not None else True
+
+
+def shutdown() -> None:
+    """Flush and close what :func:`configure` set up (exporters, the audit store).
+
+    The tracer provider stays (it may be the application's); runs keep working and are
+    exported by whatever the provider still has. Safe to call more than once.
+    """
+    global _audit_pipeline
+    with _lock:
+        SETTINGS.audit_gate = None
+        old = _processor.replace(()) if _processor is not None else ()
+        pipeline, _audit_pipeline = _audit_pipeline, None
+        _shutdown_members(old, pipeline)
+
+
+def audit_store() -> Any:
+    """The audit store of the current configuration, or ``None``."""
+    return _audit_pipeline.store if _audit_pipeline is not None else None
+
+
+def _settings_snapshot() -> Mapping[str, Any]:  # used by tests and the demo
+    return {name: getattr(SETTINGS, name) for name in SETTINGS.__slots__}

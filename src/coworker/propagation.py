@@ -1,0 +1,186 @@
+"""Carrying flow, step, run and identity into threads and other processes.
+
+* asyncio tasks copy the context by themselves: nothing to do.
+* Threads and thread pools: :func:`propagate` wraps a callable so that it runs in a copy of
+  the caller's context (``pool.submit(coworker.propagate(fn), x)``).
+* Processes: :func:`inject` writes W3C ``traceparent`` and ``baggage`` headers into a carrier;
+  :func:`extract` turns them back into a context manager on the other side. Identity that
+  arrives in baggage is caller-controlled, so it is ignored unless trusted by configuration.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+from collections.abc import Callable, MutableMapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+from opentelemetry import baggage as otel_baggage
+from opentelemetry import context as otel_context
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from coworker import attributes as attr
+from coworker._state import SETTINGS
+from coworker.flow import SCOPE, Flow, _FlowCell, _restore, _Scope
+from coworker.identity import Agent, Identity, User
+
+__all__ = ["extract", "inject", "propagate"]
+
+_log = logging.getLogger(__name__)
+_TRACE = TraceContextTextMapPropagator()
+_BAGGAGE = W3CBaggagePropagator()
+
+T = TypeVar("T")
+
+_FLOW_KEYS = (attr.FLOW_TYPE, attr.FLOW_ID, attr.FLOW_DEFINITION_ID, attr.FLOW_PREVIOUS_ID,
+              attr.FLOW_BREAK_REASON, attr.CONVERSATION_ID)
+_IDENTITY_KEYS = (attr.USER_ID, attr.AGENT_ID, attr.AGENT_NAME, attr.SESSION_ID)
+
+
+def propagate(fn: Callable[..., T]) -> Callable[..., T]:
+    """Return ``fn`` bound to a copy of the current context (flow, step, identity, span).
+
+    Use it to hand work to threads: ``executor.submit(coworker.propagate(work), item)``.
+    Each call runs in its own copy, so the wrapper may be called concurrently.
+    """
+    ctx = contextvars.copy_context()
+
+    @functools.wraps(fn)
+    def bound(*args: Any, **kwargs: Any) -> T:
+        return ctx.copy().run(fn, *args, **kwargs)
+
+    return bound
+
+
+def inject(carrier: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """Write the current trace context and coworker context into ``carrier`` (e.g. headers).
+
+    Adds ``traceparent`` (W3C Trace Context) and ``baggage`` entries
+    ``coworker.flow.id``, ``coworker.step.id``, ``coworker.user.id``, ... next to the
+    application's own baggage.
+
+    Returns:
+        The same carrier.
+    """
+    scope = SCOPE.get()
+    ctx = otel_context.get_current()
+    entries: dict[str, str] = {}
+    if scope.cell is not None:
+        for key, value in scope.cell.flow.span_attributes.items():
+            if key in _FLOW_KEYS:
+                entries[key] = str(value)
+    if scope.step is not None:
+        entries[attr.STEP_ID] = scope.step
+    if scope.run is not None:
+        entries[attr.RUN_ID] = scope.run.id
+        entries[attr.CHAIN_ID] = scope.run.chain_id
+    if scope.identity is not None:
+        entries.update(scope.identity.span_attributes)
+    for key, value in entries.items():
+        ctx = otel_baggage.set_baggage(attr.BAGGAGE_PREFIX + key, value, ctx)
+    _TRACE.inject(carrier, context=ctx)
+    _BAGGAGE.inject(carrier, context=ctx)
+    return carrier
+
+
+class _RemoteParent:
+    """Stands in for the caller's run on the receiving side (its id and chain id)."""
+
+    __slots__ = ("chain_id", "id")
+    _spec = None
+
+    def __init__(self, run_id: str, chain_id: str) -> None:
+        self.id = run_id
+        self.chain_id = chain_id
+
+
+class Extracted:
+    """A context manager that continues a trace and flow received from another process."""
+
+    __slots__ = ("_otel_ctx", "_scope", "_otel_token", "_scope_token", "identity_claimed")
+
+    def __init__(self, otel_ctx: otel_context.Context, scope: _Scope,
+                 identity_claimed: Identity | None) -> None:
+        self._otel_ctx = otel_ctx
+        self._scope = scope
+        self.identity_claimed = identity_claimed
+        """The identity the baggage claimed, trusted or not (for logging, never for ACL)."""
+
+    @property
+    def flow(self) -> Flow | None:
+        """The continued flow, if the carrier had one."""
+        return self._scope.cell.flow if self._scope.cell is not None else None
+
+    def __enter__(self) -> Extracted:
+        self._otel_token = otel_context.attach(self._otel_ctx)
+        self._scope_token = SCOPE.set(self._scope)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        _restore(self._scope_token)
+        otel_context.detach(self._otel_token)
+
+    async def __aenter__(self) -> Extracted:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+def extract(carrier: MutableMapping[str, str] | dict[str, str], *,
+            trust_identity: bool | None = None) -> Extracted:
+    """Read what :func:`inject` wrote; use the result as a (sync or async) context manager.
+
+    Runs inside continue the caller's trace (child spans), flow and step, and record the
+    caller's run as their parent. The caller's identity is applied only when
+    ``trust_identity`` (default: ``configure(trust_baggage_identity=...)``) is true;
+    otherwise the receiving side must set it with :func:`coworker.acting_as` from its own
+    authentication.
+
+    Args:
+        carrier: the headers (or any str→str mapping) from the other process.
+        trust_identity: accept ``user.id`` / agent from baggage.
+    """
+    ctx = _TRACE.extract(carrier)
+    ctx = _BAGGAGE.extract(carrier, context=ctx)
+    values = {
+        key[len(attr.BAGGAGE_PREFIX):]: str(value)
+        for key, value in otel_baggage.get_all(ctx).items()
+        if key.startswith(attr.BAGGAGE_PREFIX)
+    }
+    cell = None
+    flow_type, flow_id = values.get(attr.FLOW_TYPE), values.get(attr.FLOW_ID)
+    if flow_type and flow_id:
+        try:
+            remote = Flow(flow_type, flow_id, previous_id=values.get(attr.FLOW_PREVIOUS_ID),
+                          break_reason=values.get(attr.FLOW_BREAK_REASON),
+                          conversation_id=values.get(attr.CONVERSATION_ID))
+            cell = _FlowCell(remote)
+        except ValueError:
+            _log.warning("coworker.extract: ignoring a malformed flow in baggage: %r", flow_type)
+    parent = None
+    if values.get(attr.RUN_ID):
+        parent = _RemoteParent(values[attr.RUN_ID],
+                               values.get(attr.CHAIN_ID) or values[attr.RUN_ID])
+    claimed = None
+    if values.get(attr.USER_ID) or values.get(attr.AGENT_ID):
+        try:
+            claimed = Identity(
+                User(values[attr.USER_ID]) if values.get(attr.USER_ID) else None,
+                Agent(values[attr.AGENT_ID], values.get(attr.AGENT_NAME))
+                if values.get(attr.AGENT_ID) else None,
+                values.get(attr.SESSION_ID),
+            )
+        except ValueError:
+            claimed = None
+    trusted = SETTINGS.trust_baggage_identity if trust_identity is None else trust_identity
+    current = SCOPE.get()
+    identity = claimed if trusted and claimed is not None else current.identity
+    scope = _Scope(cell or current.cell, values.get(attr.STEP_ID) or current.step,
+                   parent or current.run, identity, None)  # type: ignore[arg-type]
+    return Extracted(ctx, scope, claimed)
