@@ -100,3 +100,6 @@ METRIC_AUDIT_SPOOL_DEPTH: Final = "coworker.audit.spool.depth"
 """Gauge of records waiting in the local spool for the shared store."""
 METRIC_ATTR_OUTCOME: Final = "outcome"
 """Metric attribute: ``ok`` or the error type."""
+AUDIT_INTENT_SEQ: Final = "coworker.audit.intent_seq"
+"""Set by the fail-closed audit gate on a live span: the seq of the intent record written
+before the run's body executed (the outcome record points back at it)."""

@@ -1,16 +1,344 @@
-"""Audit record fields and their canonical bytes (RFC 8785).
+"""The audit record: its versioned schema, how a span becomes one, and its canonical bytes.
 
-(Placeholder encoder: the audit issue replaces this module with the full record schema.)
+A record body is a flat JSON object (schema version :data:`SCHEMA_VERSION`) whose keys are
+:data:`FIELDS`. Every value is a string, ``null``, a boolean or a small integer: OTel int64
+values and nanosecond timestamps are mapped to strings and ids to lower-case hex *before*
+canonicalising, because RFC 8785 numbers are IEEE doubles and would round anything above 2^53.
+
+The canonical bytes are RFC 8785 (JCS). :func:`canonical` takes a fast path for the flat,
+ASCII-keyed records this module produces (``json`` with sorted keys, which is byte-identical
+to JCS for such objects; ``tests/audit/test_record.py`` proves it with hypothesis) and falls
+back to the reference ``rfc8785`` encoder for anything else (nested correction fields,
+floats, non-ASCII keys).
+
+The captured input/output of a run is never in the body: the body holds the SHA-256 of the
+payload bytes (``payload_digest``) and the payload itself is stored beside the record, so that
+a payload can later be erased without breaking the chain.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import rfc8785
 
+from coworker import attributes as attr
+
+__all__ = [
+    "FIELDS",
+    "KIND_CORRECTION",
+    "KIND_INTENT",
+    "KIND_OUTCOME",
+    "OUTCOME_OK",
+    "SCHEMA_VERSION",
+    "canonical",
+    "correction_entry",
+    "entry_from_span",
+    "format_time",
+    "intent_from_span",
+    "payload_digest",
+]
+
+SCHEMA_VERSION: Final = 1
+"""Version of the record body schema, stored in every record as ``v``."""
+
+KIND_OUTCOME: Final = "outcome"
+"""A finished run (ok or failed)."""
+KIND_INTENT: Final = "intent"
+"""Written before a state-changing run executes in fail-closed mode; an intent without a
+later outcome for the same span is *in doubt*."""
+KIND_CORRECTION: Final = "correction"
+"""A correction of an earlier record (``corrects`` = its seq); the original stays."""
+
+OUTCOME_OK: Final = "ok"
+"""``outcome`` of a run that did not fail; a failed run has its error type instead."""
+
+FIELDS: Final[tuple[str, ...]] = (
+    "v",  # schema version (int)
+    "seq",  # position in the log, gapless from 1 (int; assigned by chain.seal)
+    "kind",  # outcome | intent | correction
+    "recorded_at",  # when the record was made (RFC 3339, ns, UTC)
+    "category",  # coworker.audit.category
+    "operation",  # coworker.operation
+    "doctype",  # coworker.doctype
+    "name",  # span name
+    "outcome",  # "ok", the error type, or null for an intent
+    "error_type",  # error.type or null
+    "run_id",  # coworker.run.id
+    "parent_run_id",  # coworker.run.parent_id
+    "chain_id",  # coworker.chain.id (root run of the tree)
+    "flow_type",  # flow.type
+    "flow_id",  # flow.id
+    "step_id",  # step.id
+    "user_id",  # user.id
+    "agent_id",  # gen_ai.agent.id
+    "agent_name",  # gen_ai.agent.name
+    "session_id",  # session.id
+    "conversation_id",  # gen_ai.conversation.id
+    "service",  # service.name of the span's resource
+    "trace_id",  # 32 hex
+    "span_id",  # 16 hex
+    "parent_span_id",  # 16 hex or null
+    "start",  # span start (RFC 3339, ns, UTC)
+    "end",  # span end, or null for an intent
+    "intent_seq",  # seq of the intent record this outcome closes (int) or null
+    "payload_digest",  # SHA-256 hex of the separate payload bytes, or null
+)
+"""The keys of a version-1 outcome/intent body. Corrections add ``corrects``, ``reason``
+and ``fields``."""
+
+# Attribute -> record field, for the plain string-valued ones.
+_STRING_ATTRIBUTES: Final = (
+    ("category", attr.AUDIT_CATEGORY),
+    ("operation", attr.OPERATION),
+    ("doctype", attr.DOCTYPE),
+    ("error_type", attr.ERROR_TYPE),
+    ("run_id", attr.RUN_ID),
+    ("parent_run_id", attr.RUN_PARENT_ID),
+    ("chain_id", attr.CHAIN_ID),
+    ("flow_type", attr.FLOW_TYPE),
+    ("flow_id", attr.FLOW_ID),
+    ("step_id", attr.STEP_ID),
+    ("user_id", attr.USER_ID),
+    ("agent_id", attr.AGENT_ID),
+    ("agent_name", attr.AGENT_NAME),
+    ("session_id", attr.SESSION_ID),
+    ("conversation_id", attr.CONVERSATION_ID),
+)
+
+_MAX_SAFE_INT: Final = 2**53 - 1
+_FAST_SCALARS: Final = (str, type(None), bool)
+
+_dumps = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
+).encode
+
 
 def canonical(fields: Mapping[str, Any]) -> bytes:
-    """RFC 8785 canonical JSON of ``fields``."""
-    return rfc8785.dumps(dict(fields))
+    """Return the RFC 8785 canonical JSON bytes of ``fields``.
+
+    Flat objects with ASCII keys and string / null / boolean / safe-integer values (every
+    record this module builds) go through the C ``json`` encoder with sorted keys: for such
+    objects its output is byte-identical to JCS (same string escaping with
+    ``ensure_ascii=False``, key order by code unit equals code point order for ASCII). Anything
+    else is handed to the reference ``rfc8785`` encoder.
+
+    Args:
+        fields: the record fields.
+
+    Returns:
+        UTF-8 bytes.
+
+    Raises:
+        ValueError: a value cannot be represented (NaN, an integer beyond 2^53 ...).
+    """
+    for value in fields.values():
+        if type(value) in _FAST_SCALARS:
+            continue
+        if type(value) is int and -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+            continue
+        return _reference(fields)
+    for key in fields:
+        if not key.isascii():
+            return _reference(fields)
+    try:
+        return _dumps(fields).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate from a badly decoded attribute: not valid UTF-8, so JCS cannot
+        # carry it either. Replace it rather than lose the record.
+        return canonical(_scrub(fields))
+
+
+def _reference(fields: Mapping[str, Any]) -> bytes:
+    try:
+        return rfc8785.dumps(dict(fields))
+    except UnicodeEncodeError:
+        return rfc8785.dumps(_scrub(fields))
+    except rfc8785.CanonicalizationError as exc:
+        raise ValueError(f"audit record cannot be canonicalised: {exc}") from exc
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, Mapping):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def format_time(ns: int | None) -> str | None:
+    """Format a Unix time in nanoseconds as fixed-width RFC 3339 UTC, e.g.
+    ``2026-01-02T03:04:05.123456789Z``.
+
+    Fixed width makes the strings sort in time order, which the stores rely on for
+    ``--since`` / ``--until``.
+    """
+    if ns is None:
+        return None
+    secs, frac = divmod(ns, 1_000_000_000)
+    t = time.gmtime(secs)
+    return (
+        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{frac:09d}Z"
+    )
+
+
+def payload_digest(payload: bytes | None) -> str | None:
+    """SHA-256 hex of the payload bytes, as kept in the body's ``payload_digest``."""
+    if payload is None:
+        return None
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _as_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        # int64 attributes become decimal strings: JCS numbers are doubles.
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, list | tuple):
+        return json.dumps([_as_str(v) for v in value], ensure_ascii=False)
+    return str(value)
+
+
+def _payload(attributes: Mapping[str, Any]) -> bytes | None:
+    captured_in = attributes.get(attr.INPUT)
+    captured_out = attributes.get(attr.OUTPUT)
+    if captured_in is None and captured_out is None:
+        return None
+    return canonical({"input": _as_str(captured_in), "output": _as_str(captured_out)})
+
+
+def _base(span: Any, kind: str) -> tuple[dict[str, Any], bytes | None]:
+    attributes: Mapping[str, Any] = span.attributes or {}
+    ctx = span.get_span_context() if hasattr(span, "get_span_context") else span.context
+    parent = span.parent
+    resource = getattr(span, "resource", None)
+    service = resource.attributes.get(attr.SERVICE_NAME) if resource is not None else None
+    payload = _payload(attributes)
+    fields: dict[str, Any] = {
+        "v": SCHEMA_VERSION,
+        "kind": kind,
+        "recorded_at": format_time(time.time_ns()),
+        "name": span.name,
+        "service": _as_str(service),
+        "trace_id": format(ctx.trace_id, "032x") if ctx is not None else None,
+        "span_id": format(ctx.span_id, "016x") if ctx is not None else None,
+        "parent_span_id": format(parent.span_id, "016x") if parent is not None else None,
+        "start": format_time(span.start_time),
+        "payload_digest": payload_digest(payload),
+    }
+    for key, name in _STRING_ATTRIBUTES:
+        fields[key] = _as_str(attributes.get(name))
+    intent_seq = attributes.get(attr.AUDIT_INTENT_SEQ)
+    fields["intent_seq"] = intent_seq if type(intent_seq) is int else None
+    return fields, payload
+
+
+def entry_from_span(span: Any) -> tuple[dict[str, Any], bytes | None]:
+    """Build the outcome record of a finished span.
+
+    Reads only the public fields of an SDK ``ReadableSpan`` (``name``, ``attributes``,
+    ``get_span_context()``, ``parent``, ``resource``, ``start_time``, ``end_time``,
+    ``status``), so spans decoded from OTLP work the same as local ones.
+
+    Args:
+        span: a finished ``opentelemetry.sdk.trace.ReadableSpan``.
+
+    Returns:
+        ``(fields, payload)``: the record fields without ``seq``, and the canonical bytes of
+        the captured ``{"input", "output"}`` or ``None`` when nothing was captured.
+    """
+    from opentelemetry.trace import StatusCode
+
+    fields, payload = _base(span, KIND_OUTCOME)
+    fields["end"] = format_time(span.end_time)
+    failed = span.status is not None and span.status.status_code is StatusCode.ERROR
+    if failed or fields["error_type"] is not None:
+        fields["outcome"] = fields["error_type"] or "error"
+    else:
+        fields["outcome"] = OUTCOME_OK
+    return fields, payload
+
+
+def intent_from_span(span: Any) -> dict[str, Any]:
+    """Build the intent record of a live span that is about to run its body (fail-closed).
+
+    Args:
+        span: the live SDK span (its start attributes are set).
+
+    Returns:
+        The record fields without ``seq``; an intent carries no payload.
+    """
+    fields, _ = _base(span, KIND_INTENT)
+    fields["end"] = None
+    fields["outcome"] = None
+    fields["payload_digest"] = None
+    fields["intent_seq"] = None
+    return fields
+
+
+def correction_entry(
+    original: Mapping[str, Any],
+    original_seq: int,
+    reason: str,
+    changes: Mapping[str, Any],
+    *,
+    by: str | None = None,
+) -> dict[str, Any]:
+    """Build a correction record for the record at ``original_seq``.
+
+    The correction repeats the original's identity fields (category, flow, run ...) so that it
+    shows up under the same filters, names the fields it corrects in ``fields`` and says why
+    in ``reason``.
+
+    Args:
+        original: the decoded body of the corrected record.
+        original_seq: its seq.
+        reason: why it is corrected (required, non-empty).
+        changes: the corrected field values.
+        by: who makes the correction (a user id), if known.
+
+    Returns:
+        The record fields without ``seq``.
+    """
+    keep = (
+        "category", "operation", "doctype", "run_id", "parent_run_id", "chain_id",
+        "flow_type", "flow_id", "step_id", "agent_id", "agent_name", "session_id",
+        "conversation_id", "service", "trace_id", "span_id",
+    )  # fmt: skip
+    fields: dict[str, Any] = {key: original.get(key) for key in keep}
+    now = format_time(time.time_ns())
+    fields.update(
+        {
+            "v": SCHEMA_VERSION,
+            "kind": KIND_CORRECTION,
+            "recorded_at": now,
+            "start": now,
+            "user_id": by if by is not None else original.get("user_id"),
+            "corrects": original_seq,
+            "reason": reason,
+            "fields": {k: _correction_value(v) for k, v in changes.items()},
+        }
+    )
+    return fields
+
+
+def _correction_value(value: Any) -> Any:
+    if value is None or isinstance(value, str | bool):
+        return value
+    if isinstance(value, int) and -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+        return value
+    return _as_str(value)

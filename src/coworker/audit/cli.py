@@ -1,0 +1,270 @@
+"""The ``coworker audit verify | query | tree | correct`` subcommands.
+
+Plain text with aligned columns on stdout; progress and errors on stderr. ``rich`` draws the
+verify progress bar when it is installed and stderr is a terminal; otherwise a plain counter.
+Exit codes: 0 success (log intact), 1 the log is not intact / nothing found, 2 the store
+could not be opened or an argument is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Final, TextIO
+
+from coworker.exceptions import AuditUnavailable, ConfigError
+
+__all__ = ["register"]
+
+_PROGRESS_MIN: Final = 50_000
+"""Logs at least this long get a progress bar by default."""
+
+_COLUMNS: Final = (
+    ("SEQ", lambda e: str(e.seq)),
+    ("TIME", lambda e: _short_time(e.fields.get("start") or e.fields.get("recorded_at"))),
+    ("CATEGORY", lambda e: e.fields.get("category")),
+    ("OPERATION", lambda e: e.fields.get("operation")),
+    ("DOCTYPE", lambda e: e.fields.get("doctype")),
+    ("OUTCOME", lambda e: e.status),
+    ("USER", lambda e: e.fields.get("user_id")),
+    ("AGENT", lambda e: e.fields.get("agent_id")),
+    ("FLOW", lambda e: e.fields.get("flow_id")),
+    ("STEP", lambda e: e.fields.get("step_id")),
+    ("RUN", lambda e: e.fields.get("run_id")),
+)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``verify``, ``query``, ``tree`` and ``correct`` to ``coworker audit``.
+
+    Args:
+        subparsers: the ``add_subparsers()`` object of the ``coworker audit`` parser.
+    """
+    url_help = "audit store URL (default: COWORKER_AUDIT_URL or sqlite:///.coworker/audit.db)"
+
+    verify = subparsers.add_parser(
+        "verify", help="re-hash the audit log; name the first bad record"
+    )
+    verify.add_argument("--url", default=None, help=url_help)
+    verify.add_argument(
+        "--expected-head",
+        metavar="SEQ:HASH",
+        default=None,
+        help="a head printed by an earlier verify: detects a cut-off or rewritten tail",
+    )
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    progress = verify.add_mutually_exclusive_group()
+    progress.add_argument("--progress", dest="progress", action="store_true", default=None,
+                          help="always show progress on stderr")
+    progress.add_argument("--no-progress", dest="progress", action="store_false",
+                          help="never show progress")
+    verify.set_defaults(func=_cmd_verify)
+
+    query = subparsers.add_parser("query", help="list audit records matching filters")
+    query.add_argument("--url", default=None, help=url_help)
+    query.add_argument("--flow-id", default=None)
+    query.add_argument("--user", default=None, help="user.id")
+    query.add_argument("--agent", default=None, help="gen_ai.agent.id")
+    query.add_argument("--doctype", default=None)
+    query.add_argument("--operation", default=None)
+    query.add_argument("--category", default=None,
+                       help="state-change, authorization-failure, validation-violation, ...")
+    query.add_argument("--since", default=None, help="ISO 8601 time or a duration ago (2h, 7d)")
+    query.add_argument("--until", default=None, help="ISO 8601 time or a duration ago")
+    query.add_argument("--limit", type=int, default=None)
+    query.add_argument("--json", action="store_true", help="one JSON object per line")
+    query.set_defaults(func=_cmd_query)
+
+    tree = subparsers.add_parser("tree", help="the execution tree of a flow, failures marked")
+    tree.add_argument("flow_id", metavar="FLOW_ID")
+    tree.add_argument("--url", default=None, help=url_help)
+    tree.set_defaults(func=_cmd_tree)
+
+    correct = subparsers.add_parser(
+        "correct", help="append a correction of a record (the original stays)"
+    )
+    correct.add_argument("seq", type=int)
+    correct.add_argument("--reason", required=True)
+    correct.add_argument("--by", default=None, help="user id making the correction")
+    correct.add_argument("--set", dest="changes", action="append", default=[],
+                         metavar="FIELD=VALUE", help="corrected field value (repeatable)")
+    correct.add_argument("--url", default=None, help=url_help)
+    correct.set_defaults(func=_cmd_correct)
+
+
+@contextmanager
+def _store(url: str | None, *, readonly: bool) -> Iterator[Any]:
+    from coworker.audit.urls import open_store, resolve_url
+
+    resolved = resolve_url(url)
+    if readonly and resolved.startswith("sqlite:") and "mode=" not in resolved:
+        resolved += ("&" if "?" in resolved else "?") + "mode=ro"
+    store = open_store(resolved)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"coworker audit: {message}", file=sys.stderr)
+    return code
+
+
+def _parse_head(text: str) -> Any:
+    from coworker.audit.store import Head
+
+    seq, sep, digest = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        raw = bytes.fromhex(digest)
+        if len(raw) != 32:
+            raise ValueError
+        return Head(int(seq), raw)
+    except ValueError:
+        raise ConfigError(f"--expected-head={text!r}: use SEQ:HASH (64 hex digits)") from None
+
+
+def _progress(
+    total: int, enabled: bool | None
+) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
+    show = enabled if enabled is not None else (total >= _PROGRESS_MIN and sys.stderr.isatty())
+    if not show or total == 0:
+        return None, lambda: None
+    if sys.stderr.isatty():
+        try:
+            from rich.progress import Progress
+        except ImportError:
+            pass
+        else:
+            from rich.console import Console
+
+            bar = Progress(console=Console(file=sys.stderr), transient=True)
+            task = bar.add_task("verifying", total=total)
+            bar.start()
+            return (lambda done: bar.update(task, completed=done)), bar.stop
+    started = time.monotonic()
+
+    def plain(done: int) -> None:
+        rate = done / max(time.monotonic() - started, 1e-9)
+        sys.stderr.write(f"\rverified {done}/{total} records ({rate:,.0f}/s)")
+        sys.stderr.flush()
+
+    return plain, lambda: sys.stderr.write("\n")
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from coworker.audit.verify import verify_chain
+
+    try:
+        expected = _parse_head(args.expected_head) if args.expected_head else None
+        with _store(args.url, readonly=True) as store:
+            head = store.head()
+            progress, done = _progress(head.seq if head else 0, args.progress)
+            try:
+                report = verify_chain(store, expected_head=expected, progress=progress)
+            finally:
+                done()
+    except (AuditUnavailable, ConfigError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0 if report.ok else 1
+    if report.ok:
+        if report.head is None:
+            print("OK  empty log")
+        else:
+            print(f"OK  {report.checked} records intact")
+            print(f"head  {report.head.seq}:{report.head.hash_hex}")
+            print("      (keep this head; pass it as --expected-head to detect a cut-off tail)")
+        for seq in report.in_doubt:
+            print(f"in-doubt  #{seq}: intent without an outcome (the run may not have finished)")
+        return 0
+    print(f"FAIL  seq {report.bad_seq}: {report.kind}")
+    print(f"      {report.detail}")
+    if report.head is not None:
+        print(f"intact up to  {report.head.seq}:{report.head.hash_hex}")
+    return 1
+
+
+def _short_time(value: Any) -> str:
+    # 2026-01-02T03:04:05.123456789Z -> 2026-01-02 03:04:05.123
+    if not isinstance(value, str) or len(value) < 23:
+        return str(value or "")
+    return value[:10] + " " + value[11:23]
+
+
+def _print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from coworker.audit.query import query
+
+    try:
+        with _store(args.url, readonly=True) as store:
+            entries = query(
+                store,
+                flow_id=args.flow_id,
+                user=args.user,
+                agent=args.agent,
+                doctype=args.doctype,
+                operation=args.operation,
+                category=args.category,
+                since=args.since,
+                until=args.until,
+                limit=args.limit,
+            )
+            if args.json:
+                for e in entries:
+                    line = {"seq": e.seq, "status": e.status, **e.fields}
+                    print(json.dumps(line, ensure_ascii=False, sort_keys=True))
+                return 0
+            rows = [[name for name, _ in _COLUMNS]]
+            rows += [[str(get(e) or "-") for _, get in _COLUMNS] for e in entries]
+    except (AuditUnavailable, ConfigError) as exc:
+        return _fail(str(exc))
+    if len(rows) == 1:
+        print("no matching records", file=sys.stderr)
+        return 0
+    _print_table(rows, sys.stdout)
+    return 0
+
+
+def _cmd_tree(args: argparse.Namespace) -> int:
+    from coworker.audit.query import build_tree, query, render_tree
+
+    try:
+        with _store(args.url, readonly=True) as store:
+            tree = build_tree(query(store, flow_id=args.flow_id), args.flow_id)
+    except (AuditUnavailable, ConfigError) as exc:
+        return _fail(str(exc))
+    if tree.records == 0:
+        return _fail(f"no audit records for flow {args.flow_id!r}", 1)
+    print(render_tree(tree))
+    return 0
+
+
+def _cmd_correct(args: argparse.Namespace) -> int:
+    from coworker.audit.correction import correct
+
+    changes: dict[str, Any] = {}
+    for item in args.changes:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            return _fail(f"--set {item!r}: use FIELD=VALUE")
+        changes[key] = value
+    try:
+        with _store(args.url, readonly=False) as store:
+            record = correct(args.seq, args.reason, store=store, by=args.by, **changes)
+    except (AuditUnavailable, ConfigError, LookupError) as exc:
+        return _fail(str(exc))
+    print(f"correction #{record.seq} appended for #{args.seq}  hash {record.hash.hex()}")
+    return 0

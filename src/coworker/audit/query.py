@@ -1,0 +1,424 @@
+"""Reading the audit trail: filtered queries, in-doubt intents, and the execution tree of a flow.
+
+Filters use the store's indexed columns when it has them (``search``), and every record is
+re-checked against its decoded body, which is what the chain protects.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from coworker.audit.record import KIND_CORRECTION, KIND_INTENT, KIND_OUTCOME, OUTCOME_OK
+from coworker.audit.record import format_time as _format_ns
+from coworker.audit.store import AuditStore, StoredRecord
+from coworker.exceptions import ConfigError
+
+__all__ = [
+    "IN_DOUBT",
+    "AuditEntry",
+    "FlowTree",
+    "RunNode",
+    "StepNode",
+    "build_tree",
+    "in_doubt",
+    "parse_time",
+    "query",
+    "render_tree",
+]
+
+IN_DOUBT: Final = "in-doubt"
+"""Status of an intent record with no outcome: the run may or may not have happened."""
+
+# filter name -> body field
+_FILTERS: Final = {
+    "flow_id": "flow_id",
+    "user": "user_id",
+    "agent": "agent_id",
+    "doctype": "doctype",
+    "operation": "operation",
+    "category": "category",
+    "kind": "kind",
+    "run_id": "run_id",
+    "span_id": "span_id",
+}
+
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One decoded record.
+
+    Attributes:
+        seq: its seq.
+        fields: the decoded body.
+        payload: the separate payload bytes (captured input/output), if kept.
+        status: ``outcome`` for outcomes (``ok`` or the error type), ``in-doubt`` for an
+            intent without an outcome, ``intent`` for one that has it, ``correction of #N``.
+    """
+
+    seq: int
+    fields: dict[str, Any]
+    payload: bytes | None
+    status: str
+
+    @property
+    def failed(self) -> bool:
+        """``True`` for an outcome that is not ``ok``."""
+        return self.fields.get("kind") == KIND_OUTCOME and self.status != OUTCOME_OK
+
+
+def parse_time(value: str, *, now: float | None = None) -> str:
+    """Parse a ``--since`` / ``--until`` value into the stores' RFC 3339 form.
+
+    Args:
+        value: an ISO 8601 date or date-time (naive means UTC), or a duration ago such as
+            ``30m``, ``2h``, ``7d``.
+        now: the current Unix time (for tests).
+
+    Returns:
+        A fixed-width RFC 3339 UTC string with nanoseconds.
+
+    Raises:
+        ConfigError: the value is neither.
+    """
+    match = _RELATIVE.match(value)
+    if match:
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        current = time.time() if now is None else now
+        return _format_ns(int((current - seconds) * 1_000_000_000))
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"{value!r} is not a time: use ISO 8601 (2026-01-31, 2026-01-31T12:00:00Z) "
+            "or a duration ago (30m, 2h, 7d)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    ns = (delta // timedelta(microseconds=1)) * 1000
+    return _format_ns(ns)
+
+
+def _record_time(fields: Mapping[str, Any]) -> str | None:
+    return fields.get("start") or fields.get("recorded_at")
+
+
+def _candidates(
+    store: AuditStore,
+    filters: Mapping[str, str | None],
+    since: str | None,
+    until: str | None,
+) -> Iterator[StoredRecord]:
+    search = getattr(store, "search", None)
+    if search is not None:
+        return search(filters, since=since, until=until)  # type: ignore[no-any-return]
+    return store.iter_from(1)
+
+
+def _matches(
+    fields: Mapping[str, Any],
+    filters: Mapping[str, str | None],
+    since: str | None,
+    until: str | None,
+) -> bool:
+    for key, value in filters.items():
+        if value is not None and fields.get(_FILTERS[key]) != value:
+            return False
+    if since is not None or until is not None:
+        moment = _record_time(fields)
+        if moment is None:
+            return False
+        if since is not None and moment < since:
+            return False
+        if until is not None and moment >= until:
+            return False
+    return True
+
+
+def _status(fields: Mapping[str, Any], seq: int, doubt: set[int]) -> str:
+    kind = fields.get("kind")
+    if kind == KIND_INTENT:
+        return IN_DOUBT if seq in doubt else "intent"
+    if kind == KIND_CORRECTION:
+        return f"correction of #{fields.get('corrects')}"
+    return str(fields.get("outcome") or "")
+
+
+def query(
+    store: AuditStore,
+    *,
+    flow_id: str | None = None,
+    user: str | None = None,
+    agent: str | None = None,
+    doctype: str | None = None,
+    operation: str | None = None,
+    category: str | None = None,
+    kind: str | None = None,
+    run_id: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    limit: int | None = None,
+) -> Iterator[AuditEntry]:
+    """Records matching every given filter, in seq order.
+
+    Args:
+        store: the store to read.
+        flow_id: ``flow.id``.
+        user: ``user.id``.
+        agent: ``gen_ai.agent.id``.
+        doctype: ``coworker.doctype``.
+        operation: ``coworker.operation``.
+        category: ``coworker.audit.category``.
+        kind: ``outcome``, ``intent`` or ``correction``.
+        run_id: ``coworker.run.id``.
+        since: records at or after this time (see :func:`parse_time`).
+        until: records before this time.
+        limit: at most this many entries.
+
+    Yields:
+        :class:`AuditEntry` objects.
+    """
+    filters = {
+        "flow_id": flow_id,
+        "user": user,
+        "agent": agent,
+        "doctype": doctype,
+        "operation": operation,
+        "category": category,
+        "kind": kind,
+        "run_id": run_id,
+    }
+    lo = parse_time(since) if since is not None else None
+    hi = parse_time(until) if until is not None else None
+    doubt: set[int] | None = None
+    count = 0
+    for record in _candidates(store, filters, lo, hi):
+        fields = record.fields()
+        if not _matches(fields, filters, lo, hi):
+            continue
+        if doubt is None and fields.get("kind") == KIND_INTENT:
+            doubt = set(in_doubt(store))
+        yield AuditEntry(
+            record.seq, fields, record.payload, _status(fields, record.seq, doubt or set())
+        )
+        count += 1
+        if limit is not None and count >= limit:
+            return
+
+
+def in_doubt(store: AuditStore) -> list[int]:
+    """Seqs of intent records that no later outcome record of the same span closes.
+
+    An intent is written before a state-changing run in fail-closed mode; if the process died
+    before the outcome was written, nobody knows whether the change happened.
+    """
+    fast = getattr(store, "open_intents", None)
+    if fast is not None:
+        return list(fast())
+    open_intents: dict[tuple[Any, Any], int] = {}
+    for record in store.iter_from(1):
+        fields = record.fields()
+        key = (fields.get("trace_id"), fields.get("span_id"))
+        if fields.get("kind") == KIND_INTENT:
+            open_intents[key] = record.seq
+        elif fields.get("kind") == KIND_OUTCOME:
+            open_intents.pop(key, None)
+    return sorted(open_intents.values())
+
+
+# -- the execution tree of a flow -------------------------------------------------------------
+
+
+@dataclass
+class RunNode:
+    """One run in the tree: its outcome record (or its intent if it never finished).
+
+    Attributes:
+        entry: the record shown for this run.
+        children: nested runs, in start order.
+        corrections: correction records that point at this run's records.
+        subtree_failed: this run or one of its descendants failed.
+    """
+
+    entry: AuditEntry
+    children: list[RunNode] = field(default_factory=list)
+    corrections: list[AuditEntry] = field(default_factory=list)
+    subtree_failed: bool = False
+
+    @property
+    def failed(self) -> bool:
+        """This run failed (or is in doubt)."""
+        return self.entry.failed or self.entry.status == IN_DOUBT
+
+
+@dataclass
+class StepNode:
+    """The runs of one step of the flow."""
+
+    step_id: str | None
+    runs: list[RunNode] = field(default_factory=list)
+    failed: bool = False
+
+
+@dataclass
+class FlowTree:
+    """A flow rebuilt from its audit records.
+
+    Attributes:
+        flow_id: the flow.
+        flow_type: its ``flow.type`` (from the first record that has it).
+        steps: in order of their first record.
+        first_failure: the earliest run that failed without a failing child: where it failed.
+        records: how many records the flow has.
+    """
+
+    flow_id: str
+    flow_type: str | None
+    steps: list[StepNode]
+    first_failure: RunNode | None
+    records: int
+
+
+def build_tree(entries: Iterable[AuditEntry], flow_id: str) -> FlowTree:
+    """Rebuild flow → step → run → child runs from the records of one flow.
+
+    Runs whose parent run is not in the audit trail (an ordinary read, say) hang directly
+    under their step. An intent and the outcome of the same run are one node.
+
+    Args:
+        entries: the flow's records (e.g. ``query(store, flow_id=...)``).
+        flow_id: the flow id (for the title).
+
+    Returns:
+        The tree.
+    """
+    nodes: dict[str, RunNode] = {}
+    order: list[str] = []
+    by_seq: dict[int, str] = {}
+    corrections: list[AuditEntry] = []
+    flow_type: str | None = None
+    count = 0
+    for entry in entries:
+        count += 1
+        f = entry.fields
+        flow_type = flow_type or f.get("flow_type")
+        if f.get("kind") == KIND_CORRECTION:
+            corrections.append(entry)
+            continue
+        key = f.get("run_id") or f.get("span_id") or f"#{entry.seq}"
+        by_seq[entry.seq] = key
+        existing = nodes.get(key)
+        if existing is None:
+            nodes[key] = RunNode(entry)
+            order.append(key)
+        elif f.get("kind") == KIND_OUTCOME:
+            existing.entry = entry  # the outcome supersedes the intent
+    for c in corrections:
+        target = by_seq.get(c.fields.get("corrects"))  # type: ignore[arg-type]
+        if target is not None:
+            nodes[target].corrections.append(c)
+
+    def start(key: str) -> str:
+        return nodes[key].entry.fields.get("start") or ""
+
+    roots: list[str] = []
+    for key in sorted(order, key=lambda k: (start(k), nodes[k].entry.seq)):
+        parent = nodes[key].entry.fields.get("parent_run_id")
+        if parent is not None and parent in nodes and parent != key:
+            nodes[parent].children.append(nodes[key])
+        else:
+            roots.append(key)
+
+    def mark(node: RunNode) -> bool:
+        failed_child = False
+        for child in node.children:
+            failed_child = mark(child) or failed_child
+        node.subtree_failed = node.failed or failed_child
+        return node.subtree_failed
+
+    steps: dict[str | None, StepNode] = {}
+    for key in roots:
+        node = nodes[key]
+        step_id = node.entry.fields.get("step_id")
+        step = steps.setdefault(step_id, StepNode(step_id))
+        step.runs.append(node)
+        if mark(node):
+            step.failed = True
+
+    def first_leaf_failure(candidates: list[RunNode]) -> RunNode | None:
+        for node in candidates:
+            if not node.subtree_failed:
+                continue
+            deeper = first_leaf_failure(node.children)
+            return deeper or node
+        return None
+
+    first = None
+    for step in steps.values():
+        first = first_leaf_failure(step.runs)
+        if first is not None:
+            break
+    return FlowTree(flow_id, flow_type, list(steps.values()), first, count)
+
+
+def _describe(node: RunNode) -> str:
+    f = node.entry.fields
+    what = " ".join(str(x) for x in (f.get("operation"), f.get("doctype")) if x) or f.get("name")
+    who = f.get("user_id") or "-"
+    if f.get("agent_id"):
+        who += f" via {f.get('agent_id')}"
+    mark = "✗ " if node.failed else "✓ "
+    return (
+        f"{mark}run {f.get('run_id') or f.get('span_id')}  {what}  [{node.entry.status}]  "
+        f"{who}  {f.get('category')}  #{node.entry.seq}"
+    )
+
+
+def render_tree(tree: FlowTree) -> str:
+    """The tree as indented text, failing steps and runs marked with ✗ and the first failure
+    pointed at."""
+    title = f"flow {tree.flow_id}"
+    if tree.flow_type:
+        title += f" ({tree.flow_type})"
+    title += f"  {tree.records} record(s)"
+    if tree.first_failure is not None:
+        title += "  FAILED"
+    lines = [title]
+
+    def walk(node: RunNode, prefix: str, last: bool) -> None:
+        branch = "└─ " if last else "├─ "
+        text = _describe(node)
+        if node is tree.first_failure:
+            text += "   ◀ failed here"
+        lines.append(prefix + branch + text)
+        inner = prefix + ("   " if last else "│  ")
+        for c in node.corrections:
+            lines.append(
+                inner + f"  corrected by #{c.seq}: {c.fields.get('reason')} "
+                f"{c.fields.get('fields')}"
+            )
+        for i, child in enumerate(node.children):
+            walk(child, inner, i == len(node.children) - 1)
+
+    for i, step in enumerate(tree.steps):
+        last_step = i == len(tree.steps) - 1
+        name = step.step_id if step.step_id is not None else "(no step)"
+        status = "✗ FAILED" if step.failed else "ok"
+        lines.append(("└─ " if last_step else "├─ ") + f"step {name}  {status}")
+        prefix = "   " if last_step else "│  "
+        for j, run in enumerate(step.runs):
+            walk(run, prefix, j == len(step.runs) - 1)
+    if not tree.steps:
+        lines.append("   (no records for this flow)")
+    return "\n".join(lines)

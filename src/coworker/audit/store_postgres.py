@@ -1,0 +1,988 @@
+"""The shared audit store: an append-only, hash-chained log in PostgreSQL (psycopg 3).
+
+Many processes on many hosts append to one log. Layout (schema version 1, in a PostgreSQL
+schema of its own, ``coworker_audit`` by default)::
+
+    records(seq bigint PRIMARY KEY, prev_hash bytea UNIQUE, hash bytea UNIQUE, body bytea,
+            dedup_key bytea UNIQUE, inserted_at timestamptz,
+            kind, category, operation, doctype, outcome, flow_id, step_id, run_id,
+            user_id, agent_id, trace_id, span_id, recorded_at, time)
+    payloads(seq bigint PRIMARY KEY, payload bytea)
+    schema_version(version integer PRIMARY KEY, applied_at timestamptz)
+
+``seq``, ``prev_hash``, ``hash`` and ``body`` are exactly what :func:`coworker.audit.chain.seal`
+hashed, as ``bytea`` (never ``jsonb``, which would reorder keys and change the bytes). The text
+columns are copies of body fields for ``coworker audit query``: conveniences, not evidence.
+``dedup_key`` makes a second delivery of the same span a no-op (:meth:`append_unique`, used by
+the OTLP ingest endpoint). Payloads live in their own table, which is not append-only, so that
+a payload can be erased without breaking the chain.
+
+Serialization: every append runs in one READ COMMITTED transaction that first takes a
+transaction-scoped advisory lock keyed on the records table, *then* reads the head in a new
+statement (in READ COMMITTED each statement takes a fresh snapshot, so it sees the previous
+holder's commit), seals and inserts. The connection's isolation level is set explicitly: under
+REPEATABLE READ the snapshot is taken before the lock is granted, two writers read the same
+stale head and the chain forks. The primary key on ``seq`` and the unique constraint on
+``prev_hash`` are the database's own backstop: a writer that forks the chain anyway is refused.
+
+Append-only in the database: BEFORE UPDATE / DELETE row triggers, BEFORE UPDATE / DELETE /
+TRUNCATE statement triggers (TRUNCATE fires no row triggers), all ``ENABLE ALWAYS`` so they
+also fire under ``session_replication_role = replica`` (logical replication apply, pg_restore).
+Run the writers as a role with INSERT and SELECT only (:func:`writer_grants`). A superuser or
+the table owner can still disable the triggers or rewrite rows: ``coworker audit verify`` and
+signed checkpoints are what detect that (``docs/postgres.md``).
+
+Outages: when the server cannot be reached, :meth:`PostgresStore.append` writes the entries to
+a local durable :class:`~coworker.audit.spool.Spool` and returns an empty list (they are
+sealed, i.e. get a seq, when they reach the shared log). A background thread ships the spool
+in order when the server is back; the chain stays continuous.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+
+from coworker.audit.chain import seal
+from coworker.audit.spool import Spool, SpoolEntry, SpoolStatus
+from coworker.audit.store import Head, StoredRecord
+from coworker.exceptions import AuditUnavailable, ConfigError
+
+__all__ = [
+    "DEFAULT_SCHEMA",
+    "SCHEMA_VERSION",
+    "AppendResult",
+    "PostgresStore",
+    "default_spool_path",
+    "writer_grants",
+]
+
+_log = logging.getLogger("coworker.audit")
+
+SCHEMA_VERSION: Final = 1
+"""Version of the table layout, kept in ``<schema>.schema_version``."""
+
+DEFAULT_SCHEMA: Final = "coworker_audit"
+"""The PostgreSQL schema that holds the audit tables unless the URL says ``?schema=``."""
+
+# First key of the two-int advisory locks we take ('cowr'); the second is a table's oid.
+_LOCK_NAMESPACE: Final = 0x636F7772
+# Second key of the lock that serializes schema creation (before any table oid exists).
+_DDL_LOCK: Final = 1
+
+# Body fields copied into plain indexed columns; the same names as the SQLite store.
+_COLUMNS: Final = (
+    "kind", "category", "operation", "doctype", "outcome", "flow_id", "step_id", "run_id",
+    "user_id", "agent_id", "trace_id", "span_id", "recorded_at",
+)  # fmt: skip
+
+_FILTER_COLUMNS: Final = {
+    "flow_id": "flow_id",
+    "user": "user_id",
+    "agent": "agent_id",
+    "doctype": "doctype",
+    "operation": "operation",
+    "category": "category",
+    "kind": "kind",
+    "run_id": "run_id",
+    "span_id": "span_id",
+    "trace_id": "trace_id",
+}
+
+# Coworker's own URL query parameters; everything else goes to libpq.
+_URL_SCHEMA: Final = "schema"
+_URL_SPOOL: Final = "spool"
+
+_PAGE: Final = 2000
+_SHIP_BATCH: Final = 500
+_RECONNECT_INTERVAL: Final = 1.0
+
+_DDL_V1: Final = """
+CREATE TABLE IF NOT EXISTS {schema}.schema_version (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE OR REPLACE FUNCTION {schema}.refuse_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'coworker audit log is append-only: % on %.% refused',
+        TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'write a correction record instead';
+END
+$$;
+CREATE TABLE {schema}.records (
+    seq bigint PRIMARY KEY CHECK (seq >= 1),
+    prev_hash bytea NOT NULL CHECK (octet_length(prev_hash) = 32),
+    hash bytea NOT NULL CHECK (octet_length(hash) = 32),
+    body bytea NOT NULL,
+    dedup_key bytea,
+    inserted_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    kind text, category text, operation text, doctype text, outcome text,
+    flow_id text, step_id text, run_id text, user_id text, agent_id text,
+    trace_id text, span_id text,
+    -- RFC 3339 fixed width: byte order is time order (COLLATE "C", whatever the database's).
+    recorded_at text COLLATE "C", time text COLLATE "C",
+    CONSTRAINT records_prev_hash_key UNIQUE (prev_hash),
+    CONSTRAINT records_hash_key UNIQUE (hash),
+    CONSTRAINT records_dedup_key_key UNIQUE (dedup_key)
+);
+CREATE TABLE {schema}.payloads (seq bigint PRIMARY KEY, payload bytea);
+CREATE INDEX records_flow ON {schema}.records (flow_id, seq);
+CREATE INDEX records_user ON {schema}.records (user_id, seq);
+CREATE INDEX records_time ON {schema}.records (time);
+CREATE INDEX records_span ON {schema}.records (span_id);
+CREATE TRIGGER records_no_change BEFORE UPDATE OR DELETE ON {schema}.records
+    FOR EACH ROW EXECUTE FUNCTION {schema}.refuse_change();
+CREATE TRIGGER records_no_change_stmt BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.records
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.refuse_change();
+CREATE TRIGGER schema_version_no_change BEFORE UPDATE OR DELETE ON {schema}.schema_version
+    FOR EACH ROW EXECUTE FUNCTION {schema}.refuse_change();
+CREATE TRIGGER schema_version_no_change_stmt
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.schema_version
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.refuse_change();
+ALTER TABLE {schema}.records ENABLE ALWAYS TRIGGER records_no_change;
+ALTER TABLE {schema}.records ENABLE ALWAYS TRIGGER records_no_change_stmt;
+ALTER TABLE {schema}.schema_version ENABLE ALWAYS TRIGGER schema_version_no_change;
+ALTER TABLE {schema}.schema_version ENABLE ALWAYS TRIGGER schema_version_no_change_stmt;
+"""
+
+_MIGRATIONS: Final = {1: _DDL_V1}
+
+
+def writer_grants(role: str, schema: str = DEFAULT_SCHEMA) -> list[str]:
+    """The SQL statements that give ``role`` exactly what an audit writer needs.
+
+    INSERT and SELECT on the log tables and nothing else: no UPDATE, DELETE, TRUNCATE, no DDL
+    (the schema and tables belong to a separate owner role). Run them as the owner after the
+    schema exists (after the first :class:`PostgresStore` opened it as the owner).
+
+    Args:
+        role: the writer role (must exist).
+        schema: the audit schema.
+
+    Returns:
+        SQL statements with quoted identifiers, in order.
+    """
+    s = _quote_ident(schema)
+    r = _quote_ident(role)
+    return [
+        f"GRANT USAGE ON SCHEMA {s} TO {r}",
+        f"GRANT SELECT, INSERT ON {s}.records, {s}.payloads TO {r}",
+        f"GRANT SELECT ON {s}.schema_version TO {r}",
+    ]
+
+
+def default_spool_path(url: str) -> Path:
+    """Where :class:`PostgresStore` spools for ``url`` unless told otherwise.
+
+    ``.coworker/spool/<digest>.db`` relative to the working directory, the digest naming the
+    server, database and schema (not the password), so that every process of an application
+    on one host, and ``coworker audit status``, find the same spool.
+
+    Args:
+        url: a ``postgresql://`` URL.
+    """
+    conninfo, schema, _ = _split_url(url)
+    info = psycopg.conninfo.conninfo_to_dict(conninfo)
+    key = "|".join(str(info.get(k) or "") for k in ("host", "hostaddr", "port", "dbname", "user"))
+    digest = hashlib.sha256(f"{key}|{schema}".encode()).hexdigest()[:16]
+    return Path(".coworker") / "spool" / f"pg-{digest}.db"
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What :meth:`PostgresStore.append_unique` did.
+
+    Attributes:
+        records: the records written now, in order.
+        duplicates: indexes of the entries skipped because their dedup key is already in the
+            log (a second delivery of the same span).
+        spooled: ``True`` when the server was unreachable and the entries went to the spool.
+    """
+
+    records: list[StoredRecord]
+    duplicates: list[int] = field(default_factory=list)
+    spooled: bool = False
+
+
+@dataclass(slots=True)
+class _Item:
+    fields: Mapping[str, Any]
+    payload: bytes | None
+    dedup_key: bytes | None = None
+    attempted: tuple[bytes, ...] = ()
+    spool_id: int | None = None
+
+
+class _Unreachable(Exception):
+    """The server cannot be reached; carries the items with the hashes that were attempted."""
+
+    def __init__(self, items: list[_Item], cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.items = items
+        self.cause = cause
+
+
+class PostgresStore:
+    """An :class:`~coworker.audit.store.AuditStore` in PostgreSQL, shared by processes and hosts.
+
+    Safe to share between threads. Creates its schema on first use when the connecting role
+    may (idempotent, versioned, serialized by an advisory lock); a writer role with INSERT and
+    SELECT only uses an existing schema.
+
+    Args:
+        url: ``postgresql://user@host:port/dbname`` plus libpq parameters; coworker's own
+            query parameters: ``schema`` (default :data:`DEFAULT_SCHEMA`) and ``spool`` (a
+            file path, or ``off``).
+        schema: the PostgreSQL schema of the tables (overrides the URL).
+        spool: the local spool file for outages; ``True`` (default) uses
+            :func:`default_spool_path`, ``None``/``False`` disables spooling (an outage then
+            raises :class:`~coworker.AuditUnavailable`).
+        connect_timeout: seconds to wait for a connection.
+        ship_interval: seconds between attempts to ship the spool while it is not empty.
+
+    Raises:
+        ConfigError: a bad parameter, or the schema is newer than this library.
+        AuditUnavailable: the server refused (permissions, missing schema) while reachable.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        spool: str | os.PathLike[str] | bool | None = True,
+        connect_timeout: float = 5.0,
+        ship_interval: float = 1.0,
+    ) -> None:
+        conninfo, url_schema, url_spool = _split_url(url)
+        self.schema = schema or url_schema
+        if not self.schema or len(self.schema) > 63:
+            raise ConfigError(f"schema={self.schema!r} is not a valid PostgreSQL schema name")
+        if connect_timeout <= 0:
+            raise ConfigError(f"connect_timeout={connect_timeout!r} must be positive")
+        if url_spool is not None and spool is True:
+            spool = None if url_spool.lower() in ("off", "none", "false", "0", "") else url_spool
+        self.url = url
+        self._conninfo = conninfo
+        self._connect_timeout = connect_timeout
+        self._ship_interval = ship_interval
+        self._table = sql.Identifier(self.schema, "records")
+        self._payloads = sql.Identifier(self.schema, "payloads")
+        self._lock = threading.RLock()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._pid = -1
+        self._oid: int | None = None
+        self._next_connect = 0.0
+        self._closed = False
+        self._stop = threading.Event()
+        self._shipper: threading.Thread | None = None
+        self._spool: Spool | None = None
+        if spool is True:
+            spool = default_spool_path(url)
+        self._spool_path: Path | None = Path(spool) if spool else None
+        if self._spool_path is not None and self._spool_path.exists():
+            self._open_spool()  # entries left by an earlier run ship as soon as we can
+        with self._lock:
+            try:
+                self._connection()
+            except _ServerDown as exc:
+                if self._spool is None:
+                    _log.warning("audit store %s unreachable at start: %s", self, exc)
+                else:
+                    _log.warning("audit store %s unreachable at start, spooling: %s", self, exc)
+        if self._spool is not None and not self._spool.is_empty():
+            self._start_shipper()
+
+    # -- the AuditStore protocol -------------------------------------------------------------
+    def append(
+        self,
+        entries: Sequence[Mapping[str, Any]],
+        payloads: Sequence[bytes | None] | None = None,
+    ) -> list[StoredRecord]:
+        """Seal and durably write ``entries`` in one transaction.
+
+        See :class:`~coworker.audit.store.AuditStore`. When the server cannot be reached and a
+        spool is configured, the entries are durably spooled instead and the result is an
+        empty list: they get their seq when they are shipped.
+
+        Raises:
+            AuditUnavailable: nothing was written or spooled.
+        """
+        if not entries:
+            return []
+        items = [
+            _Item(f, payloads[i] if payloads is not None else None) for i, f in enumerate(entries)
+        ]
+        return self._append(items).records
+
+    def append_unique(
+        self,
+        entries: Sequence[Mapping[str, Any]],
+        payloads: Sequence[bytes | None] | None,
+        dedup_keys: Sequence[bytes],
+    ) -> AppendResult:
+        """Like :meth:`append`, but skip the entries whose dedup key is already in the log.
+
+        The check and the insert happen in the same locked transaction, so two servers
+        receiving the same span at the same time record it once. The OTLP ingest endpoint
+        uses ``trace_id || span_id`` as the key.
+
+        Args:
+            entries: record fields without ``seq``.
+            payloads: one payload (or ``None``) per entry, or ``None``.
+            dedup_keys: one key per entry.
+
+        Returns:
+            What was written and what was skipped.
+
+        Raises:
+            AuditUnavailable: nothing was written or spooled.
+        """
+        if len(dedup_keys) != len(entries):
+            raise ConfigError("dedup_keys must have one key per entry")
+        if not entries:
+            return AppendResult([])
+        items = [
+            _Item(f, payloads[i] if payloads is not None else None, dedup_keys[i])
+            for i, f in enumerate(entries)
+        ]
+        return self._append(items)
+
+    def head(self) -> Head | None:
+        """See :class:`~coworker.audit.store.AuditStore` (the shared log's head)."""
+        query = sql.SQL("SELECT seq, hash FROM {} ORDER BY seq DESC LIMIT 1").format(self._table)
+        rows = self._fetch(query, ())
+        return Head(rows[0][0], bytes(rows[0][1])) if rows else None
+
+    def iter_from(self, seq: int = 1) -> Iterator[StoredRecord]:
+        """See :class:`~coworker.audit.store.AuditStore`; reads page by page in seq order."""
+        query = sql.SQL(
+            "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload FROM {} r "
+            "LEFT JOIN {} p ON p.seq = r.seq WHERE r.seq >= %s ORDER BY r.seq LIMIT %s"
+        ).format(self._table, self._payloads)
+        next_seq = seq
+        while True:
+            rows = self._fetch(query, (next_seq, _PAGE))
+            for row in rows:
+                yield _record(row)
+            if len(rows) < _PAGE:
+                return
+            next_seq = rows[-1][0] + 1
+
+    def iter_chain(self, seq: int = 1) -> Iterator[tuple[int, bytes, bytes, bytes]]:
+        """Yield ``(seq, prev_hash, hash, body)`` tuples in order: what verify needs."""
+        query = sql.SQL(
+            "SELECT seq, prev_hash, hash, body FROM {} WHERE seq >= %s ORDER BY seq LIMIT %s"
+        ).format(self._table)
+        next_seq = seq
+        while True:
+            rows = self._fetch(query, (next_seq, _PAGE))
+            for row in rows:
+                yield row[0], bytes(row[1]), bytes(row[2]), bytes(row[3])
+            if len(rows) < _PAGE:
+                return
+            next_seq = rows[-1][0] + 1
+
+    def count(self) -> int:
+        """Number of records (for progress bars)."""
+        head = self.head()
+        return head.seq if head is not None else 0
+
+    def search(
+        self,
+        filters: Mapping[str, str | None],
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[StoredRecord]:
+        """Records matching the filters, in seq order (same contract as the SQLite store).
+
+        Args:
+            filters: keys ``flow_id``, ``user``, ``agent``, ``doctype``, ``operation``,
+                ``category``, ``kind``, ``run_id``, ``span_id``, ``trace_id``; ``None`` values
+                are ignored.
+            since: RFC 3339 lower bound (inclusive) on the record time.
+            until: RFC 3339 upper bound (exclusive) on the record time.
+            limit: at most this many records.
+
+        The caller should re-check the decoded body: the columns are unhashed copies.
+        """
+        where: list[sql.Composable] = []
+        params: list[Any] = []
+        for key, value in filters.items():
+            if value is None:
+                continue
+            column = _FILTER_COLUMNS.get(key)
+            if column is None:
+                raise ConfigError(f"unknown audit filter {key!r}")
+            where.append(sql.SQL("r.{} = %s").format(sql.Identifier(column)))
+            params.append(value)
+        if since is not None:
+            where.append(sql.SQL("r.time >= %s"))
+            params.append(since)
+        if until is not None:
+            where.append(sql.SQL("r.time < %s"))
+            params.append(until)
+        where.append(sql.SQL("r.seq >= %s"))
+        query = sql.SQL(
+            "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload FROM {} r "
+            "LEFT JOIN {} p ON p.seq = r.seq WHERE {} ORDER BY r.seq LIMIT %s"
+        ).format(self._table, self._payloads, sql.SQL(" AND ").join(where))
+        remaining = limit
+        next_seq = 1
+        while remaining is None or remaining > 0:
+            page = _PAGE if remaining is None else min(_PAGE, remaining)
+            rows = self._fetch(query, (*params, next_seq, page))
+            for row in rows:
+                yield _record(row)
+            if remaining is not None:
+                remaining -= len(rows)
+            if len(rows) < page:
+                return
+            next_seq = rows[-1][0] + 1
+
+    def close(self) -> None:
+        """Stop the shipper (one last shipping attempt), close the connection; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        shipper = self._shipper
+        if shipper is not None and shipper is not threading.current_thread():
+            shipper.join(timeout=10)
+        with self._lock:
+            if self._spool is not None:
+                try:
+                    self._drain_locked()
+                except Exception as exc:  # the spool keeps what could not be shipped
+                    _log.warning(
+                        "audit spool %s not fully shipped at close: %s", self._spool.path, exc
+                    )
+                try:
+                    from coworker import metrics
+
+                    metrics.unregister_spool_depth(self._spool_depth)
+                except ImportError:  # pragma: no cover
+                    pass
+                self._spool.close()
+            self._drop_connection()
+
+    # -- spool -------------------------------------------------------------------------------
+    @property
+    def spool_path(self) -> Path | None:
+        """The local spool file (created on first need), or ``None`` when spooling is off."""
+        return self._spool_path
+
+    def spool_status(self) -> SpoolStatus | None:
+        """Depth and timing of the local spool, or ``None`` when spooling is off."""
+        if self._spool_path is None:
+            return None
+        if self._spool is None:
+            return SpoolStatus(str(self._spool_path), 0, None, None)
+        return self._spool.status()
+
+    def ship(self) -> int:
+        """Ship what waits in the spool now (normally a background thread does it).
+
+        Returns:
+            The number of entries still waiting.
+        """
+        if self._spool is None:
+            return 0
+        with self._lock:
+            try:
+                self._drain_locked()
+            except _ServerDown:
+                pass
+            return self._spool.depth()
+
+    def last_inserted_at(self) -> float | None:
+        """UNIX time the newest record reached the shared log (server clock), or ``None``."""
+        query = sql.SQL("SELECT extract(epoch FROM inserted_at) FROM {} ORDER BY seq DESC LIMIT 1")
+        rows = self._fetch(query.format(self._table), ())
+        return float(rows[0][0]) if rows else None
+
+    def _open_spool(self) -> Spool:
+        # Called at construction or with self._lock held. Created on first need, so that
+        # read-only uses (verify, query) leave no file behind.
+        if self._spool is None:
+            assert self._spool_path is not None
+            self._spool = Spool(self._spool_path)
+            try:
+                from coworker import metrics
+            except ImportError:  # pragma: no cover - metrics is optional
+                pass
+            else:
+                metrics.register_spool_depth(
+                    self._spool_depth,
+                    attributes={"coworker.audit.spool.path": self._spool.path},
+                )
+        return self._spool
+
+    def _spool_depth(self) -> int:
+        spool = self._spool
+        return spool.depth() if spool is not None else 0
+
+    def _start_shipper(self) -> None:
+        with self._lock:
+            if self._closed or (self._shipper is not None and self._shipper.is_alive()):
+                return
+            if self._shipper is not None and self._pid != os.getpid():
+                self._shipper = None
+            self._shipper = threading.Thread(
+                target=self._ship_loop, name="coworker-audit-spool", daemon=True
+            )
+            self._shipper.start()
+
+    def _ship_loop(self) -> None:
+        while not self._stop.wait(self._ship_interval):
+            with self._lock:
+                if self._closed or self._spool is None:
+                    return
+                try:
+                    self._drain_locked()
+                except _ServerDown:
+                    continue
+                except Exception:
+                    _log.exception("audit spool %s: shipping failed", self._spool.path)
+                    continue
+                if self._spool.is_empty():
+                    self._shipper = None
+                    return
+
+    def _drain_locked(self) -> None:
+        """Ship the spool, oldest first, until it is empty; raises _ServerDown if it cannot."""
+        spool = self._spool
+        assert spool is not None
+        with spool.shipping() as mine:
+            if not mine:  # another process or thread is shipping it
+                return
+            while True:
+                batch = spool.peek(_SHIP_BATCH)
+                if not batch:
+                    return
+                items = [_item_from_spool(e) for e in batch]
+                try:
+                    self._write_with_retry(items, note=spool)
+                except _Unreachable as exc:
+                    raise _ServerDown(str(exc.cause)) from exc.cause
+                spool.remove([e.id for e in batch])
+                _log.info("audit spool %s: shipped %d record(s)", spool.path, len(batch))
+
+    # -- writing -----------------------------------------------------------------------------
+    def _append(self, items: list[_Item]) -> AppendResult:
+        spool = self._spool
+        with self._lock:
+            if spool is not None and not spool.is_empty():
+                # Older entries wait in the spool: they go first, or these wait behind them.
+                try:
+                    self._drain_locked()
+                except _ServerDown:
+                    pass
+                if not spool.is_empty():
+                    return self._to_spool(items)
+            try:
+                return self._write_with_retry(items)
+            except _Unreachable as exc:
+                if self._spool_path is None:
+                    raise AuditUnavailable(
+                        f"audit store {self}: server unreachable, {len(items)} record(s) not "
+                        f"written: {exc.cause}"
+                    ) from exc.cause
+                _log.warning("audit store %s unreachable (%s): spooling", self, exc.cause)
+                return self._to_spool(exc.items)
+
+    def _to_spool(self, items: list[_Item]) -> AppendResult:
+        try:
+            spool = self._open_spool()
+            spool.put(
+                [i.fields for i in items],
+                [i.payload for i in items],
+                [i.dedup_key for i in items],
+                [i.attempted for i in items],
+            )
+        except Exception as exc:
+            raise AuditUnavailable(
+                f"audit store {self}: server unreachable and spool {self._spool_path} failed: {exc}"
+            ) from exc
+        self._start_shipper()
+        return AppendResult([], spooled=True)
+
+    def _write_with_retry(self, items: list[_Item], note: Spool | None = None) -> AppendResult:
+        """Write items; one reconnect on a dead connection; raises _Unreachable."""
+        for attempt in range(2):
+            try:
+                conn = self._connection()
+            except _ServerDown as exc:
+                raise _Unreachable(items, exc) from exc
+            sealed_hashes: list[bytes | None] = [None] * len(items)
+            try:
+                return self._write(conn, items, sealed_hashes, note)
+            except psycopg.Error as exc:
+                unreachable = _is_unreachable(exc, conn)
+                self._rollback_or_drop(conn)
+                if not unreachable:
+                    if isinstance(exc, psycopg.errors.IntegrityError):
+                        raise AuditUnavailable(
+                            f"audit store {self}: the database refused the append as a fork "
+                            f"of the chain (another writer without the lock?): {exc}"
+                        ) from exc
+                    raise AuditUnavailable(
+                        f"audit store {self}: append of {len(items)} record(s) failed: {exc}"
+                    ) from exc
+                # COMMIT may have reached the server before the connection died: remember the
+                # hashes so that the next attempt (or the shipper) can tell.
+                items = [
+                    _Item(
+                        it.fields,
+                        it.payload,
+                        it.dedup_key,
+                        it.attempted + ((h,) if h is not None else ()),
+                        it.spool_id,
+                    )
+                    for it, h in zip(items, sealed_hashes, strict=True)
+                ]
+                if attempt == 1:
+                    raise _Unreachable(items, exc) from exc
+                self._next_connect = 0.0
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _write(
+        self,
+        conn: psycopg.Connection[Any],
+        items: list[_Item],
+        sealed_hashes: list[bytes | None],
+        note: Spool | None,
+    ) -> AppendResult:
+        table = self._table
+        with conn.cursor() as cur:
+            # Statement 1 takes the lock; statement 3 reads the head with a fresh snapshot.
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, self._oid))
+            skip: set[int] = set()
+            attempted = [h for it in items for h in it.attempted]
+            committed: dict[int, StoredRecord] = {}
+            if attempted:
+                # An earlier attempt whose COMMIT answer was lost may have gone through.
+                cur.execute(
+                    sql.SQL(
+                        "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload FROM {} r"
+                        " LEFT JOIN {} p ON p.seq = r.seq WHERE r.hash = ANY(%b)"
+                    ).format(table, self._payloads),
+                    (attempted,),
+                )
+                present = {bytes(r[2]): _record(r) for r in cur.fetchall()}
+                for i, it in enumerate(items):
+                    for h in it.attempted:
+                        if h in present:
+                            committed[i] = present[h]
+                            skip.add(i)
+                            break
+            duplicates: list[int] = []
+            keys = [it.dedup_key for it in items if it.dedup_key is not None]
+            if keys:
+                cur.execute(
+                    sql.SQL("SELECT dedup_key FROM {} WHERE dedup_key = ANY(%b)").format(table),
+                    (keys,),
+                )
+                seen = {bytes(r[0]) for r in cur.fetchall()}
+                for i, it in enumerate(items):
+                    if i in skip or it.dedup_key is None:
+                        continue
+                    if it.dedup_key in seen:
+                        duplicates.append(i)
+                        skip.add(i)
+                    else:
+                        seen.add(it.dedup_key)
+            todo = [i for i in range(len(items)) if i not in skip]
+            cur.execute(sql.SQL("SELECT seq, hash FROM {} ORDER BY seq DESC LIMIT 1").format(table))
+            row = cur.fetchone()
+            head = Head(row[0], bytes(row[1])) if row is not None else None
+            sealed = seal([items[i].fields for i in todo], head, [items[i].payload for i in todo])
+            if sealed:
+                for i, rec in zip(todo, sealed, strict=True):
+                    sealed_hashes[i] = rec.hash
+                columns: list[list[Any]] = [[] for _ in range(6 + len(_COLUMNS))]
+                for i, rec in zip(todo, sealed, strict=True):
+                    values = (
+                        rec.seq,
+                        rec.prev_hash,
+                        rec.hash,
+                        rec.body,
+                        items[i].dedup_key,
+                        *_column_values(items[i].fields),
+                    )
+                    for column, value in zip(columns, values, strict=True):
+                        column.append(value)
+                cur.execute(self._insert_sql(), columns)
+                blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
+                if blobs:
+                    cur.execute(
+                        sql.SQL(
+                            "INSERT INTO {} (seq, payload)"
+                            " SELECT * FROM unnest(%b::bigint[], %b::bytea[])"
+                        ).format(self._payloads),
+                        ([b[0] for b in blobs], [b[1] for b in blobs]),
+                    )
+            if note is not None and sealed:
+                # Durably note the hashes before COMMIT: if we crash after the server committed
+                # and before the spool forgot the entries, the next shipper sees they are in.
+                note.note_attempt(
+                    {
+                        items[i].spool_id: rec.hash
+                        for i, rec in zip(todo, sealed, strict=True)
+                        if items[i].spool_id
+                    }
+                )
+        conn.commit()
+        if committed:
+            by_index = dict(zip(todo, sealed, strict=True))
+            by_index.update(committed)
+            sealed = [by_index[i] for i in sorted(by_index)]
+        return AppendResult(sealed, duplicates)
+
+    def _insert_sql(self) -> sql.Composed:
+        names = ["seq", "prev_hash", "hash", "body", "dedup_key", *_COLUMNS, "time"]
+        types = ["bigint", "bytea", "bytea", "bytea", "bytea", *(["text"] * (len(_COLUMNS) + 1))]
+        return sql.SQL("INSERT INTO {} ({}) SELECT * FROM unnest({})").format(
+            self._table,
+            sql.SQL(", ").join(sql.Identifier(n) for n in names),
+            sql.SQL(", ").join(sql.SQL("%b::" + t + "[]") for t in types),
+        )
+
+    # -- connections ---------------------------------------------------------------------------
+    def _connection(self) -> psycopg.Connection[Any]:
+        # Called with self._lock held. A connection must not cross a fork: reconnect in a child.
+        if self._closed:
+            raise AuditUnavailable(f"audit store {self} is closed")
+        pid = os.getpid()
+        if self._conn is not None and self._pid == pid and not self._conn.closed:
+            return self._conn
+        if self._pid != pid:
+            self._conn = None  # the parent's socket: leave it to the parent
+            self._shipper = None
+        now = time.monotonic()
+        if now < self._next_connect:
+            raise _ServerDown("server unreachable (waiting before reconnecting)")
+        try:
+            conn = psycopg.connect(
+                self._conninfo,
+                autocommit=False,
+                connect_timeout=max(1, round(self._connect_timeout)),
+                application_name="coworker-audit",
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+            )
+        except psycopg.OperationalError as exc:
+            self._next_connect = now + _RECONNECT_INTERVAL
+            raise _ServerDown(str(exc).strip()) from exc
+        # Never REPEATABLE READ / SERIALIZABLE, whatever default_transaction_isolation says:
+        # the head must be read after the lock is granted (see the module docstring).
+        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+        try:
+            self._ensure_schema(conn)
+        except psycopg.Error as exc:
+            unreachable = _is_unreachable(exc, conn)
+            conn.close()
+            if unreachable:
+                self._next_connect = now + _RECONNECT_INTERVAL
+                raise _ServerDown(str(exc).strip()) from exc
+            raise AuditUnavailable(f"audit store {self}: cannot use schema: {exc}") from exc
+        self._conn = conn
+        self._pid = pid
+        return conn
+
+    def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
+        version = self._schema_version(conn)
+        if version is None or version < SCHEMA_VERSION:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _DDL_LOCK))
+                # Only when missing: CREATE SCHEMA IF NOT EXISTS still needs CREATE on the
+                # database, which a schema owner that is not the database owner may lack.
+                cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,))
+                if cur.fetchone() is None:
+                    cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema)))
+                conn.commit()
+                cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _DDL_LOCK))
+                current = self._schema_version(conn, in_tx=True) or 0
+                for number in sorted(_MIGRATIONS):
+                    if number <= current:
+                        continue
+                    ddl = _MIGRATIONS[number].replace("{schema}", _quote_ident(self.schema))
+                    cur.execute(ddl.encode())
+                    cur.execute(
+                        sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(
+                            sql.Identifier(self.schema, "schema_version")
+                        ),
+                        (number,),
+                    )
+                conn.commit()
+            version = self._schema_version(conn)
+        if version is None or version > SCHEMA_VERSION:
+            conn.close()
+            raise ConfigError(
+                f"audit store {self}: schema version {version}, this coworker knows "
+                f"{SCHEMA_VERSION}; upgrade coworker"
+            )
+        with conn.cursor() as cur:
+            cur.execute("SELECT %s::regclass::oid::int", (f"{_quote_ident(self.schema)}.records",))
+            row = cur.fetchone()
+            assert row is not None
+            self._oid = int(row[0])
+        conn.commit()
+
+    def _schema_version(self, conn: psycopg.Connection[Any], in_tx: bool = False) -> int | None:
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(%s)", (f"{_quote_ident(self.schema)}.schema_version",))
+            row = cur.fetchone()
+            if row is None or row[0] is None:
+                if not in_tx:
+                    conn.commit()
+                return None
+            cur.execute(
+                sql.SQL("SELECT max(version) FROM {}").format(
+                    sql.Identifier(self.schema, "schema_version")
+                )
+            )
+            found = cur.fetchone()
+        if not in_tx:
+            conn.commit()
+        return None if found is None or found[0] is None else int(found[0])
+
+    def _fetch(self, query: sql.Composable, params: tuple[Any, ...]) -> list[Any]:
+        with self._lock:
+            for attempt in range(2):
+                try:
+                    conn = self._connection()
+                except _ServerDown as exc:
+                    raise AuditUnavailable(f"audit store {self}: {exc}") from exc
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute(query, params)
+                        rows = cur.fetchall()
+                    conn.commit()
+                    return rows
+                except psycopg.Error as exc:
+                    unreachable = _is_unreachable(exc, conn)
+                    self._rollback_or_drop(conn)
+                    if not unreachable or attempt == 1:
+                        raise AuditUnavailable(f"audit store {self}: {exc}") from exc
+                    self._next_connect = 0.0
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _rollback_or_drop(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            if conn.broken or conn.closed:
+                raise psycopg.OperationalError("connection lost")
+            conn.rollback()
+        except psycopg.Error:
+            self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            try:
+                conn.close()
+            except psycopg.Error:  # pragma: no cover - closing a dead socket
+                pass
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({_redact(self.url)!r}, schema={self.schema!r})"
+
+
+class _ServerDown(Exception):
+    """No connection to the server right now."""
+
+
+def _item_from_spool(entry: SpoolEntry) -> _Item:
+    return _Item(entry.fields, entry.payload, entry.dedup_key, entry.attempted, entry.id)
+
+
+def _record(row: Sequence[Any]) -> StoredRecord:
+    return StoredRecord(
+        row[0],
+        bytes(row[1]),
+        bytes(row[2]),
+        bytes(row[3]),
+        None if row[4] is None else bytes(row[4]),
+    )
+
+
+def _column_values(fields: Mapping[str, Any]) -> list[str | None]:
+    values = [_column(fields.get(c)) for c in _COLUMNS]
+    values.append(_column(fields.get("start") or fields.get("recorded_at")))
+    return values
+
+
+def _column(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+# SQLSTATE classes that mean "the server or the connection is not there right now":
+# 08 connection exception, 53 insufficient resources, 57P admin/crash shutdown, cannot connect
+# now, 58 system error. Anything else (permissions, constraint violations) is not an outage
+# and must not be hidden in the spool.
+_UNREACHABLE_PREFIXES: Final = ("08", "53", "57P", "58")
+
+
+def _is_unreachable(exc: psycopg.Error, conn: psycopg.Connection[Any]) -> bool:
+    if conn.broken or conn.closed:
+        return True
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith(_UNREACHABLE_PREFIXES)
+
+
+def _split_url(url: str) -> tuple[str, str, str | None]:
+    """Return ``(libpq URL, schema, spool)`` from a coworker ``postgresql://`` URL."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme.startswith("postgresql+"):  # postgresql+psycopg://, as SQLAlchemy spells it
+        scheme = "postgresql"
+    if scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"url={_redact(url)!r} is not a postgresql:// URL")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schema = DEFAULT_SCHEMA
+    spool: str | None = None
+    rest: list[tuple[str, str]] = []
+    for key, value in query:
+        if key == _URL_SCHEMA:
+            schema = value
+        elif key == _URL_SPOOL:
+            spool = value
+        else:
+            rest.append((key, value))
+    conninfo = urlunsplit((scheme, parts.netloc, parts.path, urlencode(rest), parts.fragment))
+    return conninfo, schema, spool
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

@@ -1,0 +1,426 @@
+"""The embedded audit store: an append-only, hash-chained log in one SQLite file (the default).
+
+Layout (schema version 1)::
+
+    audit_records(seq INTEGER PRIMARY KEY, prev_hash BLOB, hash BLOB, body BLOB,
+                  kind, category, operation, doctype, outcome, flow_id, step_id, run_id,
+                  user_id, agent_id, trace_id, span_id, time)
+    audit_payloads(seq INTEGER PRIMARY KEY, payload BLOB)
+    audit_meta(key TEXT PRIMARY KEY, value TEXT)
+
+``seq``, ``prev_hash``, ``hash`` and ``body`` are exactly what the chain hashed. The other
+columns of ``audit_records`` are copies of body fields, indexed for ``coworker audit query``;
+they are conveniences, not evidence (verify only trusts the body). Payloads (the redacted
+captured input/output) live in their own table, which is *not* append-only, so that a payload
+can be erased without touching the chain (the body keeps its digest).
+
+Append-only in the database itself: triggers reject ``UPDATE`` and ``DELETE`` on
+``audit_records``, and a ``BEFORE INSERT`` trigger rejects any insert whose seq is not the
+next one, which also refuses ``INSERT OR REPLACE`` and upserts on an existing seq (``REPLACE``
+deletes the old row without firing delete triggers unless ``recursive_triggers`` is on). The
+owner of the file can drop the triggers; :func:`coworker.audit.verify.verify_chain` is what
+catches that.
+
+Durability: WAL journal; ``synchronous=FULL`` by default, which fsyncs the WAL on every
+commit, so a record whose append returned survives a process crash *and* a power loss or OS
+crash. ``synchronous=NORMAL`` (URL ``?synchronous=normal``) fsyncs only at checkpoints: still
+safe against a process crash (SIGKILL), and the file is never corrupted, but the last
+transactions before a power loss may be rolled back. Writers serialize with
+``BEGIN IMMEDIATE`` and a busy timeout, across threads (one lock per store) and processes (the
+SQLite write lock).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final
+
+from coworker.audit.chain import seal
+from coworker.audit.store import Head, StoredRecord
+from coworker.exceptions import AuditUnavailable, ConfigError
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+SCHEMA_VERSION: Final = 1
+"""Version of the table layout, kept in ``audit_meta``."""
+
+_SYNCHRONOUS: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+
+# Body fields copied into plain indexed columns (column name = body key, except time).
+_COLUMNS: Final = (
+    "kind", "category", "operation", "doctype", "outcome", "flow_id", "step_id", "run_id",
+    "user_id", "agent_id", "trace_id", "span_id",
+)  # fmt: skip
+
+_DDL: Final = f"""
+CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_records (
+    seq INTEGER PRIMARY KEY,
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    body BLOB NOT NULL,
+    {", ".join(f"{c} TEXT" for c in _COLUMNS)},
+    time TEXT
+);
+CREATE TABLE IF NOT EXISTS audit_payloads (seq INTEGER PRIMARY KEY, payload BLOB);
+CREATE INDEX IF NOT EXISTS audit_records_flow ON audit_records(flow_id, seq);
+CREATE INDEX IF NOT EXISTS audit_records_user ON audit_records(user_id, seq);
+CREATE INDEX IF NOT EXISTS audit_records_agent ON audit_records(agent_id, seq);
+CREATE INDEX IF NOT EXISTS audit_records_doctype ON audit_records(doctype, seq);
+CREATE INDEX IF NOT EXISTS audit_records_operation ON audit_records(operation, seq);
+CREATE INDEX IF NOT EXISTS audit_records_category ON audit_records(category, seq);
+CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records(time);
+CREATE INDEX IF NOT EXISTS audit_records_span ON audit_records(span_id);
+CREATE INDEX IF NOT EXISTS audit_records_intent ON audit_records(seq) WHERE kind = 'intent';
+CREATE TRIGGER IF NOT EXISTS audit_records_no_update BEFORE UPDATE ON audit_records
+BEGIN
+    SELECT RAISE(ABORT, 'audit_records is append-only: UPDATE is not allowed (write a correction)');
+END;
+CREATE TRIGGER IF NOT EXISTS audit_records_no_delete BEFORE DELETE ON audit_records
+BEGIN
+    SELECT RAISE(ABORT, 'audit_records is append-only: DELETE is not allowed');
+END;
+CREATE TRIGGER IF NOT EXISTS audit_records_append_only BEFORE INSERT ON audit_records
+BEGIN
+    SELECT RAISE(ABORT, 'audit_records is append-only: seq exists (INSERT OR REPLACE refused)')
+    WHERE EXISTS (SELECT 1 FROM audit_records WHERE seq = NEW.seq);
+    SELECT RAISE(ABORT, 'audit_records is append-only: seq must be the head seq + 1')
+    WHERE NEW.seq <> COALESCE((SELECT MAX(seq) FROM audit_records), 0) + 1;
+END;
+"""
+
+_INSERT: Final = (
+    f"INSERT INTO audit_records (seq, prev_hash, hash, body, {', '.join(_COLUMNS)}, time) "
+    f"VALUES ({', '.join('?' * (len(_COLUMNS) + 5))})"
+)
+
+_FILTER_COLUMNS: Final = {
+    "flow_id": "flow_id",
+    "user": "user_id",
+    "agent": "agent_id",
+    "doctype": "doctype",
+    "operation": "operation",
+    "category": "category",
+    "kind": "kind",
+    "run_id": "run_id",
+    "span_id": "span_id",
+}
+
+
+class SQLiteStore:
+    """An :class:`~coworker.audit.store.AuditStore` in a SQLite file.
+
+    Safe to share between threads; several processes may append to the same file.
+
+    Args:
+        path: the database file; its directory is created if missing.
+        synchronous: ``FULL`` (default: durable across power loss) or ``NORMAL`` (durable
+            across process crashes only); see the module docstring.
+        busy_timeout: seconds a writer waits for another process's write lock before the
+            append fails with :class:`~coworker.AuditUnavailable`.
+        readonly: open the file read-only (for verify/query); every append fails.
+        max_page_count: cap the database size in pages (``PRAGMA max_page_count``); an
+            append that would grow past it fails as if the disk were full.
+
+    Raises:
+        ConfigError: a bad parameter.
+        AuditUnavailable: the file cannot be opened or initialised.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        busy_timeout: float = 10.0,
+        readonly: bool = False,
+        max_page_count: int | None = None,
+    ) -> None:
+        sync = synchronous.upper()
+        if sync not in _SYNCHRONOUS:
+            raise ConfigError(f"synchronous={synchronous!r} must be one of {sorted(_SYNCHRONOUS)}")
+        if busy_timeout < 0:
+            raise ConfigError(f"busy_timeout={busy_timeout!r} must not be negative")
+        self.path = os.fspath(path)
+        self.synchronous = sync
+        self.busy_timeout = busy_timeout
+        self.readonly = readonly
+        self.max_page_count = max_page_count
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self._closed = False
+        with self._lock:
+            self._connection()
+
+    # -- connections -------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            if self.readonly:
+                uri = "file:" + os.path.abspath(self.path) + "?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            else:
+                directory = os.path.dirname(os.path.abspath(self.path))
+                os.makedirs(directory, exist_ok=True)
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            if not self.readonly:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise sqlite3.OperationalError(f"cannot switch to WAL (journal_mode={mode})")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            if self.max_page_count is not None:
+                conn.execute(f"PRAGMA max_page_count = {int(self.max_page_count)}")
+            self._init_schema(conn)
+        except (sqlite3.Error, OSError) as exc:
+            raise AuditUnavailable(f"cannot open audit store {self.path!r}: {exc}") from exc
+        return conn
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_records'"
+        ).fetchone()
+        if exists is None:
+            if self.readonly:
+                raise sqlite3.OperationalError("not an audit store (no audit_records table)")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _split_ddl(_DDL):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT OR IGNORE INTO audit_meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        row = conn.execute("SELECT value FROM audit_meta WHERE key = 'schema_version'").fetchone()
+        if row is None or int(row[0]) != SCHEMA_VERSION:
+            found = None if row is None else row[0]
+            raise sqlite3.DatabaseError(
+                f"audit store schema version {found}, this coworker reads {SCHEMA_VERSION}"
+            )
+
+    def _connection(self) -> sqlite3.Connection:
+        # Called with self._lock held. A connection must not cross a fork: reopen in the child.
+        if self._closed:
+            raise AuditUnavailable(f"audit store {self.path!r} is closed")
+        pid = os.getpid()
+        if self._conn is None or self._pid != pid:
+            self._conn = self._connect()
+            self._pid = pid
+        return self._conn
+
+    # -- the AuditStore protocol -------------------------------------------------------------
+    def append(
+        self,
+        entries: Sequence[Mapping[str, Any]],
+        payloads: Sequence[bytes | None] | None = None,
+    ) -> list[StoredRecord]:
+        """Seal and durably write ``entries`` in one transaction; see
+        :class:`~coworker.audit.store.AuditStore`.
+
+        Raises:
+            AuditUnavailable: nothing was written (read-only file, disk full, lock timeout...).
+        """
+        if not entries:
+            return []
+        with self._lock:
+            conn = self._connection()
+            try:
+                # IMMEDIATE takes the write lock before we read the head: a deferred
+                # transaction that upgrades from read to write gets SQLITE_BUSY at once,
+                # ignoring the busy timeout, and two writers could read the same head.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    row = conn.execute(
+                        "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1"
+                    ).fetchone()
+                    head = Head(row[0], row[1]) if row is not None else None
+                    sealed = seal(entries, head, payloads)
+                    conn.executemany(_INSERT, [_row(r, e) for r, e in zip(sealed, entries, strict=True)])
+                    blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
+                    if blobs:
+                        conn.executemany(
+                            "INSERT INTO audit_payloads (seq, payload) VALUES (?, ?)", blobs
+                        )
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise AuditUnavailable(
+                    f"audit store {self.path!r}: append of {len(entries)} record(s) failed: {exc}"
+                ) from exc
+            return sealed
+
+    def head(self) -> Head | None:
+        """See :class:`~coworker.audit.store.AuditStore`."""
+        with self._lock:
+            try:
+                row = (
+                    self._connection()
+                    .execute("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1")
+                    .fetchone()
+                )
+            except sqlite3.Error as exc:
+                raise AuditUnavailable(f"audit store {self.path!r}: {exc}") from exc
+        return Head(row[0], row[1]) if row is not None else None
+
+    def iter_from(self, seq: int = 1) -> Iterator[StoredRecord]:
+        """See :class:`~coworker.audit.store.AuditStore`. Reads one consistent snapshot."""
+        query = (
+            "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload FROM audit_records r "
+            "LEFT JOIN audit_payloads p ON p.seq = r.seq WHERE r.seq >= ? ORDER BY r.seq"
+        )
+        for row in self._read(query, (seq,)):
+            yield StoredRecord(row[0], row[1], row[2], row[3], row[4])
+
+    def iter_chain(self, seq: int = 1) -> Iterator[tuple[int, bytes, bytes, bytes]]:
+        """Yield ``(seq, prev_hash, hash, body)`` tuples in order: what verify needs, fast."""
+        return self._read(
+            "SELECT seq, prev_hash, hash, body FROM audit_records WHERE seq >= ? ORDER BY seq",
+            (seq,),
+        )
+
+    def count(self) -> int:
+        """Number of records (for progress bars)."""
+        head = self.head()
+        return head.seq if head is not None else 0
+
+    def search(
+        self,
+        filters: Mapping[str, str | None],
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int | None = None,
+    ) -> Iterator[StoredRecord]:
+        """Records matching the filters, in seq order, using the indexed columns.
+
+        Args:
+            filters: keys ``flow_id``, ``user``, ``agent``, ``doctype``, ``operation``,
+                ``category``, ``kind``, ``run_id``, ``span_id``; ``None`` values are ignored.
+            since: RFC 3339 lower bound (inclusive) on the record time.
+            until: RFC 3339 upper bound (exclusive) on the record time.
+            limit: at most this many records.
+
+        The caller should re-check the decoded body: the columns are unhashed copies.
+        """
+        where: list[str] = []
+        params: list[Any] = []
+        for key, value in filters.items():
+            if value is None:
+                continue
+            column = _FILTER_COLUMNS.get(key)
+            if column is None:
+                raise ConfigError(f"unknown audit filter {key!r}")
+            where.append(f"r.{column} = ?")
+            params.append(value)
+        if since is not None:
+            where.append("r.time >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("r.time < ?")
+            params.append(until)
+        query = (
+            "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload FROM audit_records r "
+            "LEFT JOIN audit_payloads p ON p.seq = r.seq"
+        )
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY r.seq"
+        if limit is not None:
+            query += f" LIMIT {int(limit)}"
+        for row in self._read(query, tuple(params)):
+            yield StoredRecord(row[0], row[1], row[2], row[3], row[4])
+
+    def open_intents(self) -> list[int]:
+        """Seqs of intent records with no later outcome for the same span (in doubt)."""
+        query = (
+            "SELECT i.seq FROM audit_records i WHERE i.kind = 'intent' AND NOT EXISTS ("
+            "SELECT 1 FROM audit_records o WHERE o.span_id = i.span_id "
+            "AND o.trace_id IS i.trace_id AND o.kind = 'outcome' AND o.seq > i.seq) "
+            "ORDER BY i.seq"
+        )
+        return [row[0] for row in self._read(query, ())]
+
+    def _read(self, query: str, params: tuple[Any, ...]) -> Iterator[Any]:
+        # A connection of its own per read, so that a long verify neither holds the writers'
+        # lock nor sees a half-written batch (WAL readers see one snapshot).
+        try:
+            if self.readonly:
+                uri = "file:" + os.path.abspath(self.path) + "?mode=ro"
+                conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+            else:
+                conn = sqlite3.connect(self.path, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        except sqlite3.Error as exc:
+            raise AuditUnavailable(f"audit store {self.path!r}: {exc}") from exc
+        try:
+            conn.execute("BEGIN")
+            cursor = conn.execute(query, params)
+            cursor.arraysize = 2048
+            while True:
+                try:
+                    rows = cursor.fetchmany()
+                except sqlite3.Error as exc:
+                    raise AuditUnavailable(f"audit store {self.path!r}: {exc}") from exc
+                if not rows:
+                    break
+                yield from rows
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        with self._lock:
+            self._closed = True
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r}, synchronous={self.synchronous!r})"
+
+
+def _row(record: StoredRecord, fields: Mapping[str, Any]) -> tuple[Any, ...]:
+    time = fields.get("start") or fields.get("recorded_at")
+    return (
+        record.seq,
+        record.prev_hash,
+        record.hash,
+        record.body,
+        *(_column(fields.get(c)) for c in _COLUMNS),
+        time,
+    )
+
+
+def _column(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _split_ddl(ddl: str) -> list[str]:
+    # sqlite3.Connection.executescript would COMMIT our BEGIN IMMEDIATE; split instead,
+    # keeping trigger bodies (which contain ';') whole.
+    statements: list[str] = []
+    current: list[str] = []
+    in_trigger = False
+    for line in ddl.strip().splitlines():
+        current.append(line)
+        stripped = line.strip()
+        if stripped.startswith("CREATE TRIGGER"):
+            in_trigger = True
+        if (in_trigger and stripped == "END;") or (not in_trigger and stripped.endswith(";")):
+            statements.append("\n".join(current))
+            current = []
+            in_trigger = False
+    return statements

@@ -1,0 +1,268 @@
+"""Getting records into a store without losing one: group commit, failure policy, retry queue.
+
+:class:`AuditWriter` sits between the span processor / exporter and an
+:class:`~coworker.audit.store.AuditStore`:
+
+* **Synchronous**: :meth:`AuditWriter.write` returns only once the records are durable (or
+  the failure policy has taken over), so a state-changing call's record is in the store when
+  the call returns.
+* **Group commit** (leader/follower): callers that arrive while an append is in progress queue
+  their records; the next caller to take the write lock appends everybody's records in one
+  transaction, and each caller returns when its own records are durable. One fsync covers
+  many concurrent calls.
+* **Failure policy**: ``"raise"`` propagates :class:`~coworker.AuditUnavailable` to the caller;
+  ``"log"`` logs an error per record and keeps the record in a bounded in-memory retry queue,
+  retried before the next append and on :meth:`flush`; a record pushed out of a full queue is
+  logged as lost, loudly. Never silent.
+* Store writes run with OpenTelemetry instrumentation suppressed, so that an instrumented DB
+  driver does not trace (and audit) the audit trail's own writes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Final
+
+from opentelemetry import context as otel_context
+
+from coworker.audit.store import AuditStore, StoredRecord
+from coworker.exceptions import AuditUnavailable, ConfigError
+
+__all__ = ["ON_FAILURE_LOG", "ON_FAILURE_RAISE", "AuditWriter", "suppressed"]
+
+_log = logging.getLogger("coworker.audit")
+
+ON_FAILURE_RAISE: Final = "raise"
+"""Failure policy: :class:`~coworker.AuditUnavailable` propagates to the caller."""
+ON_FAILURE_LOG: Final = "log"
+"""Failure policy: log an error per record and keep it in the retry queue."""
+
+Entry = tuple[Mapping[str, Any], "bytes | None"]
+
+try:  # the public helper when opentelemetry-instrumentation is installed
+    from opentelemetry.instrumentation.utils import suppress_instrumentation as _suppress
+except ImportError:  # pragma: no cover - depends on the environment
+    _suppress = None
+
+
+@contextmanager
+def suppressed() -> Iterator[None]:
+    """Run the block with OpenTelemetry instrumentation suppressed."""
+    if _suppress is not None:
+        with _suppress():
+            yield
+        return
+    key = otel_context._SUPPRESS_INSTRUMENTATION_KEY  # type: ignore[attr-defined]
+    token = otel_context.attach(otel_context.set_value(key, True))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+def _metrics_hook() -> Callable[[str, str, float], None] | None:
+    try:
+        from coworker.metrics import audit_append
+    except ImportError:
+        return None
+    return audit_append
+
+
+class _Ticket:
+    __slots__ = ("done", "entries", "error", "records")
+
+    def __init__(self, entries: Sequence[Entry]) -> None:
+        self.entries = entries
+        self.records: list[StoredRecord] = []
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class AuditWriter:
+    """Append records to a store synchronously, with group commit and a failure policy.
+
+    Args:
+        store: where records go.
+        on_failure: ``"raise"`` or ``"log"`` (see the module docstring).
+        retry_limit: most records the ``"log"`` policy keeps for retry; beyond it the oldest
+            is discarded with an error log naming it.
+
+    Raises:
+        ConfigError: a bad ``on_failure`` or ``retry_limit``.
+    """
+
+    def __init__(
+        self, store: AuditStore, *, on_failure: str = ON_FAILURE_RAISE, retry_limit: int = 10_000
+    ) -> None:
+        if on_failure not in (ON_FAILURE_RAISE, ON_FAILURE_LOG):
+            raise ConfigError(f"audit_failure={on_failure!r} must be 'raise' or 'log'")
+        if retry_limit < 0:
+            raise ConfigError(f"retry_limit={retry_limit!r} must not be negative")
+        self.store = store
+        self.on_failure = on_failure
+        self.retry_limit = retry_limit
+        self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._pending: list[_Ticket] = []
+        self._retry: collections.deque[Entry] = collections.deque()
+        self.lost = 0
+        """Records discarded from a full retry queue (each was logged)."""
+        self._metric = _metrics_hook()
+
+    @property
+    def retry_depth(self) -> int:
+        """Records waiting in the retry queue."""
+        return len(self._retry)
+
+    def write(self, entries: Sequence[Entry], *, policy: str | None = None) -> list[StoredRecord]:
+        """Append ``entries`` and return their sealed records once durable.
+
+        Args:
+            entries: ``(fields, payload)`` pairs, as built by :mod:`coworker.audit.record`.
+            policy: override the writer's failure policy for this call (the fail-closed gate
+                always uses ``"raise"``).
+
+        Returns:
+            The sealed records, or ``[]`` when the ``"log"`` policy queued them for retry.
+
+        Raises:
+            AuditUnavailable: the store failed and the policy is ``"raise"``.
+        """
+        if not entries:
+            return []
+        ticket = _Ticket(entries)
+        with self._queue_lock:
+            self._pending.append(ticket)
+        with self._write_lock:
+            if not ticket.done:
+                self._lead()
+        if ticket.error is None:
+            return ticket.records
+        return self._fail(ticket, policy or self.on_failure)
+
+    def _lead(self) -> None:
+        # Called with the write lock: append every queued ticket (ours included) at once.
+        with self._queue_lock:
+            batch, self._pending = self._pending, []
+        entries = [e for t in batch for e in t.entries]
+        started = time.perf_counter()
+        try:
+            with suppressed():
+                self._drain_retry()
+                records = self.store.append([e[0] for e in entries], [e[1] for e in entries])
+        except Exception as exc:
+            error = exc if isinstance(exc, AuditUnavailable) else _wrap(exc)
+            for t in batch:
+                t.error = error
+                t.done = True
+            self._record_metrics(entries, type(error).__name__, started)
+            return
+        self._record_metrics(entries, "ok", started)
+        i = 0
+        for t in batch:
+            t.records = records[i : i + len(t.entries)]
+            i += len(t.entries)
+            t.done = True
+
+    def _drain_retry(self) -> None:
+        # Retried records go first, so they keep their relative order; if they still fail,
+        # the new records fail too (and join the queue behind them under "log").
+        if not self._retry:
+            return
+        entries = list(self._retry)
+        self.store.append([e[0] for e in entries], [e[1] for e in entries])
+        for _ in entries:
+            self._retry.popleft()
+        _log.warning("audit store recovered: %d queued record(s) appended", len(entries))
+
+    def _fail(self, ticket: _Ticket, policy: str) -> list[StoredRecord]:
+        error = ticket.error
+        assert error is not None
+        if policy == ON_FAILURE_RAISE:
+            # A fresh exception per caller: the batch's error is shared between threads.
+            raise AuditUnavailable(str(error)) from error
+        with self._write_lock:
+            for fields, payload in ticket.entries:
+                _log.error(
+                    "audit record not yet durable (%s); queued for retry: %s %s run=%s span=%s",
+                    error,
+                    fields.get("category"),
+                    fields.get("operation"),
+                    fields.get("run_id"),
+                    fields.get("span_id"),
+                )
+                self._retry.append((fields, payload))
+                while len(self._retry) > self.retry_limit:
+                    lost_fields, _ = self._retry.popleft()
+                    self.lost += 1
+                    _log.critical(
+                        "AUDIT RECORD LOST: retry queue full (%d); discarded %s %s run=%s "
+                        "span=%s trace=%s",
+                        self.retry_limit,
+                        lost_fields.get("category"),
+                        lost_fields.get("operation"),
+                        lost_fields.get("run_id"),
+                        lost_fields.get("span_id"),
+                        lost_fields.get("trace_id"),
+                    )
+        return []
+
+    def flush(self) -> bool:
+        """Retry the queued records now.
+
+        Returns:
+            ``True`` when the retry queue is empty afterwards.
+        """
+        with self._write_lock:
+            if not self._retry:
+                return True
+            try:
+                with suppressed():
+                    self._drain_retry()
+            except Exception as exc:
+                _log.error(
+                    "audit store still failing (%s); %d record(s) remain queued",
+                    exc,
+                    len(self._retry),
+                )
+                return False
+            return True
+
+    def close(self) -> None:
+        """Flush; records that still cannot be written are logged as lost, one by one."""
+        if self.flush():
+            return
+        with self._write_lock:
+            while self._retry:
+                fields, _ = self._retry.popleft()
+                self.lost += 1
+                _log.critical(
+                    "AUDIT RECORD LOST at shutdown: store unavailable; %s %s run=%s span=%s "
+                    "trace=%s",
+                    fields.get("category"),
+                    fields.get("operation"),
+                    fields.get("run_id"),
+                    fields.get("span_id"),
+                    fields.get("trace_id"),
+                )
+
+    def _record_metrics(self, entries: Sequence[Entry], outcome: str, started: float) -> None:
+        if self._metric is None:
+            return
+        seconds = time.perf_counter() - started
+        try:
+            for fields, _ in entries:
+                self._metric(str(fields.get("category")), outcome, seconds)
+        except Exception:  # metrics must never break the audit path
+            _log.debug("audit metrics failed", exc_info=True)
+
+
+def _wrap(exc: Exception) -> AuditUnavailable:
+    error = AuditUnavailable(f"audit store append failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error

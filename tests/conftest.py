@@ -1,0 +1,42 @@
+"""Shared fixtures: a real SDK tracer provider with an in-memory exporter, and leak checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+
+import coworker
+from coworker._state import SETTINGS
+from coworker.flow import EMPTY_SCOPE, SCOPE
+from coworker.testing import span_exporter
+
+
+@pytest.fixture
+def spans() -> Iterator[Any]:
+    """The in-memory exporter, cleared; read it with ``spans.get_finished_spans()``."""
+    exporter = span_exporter()
+    exporter.clear()
+    yield exporter
+    exporter.clear()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    """Every test starts and ends with no coworker context, no current span, defaults."""
+    span_exporter()
+    assert SCOPE.get() is EMPTY_SCOPE
+    yield
+    leaked_scope = SCOPE.get()
+    leaked_span = trace.get_current_span()
+    coworker.shutdown()
+    SETTINGS.reset()
+    assert leaked_scope is EMPTY_SCOPE, "a coworker block leaked its context"
+    assert not leaked_span.get_span_context().is_valid, "a span stayed current after the test"
+
+
+def by_name(exporter: Any) -> dict[str, Any]:
+    """Finished spans by name (the last one wins)."""
+    return {s.name: s for s in exporter.get_finished_spans()}
