@@ -155,8 +155,10 @@ def main() -> None:
                 ours(i)
         gc.collect()
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(f"memory: max RSS grew {(after - before) / 1024:.1f} MiB over "
-              f"{args.memory_calls:,} calls (flat = no growth per call)")
+        print(
+            f"memory: max RSS grew {(after - before) / 1024:.1f} MiB over "
+            f"{args.memory_calls:,} calls (flat = no growth per call)"
+        )
 
 
 if __name__ == "__main__":

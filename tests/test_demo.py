@@ -13,8 +13,14 @@ from tests.test_setup import _Receiver, otlp_receiver  # noqa: F401 (fixture)
 def _demo(cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "COWORKER_"))}
     env.update(extra_env or {})
-    return subprocess.run([sys.executable, "-m", "coworker", "demo"], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "coworker", "demo"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_demo_prints_tree_and_verified_audit_trail(tmp_path: Path) -> None:

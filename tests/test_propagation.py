@@ -50,8 +50,8 @@ def test_inject_extract_round_trip_untrusted_identity(spans: Any) -> None:
     with coworker.extract(carrier) as ex:
         assert ex.identity_claimed is not None and ex.identity_claimed.user_id == "user-1"
         work(1)
-    server = [s for s in spans.get_finished_spans() if s.name == "select Item"][0]
-    client_span = [s for s in spans.get_finished_spans() if s.name == "client"][0]
+    server = next(s for s in spans.get_finished_spans() if s.name == "select Item")
+    client_span = next(s for s in spans.get_finished_spans() if s.name == "client")
     a = server.attributes
     assert server.context.trace_id == client_span.context.trace_id
     assert server.parent.span_id == client_span.context.span_id
@@ -93,7 +93,10 @@ def test_extract_across_a_real_process(spans: Any, tmp_path: Any) -> None:
     )
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(carrier)],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     got = json.loads(out.stdout)
     assert got["trace"] == parent.span.get_span_context().trace_id
@@ -123,7 +126,12 @@ def test_seeded_program_same_with_and_without_coworker() -> None:
     """Span/trace/run ids never draw from the global random state."""
     outs = []
     for mode in ("plain", "traced"):
-        res = subprocess.run([sys.executable, "-c", SEEDED, mode], capture_output=True,
-                             text=True, check=True, timeout=60)
+        res = subprocess.run(
+            [sys.executable, "-c", SEEDED, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
         outs.append(res.stdout)
     assert outs[0] == outs[1] and outs[0].startswith("[")

@@ -25,7 +25,7 @@ class _Receiver(http.server.BaseHTTPRequestHandler):
 
     spans: list[tuple[str, dict[str, Any], str]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server API)
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         if self.headers.get("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
@@ -98,8 +98,13 @@ def test_sdk_disabled_creates_no_provider() -> None:
         print(f(), type(trace.get_tracer_provider()).__name__)
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], env={"OTEL_SDK_DISABLED": "true",
-                         "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"OTEL_SDK_DISABLED": "true", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.split() == ["3", "ProxyTracerProvider"]
 
 
@@ -126,8 +131,9 @@ def test_existing_application_provider_is_kept() -> None:
               app_exp.get_finished_spans()[0].resource.attributes["service.name"])
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
     assert out.stdout.split() == ["1", "1", "app"]
     assert "ignored" in out.stderr  # the service-name conflict is logged, not forced
 

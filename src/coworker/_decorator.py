@@ -459,12 +459,18 @@ class RunOptions:
         capture_output: bool,
         attributes: Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any]] | None,
     ) -> None:
-        for label, value in (("name", name), ("operation", operation), ("doctype", doctype),
-                             ("step", step)):
+        for label, value in (
+            ("name", name),
+            ("operation", operation),
+            ("doctype", doctype),
+            ("step", step),
+        ):
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"coworker.run {label}= must be a non-empty string, got {value!r}")
-        if attributes is not None and not callable(attributes) and not isinstance(
-            attributes, Mapping
+        if (
+            attributes is not None
+            and not callable(attributes)
+            and not isinstance(attributes, Mapping)
         ):
             raise TypeError("coworker.run attributes= must be a dict or a callable")
         self.name = name
@@ -529,9 +535,11 @@ def _decorate(fn: Any, options: RunOptions) -> Any:
         raise TypeError(f"coworker.run can only decorate callables, got {type(fn).__name__}")
     spec = _Spec(options, target, _qualname(target))
     probe = target
-    if not (inspect.isfunction(target) or inspect.ismethod(target) or isinstance(
-        target, functools.partial
-    )) and hasattr(type(target), "__call__"):
+    if not (
+        inspect.isfunction(target)
+        or inspect.ismethod(target)
+        or isinstance(target, functools.partial)
+    ) and callable(type(target)):
         probe = type(target).__call__
     if inspect.isasyncgenfunction(probe):
         return _agen_wrapper(spec)(fn)
@@ -600,10 +608,9 @@ def _agen_wrapper(spec: _Spec) -> Any:
 class _StepRunner:
     """Shared by both generator kinds: the private context, the lazy start and the end."""
 
-    __slots__ = ("_call", "_ctx", "_done", "_run", "_spec", "__weakref__")
+    __slots__ = ("__weakref__", "_call", "_ctx", "_done", "_run", "_spec")
 
-    def __init__(self, spec: _Spec, wrapped: Any, instance: Any, args: tuple,
-                 kwargs: dict) -> None:
+    def __init__(self, spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> None:
         self._spec = spec
         self._call = (wrapped, instance, args, kwargs)
         # The context of the call site: flow, step, identity and parent span as they were
@@ -630,8 +637,15 @@ class _GeneratorRun(_StepRunner, Generator[Any, Any, Any]):
 
     __slots__ = ("_gen",)
 
-    def __init__(self, gen: Generator[Any, Any, Any], spec: _Spec, wrapped: Any,
-                 instance: Any, args: tuple, kwargs: dict) -> None:
+    def __init__(
+        self,
+        gen: Generator[Any, Any, Any],
+        spec: _Spec,
+        wrapped: Any,
+        instance: Any,
+        args: tuple,
+        kwargs: dict,
+    ) -> None:
         super().__init__(spec, wrapped, instance, args, kwargs)
         self._gen = gen
 
@@ -713,8 +727,15 @@ class _AsyncGeneratorRun(_StepRunner, AsyncGenerator[Any, Any]):
 
     __slots__ = ("_agen",)
 
-    def __init__(self, agen: AsyncGenerator[Any, Any], spec: _Spec, wrapped: Any,
-                 instance: Any, args: tuple, kwargs: dict) -> None:
+    def __init__(
+        self,
+        agen: AsyncGenerator[Any, Any],
+        spec: _Spec,
+        wrapped: Any,
+        instance: Any,
+        args: tuple,
+        kwargs: dict,
+    ) -> None:
         super().__init__(spec, wrapped, instance, args, kwargs)
         self._agen = agen
 
@@ -766,8 +787,13 @@ class _Drive:
 
     __slots__ = ("_args", "_closing", "_method", "_owner")
 
-    def __init__(self, owner: _AsyncGeneratorRun, method: Callable[..., Any], args: tuple,
-                 closing: bool = False) -> None:
+    def __init__(
+        self,
+        owner: _AsyncGeneratorRun,
+        method: Callable[..., Any],
+        args: tuple,
+        closing: bool = False,
+    ) -> None:
         self._owner = owner
         self._method = method
         self._args = args
@@ -878,12 +904,21 @@ def run(
             of a state-changing run cannot be written (the function does not run).
     """
     if target is not None and not isinstance(target, str):
-        options = RunOptions(name, operation, doctype, step, state_changing, capture_input,
-                             capture_output, attributes)
+        options = RunOptions(
+            name,
+            operation,
+            doctype,
+            step,
+            state_changing,
+            capture_input,
+            capture_output,
+            attributes,
+        )
         return _decorate(target, options)
     if target is not None:
         if name is not None:
             raise TypeError("coworker.run got the span name twice (positional and name=)")
         name = target
-    return RunOptions(name, operation, doctype, step, state_changing, capture_input,
-                      capture_output, attributes)
+    return RunOptions(
+        name, operation, doctype, step, state_changing, capture_input, capture_output, attributes
+    )

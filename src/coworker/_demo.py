@@ -129,7 +129,9 @@ def print_tree(spans: Sequence[Any], out: TextIO = sys.stdout) -> None:
         if attr.CONVERSATION_ID in a:
             line += f"  conversation={a[attr.CONVERSATION_ID]}"
         if attr.FLOW_PREVIOUS_ID in a:
-            line += f"  ← broke from {_short(a[attr.FLOW_PREVIOUS_ID])}… ({a[attr.FLOW_BREAK_REASON]})"
+            line += (
+                f"  ← broke from {_short(a[attr.FLOW_PREVIOUS_ID])}… ({a[attr.FLOW_BREAK_REASON]})"
+            )
         print(line, file=out)
         by_step: dict[str, list[Any]] = {}
         for s in roots:
@@ -201,8 +203,10 @@ def main(audit_url: str | None = None, audit: bool = True, out: TextIO = sys.std
     memory = InMemorySpanExporter()
     url = None
     if audit:
-        url = audit_url or os.environ.get(config.COWORKER_AUDIT_URL) or (
-            "sqlite:///" + config.DEFAULT_AUDIT_PATH
+        url = (
+            audit_url
+            or os.environ.get(config.COWORKER_AUDIT_URL)
+            or ("sqlite:///" + config.DEFAULT_AUDIT_PATH)
         )
     coworker.configure(
         os.environ.get("OTEL_SERVICE_NAME") or "coworker-demo",

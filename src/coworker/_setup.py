@@ -140,14 +140,17 @@ def configure(
         if _sdk_disabled():
             _log.info("OTEL_SDK_DISABLED=true: coworker runs create no spans; policy still applies")
             if audit not in (None, False):
-                _log.error("OTEL_SDK_DISABLED=true: the audit trail is OFF (it is built from spans)")
+                _log.error(
+                    "OTEL_SDK_DISABLED=true: the audit trail is OFF (it is built from spans)"
+                )
             s.audit_gate = None
             return
 
-        from coworker._sdk import CoworkerProcessor, PrivateRandomIdGenerator
         from opentelemetry.sdk.resources import SERVICE_NAME, Resource
         from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        from coworker._sdk import CoworkerProcessor, PrivateRandomIdGenerator
 
         provider = trace.get_tracer_provider()
         if isinstance(provider, trace.ProxyTracerProvider):
@@ -168,7 +171,9 @@ def configure(
             if current != service_name:
                 _log.warning(
                     "configure(service_name=%r) ignored: the application's provider already "
-                    "names the service %r", service_name, current,
+                    "names the service %r",
+                    service_name,
+                    current,
                 )
         if _processor is None:
             _processor = CoworkerProcessor()
@@ -185,8 +190,10 @@ def configure(
             from coworker.metrics import RunMetricsProcessor
 
             members.append(RunMetricsProcessor())
-        exporters = [] if exporter is None else (
-            list(exporter) if isinstance(exporter, list | tuple) else [exporter]
+        exporters = (
+            []
+            if exporter is None
+            else (list(exporter) if isinstance(exporter, list | tuple) else [exporter])
         )
         for item in exporters:
             members.append(item if isinstance(item, SpanProcessor) else BatchSpanProcessor(item))

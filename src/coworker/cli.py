@@ -22,9 +22,11 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the built-in sample app and print its trace tree")
-    demo.add_argument("--audit-url", default=None,
-                      help="audit store URL (default: COWORKER_AUDIT_URL or sqlite:///"
-                      ".coworker/audit.db)")
+    demo.add_argument(
+        "--audit-url",
+        default=None,
+        help="audit store URL (default: COWORKER_AUDIT_URL or sqlite:///.coworker/audit.db)",
+    )
     demo.add_argument("--no-audit", action="store_true", help="do not write an audit trail")
     demo.set_defaults(func=_cmd_demo)
 

@@ -35,8 +35,14 @@ _BAGGAGE = W3CBaggagePropagator()
 
 T = TypeVar("T")
 
-_FLOW_KEYS = (attr.FLOW_TYPE, attr.FLOW_ID, attr.FLOW_DEFINITION_ID, attr.FLOW_PREVIOUS_ID,
-              attr.FLOW_BREAK_REASON, attr.CONVERSATION_ID)
+_FLOW_KEYS = (
+    attr.FLOW_TYPE,
+    attr.FLOW_ID,
+    attr.FLOW_DEFINITION_ID,
+    attr.FLOW_PREVIOUS_ID,
+    attr.FLOW_BREAK_REASON,
+    attr.CONVERSATION_ID,
+)
 _IDENTITY_KEYS = (attr.USER_ID, attr.AGENT_ID, attr.AGENT_NAME, attr.SESSION_ID)
 
 
@@ -100,10 +106,11 @@ class _RemoteParent:
 class Extracted:
     """A context manager that continues a trace and flow received from another process."""
 
-    __slots__ = ("_otel_ctx", "_scope", "_otel_token", "_scope_token", "identity_claimed")
+    __slots__ = ("_otel_ctx", "_otel_token", "_scope", "_scope_token", "identity_claimed")
 
-    def __init__(self, otel_ctx: otel_context.Context, scope: _Scope,
-                 identity_claimed: Identity | None) -> None:
+    def __init__(
+        self, otel_ctx: otel_context.Context, scope: _Scope, identity_claimed: Identity | None
+    ) -> None:
         self._otel_ctx = otel_ctx
         self._scope = scope
         self.identity_claimed = identity_claimed
@@ -119,21 +126,30 @@ class Extracted:
         self._scope_token = SCOPE.set(self._scope)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         _restore(self._scope_token)
         otel_context.detach(self._otel_token)
 
     async def __aenter__(self) -> Extracted:
         return self.__enter__()
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.__exit__(exc_type, exc, tb)
 
 
-def extract(carrier: MutableMapping[str, str] | dict[str, str], *,
-            trust_identity: bool | None = None) -> Extracted:
+def extract(
+    carrier: MutableMapping[str, str] | dict[str, str], *, trust_identity: bool | None = None
+) -> Extracted:
     """Read what :func:`inject` wrote; use the result as a (sync or async) context manager.
 
     Runs inside continue the caller's trace (child spans), flow and step, and record the
@@ -149,7 +165,7 @@ def extract(carrier: MutableMapping[str, str] | dict[str, str], *,
     ctx = _TRACE.extract(carrier)
     ctx = _BAGGAGE.extract(carrier, context=ctx)
     values = {
-        key[len(attr.BAGGAGE_PREFIX):]: str(value)
+        key[len(attr.BAGGAGE_PREFIX) :]: str(value)
         for key, value in otel_baggage.get_all(ctx).items()
         if key.startswith(attr.BAGGAGE_PREFIX)
     }
@@ -157,23 +173,29 @@ def extract(carrier: MutableMapping[str, str] | dict[str, str], *,
     flow_type, flow_id = values.get(attr.FLOW_TYPE), values.get(attr.FLOW_ID)
     if flow_type and flow_id:
         try:
-            remote = Flow(flow_type, flow_id, previous_id=values.get(attr.FLOW_PREVIOUS_ID),
-                          break_reason=values.get(attr.FLOW_BREAK_REASON),
-                          conversation_id=values.get(attr.CONVERSATION_ID))
+            remote = Flow(
+                flow_type,
+                flow_id,
+                previous_id=values.get(attr.FLOW_PREVIOUS_ID),
+                break_reason=values.get(attr.FLOW_BREAK_REASON),
+                conversation_id=values.get(attr.CONVERSATION_ID),
+            )
             cell = _FlowCell(remote)
         except ValueError:
             _log.warning("coworker.extract: ignoring a malformed flow in baggage: %r", flow_type)
     parent = None
     if values.get(attr.RUN_ID):
-        parent = _RemoteParent(values[attr.RUN_ID],
-                               values.get(attr.CHAIN_ID) or values[attr.RUN_ID])
+        parent = _RemoteParent(
+            values[attr.RUN_ID], values.get(attr.CHAIN_ID) or values[attr.RUN_ID]
+        )
     claimed = None
     if values.get(attr.USER_ID) or values.get(attr.AGENT_ID):
         try:
             claimed = Identity(
                 User(values[attr.USER_ID]) if values.get(attr.USER_ID) else None,
                 Agent(values[attr.AGENT_ID], values.get(attr.AGENT_NAME))
-                if values.get(attr.AGENT_ID) else None,
+                if values.get(attr.AGENT_ID)
+                else None,
                 values.get(attr.SESSION_ID),
             )
         except ValueError:
@@ -181,6 +203,11 @@ def extract(carrier: MutableMapping[str, str] | dict[str, str], *,
     trusted = SETTINGS.trust_baggage_identity if trust_identity is None else trust_identity
     current = SCOPE.get()
     identity = claimed if trusted and claimed is not None else current.identity
-    scope = _Scope(cell or current.cell, values.get(attr.STEP_ID) or current.step,
-                   parent or current.run, identity, None)  # type: ignore[arg-type]
+    scope = _Scope(
+        cell or current.cell,
+        values.get(attr.STEP_ID) or current.step,
+        parent or current.run,
+        identity,
+        None,
+    )  # type: ignore[arg-type]
     return Extracted(ctx, scope, claimed)

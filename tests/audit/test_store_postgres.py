@@ -1,0 +1,550 @@
+"""PostgresStore against the real PostgreSQL server: schema, append-only enforcement, roles,
+fork refusal, concurrency across processes, outages and the spool."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+psycopg = pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
+
+from coworker.audit.chain import GENESIS_PREV_HASH, link  # noqa: E402
+from coworker.audit.spool import Spool  # noqa: E402
+from coworker.audit.store import Head  # noqa: E402
+from coworker.audit.store_postgres import (  # noqa: E402
+    SCHEMA_VERSION,
+    PostgresStore,
+    default_spool_path,
+    writer_grants,
+)
+from coworker.exceptions import AuditUnavailable, ConfigError  # noqa: E402
+from tests.pg import (  # noqa: E402
+    PGServer,
+    proxy_to,
+    require_server,
+    with_hostport,
+    with_user,
+)
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PGServer]:
+    server = PGServer(require_server())
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def url(pg: PGServer) -> str:
+    return pg.schema_url()
+
+
+@pytest.fixture
+def store(url: str, tmp_path: Path) -> Iterator[PostgresStore]:
+    s = PostgresStore(url, spool=tmp_path / "spool.db", ship_interval=0.1)
+    yield s
+    s.close()
+
+
+def entry(i: int, **extra: Any) -> dict[str, Any]:
+    return {"kind": "outcome", "category": "state-change", "operation": "create", "i": i, **extra}
+
+
+def check_chain(store: PostgresStore) -> list[dict[str, Any]]:
+    """Re-hash the log (our own loop and the audit verify_chain); return the decoded bodies."""
+    prev, expected, bodies = GENESIS_PREV_HASH, 1, []
+    for rec in store.iter_from():
+        assert rec.seq == expected, f"gap or reorder at {expected}: found {rec.seq}"
+        assert rec.prev_hash == prev
+        assert rec.hash == link(prev, rec.body)
+        assert json.loads(rec.body)["seq"] == rec.seq
+        prev, expected = rec.hash, expected + 1
+        bodies.append(json.loads(rec.body))
+    try:
+        from coworker.audit.verify import verify_chain
+    except ImportError:  # pragma: no cover - the audit issue's verify not there yet
+        return bodies
+    report = verify_chain(store)
+    assert report.ok, report
+    return bodies
+
+
+def sql_rows(url_or_pg: PGServer, query: str, *, user: str | None = None) -> list[Any]:
+    target = url_or_pg.url if user is None else with_user(url_or_pg.url, user)
+    with psycopg.connect(target, autocommit=True) as conn:
+        return conn.execute(query.encode()).fetchall()
+
+
+def schema_of(url: str) -> str:
+    return url.split("schema=")[1].split("&")[0]
+
+
+# -- schema ------------------------------------------------------------------------------------
+def test_schema_is_created_on_first_use_once_and_versioned(pg: PGServer, url: str) -> None:
+    """The first store creates the schema; later and concurrent opens reuse it unchanged."""
+    stores: list[PostgresStore] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            stores.append(PostgresStore(url, spool=None))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    schema = schema_of(url)
+    assert sql_rows(pg, f'SELECT version FROM "{schema}".schema_version') == [(SCHEMA_VERSION,)]
+    types = dict(
+        sql_rows(
+            pg,
+            "SELECT column_name, data_type FROM information_schema.columns "
+            f"WHERE table_schema = '{schema}' AND table_name = 'records'",
+        )
+    )
+    assert types["body"] == types["hash"] == types["prev_hash"] == "bytea"
+    for s in stores:
+        s.close()
+
+
+def test_newer_schema_version_is_refused(pg: PGServer, url: str) -> None:
+    """A schema written by a newer coworker is not used."""
+    PostgresStore(url, spool=None).close()
+    pg.execute(f'INSERT INTO "{schema_of(url)}".schema_version (version) VALUES (99)')
+    with pytest.raises(ConfigError, match="schema version 99"):
+        PostgresStore(url, spool=None)
+
+
+# -- the store contract ------------------------------------------------------------------------
+def test_append_head_iter_close(store: PostgresStore) -> None:
+    """append seals in order from seq 1, head follows, iter_from reads the bytes as hashed."""
+    assert store.head() is None
+    assert store.append([]) == []
+    first = store.append([entry(1), entry(2)], [b"payload", None])
+    assert [r.seq for r in first] == [1, 2]
+    assert first[0].prev_hash == GENESIS_PREV_HASH
+    second = store.append([entry(3)])
+    assert second[0].prev_hash == first[1].hash
+    assert store.head() == Head(3, second[0].hash)
+    got = list(store.iter_from())
+    assert got == first + second
+    assert got[0].payload == b"payload"
+    assert [r.seq for r in store.iter_from(2)] == [2, 3]
+    check_chain(store)
+    store.close()
+    store.close()
+    with pytest.raises(AuditUnavailable):
+        store.append([entry(4)])
+
+
+def test_bytes_are_stored_exactly_as_hashed(pg: PGServer, store: PostgresStore, url: str) -> None:
+    """The body column holds the canonical bytes; sha256(prev_hash || body) is the hash column."""
+    store.append([entry(1, user_id="ünï", note="a\u2028b")])
+    ((body, prev, digest),) = sql_rows(
+        pg, f'SELECT body, prev_hash, hash FROM "{schema_of(url)}".records'
+    )
+    assert hashlib.sha256(bytes(prev) + bytes(body)).digest() == bytes(digest)
+    assert json.loads(bytes(body))["user_id"] == "ünï"
+
+
+def test_search_filters_use_the_plain_columns(store: PostgresStore) -> None:
+    """search() filters on the columns derived from the body, like the SQLite store."""
+    store.append(
+        [
+            entry(1, flow_id="f1", user_id="alice", start="2026-01-01T00:00:00.000000000Z"),
+            entry(2, flow_id="f2", user_id="bob", start="2026-01-02T00:00:00.000000000Z"),
+            entry(3, flow_id="f1", user_id="bob", start="2026-01-03T00:00:00.000000000Z"),
+        ]
+    )
+    assert [r.seq for r in store.search({"flow_id": "f1"})] == [1, 3]
+    assert [r.seq for r in store.search({"flow_id": "f1", "user": "bob"})] == [3]
+    assert [r.seq for r in store.search({}, since="2026-01-02T00:00:00.000000000Z")] == [2, 3]
+    assert [r.seq for r in store.search({}, until="2026-01-02T00:00:00.000000000Z")] == [1]
+    assert [r.seq for r in store.search({}, limit=2)] == [1, 2]
+    with pytest.raises(ConfigError):
+        list(store.search({"nope": "x"}))
+
+
+def test_append_unique_records_a_key_once(store: PostgresStore) -> None:
+    """A dedup key already in the log (or twice in one batch) is skipped, not re-recorded."""
+    r1 = store.append_unique([entry(1), entry(2), entry(3)], None, [b"a", b"b", b"a"])
+    assert [r.seq for r in r1.records] == [1, 2] and r1.duplicates == [2]
+    r2 = store.append_unique([entry(4), entry(5)], None, [b"b", b"c"])
+    assert [r.seq for r in r2.records] == [3] and r2.duplicates == [0]
+    check_chain(store)
+
+
+# -- append-only in the database -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE {t} SET body = 'x' WHERE seq = 1",
+        "UPDATE {t} SET kind = 'x' WHERE false",
+        "DELETE FROM {t} WHERE seq = 2",
+        "DELETE FROM {t}",
+        "TRUNCATE {t}",
+        "TRUNCATE {t} CASCADE",
+        "INSERT INTO {t} (seq, prev_hash, hash, body) SELECT seq, prev_hash, hash, body FROM {t}"
+        " WHERE seq = 1 ON CONFLICT (seq) DO UPDATE SET body = 'x'",
+    ],
+)
+def test_update_delete_truncate_are_refused(
+    pg: PGServer, store: PostgresStore, url: str, statement: str
+) -> None:
+    """Even the owner cannot change or remove a record; nothing changes."""
+    store.append([entry(1), entry(2)])
+    table = f'"{schema_of(url)}".records'
+    with pytest.raises(psycopg.Error, match="append-only"):
+        pg.execute(statement.format(t=table))
+    check_chain(store)
+    assert store.head() is not None and store.head().seq == 2  # type: ignore[union-attr]
+
+
+def test_triggers_fire_even_in_replica_mode(pg: PGServer, store: PostgresStore, url: str) -> None:
+    """ENABLE ALWAYS: session_replication_role=replica (replication apply) does not skip them."""
+    store.append([entry(1)])
+    table = f'"{schema_of(url)}".records'
+    for statement in (f"DELETE FROM {table}", f"TRUNCATE {table}", f"UPDATE {table} SET kind='x'"):
+        with pytest.raises(psycopg.Error, match="append-only"):
+            pg.execute(f"SET session_replication_role = replica; {statement}")
+    (mode,) = sql_rows(
+        pg,
+        "SELECT DISTINCT tgenabled FROM pg_trigger WHERE NOT tgisinternal"
+        f" AND tgrelid = '{table}'::regclass",
+    )
+    assert mode == ("A",)
+
+
+def test_least_privilege_writer_role(pg: PGServer, tmp_path: Path) -> None:
+    """Owner owns the schema; the writer appends with INSERT+SELECT only and can change nothing."""
+    owner = pg.create_role("cw_owner")
+    writer = pg.create_role("cw_writer")
+    schema = "roles_" + owner.rsplit("_", 1)[1]
+    pg.execute(f'CREATE SCHEMA "{schema}" AUTHORIZATION "{owner}"')
+    base = pg.schema_url(schema)
+    # The writer cannot create the tables (no rights on the schema yet).
+    with pytest.raises(AuditUnavailable):
+        PostgresStore(with_user(base, writer), spool=None)
+    PostgresStore(with_user(base, owner), spool=None).close()  # the owner creates them
+    for grant in writer_grants(writer, schema):
+        pg.execute(grant, user=owner)
+
+    w = PostgresStore(with_user(base, writer), spool=tmp_path / "spool.db")
+    assert [r.seq for r in w.append([entry(1), entry(2)], [b"p", None])] == [1, 2]
+    assert [r.seq for r in w.append_unique([entry(3)], None, [b"k"]).records] == [3]
+    check_chain(w)
+    table = f'"{schema}".records'
+    for statement in (
+        f"UPDATE {table} SET kind = 'x'",
+        f"DELETE FROM {table}",
+        f"TRUNCATE {table}",
+        f"ALTER TABLE {table} DISABLE TRIGGER ALL",
+        f"DROP TRIGGER records_no_change ON {table}",
+        f'INSERT INTO "{schema}".schema_version (version) VALUES (2)',
+        f'CREATE TABLE "{schema}".other (x int)',
+    ):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            pg.execute(statement, user=writer)
+    # Refused for what it is, not spooled as if the server were down.
+    with pytest.raises(AuditUnavailable):
+        PostgresStore(with_user(base, writer), schema=schema + "_new", spool=None)
+    w.close()
+    assert Spool(tmp_path / "spool.db").depth() == 0
+
+
+# -- the fork backstop ---------------------------------------------------------------------------
+def test_fork_attempt_is_refused_by_the_database(
+    pg: PGServer, store: PostgresStore, url: str
+) -> None:
+    """Two writers sealing onto the same stale head (REPEATABLE READ): the second is refused."""
+    store.append([entry(1)])
+    table = f'"{schema_of(url)}".records'
+    from coworker.audit.chain import seal
+
+    with psycopg.connect(pg.url) as stale:
+        stale.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        seq, digest = stale.execute(
+            f"SELECT seq, hash FROM {table} ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        store.append([entry(2)])  # commits seq 2 after the stale snapshot was taken
+        (forked,) = seal([entry(99)], Head(seq, bytes(digest)))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            stale.execute(
+                f"INSERT INTO {table} (seq, prev_hash, hash, body) VALUES (%s, %s, %s, %s)",
+                (forked.seq, forked.prev_hash, forked.hash, forked.body),
+            )
+    # A branch at a fresh seq that reuses a prev_hash is refused by UNIQUE(prev_hash) too.
+    (branch,) = seal([entry(100)], Head(1, store.append([entry(3)])[0].prev_hash))
+    with pytest.raises(psycopg.errors.UniqueViolation, match="prev_hash"):
+        pg.execute(
+            f"INSERT INTO {table} (seq, prev_hash, hash, body) "
+            f"VALUES (1000, '\\x{branch.prev_hash.hex()}', '\\x{branch.hash.hex()}', 'x')"
+        )
+    assert [b["i"] for b in check_chain(store)] == [1, 2, 3]
+
+
+def test_repeatable_read_default_does_not_fork(pg: PGServer, tmp_path: Path) -> None:
+    """A server/role default of REPEATABLE READ is overridden: concurrent appends stay linear."""
+    url = pg.schema_url(options="-c%20default_transaction_isolation%3Drepeatable%5C%20read")
+    stores = [PostgresStore(url, spool=None) for _ in range(4)]
+    (level,) = stores[0]._connection().execute("SHOW default_transaction_isolation").fetchone()
+    assert level == "repeatable read"
+    stores[0]._connection().rollback()
+
+    def work(s: PostgresStore, n: int) -> None:
+        for i in range(50):
+            s.append([entry(n * 1000 + i)])
+
+    threads = [threading.Thread(target=work, args=(s, n)) for n, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(check_chain(stores[0])) == 200
+    for s in stores:
+        s.close()
+
+
+# -- many processes ----------------------------------------------------------------------------
+_WORKER = r"""
+import json, sys
+from coworker.audit.store_postgres import PostgresStore
+url, spool, proc, n, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+store = PostgresStore(url, spool=None if spool == "-" else spool, ship_interval=0.1)
+print("ready", flush=True)
+sys.stdin.readline()
+direct = spooled = 0
+for start in range(0, n, batch):
+    entries = [{"kind": "outcome", "flow_id": f"p{proc}", "proc": proc, "i": i}
+               for i in range(start, min(n, start + batch))]
+    got = store.append(entries)
+    if got:
+        assert len(got) == len(entries)
+        direct += len(got)
+    else:
+        spooled += len(entries)
+store.close()
+print(json.dumps({"direct": direct, "spooled": spooled}), flush=True)
+"""
+
+
+def run_writers(
+    url: str, procs: int, n: int, spool: str = "-", batch: int = 1, during: Any = None
+) -> list[dict[str, int]]:
+    """Start ``procs`` writer processes, release them together, wait; ``during`` runs meanwhile."""
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, url, spool, str(p), str(n), str(batch)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for p in range(procs)
+    ]
+    for c in children:
+        assert c.stdout is not None and c.stdout.readline().strip() == "ready"
+    for c in children:
+        assert c.stdin is not None
+        c.stdin.write("go\n")
+        c.stdin.flush()
+    if during is not None:
+        during(children)
+    results = []
+    for c in children:
+        out, _ = c.communicate(timeout=180)
+        assert c.returncode == 0, out
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def assert_each_once(bodies: list[dict[str, Any]], procs: int, n: int) -> None:
+    seen = [(b["proc"], b["i"]) for b in bodies]
+    assert len(seen) == len(set(seen)) == procs * n
+    for p in range(procs):  # each process's records are in its own order
+        mine = [b["i"] for b in bodies if b["proc"] == p]
+        assert mine == list(range(n))
+
+
+@pytest.mark.slow
+def test_eight_processes_times_500_appends(url: str) -> None:
+    """8 processes x 500 concurrent appends -> 4000 records, gapless, the chain verifies."""
+    PostgresStore(url, spool=None).close()
+    run_writers(url, 8, 500)
+    store = PostgresStore(url, spool=None)
+    bodies = check_chain(store)
+    assert_each_once(bodies, 8, 500)
+    store.close()
+
+
+@pytest.mark.slow
+def test_backends_terminated_mid_load_lose_nothing(pg: PGServer, url: str, tmp_path: Path) -> None:
+    """pg_terminate_backend on the writers again and again: every record arrives exactly once."""
+    PostgresStore(url, spool=None).close()
+    spool = str(tmp_path / "shared-spool.db")
+    kills = 0
+
+    def killer(children: list[subprocess.Popen[str]]) -> None:
+        nonlocal kills
+        with psycopg.connect(pg.url, autocommit=True) as admin:
+            while any(c.poll() is None for c in children):
+                (n,) = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = 'coworker-audit' AND datname = current_database()"
+                ).fetchone()
+                kills += n
+                time.sleep(0.05)
+
+    run_writers(url, 3, 300, spool=spool, during=killer)
+    assert kills > 5
+    store = PostgresStore(url, spool=spool)
+    assert store.ship() == 0
+    bodies = check_chain(store)
+    assert_each_once(bodies, 3, 300)
+    store.close()
+
+
+@pytest.mark.slow
+def test_outage_mid_load_spools_and_ships(pg: PGServer, url: str, tmp_path: Path) -> None:
+    """The network to the server cut for 2 s mid-load: writers spool, ship after, chain intact."""
+    PostgresStore(url, spool=None).close()
+    spool = str(tmp_path / "shared-spool.db")
+    with proxy_to(pg.url) as proxy:
+        proxied = with_hostport(url, "127.0.0.1", proxy.port)
+
+        def outage(children: list[subprocess.Popen[str]]) -> None:
+            time.sleep(0.5)
+            proxy.cut()
+            time.sleep(2.0)
+            proxy.restore()
+
+        results = run_writers(proxied, 4, 300, spool=spool, batch=3, during=outage)
+    assert sum(r["spooled"] for r in results) > 0, results
+    store = PostgresStore(url, spool=spool)
+    assert store.ship() == 0
+    bodies = check_chain(store)
+    assert_each_once(bodies, 4, 300)
+    store.close()
+
+
+# -- outage, spool, status -----------------------------------------------------------------------
+def test_outage_spools_in_order_and_ships_when_back(pg: PGServer, url: str, tmp_path: Path) -> None:
+    """While the server is unreachable appends go to the spool; they ship in order afterwards."""
+    PostgresStore(url, spool=None).close()
+    spool_path = tmp_path / "spool.db"
+    with proxy_to(pg.url) as proxy:
+        store = PostgresStore(
+            with_hostport(url, "127.0.0.1", proxy.port), spool=spool_path, ship_interval=0.1
+        )
+        assert len(store.append([entry(i) for i in range(5)])) == 5
+        proxy.cut()
+        for i in range(5, 15):
+            assert store.append([entry(i)], [b"p%d" % i]) == []
+        status = store.spool_status()
+        assert status is not None and status.depth == 10 and status.oldest_spooled_at
+        with pytest.raises(AuditUnavailable):
+            store.head()
+        proxy.restore()
+        deadline = time.monotonic() + 10
+        while store.spool_status().depth and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.05)
+        assert store.spool_status().depth == 0  # type: ignore[union-attr]
+        assert store.spool_status().last_shipped_at is not None  # type: ignore[union-attr]
+        assert len(store.append([entry(15)])) == 1
+        bodies = check_chain(store)
+        assert [b["i"] for b in bodies] == list(range(16))
+        assert [r.payload for r in store.iter_from(6)][:2] == [b"p5", b"p6"]
+        store.close()
+
+
+def test_spool_survives_the_process_and_ships_on_next_open(
+    pg: PGServer, url: str, tmp_path: Path
+) -> None:
+    """Entries spooled by a process that then exits are shipped by the next store to open."""
+    PostgresStore(url, spool=None).close()
+    spool_path = tmp_path / "spool.db"
+    with proxy_to(pg.url) as proxy:
+        proxy.cut()
+        store = PostgresStore(with_hostport(url, "127.0.0.1", proxy.port), spool=spool_path)
+        assert store.append([entry(1), entry(2)]) == []
+        store.close()  # cannot ship: stays in the spool
+    assert Spool(spool_path).depth() == 2
+    again = PostgresStore(url, spool=spool_path, ship_interval=0.05)
+    assert again.ship() == 0
+    assert [b["i"] for b in check_chain(again)] == [1, 2]
+    again.close()
+
+
+def test_ambiguous_commit_is_not_shipped_twice(url: str, tmp_path: Path) -> None:
+    """A spooled entry whose earlier attempt did commit (answer lost) is not appended again."""
+    spool_path = tmp_path / "spool.db"
+    store = PostgresStore(url, spool=spool_path)
+    (committed,) = store.append([entry(1)])
+    spool = Spool(spool_path)
+    spool.put([entry(1)], attempted=[(committed.hash,)])
+    spool.put([entry(2)], attempted=[(b"\x01" * 32,)])
+    spool.close()
+    store.close()
+    store = PostgresStore(url, spool=spool_path)
+    assert store.ship() == 0
+    assert [b["i"] for b in check_chain(store)] == [1, 2]
+    store.close()
+
+
+def test_without_spool_an_outage_raises_and_writes_nothing(pg: PGServer, url: str) -> None:
+    """spool=None: AuditUnavailable, nothing written (OTLP ingest relies on this for 503)."""
+    PostgresStore(url, spool=None).close()
+    with proxy_to(pg.url) as proxy:
+        store = PostgresStore(with_hostport(url, "127.0.0.1", proxy.port), spool=None)
+        store.append([entry(1)])
+        proxy.cut()
+        with pytest.raises(AuditUnavailable, match="unreachable"):
+            store.append([entry(2)])
+        proxy.restore()
+        time.sleep(1.1)  # the reconnect back-off
+        store.append([entry(3)])
+        assert [b["i"] for b in check_chain(store)] == [1, 3]
+        store.close()
+
+
+def test_url_options_and_default_spool_path(url: str) -> None:
+    """schema= and spool= are coworker's; the default spool path ignores the password."""
+    a = default_spool_path("postgresql://u:secret@db.example:5433/audit?schema=s")
+    b = default_spool_path("postgresql://u:other@db.example:5433/audit?schema=s")
+    c = default_spool_path("postgresql://u@db.example:5433/audit?schema=t")
+    assert a == b != c and a.parts[:2] == (".coworker", "spool")
+    store = PostgresStore(url + "&spool=off")
+    assert store.spool_path is None and store.spool_status() is None
+    assert "secret" not in repr(PostgresStore.__new__(PostgresStore).__class__)
+    store.close()
+    with pytest.raises(ConfigError):
+        PostgresStore("mysql://x/y")
+
+
+def test_cli_verify_query_and_status(store: PostgresStore, url: str, capsys: Any) -> None:
+    """coworker audit verify|query|status work unchanged with a postgresql:// URL."""
+    from coworker.cli import main
+
+    store.append([entry(1, flow_id="f1", user_id="alice"), entry(2, flow_id="f2")])
+    assert main(["audit", "verify", "--url", url + "&spool=off"]) == 0
+    assert "2 record" in capsys.readouterr().out
+    assert main(["audit", "query", "--url", url + "&spool=off", "--flow-id", "f1", "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert len(lines) == 1
+    assert main(["audit", "status", "--url", url + "&spool=off", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["head"]["seq"] == 2 and status["reachable"] is True

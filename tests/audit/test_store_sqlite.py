@@ -1,0 +1,233 @@
+"""The SQLite store: WAL, durability setting, append-only triggers, failure modes."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from coworker.audit.store_sqlite import SQLiteStore
+from coworker.audit.urls import open_store
+from coworker.audit.verify import verify_chain
+from coworker.exceptions import AuditUnavailable, ConfigError
+from tests.audit.conftest import fill, make_entries
+
+
+def test_wal_and_synchronous_full(sqlite_file_store: SQLiteStore, db_path: Path) -> None:
+    """The file is in WAL mode and the store commits with synchronous=FULL."""
+    fill(sqlite_file_store, 1)
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert sqlite_file_store.synchronous == "FULL"
+    conn.close()
+
+
+def test_url_options(tmp_path: Path) -> None:
+    """sqlite URLs: relative/absolute paths and options; bad ones fail fast."""
+    store = open_store(f"sqlite:///{tmp_path}/a.db?synchronous=normal&busy_timeout=2")
+    assert isinstance(store, SQLiteStore)
+    assert store.path == f"{tmp_path}/a.db" and store.synchronous == "NORMAL"
+    assert store.busy_timeout == 2.0
+    store.close()
+    with pytest.raises(ConfigError, match="synchronous"):
+        open_store(f"sqlite:///{tmp_path}/b.db?synchronous=sometimes")
+    with pytest.raises(ConfigError, match="unknown option"):
+        open_store(f"sqlite:///{tmp_path}/b.db?journal=off")
+    with pytest.raises(ConfigError, match="not an audit store URL"):
+        open_store("audit.db")
+
+
+def test_relative_url_is_relative_to_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqlite:///rel/a.db is relative to the working directory."""
+    monkeypatch.chdir(tmp_path)
+    store = open_store("sqlite:///rel/a.db")
+    fill(store, 1)
+    store.close()
+    assert (tmp_path / "rel" / "a.db").exists()
+
+
+def test_body_kept_exactly_as_hashed(sqlite_file_store: SQLiteStore, db_path: Path) -> None:
+    """The body column holds the canonical bytes exactly; payload is in its own table."""
+    fields, _ = make_entries(1)[0]
+    (rec,) = sqlite_file_store.append([fields], [b"captured"])
+    conn = sqlite3.connect(db_path)
+    row = conn.execute("SELECT seq, prev_hash, hash, body FROM audit_records").fetchone()
+    assert row == (1, rec.prev_hash, rec.hash, rec.body)
+    assert b"captured" not in row[3]
+    assert conn.execute("SELECT payload FROM audit_payloads WHERE seq = 1").fetchone() == (
+        b"captured",
+    )
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        ("UPDATE audit_records SET body = x'7b7d' WHERE seq = 2", "UPDATE is not allowed"),
+        ("DELETE FROM audit_records WHERE seq = 2", "DELETE is not allowed"),
+        (
+            "INSERT OR REPLACE INTO audit_records (seq, prev_hash, hash, body) "
+            "VALUES (2, x'00', x'00', x'7b7d')",
+            "INSERT OR REPLACE refused",
+        ),
+        (
+            "INSERT INTO audit_records (seq, prev_hash, hash, body) VALUES (2, x'00', x'00', "
+            "x'7b7d') ON CONFLICT(seq) DO UPDATE SET body = excluded.body",
+            "append-only",
+        ),
+        (
+            "INSERT INTO audit_records (seq, prev_hash, hash, body) "
+            "VALUES (9, x'00', x'00', x'7b')",
+            "head seq \\+ 1",
+        ),
+    ],
+)
+def test_triggers_refuse_rewrites(
+    sqlite_file_store: SQLiteStore, db_path: Path, sql: str, message: str
+) -> None:
+    """UPDATE, DELETE, INSERT OR REPLACE, upserts and out-of-order inserts are refused."""
+    fill(sqlite_file_store, 3)
+    before = [(r.seq, r.hash, r.body) for r in sqlite_file_store.iter_from(1)]
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    with pytest.raises(sqlite3.DatabaseError, match=message):
+        conn.execute(sql)
+    conn.close()
+    assert [(r.seq, r.hash, r.body) for r in sqlite_file_store.iter_from(1)] == before
+
+
+def test_payload_can_be_erased_without_breaking_chain(
+    sqlite_file_store: SQLiteStore, db_path: Path
+) -> None:
+    """Erasing a payload (GDPR) leaves the chain verifiable."""
+    fields, payload = make_entries(1, **{"coworker.input": '{"ssn": "[REDACTED]"}'})[0]
+    sqlite_file_store.append([fields], [payload])
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("UPDATE audit_payloads SET payload = NULL WHERE seq = 1")
+    conn.close()
+    assert next(sqlite_file_store.iter_from(1)).payload is None
+    assert verify_chain(sqlite_file_store).ok
+
+
+def test_reopen_keeps_records(db_path: Path) -> None:
+    """Records survive closing and reopening; appends continue the chain."""
+    store = SQLiteStore(db_path)
+    fill(store, 3)
+    store.close()
+    again = SQLiteStore(db_path)
+    fill(again, 2)
+    assert [r.seq for r in again.iter_from(1)] == [1, 2, 3, 4, 5]
+    assert verify_chain(again).ok
+    again.close()
+
+
+def test_two_store_objects_share_one_chain(db_path: Path) -> None:
+    """Two connections on one file (like two processes) interleave without forking."""
+    one, two = SQLiteStore(db_path), SQLiteStore(db_path)
+    entries = make_entries(1)
+
+    def work(store: SQLiteStore) -> None:
+        for _ in range(50):
+            store.append([entries[0][0]])
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (one, two)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.seq for r in one.iter_from(1)] == list(range(1, 101))
+    assert verify_chain(two).ok
+    one.close()
+    two.close()
+
+
+def test_locked_too_long_is_audit_unavailable(db_path: Path) -> None:
+    """A writer that cannot get the lock within busy_timeout fails loudly, writes nothing."""
+    store = SQLiteStore(db_path, busy_timeout=0.2)
+    fill(store, 1)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(AuditUnavailable, match="locked"):
+            fill(store, 1)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    head = store.head()
+    assert head is not None and head.seq == 1
+    store.close()
+
+
+def test_read_only_store_refuses_appends(db_path: Path) -> None:
+    """A read-only store raises AuditUnavailable on append and keeps what it had."""
+    store = SQLiteStore(db_path)
+    fill(store, 2)
+    store.close()
+    ro = open_store(f"sqlite:///{db_path}?mode=ro")
+    with pytest.raises(AuditUnavailable, match="readonly"):
+        fill(ro, 1)
+    assert [r.seq for r in ro.iter_from(1)] == [1, 2]
+    assert verify_chain(ro).ok
+    ro.close()
+
+
+def test_full_database_is_audit_unavailable(db_path: Path) -> None:
+    """A full database (max_page_count) fails the append atomically: no partial batch."""
+    store = SQLiteStore(db_path)
+    fill(store, 1)
+    pages = sqlite3.connect(db_path).execute("PRAGMA page_count").fetchone()[0]
+    store.close()
+    full = SQLiteStore(db_path, max_page_count=pages)
+    entries = make_entries(200)
+    with pytest.raises(AuditUnavailable, match="full"):
+        full.append([e[0] for e in entries], [e[1] for e in entries])
+    head = full.head()
+    assert head is not None and head.seq == 1
+    assert verify_chain(full).ok
+    full.close()
+
+
+def test_missing_read_only_file_is_audit_unavailable(tmp_path: Path) -> None:
+    """Opening a missing store read-only fails with AuditUnavailable, creating nothing."""
+    with pytest.raises(AuditUnavailable):
+        SQLiteStore(tmp_path / "nope.db", readonly=True)
+    assert not (tmp_path / "nope.db").exists()
+
+
+def test_schema_version_mismatch_refused(db_path: Path) -> None:
+    """A file written by another schema version is not silently appended to."""
+    SQLiteStore(db_path).close()
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute("UPDATE audit_meta SET value = '99' WHERE key = 'schema_version'")
+    conn.close()
+    with pytest.raises(AuditUnavailable, match="schema version 99"):
+        SQLiteStore(db_path)
+
+
+def test_filters_use_indexes(sqlite_file_store: SQLiteStore, db_path: Path) -> None:
+    """Query filters hit an index (no full table scan)."""
+    fill(sqlite_file_store, 2)
+    conn = sqlite3.connect(db_path)
+    for column in ("flow_id", "user_id", "agent_id", "doctype", "operation", "category", "time"):
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute(
+                f"EXPLAIN QUERY PLAN SELECT seq FROM audit_records WHERE {column} = 'x'"
+            )
+        )
+        assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, (column, plan)
+    conn.close()
+
+
+def test_search_and_columns(sqlite_file_store: SQLiteStore) -> None:
+    """search() filters on the derived columns."""
+    fill(sqlite_file_store, 2)
+    for fields, payload in make_entries(1, **{"user.id": "bob", "coworker.doctype": "Payment"}):
+        sqlite_file_store.append([fields], [payload])
+    got = list(sqlite_file_store.search({"user": "bob"}))
+    assert [r.seq for r in got] == [3]
+    assert [r.seq for r in sqlite_file_store.search({"doctype": "Invoice", "user": "alice"})] == [
+        1, 2]
+    with pytest.raises(ConfigError):
+        list(sqlite_file_store.search({"colour": "red"}))

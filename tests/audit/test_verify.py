@@ -1,0 +1,214 @@
+"""verify_chain names the first tampered record and what was done to it.
+
+Every tampering is done with raw SQL after dropping the append-only triggers, as the owner of
+the file could.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from coworker.audit.chain import seal
+from coworker.audit.record import canonical
+from coworker.audit.store import Head, InMemoryStore
+from coworker.audit.store_sqlite import SQLiteStore
+from coworker.audit.verify import (
+    BAD_GENESIS,
+    DELETED,
+    EDITED,
+    INSERTED,
+    REORDERED,
+    REWRITTEN,
+    TRUNCATED,
+    VerifyReport,
+    verify_chain,
+)
+from tests.audit.conftest import fill, make_entries, raw
+
+
+@pytest.fixture
+def log(db_path: Path) -> Path:
+    """A 20-record SQLite log, closed."""
+    store = SQLiteStore(db_path)
+    fill(store, 20)
+    store.close()
+    return db_path
+
+
+def _verify(path: Path, expected_head: Head | None = None) -> VerifyReport:
+    store = SQLiteStore(path, readonly=True)
+    try:
+        return verify_chain(store, expected_head=expected_head)
+    finally:
+        store.close()
+
+
+def _row(conn: sqlite3.Connection, seq: int) -> tuple[bytes, bytes, bytes]:
+    return conn.execute(
+        "SELECT prev_hash, hash, body FROM audit_records WHERE seq = ?", (seq,)
+    ).fetchone()
+
+
+def test_intact_log_verifies(log: Path) -> None:
+    """An untouched log is ok and reports its head."""
+    report = _verify(log)
+    assert report.ok and report.checked == 20
+    assert report.head.seq == 20
+    assert report.kind is None and report.bad_seq is None
+
+
+def test_empty_log_verifies(db_path: Path) -> None:
+    """An empty log is intact."""
+    SQLiteStore(db_path).close()
+    report = _verify(db_path)
+    assert report.ok and report.head is None
+
+
+def test_edited_field(log: Path) -> None:
+    """Changing a field of a body is named 'edited' at that seq."""
+    conn = raw(log)
+    body = json.loads(_row(conn, 7)[2])
+    body["user_id"] = "mallory"
+    conn.execute("UPDATE audit_records SET body = ? WHERE seq = 7", (canonical(body),))
+    report = _verify(log)
+    assert (report.ok, report.bad_seq, report.kind) == (False, 7, EDITED)
+    assert report.checked == 6
+
+
+def test_edited_with_recomputed_hash(log: Path) -> None:
+    """A record rewritten with its own hash recomputed is still named, at its seq."""
+    conn = raw(log)
+    prev, _, body = _row(conn, 7)
+    fields = json.loads(body)
+    fields["outcome"] = "ok-forged"
+    new_body = canonical(fields)
+    conn.execute(
+        "UPDATE audit_records SET body = ?, hash = ? WHERE seq = 7",
+        (new_body, hashlib.sha256(prev + new_body).digest()),
+    )
+    report = _verify(log)
+    assert (report.bad_seq, report.kind) == (7, EDITED)
+
+
+def test_deleted_row_is_a_gap(log: Path) -> None:
+    """Deleting a row is named 'deleted' at the missing seq."""
+    raw(log).execute("DELETE FROM audit_records WHERE seq = 5")
+    report = _verify(log)
+    assert (report.bad_seq, report.kind) == (5, DELETED)
+
+
+def test_deleted_and_renumbered(log: Path) -> None:
+    """Deleting a row and closing the gap is still 'deleted'."""
+    conn = raw(log)
+    conn.execute("DELETE FROM audit_records WHERE seq = 5")
+    conn.execute("UPDATE audit_records SET seq = seq - 1 WHERE seq > 5")
+    report = _verify(log)
+    assert (report.bad_seq, report.kind) == (5, DELETED)
+
+
+def test_swapped_rows_are_reordered(log: Path) -> None:
+    """Swapping two rows is named 'reordered' at the first of them."""
+    conn = raw(log)
+    conn.execute("UPDATE audit_records SET seq = -1 WHERE seq = 9")
+    conn.execute("UPDATE audit_records SET seq = 9 WHERE seq = 10")
+    conn.execute("UPDATE audit_records SET seq = 10 WHERE seq = -1")
+    report = _verify(log)
+    assert (report.bad_seq, report.kind) == (9, REORDERED)
+
+
+def test_inserted_forged_row(log: Path) -> None:
+    """A forged, correctly linked row inserted in the middle is named 'inserted'."""
+    conn = raw(log)
+    prev_hash = _row(conn, 11)[1]
+    forged_fields, _ = make_entries(1, **{"user.id": "mallory"})[0]
+    (forged,) = seal([forged_fields], Head(11, prev_hash))
+    conn.execute("UPDATE audit_records SET seq = -seq WHERE seq >= 12")
+    conn.execute("UPDATE audit_records SET seq = -seq + 1 WHERE seq < 0")
+    conn.execute(
+        "INSERT INTO audit_records (seq, prev_hash, hash, body) VALUES (?, ?, ?, ?)",
+        (12, forged.prev_hash, forged.hash, forged.body),
+    )
+    report = _verify(log)
+    assert (report.bad_seq, report.kind) == (12, INSERTED)
+
+
+def test_changed_genesis(log: Path) -> None:
+    """A first record that does not start from the genesis hash is 'bad-genesis'."""
+    conn = raw(log)
+    _, _, body = _row(conn, 1)
+    other = b"\x01" * 32
+    conn.execute(
+        "UPDATE audit_records SET prev_hash = ?, hash = ? WHERE seq = 1",
+        (other, hashlib.sha256(other + body).digest()),
+    )
+    report = _verify(log)
+    assert (report.bad_seq, report.kind) == (1, BAD_GENESIS)
+
+
+def test_tail_rewritten_with_recomputed_chain(log: Path) -> None:
+    """A tail rewritten with a valid recomputed chain verifies alone, but not against the
+    saved head."""
+    saved = _verify(log).head
+    conn = raw(log)
+    prev = _row(conn, 15)[1]
+    for seq in range(16, 21):
+        fields = json.loads(_row(conn, seq)[2])
+        fields["doctype"] = "Forged"
+        body = canonical(fields)
+        digest = hashlib.sha256(prev + body).digest()
+        conn.execute(
+            "UPDATE audit_records SET prev_hash = ?, hash = ?, body = ? WHERE seq = ?",
+            (prev, digest, body, seq),
+        )
+        prev = digest
+    assert _verify(log).ok
+    report = _verify(log, expected_head=saved)
+    assert (report.ok, report.bad_seq, report.kind) == (False, 20, REWRITTEN)
+
+
+def test_truncated_tail_against_saved_head(log: Path) -> None:
+    """Cutting records off the end is 'truncated' against a saved head."""
+    saved = _verify(log).head
+    raw(log).execute("DELETE FROM audit_records WHERE seq > 17")
+    assert _verify(log).ok
+    report = _verify(log, expected_head=saved)
+    assert (report.bad_seq, report.kind) == (18, TRUNCATED)
+
+
+def test_saved_head_still_matches_after_appends(log: Path) -> None:
+    """A saved head stays valid while the log grows."""
+    saved = _verify(log).head
+    store = SQLiteStore(log)
+    fill(store, 3)
+    store.close()
+    report = _verify(log, expected_head=saved)
+    assert report.ok and report.head.seq == 23
+
+
+def test_progress_is_reported(db_path: Path) -> None:
+    """The progress callback sees the count grow to the total."""
+    store = SQLiteStore(db_path)
+    entries = make_entries(1)
+    for _ in range(4):
+        store.append([entries[0][0]] * 10_000)
+    seen: list[int] = []
+    report = verify_chain(store, progress=seen.append)
+    store.close()
+    assert report.ok and seen[-1] == 40_000
+    assert len(seen) >= 3 and seen == sorted(seen)
+
+
+def test_in_memory_store_verifies_and_detects() -> None:
+    """The generic path (iter_from) verifies too."""
+    store = InMemoryStore()
+    fill(store, 5)
+    assert verify_chain(store).ok
+    rec = store._records[2]  # the in-memory store has no triggers: tamper in place
+    store._records[2] = type(rec)(rec.seq, rec.prev_hash, rec.hash, rec.body + b" ")
+    report = verify_chain(store)
+    assert (report.bad_seq, report.kind) == (3, EDITED)
