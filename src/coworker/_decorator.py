@@ -56,18 +56,14 @@ def new_id() -> str:
     return f"{_getrandbits(64):016x}"
 
 
-def _tracer() -> trace.Tracer:
-    t = _TRACER
-    return t if t is not None else _resolve_tracer()
-
-
-def _resolve_tracer() -> trace.Tracer:
+def _resolve_tracer() -> trace.Tracer | None:
+    """The tracer of the global SDK provider, or ``None`` while there is none."""
     global _TRACER
     provider = trace.get_tracer_provider()
-    tracer = provider.get_tracer("coworker", _VERSION)
     if isinstance(provider, trace.ProxyTracerProvider):
-        # No SDK yet: not cached, so runs pick up a provider the app sets later.
-        return tracer
+        # No SDK yet: nothing is cached, so runs pick up a provider the app sets later.
+        return None
+    tracer = provider.get_tracer("coworker", _VERSION)
     gen = getattr(tracer, "id_generator", None)
     if gen is not None and type(gen).__name__ == "RandomIdGenerator":
         from coworker._sdk import PrivateRandomIdGenerator
@@ -288,13 +284,26 @@ def _bind(spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -
         return {"args": args, "kwargs": kwargs}
 
 
-def _begin(spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Run:
+def _begin(
+    spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict, force: bool = False
+) -> Run | None:
     """Open the run's span and scope; enforce policy and the fail-closed gate.
 
     On a denial the span is ended as an error and the scope restored before raising.
+    Returns ``None`` (the caller just calls the function) when no SDK provider is set and
+    ``force`` is false: then nobody can see a span, and only the policy is enforced.
     """
     scope = SCOPE.get()
     settings = SETTINGS
+    tracer = _TRACER
+    if tracer is None:
+        tracer = _resolve_tracer()
+        if tracer is None:
+            if not force:
+                if settings.policy is not None:
+                    _enforce_only(spec, scope, wrapped, instance, args, kwargs)
+                return None
+            tracer = trace.get_tracer("coworker", _VERSION)
     attrs = spec.static_attrs.copy()
     op = spec.operation
     op_key = spec.op_key
@@ -346,7 +355,7 @@ def _begin(spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict) 
     else:
         attrs[attr.AUDIT] = False
 
-    span = _tracer().start_span(name, attributes=attrs)
+    span = tracer.start_span(name, attributes=attrs)
     r = Run()
     r.id = run_id
     r.parent_id = parent.id if parent is not None else None
@@ -387,6 +396,25 @@ def _begin(spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict) 
             _end(r, exc)
             raise
     return r
+
+
+def _enforce_only(
+    spec: _Spec, scope: _Scope, wrapped: Any, instance: Any, args: tuple, kwargs: dict
+) -> None:
+    """The no-SDK path: no span, but the policy still decides (ACL never depends on OTel)."""
+    op, doctype = spec.operation, spec.doctype
+    bound: dict[str, Any] | None = None
+    if spec.attributes_fn is not None:
+        bound = _bind(spec, wrapped, instance, args, kwargs)
+        op, doctype, _ = _dynamic_attributes(spec, bound, {}, op, doctype, spec.span_name)
+
+    def arguments() -> Mapping[str, Any]:
+        nonlocal bound
+        if bound is None:
+            bound = _bind(spec, wrapped, instance, args, kwargs)
+        return bound
+
+    SETTINGS.policy.enforce(scope.identity, op, doctype, arguments)
 
 
 def _dynamic_attributes(
@@ -494,7 +522,9 @@ class RunOptions:
         return spec
 
     def __enter__(self) -> Run:
-        return _begin(self._context_spec(), None, None, (), {})
+        r = _begin(self._context_spec(), None, None, (), {}, force=True)
+        assert r is not None
+        return r
 
     def __exit__(
         self,
@@ -554,6 +584,8 @@ def _sync_wrapper(spec: _Spec) -> Any:
     @wrapt.decorator
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         r = _begin(spec, wrapped, instance, args, kwargs)
+        if r is None:
+            return wrapped(*args, **kwargs)
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
@@ -572,6 +604,8 @@ def _async_wrapper(spec: _Spec) -> Any:
     async def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         # Opened when awaited (not when the coroutine is created), closed after the await.
         r = _begin(spec, wrapped, instance, args, kwargs)
+        if r is None:
+            return await wrapped(*args, **kwargs)
         try:
             result = await wrapped(*args, **kwargs)
         except BaseException as exc:
@@ -608,7 +642,7 @@ def _agen_wrapper(spec: _Spec) -> Any:
 class _StepRunner:
     """Shared by both generator kinds: the private context, the lazy start and the end."""
 
-    __slots__ = ("__weakref__", "_call", "_ctx", "_done", "_run", "_spec")
+    __slots__ = ("__weakref__", "_call", "_ctx", "_done", "_run", "_spec", "_started")
 
     def __init__(self, spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> None:
         self._spec = spec
@@ -618,8 +652,10 @@ class _StepRunner:
         self._ctx = contextvars.copy_context()
         self._run: Run | None = None
         self._done = False
+        self._started = False
 
     def _start(self) -> None:
+        self._started = True
         wrapped, instance, args, kwargs = self._call
         self._run = self._ctx.run(_begin, self._spec, wrapped, instance, args, kwargs)
 
@@ -650,7 +686,7 @@ class _GeneratorRun(_StepRunner, Generator[Any, Any, Any]):
         self._gen = gen
 
     def _step(self, method: Callable[..., Any], *arg: Any) -> Any:
-        if self._run is None and not self._done:
+        if not self._started:
             try:
                 self._start()
             except BaseException:
@@ -680,7 +716,7 @@ class _GeneratorRun(_StepRunner, Generator[Any, Any, Any]):
             self._gen.close()
             return
         if self._run is None:
-            # Never started: the body never ran, so there is no span to end.
+            # Never started (the body never ran) or no SDK: there is no span to end.
             self._done = True
             self._gen.close()
             return
@@ -802,7 +838,7 @@ class _Drive:
     def __await__(self) -> Generator[Any, Any, Any]:
         owner = self._owner
         ctx = owner._ctx
-        if owner._run is None and not owner._done:
+        if not owner._started:
             owner._start()
         coro = self._method(*self._args)
         send: Any = None
