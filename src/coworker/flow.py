@@ -14,6 +14,7 @@ the block never sees it.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import re
 import time
 import uuid
@@ -125,7 +126,7 @@ class Flow:
         self.idle_timeout = idle_timeout
         self._last_active: float | None = None
         self._session: str | None = None
-        self._counters: dict[tuple[int, str], int] = {}
+        self._counters: dict[tuple[int, str], itertools.count[int]] = {}
         attrs: dict[str, Any] = {attr.FLOW_TYPE: self.type, attr.FLOW_ID: self.id}
         if definition is not None:
             attrs[attr.FLOW_DEFINITION_ID] = definition.id
@@ -167,10 +168,10 @@ class Flow:
 
     def _assign_step(self, turn: int, operation: str) -> str:
         # "turn-3-select-1": unique within the flow because the counter is per (turn, op).
-        key = (turn, operation)
-        n = self._counters.get(key, 0) + 1
-        self._counters[key] = n
-        return f"turn-{turn}-{operation}-{n}"
+        # setdefault and next() on an itertools.count are atomic in CPython, so threads in
+        # the same turn never get the same step id.
+        counter = self._counters.setdefault((turn, operation), itertools.count(1))
+        return f"turn-{turn}-{operation}-{next(counter)}"
 
     def __repr__(self) -> str:
         extra = f", previous_id={self.previous_id!r}, reason={self.break_reason!r}"
