@@ -602,6 +602,88 @@ def test_audit_dashboard_panels() -> None:
     assert "doctype" in queries
 
 
+def render_grafana_sql(query: str, variables: dict[str, str] | None = None) -> str:
+    """Expand the Grafana macros the audit dashboard uses, as Grafana's PostgreSQL source does.
+
+    Args:
+        query: the panel's raw SQL.
+        variables: template variable values (default ``__all`` = no filter).
+
+    Returns:
+        Plain SQL for PostgreSQL.
+    """
+    variables = variables or {}
+    query = re.sub(
+        r"\$__timeGroupAlias\(([^,]+),\s*\$__interval\)",
+        r'floor(extract(epoch from \1)/60)*60 AS "time"',
+        query,
+    )
+    query = re.sub(
+        r"\$__timeFilter\(([^)]+)\)",
+        r"\1 BETWEEN '2000-01-01T00:00:00Z' AND '2100-01-01T00:00:00Z'",
+        query,
+    )
+    query = re.sub(
+        r"\$\{(\w+):sqlstring\}",
+        lambda m: "'" + variables.get(m.group(1), "__all").replace("'", "''") + "'",
+        query,
+    )
+    assert "$" not in query, query
+    return query
+
+
+@pytest.mark.postgres
+def test_audit_dashboard_sql_runs_on_the_postgres_store() -> None:
+    """Every Audit query runs on a real PostgresStore schema and finds the records appended."""
+    psycopg = pytest.importorskip("psycopg", reason="the postgres extra is not installed")
+    from coworker.audit.store_postgres import PostgresStore
+    from tests.pg import PGServer, require_server
+
+    server = PGServer(require_server())
+    try:
+        schema = AUDIT_TABLE.split(".")[0]
+        store = PostgresStore(server.schema_url(schema), spool=False)
+        common = {"kind": "outcome", "doctype": "Invoice", "flow_id": "f-1"}
+        entries = [
+            {
+                **common,
+                "category": a.CATEGORY_STATE_CHANGE,
+                "operation": "create",
+                "outcome": "ok",
+                "user_id": "alice",
+                "recorded_at": "2026-01-02T03:04:05.123456789Z",
+            },
+            {
+                **common,
+                "category": a.CATEGORY_AUTHORIZATION_FAILURE,
+                "operation": "submit",
+                "outcome": "PermissionDenied",
+                "user_id": "alice",
+                "agent_id": "agent-7",
+                "recorded_at": "2026-01-02T03:04:06.000000001Z",
+            },
+        ]
+        try:
+            head = store.append(entries)[-1]
+        finally:
+            store.close()
+        queries = _sql(_dashboard(DASHBOARD_DIR / "audit.json"))
+        assert queries
+        with psycopg.connect(server.url) as conn:
+            for query in queries:
+                for variables in ({}, {"user": "alice", "agent": "agent-7"}):
+                    conn.execute(render_grafana_sql(query, variables)).fetchall()
+            failures = next(q for q in queries if "GROUP BY 1, 2 ORDER BY 3 DESC" in q)
+            rows = conn.execute(render_grafana_sql(failures)).fetchall()
+            assert [r[:3] for r in rows] == [("alice", "agent-7", 1)]
+            head_query = next(q for q in queries if "ORDER BY seq DESC LIMIT 1" in q)
+            (row,) = conn.execute(render_grafana_sql(head_query)).fetchall()
+            assert row[0] == head.seq == 2
+            assert row[2] == head.hash.hex()
+    finally:
+        server.close()
+
+
 # ------------------------------------------------------------------------------ the real collector
 @pytest.mark.parametrize("path", COLLECTOR_CONFIGS, ids=lambda p: p.name)
 def test_otelcol_contrib_validates_the_configs(path: Path) -> None:
