@@ -376,3 +376,19 @@ def test_denials_are_audit_records_with_user_and_agent(tmp_path: Path, spans: An
     assert outcomes[0]["error_type"] == "coworker.exceptions.PermissionDenied"
     assert outcomes[3]["error_type"] == "coworker.exceptions.RateLimited"
     assert body_ran == ["delete INV-2", "delete INV-3"]
+
+
+def test_configure_accepts_an_enforcer_with_a_shared_rate_limiter(spans: Any) -> None:
+    """configure(policy=Enforcer(..., rate_limiter=...)) plugs in a shared limiter backend."""
+
+    class Exhausted:
+        def hit(self, key: str, limit: int, window: float) -> float:
+            return 12.0
+
+    enforcer = Enforcer(coworker.Policy.from_dict(POLICY), rate_limiter=Exhausted())
+    coworker.configure(policy=enforcer, metrics=False)
+    assert SETTINGS.policy is enforcer
+    with coworker.acting_as("root", "bot"), pytest.raises(RateLimited) as info:
+        delete_invoice("INV-1")
+    assert info.value.retry_after == 12.0
+    assert body_ran == []

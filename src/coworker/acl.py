@@ -243,12 +243,13 @@ def _parse_value(value: Any, where: str) -> _Operand:
         return _parse_ref(value, where)
     if isinstance(value, (list, tuple, set, frozenset)):
         items = [_parse_value(v, where) for v in value]
-        if any(not isinstance(i, _Literal) for i in items):
+        literals = [i.value for i in items if isinstance(i, _Literal)]
+        if len(literals) != len(items):
             raise ConfigError(f"{where}: references are not allowed inside a list")
         try:
-            return _Literal(frozenset(value))
+            return _Literal(frozenset(literals))
         except TypeError:
-            return _Literal(tuple(value))
+            return _Literal(tuple(literals))
     if isinstance(value, Mapping):
         raise ConfigError(f"{where}: a table is not a value here")
     return _Literal(value)
@@ -300,18 +301,18 @@ class _Condition:
 
     def holds(self, args: Mapping[str, Any], identity: Identity | None) -> bool:
         """True when every term holds; a missing value or an error makes a term false."""
-        for subject, _, fn, operand in self.terms:
-            value = subject.get(args, identity)
-            if value is _MISSING:
-                return False
-            other = operand.get(args, identity)
-            if other is _MISSING:
-                return False
-            try:
-                if not fn(value, other):
+        # Reading may run the application's code (a property of an argument): any error there
+        # is a "no", never an exception out of the permission check.
+        try:
+            for subject, _, fn, operand in self.terms:
+                value = subject.get(args, identity)
+                if value is _MISSING:
                     return False
-            except Exception:
-                return False
+                other = operand.get(args, identity)
+                if other is _MISSING or not fn(value, other):
+                    return False
+        except Exception:
+            return False
         return True
 
     def describe(self) -> str:
@@ -913,18 +914,6 @@ class _Effective:
         return f"{lim.name}\x1f{user}"
 
 
-def _grants_hold(
-    grants: tuple[_Grant, ...],
-    args: Mapping[str, Any],
-    identity: Identity | None,
-) -> bool:
-    for grant in grants:
-        assert grant.condition is not None
-        if grant.condition.holds(args, identity):
-            return True
-    return False
-
-
 class Enforcer:
     """Checks runs against a :class:`Policy`; what ``coworker.configure(policy=...)`` installs.
 
@@ -1043,9 +1032,14 @@ class Enforcer:
         memo = self._memo
         eff = memo[1] if memo[0] is identity else self._effective(identity)
         ops = eff.table.get(doctype)
-        if ops is not None and ops.get(operation) is _ALLOW:
+        decision = None if ops is None else ops.get(operation)
+        if decision is _ALLOW:
             return
-        self._check(eff, identity, operation, doctype, arguments, consume=True)
+        if decision is None:
+            decision = self._decide(eff, operation, doctype)
+            if decision is _ALLOW:
+                return
+        self._apply(decision, identity, operation, doctype, arguments, True)  # type: ignore[arg-type]
 
     def is_allowed(
         self,
@@ -1069,53 +1063,60 @@ class Enforcer:
             if operation is None:
                 self.enforce(identity, None, doctype, lambda: args)
             else:
-                self._check(
-                    self._effective(identity),
-                    identity,
-                    operation,
-                    doctype,
-                    lambda: args,
-                    consume=False,
-                )
+                decision = self._decide(self._effective(identity), operation, doctype)
+                if isinstance(decision, _Decision):
+                    self._apply(decision, identity, operation, doctype, lambda: args, False)
         except PermissionDenied:
             return False
         return True
 
-    def _check(
-        self,
-        eff: _Effective,
-        identity: Identity | None,
-        operation: str,
-        doctype: str | None,
-        arguments: Callable[[], Mapping[str, Any]],
-        *,
-        consume: bool,
-    ) -> None:
-        ops = eff.table.get(doctype)
+    def _decide(self, eff: _Effective, operation: str, doctype: str | None) -> _Allow | _Decision:
+        """The cached decision for (doctype, operation), computed and stored on first use."""
+        table = eff.table
+        ops = table.get(doctype)
         decision = None if ops is None else ops.get(operation)
         if decision is None:
             decision = eff.decide(self.policy, operation, doctype)
             if ops is None:
-                if len(eff.table) >= _MAX_CACHED_DECISIONS:
-                    eff.table.clear()
-                ops = eff.table.setdefault(doctype, {})
+                if len(table) >= _MAX_CACHED_DECISIONS:
+                    table.clear()
+                ops = table.setdefault(doctype, {})
             if len(ops) < _MAX_CACHED_DECISIONS:
                 ops[operation] = decision
-        if decision is _ALLOW:
-            return
-        assert isinstance(decision, _Decision)
+        return decision
+
+    def _apply(
+        self,
+        decision: _Decision,
+        identity: Identity | None,
+        operation: str,
+        doctype: str | None,
+        arguments: Callable[[], Mapping[str, Any]],
+        consume: bool,
+    ) -> None:
+        """Check what a non-trivial decision still needs: refusal, conditions, rate limits."""
         if decision.deny is not None:
             raise self._denied(identity, operation, doctype, decision.deny)
-        if decision.user_grants or decision.scope_grants:
+        user_grants = decision.user_grants
+        scope_grants = decision.scope_grants
+        if user_grants or scope_grants:
             args = arguments()
-            if decision.user_grants and not _grants_hold(decision.user_grants, args, identity):
-                raise self._denied(
-                    identity, operation, doctype, _unmet(decision.user_grants, "the user's roles")
-                )
-            if decision.scope_grants and not _grants_hold(decision.scope_grants, args, identity):
-                raise self._denied(
-                    identity, operation, doctype, _unmet(decision.scope_grants, "the agent's scope")
-                )
+            if user_grants:
+                for grant in user_grants:
+                    if grant.condition.holds(args, identity):  # type: ignore[union-attr]
+                        break
+                else:
+                    raise self._denied(
+                        identity, operation, doctype, _unmet(user_grants, "the user's roles")
+                    )
+            if scope_grants:
+                for grant in scope_grants:
+                    if grant.condition.holds(args, identity):  # type: ignore[union-attr]
+                        break
+                else:
+                    raise self._denied(
+                        identity, operation, doctype, _unmet(scope_grants, "the agent's scope")
+                    )
         if consume:
             for key, lim in decision.limits:
                 retry = self._limiter.hit(key, lim.limit, lim.window)
@@ -1172,7 +1173,7 @@ def _message(
 
 
 def build_enforcer(
-    policy: Policy | str | os.PathLike[str] | Mapping[str, Any] | None,
+    policy: Policy | Enforcer | str | os.PathLike[str] | Mapping[str, Any] | None,
     *,
     require_identity: bool = False,
     rate_limiter: RateLimiter | None = None,
@@ -1181,7 +1182,8 @@ def build_enforcer(
 
     Args:
         policy: a :class:`Policy`, a path to a policy file, a mapping with the file's
-            structure, or ``None``.
+            structure, an :class:`Enforcer` (used as is, e.g. to bring a shared rate
+            limiter), or ``None``.
         require_identity: deny runs that have no user.
         rate_limiter: a shared rate-limit backend (default: in-process).
 
@@ -1198,6 +1200,15 @@ def build_enforcer(
         if not require_identity:
             return None
         return Enforcer(None, require_identity=True, rate_limiter=rate_limiter)
+    if isinstance(policy, Enforcer):
+        # A ready enforcer (e.g. with a shared rate limiter); never loosen what it requires.
+        if rate_limiter is None and (policy.require_identity or not require_identity):
+            return policy
+        return Enforcer(
+            policy.policy,
+            require_identity=require_identity or policy.require_identity,
+            rate_limiter=rate_limiter if rate_limiter is not None else policy._limiter,
+        )
     if isinstance(policy, Policy):
         resolved = policy
     elif isinstance(policy, (str, os.PathLike)):
