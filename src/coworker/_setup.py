@@ -75,7 +75,8 @@ def configure(
         audit_failure: what a failed audit append does at the end of a run: ``"raise"``
             (``AuditUnavailable`` propagates to the caller) or ``"log"`` (an error log line
             and an in-memory retry queue).
-        policy: a ``coworker.Policy``, a path to a TOML/YAML policy file, or a dict.
+        policy: a ``coworker.Policy``, a path to a TOML/YAML policy file, a dict, or a
+            ready ``coworker.acl.Enforcer`` (e.g. one built with a shared rate limiter).
         require_identity: with a policy, a run without a user is a denial.
         state_changing_operations: operations classified as ``state-change`` (replaces the
             default set: create, insert, update, delete, submit, cancel, amend, ...).
