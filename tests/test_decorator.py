@@ -486,3 +486,37 @@ def test_garbage_collection_of_wrapper_objects() -> None:
     del f, w
     gc.collect()
     assert ref() is None
+
+
+def test_fast_binder_matches_signature_bind() -> None:
+    """The fast argument binder gives what inspect.Signature.bind gives, or the same error."""
+    from coworker._decorator import _Binder
+
+    def f(a: Any, b: Any = 2, *, c: Any, d: Any = 4) -> None: ...
+
+    def g(a: Any, /, b: Any, *rest: Any, **kw: Any) -> None: ...
+
+    calls = [
+        ((1,), {"c": 3}),
+        ((1, 5), {"c": 3, "d": 9}),
+        ((), {"a": 1, "c": 2}),
+        ((1,), {}),
+        ((1,), {"a": 2, "c": 1}),
+        ((1,), {"c": 1, "zz": 2}),
+        ((1, 2, 3), {"c": 1}),
+    ]
+    for fn in (f, g):
+        sig = inspect.signature(fn)
+        binder = _Binder(sig)
+        for args, kwargs in calls:
+            try:
+                ba = sig.bind(*args, **kwargs)
+                ba.apply_defaults()
+                expected: Any = dict(ba.arguments)
+            except TypeError:
+                expected = TypeError
+            try:
+                got: Any = binder.bind(args, kwargs)
+            except TypeError:
+                got = TypeError
+            assert got == expected, (fn.__name__, args, kwargs)
