@@ -11,8 +11,22 @@ from typing import Any, Final
 
 DEFAULT_STATE_CHANGING: Final = frozenset(
     {
-        "create", "insert", "update", "delete", "submit", "cancel", "amend", "rename",
-        "import", "write", "patch", "merge", "approve", "reject", "restore", "archive",
+        "create",
+        "insert",
+        "update",
+        "delete",
+        "submit",
+        "cancel",
+        "amend",
+        "rename",
+        "import",
+        "write",
+        "patch",
+        "merge",
+        "approve",
+        "reject",
+        "restore",
+        "archive",
     }
 )
 """Operations classified as ``state-change`` by default (configurable)."""
@@ -23,8 +37,19 @@ DEFAULT_READ_OPERATIONS: Final = frozenset(
 """Operations that count as reads for ``sensitive-read`` classification."""
 
 DEFAULT_REDACT: Final = (
-    "password", "passwd", "secret", "token", "authorization", "api_key", "apikey", "api-key",
-    "cookie", "credential", "private_key", "session_key", "ssn",
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "authorization",
+    "api_key",
+    "apikey",
+    "api-key",
+    "cookie",
+    "credential",
+    "private_key",
+    "session_key",
+    "ssn",
 )
 """Key fragments (case-insensitive substring) whose values capture replaces with ``[REDACTED]``."""
 

@@ -71,8 +71,9 @@ class RateLimited(PermissionDenied):
         retry_after: seconds until the window allows another run (best effort).
     """
 
-    def __init__(self, message: str = "rate limited", *, retry_after: float | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, message: str = "rate limited", *, retry_after: float | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
 

@@ -189,3 +189,24 @@ def test_correct_uses_configured_store(db_path: Path) -> None:
     update()
     rec = public_correct(1, "amount typo", doctype="Payment")
     assert rec.seq == 2 and rec.fields()["corrects"] == 1
+
+
+def test_in_doubt_shown_by_verify_and_query(
+    db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An intent without an outcome is listed by verify and shown as in-doubt by query."""
+    from coworker.audit.pipeline import build_pipeline
+    from tests.audit.conftest import SpanFactory
+
+    pipeline = build_pipeline(f"sqlite:///{db_path}", fail_closed=True)
+    assert pipeline.gate is not None
+    factory = SpanFactory()  # the outcome never reaches the store: as if the process died
+    with factory.tracer.start_as_current_span("delete", attributes={a.AUDIT: True}) as span:
+        pipeline.gate.intent(span)
+    factory.shutdown()
+    pipeline.shutdown()
+    url = f"sqlite:///{db_path}"
+    assert main(["audit", "verify", "--url", url]) == 0
+    assert "in-doubt  #1" in capsys.readouterr().out
+    main(["audit", "query", "--url", url])
+    assert "in-doubt" in capsys.readouterr().out.splitlines()[1]

@@ -365,3 +365,34 @@ def test_coworker_fail_closed_intent_and_outcome(db_path: Path) -> None:
     kinds = [(r.fields()["kind"], r.fields()["intent_seq"]) for r in store.iter_from(1)]
     assert kinds == [("intent", None), ("outcome", 1)]
     store.close()
+
+
+def test_coworker_run_classification_reaches_the_trail(db_path: Path) -> None:
+    """Sensitive reads and failed changes are audited; ordinary reads and their errors not."""
+    coworker.configure(audit=f"sqlite:///{db_path}", sensitive_doctypes=["Salary"])
+
+    @coworker.run(operation="read", doctype="Salary")
+    def read_salary() -> int:
+        return 1
+
+    @coworker.run(operation="read", doctype="Invoice")
+    def read_invoice_broken() -> None:
+        raise RuntimeError("db down")
+
+    @coworker.run(operation="delete", doctype="Invoice")
+    def delete_invoice_broken() -> None:
+        raise RuntimeError("db down")
+
+    read_salary()
+    with pytest.raises(RuntimeError):
+        read_invoice_broken()
+    with pytest.raises(RuntimeError):
+        delete_invoice_broken()
+    coworker.shutdown()
+    store = SQLiteStore(db_path, readonly=True)
+    got = [(e.fields["doctype"], e.fields["category"], e.status) for e in query(store)]
+    store.close()
+    assert got == [
+        ("Salary", a.CATEGORY_SENSITIVE_READ, "ok"),
+        ("Invoice", a.CATEGORY_STATE_CHANGE, "RuntimeError"),
+    ]

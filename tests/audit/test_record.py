@@ -28,8 +28,7 @@ from tests.audit.conftest import SpanFactory, audit_attributes
 
 def _decoded_span(**kwargs: Any) -> ReadableSpan:
     """A ReadableSpan built the way the OTLP ingest endpoint builds one."""
-    ctx = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, False,
-                      TraceFlags(1))
+    ctx = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, False, TraceFlags(1))
     parent = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0x00F067AA0BA902B7, True)
     defaults: dict[str, Any] = {
         "name": "update Invoice",
@@ -61,7 +60,10 @@ def test_decoded_span_maps_every_field() -> None:
     who = (fields["run_id"], fields["user_id"], fields["agent_id"])
     assert who == ("run-3", "alice", "agent-7")
     assert (fields["flow_type"], fields["flow_id"], fields["step_id"]) == (
-        "workflow", "flow-1", "approve")
+        "workflow",
+        "flow-1",
+        "approve",
+    )
     assert fields["category"] == a.CATEGORY_STATE_CHANGE
     assert payload is None and fields["payload_digest"] is None
 
@@ -142,11 +144,13 @@ _scalar = st.one_of(
 @settings(max_examples=400, deadline=None)
 @given(
     values=st.fixed_dictionaries({k: _scalar for k in FIELDS}),
-    extra=st.dictionaries(st.text(alphabet=st.characters(max_codepoint=127), max_size=12),
-                          _scalar, max_size=4),
+    extra=st.dictionaries(
+        st.text(alphabet=st.characters(max_codepoint=127), max_size=12), _scalar, max_size=4
+    ),
 )
-def test_fast_canonical_is_byte_identical_to_rfc8785(values: dict[str, Any],
-                                                     extra: dict[str, Any]) -> None:
+def test_fast_canonical_is_byte_identical_to_rfc8785(
+    values: dict[str, Any], extra: dict[str, Any]
+) -> None:
     """Every flat record the schema can produce encodes exactly as the RFC 8785 reference."""
     fields = {**extra, **values}
     assert canonical(fields) == rfc8785.dumps(fields)

@@ -20,7 +20,7 @@ from coworker.audit.store_sqlite import SQLiteStore
 from coworker.audit.verify import verify_chain
 from tests.audit.conftest import make_entries
 
-STORE_KINDS = ["memory", "sqlite"]
+STORE_KINDS = ["memory", "sqlite", "postgres"]
 
 
 @pytest.fixture
@@ -35,6 +35,27 @@ def memory_store() -> Iterator[AuditStore]:
 def sqlite_store(tmp_path: Path) -> Iterator[AuditStore]:
     """A SQLite store on a real file."""
     store = SQLiteStore(tmp_path / "contract.db")
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def pg_database() -> Iterator[Any]:
+    """A fresh database on the real PostgreSQL server (skips, or fails under CI, without it)."""
+    pytest.importorskip("psycopg", reason="the postgres extra is not installed")
+    from tests.pg import PGServer, require_server
+
+    server = PGServer(require_server())
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_store(pg_database: Any, tmp_path: Path) -> Iterator[AuditStore]:
+    """A PostgresStore in a fresh schema, with its spool in tmp_path."""
+    from coworker.audit.store_postgres import PostgresStore
+
+    store = PostgresStore(pg_database.schema_url(), spool=tmp_path / "spool.db")
     yield store
     store.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -12,7 +13,7 @@ from coworker.audit.store_sqlite import SQLiteStore
 from coworker.audit.urls import open_store
 from coworker.audit.verify import verify_chain
 from coworker.exceptions import AuditUnavailable, ConfigError
-from tests.audit.conftest import fill, make_entries
+from tests.audit.conftest import fill, make_entries, raw
 
 
 def test_wal_and_synchronous_full(sqlite_file_store: SQLiteStore, db_path: Path) -> None:
@@ -228,6 +229,46 @@ def test_search_and_columns(sqlite_file_store: SQLiteStore) -> None:
     got = list(sqlite_file_store.search({"user": "bob"}))
     assert [r.seq for r in got] == [3]
     assert [r.seq for r in sqlite_file_store.search({"doctype": "Invoice", "user": "alice"})] == [
-        1, 2]
+        1,
+        2,
+    ]
     with pytest.raises(ConfigError):
         list(sqlite_file_store.search({"colour": "red"}))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_file_permissions(db_path: Path) -> None:
+    """A file the process may not write fails appends with AuditUnavailable."""
+    store = SQLiteStore(db_path)
+    fill(store, 1)
+    store.close()
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(str(db_path) + suffix)
+        if p.exists():
+            p.chmod(0o444)
+    try:
+        with pytest.raises(AuditUnavailable):
+            ro = SQLiteStore(db_path)
+            fill(ro, 1)
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(str(db_path) + suffix)
+            if p.exists():
+                p.chmod(0o644)
+
+
+def test_dropped_triggers_are_recreated_loudly(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opening a file whose triggers were dropped re-arms them and logs a warning."""
+    SQLiteStore(db_path).close()
+    raw(db_path).close()  # drops the three triggers
+    with caplog.at_level("WARNING", logger="coworker.audit"):
+        store = SQLiteStore(db_path)
+    assert "were missing" in caplog.text and "audit_records_no_delete" in caplog.text
+    fill(store, 1)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    with pytest.raises(sqlite3.DatabaseError, match="DELETE is not allowed"):
+        conn.execute("DELETE FROM audit_records")
+    conn.close()
+    store.close()

@@ -58,10 +58,16 @@ def register(subparsers: Any) -> None:
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     progress = verify.add_mutually_exclusive_group()
-    progress.add_argument("--progress", dest="progress", action="store_true", default=None,
-                          help="always show progress on stderr")
-    progress.add_argument("--no-progress", dest="progress", action="store_false",
-                          help="never show progress")
+    progress.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="always show progress on stderr",
+    )
+    progress.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show progress"
+    )
     verify.set_defaults(func=_cmd_verify)
 
     query = subparsers.add_parser("query", help="list audit records matching filters")
@@ -71,8 +77,11 @@ def register(subparsers: Any) -> None:
     query.add_argument("--agent", default=None, help="gen_ai.agent.id")
     query.add_argument("--doctype", default=None)
     query.add_argument("--operation", default=None)
-    query.add_argument("--category", default=None,
-                       help="state-change, authorization-failure, validation-violation, ...")
+    query.add_argument(
+        "--category",
+        default=None,
+        help="state-change, authorization-failure, validation-violation, ...",
+    )
     query.add_argument("--since", default=None, help="ISO 8601 time or a duration ago (2h, 7d)")
     query.add_argument("--until", default=None, help="ISO 8601 time or a duration ago")
     query.add_argument("--limit", type=int, default=None)
@@ -90,8 +99,14 @@ def register(subparsers: Any) -> None:
     correct.add_argument("seq", type=int)
     correct.add_argument("--reason", required=True)
     correct.add_argument("--by", default=None, help="user id making the correction")
-    correct.add_argument("--set", dest="changes", action="append", default=[],
-                         metavar="FIELD=VALUE", help="corrected field value (repeatable)")
+    correct.add_argument(
+        "--set",
+        dest="changes",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="corrected field value (repeatable)",
+    )
     correct.add_argument("--url", default=None, help=url_help)
     correct.set_defaults(func=_cmd_correct)
 

@@ -222,7 +222,8 @@ def _payload(attributes: Mapping[str, Any]) -> bytes | None:
 
 
 def _base(span: Any, kind: str) -> tuple[dict[str, Any], bytes | None]:
-    attributes: Mapping[str, Any] = span.attributes or {}
+    # One plain-dict copy: the SDK's BoundedAttributes pays a lock-free but slow get() per key.
+    attributes: dict[str, Any] = dict(span.attributes or {})
     ctx = span.get_span_context() if hasattr(span, "get_span_context") else span.context
     parent = span.parent
     resource = getattr(span, "resource", None)

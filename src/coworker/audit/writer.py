@@ -141,8 +141,10 @@ class AuditWriter:
         with self._write_lock:
             if not ticket.done:
                 self._lead()
-        if ticket.error is None:
+        if ticket.error is None and len(ticket.records) == len(entries):
             return ticket.records
+        if ticket.error is None:  # pragma: no cover - a store that returned too few records
+            ticket.error = AuditUnavailable("audit store returned fewer records than appended")
         return self._fail(ticket, policy or self.on_failure)
 
     def _lead(self) -> None:
@@ -155,12 +157,16 @@ class AuditWriter:
             with suppressed():
                 self._drain_retry()
                 records = self.store.append([e[0] for e in entries], [e[1] for e in entries])
-        except Exception as exc:
+        except BaseException as exc:
+            # Every ticket of the batch must end up done, or its caller would return without
+            # its record; a KeyboardInterrupt in the leader fails the followers too.
             error = exc if isinstance(exc, AuditUnavailable) else _wrap(exc)
             for t in batch:
                 t.error = error
                 t.done = True
-            self._record_metrics(entries, type(error).__name__, started)
+            self._record_metrics(entries, _error_type(exc), started)
+            if not isinstance(exc, Exception):
+                raise
             return
         self._record_metrics(entries, "ok", started)
         i = 0
@@ -262,7 +268,15 @@ class AuditWriter:
             _log.debug("audit metrics failed", exc_info=True)
 
 
-def _wrap(exc: Exception) -> AuditUnavailable:
+def _error_type(exc: BaseException) -> str:
+    # The error.type convention: fully-qualified class name, builtins without a module.
+    cls = type(exc)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _wrap(exc: BaseException) -> AuditUnavailable:
     error = AuditUnavailable(f"audit store append failed: {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
