@@ -385,6 +385,29 @@ def _describe(node: RunNode) -> str:
     )
 
 
+def _what(node: RunNode) -> tuple[Any, ...]:
+    f = node.entry.fields
+    return (f.get("operation"), f.get("doctype"), f.get("name"))
+
+
+def _step_state(step: StepNode) -> str:
+    # A failed run followed later in the same step by a successful run of the same operation
+    # on the same doctype was retried successfully: say so rather than "FAILED".
+    if not step.failed:
+        return "ok"
+    failures = 0
+    for i, run in enumerate(step.runs):
+        if not run.subtree_failed:
+            continue
+        failures += 1
+        retried = run.failed and any(
+            not later.subtree_failed and _what(later) == _what(run) for later in step.runs[i + 1 :]
+        )
+        if not retried:
+            return "✗ FAILED"
+    return f"✗ failed {failures}x, then retried ok"
+
+
 def render_tree(tree: FlowTree) -> str:
     """The tree as indented text, failing steps and runs marked with ✗ and the first failure
     pointed at."""
@@ -392,8 +415,10 @@ def render_tree(tree: FlowTree) -> str:
     if tree.flow_type:
         title += f" ({tree.flow_type})"
     title += f"  {tree.records} record(s)"
-    if tree.first_failure is not None:
+    if any(_step_state(step) == "✗ FAILED" for step in tree.steps):
         title += "  FAILED"
+    elif tree.first_failure is not None:
+        title += "  ok after retries"
     lines = [title]
 
     def walk(node: RunNode, prefix: str, last: bool) -> None:
@@ -414,7 +439,7 @@ def render_tree(tree: FlowTree) -> str:
     for i, step in enumerate(tree.steps):
         last_step = i == len(tree.steps) - 1
         name = step.step_id if step.step_id is not None else "(no step)"
-        status = "✗ FAILED" if step.failed else "ok"
+        status = _step_state(step)
         lines.append(("└─ " if last_step else "├─ ") + f"step {name}  {status}")
         prefix = "   " if last_step else "│  "
         for j, run in enumerate(step.runs):
