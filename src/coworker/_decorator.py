@@ -285,6 +285,8 @@ class _Binder:
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         if self.simple and len(args) <= self._positional:
             names = self.names
+            if not kwargs and len(args) == len(names):
+                return dict(zip(names, args, strict=True))  # the common all-positional call
             out = dict(zip(names, args, strict=False))
             for key, value in kwargs.items():
                 if key in out or (key not in self.defaults and key not in names):
