@@ -19,7 +19,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-__all__ = ["PGServer", "TcpProxy", "require_server", "server_url"]
+__all__ = [
+    "PGServer",
+    "TcpProxy",
+    "proxy_to",
+    "require_server",
+    "server_url",
+    "with_database",
+    "with_hostport",
+    "with_user",
+]
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -138,9 +147,10 @@ class TcpProxy:
         self.cuts += 1
         with self._lock:
             sockets, self._sockets = self._sockets, set()
-        for s in sockets:
+        for s in sockets:  # all shut down first: see _pump
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
+        for s in sockets:
             with contextlib.suppress(OSError):
                 s.close()
 
@@ -185,7 +195,11 @@ class TcpProxy:
         except OSError:
             pass
         finally:
+            # shutdown() before close(): closing a socket that the other pump thread is
+            # blocked in recv() on would leave it open (no FIN) and the client hanging.
             for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
                 with contextlib.suppress(OSError):
                     s.close()
 

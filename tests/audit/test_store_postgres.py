@@ -162,6 +162,14 @@ def test_bytes_are_stored_exactly_as_hashed(pg: PGServer, store: PostgresStore, 
     assert json.loads(bytes(body))["user_id"] == "ünï"
 
 
+def test_values_postgres_text_cannot_hold_still_append(store: PostgresStore) -> None:
+    """NUL and lone surrogates in a field: the body keeps them, the append does not fail."""
+    store.append([entry(1, flow_id="a\x00b", user_id="x\ud800y")])
+    (rec,) = store.iter_from()
+    assert json.loads(rec.body)["flow_id"] == "a\x00b"
+    assert [r.seq for r in store.search({"flow_id": "a\ufffdb"})] == [1]
+
+
 def test_search_filters_use_the_plain_columns(store: PostgresStore) -> None:
     """search() filters on the columns derived from the body, like the SQLite store."""
     store.append(
@@ -178,6 +186,19 @@ def test_search_filters_use_the_plain_columns(store: PostgresStore) -> None:
     assert [r.seq for r in store.search({}, limit=2)] == [1, 2]
     with pytest.raises(ConfigError):
         list(store.search({"nope": "x"}))
+
+
+def test_open_intents_are_intents_without_a_later_outcome(store: PostgresStore) -> None:
+    """open_intents() (the in-doubt fast path) matches intents and outcomes by span."""
+    store.append(
+        [
+            entry(1, kind="intent", trace_id="t1", span_id="s1"),
+            entry(2, kind="intent", trace_id="t1", span_id="s2"),
+            entry(3, kind="outcome", trace_id="t1", span_id="s1"),
+            entry(4, kind="outcome", trace_id="t2", span_id="s2"),
+        ]
+    )
+    assert store.open_intents() == [2]
 
 
 def test_append_unique_records_a_key_once(store: PostgresStore) -> None:
@@ -322,9 +343,10 @@ def test_repeatable_read_default_does_not_fork(pg: PGServer, tmp_path: Path) -> 
 
 # -- many processes ----------------------------------------------------------------------------
 _WORKER = r"""
-import json, sys
+import json, sys, faulthandler; faulthandler.dump_traceback_later(150, exit=True)
 from coworker.audit.store_postgres import PostgresStore
-url, spool, proc, n, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+url, spool = sys.argv[1], sys.argv[2]
+proc, n, batch = (int(x) for x in sys.argv[3:6])
 store = PostgresStore(url, spool=None if spool == "-" else spool, ship_interval=0.1)
 print("ready", flush=True)
 sys.stdin.readline()
@@ -495,8 +517,8 @@ def test_ambiguous_commit_is_not_shipped_twice(url: str, tmp_path: Path) -> None
     store = PostgresStore(url, spool=spool_path)
     (committed,) = store.append([entry(1)])
     spool = Spool(spool_path)
-    spool.put([entry(1)], attempted=[(committed.hash,)])
-    spool.put([entry(2)], attempted=[(b"\x01" * 32,)])
+    spool.put([entry(1)], attempted=[((committed.seq, committed.hash),)])
+    spool.put([entry(2)], attempted=[((2, b"\x01" * 32),)])
     spool.close()
     store.close()
     store = PostgresStore(url, spool=spool_path)
@@ -529,7 +551,12 @@ def test_url_options_and_default_spool_path(url: str) -> None:
     assert a == b != c and a.parts[:2] == (".coworker", "spool")
     store = PostgresStore(url + "&spool=off")
     assert store.spool_path is None and store.spool_status() is None
-    assert "secret" not in repr(PostgresStore.__new__(PostgresStore).__class__)
+    store.close()
+    # trust auth ignores the password: the store connects, and never shows it.
+    secret = url.replace("postgres@", "postgres:s3cr3t@", 1)
+    store = PostgresStore(secret, spool=None)
+    assert store.head() is None
+    assert "s3cr3t" not in repr(store) and ":***@" in repr(store)
     store.close()
     with pytest.raises(ConfigError):
         PostgresStore("mysql://x/y")

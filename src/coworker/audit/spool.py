@@ -6,9 +6,10 @@ shared log, because only the shared log knows its head) and ships them, oldest f
 server is back. The spool is a plain SQLite file in WAL mode with ``synchronous=FULL``: an entry
 that :meth:`Spool.put` returned for survives a crash or a power loss.
 
-Each spooled entry remembers the hashes under which a shipment was attempted. A connection can
-die after ``COMMIT`` was sent and before its answer arrived; the shipper then looks those
-hashes up in the shared log first, so an entry whose commit did go through is not shipped twice.
+Each spooled entry remembers the ``(seq, hash)`` under which a shipment was attempted. A
+connection can die after ``COMMIT`` was sent and before its answer arrived; the shipper then
+looks those records up in the shared log first, so an entry whose commit did go through is not
+shipped twice.
 
 Several processes on one host may share a spool file: SQLite serializes their writes, and an
 advisory file lock (``<spool>.lock``) makes sure only one of them ships at a time.
@@ -21,6 +22,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,7 +44,7 @@ CREATE TABLE IF NOT EXISTS spool (
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 """
 
-_HASH_LEN = 32
+_ATTEMPT = struct.Struct("!q32s")  # (seq, hash) of one shipment attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +56,7 @@ class SpoolEntry:
         fields: the record fields, exactly as given to ``append`` (without ``seq``).
         payload: the separate payload bytes, or ``None``.
         dedup_key: the key that makes a second delivery a no-op (ingest), or ``None``.
-        attempted: hashes under which a shipment of this entry was already tried.
+        attempted: ``(seq, hash)`` under which a shipment of this entry was already tried.
         spooled_at: UNIX time the entry was spooled.
     """
 
@@ -62,7 +64,7 @@ class SpoolEntry:
     fields: dict[str, Any]
     payload: bytes | None
     dedup_key: bytes | None
-    attempted: tuple[bytes, ...]
+    attempted: tuple[tuple[int, bytes], ...]
     spooled_at: float
 
 
@@ -97,21 +99,45 @@ class Spool:
         from coworker.exceptions import ConfigError
 
         self.path = str(Path(path))
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                self._db = self._open()
+                break
+            except sqlite3.OperationalError as exc:
+                # Several processes creating the same spool at once: switching to WAL and
+                # creating the tables take locks that ignore the busy timeout. Retry.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise ConfigError(
+                        f"spool={self.path!r}: cannot open the spool file: {exc}"
+                    ) from exc
+                time.sleep(0.05)
+            except (OSError, sqlite3.Error) as exc:
+                raise ConfigError(
+                    f"spool={self.path!r}: cannot open the spool file: {exc}"
+                ) from exc
         try:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a put() that returned is on disk even after a power loss.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
             self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"spool={self.path!r}: cannot open the spool file: {exc}") from exc
+        except OSError as exc:
+            self._db.close()
+            raise ConfigError(f"spool={self.path!r}: cannot create its lock file: {exc}") from exc
         self._mutex = threading.RLock()
         self._ship_mutex = threading.Lock()
         self._closed = False
+
+    def _open(self) -> sqlite3.Connection:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        try:
+            db.execute("PRAGMA busy_timeout = 30000")
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a put() that returned is on disk even after a power loss.
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     # -- writing -------------------------------------------------------------------------------
     def put(
@@ -119,7 +145,7 @@ class Spool:
         entries: Sequence[Mapping[str, Any]],
         payloads: Sequence[bytes | None] | None = None,
         dedup_keys: Sequence[bytes | None] | None = None,
-        attempted: Sequence[Sequence[bytes]] | None = None,
+        attempted: Sequence[Sequence[tuple[int, bytes]]] | None = None,
     ) -> None:
         """Durably add entries at the end of the spool, all or none.
 
@@ -127,7 +153,7 @@ class Spool:
             entries: record fields without ``seq``.
             payloads: one payload (or ``None``) per entry.
             dedup_keys: one dedup key (or ``None``) per entry.
-            attempted: per entry, hashes under which a write was already attempted.
+            attempted: per entry, ``(seq, hash)`` under which a write was already attempted.
 
         Raises:
             sqlite3.Error: the spool could not be written (nothing was added).
@@ -138,7 +164,7 @@ class Spool:
                 json.dumps(dict(fields), separators=(",", ":"), ensure_ascii=False),
                 payloads[i] if payloads is not None else None,
                 dedup_keys[i] if dedup_keys is not None else None,
-                b"".join(attempted[i]) if attempted is not None else b"",
+                b"".join(_ATTEMPT.pack(*a) for a in attempted[i]) if attempted is not None else b"",
                 now,
             )
             for i, fields in enumerate(entries)
@@ -150,16 +176,16 @@ class Spool:
                 rows,
             )
 
-    def note_attempt(self, attempts: Mapping[int, bytes]) -> None:
-        """Remember, before a shipment commits, the hash each entry is being shipped under.
+    def note_attempt(self, attempts: Mapping[int, tuple[int, bytes]]) -> None:
+        """Remember, before a shipment commits, the seq and hash each entry is shipped under.
 
         Args:
-            attempts: spool entry id -> the hash it was sealed with for this shipment.
+            attempts: spool entry id -> ``(seq, hash)`` it was sealed with for this shipment.
         """
         with self._mutex, self._transaction():
             self._db.executemany(
                 "UPDATE spool SET attempted = attempted || ? WHERE id = ?",
-                [(h, i) for i, h in attempts.items()],
+                [(_ATTEMPT.pack(*a), i) for i, a in attempts.items()],
             )
 
     def remove(self, ids: Sequence[int], *, shipped_at: float | None = None) -> None:
@@ -195,7 +221,7 @@ class Spool:
                 payload=row[2],
                 dedup_key=row[3],
                 attempted=tuple(
-                    bytes(row[4][i : i + _HASH_LEN]) for i in range(0, len(row[4]), _HASH_LEN)
+                    _ATTEMPT.unpack_from(row[4], i) for i in range(0, len(row[4]), _ATTEMPT.size)
                 ),
                 spooled_at=row[5],
             )

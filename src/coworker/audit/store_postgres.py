@@ -3,8 +3,8 @@
 Many processes on many hosts append to one log. Layout (schema version 1, in a PostgreSQL
 schema of its own, ``coworker_audit`` by default)::
 
-    records(seq bigint PRIMARY KEY, prev_hash bytea UNIQUE, hash bytea UNIQUE, body bytea,
-            dedup_key bytea UNIQUE, inserted_at timestamptz,
+    records(seq bigint PRIMARY KEY, prev_hash bytea UNIQUE, hash bytea, body bytea,
+            dedup_key bytea (unique when set), inserted_at timestamptz,
             kind, category, operation, doctype, outcome, flow_id, step_id, run_id,
             user_id, agent_id, trace_id, span_id, recorded_at, time)
     payloads(seq bigint PRIMARY KEY, payload bytea)
@@ -17,13 +17,16 @@ columns are copies of body fields for ``coworker audit query``: conveniences, no
 the OTLP ingest endpoint). Payloads live in their own table, which is not append-only, so that
 a payload can be erased without breaking the chain.
 
-Serialization: every append runs in one READ COMMITTED transaction that first takes a
-transaction-scoped advisory lock keyed on the records table, *then* reads the head in a new
-statement (in READ COMMITTED each statement takes a fresh snapshot, so it sees the previous
-holder's commit), seals and inserts. The connection's isolation level is set explicitly: under
-REPEATABLE READ the snapshot is taken before the lock is granted, two writers read the same
-stale head and the chain forks. The primary key on ``seq`` and the unique constraint on
+Serialization: every append runs in one READ COMMITTED transaction that calls
+``<schema>.lock_head(oid)``: a PL/pgSQL function that takes a transaction-scoped advisory lock
+keyed on the records table, *then* reads the head in a statement of its own (in READ COMMITTED
+each statement of a VOLATILE function takes a fresh snapshot, so it sees the previous holder's
+commit); the store then seals and inserts. The connection's isolation level is set explicitly:
+under REPEATABLE READ the snapshot is taken before the lock is granted, two writers read the
+same stale head and the chain forks. The primary key on ``seq`` and the unique constraint on
 ``prev_hash`` are the database's own backstop: a writer that forks the chain anyway is refused.
+The COMMIT does not wait for its WAL flush, so the lock is free at once; :meth:`_flush` then
+waits for it (group commit across processes) before ``append`` returns.
 
 Append-only in the database: BEFORE UPDATE / DELETE row triggers, BEFORE UPDATE / DELETE /
 TRUNCATE statement triggers (TRUNCATE fires no row triggers), all ``ENABLE ALWAYS`` so they
@@ -44,18 +47,22 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 
 from coworker.audit.chain import seal
+from coworker.audit.record import canonical
 from coworker.audit.spool import Spool, SpoolEntry, SpoolStatus
 from coworker.audit.store import Head, StoredRecord
 from coworker.exceptions import AuditUnavailable, ConfigError
@@ -135,15 +142,26 @@ CREATE TABLE {schema}.records (
     trace_id text, span_id text,
     -- RFC 3339 fixed width: byte order is time order (COLLATE "C", whatever the database's).
     recorded_at text COLLATE "C", time text COLLATE "C",
-    CONSTRAINT records_prev_hash_key UNIQUE (prev_hash),
-    CONSTRAINT records_hash_key UNIQUE (hash),
-    CONSTRAINT records_dedup_key_key UNIQUE (dedup_key)
+    CONSTRAINT records_prev_hash_key UNIQUE (prev_hash)
 );
 CREATE TABLE {schema}.payloads (seq bigint PRIMARY KEY, payload bytea);
+CREATE FUNCTION {schema}.lock_head(lock_key integer) RETURNS TABLE (seq bigint, hash bytea)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    -- Commit without waiting for the WAL flush (the store waits for it after the lock is
+    -- released, see PostgresStore._flush).
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_advisory_xact_lock({namespace}, lock_key);
+    -- A VOLATILE function takes a new snapshot for each statement (READ COMMITTED): this
+    -- reads the head as of after the lock was granted.
+    RETURN QUERY SELECT r.seq, r.hash FROM {schema}.records r ORDER BY r.seq DESC LIMIT 1;
+END
+$$;
+CREATE UNIQUE INDEX records_dedup_key ON {schema}.records (dedup_key)
+    WHERE dedup_key IS NOT NULL;
 CREATE INDEX records_flow ON {schema}.records (flow_id, seq);
 CREATE INDEX records_user ON {schema}.records (user_id, seq);
 CREATE INDEX records_time ON {schema}.records (time);
-CREATE INDEX records_span ON {schema}.records (span_id);
 CREATE TRIGGER records_no_change BEFORE UPDATE OR DELETE ON {schema}.records
     FOR EACH ROW EXECUTE FUNCTION {schema}.refuse_change();
 CREATE TRIGGER records_no_change_stmt BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.records
@@ -223,7 +241,7 @@ class _Item:
     fields: Mapping[str, Any]
     payload: bytes | None
     dedup_key: bytes | None = None
-    attempted: tuple[bytes, ...] = ()
+    attempted: tuple[tuple[int, bytes], ...] = ()
     spool_id: int | None = None
 
 
@@ -278,6 +296,22 @@ class PostgresStore:
             spool = None if url_spool.lower() in ("off", "none", "false", "0", "") else url_spool
         self.url = url
         self._conninfo = conninfo
+        # Defaults the URL may override. Keepalives and tcp_user_timeout turn a silent network
+        # partition into an error (and a spooled record) in about 30 s instead of a hang.
+        given = psycopg.conninfo.conninfo_to_dict(conninfo)
+        self._connect_options = {
+            k: v
+            for k, v in {
+                "connect_timeout": max(1, round(connect_timeout)),
+                "application_name": "coworker-audit",
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+                "tcp_user_timeout": 30000,
+            }.items()
+            if k not in given
+        }
         self._connect_timeout = connect_timeout
         self._ship_interval = ship_interval
         self._table = sql.Identifier(self.schema, "records")
@@ -286,7 +320,10 @@ class PostgresStore:
         self._conn: psycopg.Connection[Any] | None = None
         self._pid = -1
         self._oid: int | None = None
+        self._insert: sql.Composed | None = None
+        self._lock_head: sql.Composed | None = None
         self._next_connect = 0.0
+        self._last_error = "server unreachable"
         self._closed = False
         self._stop = threading.Event()
         self._shipper: threading.Thread | None = None
@@ -457,16 +494,17 @@ class PostgresStore:
             next_seq = rows[-1][0] + 1
 
     def close(self) -> None:
-        """Stop the shipper (one last shipping attempt), close the connection; idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        """Stop the shipper, make one last attempt to ship the spool, close; idempotent.
+
+        What cannot be shipped now stays in the spool for the next store that opens it.
+        """
         self._stop.set()
         shipper = self._shipper
         if shipper is not None and shipper is not threading.current_thread():
             shipper.join(timeout=10)
         with self._lock:
+            if self._closed:
+                return
             if self._spool is not None:
                 try:
                     self._drain_locked()
@@ -481,6 +519,7 @@ class PostgresStore:
                 except ImportError:  # pragma: no cover
                     pass
                 self._spool.close()
+            self._closed = True
             self._drop_connection()
 
     # -- spool -------------------------------------------------------------------------------
@@ -529,10 +568,7 @@ class PostgresStore:
             except ImportError:  # pragma: no cover - metrics is optional
                 pass
             else:
-                metrics.register_spool_depth(
-                    self._spool_depth,
-                    attributes={"coworker.audit.spool.path": self._spool.path},
-                )
+                metrics.register_spool_depth(self._spool_depth)
         return self._spool
 
     def _spool_depth(self) -> int:
@@ -609,6 +645,15 @@ class PostgresStore:
                 return self._to_spool(exc.items)
 
     def _to_spool(self, items: list[_Item]) -> AppendResult:
+        # An entry that could never be sealed must fail now, as it would have in a direct
+        # append, not sit in the spool forever blocking the ones behind it.
+        for item in items:
+            try:
+                canonical({**item.fields, "seq": 1})
+            except Exception as exc:
+                raise AuditUnavailable(
+                    f"audit store {self}: record cannot be canonicalised: {exc}"
+                ) from exc
         try:
             spool = self._open_spool()
             spool.put(
@@ -631,10 +676,21 @@ class PostgresStore:
                 conn = self._connection()
             except _ServerDown as exc:
                 raise _Unreachable(items, exc) from exc
-            sealed_hashes: list[bytes | None] = [None] * len(items)
+            sealed_hashes: list[tuple[int, bytes] | None] = [None] * len(items)
             try:
                 return self._write(conn, items, sealed_hashes, note)
-            except psycopg.Error as exc:
+            except AuditUnavailable:
+                self._rollback_or_drop(conn)
+                raise
+            except Exception as exc:
+                if not isinstance(exc, psycopg.Error):
+                    # Not the database's doing (a record that cannot be canonicalised, a bug):
+                    # nothing was committed; never let it escape as anything else.
+                    self._rollback_or_drop(conn)
+                    raise AuditUnavailable(
+                        f"audit store {self}: append of {len(items)} record(s) failed: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
                 unreachable = _is_unreachable(exc, conn)
                 self._rollback_or_drop(conn)
                 if not unreachable:
@@ -667,38 +723,47 @@ class PostgresStore:
         self,
         conn: psycopg.Connection[Any],
         items: list[_Item],
-        sealed_hashes: list[bytes | None],
+        sealed_hashes: list[tuple[int, bytes] | None],
         note: Spool | None,
     ) -> AppendResult:
         table = self._table
+        # Everything that does not depend on the head is encoded before taking the lock:
+        # the lock is held by one writer at a time, so every microsecond under it counts.
+        plain = [_column_values(it.fields) for it in items]
+        attempted = [a for it in items for a in it.attempted]
+        keys = [it.dedup_key for it in items if it.dedup_key is not None]
+        committed: dict[int, StoredRecord] = {}
+        duplicates: list[int] = []
+        skip: set[int] = set()
         with conn.cursor() as cur:
-            # Statement 1 takes the lock; statement 3 reads the head with a fresh snapshot.
-            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, self._oid))
-            skip: set[int] = set()
-            attempted = [h for it in items for h in it.attempted]
-            committed: dict[int, StoredRecord] = {}
+            # One round trip: BEGIN (explicitly READ COMMITTED), then lock_head() takes the
+            # advisory lock and reads the head in a statement of its own (a fresh snapshot,
+            # after the lock is granted). The connection is in autocommit mode so that psycopg
+            # does not spend a round trip on a BEGIN of its own; the transaction is ours.
+            cur.execute(self._begin_lock_head())
+            cur.nextset()
+            row = cur.fetchone()
+            head = Head(row[0], bytes(row[1])) if row is not None else None
             if attempted:
                 # An earlier attempt whose COMMIT answer was lost may have gone through.
                 cur.execute(
                     sql.SQL(
                         "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload FROM {} r"
-                        " LEFT JOIN {} p ON p.seq = r.seq WHERE r.hash = ANY(%b)"
+                        " LEFT JOIN {} p ON p.seq = r.seq WHERE r.seq = ANY(%b)"
                     ).format(table, self._payloads),
-                    (attempted,),
+                    (_Int8Array.of([a[0] for a in attempted]),),
                 )
-                present = {bytes(r[2]): _record(r) for r in cur.fetchall()}
+                present = {(r[0], bytes(r[2])): _record(r) for r in cur.fetchall()}
                 for i, it in enumerate(items):
-                    for h in it.attempted:
-                        if h in present:
-                            committed[i] = present[h]
+                    for a in it.attempted:
+                        if a in present:
+                            committed[i] = present[a]
                             skip.add(i)
                             break
-            duplicates: list[int] = []
-            keys = [it.dedup_key for it in items if it.dedup_key is not None]
             if keys:
                 cur.execute(
                     sql.SQL("SELECT dedup_key FROM {} WHERE dedup_key = ANY(%b)").format(table),
-                    (keys,),
+                    (_ByteaArray.of(keys),),
                 )
                 seen = {bytes(r[0]) for r in cur.fetchall()}
                 for i, it in enumerate(items):
@@ -709,27 +774,23 @@ class PostgresStore:
                         skip.add(i)
                     else:
                         seen.add(it.dedup_key)
-            todo = [i for i in range(len(items)) if i not in skip]
-            cur.execute(sql.SQL("SELECT seq, hash FROM {} ORDER BY seq DESC LIMIT 1").format(table))
-            row = cur.fetchone()
-            head = Head(row[0], bytes(row[1])) if row is not None else None
+            todo = (
+                [i for i in range(len(items)) if i not in skip] if skip else list(range(len(items)))
+            )
             sealed = seal([items[i].fields for i in todo], head, [items[i].payload for i in todo])
             if sealed:
                 for i, rec in zip(todo, sealed, strict=True):
-                    sealed_hashes[i] = rec.hash
-                columns: list[list[Any]] = [[] for _ in range(6 + len(_COLUMNS))]
-                for i, rec in zip(todo, sealed, strict=True):
-                    values = (
-                        rec.seq,
-                        rec.prev_hash,
-                        rec.hash,
-                        rec.body,
-                        items[i].dedup_key,
-                        *_column_values(items[i].fields),
-                    )
-                    for column, value in zip(columns, values, strict=True):
-                        column.append(value)
-                cur.execute(self._insert_sql(), columns)
+                    sealed_hashes[i] = (rec.seq, rec.hash)
+                params: list[Any] = [
+                    _Int8Array.of([r.seq for r in sealed]),
+                    _ByteaArray.of([r.prev_hash for r in sealed]),
+                    _ByteaArray.of([r.hash for r in sealed]),
+                    _ByteaArray.of([r.body for r in sealed]),
+                    _ByteaArray.of([items[i].dedup_key for i in todo]),
+                ]
+                for c in range(len(_COLUMNS) + 1):
+                    params.append(_TextArray.of([plain[i][c] for i in todo]))
+                cur.execute(self._insert_sql(), params)
                 blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
                 if blobs:
                     cur.execute(
@@ -737,33 +798,77 @@ class PostgresStore:
                             "INSERT INTO {} (seq, payload)"
                             " SELECT * FROM unnest(%b::bigint[], %b::bytea[])"
                         ).format(self._payloads),
-                        ([b[0] for b in blobs], [b[1] for b in blobs]),
+                        (
+                            _Int8Array.of([b[0] for b in blobs]),
+                            _ByteaArray.of([b[1] for b in blobs]),
+                        ),
                     )
             if note is not None and sealed:
                 # Durably note the hashes before COMMIT: if we crash after the server committed
                 # and before the spool forgot the entries, the next shipper sees they are in.
                 note.note_attempt(
                     {
-                        items[i].spool_id: rec.hash
+                        items[i].spool_id: (rec.seq, rec.hash)
                         for i, rec in zip(todo, sealed, strict=True)
                         if items[i].spool_id
                     }
                 )
-        conn.commit()
+            cur.execute("COMMIT")
+        if sealed or committed:  # found committed by an earlier attempt: make sure it is durable
+            self._flush(conn)
         if committed:
             by_index = dict(zip(todo, sealed, strict=True))
             by_index.update(committed)
             sealed = [by_index[i] for i in sorted(by_index)]
         return AppendResult(sealed, duplicates)
 
-    def _insert_sql(self) -> sql.Composed:
-        names = ["seq", "prev_hash", "hash", "body", "dedup_key", *_COLUMNS, "time"]
-        types = ["bigint", "bytea", "bytea", "bytea", "bytea", *(["text"] * (len(_COLUMNS) + 1))]
-        return sql.SQL("INSERT INTO {} ({}) SELECT * FROM unnest({})").format(
-            self._table,
-            sql.SQL(", ").join(sql.Identifier(n) for n in names),
-            sql.SQL(", ").join(sql.SQL("%b::" + t + "[]") for t in types),
+    def _begin_lock_head(self) -> sql.Composed:
+        if self._lock_head is None:
+            self._lock_head = sql.SQL(
+                "BEGIN ISOLATION LEVEL READ COMMITTED; SELECT seq, hash FROM {}({})"
+            ).format(sql.Identifier(self.schema, "lock_head"), sql.Literal(self._oid))
+        return self._lock_head
+
+    def _flush(self, conn: psycopg.Connection[Any]) -> None:
+        """Return once our (asynchronously committed) records are durable.
+
+        A transaction that takes an xid and commits synchronously waits until the WAL is
+        flushed up to its own commit record, which comes after ours. This is group commit
+        across processes: one fsync covers every writer that committed meanwhile. WAL is
+        replayed in order, so a crash can lose only a tail of the log that no caller was told
+        is durable; a later record (which hashes ours) is never durable without ours.
+        """
+        # One round trip: a single statement in autocommit mode is its own transaction.
+        # Never weaker than 'on' (a server-wide 'off' would make this wait for nothing);
+        # stronger settings (remote_write, remote_apply) are kept.
+        conn.execute(
+            "SELECT CASE WHEN current_setting('synchronous_commit') = 'off'"
+            " THEN set_config('synchronous_commit', 'on', true) END, txid_current()"
         )
+
+    def _insert_sql(self) -> sql.Composed:
+        if self._insert is None:
+            names = ["seq", "prev_hash", "hash", "body", "dedup_key", *_COLUMNS, "time"]
+            types = ["bigint"] + ["bytea"] * 4 + ["text"] * (len(_COLUMNS) + 1)
+            self._insert = sql.SQL("INSERT INTO {} ({}) SELECT * FROM unnest({})").format(
+                self._table,
+                sql.SQL(", ").join(sql.Identifier(n) for n in names),
+                sql.SQL(", ").join(sql.SQL("%b::" + t + "[]") for t in types),
+            )
+        return self._insert
+
+    def open_intents(self) -> list[int]:
+        """Seqs of intent records that no later outcome record of the same span closes.
+
+        The fast path of :func:`coworker.audit.query.in_doubt`: one query (a hash anti-join
+        over the log; no span index is kept, it would slow every append).
+        """
+        query = sql.SQL(
+            "SELECT i.seq FROM {t} i WHERE i.kind = 'intent' AND NOT EXISTS ("
+            "SELECT 1 FROM {t} o WHERE o.span_id = i.span_id AND o.kind = 'outcome'"
+            " AND o.trace_id IS NOT DISTINCT FROM i.trace_id AND o.seq > i.seq) ORDER BY i.seq"
+        ).format(t=self._table)
+        return [row[0] for row in self._fetch(query, ())]
 
     # -- connections ---------------------------------------------------------------------------
     def _connection(self) -> psycopg.Connection[Any]:
@@ -778,24 +883,20 @@ class PostgresStore:
             self._shipper = None
         now = time.monotonic()
         if now < self._next_connect:
-            raise _ServerDown("server unreachable (waiting before reconnecting)")
+            raise _ServerDown(f"{self._last_error} (retrying within {_RECONNECT_INTERVAL:g}s)")
         try:
-            conn = psycopg.connect(
-                self._conninfo,
-                autocommit=False,
-                connect_timeout=max(1, round(self._connect_timeout)),
-                application_name="coworker-audit",
-                keepalives=1,
-                keepalives_idle=10,
-                keepalives_interval=5,
-                keepalives_count=3,
-            )
+            conn = psycopg.connect(self._conninfo, autocommit=False, **self._connect_options)
         except psycopg.OperationalError as exc:
+            message = str(exc).strip()
+            if _refused_by_server(message):
+                raise AuditUnavailable(f"audit store {self}: {message}") from exc
             self._next_connect = now + _RECONNECT_INTERVAL
-            raise _ServerDown(str(exc).strip()) from exc
+            self._last_error = message
+            raise _ServerDown(message) from exc
         # Never REPEATABLE READ / SERIALIZABLE, whatever default_transaction_isolation says:
         # the head must be read after the lock is granted (see the module docstring).
         conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+        _register_arrays(conn)
         try:
             self._ensure_schema(conn)
         except psycopg.Error as exc:
@@ -805,6 +906,9 @@ class PostgresStore:
                 self._next_connect = now + _RECONNECT_INTERVAL
                 raise _ServerDown(str(exc).strip()) from exc
             raise AuditUnavailable(f"audit store {self}: cannot use schema: {exc}") from exc
+        # From here on: autocommit; appends run explicit transactions (see _write), reads are
+        # single statements.
+        conn.autocommit = True
         self._conn = conn
         self._pid = pid
         return conn
@@ -825,7 +929,11 @@ class PostgresStore:
                 for number in sorted(_MIGRATIONS):
                     if number <= current:
                         continue
-                    ddl = _MIGRATIONS[number].replace("{schema}", _quote_ident(self.schema))
+                    ddl = (
+                        _MIGRATIONS[number]
+                        .replace("{schema}", _quote_ident(self.schema))
+                        .replace("{namespace}", str(_LOCK_NAMESPACE))
+                    )
                     cur.execute(ddl.encode())
                     cur.execute(
                         sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(
@@ -846,6 +954,7 @@ class PostgresStore:
             row = cur.fetchone()
             assert row is not None
             self._oid = int(row[0])
+            self._lock_head = None  # built with the oid
         conn.commit()
 
     def _schema_version(self, conn: psycopg.Connection[Any], in_tx: bool = False) -> int | None:
@@ -907,6 +1016,76 @@ class PostgresStore:
         return f"PostgresStore({_redact(self.url)!r}, schema={self.schema!r})"
 
 
+class _Array:
+    """A PostgreSQL array already in binary wire format (psycopg's generic list dumper is
+    pure Python and slow for thousands of elements; ours is one join)."""
+
+    __slots__ = ("data",)
+    elem_oid: int = 0
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    @classmethod
+    def of(cls, values: Sequence[bytes | None]) -> _Array:
+        if not values:
+            return cls(_ARRAY_EMPTY.pack(0, 0, cls.elem_oid))
+        parts = [b""]
+        has_null = 0
+        for v in values:
+            if v is None:
+                parts.append(_NULL)
+                has_null = 1
+            else:
+                parts.append(_INT4.pack(len(v)))
+                parts.append(v)
+        parts[0] = _ARRAY_HEADER.pack(1, has_null, cls.elem_oid, len(values), 1)
+        return cls(b"".join(parts))
+
+
+class _TextArray(_Array):
+    __slots__ = ()
+    elem_oid = 25
+
+
+class _ByteaArray(_Array):
+    __slots__ = ()
+    elem_oid = 17
+
+
+class _Int8Array(_Array):
+    __slots__ = ()
+    elem_oid = 20
+
+    @classmethod
+    def of(cls, values: Sequence[Any]) -> _Array:
+        return super().of([_INT8.pack(v) for v in values])
+
+
+_INT4: Final = struct.Struct("!i")
+_INT8: Final = struct.Struct("!q")
+_NULL: Final = _INT4.pack(-1)
+_ARRAY_HEADER: Final = struct.Struct("!iiiii")
+_ARRAY_EMPTY: Final = struct.Struct("!iii")
+
+
+def _array_dumper(array_oid: int) -> type[Dumper]:
+    class _ArrayDumper(Dumper):
+        format = Format.BINARY
+        oid = array_oid
+
+        def dump(self, obj: Any) -> bytes:
+            return obj.data  # type: ignore[no-any-return]
+
+    return _ArrayDumper
+
+
+def _register_arrays(conn: psycopg.Connection[Any]) -> None:
+    conn.adapters.register_dumper(_TextArray, _array_dumper(1009))
+    conn.adapters.register_dumper(_ByteaArray, _array_dumper(1001))
+    conn.adapters.register_dumper(_Int8Array, _array_dumper(1016))
+
+
 class _ServerDown(Exception):
     """No connection to the server right now."""
 
@@ -925,16 +1104,19 @@ def _record(row: Sequence[Any]) -> StoredRecord:
     )
 
 
-def _column_values(fields: Mapping[str, Any]) -> list[str | None]:
+def _column_values(fields: Mapping[str, Any]) -> list[bytes | None]:
     values = [_column(fields.get(c)) for c in _COLUMNS]
     values.append(_column(fields.get("start") or fields.get("recorded_at")))
     return values
 
 
-def _column(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value)
+def _column(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else json.dumps(value)
+    # PostgreSQL text cannot hold NUL (and a lone surrogate is not UTF-8): the body keeps the
+    # exact value, the query column a readable stand-in, rather than the append failing.
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace")
 
 
 # SQLSTATE classes that mean "the server or the connection is not there right now":
@@ -951,6 +1133,20 @@ def _is_unreachable(exc: psycopg.Error, conn: psycopg.Connection[Any]) -> bool:
     if state is None:
         return isinstance(exc, psycopg.OperationalError)
     return state.startswith(_UNREACHABLE_PREFIXES)
+
+
+# A server that answers FATAL at connection time for one of these is there, just busy.
+_TRANSIENT_FATAL: Final = (
+    "starting up", "shutting down", "recovery", "too many", "connection slots",
+    "terminating connection", "not yet accepting", "out of memory",
+)  # fmt: skip
+
+
+def _refused_by_server(message: str) -> bool:
+    """A connection refused for what it asked (role, database, password, parameter)."""
+    if "FATAL:" not in message:
+        return False
+    return not any(phrase in message for phrase in _TRANSIENT_FATAL)
 
 
 def _split_url(url: str) -> tuple[str, str, str | None]:
@@ -972,7 +1168,9 @@ def _split_url(url: str) -> tuple[str, str, str | None]:
             spool = value
         else:
             rest.append((key, value))
-    conninfo = urlunsplit((scheme, parts.netloc, parts.path, urlencode(rest), parts.fragment))
+    conninfo = urlunsplit(
+        (scheme, parts.netloc, parts.path, urlencode(rest, quote_via=quote), parts.fragment)
+    )
     return conninfo, schema, spool
 
 

@@ -1,0 +1,192 @@
+"""PostgreSQL append throughput: chained appends vs raw INSERTs of the same rows.
+
+Both sides write the same rows into the same table definition (a fresh schema each run, created
+by :class:`~coworker.audit.store_postgres.PostgresStore`, triggers and indexes included), from
+``--writers`` processes at once, ``--batch`` records per transaction, one commit (fsync) each:
+
+* **chained**: ``PostgresStore.append`` — advisory lock, head read, seal (RFC 8785 + SHA-256),
+  INSERT, COMMIT; the writers serialize on the lock.
+* **raw**: the rows already sealed (one chain, split into one contiguous range per writer) and
+  inserted with the same INSERT statement, no lock, no head read: the database's own cost.
+
+Prints the median of ``--runs`` runs of each and their ratio. Goal (issue 5): chained >= 0.5x
+raw, and >= 5,000 records/s from 4 writers on the 2-core dev machine.
+
+    python benchmarks/pg_append.py [--url postgresql://postgres@127.0.0.1/postgres]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import secrets
+import statistics
+import sys
+import time
+from typing import Any
+
+import psycopg
+
+from coworker.audit.chain import seal
+from coworker.audit.record import entry_from_span
+from coworker.audit.store_postgres import (
+    PostgresStore,
+    _ByteaArray,
+    _column_values,
+    _Int8Array,
+    _register_arrays,
+    _TextArray,
+)
+
+
+def make_entries(n: int) -> list[tuple[dict[str, Any], bytes | None]]:
+    """``n`` realistic record entries from real finished SDK spans."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from coworker import attributes as a
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({a.SERVICE_NAME: "billing"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("bench")
+    for i in range(n):
+        attributes = {
+            a.AUDIT: True,
+            a.AUDIT_CATEGORY: a.CATEGORY_STATE_CHANGE,
+            a.OPERATION: "update",
+            a.DOCTYPE: "Invoice",
+            a.FLOW_TYPE: "workflow",
+            a.FLOW_ID: f"flow-{i // 10}",
+            a.STEP_ID: "approve",
+            a.RUN_ID: f"run-{i}",
+            a.CHAIN_ID: f"run-{i}",
+            a.USER_ID: f"user-{i % 50}",
+            a.AGENT_ID: "agent-7",
+            a.AGENT_NAME: "billing-assistant",
+        }
+        with tracer.start_as_current_span("update Invoice", attributes=attributes):
+            pass
+    provider.shutdown()
+    return [entry_from_span(s) for s in memory.get_finished_spans()]
+
+
+def _chained(url: str, n: int, batch: int, barrier: Any, out: Any) -> None:
+    entries = make_entries(n)
+    store = PostgresStore(url, spool=None)
+    barrier.wait()
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        chunk = entries[i : i + batch]
+        store.append([e[0] for e in chunk], [e[1] for e in chunk])
+    out.put((start, time.perf_counter()))
+    store.close()
+
+
+def _raw(url: str, rows: list[list[Any]], batch: int, barrier: Any, out: Any) -> None:
+    store = PostgresStore(url, spool=None)  # only for the table name and INSERT statement
+    insert = store._insert_sql()
+    conn = psycopg.connect(store._conninfo, autocommit=False)
+    _register_arrays(conn)
+    kinds = [_Int8Array] + [_ByteaArray] * 4 + [_TextArray] * (len(rows[0]) - 5)
+    barrier.wait()
+    start = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        columns = [k.of(list(c)) for k, c in zip(kinds, zip(*chunk, strict=True), strict=True)]
+        with conn.cursor() as cur:
+            cur.execute(insert, columns)
+        conn.commit()
+    out.put((start, time.perf_counter()))
+    conn.close()
+    store.close()
+
+
+def run_once(kind: str, url: str, writers: int, per_writer: int, batch: int) -> float:
+    """One run in a fresh schema; returns records/s over the whole wall time."""
+    schema = "bench_" + secrets.token_hex(4)
+    run_url = f"{url}{'&' if '?' in url else '?'}schema={schema}"
+    PostgresStore(run_url, spool=None).close()  # create the schema outside the timing
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(writers), ctx.Queue()
+    if kind == "chained":
+        args = [(run_url, per_writer, batch, barrier, out) for _ in range(writers)]
+        target: Any = _chained
+    else:
+        entries = make_entries(writers * per_writer)
+        sealed = seal([e[0] for e in entries], None, [e[1] for e in entries])
+        rows = [
+            [r.seq, r.prev_hash, r.hash, r.body, None, *_column_values(e[0])]
+            for r, e in zip(sealed, entries, strict=True)
+        ]
+        args = [
+            (run_url, rows[w * per_writer : (w + 1) * per_writer], batch, barrier, out)
+            for w in range(writers)
+        ]
+        target = _raw
+    procs = [ctx.Process(target=target, args=a) for a in args]
+    for p in procs:
+        p.start()
+    times = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise SystemExit(f"{kind} writer failed with exit code {p.exitcode}")
+    with psycopg.connect(url, autocommit=True) as conn:
+        (count,) = conn.execute(f'SELECT count(*) FROM "{schema}".records').fetchone()  # type: ignore[misc]
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    assert count == writers * per_writer, (count, writers * per_writer)
+    wall = max(t[1] for t in times) - min(t[0] for t in times)
+    return count / wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("COWORKER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    )
+    parser.add_argument("--writers", type=int, default=4)
+    parser.add_argument("--records", type=int, default=5000, help="per writer")
+    parser.add_argument("--batches", default="1,10,100", help="records per transaction")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    results = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        # batch=1 commits once per record: fewer records keep the run short.
+        per_writer = args.records if batch > 1 else max(args.records // 10, 100)
+        rates: dict[str, list[float]] = {"chained": [], "raw": []}
+        for _ in range(args.runs):
+            for kind in ("raw", "chained"):
+                rates[kind].append(run_once(kind, args.url, args.writers, per_writer, batch))
+        chained, raw = statistics.median(rates["chained"]), statistics.median(rates["raw"])
+        results.append(
+            {
+                "writers": args.writers,
+                "batch": batch,
+                "records": args.writers * per_writer,
+                "chained_per_s": round(chained),
+                "raw_per_s": round(raw),
+                "ratio": round(chained / raw, 3),
+            }
+        )
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"PostgreSQL append, {args.writers} writer processes, median of {args.runs} runs")
+        print(f"{'batch':>6} {'records':>8} {'chained/s':>10} {'raw/s':>10} {'ratio':>6}")
+        for r in results:
+            print(
+                f"{r['batch']:>6} {r['records']:>8} {r['chained_per_s']:>10} "
+                f"{r['raw_per_s']:>10} {r['ratio']:>6.2f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

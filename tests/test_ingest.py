@@ -1,0 +1,706 @@
+"""The OTLP/HTTP ingest endpoint, driven by real OpenTelemetry exporters over loopback."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("starlette", reason="the server extra is not installed")
+pytest.importorskip("uvicorn", reason="the server extra is not installed")
+httpx = pytest.importorskip("httpx", reason="httpx (dev extra) is not installed")
+
+from google.protobuf import json_format  # noqa: E402
+from google.rpc import status_pb2  # noqa: E402
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
+from opentelemetry.exporter.otlp.proto.http import Compression  # noqa: E402
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: E402
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.resources import Resource  # noqa: E402
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
+    InMemorySpanExporter,
+)
+from opentelemetry.trace import SpanKind, Status, StatusCode  # noqa: E402
+
+from coworker import attributes as attr  # noqa: E402
+from coworker.audit.chain import GENESIS_PREV_HASH, link  # noqa: E402
+from coworker.audit.record import entry_from_span  # noqa: E402
+from coworker.audit.store import InMemoryStore, StoredRecord  # noqa: E402
+from coworker.exceptions import AuditUnavailable  # noqa: E402
+from coworker.ingest import (  # noqa: E402
+    IngestServer,
+    MalformedRequest,
+    audit_spans,
+    decode_request,
+)
+
+TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PROTOBUF = {"Content-Type": "application/x-protobuf"}
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def make_spans(
+    n: int, *, audit_every: int = 1, service: str = "svc-a", prefix: str = "op"
+) -> list[ReadableSpan]:
+    """A parent span and ``n`` children; every ``audit_every``-th child (none for 0) is audited."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({attr.SERVICE_NAME: service}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("tests.ingest", "1.2.3")
+    with tracer.start_as_current_span(f"{prefix}-root", kind=SpanKind.SERVER):
+        for i in range(n):
+            attributes: dict[str, Any] = {
+                attr.OPERATION: "create",
+                attr.DOCTYPE: "Invoice",
+                attr.FLOW_ID: f"flow-{i % 5}",
+                attr.FLOW_TYPE: "workflow",
+                attr.STEP_ID: f"step-{i % 3}",
+                attr.USER_ID: "alice",
+                attr.AGENT_ID: "agent-7",
+                attr.RUN_ID: f"{prefix}-run-{i}",
+                "n": 2**62 + i,
+                "ratio": 0.25,
+                "tags": ("a", "b"),
+            }
+            if audit_every and i % audit_every == 0:
+                attributes[attr.AUDIT] = True
+                attributes[attr.AUDIT_CATEGORY] = attr.CATEGORY_STATE_CHANGE
+            with tracer.start_as_current_span(f"{prefix}-{i}", attributes=attributes) as span:
+                span.add_event("checkpoint", {"i": i})
+                if i % 7 == 3:
+                    span.set_attribute(attr.ERROR_TYPE, "ValueError")
+                    span.set_status(Status(StatusCode.ERROR, "boom"))
+    provider.shutdown()
+    return list(memory.get_finished_spans())
+
+
+def audited(spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
+    return [s for s in spans if (s.attributes or {}).get(attr.AUDIT) is True]
+
+
+def comparable(fields: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k not in ("recorded_at", "seq")}
+
+
+def bodies(store: Any) -> list[dict[str, Any]]:
+    """Decoded bodies after re-hashing the chain."""
+    prev, out = GENESIS_PREV_HASH, []
+    for i, rec in enumerate(store.iter_from(), start=1):
+        assert rec.seq == i and rec.prev_hash == prev and rec.hash == link(prev, rec.body)
+        prev = rec.hash
+        out.append(json.loads(rec.body))
+    return out
+
+
+def request_bytes(spans: Sequence[ReadableSpan]) -> bytes:
+    return encode_spans(spans).SerializeToString()
+
+
+def otlp_json(spans: Sequence[ReadableSpan]) -> bytes:
+    """OTLP JSON of spans: the protobuf JSON mapping with hex ids, as the spec says."""
+    data = json_format.MessageToDict(encode_spans(spans))
+    import base64
+
+    for rs in data.get("resourceSpans", []):
+        for ss in rs.get("scopeSpans", []):
+            for span in ss.get("spans", []):
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        span[key] = base64.b64decode(span[key]).hex()
+    return json.dumps(data).encode()
+
+
+def exporter(server: IngestServer, **kwargs: Any) -> OTLPSpanExporter:
+    kwargs.setdefault("headers", AUTH)
+    kwargs.setdefault("timeout", 10)
+    return OTLPSpanExporter(endpoint=server.endpoint, **kwargs)
+
+
+@pytest.fixture
+def memory_server() -> Iterator[tuple[IngestServer, InMemoryStore]]:
+    store = InMemoryStore()
+    server = IngestServer(store, token=TOKEN).start()
+    yield server, store
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Any]:
+    pytest.importorskip("psycopg", reason="the postgres extra is not installed")
+    from tests.pg import PGServer, require_server
+
+    server = PGServer(require_server())
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_store(pg: Any) -> Iterator[Any]:
+    from coworker.audit.store_postgres import PostgresStore
+
+    store = PostgresStore(pg.schema_url(), spool=None)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def pg_server(pg_store: Any) -> Iterator[IngestServer]:
+    server = IngestServer(pg_store, token=TOKEN).start()
+    yield server
+    server.stop()
+
+
+# -- decoding ------------------------------------------------------------------------------------
+def test_decoded_spans_keep_resource_ids_times_status_and_attribute_types() -> None:
+    """protobuf -> ReadableSpan: same record as the original span, typed attributes."""
+    spans = make_spans(8)
+    batch = audit_spans(decode_request(request_bytes(spans), "application/x-protobuf"))
+    originals = audited(spans)
+    assert len(batch.spans) == len(originals) == 8 and batch.rejected == 0
+    by_id = {s.context.span_id: s for s in originals}
+    for got in batch.spans:
+        want = by_id[got.context.span_id]
+        assert got.context.trace_id == want.context.trace_id
+        assert got.parent is not None and got.parent.span_id == want.parent.span_id  # type: ignore[union-attr]
+        assert (got.start_time, got.end_time, got.name) == (
+            want.start_time,
+            want.end_time,
+            want.name,
+        )
+        assert got.status.status_code == want.status.status_code
+        assert got.resource.attributes[attr.SERVICE_NAME] == "svc-a"
+        assert got.instrumentation_scope.name == "tests.ingest"  # type: ignore[union-attr]
+        assert got.instrumentation_scope.version == "1.2.3"  # type: ignore[union-attr]
+        assert got.attributes["n"] == want.attributes["n"] and type(got.attributes["n"]) is int  # type: ignore[index]
+        assert got.attributes["ratio"] == 0.25 and got.attributes[attr.AUDIT] is True  # type: ignore[index]
+        assert tuple(got.attributes["tags"]) == ("a", "b")  # type: ignore[index]
+        assert (
+            got.events[0].name == "checkpoint"
+            and got.events[0].attributes["i"] == want.events[0].attributes["i"]
+        )  # type: ignore[index]
+        assert comparable(entry_from_span(got)[0]) == comparable(entry_from_span(want)[0])
+    assert batch.keys[0] == batch.spans[0].context.trace_id.to_bytes(16, "big") + batch.spans[
+        0
+    ].context.span_id.to_bytes(8, "big")
+
+
+def test_json_decodes_like_protobuf() -> None:
+    """OTLP JSON (hex ids, int64 as strings) decodes to the same spans as protobuf."""
+    spans = make_spans(4)
+    a = audit_spans(decode_request(request_bytes(spans), "application/x-protobuf"))
+    b = audit_spans(decode_request(otlp_json(spans), "application/json"))
+    assert [comparable(entry_from_span(s)[0]) for s in a.spans] == [
+        comparable(entry_from_span(s)[0]) for s in b.spans
+    ]
+    with pytest.raises(MalformedRequest, match="hex"):
+        decode_request(
+            b'{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"zz"}]}]}]}', "application/json"
+        )
+
+
+# -- the real OTLP exporter ----------------------------------------------------------------------
+def test_real_protobuf_exporter_into_postgres(pg_server: IngestServer, pg_store: Any) -> None:
+    """OTLPSpanExporter (protobuf, gzip too) -> live server -> one chained record per audit span."""
+    spans = make_spans(30, audit_every=2)
+    assert exporter(pg_server).export(spans[:15]) is SpanExportResult.SUCCESS
+    assert (
+        exporter(pg_server, compression=Compression.Gzip).export(spans[15:])
+        is SpanExportResult.SUCCESS
+    )
+    got = bodies(pg_store)
+    want = audited(spans)
+    assert len(got) == len(want) == 15
+    assert sorted(json.dumps(comparable(b), sort_keys=True) for b in got) == sorted(
+        json.dumps(comparable(entry_from_span(s)[0]), sort_keys=True) for s in want
+    )
+    errors = [b for b in got if b["outcome"] != "ok"]
+    assert errors and all(b["outcome"] == "ValueError" for b in errors)
+    assert {b["service"] for b in got} == {"svc-a"}
+
+
+def test_real_json_exporter(memory_server: tuple[IngestServer, InMemoryStore]) -> None:
+    """The OTLP/HTTP JSON exporter (opentelemetry-exporter-otlp-json-http) is accepted too."""
+    json_http = pytest.importorskip(
+        "opentelemetry.exporter.otlp.json.http.trace_exporter",
+        reason="opentelemetry-exporter-otlp-json-http is not installed",
+    )
+    server, store = memory_server
+    spans = make_spans(6)
+    client = json_http.OTLPSpanExporter(endpoint=server.endpoint, headers=AUTH, timeout=10)
+    assert client.export(spans) is SpanExportResult.SUCCESS
+    assert sorted(b["span_id"] for b in bodies(store)) == sorted(
+        format(s.context.span_id, "016x") for s in audited(spans)
+    )
+
+
+def test_json_body_over_http_with_gzip(memory_server: tuple[IngestServer, InMemoryStore]) -> None:
+    """application/json with Content-Encoding gzip; the response is OTLP JSON."""
+    server, store = memory_server
+    spans = make_spans(5)
+    r = httpx.post(
+        server.endpoint,
+        content=gzip.compress(otlp_json(spans)),
+        headers={**AUTH, "Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert r.json() == {}
+    assert len(bodies(store)) == 5
+
+
+def test_a_span_delivered_twice_is_recorded_once(pg_server: IngestServer, pg_store: Any) -> None:
+    """Exporter retries (or a second collector) deliver the same span again: one record."""
+    spans = make_spans(10)
+    client = exporter(pg_server)
+    assert client.export(spans) is SpanExportResult.SUCCESS
+    assert client.export(spans[:5]) is SpanExportResult.SUCCESS
+    assert client.export(spans + spans) is SpanExportResult.SUCCESS
+    assert len(bodies(pg_store)) == 10
+    assert pg_server.stats["duplicates"] == 5 + 20
+
+
+def test_dedup_without_append_unique_survives_restart(tmp_path: Path) -> None:
+    """A store without append_unique (SQLite) is deduplicated from its log, also after restart."""
+    from coworker.audit.urls import open_store
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    spans = make_spans(6)
+    for _ in range(2):
+        store = open_store(url)
+        with IngestServer(store, token=TOKEN) as server:
+            assert exporter(server).export(spans) is SpanExportResult.SUCCESS
+        store.close()
+    store = open_store(url)
+    assert len(bodies(store)) == 6
+    store.close()
+
+
+# -- status codes --------------------------------------------------------------------------------
+def test_bearer_token_is_required(memory_server: tuple[IngestServer, InMemoryStore]) -> None:
+    """No token, another scheme or a wrong token: 401 with WWW-Authenticate, nothing appended."""
+    server, store = memory_server
+    body = request_bytes(make_spans(2))
+    for headers in (
+        {},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": "Bearer"},
+    ):
+        r = httpx.post(server.endpoint, content=body, headers={**PROTOBUF, **headers})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert status_pb2.Status.FromString(r.content).message
+    assert (
+        exporter(server, headers={"Authorization": "Bearer nope"}).export(make_spans(1))
+        is SpanExportResult.FAILURE
+    )
+    assert list(store.iter_from()) == []
+    assert httpx.get(f"http://127.0.0.1:{server.port}/health").status_code == 200
+
+
+def test_size_limits_give_413(tmp_path: Path) -> None:
+    """Declared, streamed (chunked) and decompressed sizes are all limited."""
+    store = InMemoryStore()
+    with IngestServer(store, token=TOKEN, max_body_bytes=4096) as server:
+        big = request_bytes(make_spans(60))
+        assert len(big) > 4096
+        r = httpx.post(server.endpoint, content=big, headers={**AUTH, **PROTOBUF})
+        assert r.status_code == 413
+
+        def chunks() -> Iterator[bytes]:
+            for i in range(0, len(big), 1000):
+                yield big[i : i + 1000]
+
+        r = httpx.post(server.endpoint, content=chunks(), headers={**AUTH, **PROTOBUF})
+        assert r.status_code == 413
+        bomb = gzip.compress(b"\x00" * 3_000_000)
+        assert len(bomb) < 4096
+        r = httpx.post(
+            server.endpoint, content=bomb, headers={**AUTH, **PROTOBUF, "Content-Encoding": "gzip"}
+        )
+        assert r.status_code == 413
+    assert list(store.iter_from()) == []
+
+
+def test_unsupported_media_type_and_encoding(
+    memory_server: tuple[IngestServer, InMemoryStore],
+) -> None:
+    """Content types other than protobuf/JSON and unknown encodings: 415."""
+    server, _ = memory_server
+    body = request_bytes(make_spans(1))
+    r = httpx.post(server.endpoint, content=body, headers={**AUTH, "Content-Type": "text/plain"})
+    assert r.status_code == 415
+    r = httpx.post(
+        server.endpoint, content=body, headers={**AUTH, **PROTOBUF, "Content-Encoding": "br"}
+    )
+    assert r.status_code == 415
+    assert httpx.get(server.endpoint, headers=AUTH).status_code == 405
+
+
+def test_malformed_body_is_400_with_reason_and_appends_nothing(
+    memory_server: tuple[IngestServer, InMemoryStore],
+) -> None:
+    """A truncated protobuf: 400, a google.rpc.Status naming the problem, no record."""
+    server, store = memory_server
+    body = request_bytes(make_spans(3))
+    r = httpx.post(server.endpoint, content=body[: len(body) // 2], headers={**AUTH, **PROTOBUF})
+    assert r.status_code == 400
+    assert "protobuf" in status_pb2.Status.FromString(r.content).message
+    r = httpx.post(
+        server.endpoint, content=b"{", headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert r.status_code == 400 and "JSON" in r.json()["message"]
+    assert list(store.iter_from()) == []
+
+
+def test_invalid_audit_spans_are_rejected_as_partial_success(
+    memory_server: tuple[IngestServer, InMemoryStore],
+) -> None:
+    """Bad ids, an unended span, a non-boolean coworker.audit: rejected and counted; rest kept."""
+    server, store = memory_server
+    request = encode_spans(make_spans(6))
+    spans = request.resource_spans[0].scope_spans[0].spans
+    audit_ones = [s for s in spans if any(kv.key == attr.AUDIT for kv in s.attributes)]
+    audit_ones[0].span_id = b"\x00" * 8
+    audit_ones[1].trace_id = b"\x01" * 3
+    audit_ones[2].end_time_unix_nano = 0
+    for kv in audit_ones[3].attributes:
+        if kv.key == attr.AUDIT:
+            kv.value.string_value = "true"
+    r = httpx.post(
+        server.endpoint, content=request.SerializeToString(), headers={**AUTH, **PROTOBUF}
+    )
+    assert r.status_code == 200
+    response = ExportTraceServiceResponse.FromString(r.content)
+    assert response.partial_success.rejected_spans == 4
+    assert "span_id" in response.partial_success.error_message
+    assert len(bodies(store)) == 2
+
+
+class _FailingStore(InMemoryStore):
+    """A store that is down until told otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+
+    def append(self, entries: Any, payloads: Any = None) -> list[StoredRecord]:
+        if self.down:
+            raise AuditUnavailable("store is down")
+        return super().append(entries, payloads)
+
+    def head(self) -> Any:
+        if self.down:
+            raise AuditUnavailable("store is down")
+        return super().head()
+
+
+def test_store_down_is_503_with_retry_after_and_the_exporter_retries() -> None:
+    """While the store cannot append: 503 + Retry-After; the real exporter retries and lands."""
+    store = _FailingStore()
+    with IngestServer(store, token=TOKEN, retry_after=1) as server:
+        body = request_bytes(make_spans(3))
+        r = httpx.post(server.endpoint, content=body, headers={**AUTH, **PROTOBUF})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert httpx.get(f"http://127.0.0.1:{server.port}/health").status_code == 503
+        threading.Timer(1.0, lambda: setattr(store, "down", False)).start()
+        assert exporter(server, timeout=20).export(make_spans(4)) is SpanExportResult.SUCCESS
+        assert len(list(store.iter_from())) == 4
+        assert httpx.get(f"http://127.0.0.1:{server.port}/health").json()["head_seq"] == 4
+
+
+def test_postgres_outage_is_503_and_nothing_is_lost(pg: Any) -> None:
+    """The network to PostgreSQL cut: 503; restored: the exporter's retry lands, once."""
+    from coworker.audit.store_postgres import PostgresStore
+    from tests.pg import proxy_to, with_hostport
+
+    url = pg.schema_url()
+    PostgresStore(url, spool=None).close()
+    with proxy_to(pg.url) as proxy:
+        store = PostgresStore(with_hostport(url, "127.0.0.1", proxy.port), spool=None)
+        with IngestServer(store, token=TOKEN, retry_after=1) as server:
+            proxy.cut()
+            r = httpx.post(
+                server.endpoint, content=request_bytes(make_spans(2)), headers={**AUTH, **PROTOBUF}
+            )
+            assert r.status_code == 503 and "retry-after" in r.headers
+            threading.Timer(1.5, proxy.restore).start()
+            spans = make_spans(5)
+            assert exporter(server, timeout=30).export(spans) is SpanExportResult.SUCCESS
+        assert len(bodies(store)) == 5
+        store.close()
+
+
+class _SlowStore(InMemoryStore):
+    def append(self, entries: Any, payloads: Any = None) -> list[StoredRecord]:
+        time.sleep(1.0)
+        return super().append(entries, payloads)
+
+
+def test_graceful_shutdown_finishes_in_flight_appends() -> None:
+    """Stopping the server while an append runs: the request completes and the record is kept."""
+    store = _SlowStore()
+    server = IngestServer(store, token=TOKEN).start()
+    results: list[int] = []
+    body = request_bytes(make_spans(3))
+    t = threading.Thread(
+        target=lambda: results.append(
+            httpx.post(
+                server.endpoint, content=body, headers={**AUTH, **PROTOBUF}, timeout=10
+            ).status_code
+        )
+    )
+    t.start()
+    time.sleep(0.3)
+    server.stop()
+    t.join()
+    assert results == [200]
+    assert len(list(store.iter_from())) == 3
+
+
+# -- fuzz ----------------------------------------------------------------------------------------
+def _hostile_bodies(rng: random.Random) -> Iterator[tuple[str, bytes, dict[str, str], set[int]]]:
+    """(label, body, headers, acceptable status codes); none may create a record."""
+    plain = make_spans(4, audit_every=0)  # valid spans, none audited
+    for s in plain:
+        assert attr.AUDIT not in (s.attributes or {})
+    valid = request_bytes(plain)
+    valid_json = otlp_json(plain)
+    pb, js = PROTOBUF, {"Content-Type": "application/json"}
+    for _ in range(300):  # random bytes
+        yield "random", rng.randbytes(rng.randint(0, 400)), pb, {200, 400}
+    for _ in range(200):  # truncated protobuf
+        yield "truncated", valid[: rng.randint(1, len(valid) - 1)], pb, {200, 400}
+    for _ in range(300):  # bit flips
+        data = bytearray(valid)
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        yield "bitflip", bytes(data), pb, {200, 400}
+    for _ in range(150):  # JSON with wrong types in random places
+        doc = json.loads(valid_json)
+        span = doc["resourceSpans"][0]["scopeSpans"][0]["spans"][rng.randrange(4)]
+        key = rng.choice(["name", "startTimeUnixNano", "kind", "attributes", "status", "traceId"])
+        span[key] = rng.choice([None, 12.5, [], {}, "x" * 5, True, -1, [1, {"a": 2}]])
+        yield "json-types", json.dumps(doc).encode(), js, {200, 400}
+    for _ in range(60):  # truncated JSON
+        yield "json-truncated", valid_json[: rng.randint(1, len(valid_json) - 1)], js, {400}
+    for depth in (50, 200, 1000, 5000):  # deep nesting: JSON arrays and AnyValue kvlists
+        yield "json-deep", b"[" * depth + b"]" * depth, js, {400}
+        inner = _ld(1, b"leaf")  # AnyValue{string_value}
+        for _ in range(depth):
+            # AnyValue{kvlist_value = 6 {values = 1 [KeyValue{key = 1, value = 2}]}}
+            inner = _ld(6, _ld(1, _ld(1, b"k") + _ld(2, inner)))
+        yield "proto-deep", _request_with_attribute_value(inner), pb, {200, 400}
+    for _ in range(40):  # huge attributes on audit spans: rejected, never recorded
+        request = encode_spans(make_spans(1))
+        (span,) = [
+            s
+            for s in request.resource_spans[0].scope_spans[0].spans
+            if any(kv.key == attr.AUDIT for kv in s.attributes)
+        ]
+        extra = span.attributes.add()
+        extra.key = "huge" if rng.random() < 0.5 else "k" * 70_000
+        extra.value.string_value = "x" * rng.randint(70_000, 200_000)
+        yield "huge-attribute", request.SerializeToString(), pb, {200}
+    for _ in range(60):  # compression garbage
+        enc = rng.choice(["gzip", "deflate"])
+        body = rng.randbytes(rng.randint(0, 200))
+        if rng.random() < 0.5:
+            packed = gzip.compress(valid) if enc == "gzip" else zlib.compress(valid)
+            body = packed[: rng.randint(0, len(packed) - 1)]
+        yield "compressed", body, {**pb, "Content-Encoding": enc}, {400}
+    for _ in range(40):  # wrong content types
+        ctype = rng.choice(
+            ["text/plain", "application/xml", "", "application/grpc", "multipart/form-data"]
+        )
+        yield "content-type", valid, {"Content-Type": ctype}, {415}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _ld(field: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field."""
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _request_with_attribute_value(any_value: bytes) -> bytes:
+    """A valid request whose audit span carries one more attribute holding raw AnyValue bytes
+    (built on the wire: the protobuf runtime would refuse to build what we want to send)."""
+    request = encode_spans(make_spans(1))
+    scope_spans = request.resource_spans[0].scope_spans[0]
+    encoded = []
+    for span in scope_spans.spans:
+        raw = span.SerializeToString()
+        if any(kv.key == attr.AUDIT for kv in span.attributes):
+            raw += _ld(9, _ld(1, b"deep") + _ld(2, any_value))  # Span.attributes = 9
+        encoded.append(raw)
+    ss = _ld(1, scope_spans.scope.SerializeToString()) + b"".join(_ld(2, e) for e in encoded)
+    rs = _ld(1, request.resource_spans[0].resource.SerializeToString()) + _ld(2, ss)
+    return _ld(1, rs)
+
+
+def test_fuzz_hostile_bodies_crash_nothing_and_record_nothing() -> None:
+    """>= 1000 malformed or hostile bodies: right status codes, no 5xx, no record, still healthy."""
+    rng = random.Random(20261122)
+    store = InMemoryStore()
+    seen: dict[str, set[int]] = {}
+    count = 0
+    with (
+        IngestServer(store, token=TOKEN, max_body_bytes=1_000_000) as server,
+        httpx.Client(headers=AUTH, timeout=30) as client,
+    ):
+        for label, body, headers, allowed in _hostile_bodies(rng):
+            r = client.post(server.endpoint, content=body, headers=headers)
+            count += 1
+            assert r.status_code in allowed, (label, r.status_code, r.content[:200])
+            seen.setdefault(label, set()).add(r.status_code)
+            if r.status_code == 200 and label in ("huge-attribute", "proto-deep"):
+                rejected = ExportTraceServiceResponse.FromString(r.content).partial_success
+                assert rejected.rejected_spans >= 1, label
+        assert client.get(f"http://127.0.0.1:{server.port}/health").status_code == 200
+    assert count >= 1000
+    assert list(store.iter_from()) == [], "a hostile body produced a record"
+    assert 400 in seen["random"] and 400 in seen["truncated"]
+
+
+# -- load: several client processes --------------------------------------------------------------
+_CLIENT = r"""
+import sys
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+endpoint, token, proc, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+exporter = OTLPSpanExporter(endpoint=endpoint, headers={"Authorization": "Bearer " + token},
+                            timeout=60, compression=Compression.Gzip if proc % 2 else None)
+provider = TracerProvider(resource=Resource.create({"service.name": f"client-{proc}"}))
+provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=n + 10,
+                                               max_export_batch_size=256, schedule_delay_millis=50))
+tracer = provider.get_tracer("load")
+for i in range(n):
+    audit = i % 2 == 0
+    attrs = {"coworker.operation": "update", "coworker.run.id": f"p{proc}-{i}", "user.id": "u"}
+    if audit:
+        attrs.update({"coworker.audit": True, "coworker.audit.category": "state-change"})
+    with tracer.start_as_current_span(f"load-{i}", attributes=attrs):
+        pass
+provider.force_flush(60_000)
+provider.shutdown()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_several_client_processes_each_audit_span_recorded_once(
+    pg_server: IngestServer, pg_store: Any
+) -> None:
+    """4 processes x 2500 spans (half audited) via the real exporter: 5000 records, once each."""
+    procs, n = 4, 2500
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CLIENT, pg_server.endpoint, TOKEN, str(p), str(n)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for p in range(procs)
+    ]
+    for c in children:
+        out, _ = c.communicate(timeout=180)
+        assert c.returncode == 0 and out.strip() == "done"
+    runs = [b["run_id"] for b in bodies(pg_store)]
+    assert len(runs) == len(set(runs)) == procs * n // 2
+
+
+# -- the command ---------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_cli_serve_runs_uvicorn_logs_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """`coworker audit serve` with the token in the environment, JSON logs, clean SIGTERM exit."""
+    port = _free_port()
+    db = tmp_path / "audit.db"
+    env = {**os.environ, "COWORKER_INGEST_TOKEN": TOKEN}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coworker",
+            "audit",
+            "serve",
+            "--url",
+            f"sqlite:///{db}",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--log-format",
+            "json",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        client = OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}/v1/traces", headers=AUTH)
+        assert client.export(make_spans(3)) is SpanExportResult.SUCCESS
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    lines = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+    assert any("POST /v1/traces" in x["message"] for x in lines), err
+    from coworker.audit.urls import open_store
+
+    store = open_store(f"sqlite:///{db}")
+    assert len(bodies(store)) == 3
+    store.close()
+
+
+def test_cli_serve_refuses_to_start_without_a_token(tmp_path: Path) -> None:
+    """No token file and no COWORKER_INGEST_TOKEN: exit 2 with the reason."""
+    env = {k: v for k, v in os.environ.items() if k != "COWORKER_INGEST_TOKEN"}
+    r = subprocess.run(
+        [sys.executable, "-m", "coworker", "audit", "serve", "--url", f"sqlite:///{tmp_path}/a.db"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 2 and "COWORKER_INGEST_TOKEN" in r.stderr
