@@ -88,7 +88,7 @@ class AuditGate:
     def __init__(self, exporter: AuditSpanExporter) -> None:
         self.exporter = exporter
 
-    def intent(self, span: Any) -> int:
+    def intent(self, span: Any) -> int | None:
         """Durably append the intent record of a live span that is about to run.
 
         Sets ``coworker.audit.intent_seq`` on the span, so that the outcome record points at
@@ -98,7 +98,9 @@ class AuditGate:
             span: the live SDK span, with its start attributes set.
 
         Returns:
-            The intent's seq.
+            The intent's seq, or ``None`` when the store accepted it durably without a seq
+            yet (a PostgreSQL store spooling locally during an outage: the spool ships it in
+            order later, and the outcome is paired with it by run id).
 
         Raises:
             AuditUnavailable: the intent could not be made durable; the run must not execute.
@@ -108,6 +110,8 @@ class AuditGate:
         except Exception as exc:
             raise AuditUnavailable(f"cannot build the audit intent record: {exc}") from exc
         records = self.exporter.writer.write([(fields, None)], policy=ON_FAILURE_RAISE)
+        if not records:
+            return None
         seq = records[0].seq
         span.set_attribute(attr.AUDIT_INTENT_SEQ, seq)
         return seq

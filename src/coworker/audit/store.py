@@ -4,7 +4,9 @@ A store is an append-only, hash-chained log of audit records. Every implementati
 (:class:`InMemoryStore`, ``SQLiteStore``, ``PostgresStore``) keeps the same four guarantees:
 
 * ``append`` is atomic: all of the entries it is given are sealed and durable, or none is and
-  it raises :class:`coworker.AuditUnavailable`.
+  it raises :class:`coworker.AuditUnavailable`. A store that makes entries durable first and
+  seals them later (``PostgresStore`` spooling locally during an outage) returns ``[]``: the
+  entries are durable, their seq and hash come when they reach the shared log.
 * ``append`` is serialized with every other ``append`` on the same log (threads, processes,
   hosts): ``seq`` is gapless from 1 and the chain never forks.
 * ``head`` returns the last durable record's ``(seq, hash)``; it is atomic with respect to

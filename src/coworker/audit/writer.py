@@ -74,13 +74,14 @@ def _metrics_hook() -> Callable[[str, str, float], None] | None:
 
 
 class _Ticket:
-    __slots__ = ("done", "entries", "error", "records")
+    __slots__ = ("deferred", "done", "entries", "error", "records")
 
     def __init__(self, entries: Sequence[Entry]) -> None:
         self.entries = entries
         self.records: list[StoredRecord] = []
         self.error: BaseException | None = None
         self.done = False
+        self.deferred = False
 
 
 class AuditWriter:
@@ -128,7 +129,8 @@ class AuditWriter:
                 always uses ``"raise"``).
 
         Returns:
-            The sealed records, or ``[]`` when the ``"log"`` policy queued them for retry.
+            The sealed records; ``[]`` when the ``"log"`` policy queued them for retry, or
+            when the store made them durable but seals them later (a spooling store).
 
         Raises:
             AuditUnavailable: the store failed and the policy is ``"raise"``.
@@ -141,7 +143,7 @@ class AuditWriter:
         with self._write_lock:
             if not ticket.done:
                 self._lead()
-        if ticket.error is None and len(ticket.records) == len(entries):
+        if ticket.error is None and (ticket.deferred or len(ticket.records) == len(entries)):
             return ticket.records
         if ticket.error is None:  # pragma: no cover - a store that returned too few records
             ticket.error = AuditUnavailable("audit store returned fewer records than appended")
@@ -169,6 +171,15 @@ class AuditWriter:
                 raise
             return
         self._record_metrics(entries, "ok", started)
+        if not records and entries:
+            # The store made the entries durable but seals them later (a PostgreSQL store
+            # spooling locally during an outage): done, with no seq to hand back yet. Never
+            # treat this as a failure: retrying would append the entries twice.
+            for t in batch:
+                t.records = []
+                t.deferred = True
+                t.done = True
+            return
         i = 0
         for t in batch:
             t.records = records[i : i + len(t.entries)]
