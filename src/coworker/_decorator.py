@@ -32,7 +32,15 @@ from coworker import attributes as attr
 from coworker._capture import capture
 from coworker._state import SETTINGS
 from coworker.exceptions import PermissionDenied, RateLimited, ValidationError
-from coworker.flow import AI_CONVERSATION, SCOPE, Flow, _restore, _Scope, touch
+from coworker.flow import (
+    AI_CONVERSATION,
+    SCOPE,
+    AsyncContextMixin,
+    Flow,
+    _restore,
+    _Scope,
+    touch,
+)
 
 __all__ = ["Run", "current_run", "run"]
 
@@ -499,7 +507,7 @@ def _end(r: Run, exc: BaseException | None) -> None:
     span.end()
 
 
-class RunOptions:
+class RunOptions(AsyncContextMixin):
     """The options of one ``coworker.run(...)`` call; a decorator and a context manager.
 
     Not created directly: see :func:`run`.
@@ -578,17 +586,6 @@ class RunOptions:
             _log.error("coworker.run block exited out of order; its span may be unfinished")
             return
         _end(r, exc)
-
-    async def __aenter__(self) -> Run:
-        return self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
 
 
 def _qualname(fn: Any) -> str:

@@ -260,7 +260,25 @@ def _break(cell: _FlowCell, reason: str, type: str | None) -> Flow:
     return new
 
 
-class _Block:
+class AsyncContextMixin:
+    """``async with`` for a synchronous context manager: entering and leaving a coworker
+    block never awaits, so the async form just calls the sync one."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> Any:
+        return self.__enter__()  # type: ignore[attr-defined]
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)  # type: ignore[attr-defined]
+
+
+class _Block(AsyncContextMixin):
     """Base of the context managers: set a new scope on enter, restore the old on exit.
 
     Usable with ``with`` and ``async with``; one instance may be entered once at a time.
@@ -285,17 +303,6 @@ class _Block:
         tb: TracebackType | None,
     ) -> None:
         _restore(self._token)
-
-    async def __aenter__(self) -> Any:
-        return self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
 
 
 def _restore(token: contextvars.Token[_Scope]) -> None:

@@ -24,7 +24,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from coworker import attributes as attr
 from coworker._state import SETTINGS
-from coworker.flow import SCOPE, Flow, _FlowCell, _restore, _Scope
+from coworker.flow import SCOPE, AsyncContextMixin, Flow, _FlowCell, _restore, _Scope
 from coworker.identity import Agent, Identity, User
 
 __all__ = ["extract", "inject", "propagate"]
@@ -103,7 +103,7 @@ class _RemoteParent:
         self.chain_id = chain_id
 
 
-class Extracted:
+class Extracted(AsyncContextMixin):
     """A context manager that continues a trace and flow received from another process."""
 
     __slots__ = ("_otel_ctx", "_otel_token", "_scope", "_scope_token", "identity_claimed")
@@ -134,17 +134,6 @@ class Extracted:
     ) -> None:
         _restore(self._scope_token)
         otel_context.detach(self._otel_token)
-
-    async def __aenter__(self) -> Extracted:
-        return self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
 
 
 def extract(

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from coworker.audit.record import KIND_CORRECTION, KIND_INTENT, KIND_OUTCOME, OUTCOME_OK
+from coworker.audit.record import (
+    KIND_CORRECTION,
+    KIND_INTENT,
+    KIND_OUTCOME,
+    OUTCOME_OK,
+    QUERY_FILTERS,
+)
 from coworker.audit.record import format_time as _format_ns
 from coworker.audit.store import AuditStore, StoredRecord
 from coworker.exceptions import ConfigError
@@ -34,18 +40,7 @@ __all__ = [
 IN_DOUBT: Final = "in-doubt"
 """Status of an intent record with no outcome: the run may or may not have happened."""
 
-# filter name -> body field
-_FILTERS: Final = {
-    "flow_id": "flow_id",
-    "user": "user_id",
-    "agent": "agent_id",
-    "doctype": "doctype",
-    "operation": "operation",
-    "category": "category",
-    "kind": "kind",
-    "run_id": "run_id",
-    "span_id": "span_id",
-}
+_FILTERS: Final = QUERY_FILTERS
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

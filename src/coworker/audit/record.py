@@ -34,6 +34,7 @@ __all__ = [
     "KIND_INTENT",
     "KIND_OUTCOME",
     "OUTCOME_OK",
+    "QUERY_FILTERS",
     "SCHEMA_VERSION",
     "canonical",
     "correction_entry",
@@ -343,3 +344,18 @@ def _correction_value(value: Any) -> Any:
     if isinstance(value, int) and -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
         return value
     return _as_str(value)
+
+
+QUERY_FILTERS: Final = {
+    "flow_id": "flow_id",
+    "user": "user_id",
+    "agent": "agent_id",
+    "doctype": "doctype",
+    "operation": "operation",
+    "category": "category",
+    "kind": "kind",
+    "run_id": "run_id",
+    "span_id": "span_id",
+    "trace_id": "trace_id",
+}
+"""Query filter name (``coworker audit query --user``) → record field, for every store."""

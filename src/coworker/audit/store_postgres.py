@@ -62,7 +62,7 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
 from coworker.audit.chain import seal
-from coworker.audit.record import canonical
+from coworker.audit.record import QUERY_FILTERS, canonical
 from coworker.audit.spool import Spool, SpoolEntry, SpoolStatus
 from coworker.audit.store import Head, StoredRecord
 from coworker.exceptions import AuditUnavailable, ConfigError
@@ -95,18 +95,7 @@ _COLUMNS: Final = (
     "user_id", "agent_id", "trace_id", "span_id", "recorded_at",
 )  # fmt: skip
 
-_FILTER_COLUMNS: Final = {
-    "flow_id": "flow_id",
-    "user": "user_id",
-    "agent": "agent_id",
-    "doctype": "doctype",
-    "operation": "operation",
-    "category": "category",
-    "kind": "kind",
-    "run_id": "run_id",
-    "span_id": "span_id",
-    "trace_id": "trace_id",
-}
+_FILTER_COLUMNS: Final = QUERY_FILTERS
 
 # Coworker's own URL query parameters; everything else goes to libpq.
 _URL_SCHEMA: Final = "schema"

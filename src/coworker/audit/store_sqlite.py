@@ -41,6 +41,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from coworker.audit.chain import seal
+from coworker.audit.record import QUERY_FILTERS
 from coworker.audit.store import Head, StoredRecord
 from coworker.exceptions import AuditUnavailable, ConfigError
 
@@ -109,17 +110,7 @@ _INSERT: Final = (
     f"VALUES ({', '.join('?' * (len(_COLUMNS) + 5))})"
 )
 
-_FILTER_COLUMNS: Final = {
-    "flow_id": "flow_id",
-    "user": "user_id",
-    "agent": "agent_id",
-    "doctype": "doctype",
-    "operation": "operation",
-    "category": "category",
-    "kind": "kind",
-    "run_id": "run_id",
-    "span_id": "span_id",
-}
+_FILTER_COLUMNS: Final = QUERY_FILTERS
 
 
 class SQLiteStore:
