@@ -113,7 +113,10 @@ def test_sigkill_mid_load_loses_no_returned_call(db_path: Path) -> None:
         if len(returned) >= 300:
             break
     os.kill(child.pid, signal.SIGKILL)
-    rest, _ = child.communicate(timeout=30)
+    # Read through the text wrapper (not communicate(), which reads the raw pipe and would
+    # skip lines the wrapper already buffered): every line the child printed before dying.
+    rest = child.stdout.read()
+    child.wait(timeout=30)
     returned |= {int(n) for n in rest.split()}
     assert child.returncode == -signal.SIGKILL
     recorded = _recorded_inputs(db_path)
