@@ -4,6 +4,9 @@ checked on the spans (OTel SDK in-memory exporter) and in the audit trail."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -392,3 +395,49 @@ def test_configure_accepts_an_enforcer_with_a_shared_rate_limiter(spans: Any) ->
         delete_invoice("INV-1")
     assert info.value.retry_after == 12.0
     assert body_ran == []
+
+
+_NO_SDK_POLICY = """
+import asyncio, sys, coworker
+from opentelemetry import trace
+coworker.configure(policy={"roles": {"clerk": {"Invoice": ["select"]}},
+                           "users": {"u1": ["clerk"]}})
+ran = []
+
+@coworker.run(operation="delete", doctype="Invoice")
+def delete():
+    ran.append("delete")
+
+@coworker.run(operation="select", doctype="Invoice")
+def select():
+    ran.append("select")
+
+@coworker.run(operation="delete", doctype="Invoice")
+def delete_many():
+    ran.append("gen")
+    yield 1
+
+with coworker.acting_as("u1", "agent-1"):
+    select()
+    for fn in (delete, lambda: list(delete_many())):
+        try:
+            fn()
+        except coworker.PermissionDenied as exc:
+            ran.append(type(exc).__name__)
+print(ran, type(trace.get_tracer_provider()).__name__, "opentelemetry.sdk" in sys.modules)
+"""
+
+
+def test_policy_enforced_without_any_sdk() -> None:
+    """OTEL_SDK_DISABLED: no provider and no spans, but every callable kind is still checked."""
+    env = {**os.environ, "OTEL_SDK_DISABLED": "true"}
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_SDK_POLICY],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout.split("] ")[0] + "]" == ("['select', 'PermissionDenied', 'PermissionDenied']")
+    assert out.stdout.split("] ")[1].split()[0] == "ProxyTracerProvider"
