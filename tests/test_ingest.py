@@ -704,3 +704,36 @@ def test_cli_serve_refuses_to_start_without_a_token(tmp_path: Path) -> None:
         timeout=30,
     )
     assert r.returncode == 2 and "COWORKER_INGEST_TOKEN" in r.stderr
+
+
+def test_real_coworker_spans_with_audit_false_are_skipped_not_rejected(
+    memory_server: tuple[IngestServer, InMemoryStore], spans: Any
+) -> None:
+    """Every coworker span carries coworker.audit (true or false): false is skipped quietly,
+    never reported as a rejected span; the true ones are recorded."""
+    import coworker
+
+    server, store = memory_server
+
+    @coworker.run(operation="select", doctype="Invoice")
+    def read() -> None: ...
+
+    @coworker.run(operation="update", doctype="Invoice")
+    def write() -> None:
+        read()
+
+    with coworker.flow("api-request", "ingest-flow"), coworker.acting_as("u1", "agent-1"):
+        write()
+    finished = list(spans.get_finished_spans())
+    assert [s.attributes[attr.AUDIT] for s in finished] == [False, True]
+    r = httpx.post(
+        server.endpoint,
+        content=encode_spans(finished).SerializeToString(),
+        headers={**AUTH, **PROTOBUF},
+    )
+    assert r.status_code == 200
+    response = ExportTraceServiceResponse.FromString(r.content)
+    assert response.partial_success.rejected_spans == 0
+    assert [b["operation"] for b in bodies(store)] == ["update"]
+    assert exporter(server).export(finished) is SpanExportResult.SUCCESS
+    assert len(bodies(store)) == 1  # the re-delivery is deduplicated

@@ -254,8 +254,8 @@ def audit_spans(
             for span in ss.spans:
                 batch.total += 1
                 flag = _audit_flag(span.attributes)
-                if flag is None:
-                    continue
+                if flag is None or flag is False:
+                    continue  # not for the audit trail (every coworker span carries the flag)
                 if flag is not True:
                     batch.reject(f"span {span.name[:80]!r}: coworker.audit must be a boolean")
                     continue
