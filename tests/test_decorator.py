@@ -520,3 +520,56 @@ def test_fast_binder_matches_signature_bind() -> None:
             except TypeError:
                 got = TypeError
             assert got == expected, (fn.__name__, args, kwargs)
+
+
+def test_bound_arguments_for_every_method_form(spans: Any) -> None:
+    """capture_input names the arguments right for decorated methods and for bound methods
+    given directly (never shifted by a dropped self/cls)."""
+
+    class A:
+        def m(self, x: int, y: int = 2) -> int:
+            return x + y
+
+        @classmethod
+        def c(cls, x: int) -> int:
+            return x
+
+        @staticmethod
+        def s(x: int) -> int:
+            return x
+
+    class B:
+        @coworker.run(capture_input=True)
+        def m(self, x: int, y: int = 2) -> int:
+            return x
+
+        @coworker.run(capture_input=True)
+        @classmethod
+        def c(cls, x: int) -> int:
+            return x
+
+        @coworker.run(capture_input=True)
+        @staticmethod
+        def s(x: int) -> int:
+            return x
+
+    a = A()
+    coworker.run(a.m, capture_input=True)(1)
+    coworker.run(A.c, capture_input=True)(5)
+    coworker.run(A.s, capture_input=True)(7)
+    B().m(1)
+    B.c(2)
+    B().c(3)
+    B.s(4)
+    B().s(5)
+    got = [s.attributes[attr.INPUT] for s in spans.get_finished_spans()]
+    assert got == [
+        '{"x":1,"y":2}',
+        '{"x":5}',
+        '{"x":7}',
+        '{"x":1,"y":2}',
+        '{"x":2}',
+        '{"x":3}',
+        '{"x":4}',
+        '{"x":5}',
+    ]

@@ -223,6 +223,7 @@ class _Spec:
         "forced",
         "op_key",
         "operation",
+        "prebound",
         "short",
         "sig",
         "sig_bound",
@@ -241,6 +242,9 @@ class _Spec:
         self.capture_input = options.capture_input
         self.capture_output = options.capture_output
         self.target = target
+        # A bound method given directly (coworker.run(obj.method)): its signature already
+        # lacks self, unlike a function that wrapt binds at attribute access.
+        self.prebound = inspect.ismethod(target)
         self.sig: _Binder | None = None
         self.sig_bound: _Binder | None = None
         static: dict[str, Any] = {}
@@ -325,7 +329,8 @@ def _bind(spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -
             params = list(sig.parameters.values())
             spec.sig_bound = _Binder(sig.replace(parameters=params[1:]) if params else sig)
             spec.sig = _Binder(sig)
-        binder = spec.sig_bound if getattr(wrapped, "__self__", None) is not None else spec.sig
+        bound_now = not spec.prebound and getattr(wrapped, "__self__", None) is not None
+        binder = spec.sig_bound if bound_now else spec.sig
         assert binder is not None
         return binder.bind(args, kwargs)
     except (TypeError, ValueError):
