@@ -37,3 +37,29 @@ def test_payload_is_not_hashed() -> None:
     with_payload = seal([{"a": "1"}], None, [b"secret"])
     without = seal([{"a": "1"}], None, [None])
     assert with_payload[0].hash == without[0].hash
+
+
+def test_prepared_bodies_are_byte_identical_to_canonical() -> None:
+    """Splicing the seq into a prepared template gives exactly canonical({**fields, seq})."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from coworker.audit.chain import Prepared
+    from coworker.audit.record import canonical
+
+    keys = st.text(min_size=1, max_size=12).filter(lambda k: k != "seq")
+    values = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1),
+        st.text(max_size=30),
+        st.just('"seq":0'),
+        st.just('\\"seq":0,'),
+    )
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(keys, values, max_size=8), st.integers(min_value=1, max_value=2**53 - 1))
+    def check(fields: dict, seq: int) -> None:
+        assert Prepared(fields).body(seq) == canonical({**fields, "seq": seq})
+
+    check()

@@ -15,7 +15,7 @@ from typing import Any
 from coworker.audit.record import canonical
 from coworker.audit.store import Head, StoredRecord
 
-__all__ = ["GENESIS_PREV_HASH", "link", "seal"]
+__all__ = ["GENESIS_PREV_HASH", "Prepared", "link", "prepare", "seal"]
 
 GENESIS_PREV_HASH: bytes = bytes(32)
 """The ``prev_hash`` of record 1: 32 zero bytes (hex ``00…00``)."""
@@ -36,8 +36,44 @@ def link(prev_hash: bytes, body: bytes) -> bytes:
     return h.digest()
 
 
+_SEQ_MARK = b'"seq":0'
+
+
+class Prepared:
+    """An entry canonicalised ahead of time, with a hole where its ``seq`` goes.
+
+    Stores prepare entries *before* taking their append lock, so that the serialized section
+    only splices in the seq and hashes. The bytes are identical to ``canonical({**fields,
+    "seq": seq})``: in RFC 8785 output an integer is its decimal digits, and the key
+    ``"seq":`` can only appear once outside a string (quotes inside strings are escaped).
+
+    Attributes:
+        fields: the entry's fields (without ``seq``).
+    """
+
+    __slots__ = ("_after", "_before", "fields")
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        self.fields = fields
+        template = canonical({**fields, "seq": 0})
+        at = template.find(_SEQ_MARK)
+        if at < 0:  # pragma: no cover - canonical() always writes the key
+            raise ValueError("canonical record without a seq key")
+        self._before = template[: at + len(_SEQ_MARK) - 1]
+        self._after = template[at + len(_SEQ_MARK) :]
+
+    def body(self, seq: int) -> bytes:
+        """The canonical bytes of the entry with this ``seq``."""
+        return b"%b%d%b" % (self._before, seq, self._after)
+
+
+def prepare(entries: Iterable[Mapping[str, Any]]) -> list[Prepared]:
+    """Canonicalise entries ahead of :func:`seal` (outside a store's lock)."""
+    return [e if isinstance(e, Prepared) else Prepared(e) for e in entries]
+
+
 def seal(
-    entries: Iterable[Mapping[str, Any]],
+    entries: Iterable[Mapping[str, Any] | Prepared],
     head: Head | None,
     payloads: Sequence[bytes | None] | None = None,
 ) -> list[StoredRecord]:
@@ -46,7 +82,8 @@ def seal(
     Stores call this while they hold their append lock, with the head they just read.
 
     Args:
-        entries: record fields without ``seq`` (see :mod:`coworker.audit.record`).
+        entries: record fields without ``seq`` (see :mod:`coworker.audit.record`), or
+            :class:`Prepared` entries (canonicalised already: much less work under a lock).
         head: the current head of the log, or ``None`` when it is empty.
         payloads: the separate (erasable) payload bytes for each entry, or ``None``.
 
@@ -58,7 +95,10 @@ def seal(
     out: list[StoredRecord] = []
     for i, fields in enumerate(entries):
         seq += 1
-        body = canonical({**fields, "seq": seq})
+        if isinstance(fields, Prepared):
+            body = fields.body(seq)
+        else:
+            body = canonical({**fields, "seq": seq})
         digest = link(prev, body)
         payload = payloads[i] if payloads is not None else None
         out.append(StoredRecord(seq=seq, prev_hash=prev, hash=digest, body=body, payload=payload))

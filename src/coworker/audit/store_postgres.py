@@ -61,7 +61,7 @@ from psycopg import sql
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
-from coworker.audit.chain import seal
+from coworker.audit.chain import prepare, seal
 from coworker.audit.record import QUERY_FILTERS, canonical
 from coworker.audit.spool import Spool, SpoolEntry, SpoolStatus
 from coworker.audit.store import Head, StoredRecord
@@ -719,6 +719,7 @@ class PostgresStore:
         # Everything that does not depend on the head is encoded before taking the lock:
         # the lock is held by one writer at a time, so every microsecond under it counts.
         plain = [_column_values(it.fields) for it in items]
+        prepared = prepare(it.fields for it in items)
         attempted = [a for it in items for a in it.attempted]
         keys = [it.dedup_key for it in items if it.dedup_key is not None]
         committed: dict[int, StoredRecord] = {}
@@ -766,7 +767,7 @@ class PostgresStore:
             todo = (
                 [i for i in range(len(items)) if i not in skip] if skip else list(range(len(items)))
             )
-            sealed = seal([items[i].fields for i in todo], head, [items[i].payload for i in todo])
+            sealed = seal([prepared[i] for i in todo], head, [items[i].payload for i in todo])
             if sealed:
                 for i, rec in zip(todo, sealed, strict=True):
                     sealed_hashes[i] = (rec.seq, rec.hash)

@@ -40,7 +40,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
-from coworker.audit.chain import seal
+from coworker.audit.chain import prepare, seal
 from coworker.audit.record import QUERY_FILTERS
 from coworker.audit.store import Head, StoredRecord
 from coworker.exceptions import AuditUnavailable, ConfigError
@@ -258,6 +258,10 @@ class SQLiteStore:
         """
         if not entries:
             return []
+        try:
+            prepared = prepare(entries)  # canonicalise before the lock: less time holding it
+        except ValueError as exc:
+            raise AuditUnavailable(f"audit store {self.path!r}: unencodable record: {exc}") from exc
         with self._lock:
             conn = self._connection()
             try:
@@ -270,7 +274,7 @@ class SQLiteStore:
                         "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1"
                     ).fetchone()
                     head = Head(row[0], row[1]) if row is not None else None
-                    sealed = seal(entries, head, payloads)
+                    sealed = seal(prepared, head, payloads)
                     rows = [_row(r, e) for r, e in zip(sealed, entries, strict=True)]
                     conn.executemany(_INSERT, rows)
                     blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
