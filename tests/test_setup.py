@@ -195,3 +195,55 @@ def test_debug_from_environment(spans: Any, monkeypatch: Any) -> None:
         f()
     (s,) = spans.get_finished_spans()
     assert attr.EXCEPTION_STACKTRACE in s.events[0].attributes
+
+
+def test_failed_configure_keeps_the_previous_configuration(spans: Any, tmp_path: Any) -> None:
+    """A configure() that raises changes nothing: the previous policy stays in force."""
+    policy = {"roles": {"clerk": {"Invoice": ["select"]}}, "users": {"u1": ["clerk"]}}
+    coworker.configure(policy=policy, metrics=False)
+
+    @coworker.run(operation="delete", doctype="Invoice")
+    def delete() -> None: ...
+
+    with pytest.raises(coworker.ConfigError):
+        coworker.configure(audit="bogus://x", metrics=False)
+    with pytest.raises(coworker.ConfigError, match="flow_idle_timeout"):
+        coworker.configure(policy=None, flow_idle_timeout=-1, metrics=False)
+    with coworker.acting_as("u1"), pytest.raises(coworker.PermissionDenied):
+        delete()
+
+
+def test_audit_with_sdk_disabled_is_refused() -> None:
+    """OTEL_SDK_DISABLED with an audit store configured fails fast instead of auditing nothing."""
+    code = textwrap.dedent(
+        """
+        import coworker
+        try:
+            coworker.configure(audit="sqlite:///never.db", fail_closed=True, metrics=False)
+        except coworker.ConfigError as exc:
+            print("refused:", "OTEL_SDK_DISABLED" in str(exc))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"OTEL_SDK_DISABLED": "true", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "refused: True"
+
+
+def test_http_json_protocol_warns_and_falls_back(monkeypatch: Any, caplog: Any) -> None:
+    """OTLP http/json (unsupported by the Python exporters) is said, not silently swapped."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    from coworker._setup import _otlp_exporter
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    assert isinstance(_otlp_exporter(), OTLPSpanExporter)
+    assert "http/json is not supported" in caplog.text
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
+    with pytest.raises(coworker.ConfigError, match="carrier-pigeon"):
+        _otlp_exporter()

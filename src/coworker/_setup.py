@@ -98,16 +98,16 @@ def configure(
             (audit store, policy) fail here rather than fall back.
     """
     global _processor, _owns_provider, _audit_pipeline, _atexit_registered
+    # Validate and build everything first, apply last: a configure() that raises leaves the
+    # previous configuration (policy, audit trail, exporters) fully in force.
     if audit_failure not in ("raise", "log"):
         raise ConfigError(f"audit_failure={audit_failure!r}: use 'raise' or 'log'")
     if capture_limit is not None and (not isinstance(capture_limit, int) or capture_limit < 16):
         raise ConfigError(f"capture_limit={capture_limit!r}: must be an int >= 16")
+    if flow_idle_timeout is not None and flow_idle_timeout < 0:
+        raise ConfigError(f"flow_idle_timeout={flow_idle_timeout!r} must be >= 0")
     with _lock:
-        enforcer = None
-        if policy is not None or require_identity:
-            from coworker.acl import build_enforcer
-
-            enforcer = build_enforcer(policy, require_identity=require_identity)
+        debug = config.resolve(debug, config.COWORKER_DEBUG, False, config.parse_bool)
         fail_closed = config.resolve(
             fail_closed, config.COWORKER_AUDIT_FAIL_CLOSED, False, config.parse_bool
         )
@@ -115,92 +115,86 @@ def configure(
             audit = os.environ.get(config.COWORKER_AUDIT_URL) or None
         if audit is True:
             audit = "sqlite:///" + config.DEFAULT_AUDIT_PATH
-        if fail_closed and audit in (None, False):
+        wants_audit = audit not in (None, False)
+        if fail_closed and not wants_audit:
             raise ConfigError("fail_closed=True needs an audit store (audit=...)")
+        disabled = _sdk_disabled()
+        if disabled and wants_audit:
+            # The audit trail is built from spans: without the SDK there would be none, and
+            # fail-closed would protect nothing. A security setting fails fast.
+            raise ConfigError(
+                f"OTEL_SDK_DISABLED=true, but audit={audit!r} is configured: the audit trail "
+                "is built from spans, so it would be silently off; unset one of the two"
+            )
+        enforcer = None
+        if policy is not None or require_identity:
+            from coworker.acl import build_enforcer
 
-        s = SETTINGS
-        s.debug = config.resolve(debug, config.COWORKER_DEBUG, False, config.parse_bool)
-        s.policy = enforcer
-        if state_changing_operations is not None:
-            s.state_changing = frozenset(o.lower() for o in state_changing_operations)
+            enforcer = build_enforcer(policy, require_identity=require_identity)
         sensitive = set(sensitive_doctypes or ())
         if enforcer is not None:
             sensitive |= set(getattr(enforcer, "sensitive_doctypes", ()))
+
+        members: list[Any] = []
+        pipeline = None
+        provider: Any = None
+        if not disabled:
+            from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            provider = trace.get_tracer_provider()
+            if not isinstance(provider, trace.ProxyTracerProvider | TracerProvider):
+                raise ConfigError(
+                    f"the global tracer provider is a {type(provider).__name__}, not the OTel "
+                    "SDK's TracerProvider: coworker cannot add its processors to it"
+                )
+            will_own = _owns_provider or isinstance(provider, trace.ProxyTracerProvider)
+            exporters = (
+                []
+                if exporter is None
+                else (list(exporter) if isinstance(exporter, list | tuple) else [exporter])
+            )
+            if otlp or (otlp is None and will_own and _otlp_env_set()):
+                exporters.append(_otlp_exporter())
+            if wants_audit:
+                from coworker.audit.pipeline import build_pipeline
+
+                pipeline = build_pipeline(audit, fail_closed=fail_closed, on_failure=audit_failure)
+                members.append(pipeline.processor)
+            if metrics:
+                from coworker.metrics import RunMetricsProcessor
+
+                members.append(RunMetricsProcessor())
+            for item in exporters:
+                members.append(
+                    item if isinstance(item, SpanProcessor) else BatchSpanProcessor(item)
+                )
+
+        # -- apply ----------------------------------------------------------------------
+        s = SETTINGS
+        s.debug = debug
+        s.policy = enforcer
+        if state_changing_operations is not None:
+            s.state_changing = frozenset(o.lower() for o in state_changing_operations)
         s.sensitive_doctypes = frozenset(sensitive)
         if redact is not None:
             s.redact = tuple(r.lower() for r in redact)
         if capture_limit is not None:
             s.capture_limit = capture_limit
         if flow_idle_timeout is not None:
-            if flow_idle_timeout < 0:
-                raise ConfigError(f"flow_idle_timeout={flow_idle_timeout!r} must be >= 0")
             s.flow_idle_timeout = flow_idle_timeout
         if trust_baggage_identity is not None:
             s.trust_baggage_identity = trust_baggage_identity
-
-        if _sdk_disabled():
+        if disabled:
             _log.info("OTEL_SDK_DISABLED=true: coworker runs create no spans; policy still applies")
-            if audit not in (None, False):
-                _log.error(
-                    "OTEL_SDK_DISABLED=true: the audit trail is OFF (it is built from spans)"
-                )
             s.audit_gate = None
             return
-
-        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-        from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        from coworker._sdk import CoworkerProcessor, PrivateRandomIdGenerator
-
-        provider = trace.get_tracer_provider()
-        if isinstance(provider, trace.ProxyTracerProvider):
-            resource = Resource.create({SERVICE_NAME: service_name} if service_name else {})
-            provider = TracerProvider(resource=resource, id_generator=PrivateRandomIdGenerator())
-            trace.set_tracer_provider(provider)
-            if trace.get_tracer_provider() is not provider:  # lost a race with the app
-                provider = trace.get_tracer_provider()
-            else:
-                _owns_provider = True
-        if not isinstance(provider, TracerProvider):
-            raise ConfigError(
-                f"the global tracer provider is a {type(provider).__name__}, not the OTel SDK's "
-                "TracerProvider: coworker cannot add its processors to it"
-            )
-        if service_name and not _owns_provider:
-            current = provider.resource.attributes.get(SERVICE_NAME)
-            if current != service_name:
-                _log.warning(
-                    "configure(service_name=%r) ignored: the application's provider already "
-                    "names the service %r",
-                    service_name,
-                    current,
-                )
+        provider = _install_provider(provider, service_name)
         if _processor is None:
+            from coworker._sdk import CoworkerProcessor
+
             _processor = CoworkerProcessor()
             provider.add_span_processor(_processor)
-
-        members: list[Any] = []
-        pipeline = None
-        if audit not in (None, False):
-            from coworker.audit.pipeline import build_pipeline
-
-            pipeline = build_pipeline(audit, fail_closed=fail_closed, on_failure=audit_failure)
-            members.append(pipeline.processor)
-        if metrics:
-            from coworker.metrics import RunMetricsProcessor
-
-            members.append(RunMetricsProcessor())
-        exporters = (
-            []
-            if exporter is None
-            else (list(exporter) if isinstance(exporter, list | tuple) else [exporter])
-        )
-        for item in exporters:
-            members.append(item if isinstance(item, SpanProcessor) else BatchSpanProcessor(item))
-        if otlp or (otlp is None and _owns_provider and _otlp_env_set()):
-            members.append(BatchSpanProcessor(_otlp_exporter()))
-
         old = _processor.replace(members)
         old_pipeline, _audit_pipeline = _audit_pipeline, pipeline
         s.audit_gate = pipeline.gate if pipeline is not None and fail_closed else None
@@ -211,6 +205,32 @@ def configure(
             # with shutdown_on_exit=False by the application.
             atexit.register(shutdown)
             _atexit_registered = True
+
+
+def _install_provider(provider: Any, service_name: str | None) -> Any:
+    """Install an SDK provider when none is set; otherwise keep the application's."""
+    global _owns_provider
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from coworker._sdk import PrivateRandomIdGenerator
+
+    if isinstance(provider, trace.ProxyTracerProvider):
+        resource = Resource.create({SERVICE_NAME: service_name} if service_name else {})
+        mine = TracerProvider(resource=resource, id_generator=PrivateRandomIdGenerator())
+        trace.set_tracer_provider(mine)
+        provider = trace.get_tracer_provider()
+        _owns_provider = provider is mine  # False if the app won a race to set its own
+    if service_name and not _owns_provider:
+        current = provider.resource.attributes.get(SERVICE_NAME)
+        if current != service_name:
+            _log.warning(
+                "configure(service_name=%r) ignored: the application's provider already "
+                "names the service %r",
+                service_name,
+                current,
+            )
+    return provider
 
 
 def _otlp_env_set() -> bool:
@@ -232,13 +252,24 @@ def _otlp_exporter() -> Any:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         return OTLPSpanExporter()
-    if protocol in ("http/protobuf", "http/json"):
+    if protocol == "http/json":
+        # The OTel Python exporters have no JSON encoding; say so rather than send protobuf
+        # silently (the operational trail is a tuning knob: warn and fall back).
+        _log.warning(
+            "OTEL_EXPORTER_OTLP_PROTOCOL=http/json is not supported by the OTel Python "
+            "exporters; sending http/protobuf to the same endpoint"
+        )
+        protocol = "http/protobuf"
+    if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
             OTLPSpanExporter as HTTPExporter,
         )
 
         return HTTPExporter()
-    raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
+    raise ConfigError(
+        f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf (http/json falls "
+        "back to http/protobuf)"
+    )
 
 
 def _shutdown_members(members: Iterable[Any], pipeline: Any) -> None:
