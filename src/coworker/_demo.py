@@ -164,35 +164,31 @@ def _print_run(span: Any, children: dict[str, list[Any]], indent: int, out: Text
         _print_run(child, children, indent + 2, out)
 
 
-def _print_audit(url: str, out: TextIO) -> bool:
-    from coworker.audit import open_store, verify_chain
+def _print_audit(store: Any, url: str, out: TextIO) -> bool:
+    from coworker.audit import verify_chain
 
-    store = open_store(url)
-    try:
-        records = [r.fields() for r in store.iter_from(1)]
-        print(f"\naudit trail: {len(records)} records in {url}", file=out)
-        for rec in records[-8:]:
-            print(
-                "  seq {seq:>4}  {category:<22} {operation} {doctype}  outcome={outcome}  "
-                "user={user}  agent={agent}".format(
-                    seq=rec.get("seq"),
-                    category=str(rec.get("category")),
-                    operation=rec.get("operation") or "-",
-                    doctype=rec.get("doctype") or "-",
-                    outcome=rec.get("outcome"),
-                    user=rec.get("user_id") or "-",
-                    agent=rec.get("agent_id") or "-",
-                ),
-                file=out,
-            )
-        report = verify_chain(store)
-        state = "intact" if report.ok else f"BROKEN: {report.detail}"
-        head = report.head
-        head_text = f"head seq={head.seq} hash={head.hash_hex[:16]}…" if head else "empty"
-        print(f"verify: {state}; {head_text}", file=out)
-        return report.ok
-    finally:
-        store.close()
+    records = [r.fields() for r in store.iter_from(1)]
+    print(f"\naudit trail: {len(records)} records in {url}", file=out)
+    for rec in records[-8:]:
+        print(
+            "  seq {seq:>4}  {category:<22} {operation} {doctype}  outcome={outcome}  "
+            "user={user}  agent={agent}".format(
+                seq=rec.get("seq"),
+                category=str(rec.get("category")),
+                operation=rec.get("operation") or "-",
+                doctype=rec.get("doctype") or "-",
+                outcome=rec.get("outcome"),
+                user=rec.get("user_id") or "-",
+                agent=rec.get("agent_id") or "-",
+            ),
+            file=out,
+        )
+    report = verify_chain(store)
+    state = "intact" if report.ok else f"BROKEN: {report.detail}"
+    head = report.head
+    head_text = f"head seq={head.seq} hash={head.hash_hex[:16]}…" if head else "empty"
+    print(f"verify: {state}; {head_text}", file=out)
+    return report.ok
 
 
 def main(audit_url: str | None = None, audit: bool = True, out: TextIO = sys.stdout) -> int:
@@ -223,9 +219,12 @@ def main(audit_url: str | None = None, audit: bool = True, out: TextIO = sys.std
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         print(f"\nsent over OTLP to {os.environ['OTEL_EXPORTER_OTLP_ENDPOINT']}", file=out)
     ok = True
-    coworker.shutdown()
     if url is not None:
-        ok = _print_audit(url, out)
+        # Read through the store the run wrote to (a memory:// store exists only there).
+        from coworker._setup import audit_store
+
+        ok = _print_audit(audit_store(), url, out)
+    coworker.shutdown()
     return 0 if ok else 1
 
 

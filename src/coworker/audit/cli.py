@@ -275,6 +275,8 @@ def _cmd_correct(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep or not key:
             return _fail(f"--set {item!r}: use FIELD=VALUE")
+        if key in ("seq", "reason", "by", "store"):
+            return _fail(f"--set {item!r}: {key!r} cannot be corrected (it names the correction)")
         changes[key] = value
     try:
         with _store(args.url, readonly=False) as store:

@@ -81,9 +81,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     store: Any = None
     try:
         if is_pg:
-            from coworker.audit.store_postgres import PostgresStore, default_spool_path
+            from coworker.audit.store_postgres import PostgresStore
+            from coworker.audit.store_postgres import spool_path as url_spool_path
 
-            spool_path = Path(args.spool) if args.spool else default_spool_path(url)
+            spool_path = Path(args.spool) if args.spool else url_spool_path(url)
             # spool=None: a status check reads the spool, it does not ship it.
             store = PostgresStore(url, spool=None)
         else:

@@ -73,6 +73,7 @@ __all__ = [
     "AppendResult",
     "PostgresStore",
     "default_spool_path",
+    "spool_path",
     "writer_grants",
 ]
 
@@ -207,6 +208,17 @@ def default_spool_path(url: str) -> Path:
     key = "|".join(str(info.get(k) or "") for k in ("host", "hostaddr", "port", "dbname", "user"))
     digest = hashlib.sha256(f"{key}|{schema}".encode()).hexdigest()[:16]
     return Path(".coworker") / "spool" / f"pg-{digest}.db"
+
+
+def spool_path(url: str) -> Path | None:
+    """The spool a :class:`PostgresStore` opened on ``url`` uses: the URL's ``?spool=`` file,
+    ``None`` for ``spool=off``, else :func:`default_spool_path`."""
+    _, _, url_spool = _split_url(url)
+    if url_spool is None:
+        return default_spool_path(url)
+    if url_spool.lower() in ("off", "none", "false", "0", ""):
+        return None
+    return Path(url_spool)
 
 
 @dataclass(frozen=True, slots=True)

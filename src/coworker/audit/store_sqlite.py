@@ -60,7 +60,8 @@ _TRIGGERS: Final = (
     "audit_records_append_only",
 )
 
-_SYNCHRONOUS: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+# OFF is refused: an audit store that can lose committed records on a crash is not one.
+_SYNCHRONOUS: Final = frozenset({"NORMAL", "FULL", "EXTRA"})
 
 # Body fields copied into plain indexed columns (column name = body key, except time).
 _COLUMNS: Final = (
