@@ -247,3 +247,24 @@ def test_http_json_protocol_warns_and_falls_back(monkeypatch: Any, caplog: Any) 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
     with pytest.raises(coworker.ConfigError, match="carrier-pigeon"):
         _otlp_exporter()
+
+
+def test_otel_service_name_is_respected() -> None:
+    """Without service_name=, the provider coworker installs takes OTEL_SERVICE_NAME."""
+    code = textwrap.dedent(
+        """
+        import coworker
+        from opentelemetry import trace
+        coworker.configure(metrics=False)
+        print(trace.get_tracer_provider().resource.attributes["service.name"])
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"OTEL_SERVICE_NAME": "billing-api", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "billing-api"
