@@ -61,6 +61,7 @@ from psycopg import sql
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
+from coworker import attributes as attr
 from coworker.audit.chain import prepare, seal
 from coworker.audit.record import QUERY_FILTERS, canonical
 from coworker.audit.spool import Spool, SpoolEntry, SpoolStatus
@@ -569,7 +570,10 @@ class PostgresStore:
             except ImportError:  # pragma: no cover - metrics is optional
                 pass
             else:
-                metrics.register_spool_depth(self._spool_depth)
+                metrics.register_spool_depth(
+                    self._spool_depth,
+                    attributes={attr.METRIC_ATTR_SPOOL: str(self._spool_path)},
+                )
         return self._spool
 
     def _spool_depth(self) -> int:
