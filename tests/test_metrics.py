@@ -214,3 +214,40 @@ def test_without_meter_provider_everything_is_a_cheap_no_op() -> None:
         "assert not [m for m in sys.modules if m.startswith('opentelemetry.sdk')], sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_global_meter_provider_set_later_is_picked_up() -> None:
+    """Without a MeterProvider nothing is recorded (cheaply); once the app sets one, runs are
+    counted through it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import coworker
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        coworker.configure("m")
+
+        @coworker.run(operation="select", doctype="Invoice")
+        def f():
+            pass
+
+        f()  # no provider yet: dropped
+        reader = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        f(); f()
+        data = reader.get_metrics_data()
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name == "coworker.runs":
+                        print(sum(p.value for p in m.data.data_points))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "2"

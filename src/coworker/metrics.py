@@ -234,6 +234,24 @@ def unregister_spool_depth(
     return gauge.remove(callback)
 
 
+_proxy_provider: Any = None
+
+
+def _no_meter_provider() -> bool:
+    # The API hands out a proxy until the application sets a MeterProvider; measurements on
+    # proxy instruments are dropped, so there is nothing to record yet. Looking the provider
+    # up costs an environment read per call, so the proxy is kept and asked instead (it learns
+    # of the real provider through on_set_meter_provider).
+    global _proxy_provider
+    proxy = _proxy_provider
+    if proxy is None:
+        provider = _metrics.get_meter_provider()
+        if type(provider).__name__ != "_ProxyMeterProvider":
+            return False
+        proxy = _proxy_provider = provider
+    return getattr(proxy, "_real_meter_provider", True) is None
+
+
 class RunMetricsProcessor:
     """A span processor that turns finished coworker runs into ``coworker.runs`` metrics.
 
@@ -263,6 +281,8 @@ class RunMetricsProcessor:
         Args:
             span: The finished span.
         """
+        if self._meter_provider is None and _no_meter_provider():
+            return  # the API's proxy instruments would drop the points anyway: save the work
         try:
             attrs = span.attributes
             if not attrs or _a.RUN_ID not in attrs:
