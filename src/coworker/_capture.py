@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any, Final
 
 __all__ = ["REDACTED", "TRUNCATED", "capture"]
@@ -37,6 +38,12 @@ def _walk(value: Any, redact: tuple[str, ...], depth: int) -> Any:
         return f"<{type(value).__name__}>"
     if isinstance(value, bytes | bytearray | memoryview):
         return f"<{len(value)} bytes>"
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        value = value._asdict()  # a NamedTuple: its field names decide redaction
+    elif isinstance(value, SimpleNamespace):
+        value = vars(value)
+    elif hasattr(type(value), "_get_kwargs") and hasattr(value, "__dict__"):
+        value = vars(value)  # argparse.Namespace: CLI options such as --password
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for i, (k, v) in enumerate(value.items()):

@@ -12,12 +12,12 @@ it), and ends on exhaustion, ``close()``, an early ``break`` or garbage collecti
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import logging
 import os
 import random
+import time
 import traceback
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from types import TracebackType
@@ -88,6 +88,33 @@ def reset_tracer() -> None:
     _TRACER = None
 
 
+RESERVED_ATTRIBUTES: Final = frozenset(
+    {
+        attr.USER_ID,
+        attr.SESSION_ID,
+        attr.AGENT_ID,
+        attr.AGENT_NAME,
+        attr.CONVERSATION_ID,
+        attr.FLOW_TYPE,
+        attr.FLOW_ID,
+        attr.FLOW_DEFINITION_ID,
+        attr.FLOW_PREVIOUS_ID,
+        attr.FLOW_BREAK_REASON,
+        attr.STEP_ID,
+        attr.RUN_ID,
+        attr.RUN_PARENT_ID,
+        attr.CHAIN_ID,
+        attr.AUDIT,
+        attr.AUDIT_CATEGORY,
+        attr.AUDIT_INTENT_SEQ,
+        attr.ERROR_TYPE,
+        attr.INPUT,
+        attr.OUTPUT,
+    }
+)
+"""Keys that ``attributes=`` cannot set: who acts, where in the flow, which run, whether it
+is audited. They come from coworker's context (``acting_as``, ``flow``, ...) only."""
+
 _ERROR_TYPES: dict[type, str] = {}
 
 
@@ -103,7 +130,9 @@ def error_type(exc: BaseException) -> str:
 
 
 def _is_failure(exc: BaseException) -> bool:
-    if isinstance(exc, GeneratorExit | StopIteration | StopAsyncIteration):
+    # StopIteration out of a plain function is a bug there (a failure); the generator proxies
+    # treat their own exhaustion separately (_StepRunner._finish).
+    if isinstance(exc, GeneratorExit):
         return False
     return not (isinstance(exc, SystemExit) and exc.code in (0, None))
 
@@ -207,8 +236,13 @@ class Run:
 
 
 def current_run() -> Run | None:
-    """The innermost active run of the current context, or ``None``."""
-    return SCOPE.get().run
+    """The innermost active run of the current context, or ``None``.
+
+    Inside ``coworker.extract(...)`` before any local run this is ``None``: the caller's run
+    (in another process) is only a parent id here.
+    """
+    r = SCOPE.get().run
+    return r if type(r) is Run else None
 
 
 class _Spec:
@@ -329,7 +363,10 @@ def _bind(spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -
             params = list(sig.parameters.values())
             spec.sig_bound = _Binder(sig.replace(parameters=params[1:]) if params else sig)
             spec.sig = _Binder(sig)
-        bound_now = not spec.prebound and getattr(wrapped, "__self__", None) is not None
+        # wrapt passes the instance (or class) separately, and the arguments without it, for
+        # obj.method(...), Class.method(obj, ...) and classmethods alike; staticmethods and
+        # plain functions get instance=None.
+        bound_now = not spec.prebound and instance is not None
         binder = spec.sig_bound if bound_now else spec.sig
         assert binder is not None
         return binder.bind(args, kwargs)
@@ -375,7 +412,7 @@ def _begin(
     identity = scope.identity
     flow = None
     if cell is not None:
-        flow = touch(cell, identity)
+        flow = touch(cell, identity, scope.run is None)
         attrs.update(flow.span_attributes)
     step = spec.step
     if step is not None:
@@ -488,14 +525,29 @@ def _dynamic_attributes(
         return op, doctype, name
     if not extra:
         return op, doctype, name
+    if not isinstance(extra, Mapping):
+        _log.error(
+            "coworker.run attributes callable of %r returned a %s, not a mapping; ignored",
+            spec.span_name,
+            type(extra).__name__,
+        )
+        return op, doctype, name
     for key, value in extra.items():
+        if value is None:
+            continue  # e.g. an optional argument: no attribute rather than the string "None"
         if key in ("operation", attr.OPERATION):
             op = str(value)
             attrs[attr.OPERATION] = op
         elif key in ("doctype", attr.DOCTYPE):
             doctype = str(value)
             attrs[attr.DOCTYPE] = doctype
-        elif value is not None:
+        elif key in RESERVED_ATTRIBUTES:
+            # Identity, flow, run and audit keys come from coworker's own context only: an
+            # attributes callable is often fed by call arguments, which must not forge them.
+            _log.warning(
+                "coworker.run attributes of %r may not set %r; ignored", spec.span_name, key
+            )
+        else:
             attrs[key] = value if isinstance(value, str | bool | int | float) else str(value)
     if op and doctype and not spec.explicit_name:
         name = f"{op} {doctype}"
@@ -503,6 +555,8 @@ def _dynamic_attributes(
 
 
 def _end(r: Run, exc: BaseException | None) -> None:
+    if r.flow is not None:
+        r.flow._last_active = time.monotonic()  # idle time counts from the end of a run
     span = r.span
     if exc is not None and _is_failure(exc):
         _record_failure(span, exc)
@@ -555,6 +609,13 @@ class RunOptions(AsyncContextMixin):
             and not isinstance(attributes, Mapping)
         ):
             raise TypeError("coworker.run attributes= must be a dict or a callable")
+        if isinstance(attributes, Mapping):
+            reserved = sorted(RESERVED_ATTRIBUTES.intersection(attributes))
+            if reserved:
+                raise ValueError(
+                    f"coworker.run attributes= may not set {reserved}: identity, flow, run and "
+                    "audit keys come from acting_as(), flow() and coworker itself"
+                )
         self.name = name
         self.operation = operation
         self.doctype = doctype
@@ -623,8 +684,30 @@ def _decorate(fn: Any, options: RunOptions) -> Any:
     return _sync_wrapper(spec)(fn)
 
 
-def _sync_wrapper(spec: _Spec) -> Any:
-    @wrapt.decorator
+class _Wrapper(wrapt.FunctionWrapper):  # type: ignore[misc]
+    """wrapt's transparent proxy, plus pickling by reference like a plain function (so a
+    decorated module-level function can still go to a ProcessPoolExecutor)."""
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[str, str]]:
+        return _import_by_name, (self.__module__, self.__qualname__)
+
+    def __copy__(self) -> _Wrapper:
+        return self  # functions copy as themselves
+
+    def __deepcopy__(self, memo: Any) -> _Wrapper:
+        return self
+
+
+def _import_by_name(module: str, qualname: str) -> Any:
+    import importlib
+
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _sync_wrapper(spec: _Spec) -> Callable[[Any], Any]:
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         r = _begin(spec, wrapped, instance, args, kwargs)
         if r is None:
@@ -639,76 +722,145 @@ def _sync_wrapper(spec: _Spec) -> Any:
         _end(r, None)
         return result
 
-    return wrapper
+    return lambda fn: _Wrapper(fn, wrapper)
 
 
-def _async_wrapper(spec: _Spec) -> Any:
-    @wrapt.decorator
-    async def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-        # Opened when awaited (not when the coroutine is created), closed after the await.
-        r = _begin(spec, wrapped, instance, args, kwargs)
-        if r is None:
-            return await wrapped(*args, **kwargs)
+def _async_wrapper(spec: _Spec) -> Callable[[Any], Any]:
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        # Wrong arguments raise TypeError here, at the call site, as they always did; the
+        # original's coroutine is created only when awaited, so a coroutine that is closed or
+        # cancelled before it starts leaves no "never awaited" warning behind.
+        _check_arguments(spec, wrapped, instance, args, kwargs)
+        return _run_coroutine(spec, wrapped, instance, args, kwargs)
+
+    # wrapt proxies __code__, so inspect.iscoroutinefunction() is still True.
+    return lambda fn: _Wrapper(fn, wrapper)
+
+
+def _check_arguments(spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> None:
+    if spec.target is None:
+        return
+    if spec.sig is None:
+        _bind(spec, wrapped, instance, args, kwargs)  # builds the binders
+    bound_now = not spec.prebound and instance is not None
+    binder = spec.sig_bound if bound_now else spec.sig
+    if binder is not None:
         try:
-            result = await wrapped(*args, **kwargs)
-        except BaseException as exc:
-            _end(r, exc)
-            raise
-        if spec.capture_output:
-            r.set_output(result)
-        _end(r, None)
-        return result
-
-    return wrapper
+            binder.bind(args, kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{spec.span_name}() {exc}") from None
 
 
-def _gen_wrapper(spec: _Spec) -> Any:
-    @wrapt.decorator
+async def _run_coroutine(
+    spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict
+) -> Any:
+    r = _begin(spec, wrapped, instance, args, kwargs)
+    if r is None:
+        return await wrapped(*args, **kwargs)
+    try:
+        result = await wrapped(*args, **kwargs)
+    except BaseException as exc:
+        _end(r, exc)
+        raise
+    if spec.capture_output:
+        r.set_output(result)
+    _end(r, None)
+    return result
+
+
+def _gen_wrapper(spec: _Spec) -> Callable[[Any], Any]:
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         # Calling the original creates the generator (argument errors raise here, as before);
         # its body, the policy check and the span wait for the first next().
         gen = wrapped(*args, **kwargs)
         return _GeneratorRun(gen, spec, wrapped, instance, args, kwargs)
 
-    return wrapper
+    return lambda fn: _Wrapper(fn, wrapper)
 
 
-def _agen_wrapper(spec: _Spec) -> Any:
-    @wrapt.decorator
+def _agen_wrapper(spec: _Spec) -> Callable[[Any], Any]:
     def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         agen = wrapped(*args, **kwargs)
         return _AsyncGeneratorRun(agen, spec, wrapped, instance, args, kwargs)
 
-    return wrapper
+    return lambda fn: _Wrapper(fn, wrapper)
 
 
 class _StepRunner:
-    """Shared by both generator kinds: the private context, the lazy start and the end."""
+    """Shared by both generator kinds: the generator's own view of coworker's context.
 
-    __slots__ = ("__weakref__", "_call", "_ctx", "_done", "_run", "_spec", "_started")
+    A plain generator runs in its consumer's context. The proxy keeps that (the
+    application's own ContextVars are shared as before) except for two variables, coworker's
+    scope and the OTel current context: those start as they were at the call site and carry
+    the run's span while the body runs, and are swapped back to the consumer's values after
+    every step. So the span is current exactly while the body runs.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_call",
+        "_done",
+        "_otel_state",
+        "_run",
+        "_scope_state",
+        "_spec",
+        "_started",
+    )
 
     def __init__(self, spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> None:
         self._spec = spec
         self._call = (wrapped, instance, args, kwargs)
-        # The context of the call site: flow, step, identity and parent span as they were
-        # when the generator was created, whoever iterates it later.
-        self._ctx = contextvars.copy_context()
+        self._scope_state = SCOPE.get()
+        self._otel_state = otel_context.get_current()
         self._run: Run | None = None
         self._done = False
         self._started = False
 
-    def _start(self) -> None:
-        self._started = True
-        wrapped, instance, args, kwargs = self._call
-        self._run = self._ctx.run(_begin, self._spec, wrapped, instance, args, kwargs)
+    def _swap_in(self) -> tuple[Any, Any]:
+        return SCOPE.set(self._scope_state), otel_context.attach(self._otel_state)
+
+    def _swap_out(self, tokens: tuple[Any, Any]) -> None:
+        self._scope_state = SCOPE.get()
+        self._otel_state = otel_context.get_current()
+        otel_context.detach(tokens[1])
+        _restore(tokens[0])
+
+    def _step(self, method: Callable[..., Any], *arg: Any) -> Any:
+        """Run one step of the original inside the generator's context view."""
+        tokens = self._swap_in()
+        try:
+            if not self._started:
+                self._started = True
+                wrapped, instance, args, kwargs = self._call
+                try:
+                    self._run = _begin(self._spec, wrapped, instance, args, kwargs)
+                except BaseException:
+                    self._done = True  # refused (policy, fail-closed): the body never runs
+                    self._close_unstarted()
+                    raise
+            return method(*arg)
+        finally:
+            self._swap_out(tokens)
+
+    def _close_unstarted(self) -> None:
+        raise NotImplementedError
 
     def _finish(self, exc: BaseException | None) -> None:
+        """End the run's span (once). The context is handled by the steps, not here."""
         if self._done:
             return
         self._done = True
         r = self._run
         if r is not None:
-            self._ctx.run(_end, r, exc)
+            if r.flow is not None:
+                r.flow._last_active = time.monotonic()
+            if (
+                exc is not None
+                and not isinstance(exc, StopIteration | StopAsyncIteration)
+                and _is_failure(exc)
+            ):
+                _record_failure(r.span, exc)
+            r.span.end()
 
 
 class _GeneratorRun(_StepRunner, Generator[Any, Any, Any]):
@@ -728,43 +880,44 @@ class _GeneratorRun(_StepRunner, Generator[Any, Any, Any]):
         super().__init__(spec, wrapped, instance, args, kwargs)
         self._gen = gen
 
-    def _step(self, method: Callable[..., Any], *arg: Any) -> Any:
-        if not self._started:
-            try:
-                self._start()
-            except BaseException:
-                self._done = True
-                self._gen.close()
-                raise
+    def _close_unstarted(self) -> None:
+        self._gen.close()
+
+    def _advance(self, method: Callable[..., Any], *arg: Any) -> Any:
+        if self._gen.gi_running:
+            # Re-entered from its own body: what a plain generator says, before touching
+            # any context (the running step owns it).
+            raise ValueError("generator already executing")
         try:
-            value = self._ctx.run(method, *arg)
+            return self._step(method, *arg)
         except BaseException as exc:
             self._finish(exc)
             raise
-        return value
 
     def __next__(self) -> Any:
-        return self._step(self._gen.send, None)
+        return self._advance(self._gen.send, None)
 
     def send(self, value: Any) -> Any:
-        return self._step(self._gen.send, value)
+        if value is not None and not self._started:
+            # As Python says for a plain generator; it stays unstarted and usable.
+            raise TypeError("can't send non-None value to a just-started generator")
+        return self._advance(self._gen.send, value)
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         if val is None and tb is None:
-            return self._step(self._gen.throw, typ)
-        return self._step(self._gen.throw, typ, val, tb)
+            return self._advance(self._gen.throw, typ)
+        return self._advance(self._gen.throw, typ, val, tb)
 
     def close(self) -> None:
-        if self._done:
-            self._gen.close()
-            return
-        if self._run is None:
-            # Never started (the body never ran) or no SDK: there is no span to end.
+        if self._gen.gi_running:
+            raise ValueError("generator already executing")
+        if self._done or not self._started:
+            # Finished, refused, or never started (the body never ran): no span to end.
             self._done = True
             self._gen.close()
             return
         try:
-            self._ctx.run(self._gen.close)
+            self._step(self._gen.close)
         except BaseException as exc:
             self._finish(exc)
             raise
@@ -789,6 +942,10 @@ class _GeneratorRun(_StepRunner, Generator[Any, Any, Any]):
         return self._gen.gi_running
 
     @property
+    def gi_suspended(self) -> bool:
+        return self._gen.gi_suspended
+
+    @property
     def gi_code(self) -> Any:
         return self._gen.gi_code
 
@@ -801,8 +958,8 @@ class _GeneratorRun(_StepRunner, Generator[Any, Any, Any]):
 
 
 class _AsyncGeneratorRun(_StepRunner, AsyncGenerator[Any, Any]):
-    """An async generator proxy; each step of the original is driven inside the private
-    context, so the span is current only while the body runs."""
+    """An async generator proxy; each step of the original is driven inside the
+    generator's context view, so the span is current only while the body runs."""
 
     __slots__ = ("_agen",)
 
@@ -818,6 +975,16 @@ class _AsyncGeneratorRun(_StepRunner, AsyncGenerator[Any, Any]):
         super().__init__(spec, wrapped, instance, args, kwargs)
         self._agen = agen
 
+    def _close_unstarted(self) -> None:
+        # A never-started async generator closes without running anything.
+        closer = self._agen.aclose()
+        try:
+            closer.send(None)
+        except StopIteration:
+            pass
+        finally:
+            closer.close()
+
     def __aiter__(self) -> _AsyncGeneratorRun:
         return self
 
@@ -832,7 +999,7 @@ class _AsyncGeneratorRun(_StepRunner, AsyncGenerator[Any, Any]):
         return _Drive(self, self._agen.athrow, arg)
 
     async def aclose(self) -> None:
-        if self._run is None or self._done:
+        if self._done or not self._started:
             self._done = True
             await self._agen.aclose()
             return
@@ -856,13 +1023,17 @@ class _AsyncGeneratorRun(_StepRunner, AsyncGenerator[Any, Any]):
     def ag_code(self) -> Any:
         return self._agen.ag_code
 
+    @property
+    def ag_await(self) -> Any:
+        return self._agen.ag_await
+
     def __repr__(self) -> str:
         return f"<coworker.run async generator {self._spec.span_name!r} wrapping {self._agen!r}>"
 
 
 class _Drive:
     """An awaitable that steps one ``asend``/``athrow``/``aclose`` coroutine of the original
-    inside the run's private context, handing every yielded future to the event loop."""
+    inside the generator's context view, handing every yielded future to the event loop."""
 
     __slots__ = ("_args", "_closing", "_method", "_owner")
 
@@ -880,18 +1051,24 @@ class _Drive:
 
     def __await__(self) -> Generator[Any, Any, Any]:
         owner = self._owner
-        ctx = owner._ctx
-        if not owner._started:
-            owner._start()
-        coro = self._method(*self._args)
+        if owner._agen.ag_running:
+            # Another task is inside this generator: Python's own error, and the owner's
+            # span is left alone.
+            raise RuntimeError("anext(): asynchronous generator is already running")
+        if not owner._started and self._method == owner._agen.asend and self._args[0] is not None:
+            raise TypeError("can't send non-None value to a just-started async generator")
+        coro: Any = None
         send: Any = None
         error: BaseException | None = None
         while True:
             try:
-                if error is not None:
-                    yielded = ctx.run(coro.throw, error)
+                if coro is None:
+                    coro = owner._step(self._method, *self._args)
+                    yielded = owner._step(coro.send, None)
+                elif error is not None:
+                    yielded = owner._step(coro.throw, error)
                 else:
-                    yielded = ctx.run(coro.send, send)
+                    yielded = owner._step(coro.send, send)
             except StopIteration as stop:
                 if self._closing:
                     owner._finish(None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -121,6 +122,10 @@ class Flow:
         self.previous_id = previous_id
         self.break_reason = break_reason
         self.metadata: Mapping[str, Any] = MappingProxyType(dict(metadata or {}))
+        if idle_timeout is not None and (
+            not isinstance(idle_timeout, int | float) or idle_timeout < 0
+        ):
+            raise ValueError(f"idle_timeout must be a number of seconds >= 0, got {idle_timeout!r}")
         if idle_timeout is None and type == AI_CONVERSATION:
             idle_timeout = SETTINGS.flow_idle_timeout or None
         self.idle_timeout = idle_timeout
@@ -200,7 +205,7 @@ class _Turn:
 class _Scope:
     """An immutable snapshot of coworker's context; every block sets a new one."""
 
-    __slots__ = ("cell", "identity", "run", "step", "turn")
+    __slots__ = ("cell", "identity", "prev", "run", "step", "turn")
 
     def __init__(
         self,
@@ -209,12 +214,14 @@ class _Scope:
         run: Run | None,
         identity: Identity | None,
         turn: _Turn | None,
+        prev: _Scope | None = None,
     ) -> None:
         self.cell = cell
         self.step = step
         self.run = run
         self.identity = identity
         self.turn = turn
+        self.prev = prev  # set by blocks: the scope to go back to when the block ends
 
 
 EMPTY_SCOPE: Final = _Scope(None, None, None, None, None)
@@ -223,22 +230,37 @@ SCOPE: Final[contextvars.ContextVar[_Scope]] = contextvars.ContextVar(
 )
 
 
-def touch(cell: _FlowCell, identity: Identity | None) -> Flow:
+_BREAK_LOCK: Final = threading.Lock()
+
+
+def touch(cell: _FlowCell, identity: Identity | None, root: bool = True) -> Flow:
     """Apply the automatic breaks (idle timeout, new session) and mark the flow active.
 
-    Called by every run in a flow; returns the flow the run belongs to.
+    Called by every run in a flow; returns the flow the run belongs to. Only a root run can
+    break a flow for idleness: a child run belongs to its parent's flow however long the
+    parent has been running. Runs also mark the flow active when they end, so idle time counts
+    from the end of the last run.
     """
     f = cell.flow
     now = time.monotonic()
-    if f.idle_timeout and f._last_active is not None and now - f._last_active > f.idle_timeout:
-        f = _break(cell, "timeout", None)
     session = identity.session if identity is not None else None
-    if session is not None:
-        if f._session is None:
+    idle = (
+        root
+        and f.idle_timeout
+        and f._last_active is not None
+        and now - f._last_active > f.idle_timeout
+    )
+    if idle or (session is not None and f._session is not None and f._session != session):
+        with _BREAK_LOCK:
+            # Concurrent runs that all find the flow idle break it once and share the result.
+            if cell.flow is f:
+                f = _break(cell, "timeout" if idle else "new-session", None)
+            else:
+                f = cell.flow
+        if session is not None:
             f._session = session
-        elif f._session != session:
-            f = _break(cell, "new-session", None)
-            f._session = session
+    elif session is not None and f._session is None:
+        f._session = session
     f._last_active = now
     return f
 
@@ -281,10 +303,12 @@ class AsyncContextMixin:
 class _Block(AsyncContextMixin):
     """Base of the context managers: set a new scope on enter, restore the old on exit.
 
-    Usable with ``with`` and ``async with``; one instance may be entered once at a time.
+    Usable with ``with`` and ``async with``. A block object keeps no per-entry state (the
+    scope it set remembers the one it replaced), so one object may be entered again, nested,
+    or shared by concurrent tasks and threads.
     """
 
-    __slots__ = ("_token",)
+    __slots__ = ()
 
     def _scope(self, current: _Scope) -> _Scope:
         raise NotImplementedError
@@ -293,7 +317,10 @@ class _Block(AsyncContextMixin):
         return None
 
     def __enter__(self) -> Any:
-        self._token = SCOPE.set(self._scope(SCOPE.get()))
+        current = SCOPE.get()
+        new = self._scope(current)
+        new.prev = current
+        SCOPE.set(new)
         return self._value()
 
     def __exit__(
@@ -302,7 +329,8 @@ class _Block(AsyncContextMixin):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _restore(self._token)
+        prev = SCOPE.get().prev
+        SCOPE.set(prev if prev is not None else EMPTY_SCOPE)
 
 
 def _restore(token: contextvars.Token[_Scope]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 import logging
 from collections.abc import Callable, MutableMapping
 from types import TracebackType
@@ -50,9 +51,22 @@ def propagate(fn: Callable[..., T]) -> Callable[..., T]:
     """Return ``fn`` bound to a copy of the current context (flow, step, identity, span).
 
     Use it to hand work to threads: ``executor.submit(coworker.propagate(work), item)``.
-    Each call runs in its own copy, so the wrapper may be called concurrently.
+    Each call runs in its own copy, so the wrapper may be called concurrently. For a
+    coroutine function the returned coroutine runs in that copy too (as an asyncio task with
+    ``context=``), so ``asyncio.run(coworker.propagate(handler)(x))`` in a thread keeps it.
     """
     ctx = contextvars.copy_context()
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def bound_async(*args: Any, **kwargs: Any) -> Any:
+            import asyncio
+
+            coro = fn(*args, **kwargs)
+            return await asyncio.get_running_loop().create_task(coro, context=ctx.copy())
+
+        return bound_async  # type: ignore[return-value]
 
     @functools.wraps(fn)
     def bound(*args: Any, **kwargs: Any) -> T:
@@ -136,6 +150,29 @@ class Extracted(AsyncContextMixin):
         otel_context.detach(self._otel_token)
 
 
+def _text_headers(carrier: Any) -> dict[str, Any]:
+    # ASGI scopes and Kafka give bytes; the W3C propagators expect str keys and str (or, in
+    # OTel's own carrier format, list of str) values.
+    def text(v: Any) -> Any:
+        return bytes(v).decode("latin-1") if isinstance(v, bytes | bytearray) else v
+
+    out: dict[str, Any] = {}
+    items = carrier.items() if hasattr(carrier, "items") else carrier
+    for key, value in items:
+        key = text(key)
+        if not isinstance(key, str):
+            continue
+        if isinstance(value, list | tuple):
+            values = [text(v) for v in value]
+            if all(isinstance(v, str) for v in values):
+                out[key.lower()] = values
+        else:
+            value = text(value)
+            if isinstance(value, str):
+                out[key.lower()] = value
+    return out
+
+
 def extract(
     carrier: MutableMapping[str, str] | dict[str, str], *, trust_identity: bool | None = None
 ) -> Extracted:
@@ -151,8 +188,13 @@ def extract(
         carrier: the headers (or any str→str mapping) from the other process.
         trust_identity: accept ``user.id`` / agent from baggage.
     """
-    ctx = _TRACE.extract(carrier)
-    ctx = _BAGGAGE.extract(carrier, context=ctx)
+    try:
+        headers = _text_headers(carrier)
+        ctx = _TRACE.extract(headers)
+        ctx = _BAGGAGE.extract(headers, context=ctx)
+    except Exception as exc:  # headers come from outside: never break the request on them
+        _log.warning("coworker.extract: ignoring unreadable propagation headers: %r", exc)
+        return Extracted(otel_context.get_current(), SCOPE.get(), None)
     values = {
         key[len(attr.BAGGAGE_PREFIX) :]: str(value)
         for key, value in otel_baggage.get_all(ctx).items()
