@@ -113,8 +113,8 @@ def _time_async(fn: Callable[[int], Any], calls: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=20_000)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=4_000)
+    parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--memory-calls", type=int, default=1_000_000)
     args = parser.parse_args()
 
