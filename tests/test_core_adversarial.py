@@ -1121,13 +1121,6 @@ def test_child_of_a_long_run_stays_in_the_parents_flow(spans: Any) -> None:
     assert ids == {"child": "f", "parent": "f"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a flow with a run still in flight is treated as idle: a second root run "
-    "(another thread, e.g. a parallel tool call in the same turn) started more than "
-    "idle_timeout after the first one STARTED breaks the flow ('timeout') while the first "
-    "is still running; activity is stamped only at run start/end",
-)
 def test_in_flight_run_keeps_flow_active(spans: Any) -> None:
     """While any run of the flow is running, the flow is not idle."""
     started = threading.Event()

@@ -461,6 +461,8 @@ def _begin(
     r._spec = spec
     r._otel_token = otel_context.attach(trace.set_span_in_context(span))
     r._scope_token = SCOPE.set(_Scope(cell, step, r, identity, scope.turn))
+    if flow is not None:
+        flow._running.add(r)
     policy = settings.policy
     gate = settings.audit_gate
     if policy is not None or (gate is not None and category == attr.CATEGORY_STATE_CHANGE):
@@ -557,6 +559,7 @@ def _dynamic_attributes(
 def _end(r: Run, exc: BaseException | None) -> None:
     if r.flow is not None:
         r.flow._last_active = time.monotonic()  # idle time counts from the end of a run
+        r.flow._running.discard(r)
     span = r.span
     if exc is not None and _is_failure(exc):
         _record_failure(span, exc)
@@ -854,6 +857,7 @@ class _StepRunner:
         if r is not None:
             if r.flow is not None:
                 r.flow._last_active = time.monotonic()
+                r.flow._running.discard(r)
             if (
                 exc is not None
                 and not isinstance(exc, StopIteration | StopAsyncIteration)

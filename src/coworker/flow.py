@@ -87,6 +87,7 @@ class Flow:
     __slots__ = (
         "_counters",
         "_last_active",
+        "_running",
         "_session",
         "break_reason",
         "definition",
@@ -130,6 +131,9 @@ class Flow:
             idle_timeout = SETTINGS.flow_idle_timeout or None
         self.idle_timeout = idle_timeout
         self._last_active: float | None = None
+        # Runs in flight (set.add/discard are atomic): a flow with a run still going is not
+        # idle, however long ago that run started.
+        self._running: set[Any] = set()
         self._session: str | None = None
         self._counters: dict[tuple[int, str], itertools.count[int]] = {}
         attrs: dict[str, Any] = {attr.FLOW_TYPE: self.type, attr.FLOW_ID: self.id}
@@ -248,6 +252,7 @@ def touch(cell: _FlowCell, identity: Identity | None, root: bool = True) -> Flow
         root
         and f.idle_timeout
         and f._last_active is not None
+        and not f._running
         and now - f._last_active > f.idle_timeout
     )
     if idle or (session is not None and f._session is not None and f._session != session):
