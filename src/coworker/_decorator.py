@@ -789,6 +789,11 @@ def _agen_wrapper(spec: _Spec) -> Callable[[Any], Any]:
     return lambda fn: _Wrapper(fn, wrapper)
 
 
+def _forward(inner: str, name: str) -> property:
+    """A read-only property that reads ``name`` of the wrapped original (``gi_frame``...)."""
+    return property(lambda self: getattr(getattr(self, inner), name), doc=f"The original's {name}.")
+
+
 class _StepRunner:
     """Shared by both generator kinds: the generator's own view of coworker's context.
 
@@ -937,25 +942,11 @@ class _GeneratorRun(_StepRunner, Generator[Any, Any, Any]):
     def __iter__(self) -> _GeneratorRun:
         return self
 
-    @property
-    def gi_frame(self) -> Any:
-        return self._gen.gi_frame
-
-    @property
-    def gi_running(self) -> bool:
-        return self._gen.gi_running
-
-    @property
-    def gi_suspended(self) -> bool:
-        return self._gen.gi_suspended
-
-    @property
-    def gi_code(self) -> Any:
-        return self._gen.gi_code
-
-    @property
-    def gi_yieldfrom(self) -> Any:
-        return self._gen.gi_yieldfrom
+    gi_frame = _forward("_gen", "gi_frame")
+    gi_running = _forward("_gen", "gi_running")
+    gi_suspended = _forward("_gen", "gi_suspended")
+    gi_code = _forward("_gen", "gi_code")
+    gi_yieldfrom = _forward("_gen", "gi_yieldfrom")
 
     def __repr__(self) -> str:
         return f"<coworker.run generator {self._spec.span_name!r} wrapping {self._gen!r}>"
@@ -1015,21 +1006,10 @@ class _AsyncGeneratorRun(_StepRunner, AsyncGenerator[Any, Any]):
             # original. End the span so it is not lost.
             self._finish(None)
 
-    @property
-    def ag_frame(self) -> Any:
-        return self._agen.ag_frame
-
-    @property
-    def ag_running(self) -> bool:
-        return self._agen.ag_running
-
-    @property
-    def ag_code(self) -> Any:
-        return self._agen.ag_code
-
-    @property
-    def ag_await(self) -> Any:
-        return self._agen.ag_await
+    ag_frame = _forward("_agen", "ag_frame")
+    ag_running = _forward("_agen", "ag_running")
+    ag_code = _forward("_agen", "ag_code")
+    ag_await = _forward("_agen", "ag_await")
 
     def __repr__(self) -> str:
         return f"<coworker.run async generator {self._spec.span_name!r} wrapping {self._agen!r}>"
