@@ -468,20 +468,7 @@ def _begin(
     if policy is not None or (gate is not None and category == attr.CATEGORY_STATE_CHANGE):
         try:
             if policy is not None:
-                if bound is None:
-
-                    def arguments() -> Mapping[str, Any]:
-                        nonlocal bound
-                        if bound is None:
-                            bound = _bind(spec, wrapped, instance, args, kwargs)
-                        return bound
-
-                else:
-                    frozen = bound
-
-                    def arguments() -> Mapping[str, Any]:
-                        return frozen
-
+                arguments = _lazy_arguments(spec, wrapped, instance, args, kwargs, bound)
                 policy.enforce(identity, op, doctype, arguments)
             if gate is not None and category == attr.CATEGORY_STATE_CHANGE:
                 gate.intent(span)
@@ -489,6 +476,26 @@ def _begin(
             _end(r, exc)
             raise
     return r
+
+
+def _lazy_arguments(
+    spec: _Spec,
+    wrapped: Any,
+    instance: Any,
+    args: tuple,
+    kwargs: dict,
+    bound: dict[str, Any] | None,
+) -> Callable[[], Mapping[str, Any]]:
+    """The policy's view of the call's arguments: bound once, and only if a condition asks."""
+    cache = bound
+
+    def arguments() -> Mapping[str, Any]:
+        nonlocal cache
+        if cache is None:
+            cache = _bind(spec, wrapped, instance, args, kwargs)
+        return cache
+
+    return arguments
 
 
 def _enforce_only(
@@ -501,12 +508,7 @@ def _enforce_only(
         bound = _bind(spec, wrapped, instance, args, kwargs)
         op, doctype, _ = _dynamic_attributes(spec, bound, {}, op, doctype, spec.span_name)
 
-    def arguments() -> Mapping[str, Any]:
-        nonlocal bound
-        if bound is None:
-            bound = _bind(spec, wrapped, instance, args, kwargs)
-        return bound
-
+    arguments = _lazy_arguments(spec, wrapped, instance, args, kwargs, bound)
     SETTINGS.policy.enforce(scope.identity, op, doctype, arguments)
 
 
@@ -808,6 +810,7 @@ class _StepRunner:
         "__weakref__",
         "_call",
         "_done",
+        "_orig",
         "_otel_state",
         "_run",
         "_scope_state",
@@ -815,7 +818,10 @@ class _StepRunner:
         "_started",
     )
 
-    def __init__(self, spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> None:
+    def __init__(
+        self, orig: Any, spec: _Spec, wrapped: Any, instance: Any, args: tuple, kwargs: dict
+    ) -> None:
+        self._orig = orig  # the original generator or async generator
         self._spec = spec
         self._call = (wrapped, instance, args, kwargs)
         self._scope_state = SCOPE.get()
@@ -875,25 +881,13 @@ class _StepRunner:
 class _GeneratorRun(_StepRunner, Generator[Any, Any, Any]):
     """A generator proxy whose span covers exactly the original's body."""
 
-    __slots__ = ("_gen",)
-
-    def __init__(
-        self,
-        gen: Generator[Any, Any, Any],
-        spec: _Spec,
-        wrapped: Any,
-        instance: Any,
-        args: tuple,
-        kwargs: dict,
-    ) -> None:
-        super().__init__(spec, wrapped, instance, args, kwargs)
-        self._gen = gen
+    __slots__ = ()
 
     def _close_unstarted(self) -> None:
-        self._gen.close()
+        self._orig.close()
 
     def _advance(self, method: Callable[..., Any], *arg: Any) -> Any:
-        if self._gen.gi_running:
+        if self._orig.gi_running:
             # Re-entered from its own body: what a plain generator says, before touching
             # any context (the running step owns it).
             raise ValueError("generator already executing")
@@ -904,29 +898,29 @@ class _GeneratorRun(_StepRunner, Generator[Any, Any, Any]):
             raise
 
     def __next__(self) -> Any:
-        return self._advance(self._gen.send, None)
+        return self._advance(self._orig.send, None)
 
     def send(self, value: Any) -> Any:
         if value is not None and not self._started:
             # As Python says for a plain generator; it stays unstarted and usable.
             raise TypeError("can't send non-None value to a just-started generator")
-        return self._advance(self._gen.send, value)
+        return self._advance(self._orig.send, value)
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         if val is None and tb is None:
-            return self._advance(self._gen.throw, typ)
-        return self._advance(self._gen.throw, typ, val, tb)
+            return self._advance(self._orig.throw, typ)
+        return self._advance(self._orig.throw, typ, val, tb)
 
     def close(self) -> None:
-        if self._gen.gi_running:
+        if self._orig.gi_running:
             raise ValueError("generator already executing")
         if self._done or not self._started:
             # Finished, refused, or never started (the body never ran): no span to end.
             self._done = True
-            self._gen.close()
+            self._orig.close()
             return
         try:
-            self._step(self._gen.close)
+            self._step(self._orig.close)
         except BaseException as exc:
             self._finish(exc)
             raise
@@ -942,37 +936,25 @@ class _GeneratorRun(_StepRunner, Generator[Any, Any, Any]):
     def __iter__(self) -> _GeneratorRun:
         return self
 
-    gi_frame = _forward("_gen", "gi_frame")
-    gi_running = _forward("_gen", "gi_running")
-    gi_suspended = _forward("_gen", "gi_suspended")
-    gi_code = _forward("_gen", "gi_code")
-    gi_yieldfrom = _forward("_gen", "gi_yieldfrom")
+    gi_frame = _forward("_orig", "gi_frame")
+    gi_running = _forward("_orig", "gi_running")
+    gi_suspended = _forward("_orig", "gi_suspended")
+    gi_code = _forward("_orig", "gi_code")
+    gi_yieldfrom = _forward("_orig", "gi_yieldfrom")
 
     def __repr__(self) -> str:
-        return f"<coworker.run generator {self._spec.span_name!r} wrapping {self._gen!r}>"
+        return f"<coworker.run generator {self._spec.span_name!r} wrapping {self._orig!r}>"
 
 
 class _AsyncGeneratorRun(_StepRunner, AsyncGenerator[Any, Any]):
     """An async generator proxy; each step of the original is driven inside the
     generator's context view, so the span is current only while the body runs."""
 
-    __slots__ = ("_agen",)
-
-    def __init__(
-        self,
-        agen: AsyncGenerator[Any, Any],
-        spec: _Spec,
-        wrapped: Any,
-        instance: Any,
-        args: tuple,
-        kwargs: dict,
-    ) -> None:
-        super().__init__(spec, wrapped, instance, args, kwargs)
-        self._agen = agen
+    __slots__ = ()
 
     def _close_unstarted(self) -> None:
         # A never-started async generator closes without running anything.
-        closer = self._agen.aclose()
+        closer = self._orig.aclose()
         try:
             closer.send(None)
         except StopIteration:
@@ -984,21 +966,21 @@ class _AsyncGeneratorRun(_StepRunner, AsyncGenerator[Any, Any]):
         return self
 
     def __anext__(self) -> Any:
-        return _Drive(self, self._agen.asend, (None,))
+        return _Drive(self, self._orig.asend, (None,))
 
     def asend(self, value: Any) -> Any:
-        return _Drive(self, self._agen.asend, (value,))
+        return _Drive(self, self._orig.asend, (value,))
 
     def athrow(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         arg = (typ,) if val is None and tb is None else (typ, val, tb)
-        return _Drive(self, self._agen.athrow, arg)
+        return _Drive(self, self._orig.athrow, arg)
 
     async def aclose(self) -> None:
         if self._done or not self._started:
             self._done = True
-            await self._agen.aclose()
+            await self._orig.aclose()
             return
-        await _Drive(self, self._agen.aclose, (), closing=True)
+        await _Drive(self, self._orig.aclose, (), closing=True)
 
     def __del__(self) -> None:
         if not self._done and self._run is not None:
@@ -1006,13 +988,13 @@ class _AsyncGeneratorRun(_StepRunner, AsyncGenerator[Any, Any]):
             # original. End the span so it is not lost.
             self._finish(None)
 
-    ag_frame = _forward("_agen", "ag_frame")
-    ag_running = _forward("_agen", "ag_running")
-    ag_code = _forward("_agen", "ag_code")
-    ag_await = _forward("_agen", "ag_await")
+    ag_frame = _forward("_orig", "ag_frame")
+    ag_running = _forward("_orig", "ag_running")
+    ag_code = _forward("_orig", "ag_code")
+    ag_await = _forward("_orig", "ag_await")
 
     def __repr__(self) -> str:
-        return f"<coworker.run async generator {self._spec.span_name!r} wrapping {self._agen!r}>"
+        return f"<coworker.run async generator {self._spec.span_name!r} wrapping {self._orig!r}>"
 
 
 class _Drive:
@@ -1035,11 +1017,11 @@ class _Drive:
 
     def __await__(self) -> Generator[Any, Any, Any]:
         owner = self._owner
-        if owner._agen.ag_running:
+        if owner._orig.ag_running:
             # Another task is inside this generator: Python's own error, and the owner's
             # span is left alone.
             raise RuntimeError("anext(): asynchronous generator is already running")
-        if not owner._started and self._method == owner._agen.asend and self._args[0] is not None:
+        if not owner._started and self._method == owner._orig.asend and self._args[0] is not None:
             raise TypeError("can't send non-None value to a just-started async generator")
         coro: Any = None
         send: Any = None
