@@ -20,6 +20,23 @@ import coworker
 from coworker import attributes as attr
 
 
+def _python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (a process-wide OTel setup per test), checked.
+
+    ``env`` replaces the environment (with a minimal PATH) so that no OTEL_* leaks in.
+    """
+    if env is not None:
+        env = {"PATH": "/usr/bin:/bin", **env}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+
+
 class _Receiver(http.server.BaseHTTPRequestHandler):
     """A minimal OTLP/HTTP protobuf receiver (the test's stand-in for a Collector)."""
 
@@ -98,13 +115,7 @@ def test_sdk_disabled_creates_no_provider() -> None:
         print(f(), type(trace.get_tracer_provider()).__name__)
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env={"OTEL_SDK_DISABLED": "true", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = _python(code, {"OTEL_SDK_DISABLED": "true"})
     assert out.stdout.split() == ["3", "ProxyTracerProvider"]
 
 
@@ -131,9 +142,7 @@ def test_existing_application_provider_is_kept() -> None:
               app_exp.get_finished_spans()[0].resource.attributes["service.name"])
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
+    out = _python(code)
     assert out.stdout.split() == ["1", "1", "app"]
     assert "ignored" in out.stderr  # the service-name conflict is logged, not forced
 
@@ -224,14 +233,7 @@ def test_audit_with_sdk_disabled_is_refused() -> None:
             print("refused:", "OTEL_SDK_DISABLED" in str(exc))
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env={"OTEL_SDK_DISABLED": "true", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    out = _python(code, {"OTEL_SDK_DISABLED": "true"})
     assert out.stdout.strip() == "refused: True"
 
 
@@ -259,12 +261,5 @@ def test_otel_service_name_is_respected() -> None:
         print(trace.get_tracer_provider().resource.attributes["service.name"])
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env={"OTEL_SERVICE_NAME": "billing-api", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    out = _python(code, {"OTEL_SERVICE_NAME": "billing-api"})
     assert out.stdout.strip() == "billing-api"
