@@ -15,6 +15,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -22,6 +23,7 @@ import pytest
 __all__ = [
     "PGServer",
     "TcpProxy",
+    "import_psycopg",
     "proxy_to",
     "require_server",
     "server_url",
@@ -38,13 +40,19 @@ def server_url() -> str:
     return os.environ.get("COWORKER_TEST_PG") or DEFAULT_URL
 
 
-def require_server() -> str:
-    """Return the admin URL, or skip (fail under CI) when the server is unreachable."""
-    url = server_url()
+def import_psycopg() -> Any:
+    """Return the psycopg module, or skip (fail under CI) when the postgres extra is missing."""
     try:
         import psycopg
     except ImportError as exc:  # pragma: no cover - the postgres extra is missing
         _unavailable(f"psycopg is not installed ({exc}); pip install 'coworker-otel[postgres]'")
+    return psycopg
+
+
+def require_server() -> str:
+    """Return the admin URL, or skip (fail under CI) when the server is unreachable."""
+    url = server_url()
+    psycopg = import_psycopg()
     try:
         with psycopg.connect(url, connect_timeout=3) as conn:
             conn.execute("SELECT 1")
@@ -56,7 +64,7 @@ def require_server() -> str:
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set: the PostgreSQL tests must run)", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def with_database(url: str, dbname: str, **params: str) -> str:

@@ -635,9 +635,10 @@ def render_grafana_sql(query: str, variables: dict[str, str] | None = None) -> s
 @pytest.mark.postgres
 def test_audit_dashboard_sql_runs_on_the_postgres_store() -> None:
     """Every Audit query runs on a real PostgresStore schema and finds the records appended."""
-    psycopg = pytest.importorskip("psycopg", reason="the postgres extra is not installed")
+    from tests.pg import PGServer, import_psycopg, require_server
+
+    psycopg = import_psycopg()
     from coworker.audit.store_postgres import PostgresStore
-    from tests.pg import PGServer, require_server
 
     server = PGServer(require_server())
     try:

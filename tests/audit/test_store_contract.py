@@ -42,8 +42,7 @@ def sqlite_store(tmp_path: Path) -> Iterator[AuditStore]:
 @pytest.fixture(scope="module")
 def pg_database() -> Iterator[Any]:
     """A fresh database on the real PostgreSQL server (skips, or fails under CI, without it)."""
-    pytest.importorskip("psycopg", reason="the postgres extra is not installed")
-    from tests.pg import PGServer, require_server
+    from tests.pg import PGServer, require_server  # skips, or fails under CI, without psycopg
 
     server = PGServer(require_server())
     yield server

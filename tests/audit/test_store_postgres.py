@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
+from tests.pg import import_psycopg
+
+psycopg = import_psycopg()
 
 from coworker.audit.chain import GENESIS_PREV_HASH, link  # noqa: E402
 from coworker.audit.spool import Spool  # noqa: E402
