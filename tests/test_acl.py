@@ -124,9 +124,9 @@ def test_permission_matrix(
 
 
 def test_denial_names_user_agent_operation_doctype_and_rule() -> None:
-    """PermissionDenied is a PermissionError whose message and fields say who, what and why."""
+    """PermissionDenied's message and fields say who, what and why."""
     exc = denied(enforcer(), who("user-456", "agent-789"), "update", "Task", owner="user-456")
-    assert isinstance(exc, PermissionError)
+    assert isinstance(exc, PermissionDenied)
     assert exc.rule is not None and exc.rule.startswith("agents.agent-789")
     for part in ("user-456", "agent-789", "update", "Task"):
         assert part in str(exc)

@@ -3,11 +3,14 @@
 ```
 CoworkerError
 ├── ConfigError (also ValueError)       bad argument or setting; raised at construction
-├── PermissionDenied (also PermissionError)   the policy refused a run; audited
+├── PermissionDenied                    the policy refused a run; audited
 │   └── RateLimited                     too many runs of an operation class in a window; audited
 ├── ValidationError (also ValueError)   a business rule raised by application code; audited
 └── AuditUnavailable                    an audit record could not be made durable
 ```
+
+Nothing here subclasses ``OSError`` (or ``PermissionError``): an application's
+``except OSError: retry()`` around I/O must never swallow an access-control denial.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class ConfigError(CoworkerError, ValueError):
     """A configuration value is invalid; the message names the parameter."""
 
 
-class PermissionDenied(CoworkerError, PermissionError):
+class PermissionDenied(CoworkerError):
     """The effective permissions of the acting user (and agent) do not allow the run.
 
     Raised by ``coworker.run`` before the function body runs. The span is marked as an error
