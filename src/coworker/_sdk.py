@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Sequence
 
 from opentelemetry.context import Context
@@ -20,6 +22,8 @@ from opentelemetry.trace import INVALID_SPAN_ID, INVALID_TRACE_ID
 from coworker._decorator import _getrandbits
 
 __all__ = ["CoworkerProcessor", "PrivateRandomIdGenerator"]
+
+_log = logging.getLogger(__name__)
 
 
 class PrivateRandomIdGenerator(RandomIdGenerator):
@@ -76,8 +80,30 @@ class CoworkerProcessor(SpanProcessor):
             raise error
 
     def shutdown(self) -> None:
+        """Shut every member down, even when one raises; then raise the first error."""
+        error: BaseException | None = None
         for member in self.replace(()):
-            member.shutdown()
+            try:
+                member.shutdown()
+            except BaseException as exc:  # the others still get shut down (and flushed)
+                error = error or exc
+        if error is not None:
+            raise error
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return all(member.force_flush(timeout_millis) for member in self._members)
+        """Flush every member against one shared deadline; True only if all succeeded.
+
+        Unlike stopping at the first ``False``, a member that fails or times out never keeps
+        the later ones (the audit processor among them) from being flushed; each member gets
+        what is left of the one deadline, as ``SynchronousMultiSpanProcessor`` does.
+        """
+        deadline = time.monotonic_ns() + timeout_millis * 1_000_000
+        ok = True
+        for member in self._members:
+            remaining_ms = max(0, (deadline - time.monotonic_ns()) // 1_000_000)
+            try:
+                ok = member.force_flush(int(remaining_ms)) and ok
+            except Exception:
+                _log.exception("force_flush of %r failed", member)
+                ok = False
+        return ok
