@@ -78,6 +78,11 @@ def _resolve_tracer() -> trace.Tracer | None:
 
         # Only our own tracer's generator: the application's tracers are left alone.
         tracer.id_generator = PrivateRandomIdGenerator()
+    if getattr(tracer, "sampler", None) is not None:
+        from coworker._sdk import wrap_sampler
+
+        # The audit trail must not depend on the sampler: see coworker._sdk.AuditSampler.
+        wrap_sampler(tracer)
     _TRACER = tracer
     return tracer
 

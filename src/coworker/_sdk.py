@@ -5,6 +5,10 @@
 * :class:`CoworkerProcessor`: the one span processor coworker adds to a provider. The
   processors that ``configure`` sets up live inside it, so that a later ``configure`` can
   replace them without touching the application's own processors.
+* :class:`AuditSampler`: wraps the provider's sampler on coworker's own tracer only, so that
+  a sampled-out run is still *recorded* (``RECORD_ONLY``) while an audit trail is configured:
+  the audit processor writes its record, and the SDK's export processors, which skip spans
+  without the sampled flag, still export exactly what the configured sampler chose.
 """
 
 from __future__ import annotations
@@ -17,11 +21,15 @@ from collections.abc import Sequence
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.trace import INVALID_SPAN_ID, INVALID_TRACE_ID
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import INVALID_SPAN_ID, INVALID_TRACE_ID, Link, SpanKind
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
 
 from coworker._decorator import _getrandbits
+from coworker._state import SETTINGS
 
-__all__ = ["CoworkerProcessor", "PrivateRandomIdGenerator"]
+__all__ = ["AuditSampler", "CoworkerProcessor", "PrivateRandomIdGenerator", "wrap_sampler"]
 
 _log = logging.getLogger(__name__)
 
@@ -107,3 +115,56 @@ class CoworkerProcessor(SpanProcessor):
                 _log.exception("force_flush of %r failed", member)
                 ok = False
         return ok
+
+
+class AuditSampler(Sampler):
+    """The provider's sampler, except that coworker's runs are never dropped while an audit
+    trail is configured: a ``DROP`` becomes ``RECORD_ONLY``.
+
+    A recorded but unsampled span is a real SDK span: processors see it, so the audit
+    processor writes its record (with its trace id), while the SDK's ``BatchSpanProcessor``
+    and ``SimpleSpanProcessor`` skip it because its sampled flag is off. The operational
+    trail, and the ``traceparent`` that goes downstream, stay exactly as the configured
+    sampler decided. Every run counts, not only the ones marked ``coworker.audit`` at start:
+    a denial or a ``ValidationError`` makes a run audited only when it ends.
+
+    Installed only on coworker's own tracer (:func:`wrap_sampler`); the application's other
+    tracers keep the provider's sampler untouched.
+
+    Args:
+        delegate: the sampler the provider was configured with.
+    """
+
+    def __init__(self, delegate: Sampler) -> None:
+        self.delegate = delegate
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        """The delegate's decision, raised from ``DROP`` to ``RECORD_ONLY`` when audited."""
+        result = self.delegate.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+        if result.decision is Decision.DROP and SETTINGS.audit_records:
+            # The SDK builds a recording span from the result's attributes, and a DROP result
+            # carries none: hand the run's own attributes back.
+            return SamplingResult(Decision.RECORD_ONLY, attributes, result.trace_state)
+        return result
+
+    def get_description(self) -> str:
+        """Names the delegate, as the SDK's composite samplers do."""
+        return f"CoworkerAudit{{{self.delegate.get_description()}}}"
+
+
+def wrap_sampler(tracer: object) -> None:
+    """Give coworker's SDK tracer an :class:`AuditSampler` around its sampler (once)."""
+    sampler = getattr(tracer, "sampler", None)
+    if isinstance(sampler, Sampler) and not isinstance(sampler, AuditSampler):
+        tracer.sampler = AuditSampler(sampler)  # type: ignore[attr-defined]

@@ -188,6 +188,7 @@ def configure(
         if disabled:
             _log.info("OTEL_SDK_DISABLED=true: coworker runs create no spans; policy still applies")
             s.audit_gate = None
+            s.audit_records = False
             return
         provider = _install_provider(provider, service_name)
         if _processor is None:
@@ -198,6 +199,7 @@ def configure(
         old = _processor.replace(members)
         old_pipeline, _audit_pipeline = _audit_pipeline, pipeline
         s.audit_gate = pipeline.gate if pipeline is not None and fail_closed else None
+        s.audit_records = pipeline is not None
         _shutdown_members(old, old_pipeline)
         _decorator.reset_tracer()
         if not _atexit_registered:
@@ -297,6 +299,7 @@ def shutdown() -> None:
     global _audit_pipeline
     with _lock:
         SETTINGS.audit_gate = None
+        SETTINGS.audit_records = False
         old = _processor.replace(()) if _processor is not None else ()
         pipeline, _audit_pipeline = _audit_pipeline, None
         _shutdown_members(old, pipeline)

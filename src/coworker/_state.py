@@ -59,6 +59,7 @@ class Settings:
 
     __slots__ = (
         "audit_gate",
+        "audit_records",
         "capture_limit",
         "debug",
         "flow_idle_timeout",
@@ -80,6 +81,9 @@ class Settings:
         self.debug: bool = config.resolve(None, config.COWORKER_DEBUG, False, config.parse_bool)
         self.policy: Any = None
         self.audit_gate: Any = None
+        # An audit pipeline is configured: coworker's runs are recorded even when the trace
+        # sampler drops them (coworker._sdk.AuditSampler).
+        self.audit_records: bool = False
         self.state_changing: frozenset[str] = DEFAULT_STATE_CHANGING
         self.read_operations: frozenset[str] = DEFAULT_READ_OPERATIONS
         self.sensitive_doctypes: frozenset[str] = frozenset()
