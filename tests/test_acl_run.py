@@ -441,3 +441,122 @@ def test_policy_enforced_without_any_sdk() -> None:
     )
     assert out.stdout.split("] ")[0] + "]" == ("['select', 'PermissionDenied', 'PermissionDenied']")
     assert out.stdout.split("] ")[1].split()[0] == "ProxyTracerProvider"
+
+
+# -- deriving what the policy needs fails closed (issue 9) ----------------------------------
+
+
+def _records(url: str) -> list[dict[str, Any]]:
+    from coworker.audit import open_store
+
+    coworker.force_flush()
+    store = open_store(url)
+    try:
+        return [r.fields() for r in store.iter_from()]
+    finally:
+        store.close()
+
+
+def _broken_doctype(args: Any) -> dict[str, Any]:
+    raise KeyError("doctype_field")
+
+
+def test_failing_attributes_callable_is_an_audited_denial(tmp_path: Path, spans: Any) -> None:
+    """An attributes= callable that raises refuses the run (even for an admin past a
+    deny rule), before the body, audited, with the original error chained."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    coworker.configure(
+        policy={
+            "roles": {"admin": {"*": ["*"]}},
+            "users": {"root": ["admin"]},
+            "doctypes": {"Ledger": {"deny": ["delete"]}},
+        },
+        audit=url,
+        metrics=False,
+    )
+
+    @coworker.run(operation="delete", attributes=_broken_doctype)
+    def delete(entry_id: str) -> None:
+        body_ran.append(entry_id)
+
+    with coworker.acting_as("root"), pytest.raises(PermissionDenied) as info:
+        delete("L-1")
+    with pytest.raises(PermissionDenied):
+        delete("L-2")  # anonymous: refused too, never run unchecked
+    assert body_ran == []
+    assert isinstance(info.value.__cause__, KeyError)
+    assert "attributes= callable failed" in str(info.value)
+    summary = [(r["category"], r["user_id"], r["error_type"]) for r in _records(url)]
+    assert summary == [
+        ("authorization-failure", "root", "coworker.exceptions.PermissionDenied"),
+        ("authorization-failure", None, "coworker.exceptions.PermissionDenied"),
+    ]
+
+
+def test_attributes_callable_returning_junk_is_a_denial(spans: Any) -> None:
+    """A non-mapping result, or a doctype no record can hold, is refused under a policy."""
+    coworker.configure(policy=POLICY, metrics=False)
+
+    @coworker.run(operation="select", attributes=lambda a: ["Invoice"])
+    def listed() -> None:
+        body_ran.append("listed")
+
+    @coworker.run(operation="select", attributes=lambda a: {"doctype": a["d"]})
+    def surrogate(d: str) -> None:
+        body_ran.append("surrogate")
+
+    with coworker.acting_as("root"):
+        with pytest.raises(PermissionDenied, match="not a mapping"):
+            listed()
+        with pytest.raises(PermissionDenied, match="UTF-8") as info:
+            surrogate("Inv\ud800")
+    assert isinstance(info.value.__cause__, ValueError)
+    assert body_ran == []
+
+
+def test_failing_attributes_callable_refused_without_sdk() -> None:
+    """No SDK provider at all: the policy-only path fails closed too."""
+    code = """
+import coworker
+coworker.configure(policy={"roles": {"admin": {"*": ["*"]}}, "users": {"root": ["admin"],},
+                           "doctypes": {"Ledger": {"deny": ["delete"]}}}, metrics=False)
+ran = []
+def broken(a):
+    raise RuntimeError("boom")
+@coworker.run(operation="delete", attributes=broken)
+def delete():
+    ran.append(1)
+with coworker.acting_as("root"):
+    try:
+        delete()
+    except coworker.PermissionDenied as exc:
+        print("denied", type(exc.__cause__).__name__, ran)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PATH": "/usr/bin:/bin", "OTEL_SDK_DISABLED": "true"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.split() == ["denied", "RuntimeError", "[]"]
+
+
+def test_surrogate_attribute_under_raise_fails_before_the_body(tmp_path: Path, spans: Any) -> None:
+    """With an audit trail (raise policy) an attribute value no record can hold is refused
+    before the body runs; a static one fails at decoration."""
+    coworker.configure(audit=f"sqlite:///{tmp_path / 'a.db'}", metrics=False)
+
+    @coworker.run(operation="update", doctype="Invoice", attributes=lambda a: {"note": a["n"]})
+    def update(n: str) -> None:
+        body_ran.append(n)
+
+    with pytest.raises(PermissionDenied, match="UTF-8"):
+        update("x\udcff")
+    update("fine")
+    assert body_ran == ["fine"]
+    with pytest.raises(ValueError, match="UTF-8"):
+        coworker.run(attributes={"note": "x\ud800"})
+    with pytest.raises(ValueError, match="UTF-8"):
+        coworker.run(operation="update", doctype="Inv\ud800")

@@ -125,7 +125,11 @@ report(exported)
 
 @pytest.mark.parametrize(
     ("sampler", "ratio"),
-    [("ALWAYS_OFF", 0.0), ("TraceIdRatioBased(0.1)", 0.1), ("ParentBased(TraceIdRatioBased(0.1))", 0.1)],
+    [
+        ("ALWAYS_OFF", 0.0),
+        ("TraceIdRatioBased(0.1)", 0.1),
+        ("ParentBased(TraceIdRatioBased(0.1))", 0.1),
+    ],
 )
 def test_application_provider_sampler_keeps_every_record(
     tmp_path: Path, sampler: str, ratio: float

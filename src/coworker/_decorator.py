@@ -41,6 +41,7 @@ from coworker.flow import (
     _Scope,
     touch,
 )
+from coworker.identity import text
 
 __all__ = ["Run", "current_run", "run"]
 
@@ -406,10 +407,18 @@ def _begin(
     doctype = spec.doctype
     name = spec.span_name
     bound: dict[str, Any] | None = None
+    refused: PermissionDenied | None = None
     if spec.attributes_fn is not None or spec.capture_input:
         bound = _bind(spec, wrapped, instance, args, kwargs)
         if spec.attributes_fn is not None:
-            op, doctype, name = _dynamic_attributes(spec, bound, attrs, op, doctype, name)
+            try:
+                op, doctype, name = _dynamic_attributes(
+                    spec, bound, attrs, op, doctype, name, scope.identity
+                )
+            except PermissionDenied as exc:
+                # Fail closed, but through the span: the refusal is audited like a denial.
+                refused = exc
+                attrs = spec.static_attrs.copy()
             op_key = op.lower() if op else None
         if spec.capture_input:
             attrs[attr.INPUT] = capture(bound, settings.redact, settings.capture_limit)
@@ -470,8 +479,14 @@ def _begin(
         flow._running.add(r)
     policy = settings.policy
     gate = settings.audit_gate
-    if policy is not None or (gate is not None and category == attr.CATEGORY_STATE_CHANGE):
+    if (
+        policy is not None
+        or refused is not None
+        or (gate is not None and category == attr.CATEGORY_STATE_CHANGE)
+    ):
         try:
+            if refused is not None:
+                raise refused
             if policy is not None:
                 arguments = _lazy_arguments(spec, wrapped, instance, args, kwargs, bound)
                 policy.enforce(identity, op, doctype, arguments)
@@ -511,7 +526,9 @@ def _enforce_only(
     bound: dict[str, Any] | None = None
     if spec.attributes_fn is not None:
         bound = _bind(spec, wrapped, instance, args, kwargs)
-        op, doctype, _ = _dynamic_attributes(spec, bound, {}, op, doctype, spec.span_name)
+        op, doctype, _ = _dynamic_attributes(
+            spec, bound, {}, op, doctype, spec.span_name, scope.identity
+        )
 
     arguments = _lazy_arguments(spec, wrapped, instance, args, kwargs, bound)
     SETTINGS.policy.enforce(scope.identity, op, doctype, arguments)
@@ -524,31 +541,63 @@ def _dynamic_attributes(
     op: str | None,
     doctype: str | None,
     name: str,
+    identity: Any = None,
 ) -> tuple[str | None, str | None, str]:
+    """Apply what the ``attributes=`` callable returns for this call.
+
+    While a policy or an audit trail is configured, the callable decides what they act on
+    (the operation and doctype, hence the permission check and the audit classification), so
+    any error in it refuses the run: :class:`~coworker.PermissionDenied` chained to the
+    cause. Going ahead without them would fail open (an unchecked delete, a run that should
+    be audited and is not). With neither, the callable only decorates a trace: its errors
+    are logged and the run goes ahead.
+
+    Raises:
+        PermissionDenied: the callable raised, returned something other than a mapping, or
+            a value no audit record can hold, while a policy or audit trail is configured.
+    """
     assert spec.attributes_fn is not None
     try:
         extra = spec.attributes_fn(bound)
-    except Exception:
-        # The callable is the app's code: a bug there must not break the call it observes.
-        _log.exception("coworker.run attributes callable of %r raised; ignored", spec.span_name)
-        return op, doctype, name
-    if not extra:
-        return op, doctype, name
-    if not isinstance(extra, Mapping):
-        _log.error(
-            "coworker.run attributes callable of %r returned a %s, not a mapping; ignored",
-            spec.span_name,
-            type(extra).__name__,
-        )
-        return op, doctype, name
-    for key, value in extra.items():
-        if value is None:
-            continue  # e.g. an optional argument: no attribute rather than the string "None"
+        if extra is not None and not isinstance(extra, Mapping):
+            raise TypeError(f"it returned a {type(extra).__name__}, not a mapping")
+        derived: list[tuple[str, Any]] = []
+        for key, value in (extra or {}).items():
+            if value is None:
+                continue  # e.g. an optional argument: no attribute rather than "None"
+            key = text(key, "attribute name")
+            if key in ("operation", attr.OPERATION, "doctype", attr.DOCTYPE):
+                value = text(value if isinstance(value, str) else str(value), key)
+            elif isinstance(value, str):
+                value = _attribute_text(value, key)
+            elif not isinstance(value, bool | int | float):
+                value = _attribute_text(str(value), key)
+            derived.append((key, value))
+    except Exception as exc:
+        settings = SETTINGS
+        if settings.policy is None and not settings.audit_records:
+            # Tracing only: the callable is the app's code, and a bug there must not break
+            # the call it merely observes.
+            _log.exception("coworker.run attributes callable of %r failed; ignored", spec.span_name)
+            return op, doctype, name
+        user = identity.user_id if identity is not None else None
+        agent = identity.agent_id if identity is not None else None
+        raise PermissionDenied(
+            f"{spec.span_name}: refused because its attributes= callable failed "
+            f"({type(exc).__name__}: {exc}); the policy and the audit trail cannot decide "
+            "without what it derives",
+            user=user,
+            agent=agent,
+            operation=op,
+            doctype=doctype,
+            rule="attributes= callable failed (fail closed)",
+        ) from exc
+    for key, value in derived:
         if key in ("operation", attr.OPERATION):
-            op = str(value)
+            op = value
             attrs[attr.OPERATION] = op
         elif key in ("doctype", attr.DOCTYPE):
-            doctype = str(value)
+            doctype = value
             attrs[attr.DOCTYPE] = doctype
         elif key in RESERVED_ATTRIBUTES:
             # Identity, flow, run and audit keys come from coworker's own context only: an
@@ -557,10 +606,15 @@ def _dynamic_attributes(
                 "coworker.run attributes of %r may not set %r; ignored", spec.span_name, key
             )
         else:
-            attrs[key] = value if isinstance(value, str | bool | int | float) else str(value)
+            attrs[key] = value
     if op and doctype and not spec.explicit_name:
         name = f"{op} {doctype}"
     return op, doctype, name
+
+
+def _attribute_text(value: str, key: str) -> str:
+    """An attribute's text value, exact ``str`` and UTF-8 (empty is allowed)."""
+    return text(value, f"attribute {key!r}") if value else ""
 
 
 def _end(r: Run, exc: BaseException | None) -> None:
@@ -611,8 +665,8 @@ class RunOptions(AsyncContextMixin):
             ("doctype", doctype),
             ("step", step),
         ):
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"coworker.run {label}= must be a non-empty string, got {value!r}")
+            if value is not None:
+                text(value, f"coworker.run {label}=")
         if (
             attributes is not None
             and not callable(attributes)
@@ -626,10 +680,17 @@ class RunOptions(AsyncContextMixin):
                     f"coworker.run attributes= may not set {reserved}: identity, flow, run and "
                     "audit keys come from acting_as(), flow() and coworker itself"
                 )
-        self.name = name
-        self.operation = operation
-        self.doctype = doctype
-        self.step = step
+            # Checked here, at decoration: a value no audit record can hold fails at once.
+            attributes = {
+                text(k, "coworker.run attribute name"): (
+                    _attribute_text(v, k) if isinstance(v, str) else v
+                )
+                for k, v in attributes.items()
+            }
+        self.name = None if name is None else str.__str__(name)
+        self.operation = None if operation is None else str.__str__(operation)
+        self.doctype = None if doctype is None else str.__str__(doctype)
+        self.step = None if step is None else str.__str__(step)
         self.state_changing = state_changing
         self.capture_input = capture_input
         self.capture_output = capture_output

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 from coworker import attributes as attr
 from coworker._state import SETTINGS
 from coworker.exceptions import CoworkerError
-from coworker.identity import Agent, Identity, User
+from coworker.identity import Agent, Identity, User, text
 
 if TYPE_CHECKING:
     from coworker._decorator import Run
@@ -115,9 +115,11 @@ class Flow:
             raise ValueError(
                 f"flow type must be a lower-case name like 'workflow' or 'batch-job', got {type!r}"
             )
-        if id is not None and (not isinstance(id, str) or not id):
-            raise ValueError(f"flow id must be a non-empty string, got {id!r}")
-        self.type = type
+        if id is not None:
+            id = text(id, "flow id")
+        if conversation_id is not None:
+            conversation_id = text(conversation_id, "conversation id")
+        self.type = str.__str__(type)
         self.id = id if id is not None else str(uuid.uuid4())
         self.definition = definition
         self.previous_id = previous_id
@@ -163,17 +165,16 @@ class Flow:
         Raises:
             ValueError: at once, when the flow has a definition that lacks ``step_id``.
         """
-        self._check_step(step_id)
-        return _StepBlock(step_id)
+        return _StepBlock(self._check_step(step_id))
 
-    def _check_step(self, step_id: str) -> None:
-        if not isinstance(step_id, str) or not step_id:
-            raise ValueError(f"step id must be a non-empty string, got {step_id!r}")
+    def _check_step(self, step_id: str) -> str:
+        step_id = text(step_id, "step id")
         d = self.definition
         if d is not None and step_id not in d.steps:
             raise ValueError(
                 f"step {step_id!r} is not in workflow {d.id!r}; its steps are {list(d.steps)}"
             )
+        return step_id
 
     def _assign_step(self, turn: int, operation: str) -> str:
         # "turn-3-select-1": unique within the flow because the counter is per (turn, op).
@@ -465,11 +466,7 @@ def step(step_id: str) -> _StepBlock:
             does not list ``step_id``.
     """
     f = current_flow()
-    if f is not None:
-        f._check_step(step_id)
-    elif not isinstance(step_id, str) or not step_id:
-        raise ValueError(f"step id must be a non-empty string, got {step_id!r}")
-    return _StepBlock(step_id)
+    return _StepBlock(f._check_step(step_id) if f is not None else text(step_id, "step id"))
 
 
 class WorkflowDefinition:
@@ -539,8 +536,7 @@ class Conversation:
         idle_timeout: float | None = None,
         **metadata: Any,
     ) -> None:
-        if not isinstance(conversation_id, str) or not conversation_id:
-            raise ValueError(f"conversation id must be a non-empty string, got {conversation_id!r}")
+        conversation_id = text(conversation_id, "conversation id")
         self.id = conversation_id
         self.turns = 0
         self._cell = _FlowCell(
@@ -636,6 +632,4 @@ def acting_as(
         raise TypeError(f"agent must be an Agent, an agent id or None, got {type(agent).__name__}")
     elif agent is not None and agent_name is not None and agent.name is None:
         agent = Agent(agent.id, agent_name)
-    if session is not None and (not isinstance(session, str) or not session):
-        raise ValueError(f"session must be a non-empty string, got {session!r}")
     return _IdentityBlock(Identity(user, agent, session))

@@ -13,9 +13,43 @@ from typing import Any
 
 from coworker import attributes as attr
 
-__all__ = ["Agent", "Identity", "User"]
+__all__ = ["Agent", "Identity", "User", "text"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def text(value: Any, what: str) -> str:
+    """``value`` as an exact, non-empty ``str`` that every audit store can hold.
+
+    Everything that ends up in an audit record (identities, flow and step ids, operation,
+    doctype, span names, attributes) passes here at the boundary where the application hands
+    it over, so a bad value fails there with a clear error instead of in the store later.
+
+    * A ``str`` subclass becomes a plain ``str``: a subclass can override ``__eq__`` and
+      ``__hash__`` and so satisfy any policy comparison.
+    * A lone surrogate (``"\\ud800"``, from a badly decoded byte string) is refused: it is not
+      UTF-8, so no record could store it.
+
+    Args:
+        value: the value given by the application.
+        what: how the error message names it (``"user id"``).
+
+    Raises:
+        ValueError: not a non-empty string, or not encodable as UTF-8.
+    """
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    value = str.__str__(value)  # an exact str copy of a subclass (itself if exact)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{what} {value!r} cannot be encoded as UTF-8 (lone surrogate at index "
+                f"{exc.start}): no audit record could hold it; decode the source bytes "
+                "correctly (or with errors='replace') first"
+            ) from None
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +69,9 @@ class User:
     attributes: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.id, str) or not self.id:
-            raise ValueError(f"User id must be a non-empty string, got {self.id!r}")
-        if not isinstance(self.roles, tuple):
-            object.__setattr__(self, "roles", tuple(self.roles))
+        object.__setattr__(self, "id", text(self.id, "User id"))
+        roles = (self.roles,) if isinstance(self.roles, str) else self.roles
+        object.__setattr__(self, "roles", tuple(text(r, "User role") for r in roles))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +87,9 @@ class Agent:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.id, str) or not self.id:
-            raise ValueError(f"Agent id must be a non-empty string, got {self.id!r}")
+        object.__setattr__(self, "id", text(self.id, "Agent id"))
+        if self.name is not None:
+            object.__setattr__(self, "name", text(self.name, "Agent name"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +105,12 @@ class Identity:
     span_attributes: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.user is not None and not isinstance(self.user, User):
+            raise TypeError(f"user must be a User or None, got {type(self.user).__name__}")
+        if self.agent is not None and not isinstance(self.agent, Agent):
+            raise TypeError(f"agent must be an Agent or None, got {type(self.agent).__name__}")
+        if self.session is not None:
+            object.__setattr__(self, "session", text(self.session, "session"))
         attrs: dict[str, str] = {}
         if self.user is not None:
             attrs[attr.USER_ID] = self.user.id

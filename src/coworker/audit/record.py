@@ -42,6 +42,7 @@ __all__ = [
     "format_time",
     "intent_from_span",
     "payload_digest",
+    "storable",
 ]
 
 SCHEMA_VERSION: Final = 1
@@ -171,6 +172,75 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
     return value
+
+
+def storable(fields: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
+    """Make every value of a record representable in every store, naming what changed.
+
+    A record must never fail to append because of its content: a lone surrogate is not
+    UTF-8, so no store (and no JCS body) can hold it, and a NaN or an integer beyond 2^53 has
+    no canonical JSON form. Such values become text: a lone surrogate is escaped as
+    ``\\udXXX`` (visible, never silently replaced), other values by :func:`str`. Checked per
+    value, with a fast path for ASCII strings, so the common record costs one scan.
+
+    Args:
+        fields: the record fields.
+
+    Returns:
+        ``(fields, altered)``: the same mapping when nothing needed changing (``altered`` is
+        empty), else a fixed copy and the names of the fields that were changed.
+    """
+    altered: list[str] = []
+    for key, value in fields.items():
+        if not _storable_value(value):
+            altered.append(key)
+    if not altered:
+        return fields, altered
+    fixed = dict(fields)
+    for key in altered:
+        fixed[key] = _as_storable(fixed[key])
+    return fixed, altered
+
+
+def _storable_value(value: Any) -> bool:
+    kind = type(value)
+    if kind is str:
+        if value.isascii():
+            return True
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if value is None or kind is bool:
+        return True
+    if kind is int:
+        return -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT
+    if kind in (dict, list):  # correction records: nested, checked by the reference encoder
+        try:
+            rfc8785.dumps(value)
+        except Exception:
+            return False
+        return True
+    return False
+
+
+def _as_storable(value: Any) -> Any:
+    if isinstance(value, str):
+        return str.__str__(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, Mapping):
+        return {str(_as_storable(k)): _as_storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_storable(v) for v in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if type(value) is int and -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+        return value
+    try:
+        text = str(value)
+    except Exception:
+        text = f"<unprintable {type(value).__name__}>"
+    return _as_storable(text)
 
 
 def format_time(ns: int | None) -> str | None:

@@ -14,6 +14,10 @@
   ``"log"`` logs an error per record and keeps the record in a bounded in-memory retry queue,
   retried before the next append and on :meth:`flush`; a record pushed out of a full queue is
   logged as lost, loudly. Never silent.
+* **Isolation**: a record whose content no store can hold (a lone surrogate, a NaN, an
+  integer beyond 2^53) is made storable before it joins a batch
+  (:func:`~coworker.audit.record.storable`) and named in one CRITICAL log line; it is written
+  like any other, so it can neither be lost nor block the records behind it in the retry queue.
 * Store writes run with OpenTelemetry instrumentation suppressed, so that an instrumented DB
   driver does not trace (and audit) the audit trail's own writes.
 """
@@ -30,6 +34,7 @@ from typing import Any, Final
 
 from opentelemetry import context as otel_context
 
+from coworker.audit.record import storable
 from coworker.audit.store import AuditStore, StoredRecord
 from coworker.exceptions import AuditUnavailable, ConfigError
 
@@ -137,7 +142,7 @@ class AuditWriter:
         """
         if not entries:
             return []
-        ticket = _Ticket(entries)
+        ticket = _Ticket([_isolate(entry) for entry in entries])
         with self._queue_lock:
             self._pending.append(ticket)
         with self._write_lock:
@@ -277,6 +282,27 @@ class AuditWriter:
                 self._metric(str(fields.get("category")), outcome, seconds)
         except Exception:  # metrics must never break the audit path
             _log.debug("audit metrics failed", exc_info=True)
+
+
+def _isolate(entry: Entry) -> Entry:
+    # A record that no store could hold would fail its whole group commit and then, under
+    # "log", sit at the head of the retry queue failing everything behind it for ever.
+    fields, payload = entry
+    fixed, altered = storable(fields)
+    if not altered:
+        return entry
+    _log.critical(
+        "AUDIT RECORD ALTERED to be storable: field(s) %s held values no store can keep "
+        "(lone surrogate, NaN, integer beyond 2^53); stored escaped as text: %s %s run=%s "
+        "span=%s trace=%s",
+        ", ".join(altered),
+        fixed.get("category"),
+        fixed.get("operation"),
+        fixed.get("run_id"),
+        fixed.get("span_id"),
+        fixed.get("trace_id"),
+    )
+    return fixed, payload
 
 
 def _error_type(exc: BaseException) -> str:
