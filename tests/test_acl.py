@@ -264,6 +264,60 @@ def test_conditions(
     assert e.is_allowed(who("u", **attrs), "update", "Doc", kwargs) is allowed
 
 
+class _EqualsAnything(str):
+    """A hostile argument: a str that says it equals everything."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    __hash__ = str.__hash__
+
+
+@pytest.mark.parametrize(
+    ("where", "attrs", "kwargs"),
+    [
+        ({"level": 1}, {}, {"level": True}),  # JSON true is not 1
+        ({"amount": {"le": 1000}}, {}, {"amount": True}),
+        ({"amount": {"ge": 0, "le": 1000}}, {}, {"amount": False}),
+        ({"flag": True}, {}, {"flag": 1}),
+        ({"level": {"in": [1, 2]}}, {}, {"level": True}),
+        ({"level": {"not_in": [1]}}, {}, {"level": True}),  # evading a blocklist by type
+        ({"tags": {"contains": 1}}, {}, {"tags": [True]}),
+        ({"$user.attributes.level": {"ge": 1}}, {"level": True}, {}),
+        ({"owner": "$user.id"}, {}, {"owner": _EqualsAnything("mallory")}),
+        ({"owner": {"in": ["u", "v"]}}, {}, {"owner": _EqualsAnything("x")}),
+        ({"owner": {"ne": "root"}}, {}, {"owner": _EqualsAnything("root")}),
+        ({"amount": {"le": 1000}}, {}, {"amount": float("nan")}),
+        ({"amount": {"ne": 0}}, {}, {"amount": float("nan")}),
+        ({"dept": {"in": "$user.attributes.departments"}}, {"departments": [1]}, {"dept": True}),
+    ],
+)
+def test_conditions_compare_exact_builtin_types_only(
+    where: dict[str, Any], attrs: dict[str, Any], kwargs: dict[str, Any]
+) -> None:
+    """No coercion: bool is not int, a str subclass is not a str, NaN compares with nothing."""
+    e = cond_enforcer(where)
+    assert e.is_allowed(who("u", **attrs), "update", "Doc", kwargs) is False
+
+
+def test_condition_literal_lists_keep_bool_and_int_apart() -> None:
+    """A policy list holding both 1 and true matches each only by its own type."""
+    e = cond_enforcer({"level": {"in": [1, True]}})
+    assert e.is_allowed(who("u"), "update", "Doc", {"level": True}) is True
+    assert e.is_allowed(who("u"), "update", "Doc", {"level": 1}) is True
+    assert e.is_allowed(who("u"), "update", "Doc", {"level": 1.0}) is True  # numbers are numbers
+    assert e.is_allowed(who("u"), "update", "Doc", {"level": "1"}) is False
+
+
+def test_user_id_subclass_is_normalised() -> None:
+    """A User built from a str subclass holds a plain str id (its __eq__ is gone)."""
+    u = User(_EqualsAnything("alice"))
+    assert type(u.id) is str and u.id == "alice" and u.id != "bob"
+
+
 def test_condition_reads_attribute_of_an_object_argument() -> None:
     """A dotted path follows public attributes of objects as well as mapping keys."""
 

@@ -21,6 +21,7 @@ format, the condition language and the precedence are documented in ``docs/acl.m
 
 from __future__ import annotations
 
+import datetime
 import os
 import threading
 import time
@@ -86,48 +87,94 @@ _MISSING: Final = _Missing()
 # Nothing is ever evaluated as code.
 
 
-def _as_collection(value: Any) -> Any:
+# No coercion, and only built-in types: ``True == 1`` and ``True <= 1000`` hold in Python, and
+# a ``str`` subclass can define ``__eq__`` to equal anything. So a value is compared only with
+# a value of the same *kind*, decided by its exact type; anything else (a subclass, a Decimal,
+# an object with its own ``__eq__``, a NaN) makes the term false.
+_KINDS: Final[Mapping[type, str]] = {
+    str: "str",
+    int: "number",
+    float: "number",
+    bool: "bool",
+    type(None): "null",
+    datetime.datetime: "datetime",
+    datetime.date: "date",
+    datetime.time: "time",
+}
+_ORDERED_KINDS: Final = frozenset({"str", "number", "datetime", "date", "time"})
+_COLLECTIONS: Final = (list, tuple, set, frozenset)
+
+
+def _kind(value: Any) -> str | None:
+    kind = _KINDS.get(type(value))
+    if kind == "number" and value != value:  # NaN: unordered and unequal to itself
+        return None
+    return kind
+
+
+def _same_kind(value: Any, operand: Any) -> str | None:
+    kind = _kind(value)
+    return kind if kind is not None and kind == _kind(operand) else None
+
+
+def _eq(value: Any, operand: Any) -> bool:
+    return _same_kind(value, operand) is not None and bool(value == operand)
+
+
+def _members(value: Any) -> Any:
     # A lone string is one value, not a collection of characters: ``"sales" in "wholesales"``
-    # must not grant anything.
-    if isinstance(value, (str, bytes)):
+    # must not grant anything. Only built-in collections are iterated (exact types).
+    if type(value) is str:
         return (value,)
-    return value
+    if type(value) in _COLLECTIONS:
+        return value
+    return None
 
 
 def _op_eq(value: Any, operand: Any) -> bool:
-    return bool(value == operand)
+    return _eq(value, operand)
 
 
 def _op_ne(value: Any, operand: Any) -> bool:
-    return bool(value != operand)
+    return _same_kind(value, operand) is not None and bool(value != operand)
 
 
 def _op_in(value: Any, operand: Any) -> bool:
-    return value in _as_collection(operand)
+    members = _members(operand)
+    return members is not None and any(_eq(value, m) for m in members)
 
 
 def _op_not_in(value: Any, operand: Any) -> bool:
-    return value not in _as_collection(operand)
+    members = _members(operand)
+    if members is None or _kind(value) is None:
+        return False
+    # Every member must be comparable: a member of another kind proves nothing.
+    return all(_same_kind(value, m) is not None and value != m for m in members)
 
 
 def _op_contains(value: Any, operand: Any) -> bool:
-    return operand in _as_collection(value)
+    members = _members(value)
+    return members is not None and any(_eq(m, operand) for m in members)
+
+
+def _ordered(value: Any, operand: Any) -> bool:
+    return _same_kind(value, operand) in _ORDERED_KINDS
 
 
 def _op_lt(value: Any, operand: Any) -> bool:
-    return bool(value < operand)
+    return _ordered(value, operand) and bool(value < operand)
 
 
 def _op_le(value: Any, operand: Any) -> bool:
-    return bool(value <= operand)
+    return _ordered(value, operand) and bool(value <= operand)
 
 
 def _op_gt(value: Any, operand: Any) -> bool:
-    return bool(value > operand)
+    return _ordered(value, operand) and bool(value > operand)
 
 
 def _op_ge(value: Any, operand: Any) -> bool:
-    return bool(value >= operand)
+    return _ordered(value, operand) and bool(value >= operand)
 
 
 _OPERATORS: Final[Mapping[str, Callable[[Any, Any], bool]]] = {
@@ -246,10 +293,8 @@ def _parse_value(value: Any, where: str) -> _Operand:
         literals = [i.value for i in items if isinstance(i, _Literal)]
         if len(literals) != len(items):
             raise ConfigError(f"{where}: references are not allowed inside a list")
-        try:
-            return _Literal(frozenset(literals))
-        except TypeError:
-            return _Literal(tuple(literals))
+        # A tuple, not a set: a set would merge 1 and True (equal in Python, not here).
+        return _Literal(tuple(literals))
     if isinstance(value, Mapping):
         raise ConfigError(f"{where}: a table is not a value here")
     return _Literal(value)
