@@ -800,12 +800,6 @@ class _Svc:
         return self.k * x
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a decorated method bound to an instance (pool.submit(svc.work, x)) or taken "
-    "from the class cannot be pickled: wrapt's BoundFunctionWrapper raises "
-    "NotImplementedError (a plain bound method pickles by reference)",
-)
 def test_decorated_bound_method_pickles() -> None:
     """pickle round-trips svc.work and _Svc.work like plain methods."""
     svc = _Svc(3)

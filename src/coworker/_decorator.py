@@ -16,7 +16,9 @@ import functools
 import inspect
 import logging
 import os
+import pickle
 import random
+import sys
 import time
 import traceback
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
@@ -755,18 +757,91 @@ def _decorate(fn: Any, options: RunOptions) -> Any:
     return _sync_wrapper(spec)(fn)
 
 
+class _BoundWrapper(wrapt.BoundFunctionWrapper):  # type: ignore[misc]
+    """wrapt's bound wrapper (``obj.method``) that never hands out the undecorated function.
+
+    * ``__func__`` is the decorated function, not the original: code that rebinds methods
+      (``types.MethodType(obj.m.__func__, other)``) keeps the policy check and the audit.
+    * It pickles like a bound method, as ``getattr(obj, name)`` (so ``pool.submit(obj.m)``
+      works), with ``name`` the attribute under which the class holds the decorated function.
+    """
+
+    @property
+    def __func__(self) -> Any:
+        return self._self_parent
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[Any, ...]]:
+        owner = self._self_instance
+        if owner is None:  # Class.method: the function itself
+            return self._self_parent.__reduce_ex__(protocol)
+        classes = owner.__mro__ if isinstance(owner, type) else type(owner).__mro__
+        for cls in classes:
+            for key, value in vars(cls).items():
+                inner = value.__func__ if isinstance(value, classmethod | staticmethod) else value
+                if inner is self._self_parent:
+                    return getattr, (owner, key)
+        raise pickle.PicklingError(
+            f"cannot pickle {self._self_parent.__qualname__!r} bound to {owner!r}: its class "
+            "does not hold this coworker.run function under any name"
+        )
+
+
 class _Wrapper(wrapt.FunctionWrapper):  # type: ignore[misc]
     """wrapt's transparent proxy, plus pickling by reference like a plain function (so a
-    decorated module-level function can still go to a ProcessPoolExecutor)."""
+    decorated module-level function can still go to a ProcessPoolExecutor).
+
+    A plain function pickles by its ``__qualname__``; for a decorated one that name may lead
+    to the *undecorated* original (``audited = coworker.run(...)(raw)`` keeps ``raw``'s
+    qualname), which would silently drop the policy and the audit in the child process. So
+    the wrapper pickles by the name under which its module (or class) really holds *this*
+    wrapper, and unpickling checks that it gets a coworker wrapper back.
+    """
+
+    __bound_function_wrapper__ = _BoundWrapper
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[str, str]]:
-        return _import_by_name, (self.__module__, self.__qualname__)
+        return _import_wrapper, (self.__module__, _binding_name(self))
 
     def __copy__(self) -> _Wrapper:
         return self  # functions copy as themselves
 
     def __deepcopy__(self, memo: Any) -> _Wrapper:
         return self
+
+
+def _binding_name(wrapper: _Wrapper) -> str:
+    """The dotted name under which ``wrapper``'s module holds exactly this wrapper."""
+    module = sys.modules.get(wrapper.__module__)
+    qualname = wrapper.__qualname__
+    parent_path, _, leaf = qualname.rpartition(".")
+    holder: Any = module
+    if module is not None and parent_path and "<locals>" not in parent_path:
+        for part in parent_path.split("."):
+            holder = getattr(holder, part, None)
+    candidates = [leaf] if holder is not None else []
+    if holder is not None:
+        candidates += [k for k in vars(holder) if k != leaf]
+    for key in candidates:
+        value = vars(holder).get(key)
+        inner = value.__func__ if isinstance(value, classmethod | staticmethod) else value
+        if inner is wrapper:
+            return f"{parent_path}.{key}" if holder is not module else key
+    raise pickle.PicklingError(
+        f"cannot pickle the coworker.run function {wrapper.__module__}.{qualname}: "
+        "its module does not hold this decorated function under any name (pickling it by its "
+        "qualified name would unpickle the undecorated original, without policy and audit)"
+    )
+
+
+def _import_wrapper(module: str, name: str) -> Any:
+    """Unpickle a decorated function; refuse anything that is not a coworker wrapper."""
+    obj = _import_by_name(module, name)
+    if not isinstance(obj, _Wrapper | _BoundWrapper):
+        raise pickle.UnpicklingError(
+            f"{module}.{name} is not a coworker.run function in this process (a "
+            f"{type(obj).__name__}); refusing to unpickle it without its policy and audit"
+        )
+    return obj
 
 
 def _import_by_name(module: str, qualname: str) -> Any:
