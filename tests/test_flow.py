@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 import time
 from typing import Any
 
@@ -236,3 +238,44 @@ def test_async_blocks(spans: Any) -> None:
     asyncio.run(main())
     (a,) = _attrs(spans)
     assert (a[attr.FLOW_ID], a[attr.STEP_ID], a[attr.USER_ID]) == ("r2", "s", "u")
+
+
+def test_step_counters_are_bounded_by_live_turns(spans: Any) -> None:
+    """100,000 turns of one conversation, each with a run: no per-turn counter is kept."""
+    chat = coworker.conversation("long-chat")
+    flow = chat.flow
+    for i in range(100_000):
+        with chat.turn():
+            select_item()
+        if i % 10_000 == 0:
+            spans.clear()
+    spans.clear()
+    assert len(flow._counters) == 0  # only runs outside any turn count here
+    gc.collect()
+    assert not any(type(o).__name__ == "_Turn" for o in gc.get_objects())
+    with chat.turn():
+        select_item()
+        select_item()
+    steps = [s.attributes[attr.STEP_ID] for s in spans.get_finished_spans()]
+    assert steps == ["turn-100001-select-1", "turn-100001-select-2"]
+
+
+def test_concurrent_turns_get_distinct_numbers(spans: Any) -> None:
+    """Turns started from many threads at once never share a number (nor step ids)."""
+    chat = coworker.conversation("busy-chat")
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        barrier.wait()
+        for _ in range(200):
+            with chat.turn():
+                select_item()
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    steps = [s.attributes[attr.STEP_ID] for s in spans.get_finished_spans()]
+    assert len(steps) == 1600 == len(set(steps))
+    assert chat.turns == 1600

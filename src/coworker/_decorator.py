@@ -437,8 +437,7 @@ def _begin(
     else:
         step = scope.step
         if step is None and flow is not None and flow.type == AI_CONVERSATION:
-            turn = scope.turn.number if scope.turn is not None else 0
-            step = flow._assign_step(turn, _slug(op) if op else spec.short)
+            step = flow._assign_step(scope.turn, _slug(op) if op else spec.short)
     if step is not None:
         attrs[attr.STEP_ID] = step
     if identity is not None:

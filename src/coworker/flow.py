@@ -137,7 +137,10 @@ class Flow:
         # idle, however long ago that run started.
         self._running: set[Any] = set()
         self._session: str | None = None
-        self._counters: dict[tuple[int, str], itertools.count[int]] = {}
+        # Step counters of runs outside any turn (turn 0), by operation. A turn keeps its own
+        # (_Turn.counters), so counters live exactly as long as their turn: a long
+        # conversation does not keep one per past turn.
+        self._counters: dict[str, itertools.count[int]] = {}
         attrs: dict[str, Any] = {attr.FLOW_TYPE: self.type, attr.FLOW_ID: self.id}
         if definition is not None:
             attrs[attr.FLOW_DEFINITION_ID] = definition.id
@@ -176,12 +179,17 @@ class Flow:
             )
         return step_id
 
-    def _assign_step(self, turn: int, operation: str) -> str:
-        # "turn-3-select-1": unique within the flow because the counter is per (turn, op).
-        # setdefault and next() on an itertools.count are atomic in CPython, so threads in
-        # the same turn never get the same step id.
-        counter = self._counters.setdefault((turn, operation), itertools.count(1))
-        return f"turn-{turn}-{operation}-{next(counter)}"
+    def _assign_step(self, turn: _Turn | None, operation: str) -> str:
+        # "turn-3-select-1": unique within the flow because the counter is per (turn, op) and
+        # turn numbers are unique per conversation. setdefault and next() on an
+        # itertools.count are atomic in CPython, so threads in the same turn never get the
+        # same step id.
+        if turn is None:
+            counter = self._counters.setdefault(operation, itertools.count(1))
+        else:  # per flow too: a flow broken mid-turn numbers its own steps from 1
+            counter = turn.counters.setdefault((self.id, operation), itertools.count(1))
+        number = 0 if turn is None else turn.number
+        return f"turn-{number}-{operation}-{next(counter)}"
 
     def __repr__(self) -> str:
         extra = f", previous_id={self.previous_id!r}, reason={self.break_reason!r}"
@@ -200,11 +208,13 @@ class _FlowCell:
 
 
 class _Turn:
-    __slots__ = ("message_id", "number")
+    __slots__ = ("counters", "message_id", "number")
 
     def __init__(self, number: int, message_id: str | None) -> None:
         self.number = number
         self.message_id = message_id
+        # Step counters of the runs in this turn, by (flow id, operation).
+        self.counters: dict[tuple[str, str], itertools.count[int]] = {}
 
 
 class _Scope:
@@ -526,7 +536,7 @@ class Conversation:
         turns: the number of turns started so far.
     """
 
-    __slots__ = ("_cell", "id", "turns")
+    __slots__ = ("_cell", "_lock", "id", "turns")
 
     def __init__(
         self,
@@ -539,6 +549,9 @@ class Conversation:
         conversation_id = text(conversation_id, "conversation id")
         self.id = conversation_id
         self.turns = 0
+        # Two threads starting turns at once must get distinct numbers: ``self.turns += 1``
+        # alone could hand both the same one, and with it the same step ids.
+        self._lock = threading.Lock()
         self._cell = _FlowCell(
             Flow(
                 AI_CONVERSATION,
@@ -560,8 +573,12 @@ class Conversation:
         Args:
             message_id: the id of the user message, if the application has one.
         """
-        self.turns += 1
-        return _TurnBlock(self._cell, _Turn(self.turns, message_id))
+        if message_id is not None:
+            message_id = text(message_id, "message id")
+        with self._lock:
+            self.turns += 1
+            number = self.turns
+        return _TurnBlock(self._cell, _Turn(number, message_id))
 
     def break_flow(self, reason: str, *, type: str | None = None) -> Flow:
         """Break the conversation's flow from outside a turn (e.g. a new session)."""
