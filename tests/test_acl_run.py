@@ -295,7 +295,8 @@ def test_span_attributes_set_by_the_function_do_not_change_identity(policy: Any)
         span.set_attribute("user.roles", "admin")
         run = coworker.current_run()
         assert run is not None
-        run.set_attribute(attr.USER_ID, "root")
+        with pytest.raises(ValueError, match="reserved"):
+            run.set_attribute(attr.USER_ID, "root")
         delete_invoice("INV-1")
 
     with coworker.acting_as("user-456", "agent-789"), pytest.raises(PermissionDenied):

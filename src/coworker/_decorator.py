@@ -123,6 +123,17 @@ RESERVED_ATTRIBUTES: Final = frozenset(
 """Keys that ``attributes=`` cannot set: who acts, where in the flow, which run, whether it
 is audited. They come from coworker's context (``acting_as``, ``flow``, ...) only."""
 
+SEALED_ATTRIBUTES: Final = (RESERVED_ATTRIBUTES - {attr.OUTPUT, attr.ERROR_TYPE}) | {
+    attr.OPERATION,
+    attr.DOCTYPE,
+}
+"""Keys whose start values an audited run's record keeps, whatever the body sets on its span
+(``trace.get_current_span().set_attribute("coworker.audit", False)`` must not hide a record,
+nor ``user.id`` forge one). ``coworker.output`` (``Run.set_output``) and ``error.type`` are the
+body's to report."""
+
+_ABSENT: Final = object()
+
 _ERROR_TYPES: dict[type, str] = {}
 
 
@@ -205,6 +216,7 @@ class Run:
     __slots__ = (
         "_otel_token",
         "_scope_token",
+        "_sealed",
         "_spec",
         "category",
         "chain_id",
@@ -230,7 +242,18 @@ class Run:
     span: Span
 
     def set_attribute(self, key: str, value: Any) -> None:
-        """Set an attribute on the run's span."""
+        """Set an attribute on the run's span.
+
+        Raises:
+            ValueError: ``key`` is one coworker sets itself (identity, flow, run, audit,
+                operation, doctype, captured input/output): those come from ``acting_as``,
+                ``flow``, ``coworker.run``'s options and :meth:`set_output` only.
+        """
+        if key in SEALED_ATTRIBUTES or key in RESERVED_ATTRIBUTES:
+            raise ValueError(
+                f"{key!r} is reserved: coworker sets it from acting_as(), flow() and "
+                "coworker.run's options; a run cannot change it on itself"
+            )
         self.span.set_attribute(key, value)
 
     def set_output(self, value: Any) -> None:
@@ -474,6 +497,7 @@ def _begin(
     r.category = category
     r.span = span
     r._spec = spec
+    r._sealed = None
     r._otel_token = otel_context.attach(trace.set_span_in_context(span))
     r._scope_token = SCOPE.set(_Scope(cell, step, r, identity, scope.turn))
     if flow is not None:
@@ -492,11 +516,50 @@ def _begin(
                 arguments = _lazy_arguments(spec, wrapped, instance, args, kwargs, bound)
                 policy.enforce(identity, op, doctype, arguments)
             if gate is not None and category == attr.CATEGORY_STATE_CHANGE:
-                gate.intent(span)
+                seq = gate.intent(span)
+                if seq is not None:
+                    attrs[attr.AUDIT_INTENT_SEQ] = seq
         except BaseException as exc:
             _end(r, exc)
             raise
+    if settings.audit_records and span.is_recording():
+        r._sealed = {k: v for k, v in attrs.items() if k in SEALED_ATTRIBUTES}
     return r
+
+
+def _reseal(r: Run) -> None:
+    """Put back the start values of the sealed attributes and the name, if the body changed
+    them on its span; called before the span ends, so the audit record is built from what
+    coworker checked, not from what the body wrote."""
+    sealed = r._sealed
+    if sealed is None:
+        return
+    span: Any = r.span
+    current = span.attributes
+    for key in SEALED_ATTRIBUTES:
+        want = sealed.get(key, _ABSENT)
+        have = current.get(key, _ABSENT)
+        # Exact types: the body setting coworker.audit to 1 must not pass for True.
+        if have is want or (type(have) is type(want) and have == want):
+            continue
+        if want is _ABSENT:
+            _drop_attribute(span, key)
+        else:
+            span.set_attribute(key, want)
+    if span.name != r.name:
+        span.update_name(r.name)
+
+
+def _drop_attribute(span: Any, key: str) -> None:
+    # The SDK has no public way to remove an attribute; its live span keeps a mutable
+    # BoundedAttributes. Without it, the record is refused loudly rather than forged.
+    attributes = getattr(span, "_attributes", None)
+    try:
+        del attributes[key]  # type: ignore[index]
+    except Exception:
+        _log.error("coworker: cannot remove %r that a run set on its own span", key)
+        span.set_attribute(attr.AUDIT, True)
+        span.set_attribute(key, "<forged by the run>")
 
 
 def _lazy_arguments(
@@ -623,6 +686,7 @@ def _end(r: Run, exc: BaseException | None) -> None:
         r.flow._last_active = time.monotonic()  # idle time counts from the end of a run
         r.flow._running.discard(r)
     span = r.span
+    _reseal(r)
     if exc is not None and _is_failure(exc):
         _record_failure(span, exc)
     _restore(r._scope_token)
@@ -1009,6 +1073,7 @@ class _StepRunner:
             if r.flow is not None:
                 r.flow._last_active = time.monotonic()
                 r.flow._running.discard(r)
+            _reseal(r)
             if (
                 exc is not None
                 and not isinstance(exc, StopIteration | StopAsyncIteration)
