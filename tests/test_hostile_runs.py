@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 import coworker
@@ -157,3 +158,21 @@ def test_body_cannot_forge_a_record(audited: Any) -> None:
     with coworker.acting_as("alice"):
         read()
     assert _records() == []
+
+
+def test_blocks_exited_out_of_order_still_write_their_records(audited: Any) -> None:
+    """Two run blocks exited in the wrong order: both spans end, both records are written."""
+    outer = coworker.run("outer", operation="update", doctype="A")
+    inner = coworker.run("inner", operation="update", doctype="B")
+    before = coworker.current_run()
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # out of order
+    inner.__exit__(None, None, None)
+    from coworker.flow import EMPTY_SCOPE, SCOPE
+
+    SCOPE.set(EMPTY_SCOPE)  # the interleaving itself leaves the context off: reset it
+    otel_context.attach(otel_context.Context())
+    assert before is None
+    assert sorted(r["doctype"] for r in _records()) == ["A", "B"]
+    assert len(audited.get_finished_spans()) == 2

@@ -681,6 +681,25 @@ def _attribute_text(value: str, key: str) -> str:
     return text(value, f"attribute {key!r}") if value else ""
 
 
+def _discard(runs: list[Run], r: Run) -> bool:
+    try:
+        runs.remove(r)
+    except ValueError:
+        return False
+    return True
+
+
+def _end_detached(r: Run, exc: BaseException | None) -> None:
+    """End a run's span without touching the context (which belongs to other runs now)."""
+    if r.flow is not None:
+        r.flow._last_active = time.monotonic()
+        r.flow._running.discard(r)
+    _reseal(r)
+    if exc is not None and _is_failure(exc):
+        _record_failure(r.span, exc)
+    r.span.end()
+
+
 def _end(r: Run, exc: BaseException | None) -> None:
     if r.flow is not None:
         r.flow._last_active = time.monotonic()  # idle time counts from the end of a run
@@ -702,6 +721,7 @@ class RunOptions(AsyncContextMixin):
     """
 
     __slots__ = (
+        "_open",
         "attributes",
         "capture_input",
         "capture_output",
@@ -761,6 +781,7 @@ class RunOptions(AsyncContextMixin):
         self.capture_output = capture_output
         self.attributes = attributes
         self.spec: _Spec | None = None
+        self._open: list[Run] = []  # runs entered as a block and not exited yet
 
     def __call__(self, fn: F) -> F:
         return _decorate(fn, self)
@@ -775,6 +796,7 @@ class RunOptions(AsyncContextMixin):
     def __enter__(self) -> Run:
         r = _begin(self._context_spec(), None, None, (), {}, force=True)
         assert r is not None
+        self._open.append(r)
         return r
 
     def __exit__(
@@ -784,10 +806,20 @@ class RunOptions(AsyncContextMixin):
         tb: TracebackType | None,
     ) -> None:
         r = SCOPE.get().run
-        if r is None or r._spec is not self.spec:
-            _log.error("coworker.run block exited out of order; its span may be unfinished")
+        if r is not None and r._spec is self.spec and _discard(self._open, r):
+            _end(r, exc)
             return
-        _end(r, exc)
+        # Exited out of order (blocks interleaved by hand, or across a generator's yield):
+        # the context cannot be restored cleanly, but the run's span must still end, or its
+        # audit record would never be written.
+        mine = self._open.pop() if self._open else None
+        _log.error(
+            "coworker.run block %r exited out of order; %s",
+            self.spec.span_name if self.spec else self.name,
+            "its span is ended, the context left as it is" if mine else "no open run of it",
+        )
+        if mine is not None:
+            _end_detached(mine, exc)
 
 
 def _qualname(fn: Any) -> str:
