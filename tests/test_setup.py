@@ -263,3 +263,9 @@ def test_otel_service_name_is_respected() -> None:
     )
     out = _python(code, {"OTEL_SERVICE_NAME": "billing-api"})
     assert out.stdout.strip() == "billing-api"
+
+
+def test_unencodable_service_name_is_a_config_error() -> None:
+    """service_name ends in every audit record: a lone surrogate fails configure at once."""
+    with pytest.raises(coworker.ConfigError, match="UTF-8"):
+        coworker.configure("svc\ud800", metrics=False)

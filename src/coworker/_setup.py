@@ -106,6 +106,13 @@ def configure(
         raise ConfigError(f"capture_limit={capture_limit!r}: must be an int >= 16")
     if flow_idle_timeout is not None and flow_idle_timeout < 0:
         raise ConfigError(f"flow_idle_timeout={flow_idle_timeout!r} must be >= 0")
+    if service_name is not None:
+        from coworker.identity import text
+
+        try:  # it ends in every audit record (``service``)
+            service_name = text(service_name, "service_name")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     with _lock:
         debug = config.resolve(debug, config.COWORKER_DEBUG, False, config.parse_bool)
         fail_closed = config.resolve(
