@@ -535,19 +535,25 @@ def _reseal(r: Run) -> None:
     if sealed is None:
         return
     span: Any = r.span
-    current = span.attributes
-    for key in SEALED_ATTRIBUTES:
-        want = sealed.get(key, _ABSENT)
+    current = _attribute_dict(span)
+    for key, want in sealed.items():
         have = current.get(key, _ABSENT)
         # Exact types: the body setting coworker.audit to 1 must not pass for True.
-        if have is want or (type(have) is type(want) and have == want):
-            continue
-        if want is _ABSENT:
-            _drop_attribute(span, key)
-        else:
+        if have is not want and (type(have) is not type(want) or have != want):
             span.set_attribute(key, want)
+    if len(current) > len(sealed):
+        for key in SEALED_ATTRIBUTES.intersection(current).difference(sealed):
+            _drop_attribute(span, key)  # a sealed key the run did not start with
     if span.name != r.name:
         span.update_name(r.name)
+
+
+def _attribute_dict(span: Any) -> Mapping[str, Any]:
+    # The SDK's live span keeps a BoundedAttributes around a plain dict; reading that dict
+    # costs a few dict lookups, where the public mapping copies under a lock and raises
+    # KeyError (slowly) for each missing key. Read-only here, and only in the span's own run.
+    inner = getattr(getattr(span, "_attributes", None), "_dict", None)
+    return inner if type(inner) is dict else dict(span.attributes)
 
 
 def _drop_attribute(span: Any, key: str) -> None:
