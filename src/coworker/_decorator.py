@@ -684,7 +684,7 @@ def _dynamic_attributes(
 
 def _attribute_text(value: str, key: str) -> str:
     """An attribute's text value, exact ``str`` and UTF-8 (empty is allowed)."""
-    return text(value, f"attribute {key!r}") if value else ""
+    return text(value, f"attribute {key!r}", None) if value else ""
 
 
 def _discard(runs: list[Run], r: Run) -> bool:

@@ -18,7 +18,12 @@ __all__ = ["Agent", "Identity", "User", "text"]
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
-def text(value: Any, what: str) -> str:
+MAX_ID_CHARS = 512
+"""Longest identity, flow, step, operation or doctype string: an id beyond it is a bug (or an
+attack), and PostgreSQL cannot index it (its btree row limit is 2704 bytes)."""
+
+
+def text(value: Any, what: str, max_chars: int | None = MAX_ID_CHARS) -> str:
     """``value`` as an exact, non-empty ``str`` that every audit store can hold.
 
     Everything that ends up in an audit record (identities, flow and step ids, operation,
@@ -30,15 +35,22 @@ def text(value: Any, what: str) -> str:
     * A lone surrogate (``"\\ud800"``, from a badly decoded byte string) is refused: it is not
       UTF-8, so no record could store it.
 
+    * Longer than ``max_chars`` (:data:`MAX_ID_CHARS` by default) is refused.
+
     Args:
         value: the value given by the application.
         what: how the error message names it (``"user id"``).
+        max_chars: the longest accepted value, ``None`` for no limit.
 
     Raises:
-        ValueError: not a non-empty string, or not encodable as UTF-8.
+        ValueError: not a non-empty string, too long, or not encodable as UTF-8.
     """
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    if max_chars is not None and len(value) > max_chars:
+        raise ValueError(
+            f"{what} is {len(value)} characters long (at most {max_chars}): {value[:40]!r}..."
+        )
     value = str.__str__(value)  # an exact str copy of a subclass (itself if exact)
     if not value.isascii():
         try:

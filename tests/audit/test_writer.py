@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import logging
 from pathlib import Path
 
@@ -71,3 +72,96 @@ def test_surrogate_user_is_refused_before_it_reaches_the_trail(db_path: Path) ->
             update(i)
     store = _setup.audit_store()
     assert [json.loads(r.body)["user_id"] for r in store.iter_from(1)] == ["bob"] * 5
+
+
+def _reject_user(db_path: Path, user: str) -> None:
+    """What a store that refuses one record's content looks like: a real SQLite trigger."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn.execute(
+        "CREATE TRIGGER reject_user BEFORE INSERT ON audit_records "
+        f"WHEN NEW.user_id = '{user}' BEGIN SELECT RAISE(ABORT, 'rejected'); END"
+    )
+    conn.close()
+
+
+def test_rejected_record_does_not_block_the_retry_queue(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under "log", a record the store refuses (not an outage) is isolated: the following
+    records of another user are all written, nothing waits in the queue for ever."""
+    long_user = "x" * 5000
+    store = SQLiteStore(db_path)
+    _reject_user(db_path, long_user)
+    writer = AuditWriter(store, on_failure="log")
+    bad = make_entries(1, **{"user.id": long_user})
+    good = make_entries(5, start=1, **{"user.id": "bob"})
+    with caplog.at_level(logging.WARNING, logger="coworker.audit"):
+        writer.write(bad)
+        for entry in good:
+            writer.write([entry])
+    assert writer.retry_depth == 0 and writer.lost == 0
+    users = [r.fields()["user_id"] for r in store.iter_from(1)]
+    assert users[0].startswith("<5000 characters, sha256 ") and users[1:] == ["bob"] * 5
+    rejected = [r for r in caplog.records if "REJECTED" in r.getMessage()]
+    assert len(rejected) == 1 and "user_id" in rejected[0].getMessage()
+    assert verify_chain(store).ok
+    store.close()
+
+
+def test_rejected_record_inside_a_group_commit(db_path: Path) -> None:
+    """One refused record in a multi-record append: the others are written in order."""
+    long_user = "y" * 3000
+    store = SQLiteStore(db_path)
+    _reject_user(db_path, long_user)
+    writer = AuditWriter(store, on_failure="raise")
+    entries = make_entries(2) + make_entries(1, start=2, **{"user.id": long_user})
+    entries += make_entries(2, start=3)
+    records = writer.write(entries)
+    assert len(records) == 5
+    runs = [r.fields()["run_id"] for r in store.iter_from(1)]
+    assert runs == [f"run-{i}" for i in range(5)]
+    store.close()
+
+
+def test_outage_is_not_mistaken_for_a_bad_record(db_path: Path) -> None:
+    """A store that refuses everything (read-only) fails the batch; nothing is shortened."""
+    SQLiteStore(db_path).close()
+    store = SQLiteStore(db_path, readonly=True)
+    writer = AuditWriter(store, on_failure="log")
+    writer.write(make_entries(3, **{"user.id": "z" * 400}))
+    assert writer.retry_depth == 3 and writer.lost == 0
+    store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_index_limit_record_is_isolated(tmp_path: Path) -> None:
+    """PostgreSQL refuses a user id beyond its btree row limit: that record becomes a failure
+    record and the following ones are stored (before: all queued behind it)."""
+    from tests.pg import PGServer, require_server
+
+    pg = PGServer(require_server())
+    try:
+        from coworker.audit.store_postgres import PostgresStore
+
+        store = PostgresStore(pg.schema_url(), spool=tmp_path / "spool.db")
+        writer = AuditWriter(store, on_failure="log")
+        writer.write(make_entries(1, **{"user.id": "u" * 300_000}))
+        for entry in make_entries(3, start=1):
+            writer.write([entry])
+        assert writer.retry_depth == 0
+        users = [r.fields()["user_id"] for r in store.iter_from(1)]
+        assert users[0].startswith("<300000 characters") and users[1:] == ["alice"] * 3
+        store.close()
+    finally:
+        pg.close()
+
+
+def test_overlong_ids_are_refused_at_the_boundary() -> None:
+    """An id no store can index (here 600 characters) fails where it is handed over."""
+    with pytest.raises(ValueError, match="at most 512"):
+        coworker.acting_as("u" * 600)
+    with pytest.raises(ValueError, match="at most 512"):
+        coworker.flow("workflow", "f" * 600)
+    with pytest.raises(ValueError, match="at most 512"):
+        coworker.run(operation="update", doctype="D" * 600)
+    coworker.acting_as("u" * 512)  # the limit itself is fine

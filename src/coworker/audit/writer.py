@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import threading
 import time
@@ -79,14 +80,22 @@ def _metrics_hook() -> Callable[[str, str, float], None] | None:
 
 
 class _Ticket:
-    __slots__ = ("deferred", "done", "entries", "error", "records")
+    __slots__ = ("deferred", "done", "entries", "error", "failed", "records")
 
     def __init__(self, entries: Sequence[Entry]) -> None:
         self.entries = entries
         self.records: list[StoredRecord] = []
         self.error: BaseException | None = None
+        self.failed: list[Entry] = []  # the entries that are not durable (when error is set)
         self.done = False
         self.deferred = False
+
+
+_DEFERRED: Final = object()
+"""An entry the store made durable without sealing it yet (a spooling store)."""
+
+_MAX_STUB_TEXT: Final = 256
+"""A failure record keeps strings up to this length; longer ones become a digest note."""
 
 
 class AuditWriter:
@@ -155,52 +164,148 @@ class AuditWriter:
         return self._fail(ticket, policy or self.on_failure)
 
     def _lead(self) -> None:
-        # Called with the write lock: append every queued ticket (ours included) at once.
+        # Called with the write lock: append every queued ticket (ours included) at once,
+        # behind the records waiting for retry (so those keep their order).
         with self._queue_lock:
             batch, self._pending = self._pending, []
         entries = [e for t in batch for e in t.entries]
+        retried = len(self._retry)
         started = time.perf_counter()
         try:
             with suppressed():
-                self._drain_retry()
-                records = self.store.append([e[0] for e in entries], [e[1] for e in entries])
+                results = self._append([*self._retry, *entries])
         except BaseException as exc:
             # Every ticket of the batch must end up done, or its caller would return without
             # its record; a KeyboardInterrupt in the leader fails the followers too.
             error = exc if isinstance(exc, AuditUnavailable) else _wrap(exc)
             for t in batch:
                 t.error = error
+                t.failed = list(t.entries)
                 t.done = True
             self._record_metrics(entries, _error_type(exc), started)
             if not isinstance(exc, Exception):
                 raise
             return
-        self._record_metrics(entries, "ok", started)
-        if not records and entries:
-            # The store made the entries durable but seals them later (a PostgreSQL store
-            # spooling locally during an outage): done, with no seq to hand back yet. Never
-            # treat this as a failure: retrying would append the entries twice.
-            for t in batch:
-                t.records = []
-                t.deferred = True
-                t.done = True
-            return
-        i = 0
+        failures = [r for r in results if isinstance(r, BaseException)]
+        self._record_metrics(entries, _error_type(failures[0]) if failures else "ok", started)
+        self._settle_retry(results[:retried])
+        i = retried
         for t in batch:
-            t.records = records[i : i + len(t.entries)]
+            mine = results[i : i + len(t.entries)]
             i += len(t.entries)
+            errors = [r for r in mine if isinstance(r, BaseException)]
+            if errors:
+                t.error = errors[0] if isinstance(errors[0], AuditUnavailable) else _wrap(errors[0])
+                t.failed = [
+                    e for e, r in zip(t.entries, mine, strict=True) if isinstance(r, BaseException)
+                ]
+            t.records = [r for r in mine if isinstance(r, StoredRecord)]
+            # Deferred (spooled) entries are durable: never a failure, never appended twice.
+            t.deferred = any(r is _DEFERRED for r in mine)
             t.done = True
 
+    def _settle_retry(self, results: Sequence[Any]) -> None:
+        # The queue's head entries were appended first; drop the ones now durable, keep the
+        # others in order.
+        if not results:
+            return
+        entries = [self._retry.popleft() for _ in results]
+        still = [e for e, r in zip(entries, results, strict=True) if isinstance(r, BaseException)]
+        self._retry.extendleft(reversed(still))
+        if len(still) < len(entries):
+            _log.warning(
+                "audit store recovered: %d queued record(s) appended", len(entries) - len(still)
+            )
+
+    def _append(self, entries: Sequence[Entry]) -> list[Any]:
+        """Append ``entries`` in order; one result per entry: its record, ``_DEFERRED``, or
+        the exception that kept it from the store.
+
+        One append for all, normally. When that fails, the writer tells a store that is down
+        from an entry the store rejects for its content (a PostgreSQL index limit on a huge
+        user id, a trigger): entries go one by one, and two failures in a row mean the store
+        (the rest fail without more attempts). An entry that fails alone is retried as a
+        *failure record* with its long values shortened (:meth:`_failure_record`); if the
+        store takes that, the entry is isolated and named in one CRITICAL line. So one bad
+        record never fails, or blocks behind it in the retry queue, the others.
+
+        Raises:
+            Exception: a single entry could not be appended (the store's error).
+        """
+        if not entries:
+            return []
+        try:
+            return self._store_append(entries)
+        except Exception as exc:
+            if len(entries) == 1:
+                isolated = self._failure_record(entries[0], exc)
+                if isolated is None:
+                    raise
+                return [isolated]
+        results: list[Any] = []
+        failed_before = False
+        for i, entry in enumerate(entries):
+            try:
+                results.extend(self._store_append([entry]))
+                failed_before = False
+                continue
+            except Exception as exc:
+                error = exc
+            isolated = self._failure_record(entry, error)
+            if isolated is not None:
+                results.append(isolated)
+                failed_before = False
+            elif failed_before:  # twice in a row: the store, not one record
+                results.extend([error] * (len(entries) - i))
+                return results
+            else:
+                results.append(error)
+                failed_before = True
+        return results
+
+    def _store_append(self, entries: Sequence[Entry]) -> list[Any]:
+        records = self.store.append([e[0] for e in entries], [e[1] for e in entries])
+        if not records:
+            # The store made the entries durable but seals them later (a PostgreSQL store
+            # spooling locally during an outage): done, with no seq to hand back yet.
+            return [_DEFERRED] * len(entries)
+        return list(records)
+
+    def _failure_record(self, entry: Entry, error: BaseException) -> Any:
+        """Append a shortened copy of an entry the store refused; ``None`` if there is nothing
+        to shorten or the store refuses that too (then it is the store, not the entry)."""
+        fields, payload = entry
+        long = [k for k, v in fields.items() if isinstance(v, str) and len(v) > _MAX_STUB_TEXT]
+        if not long:
+            return None
+        stub = {k: _shorten(v) if k in long else v for k, v in fields.items()}
+        try:
+            result = self._store_append([(stub, payload)])[0]
+        except Exception:
+            return None
+        _log.critical(
+            "AUDIT RECORD REJECTED by the store (%s); written as a failure record with "
+            "field(s) %s replaced by their length and SHA-256: %s %s run=%s span=%s trace=%s",
+            error,
+            ", ".join(long),
+            fields.get("category"),
+            fields.get("operation"),
+            _shorten_log(fields.get("run_id")),
+            _shorten_log(fields.get("span_id")),
+            _shorten_log(fields.get("trace_id")),
+        )
+        return result
+
     def _drain_retry(self) -> None:
-        # Retried records go first, so they keep their relative order; if they still fail,
-        # the new records fail too (and join the queue behind them under "log").
+        # Retried records go first, so they keep their relative order; an entry the store
+        # rejects for its content is isolated, so it cannot block the queue.
         if not self._retry:
             return
-        entries = list(self._retry)
-        self.store.append([e[0] for e in entries], [e[1] for e in entries])
-        for _ in entries:
-            self._retry.popleft()
-        _log.warning("audit store recovered: %d queued record(s) appended", len(entries))
+        results = self._append(list(self._retry))
+        self._settle_retry(results)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
 
     def _fail(self, ticket: _Ticket, policy: str) -> list[StoredRecord]:
         error = ticket.error
@@ -209,7 +314,7 @@ class AuditWriter:
             # A fresh exception per caller: the batch's error is shared between threads.
             raise AuditUnavailable(str(error)) from error
         with self._write_lock:
-            for fields, payload in ticket.entries:
+            for fields, payload in ticket.failed or ticket.entries:
                 _log.error(
                     "audit record not yet durable (%s); queued for retry: %s %s run=%s span=%s",
                     error,
@@ -282,6 +387,15 @@ class AuditWriter:
                 self._metric(str(fields.get("category")), outcome, seconds)
         except Exception:  # metrics must never break the audit path
             _log.debug("audit metrics failed", exc_info=True)
+
+
+def _shorten(value: str) -> str:
+    digest = hashlib.sha256(value.encode("utf-8", "backslashreplace")).hexdigest()
+    return f"<{len(value)} characters, sha256 {digest}>"
+
+
+def _shorten_log(value: Any) -> Any:
+    return _shorten(value) if isinstance(value, str) and len(value) > _MAX_STUB_TEXT else value
 
 
 def _isolate(entry: Entry) -> Entry:
