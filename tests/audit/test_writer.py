@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import logging
+import sqlite3
 from pathlib import Path
 
 import pytest
