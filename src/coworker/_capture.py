@@ -22,7 +22,7 @@ _MAX_STR: Final = 1024
 
 
 def _redacted_key(key: str, redact: tuple[str, ...]) -> bool:
-    k = key.lower()
+    k = str.lower(key)  # str's own lower(): a subclass key must not talk its way out
     return any(fragment in k for fragment in redact)
 
 
@@ -50,7 +50,7 @@ def _walk(value: Any, redact: tuple[str, ...], depth: int) -> Any:
             if i >= _MAX_ITEMS:
                 out[TRUNCATED] = f"{len(value) - _MAX_ITEMS} more"
                 break
-            key = k if isinstance(k, str) else repr(k)
+            key = str.__str__(k) if isinstance(k, str) else _safe_repr(k)
             out[key] = REDACTED if _redacted_key(key, redact) else _walk(v, redact, depth + 1)
         return out
     if isinstance(value, list | tuple | set | frozenset):
@@ -76,6 +76,13 @@ def _walk(value: Any, redact: tuple[str, ...], depth: int) -> Any:
     return text if len(text) <= _MAX_STR else text[:_MAX_STR] + TRUNCATED
 
 
+def _safe_repr(value: Any) -> str:
+    try:
+        return str.__str__(repr(value))
+    except Exception as exc:
+        return f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
+
+
 def capture(value: Any, redact: tuple[str, ...], limit: int) -> str:
     """Serialize ``value`` for a span attribute.
 
@@ -96,4 +103,8 @@ def capture(value: Any, redact: tuple[str, ...], limit: int) -> str:
         text = json.dumps(f"<unserializable {type(value).__name__}: {type(exc).__name__}>")
     if len(text) > limit:
         text = text[: max(limit - len(TRUNCATED), 0)] + TRUNCATED
+    if not text.isascii():
+        # A lone surrogate (a badly decoded argument) is not UTF-8: an OTLP exporter could
+        # not encode the span, and would drop its whole batch. Escape it visibly.
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
