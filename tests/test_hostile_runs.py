@@ -176,3 +176,45 @@ def test_blocks_exited_out_of_order_still_write_their_records(audited: Any) -> N
     assert before is None
     assert sorted(r["doctype"] for r in _records()) == ["A", "B"]
     assert len(audited.get_finished_spans()) == 2
+
+
+def test_abandoned_generator_is_recorded_at_exit(tmp_path: Path) -> None:
+    """A decorated generator that ran part of its body and is still referenced at interpreter
+    exit gets its record (as a failure) before the audit trail closes."""
+    import subprocess
+    import sys
+    import textwrap
+
+    db = tmp_path / "audit.db"
+    code = textwrap.dedent(
+        f"""
+        import asyncio, coworker
+        coworker.configure(audit="sqlite:///{db}", metrics=False)
+
+        @coworker.run(operation="import", doctype="Invoice")
+        def rows():
+            yield from range(10)
+
+        @coworker.run(operation="import", doctype="Payment")
+        async def arows():
+            for i in range(10):
+                yield i
+
+        KEEP = [rows()]
+        next(KEEP[0])
+        async def main():
+            g = arows()
+            KEEP.append(g)
+            await g.__anext__()
+        asyncio.run(main())
+        """
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin"}, check=True, timeout=60
+    )
+    from coworker.audit.store_sqlite import SQLiteStore
+
+    store = SQLiteStore(db, readonly=True)
+    got = sorted((r.fields()["doctype"], r.fields()["outcome"]) for r in store.iter_from(1))
+    store.close()
+    assert got == [("Invoice", "RuntimeError"), ("Payment", "RuntimeError")]

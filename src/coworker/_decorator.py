@@ -21,6 +21,7 @@ import random
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any, Final, TypeVar, overload
@@ -1090,6 +1091,8 @@ class _StepRunner:
                 wrapped, instance, args, kwargs = self._call
                 try:
                     self._run = _begin(self._spec, wrapped, instance, args, kwargs)
+                    if self._run is not None:
+                        _SUSPENDED.add(self)
                 except BaseException:
                     self._done = True  # refused (policy, fail-closed): the body never runs
                     self._close_unstarted()
@@ -1106,6 +1109,7 @@ class _StepRunner:
         if self._done:
             return
         self._done = True
+        _SUSPENDED.discard(self)
         r = self._run
         if r is not None:
             if r.flow is not None:
@@ -1119,6 +1123,31 @@ class _StepRunner:
             ):
                 _record_failure(r.span, exc)
             r.span.end()
+
+
+_SUSPENDED: Final[weakref.WeakSet[_StepRunner]] = weakref.WeakSet()
+"""Generator runs whose body has started and not finished (their span is open)."""
+
+
+def finish_abandoned() -> int:
+    """End the span of every started, unfinished decorated generator, as a failure.
+
+    Called at interpreter exit, before the audit trail is flushed and closed: a generator
+    that ran part of its body (and may have changed state) and was never exhausted or
+    closed would otherwise end its span only when collected, after the audit store is gone,
+    and its record would be lost. Its record says ``RuntimeError`` (abandoned).
+
+    Returns:
+        How many runs were ended.
+    """
+    ended = 0
+    for runner in list(_SUSPENDED):
+        orig = runner._orig
+        if getattr(orig, "gi_running", False) or getattr(orig, "ag_running", False):
+            continue  # executing right now (another thread): it will end its own span
+        runner._finish(RuntimeError("generator abandoned: never finished before exit"))
+        ended += 1
+    return ended
 
 
 class _GeneratorRun(_StepRunner, Generator[Any, Any, Any]):

@@ -213,6 +213,9 @@ def configure(
             # The SDK provider flushes at exit too; this covers a provider that was created
             # with shutdown_on_exit=False by the application.
             atexit.register(shutdown)
+            # atexit runs last-registered first: abandoned generators end their spans (and
+            # write their records) before shutdown closes the audit trail.
+            atexit.register(_decorator.finish_abandoned)
             _atexit_registered = True
 
 
