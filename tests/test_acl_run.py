@@ -561,3 +561,21 @@ def test_surrogate_attribute_under_raise_fails_before_the_body(tmp_path: Path, s
         coworker.run(attributes={"note": "x\ud800"})
     with pytest.raises(ValueError, match="UTF-8"):
         coworker.run(operation="update", doctype="Inv\ud800")
+
+
+def test_attributes_callable_cannot_change_what_the_policy_checks(policy: Any) -> None:
+    """The attributes= callable gets a read-only view: rewriting `owner` to the caller's id
+    (so `owner = $user.id` holds) is an error, and the run is refused."""
+
+    def rewrite(args: Any) -> dict[str, Any]:
+        args["owner"] = "user-456"
+        return {}
+
+    @coworker.run(operation="update", doctype="Task", attributes=rewrite)
+    def update_task(owner: str) -> None:
+        body_ran.append(owner)
+
+    with coworker.acting_as("user-456"), pytest.raises(PermissionDenied) as info:
+        update_task(owner="someone-else")
+    assert isinstance(info.value.__cause__, TypeError)
+    assert body_ran == []

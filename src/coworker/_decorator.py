@@ -23,7 +23,7 @@ import time
 import traceback
 import weakref
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Final, TypeVar, overload
 
 import wrapt
@@ -629,7 +629,8 @@ def _dynamic_attributes(
     """
     assert spec.attributes_fn is not None
     try:
-        extra = spec.attributes_fn(bound)
+        # A read-only view: the same bound arguments are what the policy conditions check.
+        extra = spec.attributes_fn(MappingProxyType(bound))
         if extra is not None and not isinstance(extra, Mapping):
             raise TypeError(f"it returned a {type(extra).__name__}, not a mapping")
         derived: list[tuple[str, Any]] = []
