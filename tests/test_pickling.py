@@ -35,6 +35,21 @@ class Ledger:
 
     alias = post  # the same decorated function under a second name
 
+    @coworker.run
+    @classmethod
+    def opened(cls, invoice_id: str) -> str:
+        return f"opened {invoice_id}"
+
+    @coworker.run
+    @staticmethod
+    def checked(invoice_id: str) -> str:
+        return f"checked {invoice_id}"
+
+    @classmethod
+    @coworker.run
+    def closed(cls, invoice_id: str) -> str:
+        return f"closed {invoice_id}"
+
 
 class Other:
     pass
@@ -99,3 +114,10 @@ def test_bound_methods_pickle_by_attribute() -> None:
     with coworker.acting_as("clerk-1"), pytest.raises(coworker.PermissionDenied):
         pickle.loads(pickle.dumps(Ledger().post))("INV-3")
     assert _setup.audit_store() is None  # no audit configured: only the policy acted
+
+
+def test_classmethods_and_staticmethods_pickle() -> None:
+    """Decorated classmethods and staticmethods, from the class or an instance, round-trip."""
+    ledger = Ledger()
+    for fn in (Ledger.opened, ledger.opened, Ledger.checked, ledger.checked, Ledger.closed):
+        assert pickle.loads(pickle.dumps(fn))("I") == fn("I")

@@ -880,8 +880,7 @@ class _BoundWrapper(wrapt.BoundFunctionWrapper):  # type: ignore[misc]
         classes = owner.__mro__ if isinstance(owner, type) else type(owner).__mro__
         for cls in classes:
             for key, value in vars(cls).items():
-                inner = value.__func__ if isinstance(value, classmethod | staticmethod) else value
-                if inner is self._self_parent:
+                if _holds(value, self._self_parent):
                     return getattr, (owner, key)
         raise pickle.PicklingError(
             f"cannot pickle {self._self_parent.__qualname__!r} bound to {owner!r}: its class "
@@ -912,6 +911,14 @@ class _Wrapper(wrapt.FunctionWrapper):  # type: ignore[misc]
         return self
 
 
+def _holds(value: Any, wrapper: Any) -> bool:
+    """``value`` is ``wrapper``, or a classmethod/staticmethod around it (exact types: a
+    wrapt proxy passes ``isinstance`` checks for what it wraps)."""
+    return value is wrapper or (
+        type(value) in (classmethod, staticmethod) and value.__func__ is wrapper
+    )
+
+
 def _binding_name(wrapper: _Wrapper) -> str:
     """The dotted name under which ``wrapper``'s module holds exactly this wrapper."""
     module = sys.modules.get(wrapper.__module__)
@@ -925,9 +932,7 @@ def _binding_name(wrapper: _Wrapper) -> str:
     if holder is not None:
         candidates += [k for k in vars(holder) if k != leaf]
     for key in candidates:
-        value = vars(holder).get(key)
-        inner = value.__func__ if isinstance(value, classmethod | staticmethod) else value
-        if inner is wrapper:
+        if _holds(vars(holder).get(key), wrapper):
             return f"{parent_path}.{key}" if holder is not module else key
     raise pickle.PicklingError(
         f"cannot pickle the coworker.run function {wrapper.__module__}.{qualname}: "
