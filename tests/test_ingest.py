@@ -97,7 +97,7 @@ def audited(spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
 
 
 def comparable(fields: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in fields.items() if k not in ("recorded_at", "seq")}
+    return {k: v for k, v in fields.items() if k not in ("recorded_at", "seq", "ingest_token")}
 
 
 def bodies(store: Any) -> list[dict[str, Any]]:
@@ -233,6 +233,7 @@ def test_real_protobuf_exporter_into_postgres(pg_server: IngestServer, pg_store:
     errors = [b for b in got if b["outcome"] != "ok"]
     assert errors and all(b["outcome"] == "ValueError" for b in errors)
     assert {b["service"] for b in got} == {"svc-a"}
+    assert {b["ingest_token"] for b in got} == {"shared-token"}
 
 
 def test_real_json_exporter(memory_server: tuple[IngestServer, InMemoryStore]) -> None:
@@ -736,3 +737,314 @@ def test_real_coworker_spans_with_audit_false_are_skipped_not_rejected(
     assert [b["operation"] for b in bodies(store)] == ["update"]
     assert exporter(server).export(finished) is SpanExportResult.SUCCESS
     assert len(bodies(store)) == 1  # the re-delivery is deduplicated
+
+
+# -- issue 9: whole gzip bodies --------------------------------------------------------------------
+def test_gzip_body_of_two_members_appends_the_spans_of_both(
+    memory_server: tuple[IngestServer, InMemoryStore],
+) -> None:
+    """`cat a.gz b.gz` is one gzip stream (RFC 1952): the spans of both members are appended."""
+    server, store = memory_server
+    first, second = make_spans(3, prefix="a"), make_spans(4, prefix="b")
+    # Two serialized requests concatenated are one request (protobuf merges repeated fields).
+    body = gzip.compress(request_bytes(first)) + gzip.compress(request_bytes(second))
+    r = httpx.post(
+        server.endpoint, content=body, headers={**AUTH, **PROTOBUF, "Content-Encoding": "gzip"}
+    )
+    assert r.status_code == 200
+    assert ExportTraceServiceResponse.FromString(r.content).partial_success.rejected_spans == 0
+    assert sorted(b["name"] for b in bodies(store)) == sorted(
+        s.name for s in audited(first) + audited(second)
+    )
+
+
+def test_gzip_or_deflate_with_trailing_garbage_is_400_and_appends_nothing(
+    memory_server: tuple[IngestServer, InMemoryStore],
+) -> None:
+    """Bytes after the last gzip member (or after a deflate stream) are a malformed body."""
+    server, store = memory_server
+    valid = request_bytes(make_spans(2))
+    for encoding, body in (
+        ("gzip", gzip.compress(valid) + b"garbage"),
+        ("gzip", gzip.compress(valid) + b"\x1f\x8b" + b"\x00" * 20),
+        ("deflate", zlib.compress(valid) + b"x"),
+    ):
+        r = httpx.post(
+            server.endpoint,
+            content=body,
+            headers={**AUTH, **PROTOBUF, "Content-Encoding": encoding},
+        )
+        assert r.status_code == 400, (encoding, body[-8:])
+        assert status_pb2.Status.FromString(r.content).message
+    assert list(store.iter_from()) == []
+
+
+def test_gzip_members_are_limited_by_their_decompressed_total() -> None:
+    """Many small members, each under the limit, together over it: 413 (no zip bomb by parts)."""
+    store = InMemoryStore()
+    with IngestServer(store, token=TOKEN, max_body_bytes=100_000) as server:
+        member = gzip.compress(b"\x00" * 60_000)
+        r = httpx.post(
+            server.endpoint,
+            content=member * 2,
+            headers={**AUTH, **PROTOBUF, "Content-Encoding": "gzip"},
+        )
+        assert r.status_code == 413
+    assert list(store.iter_from()) == []
+
+
+# -- issue 9: dedup by content, conflicts recorded -------------------------------------------------
+def forged(span: ReadableSpan, **changes: Any) -> ReadableSpan:
+    """A span with the same trace and span id as ``span`` and other attributes."""
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes={**(span.attributes or {}), **changes},
+        events=span.events,
+        links=span.links,
+        kind=span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+def _check_substitution(server: IngestServer, store: Any) -> None:
+    real = audited(make_spans(3))
+    fake = forged(real[0], **{attr.USER_ID: "mallory", attr.OPERATION: "delete"})
+    client = exporter(server)
+    assert client.export([fake]) is SpanExportResult.SUCCESS  # the forgery arrives first
+    assert client.export(real) is SpanExportResult.SUCCESS
+    assert client.export(real) is SpanExportResult.SUCCESS  # an exporter retry: duplicates
+    records = bodies(store)
+    span_id = format(real[0].context.span_id, "016x")
+    same_ids = [b for b in records if b["span_id"] == span_id]
+    versions = [b for b in same_ids if b["category"] != "ingest-conflict"]
+    conflicts = [b for b in same_ids if b["category"] == "ingest-conflict"]
+    assert sorted(b["user_id"] for b in versions) == ["alice", "mallory"]  # both kept
+    assert len(records) == 3 + 1 + 1  # three real, the forgery, one conflict record
+    (conflict,) = conflicts
+    assert conflict["outcome"] == "conflict"
+    assert conflict["trace_id"] == format(real[0].context.trace_id, "032x")
+    assert sorted(conflict["conflict_seqs"]) == sorted(b["seq"] for b in versions)
+    assert len(conflict["conflict_digests"]) == 2
+    assert server.stats["conflicts"] == 1
+    assert server.stats["duplicates"] == 3
+    # The forgery resent again changes nothing: a duplicate, the conflict is recorded once.
+    assert client.export([fake]) is SpanExportResult.SUCCESS
+    assert len(bodies(store)) == 5 and server.stats["conflicts"] == 1
+
+
+def test_a_forged_span_sent_first_does_not_hide_the_real_one(
+    memory_server: tuple[IngestServer, InMemoryStore],
+) -> None:
+    """Same trace and span id, other content: both records kept, a conflict record names both."""
+    _check_substitution(*memory_server)
+
+
+def test_a_forged_span_sent_first_does_not_hide_the_real_one_postgres(
+    pg_server: IngestServer, pg_store: Any
+) -> None:
+    """The same with PostgreSQL's in-transaction dedup (content keys, a range scan by ids)."""
+    _check_substitution(pg_server, pg_store)
+
+
+def test_conflicts_are_not_recorded_again_after_a_restart(tmp_path: Path) -> None:
+    """SQLite: the index of versions and of recorded conflicts is rebuilt from the log."""
+    from coworker.audit.urls import open_store
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    real = audited(make_spans(2))
+    fake = forged(real[1], **{attr.USER_ID: "mallory"})
+    for batch in ([fake], real, [fake, *real]):
+        store = open_store(url)
+        with IngestServer(store, token=TOKEN) as server:
+            assert exporter(server).export(batch) is SpanExportResult.SUCCESS
+        store.close()
+    store = open_store(url)
+    categories = [b["category"] for b in bodies(store)]
+    store.close()
+    assert categories.count("ingest-conflict") == 1 and len(categories) == 4
+
+
+def test_content_key_ignores_only_seq_recorded_at_and_token() -> None:
+    """Two deliveries of one span have one key; any change in the record makes another."""
+    from coworker.ingest import dedup_key
+
+    (span,) = audited(make_spans(1))
+    ids = span.context.trace_id.to_bytes(16, "big") + span.context.span_id.to_bytes(8, "big")
+    a, _ = entry_from_span(span)
+    b = {**a, "recorded_at": "2000-01-01T00:00:00.000000000Z", "ingest_token": "other", "seq": 9}
+    assert dedup_key(ids, a) == dedup_key(ids, b) and dedup_key(ids, a)[:24] == ids
+    assert dedup_key(ids, a) != dedup_key(ids, {**a, "user_id": "bob"})
+
+
+# -- issue 9: what the server trusts -------------------------------------------------------------
+BILLING = "billing-secret-0123456789"
+OPS = "ops-secret-0123456789abcd"
+
+
+def _token_file(tmp_path: Path) -> Path:
+    import hashlib
+
+    path = tmp_path / "tokens.toml"
+    path.write_text(
+        f"""
+[[tokens]]
+name = "billing-collector"
+secret = "{BILLING}"
+services = ["billing"]
+users = ["alice", "bob"]
+
+[[tokens]]
+name = "ops"
+secret_sha256 = "{hashlib.sha256(OPS.encode()).hexdigest()}"
+services = ["*"]
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _post(server: IngestServer, spans: Sequence[ReadableSpan], secret: str) -> Any:
+    r = httpx.post(
+        server.endpoint,
+        content=request_bytes(spans),
+        headers={**PROTOBUF, "Authorization": f"Bearer {secret}"},
+    )
+    assert r.status_code == 200, r.content
+    return ExportTraceServiceResponse.FromString(r.content).partial_success
+
+
+def test_a_token_writes_only_for_its_services_and_identities(tmp_path: Path) -> None:
+    """billing's token: service billing, users alice/bob; the rest is rejected with a reason."""
+    from coworker.ingest import load_tokens
+
+    store = InMemoryStore()
+    with IngestServer(store, tokens=load_tokens(_token_file(tmp_path))) as server:
+        ok = _post(server, make_spans(2, service="billing"), BILLING)
+        assert ok.rejected_spans == 0
+        other_service = _post(server, make_spans(2, service="payroll", prefix="p"), BILLING)
+        assert other_service.rejected_spans == 2
+        assert "'billing-collector' may not write for service 'payroll'" in (
+            other_service.error_message
+        )
+        (span,) = audited(make_spans(1, service="billing", prefix="m"))
+        other_user = _post(server, [forged(span, **{attr.USER_ID: "mallory"})], BILLING)
+        assert other_user.rejected_spans == 1 and "user 'mallory'" in other_user.error_message
+        anything = _post(server, make_spans(1, service="payroll", prefix="o"), OPS)
+        assert anything.rejected_spans == 0
+        assert server.stats["forbidden"] == 3
+        r = httpx.post(
+            server.endpoint,
+            content=request_bytes(make_spans(1)),
+            headers={**PROTOBUF, "Authorization": f"Bearer {TOKEN}"},
+        )
+        assert r.status_code == 401
+    got = bodies(store)
+    assert [(b["service"], b["ingest_token"]) for b in got] == [
+        ("billing", "billing-collector"),
+        ("billing", "billing-collector"),
+        ("payroll", "ops"),
+    ]
+    assert all(BILLING not in json.dumps(b) and OPS not in json.dumps(b) for b in got)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[tokens]]\nname = "a"\nsecret = "short"\nservices = ["x"]\n', "at least 16"),
+        ('[[tokens]]\nname = "a"\nsecret = "0123456789abcdefg"\n', "services is required"),
+        ('[[tokens]]\nname = "a"\nsecret = "0123456789abcdefg"\nservices = []\n', "empty list"),
+        (
+            '[[tokens]]\nname = "a"\nsecret = "0123456789abcdefg"\nservices = ["*", "b"]\n',
+            "cannot be combined",
+        ),
+        (
+            '[[tokens]]\nname = "a"\nsecret = "0123456789abcdefg"\nservices = ["x"]\n'
+            '[[tokens]]\nname = "a"\nsecret = "0123456789abcdefh"\nservices = ["x"]\n',
+            "unique",
+        ),
+        (
+            '[[tokens]]\nname = "a"\nsecret = "0123456789abcdefg"\nservices = ["x"]\n'
+            'user = ["u"]\n',
+            "unknown key",
+        ),
+        ("tokens = 3\n", "non-empty list"),
+        ("[[tokens\n", "token file"),
+    ],
+)
+def test_bad_token_files_are_refused_with_the_reason(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """Every mistake in a token file stops the server from starting, saying which."""
+    from coworker.exceptions import ConfigError
+    from coworker.ingest import load_tokens
+
+    path = tmp_path / "tokens.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        load_tokens(path)
+
+
+def test_token_file_in_json(tmp_path: Path) -> None:
+    """A .json token file has the same shape: {"tokens": [...]}."""
+    from coworker.ingest import load_tokens
+
+    path = tmp_path / "tokens.json"
+    path.write_text(
+        json.dumps({"tokens": [{"name": "j", "secret": BILLING, "services": ["s"]}]}),
+        encoding="utf-8",
+    )
+    (token,) = load_tokens(path)
+    assert token.name == "j" and token.services == frozenset({"s"}) and token.users is None
+
+
+def test_duplicate_attribute_keys_reject_the_audit_span(
+    memory_server: tuple[IngestServer, InMemoryStore],
+) -> None:
+    """Two user.id attributes (or two service.name): the record and a viewer would disagree."""
+    server, store = memory_server
+    request = encode_spans(make_spans(2))
+    spans = request.resource_spans[0].scope_spans[0].spans
+    audit_ones = [s for s in spans if any(kv.key == attr.AUDIT for kv in s.attributes)]
+    extra = audit_ones[0].attributes.add()
+    extra.key, extra.value.string_value = attr.USER_ID, "root"
+    r = httpx.post(
+        server.endpoint, content=request.SerializeToString(), headers={**AUTH, **PROTOBUF}
+    )
+    partial = ExportTraceServiceResponse.FromString(r.content).partial_success
+    assert partial.rejected_spans == 1 and "given twice" in partial.error_message
+    assert len(bodies(store)) == 1
+    resource = request.resource_spans[0].resource.attributes.add()
+    resource.key, resource.value.string_value = attr.SERVICE_NAME, "billing"
+    r = httpx.post(
+        server.endpoint, content=request.SerializeToString(), headers={**AUTH, **PROTOBUF}
+    )
+    partial = ExportTraceServiceResponse.FromString(r.content).partial_success
+    assert partial.rejected_spans == 2 and "resource" in partial.error_message
+    assert len(bodies(store)) == 1
+
+
+def test_huge_attribute_counts_reject_the_span_quickly() -> None:
+    """100,000 tiny attributes on an audit span: rejected (bounded work), the rest appended."""
+    store = InMemoryStore()
+    with IngestServer(store, token=TOKEN) as server:
+        request = encode_spans(make_spans(2))
+        spans = request.resource_spans[0].scope_spans[0].spans
+        audit_ones = [s for s in spans if any(kv.key == attr.AUDIT for kv in s.attributes)]
+        for i in range(100_000):
+            kv = audit_ones[0].attributes.add()
+            kv.key, kv.value.int_value = f"k{i}", i
+        r = httpx.post(
+            server.endpoint,
+            content=request.SerializeToString(),
+            headers={**AUTH, **PROTOBUF},
+            timeout=60,
+        )
+        partial = ExportTraceServiceResponse.FromString(r.content).partial_success
+        assert partial.rejected_spans == 1 and "more than 1024 attributes" in partial.error_message
+    assert len(bodies(store)) == 1

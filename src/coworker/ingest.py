@@ -34,8 +34,10 @@ opentelemetry-proto).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -45,8 +47,9 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import anyio
@@ -64,25 +67,41 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from coworker import attributes as attr
-from coworker.audit.record import entry_from_span
+from coworker.audit.record import (
+    KIND_OUTCOME,
+    SCHEMA_VERSION,
+    canonical,
+    entry_from_span,
+    format_time,
+)
 from coworker.audit.store import AuditStore
 from coworker.exceptions import AuditUnavailable, ConfigError
 
 __all__ = [
+    "CATEGORY_INGEST_CONFLICT",
+    "DEFAULT_MAX_ATTRIBUTES",
     "DEFAULT_MAX_ATTRIBUTE_LENGTH",
     "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_READ_TIMEOUT",
     "DEFAULT_RETRY_AFTER",
+    "INGEST_TOKEN_FIELD",
+    "SHARED_TOKEN_NAME",
     "AuditBatch",
     "IngestServer",
+    "IngestToken",
     "MalformedRequest",
     "audit_spans",
+    "content_digest",
     "create_app",
     "decode_request",
+    "dedup_key",
+    "load_tokens",
     "parse_listen",
     "serve",
 ]
@@ -96,6 +115,14 @@ DEFAULT_RETRY_AFTER: Final = 5
 DEFAULT_MAX_ATTRIBUTE_LENGTH: Final = 64 * 1024
 """An audit span with a longer string attribute (or key) is rejected, not truncated: a
 record must say what happened or nothing."""
+DEFAULT_MAX_ATTRIBUTES: Final = 1024
+"""An audit span (or its resource, scope, an event or a link) with more attributes, or a span
+with more events or links, is rejected: the decoding cost per span stays bounded."""
+DEFAULT_READ_TIMEOUT: Final = 30.0
+"""Seconds a client has to send one whole request (headers and body) once it starts; then
+the server closes the connection (slow clients cannot hold connections forever)."""
+DEFAULT_MAX_CONNECTIONS: Final = 512
+"""Open connections beyond this are answered 503 and closed at once."""
 
 TRACES_PATH: Final = "/v1/traces"
 HEALTH_PATH: Final = "/health"
@@ -232,23 +259,30 @@ def audit_spans(
     request: ExportTraceServiceRequest,
     *,
     max_attribute_length: int = DEFAULT_MAX_ATTRIBUTE_LENGTH,
+    max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
 ) -> AuditBatch:
     """Select the audit spans of a request (``coworker.audit`` is ``true``) and decode them.
 
     An audit span is rejected (counted, with a reason) when its ids are invalid, it has not
-    ended, its ``coworker.audit`` is not a boolean, or a string attribute is longer than
-    ``max_attribute_length``. Other spans are skipped without a look at the rest of them.
+    ended, its ``coworker.audit`` is not a boolean, a string attribute is longer than
+    ``max_attribute_length``, an attribute set (its own, its resource's, its scope's, an
+    event's or a link's) has more than ``max_attributes`` entries or names a key twice, or it
+    has more than ``max_attributes`` events or links. Other spans are skipped without a look
+    at the rest of them.
 
     Args:
         request: the decoded request.
         max_attribute_length: the longest string attribute value accepted.
+        max_attributes: the most attributes per set, events and links per span.
 
     Returns:
-        The batch of decoded spans, their dedup keys and the rejections.
+        The batch of decoded spans, their ids (``trace_id || span_id``) and the rejections.
     """
+    limits = _Limits(max_attribute_length, max_attributes)
     batch = AuditBatch()
     for rs in request.resource_spans:
         resource: Resource | None = None
+        resource_error: str | None = None
         for ss in rs.scope_spans:
             scope: InstrumentationScope | None = None
             for span in ss.spans:
@@ -260,25 +294,37 @@ def audit_spans(
                     batch.reject(f"span {span.name[:80]!r}: coworker.audit must be a boolean")
                     continue
                 try:
+                    if resource_error is not None:
+                        raise _Invalid(resource_error)
                     if resource is None:
-                        resource = Resource(
-                            _attributes(rs.resource.attributes, max_attribute_length),
-                            rs.schema_url or None,
-                        )
+                        try:
+                            resource = Resource(
+                                _attributes(rs.resource.attributes, limits),
+                                rs.schema_url or None,
+                            )
+                        except _Invalid as exc:
+                            resource_error = f"resource: {exc}"
+                            raise _Invalid(resource_error) from None
                     if scope is None:
                         scope = InstrumentationScope(
                             ss.scope.name,
                             ss.scope.version or None,
                             ss.schema_url or None,
-                            _attributes(ss.scope.attributes, max_attribute_length),
+                            _attributes(ss.scope.attributes, limits),
                         )
-                    readable = _readable_span(span, resource, scope, max_attribute_length)
+                    readable = _readable_span(span, resource, scope, limits)
                 except _Invalid as exc:
                     batch.reject(f"span {span.name[:80]!r}: {exc}")
                     continue
                 batch.spans.append(readable)
                 batch.keys.append(bytes(span.trace_id) + bytes(span.span_id))
     return batch
+
+
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    length: int
+    count: int
 
 
 class _Invalid(ValueError):
@@ -294,8 +340,9 @@ def _audit_flag(attributes: Iterable[KeyValue]) -> Any:
 
 
 def _readable_span(
-    span: Any, resource: Resource, scope: InstrumentationScope, limit: int
+    span: Any, resource: Resource, scope: InstrumentationScope, limits: _Limits
 ) -> ReadableSpan:
+    limit = limits.length
     trace_id, span_id, parent_id = (
         bytes(span.trace_id),
         bytes(span.span_id),
@@ -314,6 +361,8 @@ def _readable_span(
         raise _Invalid("end time before start time")
     if len(span.name) > limit:
         raise _Invalid(f"name longer than {limit} characters")
+    if len(span.events) > limits.count or len(span.links) > limits.count:
+        raise _Invalid(f"more than {limits.count} events or links")
     state = _trace_state(span.trace_state)
     flags = TraceFlags(span.flags & 0xFF)
     context = SpanContext(
@@ -329,7 +378,7 @@ def _readable_span(
         else None
     )
     events = [
-        Event(e.name, _attributes(e.attributes, limit), e.time_unix_nano or None, limit=None)
+        Event(e.name, _attributes(e.attributes, limits), e.time_unix_nano or None, limit=None)
         for e in span.events
     ]
     links = []
@@ -340,7 +389,7 @@ def _readable_span(
         links.append(
             Link(
                 SpanContext(int.from_bytes(ltrace, "big"), int.from_bytes(lspan, "big"), True),
-                _attributes(link.attributes, limit),
+                _attributes(link.attributes, limits),
             )
         )
     code = _STATUS.get(span.status.code)
@@ -352,7 +401,7 @@ def _readable_span(
         context=context,
         parent=parent,
         resource=resource,
-        attributes=_attributes(span.attributes, limit),
+        attributes=_attributes(span.attributes, limits),
         events=events,
         links=links,
         kind=_KINDS.get(span.kind, SpanKind.INTERNAL),
@@ -372,11 +421,20 @@ def _trace_state(header: str) -> TraceState:
         return TraceState()
 
 
-def _attributes(kvs: Iterable[KeyValue], limit: int) -> dict[str, Any]:
+def _attributes(kvs: Sequence[KeyValue], limits: _Limits) -> dict[str, Any]:
+    limit = limits.length
+    if len(kvs) > limits.count:
+        raise _Invalid(f"more than {limits.count} attributes")
     out: dict[str, Any] = {}
+    seen: set[str] = set()
     for kv in kvs:
         if len(kv.key) > limit:
             raise _Invalid(f"attribute key longer than {limit} characters")
+        if kv.key in seen:
+            # OTLP says keys are unique; a second user.id would make the record say one thing
+            # and a trace viewer showing the first another.
+            raise _Invalid(f"attribute {kv.key[:80]!r} given twice")
+        seen.add(kv.key)
         value = _value(kv.value, limit, 0)
         if value is not None:
             out[kv.key] = value
@@ -406,90 +464,420 @@ def _value(v: AnyValue, limit: int, depth: int) -> Any:
     if depth >= _MAX_DEPTH and which in ("array_value", "kvlist_value"):
         raise _Invalid(f"attribute nested deeper than {_MAX_DEPTH} levels")
     if which == "array_value":
+        if len(v.array_value.values) > limit:
+            raise _Invalid(f"attribute array longer than {limit} elements")
         return tuple(_value(x, limit, depth + 1) for x in v.array_value.values)
     if which == "kvlist_value":
+        if len(v.kvlist_value.values) > limit:
+            raise _Invalid(f"attribute map larger than {limit} entries")
         return {kv.key: _value(kv.value, limit, depth + 1) for kv in v.kvlist_value.values}
     return None  # an empty AnyValue: the attribute is absent
 
 
-# -- dedup for stores without append_unique ------------------------------------------------------
-class _SeenSpans:
-    """Trace id + span id of every outcome record in the log, for stores that cannot dedup.
+# -- who may write what ----------------------------------------------------------------------------
+INGEST_TOKEN_FIELD: Final = "ingest_token"
+"""Record field naming the bearer token (its ``name``, never the secret) that delivered an
+ingested record; ``null`` when the server runs without authentication."""
 
-    Loaded once from the log, then kept up to date by this process: one ingest process per
-    such store. PostgresStore does the check in its append transaction instead.
+CATEGORY_INGEST_CONFLICT: Final = "ingest-conflict"
+"""Category of the record the server writes when two different spans claim the same trace and
+span id (a forgery, or a buggy exporter): both spans are kept and this record names them."""
+
+SHARED_TOKEN_NAME: Final = "shared-token"
+"""The token name recorded in single-secret mode (``--token-file`` / ``COWORKER_INGEST_TOKEN``)."""
+
+_ANY: Final = "*"
+_MIN_SECRET: Final = 16
+_TOKEN_KEYS: Final = frozenset({"name", "secret", "secret_sha256", "services", "users", "agents"})
+
+
+@dataclass(frozen=True)
+class IngestToken:
+    """One bearer token and what the records it delivers may claim.
+
+    Attributes:
+        name: recorded in every record the token delivers (``ingest_token``); not secret.
+        digest: SHA-256 of the secret (the secret itself is not kept).
+        services: the ``service.name`` values it may write for; ``None`` means any.
+        users: the ``user.id`` values its records may carry; ``None`` means any (a record
+            without a user id is always allowed: it claims nobody).
+        agents: the same for ``gen_ai.agent.id``.
+    """
+
+    name: str
+    digest: bytes
+    services: frozenset[str] | None
+    users: frozenset[str] | None = None
+    agents: frozenset[str] | None = None
+
+    @classmethod
+    def shared(cls, secret: str) -> IngestToken:
+        """The single-secret mode: one token that may write anything."""
+        return cls(SHARED_TOKEN_NAME, _secret_digest(secret), None)
+
+    @property
+    def trusts_everything(self) -> bool:
+        """``True`` when the token is limited to nothing."""
+        return self.services is None and self.users is None and self.agents is None
+
+    def refusal(self, fields: Mapping[str, Any]) -> str | None:
+        """Why this token may not write a record with these fields, or ``None`` if it may."""
+        for label, allowed, value in (
+            ("service", self.services, fields.get("service")),
+            ("user", self.users, fields.get("user_id")),
+            ("agent", self.agents, fields.get("agent_id")),
+        ):
+            if allowed is None:
+                continue
+            if label == "service" and value is None:
+                return f"token {self.name!r} may not write a span without service.name"
+            if value is not None and value not in allowed:
+                return f"token {self.name!r} may not write for {label} {_quote(value)}"
+        return None
+
+
+def _quote(value: Any) -> str:
+    # repr() escapes control characters: the reason goes back to the client and into logs.
+    return repr(str(value)[:80])
+
+
+def _secret_digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.strip().encode("utf-8")).digest()
+
+
+def load_tokens(path: str | Path) -> list[IngestToken]:
+    """Read a token file (TOML, or JSON when the name ends in ``.json``).
+
+    The file holds ``[[tokens]]`` tables (JSON: ``{"tokens": [...]}``), each with ``name``,
+    either ``secret`` (at least 16 characters) or ``secret_sha256`` (64 hex digits), a
+    required ``services`` list (``["*"]`` for any service) and optional ``users`` and
+    ``agents`` lists. See docs/ingest.md.
+
+    Raises:
+        ConfigError: the file cannot be read or is not a valid token file.
+    """
+    where = f"token file {str(path)!r}"
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    try:
+        if str(path).lower().endswith(".json"):
+            data = json.loads(raw)
+        else:
+            import tomllib
+
+            data = tomllib.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    entries = data.get("tokens") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where}: needs a non-empty list of tokens ([[tokens]] tables)")
+    tokens = [_token(entry, f"{where}, token {i + 1}") for i, entry in enumerate(entries)]
+    names = [t.name for t in tokens]
+    digests = [t.digest for t in tokens]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: token names must be unique")
+    if len(set(digests)) != len(digests):
+        raise ConfigError(f"{where}: two tokens have the same secret")
+    return tokens
+
+
+def _token(entry: Any, where: str) -> IngestToken:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: must be a table/object")
+    unknown = sorted(set(entry) - _TOKEN_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip() or not name.isprintable():
+        raise ConfigError(f"{where}: name must be a non-empty printable string")
+    secret, hashed = entry.get("secret"), entry.get("secret_sha256")
+    if (secret is None) == (hashed is None):
+        raise ConfigError(f"{where} ({name!r}): give exactly one of secret, secret_sha256")
+    if secret is not None:
+        if not isinstance(secret, str) or len(secret.strip()) < _MIN_SECRET:
+            raise ConfigError(f"{where} ({name!r}): secret must be at least 16 characters")
+        digest = _secret_digest(secret)
+    else:
+        try:
+            digest = bytes.fromhex(hashed) if isinstance(hashed, str) else b""
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise ConfigError(f"{where} ({name!r}): secret_sha256 must be 64 hex digits")
+    if "services" not in entry:
+        raise ConfigError(f'{where} ({name!r}): services is required (["*"] for any)')
+    return IngestToken(
+        name,
+        digest,
+        _names(entry["services"], f"{where} ({name!r}) services"),
+        _names(entry.get("users"), f"{where} ({name!r}) users"),
+        _names(entry.get("agents"), f"{where} ({name!r}) agents"),
+    )
+
+
+def _names(value: Any, where: str) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: must be a list of non-empty strings")
+    if not value:
+        raise ConfigError(f"{where}: an empty list would refuse everything; remove the token")
+    if _ANY in value:
+        if len(value) != 1:
+            raise ConfigError(f'{where}: "*" cannot be combined with names')
+        return None
+    return frozenset(value)
+
+
+# -- content-addressed dedup -----------------------------------------------------------------------
+_NOT_CONTENT: Final = frozenset({"seq", "recorded_at", INGEST_TOKEN_FIELD})
+_IDS_LEN: Final = 24
+_KEY_LEN: Final = _IDS_LEN + 32
+_CONFLICT_TAG: Final = b"coworker.ingest-conflict\x00"
+
+
+def content_digest(fields: Mapping[str, Any]) -> bytes:
+    """SHA-256 of a record's content: its canonical body without ``seq``, ``recorded_at`` and
+    ``ingest_token`` (what differs between two deliveries of the same span)."""
+    return hashlib.sha256(
+        canonical({k: v for k, v in fields.items() if k not in _NOT_CONTENT})
+    ).digest()
+
+
+def dedup_key(ids: bytes, fields: Mapping[str, Any]) -> bytes:
+    """The dedup key of an ingested record: trace id (16) + span id (8) + content digest (32).
+
+    A resend of the same span has the same key (a duplicate); another span with the same
+    ids has another key, so both are kept, and the shared 24-byte prefix finds the conflict.
+    """
+    return ids + content_digest(fields)
+
+
+def _conflict_key(ids: bytes, digests: Iterable[bytes]) -> bytes:
+    # 32 bytes: never the length of a span key (24 legacy, 56 now), so a range scan over a
+    # span's ids cannot return a conflict record.
+    return hashlib.sha256(_CONFLICT_TAG + ids + b"".join(sorted(digests))).digest()
+
+
+def _conflict_entry(
+    ids: bytes, members: Mapping[bytes, int | None], token: str | None
+) -> dict[str, Any]:
+    now = format_time(time.time_ns())
+    ordered = sorted(members.items(), key=lambda m: (m[1] is None, m[1] or 0, m[0]))
+    return {
+        "v": SCHEMA_VERSION,
+        "kind": KIND_OUTCOME,
+        "recorded_at": now,
+        "category": CATEGORY_INGEST_CONFLICT,
+        "operation": None,
+        "doctype": None,
+        "name": "ingest conflict: different spans with the same trace and span id",
+        "outcome": "conflict",
+        "error_type": None,
+        "run_id": None,
+        "parent_run_id": None,
+        "chain_id": None,
+        "flow_type": None,
+        "flow_id": None,
+        "step_id": None,
+        "user_id": None,
+        "agent_id": None,
+        "agent_name": None,
+        "session_id": None,
+        "conversation_id": None,
+        "service": None,
+        "trace_id": ids[:16].hex(),
+        "span_id": ids[16:].hex(),
+        "parent_span_id": None,
+        "start": now,
+        "end": now,
+        "intent_seq": None,
+        "payload_digest": None,
+        "conflict_seqs": [seq for _, seq in ordered if seq is not None],
+        "conflict_digests": [digest.hex() for digest, _ in ordered],
+        INGEST_TOKEN_FIELD: token,
+    }
+
+
+def _conflict_key_of(fields: Mapping[str, Any]) -> bytes | None:
+    try:
+        ids = bytes.fromhex(fields["trace_id"]) + bytes.fromhex(fields["span_id"])
+        digests = [bytes.fromhex(d) for d in fields["conflict_digests"]]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return _conflict_key(ids, digests)
+
+
+class _SeenSpans:
+    """What the log holds per trace id + span id, for stores that cannot dedup themselves.
+
+    ids -> {content digest: seq}, loaded once from the log and kept up to date by this
+    process (one ingest process per such store); PostgresStore checks keys in its append
+    transaction instead. Also the conflicts already recorded, so none is recorded twice.
     """
 
     def __init__(self, store: AuditStore) -> None:
         self._store = store
-        self._keys: set[bytes] | None = None
+        self._index: dict[bytes, dict[bytes, int | None]] | None = None
+        self._conflicts: set[bytes] = set()
 
-    def _load(self) -> set[bytes]:
-        keys: set[bytes] = set()
+    def _load(self) -> dict[bytes, dict[bytes, int | None]]:
+        index: dict[bytes, dict[bytes, int | None]] = {}
         for record in self._store.iter_from(1):
             fields = record.fields()
-            if fields.get("kind", "outcome") != "outcome":
+            if fields.get("category") == CATEGORY_INGEST_CONFLICT:
+                key = _conflict_key_of(fields)
+                if key is not None:
+                    self._conflicts.add(key)
+                continue
+            if fields.get("kind", KIND_OUTCOME) != KIND_OUTCOME:
                 continue
             trace_id, span_id = fields.get("trace_id"), fields.get("span_id")
             if isinstance(trace_id, str) and isinstance(span_id, str):
                 with contextlib.suppress(ValueError):
-                    keys.add(bytes.fromhex(trace_id) + bytes.fromhex(span_id))
-        return keys
+                    ids = bytes.fromhex(trace_id) + bytes.fromhex(span_id)
+                    index.setdefault(ids, {})[content_digest(fields)] = record.seq
+        return index
 
     def append(
-        self, entries: list[Mapping[str, Any]], payloads: list[bytes | None], keys: list[bytes]
-    ) -> tuple[int, int]:
+        self,
+        entries: list[Mapping[str, Any]],
+        payloads: list[bytes | None],
+        keys: list[bytes],
+        token: str | None,
+    ) -> tuple[int, int, int]:
         # Called with the app's append lock held.
-        if self._keys is None:
-            self._keys = self._load()
+        if self._index is None:
+            self._index = self._load()
+        index = self._index
         fresh: list[int] = []
-        batch_keys: set[bytes] = set()
+        batch: set[bytes] = set()
         for i, key in enumerate(keys):
-            if key in self._keys or key in batch_keys:
+            if key in batch or key[_IDS_LEN:] in index.get(key[:_IDS_LEN], ()):
                 continue
-            batch_keys.add(key)
+            batch.add(key)
             fresh.append(i)
         if fresh:
-            self._store.append([entries[i] for i in fresh], [payloads[i] for i in fresh])
-            self._keys.update(batch_keys)
-        return len(fresh), len(keys) - len(fresh)
+            written = self._store.append([entries[i] for i in fresh], [payloads[i] for i in fresh])
+            seqs: list[int | None] = (
+                [r.seq for r in written] if len(written) == len(fresh) else [None] * len(fresh)
+            )
+            for i, seq in zip(fresh, seqs, strict=True):
+                index.setdefault(keys[i][:_IDS_LEN], {})[keys[i][_IDS_LEN:]] = seq
+        # Duplicates are checked too: a crash between a record and its conflict record is
+        # repaired by the exporter's retry.
+        conflicts: list[Mapping[str, Any]] = []
+        new_keys: list[bytes] = []
+        for ids in dict.fromkeys(key[:_IDS_LEN] for key in keys):
+            members = index.get(ids, {})
+            if len(members) < 2:
+                continue
+            ckey = _conflict_key(ids, members)
+            if ckey in self._conflicts or ckey in new_keys:
+                continue
+            conflicts.append(_conflict_entry(ids, members, token))
+            new_keys.append(ckey)
+        if conflicts:
+            self._store.append(conflicts, [None] * len(conflicts))
+            self._conflicts.update(new_keys)
+        return len(fresh), len(keys) - len(fresh), len(conflicts)
 
 
 # -- the app -------------------------------------------------------------------------------------
+_STATS: Final = (
+    "requests",
+    "appended",
+    "duplicates",
+    "rejected",
+    "forbidden",
+    "conflicts",
+    "unauthorized",
+    "read_timeouts",
+    "refused_connections",
+)
+
+
 class _Ingest:
     def __init__(
         self,
         store: AuditStore,
         *,
         token: str | None,
+        tokens: Sequence[IngestToken] | None,
         max_body_bytes: int,
         retry_after: int,
         max_attribute_length: int,
+        max_attributes: int,
         close_store: bool,
     ) -> None:
         if max_body_bytes <= 0:
             raise ConfigError(f"max_body_bytes={max_body_bytes!r} must be positive")
         if retry_after < 0:
             raise ConfigError(f"retry_after={retry_after!r} must not be negative")
+        if max_attributes <= 0:
+            raise ConfigError(f"max_attributes={max_attributes!r} must be positive")
+        if token is not None and tokens is not None:
+            raise ConfigError("give token (one shared secret) or tokens (a token file), not both")
         if token is not None and not token.strip():
             raise ConfigError("token must not be empty (use None to disable authentication)")
+        if tokens is not None and not tokens:
+            raise ConfigError("tokens must not be empty (use None to disable authentication)")
         self.store = store
-        self.token = None if token is None else token.encode("utf-8")
+        self.tokens: list[IngestToken] | None = (
+            [IngestToken.shared(token)] if token is not None else list(tokens or []) or None
+        )
         self.max_body_bytes = max_body_bytes
         self.retry_after = retry_after
         self.max_attribute_length = max_attribute_length
+        self.max_attributes = max_attributes
         self.close_store = close_store
         self.unique = getattr(store, "append_unique", None)
+        self.between = getattr(store, "dedup_keys_between", None)
         self.seen = None if self.unique is not None else _SeenSpans(store)
         self.append_lock = threading.Lock()
         self.in_flight = 0
         self.idle = threading.Condition()
-        self.stats = {"requests": 0, "appended": 0, "duplicates": 0, "rejected": 0}
+        self.stats_lock = threading.Lock()
+        self.stats = dict.fromkeys(_STATS, 0)
+
+    def _log_trust(self) -> None:
+        # What the server trusts is a deployment decision: say it once, at start, loudly when
+        # it is "everything".
+        if self.tokens is None:
+            _log.warning(
+                "ingest runs WITHOUT authentication: any client that can connect may write "
+                "audit records for any service, user and agent"
+            )
+        elif any(t.trusts_everything for t in self.tokens):
+            names = ", ".join(t.name for t in self.tokens if t.trusts_everything)
+            _log.warning(
+                "ingest token(s) %s may write audit records for ANY service, user and agent "
+                '(a single shared secret or services=["*"]): use a token file to limit them',
+                names,
+            )
+        else:
+            _log.info("ingest accepts %d token(s), each limited to its services", len(self.tokens))
+
+    def count(self, **deltas: int) -> None:
+        """Add to the stats (from the event loop and from worker threads)."""
+        with self.stats_lock:
+            for key, delta in deltas.items():
+                self.stats[key] += delta
+        from coworker.metrics import ingest_spans
+
+        for key, delta in deltas.items():
+            result = _METRIC_RESULTS.get(key)
+            if result is not None and delta:
+                ingest_spans(result, delta)
 
     # -- request handling ----------------------------------------------------------------------
     async def traces(self, request: Request) -> Response:
-        self.stats["requests"] += 1
-        if not self._authorized(request):
+        self.count(requests=1)
+        allowed, token = self._authorized(request)
+        if not allowed:
+            self.count(unauthorized=1)
             return _status_response(
                 401, "missing or invalid bearer token", _PROTOBUF, {"WWW-Authenticate": "Bearer"}
             )
@@ -513,21 +901,29 @@ class _Ingest:
                 return _too_large(self.max_body_bytes, media)
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return _too_large(self.max_body_bytes, media)
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    return _too_large(self.max_body_bytes, media)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            # The client hung up (or the read timeout closed the connection) before the body
+            # was complete: nothing to append, nobody to answer.
+            _log.info("client disconnected before sending the whole body (%d bytes read)", size)
+            return Response(status_code=400)
         body = b"".join(chunks)
         self._enter()
         try:
             # Decoding and appending are CPU and I/O bound: off the event loop. The thread is
             # not cancellable, so a client that hangs up does not abort an append half-way.
-            return await anyio.to_thread.run_sync(self._handle, body, media, encoding)
+            return await anyio.to_thread.run_sync(self._handle, body, media, encoding, token)
         finally:
             self._leave()
 
-    def _handle(self, body: bytes, media: str, encoding: str) -> Response:
+    def _handle(
+        self, body: bytes, media: str, encoding: str, token: IngestToken | None
+    ) -> Response:
         try:
             raw = _decompress(body, encoding, self.max_body_bytes)
         except _TooLarge:
@@ -538,22 +934,35 @@ class _Ingest:
             request = decode_request(raw, media)
         except MalformedRequest as exc:
             return _status_response(400, str(exc), media)
-        batch = audit_spans(request, max_attribute_length=self.max_attribute_length)
+        batch = audit_spans(
+            request,
+            max_attribute_length=self.max_attribute_length,
+            max_attributes=self.max_attributes,
+        )
+        name = token.name if token is not None else None
         entries: list[Mapping[str, Any]] = []
         payloads: list[bytes | None] = []
         keys: list[bytes] = []
-        for span, key in zip(batch.spans, batch.keys, strict=True):
+        forbidden = 0
+        for span, ids in zip(batch.spans, batch.keys, strict=True):
             try:
                 fields, payload = entry_from_span(span)
+                key = dedup_key(ids, fields)
             except Exception as exc:
                 batch.reject(f"span {span.name[:80]!r}: cannot build its audit record: {exc}")
                 continue
+            refusal = token.refusal(fields) if token is not None else None
+            if refusal is not None:
+                batch.reject(f"span {span.name[:80]!r}: {refusal}")
+                forbidden += 1
+                continue
+            fields[INGEST_TOKEN_FIELD] = name
             entries.append(fields)
             payloads.append(payload)
             keys.append(key)
         if entries:
             try:
-                appended, duplicates = self._append(entries, payloads, keys)
+                appended, duplicates, conflicts = self._append(entries, payloads, keys, name)
             except AuditUnavailable as exc:
                 _log.warning(
                     "cannot append %d audit record(s), answering 503: %s", len(entries), exc
@@ -574,39 +983,93 @@ class _Ingest:
                     media,
                     {"Retry-After": str(self.retry_after)},
                 )
-            self.stats["appended"] += appended
-            self.stats["duplicates"] += duplicates
-        self.stats["rejected"] += batch.rejected
+            self.count(appended=appended, duplicates=duplicates, conflicts=conflicts)
+            if conflicts:
+                _log.warning(
+                    "recorded %d ingest conflict(s): different spans with the same trace and "
+                    "span id (token %r); both versions are kept",
+                    conflicts,
+                    name,
+                )
+        self.count(rejected=batch.rejected, forbidden=forbidden)
         if batch.rejected:
             _log.warning(
-                "rejected %d audit span(s) of %d: %s",
+                "rejected %d audit span(s) of %d (token %r): %s",
                 batch.rejected,
                 batch.total,
+                name,
                 "; ".join(batch.errors),
             )
         return _success(media, batch.rejected, "; ".join(batch.errors))
 
     def _append(
-        self, entries: list[Mapping[str, Any]], payloads: list[bytes | None], keys: list[bytes]
-    ) -> tuple[int, int]:
+        self,
+        entries: list[Mapping[str, Any]],
+        payloads: list[bytes | None],
+        keys: list[bytes],
+        token: str | None,
+    ) -> tuple[int, int, int]:
         with suppress_instrumentation():
-            if self.unique is not None:
-                result = self.unique(entries, payloads, keys)
-                duplicates = len(result.duplicates)
-                return len(entries) - duplicates, duplicates
-            assert self.seen is not None
-            with self.append_lock:
-                return self.seen.append(entries, payloads, keys)
+            if self.unique is None:
+                assert self.seen is not None
+                with self.append_lock:
+                    return self.seen.append(entries, payloads, keys, token)
+            result = self.unique(entries, payloads, keys)
+            duplicates = len(result.duplicates)
+            conflicts = self._record_conflicts(keys, token) if self.between is not None else 0
+            return len(entries) - duplicates, duplicates, conflicts
 
-    def _authorized(self, request: Request) -> bool:
-        if self.token is None:
-            return True
+    def _record_conflicts(self, keys: list[bytes], token: str | None) -> int:
+        # After the append has committed: appends are serialized by the store, so of two
+        # servers writing different content for the same ids concurrently, the second one to
+        # commit sees both here. Duplicates are looked at too (an exporter's retry repairs a
+        # crash between the record and its conflict record), and the conflict record's key is
+        # derived from the set of versions, so recording it twice is a no-op.
+        assert self.unique is not None and self.between is not None
+        ids_list = list(dict.fromkeys(key[:_IDS_LEN] for key in keys))
+        rows = self.between([(ids, ids + b"\xff" * 33) for ids in ids_list])
+        groups: dict[bytes, dict[bytes, int | None]] = {}
+        for key, seq in rows:
+            if len(key) == _KEY_LEN:
+                digest = key[_IDS_LEN:]
+            elif len(key) == _IDS_LEN:
+                digest = self._digest_at(seq)  # written before keys carried the content
+            else:
+                continue
+            groups.setdefault(key[:_IDS_LEN], {})[digest] = seq
+        entries: list[Mapping[str, Any]] = []
+        ckeys: list[bytes] = []
+        for ids, members in groups.items():
+            if len(members) > 1:
+                entries.append(_conflict_entry(ids, members, token))
+                ckeys.append(_conflict_key(ids, members))
+        if not entries:
+            return 0
+        result = self.unique(entries, [None] * len(entries), ckeys)
+        return len(entries) - len(result.duplicates)
+
+    def _digest_at(self, seq: int) -> bytes:
+        record = next(iter(self.store.iter_from(seq)), None)
+        if record is None or record.seq != seq:
+            return b"?" + seq.to_bytes(8, "big")
+        return content_digest(record.fields())
+
+    def _authorized(self, request: Request) -> tuple[bool, IngestToken | None]:
+        """``(allowed, the matching token)``; the token is ``None`` without authentication."""
+        if self.tokens is None:
+            return True, None
         header = request.headers.get("authorization", "")
         scheme, _, credentials = header.partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        # Constant time: compare_digest's time does not depend on where the bytes differ.
-        return hmac.compare_digest(credentials.strip().encode("utf-8"), self.token)
+        if scheme.lower() != "bearer" or not credentials.strip():
+            return False, None
+        digest = _secret_digest(credentials)
+        found: IngestToken | None = None
+        for token in self.tokens:
+            # Constant time per token, and every token is compared: the time does not say
+            # which token (or which byte) came close.
+            if hmac.compare_digest(digest, token.digest):
+                found = token
+        return found is not None, found
 
     async def health(self, request: Request) -> Response:
         def probe() -> dict[str, Any]:
@@ -642,6 +1105,7 @@ class _Ingest:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._log_trust()  # here, once the server's logging is configured
         yield
         # uvicorn has stopped accepting and waited for open requests; make sure no append is
         # still running in a worker thread before the store goes away.
@@ -652,33 +1116,54 @@ class _Ingest:
             await anyio.to_thread.run_sync(self.store.close)
         _log.info(
             "ingest stopped: %(requests)d request(s), %(appended)d appended, "
-            "%(duplicates)d duplicate(s), %(rejected)d rejected",
+            "%(duplicates)d duplicate(s), %(rejected)d rejected, %(conflicts)d conflict(s)",
             self.stats,
         )
+
+
+_METRIC_RESULTS: Final = {
+    "appended": "appended",
+    "duplicates": "duplicate",
+    "rejected": "rejected",
+    "conflicts": "conflict",
+}
 
 
 class _TooLarge(Exception):
     pass
 
 
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+
+
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Decode the whole body: every member of a multi-member gzip stream (RFC 1952 allows
+    them; ``cat a.gz b.gz`` makes one), nothing after the last; at most ``limit`` bytes out."""
     if encoding in ("identity", ""):
         return body
-    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
-    decoder = zlib.decompressobj(wbits)
-    try:
-        # max_length bounds the output: a small "zip bomb" cannot make us allocate gigabytes.
-        out = decoder.decompress(body, limit + 1)
+    gzip_body = encoding == "gzip"
+    wbits = 16 + zlib.MAX_WBITS if gzip_body else zlib.MAX_WBITS
+    out = bytearray()
+    data = body
+    while True:
+        decoder = zlib.decompressobj(wbits)
+        try:
+            # max_length bounds the output: a small "zip bomb" cannot make us allocate
+            # gigabytes, and the bound is on the total of all members.
+            out += decoder.decompress(data, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise MalformedRequest(f"invalid {encoding} body: {exc}") from None
         if len(out) > limit or decoder.unconsumed_tail:
             raise _TooLarge
-        out += decoder.flush()
-    except zlib.error as exc:
-        raise MalformedRequest(f"invalid {encoding} body: {exc}") from None
-    if len(out) > limit:
-        raise _TooLarge
-    if not decoder.eof:
-        raise MalformedRequest(f"truncated {encoding} body")
-    return out
+        if not decoder.eof:
+            raise MalformedRequest(f"truncated {encoding} body")
+        data = decoder.unused_data
+        if not data:
+            return bytes(out)
+        if not (gzip_body and data.startswith(_GZIP_MAGIC)):
+            raise MalformedRequest(
+                f"{len(data)} byte(s) of trailing data after the {encoding} stream"
+            )
 
 
 def _success(media: str, rejected: int, message: str) -> Response:
@@ -720,9 +1205,11 @@ def create_app(
     store: AuditStore,
     *,
     token: str | None = None,
+    tokens: Sequence[IngestToken] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     retry_after: int = DEFAULT_RETRY_AFTER,
     max_attribute_length: int = DEFAULT_MAX_ATTRIBUTE_LENGTH,
+    max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
     close_store: bool = False,
 ) -> Starlette:
     """Build the ASGI app: ``POST /v1/traces`` and ``GET /health``.
@@ -731,10 +1218,13 @@ def create_app(
         store: where audit records go. A store with ``append_unique`` (PostgresStore)
             deduplicates in its own transaction; any other store is deduplicated in this
             process (run one ingest process per such store).
-        token: the bearer token clients must send; ``None`` disables authentication.
+        token: one shared bearer secret that may write anything (single-secret mode).
+        tokens: the tokens of a token file (:func:`load_tokens`), each limited to its
+            services and identities. With neither, authentication is off.
         max_body_bytes: larger bodies (compressed or decompressed) get 413.
         retry_after: seconds in ``Retry-After`` when the store cannot append (503).
         max_attribute_length: longest string attribute accepted in an audit span.
+        max_attributes: most attributes (and events, links) accepted per audit span.
         close_store: close the store when the app shuts down.
 
     Returns:
@@ -746,9 +1236,11 @@ def create_app(
     ingest = _Ingest(
         store,
         token=token,
+        tokens=tokens,
         max_body_bytes=max_body_bytes,
         retry_after=retry_after,
         max_attribute_length=max_attribute_length,
+        max_attributes=max_attributes,
         close_store=close_store,
     )
     app = Starlette(
@@ -825,7 +1317,104 @@ def log_config(log_format: str = "text", level: str = "info") -> dict[str, Any]:
     }
 
 
-def _uvicorn_config(app: Starlette, host: str, port: int, log_format: str, log_level: str) -> Any:
+_BUSY: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 25\r\n"
+    b"retry-after: 1\r\nconnection: close\r\n\r\ntoo many open connections"
+)
+
+
+def _guarded_protocol(ingest: _Ingest, read_timeout: float, max_connections: int) -> type[Any]:
+    """uvicorn's h11 protocol with a deadline for reading each request and a connection cap.
+
+    uvicorn times out idle keep-alive connections only: a client that sends its headers or
+    body one byte at a time keeps a connection (and a file descriptor) forever. Here every
+    request must arrive whole within ``read_timeout`` seconds of its first byte (of the
+    connection, for the first request), or the connection is closed; a connection beyond
+    ``max_connections`` gets a 503 and is closed before anything is read.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    if not read_timeout > 0:
+        raise ConfigError(f"read_timeout={read_timeout!r} must be positive")
+    if max_connections < 1:
+        raise ConfigError(f"max_connections={max_connections!r} must be at least 1")
+    reading = (h11.IDLE, h11.SEND_BODY)
+
+    class _GuardedProtocol(H11Protocol):  # type: ignore[misc]
+        _refused = False
+        _read_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if len(self.connections) >= max_connections:
+                self._refused = True
+                transport.write(_BUSY)
+                transport.close()
+                ingest.count(refused_connections=1)
+                refused = ingest.stats["refused_connections"]
+                if refused == 1 or refused % 1000 == 0:
+                    _log.warning(
+                        "refused a connection: %d open (--max-connections); %d refused so far",
+                        len(self.connections),
+                        refused,
+                    )
+                return
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._refused:
+                return
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            if self._read_timer is None and self.conn.their_state is h11.IDLE:
+                self._arm()  # the next request on a keep-alive connection starts
+            super().data_received(data)
+            if self.conn.their_state not in reading:
+                self._disarm()  # the request is complete (or broken and answered)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._read_timer = self.loop.call_later(read_timeout, self._read_timed_out)
+
+        def _disarm(self) -> None:
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+
+        def _read_timed_out(self) -> None:
+            self._read_timer = None
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if cycle is not None and cycle.response_started and not cycle.response_complete:
+                self._arm()  # we are answering (say a 413 before the body): let it finish
+                return
+            ingest.count(read_timeouts=1)
+            _log.info(
+                "closed the connection from %s: no whole request within %.1f s",
+                f"{self.client[0]}:{self.client[1]}" if self.client else "?",
+                read_timeout,
+            )
+            self.transport.close()
+
+    return _GuardedProtocol
+
+
+def _uvicorn_config(
+    app: Starlette,
+    host: str,
+    port: int,
+    log_format: str,
+    log_level: str,
+    *,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+) -> Any:
     import uvicorn
 
     return uvicorn.Config(
@@ -837,6 +1426,7 @@ def _uvicorn_config(app: Starlette, host: str, port: int, log_format: str, log_l
         log_level=log_level,
         server_header=False,
         timeout_graceful_shutdown=30,
+        http=_guarded_protocol(app.state.ingest, read_timeout, max_connections),
     )
 
 
@@ -846,8 +1436,11 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 4318,
     token: str | None,
+    tokens: Sequence[IngestToken] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     retry_after: int = DEFAULT_RETRY_AFTER,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
     log_format: str = "text",
     log_level: str = "info",
 ) -> None:
@@ -860,9 +1453,12 @@ def serve(
         url: the audit store URL.
         host: address to listen on.
         port: TCP port.
-        token: bearer token, or ``None`` for no authentication.
+        token: one shared bearer secret (trusted for everything), or ``None``.
+        tokens: the tokens of a token file; with neither, no authentication.
         max_body_bytes: request size limit.
         retry_after: seconds in ``Retry-After`` with a 503.
+        read_timeout: seconds a client has to send a whole request.
+        max_connections: open connections beyond this get 503 and are closed.
         log_format: ``text`` or ``json``.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
     """
@@ -872,11 +1468,21 @@ def serve(
     app = create_app(
         store,
         token=token,
+        tokens=tokens,
         max_body_bytes=max_body_bytes,
         retry_after=retry_after,
         close_store=True,
     )
-    server = uvicorn.Server(_uvicorn_config(app, host, port, log_format, log_level))
+    config = _uvicorn_config(
+        app,
+        host,
+        port,
+        log_format,
+        log_level,
+        read_timeout=read_timeout,
+        max_connections=max_connections,
+    )
+    server = uvicorn.Server(config)
     _log.info("coworker audit ingest on http://%s:%d%s", host, port, TRACES_PATH)
     if threading.current_thread() is threading.main_thread():
         # uvicorn shuts down gracefully, then re-raises the signal to the previous handler:
@@ -921,17 +1527,34 @@ class IngestServer:
         store: where audit records go.
         host: address to listen on.
         port: TCP port; 0 picks a free one (see :attr:`port`).
+        read_timeout: seconds a client has to send a whole request.
+        max_connections: open connections beyond this get 503 and are closed.
         **options: passed to :func:`create_app`.
     """
 
     def __init__(
-        self, store: AuditStore, *, host: str = "127.0.0.1", port: int = 0, **options: Any
+        self,
+        store: AuditStore,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        **options: Any,
     ) -> None:
         import uvicorn
 
         self.app = create_app(store, **options)
         self.host = host
-        config = _uvicorn_config(self.app, host, port, "text", "warning")
+        config = _uvicorn_config(
+            self.app,
+            host,
+            port,
+            "text",
+            "warning",
+            read_timeout=read_timeout,
+            max_connections=max_connections,
+        )
         self._socket = _listen_socket(host, port)
         self.port: int = self._socket.getsockname()[1]
         self._server = uvicorn.Server(config)
@@ -946,7 +1569,7 @@ class IngestServer:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Requests, appended, duplicates and rejected counts."""
+        """Counts: requests, appended, duplicates, rejected, forbidden, conflicts, ..."""
         return self.app.state.ingest_stats  # type: ignore[no-any-return]
 
     def start(self, timeout: float = 10.0) -> IngestServer:

@@ -326,3 +326,32 @@ class RunMetricsProcessor:
             Always ``True``.
         """
         return True
+
+
+METRIC_INGEST_SPANS = "coworker.ingest.spans"
+"""Counter of audit spans handled by ``coworker audit serve``, by ``result``: ``appended``,
+``duplicate`` (a resend), ``rejected`` (invalid or not allowed for the token) and ``conflict``
+(a conflict record written: two different spans with the same trace and span id)."""
+
+
+class _IngestInstruments:
+    __slots__ = ("spans",)
+
+    def __init__(self, meter: Meter) -> None:
+        self.spans: Counter = meter.create_counter(
+            METRIC_INGEST_SPANS,
+            unit="{span}",
+            description="Audit spans received by the OTLP ingest endpoint, by result.",
+        )
+
+
+def ingest_spans(result: str, count: int, *, meter_provider: MeterProvider | None = None) -> None:
+    """Count audit spans handled by the ingest endpoint.
+
+    Args:
+        result: ``appended``, ``duplicate``, ``rejected`` or ``conflict``.
+        count: how many.
+        meter_provider: Record with this provider instead of the global one (tests).
+    """
+    instruments: _IngestInstruments = _instruments.get(_IngestInstruments, meter_provider)
+    instruments.spans.add(count, {"result": result})

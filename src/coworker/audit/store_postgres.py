@@ -495,6 +495,22 @@ class PostgresStore:
                 return
             next_seq = rows[-1][0] + 1
 
+    def dedup_keys_between(self, bounds: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, int]]:
+        """``(dedup_key, seq)`` of the records with ``low <= dedup_key < high`` for any bound.
+
+        One index range scan per bound; the ingest endpoint uses it to find every record
+        whose key starts with a span's trace and span id (a resend with other content).
+        """
+        if not bounds:
+            return []
+        query = sql.SQL(
+            "SELECT r.dedup_key, r.seq FROM unnest(%b, %b) AS b(low, high) "
+            "JOIN {} r ON r.dedup_key >= b.low AND r.dedup_key < b.high"
+        ).format(self._table)
+        low = _ByteaArray.of([b[0] for b in bounds])
+        high = _ByteaArray.of([b[1] for b in bounds])
+        return [(bytes(row[0]), int(row[1])) for row in self._fetch(query, (low, high))]
+
     def close(self) -> None:
         """Stop the shipper, make one last attempt to ship the spool, close; idempotent.
 
