@@ -686,6 +686,10 @@ def test_cli_serve_runs_uvicorn_logs_and_stops_on_sigterm(tmp_path: Path) -> Non
     assert proc.returncode == 0, err
     lines = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
     assert any("POST /v1/traces" in x["message"] for x in lines), err
+    # Single-secret mode trusts every client with everything, and says so at start.
+    assert any(
+        x["level"] == "warning" and "ANY service, user and agent" in x["message"] for x in lines
+    ), err
     from coworker.audit.urls import open_store
 
     store = open_store(f"sqlite:///{db}")
@@ -1048,3 +1052,141 @@ def test_huge_attribute_counts_reject_the_span_quickly() -> None:
         partial = ExportTraceServiceResponse.FromString(r.content).partial_success
         assert partial.rejected_spans == 1 and "more than 1024 attributes" in partial.error_message
     assert len(bodies(store)) == 1
+
+
+# -- issue 9: slow clients -----------------------------------------------------------------------
+def _trickle(
+    port: int, burst: bytes, slow: bytes, closed: threading.Event, stop: threading.Event
+) -> None:
+    """Send ``burst`` at once, then ``slow`` one byte a second, until the server hangs up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.settimeout(1.0)
+        if burst:
+            sock.sendall(burst)
+        data = iter(slow)
+        while not stop.is_set():
+            try:
+                sock.send(bytes([next(data)]))
+                if sock.recv(4096) == b"":
+                    break  # the server closed the connection
+            except TimeoutError:
+                continue  # nothing from the server yet: send the next byte
+            except OSError:
+                break  # reset: closed as well
+        closed.set()
+
+
+def test_slow_clients_are_disconnected_by_the_read_timeout() -> None:
+    """50 connections sending one byte a second (headers or body) are all closed by the server,
+    while a normal client is served meanwhile."""
+    store = InMemoryStore()
+    with IngestServer(store, token=TOKEN, read_timeout=1.5) as server:
+        body_first = (
+            f"POST /v1/traces HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\n"
+            "content-type: application/x-protobuf\r\ncontent-length: 10000\r\n\r\n"
+        ).encode()
+        stop = threading.Event()
+        events, threads = [], []
+        for i in range(50):
+            closed = threading.Event()
+            # Half trickle their headers, half send the headers and trickle the body.
+            burst, slow = (b"", body_first) if i % 2 else (body_first, b"x" * 10_000)
+            t = threading.Thread(target=_trickle, args=(server.port, burst, slow, closed, stop))
+            t.start()
+            events.append(closed)
+            threads.append(t)
+        try:
+            assert exporter(server).export(make_spans(2)) is SpanExportResult.SUCCESS
+            deadline = time.monotonic() + 30
+            for closed in events:
+                assert closed.wait(max(deadline - time.monotonic(), 0)), "a slow client stayed"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        assert server.stats["read_timeouts"] >= 50
+    assert len(bodies(store)) == 2
+
+
+def test_connections_beyond_the_limit_get_503_and_are_closed() -> None:
+    """With max_connections=3, a fourth connection is answered 503 and closed at once; once the
+    others close, requests are served again."""
+    store = InMemoryStore()
+    with IngestServer(store, token=TOKEN, max_connections=3, read_timeout=60) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+        try:
+            # The server must have accepted the three before the fourth arrives: a request on
+            # one of them is answered only once it is.
+            idle[0].sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert idle[0].recv(4096).startswith(b"HTTP/1.1 200")
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
+                answer = b""
+                while chunk := extra.recv(4096):  # b"": the server closed it
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 503") and b"too many open connections" in answer
+            assert server.stats["refused_connections"] >= 1
+        finally:
+            for s in idle:
+                s.close()
+        deadline = time.monotonic() + 30
+        while True:  # connection_lost of the three reaches the server asynchronously
+            try:
+                if exporter(server, timeout=5).export(make_spans(1)) is SpanExportResult.SUCCESS:
+                    break
+            except Exception:
+                pass
+            assert time.monotonic() < deadline, "the server did not serve again"
+            time.sleep(0.1)
+    assert len(bodies(store)) >= 1
+
+
+def test_cli_serve_with_a_tokens_file_limits_each_token(tmp_path: Path) -> None:
+    """`serve --tokens-file`: a token writes for its services only; records name the token;
+    combining it with --token-file is refused."""
+    port = _free_port()
+    db = tmp_path / "audit.db"
+    tokens = _token_file(tmp_path)
+    base = [sys.executable, "-m", "coworker", "audit", "serve", "--url", f"sqlite:///{db}"]
+    both = subprocess.run(
+        [*base, "--tokens-file", str(tokens), "--token-file", str(tokens)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert both.returncode == 2 and "exclude each other" in both.stderr
+    proc = subprocess.Popen(
+        [*base, "--tokens-file", str(tokens), "--listen", f"127.0.0.1:{port}"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        client = OTLPSpanExporter(
+            endpoint=f"http://127.0.0.1:{port}/v1/traces",
+            headers={"Authorization": f"Bearer {BILLING}"},
+        )
+        assert client.export(make_spans(2, service="billing")) is SpanExportResult.SUCCESS
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/traces",
+            content=request_bytes(make_spans(1, service="hr", prefix="h")),
+            headers={**PROTOBUF, "Authorization": f"Bearer {BILLING}"},
+        )
+        assert ExportTraceServiceResponse.FromString(r.content).partial_success.rejected_spans == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "token(s) ops may write audit records for ANY service" in err  # ops has services=*
+    from coworker.audit.urls import open_store
+
+    store = open_store(f"sqlite:///{db}")
+    assert [b["ingest_token"] for b in bodies(store)] == ["billing-collector"] * 2
+    store.close()

@@ -46,6 +46,12 @@ def register(subparsers: Any) -> None:
         help=f"file holding the bearer token clients must send (or env {_TOKEN_ENV})",
     )
     serve.add_argument(
+        "--tokens-file",
+        default=None,
+        help="TOML/JSON file of named tokens, each limited to its services (and identities); "
+        "see docs/ingest.md",
+    )
+    serve.add_argument(
         "--no-auth",
         action="store_true",
         help="accept requests without a token (only behind another authenticating proxy)",
@@ -58,6 +64,19 @@ def register(subparsers: Any) -> None:
     )
     serve.add_argument(
         "--retry-after", type=int, default=5, help="seconds sent in Retry-After with a 503"
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=float,
+        default=None,
+        help="seconds a client has to send a whole request, headers and body (default 30); "
+        "then the connection is closed",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="open connections beyond this get 503 and are closed (default 512)",
     )
     serve.add_argument(
         "--log-format",
@@ -187,14 +206,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         host, port = ingest.parse_listen(args.listen)
-        token = None if args.no_auth else _read_token(args.token_file)
+        chosen = [o for o in ("token_file", "tokens_file", "no_auth") if getattr(args, o)]
+        if len(chosen) > 1:
+            names = " and ".join("--" + o.replace("_", "-") for o in chosen)
+            raise ConfigError(f"{names} exclude each other")
+        token = tokens = None
+        if args.tokens_file:
+            tokens = ingest.load_tokens(args.tokens_file)
+        elif not args.no_auth:
+            token = _read_token(args.token_file)
         ingest.serve(
             resolve_url(args.url),
             host=host,
             port=port,
             token=token,
+            tokens=tokens,
             max_body_bytes=args.max_body_bytes or ingest.DEFAULT_MAX_BODY_BYTES,
             retry_after=args.retry_after,
+            read_timeout=args.read_timeout or ingest.DEFAULT_READ_TIMEOUT,
+            max_connections=args.max_connections or ingest.DEFAULT_MAX_CONNECTIONS,
             log_format=args.log_format,
             log_level=args.log_level,
         )
@@ -218,7 +248,8 @@ def _read_token(path: str | None) -> str:
         source = _TOKEN_ENV
     if not token:
         raise ConfigError(
-            f"{source}: no bearer token; give --token-file or set {_TOKEN_ENV} "
+            f"{source}: no bearer token; give --tokens-file (named tokens, each limited to "
+            f"its services), --token-file or set {_TOKEN_ENV} "
             "(or --no-auth behind an authenticating proxy)"
         )
     if len(token) < 16:
