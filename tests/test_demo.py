@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import http.server
 import os
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.test_setup import _Receiver, otlp_receiver  # noqa: F401 (fixture)
 
@@ -48,3 +55,76 @@ def test_demo_sends_otlp_when_endpoint_set(tmp_path: Path, otlp_receiver: str) -
     names = {name for name, _, _ in _Receiver.spans}
     assert {"submit Payment", "update Invoice", "select Task"} <= names
     assert {svc for _, _, svc in _Receiver.spans} == {"coworker-demo"}
+    assert f"OTLP: {len(_Receiver.spans)} span(s) exported to {otlp_receiver}/v1/traces" in (
+        res.stdout
+    )
+
+
+def test_demo_with_only_the_traces_endpoint_set_sends_and_says_so(
+    tmp_path: Path,
+    otlp_receiver: str,  # noqa: F811
+) -> None:
+    """OTEL_EXPORTER_OTLP_TRACES_ENDPOINT alone: the spans are sent and the count is printed."""
+    endpoint = f"{otlp_receiver}/v1/traces"
+    res = _demo(tmp_path, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint})
+    assert res.returncode == 0, res.stderr
+    assert _Receiver.spans
+    assert f"OTLP: {len(_Receiver.spans)} span(s) exported to {endpoint}" in res.stdout
+
+
+def test_demo_says_the_export_failed_when_the_port_refuses(tmp_path: Path) -> None:
+    """Connection refused: no "sent" claim; the failed count and the cause; exit 1."""
+    with socket.socket() as s:  # a port nobody listens on (bound, never listening)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        res = _demo(
+            tmp_path,
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                "OTEL_EXPORTER_OTLP_TIMEOUT": "2",
+            },
+        )
+    assert res.returncode == 1
+    assert "sent over OTLP" not in res.stdout and "span(s) exported to" not in res.stdout
+    assert "OTLP: FAILED to export 8 of 8 span(s)" in res.stdout
+    assert "Connection refused" in res.stdout
+    assert "verify: intact" in res.stdout  # the audit trail is not affected
+
+
+class _Unauthorized(http.server.BaseHTTPRequestHandler):
+    """An OTLP endpoint that wants a token the demo does not have."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(401, "Unauthorized")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def unauthorized_endpoint() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Unauthorized)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_demo_says_the_export_failed_on_401(tmp_path: Path, unauthorized_endpoint: str) -> None:
+    """A real HTTP server answering 401: the demo reports the failure and the status."""
+    res = _demo(tmp_path, {"OTEL_EXPORTER_OTLP_ENDPOINT": unauthorized_endpoint})
+    assert res.returncode == 1
+    assert "OTLP: FAILED to export 8 of 8 span(s)" in res.stdout
+    assert "401" in res.stdout
+
+
+def test_demo_escapes_control_characters_in_what_it_prints(tmp_path: Path) -> None:
+    """A store path with an ANSI escape and a newline prints escaped, on its line."""
+    res = _demo(tmp_path, {"COWORKER_AUDIT_URL": f"sqlite:///{tmp_path}/a\x1b[2J.db"})
+    assert res.returncode == 0, res.stderr
+    assert "\x1b" not in res.stdout
+    assert "a\\x1b[2J.db" in res.stdout

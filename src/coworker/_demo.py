@@ -8,20 +8,25 @@ Two flows of work:
   one, then the user changes topic, which breaks the flow into a new, linked one.
 
 The spans are printed as flow → step → run (with user and agent), sent over OTLP when
-``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, and the state-changing runs go to the embedded audit
-store, which is then verified.
+``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set (the demo then
+says how many spans the endpoint took and why the others failed), and the state-changing runs
+go to the embedded audit store, which is then verified. Every value printed goes through
+:func:`coworker._text.printable`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 import coworker
 from coworker import attributes as attr
 from coworker import config
+from coworker._text import printable as _p
 
 # -- the sample application ------------------------------------------------------------------
 
@@ -106,7 +111,7 @@ def assistant_chat() -> None:
 
 
 def _short(value: Any) -> str:
-    return str(value)[:8]
+    return _p(str(value)[:8])
 
 
 def print_tree(spans: Sequence[Any], out: TextIO = sys.stdout) -> None:
@@ -123,14 +128,15 @@ def print_tree(spans: Sequence[Any], out: TextIO = sys.stdout) -> None:
             flows.setdefault(a.get(attr.FLOW_ID, "(no flow)"), []).append(s)
     for flow_id, roots in flows.items():
         a = roots[0].attributes
-        line = f"flow {a.get(attr.FLOW_TYPE, '-')} {flow_id}"
+        line = f"flow {_p(a.get(attr.FLOW_TYPE, '-'))} {_p(flow_id)}"
         if attr.FLOW_DEFINITION_ID in a:
-            line += f"  definition={a[attr.FLOW_DEFINITION_ID]}"
+            line += f"  definition={_p(a[attr.FLOW_DEFINITION_ID])}"
         if attr.CONVERSATION_ID in a:
-            line += f"  conversation={a[attr.CONVERSATION_ID]}"
+            line += f"  conversation={_p(a[attr.CONVERSATION_ID])}"
         if attr.FLOW_PREVIOUS_ID in a:
             line += (
-                f"  ← broke from {_short(a[attr.FLOW_PREVIOUS_ID])}… ({a[attr.FLOW_BREAK_REASON]})"
+                f"  ← broke from {_short(a[attr.FLOW_PREVIOUS_ID])}… "
+                f"({_p(a.get(attr.FLOW_BREAK_REASON))})"
             )
         print(line, file=out)
         by_step: dict[str, list[Any]] = {}
@@ -138,7 +144,9 @@ def print_tree(spans: Sequence[Any], out: TextIO = sys.stdout) -> None:
             by_step.setdefault(s.attributes.get(attr.STEP_ID, "(no step)"), []).append(s)
         for step_id, runs in by_step.items():
             failed = any(r.status.status_code.name == "ERROR" for r in runs)
-            print(f"  step {step_id}" + ("  (failed once, retried)" if failed else ""), file=out)
+            print(
+                f"  step {_p(step_id)}" + ("  (failed once, retried)" if failed else ""), file=out
+            )
             for r in runs:
                 _print_run(r, children, 4, out)
 
@@ -148,17 +156,17 @@ def _print_run(span: Any, children: dict[str, list[Any]], indent: int, out: Text
     ok = span.status.status_code.name != "ERROR"
     who = []
     if attr.USER_ID in a:
-        who.append(f"user={a[attr.USER_ID]}")
+        who.append(f"user={_p(a[attr.USER_ID])}")
     if attr.AGENT_ID in a:
-        who.append(f"agent={a.get(attr.AGENT_NAME, '')}({a[attr.AGENT_ID]})")
+        who.append(f"agent={_p(a.get(attr.AGENT_NAME, ''))}({_p(a[attr.AGENT_ID])})")
     mark = "✓" if ok else "✗"
-    text = f"{' ' * indent}{mark} {span.name}  run={a[attr.RUN_ID][:8]}"
+    text = f"{' ' * indent}{mark} {_p(span.name)}  run={_short(a[attr.RUN_ID])}"
     if who:
         text += "  " + " ".join(who)
     if a.get(attr.AUDIT):
-        text += f"  [audit: {a[attr.AUDIT_CATEGORY]}]"
+        text += f"  [audit: {_p(a[attr.AUDIT_CATEGORY])}]"
     if not ok:
-        text += f"  error={a.get(attr.ERROR_TYPE)}"
+        text += f"  error={_p(a.get(attr.ERROR_TYPE))}"
     print(text, file=out)
     for child in children.get(a[attr.RUN_ID], []):
         _print_run(child, children, indent + 2, out)
@@ -168,33 +176,109 @@ def _print_audit(store: Any, url: str, out: TextIO) -> bool:
     from coworker.audit import verify_chain
 
     records = [r.fields() for r in store.iter_from(1)]
-    print(f"\naudit trail: {len(records)} records in {url}", file=out)
+    print(f"\naudit trail: {len(records)} records in {_p(url)}", file=out)
     for rec in records[-8:]:
         print(
             "  seq {seq:>4}  {category:<22} {operation} {doctype}  outcome={outcome}  "
             "user={user}  agent={agent}".format(
                 seq=rec.get("seq"),
-                category=str(rec.get("category")),
-                operation=rec.get("operation") or "-",
-                doctype=rec.get("doctype") or "-",
-                outcome=rec.get("outcome"),
-                user=rec.get("user_id") or "-",
-                agent=rec.get("agent_id") or "-",
+                category=_p(rec.get("category")),
+                operation=_p(rec.get("operation") or "-"),
+                doctype=_p(rec.get("doctype") or "-"),
+                outcome=_p(rec.get("outcome")),
+                user=_p(rec.get("user_id") or "-"),
+                agent=_p(rec.get("agent_id") or "-"),
             ),
             file=out,
         )
     report = verify_chain(store)
-    state = "intact" if report.ok else f"BROKEN: {report.detail}"
+    state = "intact" if report.ok else f"BROKEN: {_p(report.detail)}"
     head = report.head
     head_text = f"head seq={head.seq} hash={head.hash_hex[:16]}…" if head else "empty"
     print(f"verify: {state}; {head_text}", file=out)
     return report.ok
 
 
+class _CountingExporter:
+    """Wraps the OTLP exporter: counts the spans it took and the ones that failed, and keeps
+    the exporter's own error messages, so that the demo reports what happened."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.exported = 0
+        self.failed = 0
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return str(
+            getattr(self.inner, "_endpoint", None)
+            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        )
+
+    def export(self, spans: Sequence[Any]) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        try:
+            result = self.inner.export(spans)
+        except Exception as exc:  # an exporter bug must not stop the demo from reporting it
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            result = SpanExportResult.FAILURE
+        with self._lock:
+            if result is SpanExportResult.SUCCESS:
+                self.exported += len(spans)
+            else:
+                self.failed += len(spans)
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self.inner.force_flush(timeout_millis))
+
+
+class _ErrorLog(logging.Handler):
+    """Collects the OTLP exporters' warnings (they log the HTTP status or connection error and
+    return a bare FAILURE)."""
+
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage())
+
+
+def _report_otlp(counting: _CountingExporter, out: TextIO) -> bool:
+    total = counting.exported + counting.failed
+    where = _p(counting.endpoint)
+    if counting.failed == 0:
+        print(f"\nOTLP: {counting.exported} span(s) exported to {where}", file=out)
+        return True
+    print(
+        f"\nOTLP: FAILED to export {counting.failed} of {total} span(s) to {where} "
+        f"({counting.exported} exported)",
+        file=out,
+    )
+    # The first message names the cause (connection refused, HTTP 401 ...); the last one
+    # says how the exporter gave up.
+    for label, message in zip(
+        ("error", "then"), dict.fromkeys(counting.errors[:1] + counting.errors[-1:]), strict=False
+    ):
+        print(f"      {label}: {_p(message[:500])}", file=out)
+    return False
+
+
 def main(audit_url: str | None = None, audit: bool = True, out: TextIO = sys.stdout) -> int:
-    """Run the demo; return the process exit code (non-zero if the audit trail is broken)."""
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    """Run the demo; return the process exit code (non-zero if the audit trail is broken or
+    OTLP export was asked for and failed)."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from coworker._setup import _otlp_env_set, _otlp_exporter
 
     memory = InMemorySpanExporter()
     url = None
@@ -204,27 +288,42 @@ def main(audit_url: str | None = None, audit: bool = True, out: TextIO = sys.std
             or os.environ.get(config.COWORKER_AUDIT_URL)
             or ("sqlite:///" + config.DEFAULT_AUDIT_PATH)
         )
+    processors: list[Any] = [SimpleSpanProcessor(memory)]
+    counting: _CountingExporter | None = None
+    exporter_log = logging.getLogger("opentelemetry.exporter.otlp")
+    handler: _ErrorLog | None = None
+    if _otlp_env_set():
+        # The demo owns its OTLP exporter (otlp=False below) so that it can count.
+        counting = _CountingExporter(_otlp_exporter())
+        handler = _ErrorLog(counting.errors)
+        exporter_log.addHandler(handler)
+        processors.append(BatchSpanProcessor(counting))  # type: ignore[arg-type]
     coworker.configure(
         os.environ.get("OTEL_SERVICE_NAME") or "coworker-demo",
-        exporter=[SimpleSpanProcessor(memory)],
+        exporter=processors,
         audit=url,
+        otlp=False,
     )
-    try:
-        _gateway_calls["n"] = 0
-        process_order("ORD-1001")
-        assistant_chat()
-    finally:
-        coworker.force_flush()
-    print_tree(memory.get_finished_spans(), out)
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        print(f"\nsent over OTLP to {os.environ['OTEL_EXPORTER_OTLP_ENDPOINT']}", file=out)
     ok = True
-    if url is not None:
-        # Read through the store the run wrote to (a memory:// store exists only there).
-        from coworker._setup import audit_store
+    try:
+        try:
+            _gateway_calls["n"] = 0
+            process_order("ORD-1001")
+            assistant_chat()
+        finally:
+            coworker.force_flush()
+        print_tree(memory.get_finished_spans(), out)
+        if counting is not None:
+            ok = _report_otlp(counting, out)
+        if url is not None:
+            # Read through the store the run wrote to (a memory:// store exists only there).
+            from coworker._setup import audit_store
 
-        ok = _print_audit(audit_store(), url, out)
-    coworker.shutdown()
+            ok = _print_audit(audit_store(), url, out) and ok
+    finally:
+        coworker.shutdown()
+        if handler is not None:
+            exporter_log.removeHandler(handler)
     return 0 if ok else 1
 
 

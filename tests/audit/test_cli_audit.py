@@ -160,7 +160,8 @@ def test_correct_command_and_api(
     )
     assert fields["fields"] == {"doctype": "Payment"}
     rec = correct(3, "user was bob", store=store, by="auditor", user_id="bob")
-    assert rec.seq == 6 and rec.fields()["user_id"] == "auditor"
+    assert rec.seq == 6 and rec.fields()["user_id"] == "alice"  # the original's user stays
+    assert rec.fields()["corrected_by"] == "auditor"
     with pytest.raises(ConfigError, match="colour"):
         correct(3, "x", store=store, colour="red")
     with pytest.raises(ConfigError, match="reason"):

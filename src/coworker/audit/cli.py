@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, TextIO
 
+from coworker._text import json_text, printable
 from coworker.exceptions import AuditUnavailable, ConfigError
 
 __all__ = ["register"]
@@ -76,11 +77,14 @@ def register(subparsers: Any) -> None:
     query.add_argument("--user", default=None, help="user.id")
     query.add_argument("--agent", default=None, help="gen_ai.agent.id")
     query.add_argument("--doctype", default=None)
-    query.add_argument("--operation", default=None)
+    query.add_argument(
+        "--operation", default=None, help="coworker.operation (any case: UPDATE is update)"
+    )
     query.add_argument(
         "--category",
         default=None,
-        help="state-change, authorization-failure, validation-violation, ...",
+        help="state-change, authorization-failure, validation-violation, sensitive-read, "
+        "policy-violation or ingest-conflict (anything else is an error)",
     )
     query.add_argument("--since", default=None, help="ISO 8601 time or a duration ago (2h, 7d)")
     query.add_argument("--until", default=None, help="ISO 8601 time or a duration ago")
@@ -89,8 +93,11 @@ def register(subparsers: Any) -> None:
     query.set_defaults(func=_cmd_query)
 
     tree = subparsers.add_parser("tree", help="the execution tree of a flow, failures marked")
-    tree.add_argument("flow_id", metavar="FLOW_ID")
+    tree.add_argument(
+        "flow_id", metavar="FLOW_ID", help="a flow id, or a unique prefix of one (as printed)"
+    )
     tree.add_argument("--url", default=None, help=url_help)
+    tree.add_argument("--json", action="store_true", help="print the tree as one JSON object")
     tree.set_defaults(func=_cmd_tree)
 
     correct = subparsers.add_parser(
@@ -98,7 +105,11 @@ def register(subparsers: Any) -> None:
     )
     correct.add_argument("seq", type=int)
     correct.add_argument("--reason", required=True)
-    correct.add_argument("--by", default=None, help="user id making the correction")
+    correct.add_argument(
+        "--by",
+        default=None,
+        help="user id making the correction (kept as corrected_by; the record keeps its user)",
+    )
     correct.add_argument(
         "--set",
         dest="changes",
@@ -126,7 +137,8 @@ def _store(url: str | None, *, readonly: bool) -> Iterator[Any]:
 
 
 def _fail(message: str, code: int = 2) -> int:
-    print(f"coworker audit: {message}", file=sys.stderr)
+    # Messages can quote stored values (verify details, flow ids): escaped like all output.
+    print(f"coworker audit: {printable(message)}", file=sys.stderr)
     return code
 
 
@@ -200,8 +212,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         for seq in report.in_doubt:
             print(f"in-doubt  #{seq}: intent without an outcome (the run may not have finished)")
         return 0
-    print(f"FAIL  seq {report.bad_seq}: {report.kind}")
-    print(f"      {report.detail}")
+    print(f"FAIL  seq {report.bad_seq}: {printable(report.kind)}")
+    print(f"      {printable(report.detail)}")
     if report.head is not None:
         print(f"intact up to  {report.head.seq}:{report.head.hash_hex}")
     return 1
@@ -240,10 +252,11 @@ def _cmd_query(args: argparse.Namespace) -> int:
             if args.json:
                 for e in entries:
                     line = {"seq": e.seq, "status": e.status, **e.fields}
-                    print(json.dumps(line, ensure_ascii=False, sort_keys=True))
+                    print(json_text(line))
                 return 0
             rows = [[name for name, _ in _COLUMNS]]
-            rows += [[str(get(e) or "-") for _, get in _COLUMNS] for e in entries]
+            # printable(): a stored id with a newline or an ANSI escape must not forge a row.
+            rows += [[printable(get(e) or "-") for _, get in _COLUMNS] for e in entries]
     except (AuditUnavailable, ConfigError) as exc:
         return _fail(str(exc))
     if len(rows) == 1:
@@ -254,16 +267,22 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_tree(args: argparse.Namespace) -> int:
-    from coworker.audit.query import build_tree, query, render_tree
+    from coworker.audit.query import build_tree, query, render_tree, resolve_flow_id, tree_to_dict
 
     try:
         with _store(args.url, readonly=True) as store:
-            tree = build_tree(query(store, flow_id=args.flow_id), args.flow_id)
+            flow_id = resolve_flow_id(store, args.flow_id)
+            tree = build_tree(query(store, flow_id=flow_id), flow_id)
     except (AuditUnavailable, ConfigError) as exc:
         return _fail(str(exc))
+    except LookupError as exc:
+        return _fail(str(exc), 1)
     if tree.records == 0:
         return _fail(f"no audit records for flow {args.flow_id!r}", 1)
-    print(render_tree(tree))
+    if args.json:
+        print(json_text(tree_to_dict(tree)))
+    else:
+        print(render_tree(tree))
     return 0
 
 

@@ -159,9 +159,12 @@ def _spool_status(path: Path, now: float) -> dict[str, Any]:
 
 
 def _print_status(out: dict[str, Any]) -> None:
-    print(f"store:   {out['url']}")
+    from coworker._text import printable
+
+    # printable(): paths, URLs and server errors reach a terminal with their controls escaped.
+    print(f"store:   {printable(out['url'])}")
     if not out["reachable"]:
-        print(f"         UNREACHABLE: {out.get('error')}")
+        print(f"         UNREACHABLE: {printable(out.get('error'))}")
     head = out["head"]
     if out["reachable"]:
         print(
@@ -172,7 +175,7 @@ def _print_status(out: dict[str, Any]) -> None:
         print(f"newest:  record written {_ago(out['seconds_since_last_record'])} ago")
     spool = out.get("spool")
     if spool is not None:
-        line = f"spool:   {spool['depth']} record(s) waiting in {spool['path']}"
+        line = f"spool:   {spool['depth']} record(s) waiting in {printable(spool['path'])}"
         if spool["seconds_waiting"] is not None:
             line += f", oldest for {_ago(spool['seconds_waiting'])}"
         print(line)

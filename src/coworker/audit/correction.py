@@ -51,7 +51,9 @@ def correct(
         reason: why (required; shown by ``coworker audit query`` and ``tree``).
         store: the store, a store URL, or ``None`` for the store of the pipeline that
             ``coworker.configure(audit=...)`` installed.
-        by: the user id making the correction (defaults to the original record's user).
+        by: the user id making the correction, kept in the record's ``corrected_by``; the
+            correction keeps the original's ``user_id`` and ``agent_id`` so that it shows up
+            under the same ``query --user`` as the record it corrects.
         **fields: corrected values of record fields (e.g. ``doctype="Invoice"``), see
             :data:`CORRECTABLE_FIELDS`.
 
@@ -65,6 +67,8 @@ def correct(
     """
     if not isinstance(reason, str) or not reason.strip():
         raise ConfigError("reason: a correction must say why")
+    if by is not None and (not isinstance(by, str) or not by.strip()):
+        raise ConfigError("by: the corrector must be a non-empty user id (or None)")
     unknown = sorted(set(fields) - CORRECTABLE_FIELDS)
     if unknown:
         raise ConfigError(

@@ -6,6 +6,7 @@ re-checked against its decoded body, which is what the chain protects.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -13,7 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from coworker._text import printable
+from coworker.attributes import AUDIT_CATEGORIES
 from coworker.audit.record import (
+    CATEGORY_INGEST_CONFLICT,
     KIND_CORRECTION,
     KIND_INTENT,
     KIND_OUTCOME,
@@ -25,6 +29,7 @@ from coworker.audit.store import AuditStore, StoredRecord
 from coworker.exceptions import ConfigError
 
 __all__ = [
+    "CATEGORIES",
     "IN_DOUBT",
     "AuditEntry",
     "FlowTree",
@@ -35,12 +40,22 @@ __all__ = [
     "parse_time",
     "query",
     "render_tree",
+    "resolve_flow_id",
+    "tree_to_dict",
 ]
 
 IN_DOUBT: Final = "in-doubt"
 """Status of an intent record with no outcome: the run may or may not have happened."""
 
 _FILTERS: Final = QUERY_FILTERS
+
+CATEGORIES: Final = (*AUDIT_CATEGORIES, CATEGORY_INGEST_CONFLICT)
+"""Every category a record can have: a ``category`` filter outside these is an error, not a
+query that silently matches nothing."""
+
+# Matched on the decoded body, case-insensitively like the policy (``UPDATE`` is ``update``):
+# never handed to the store's exact column match.
+_FOLDED: Final = frozenset({"operation"})
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -117,7 +132,8 @@ def _candidates(
 ) -> Iterator[StoredRecord]:
     search = getattr(store, "search", None)
     if search is not None:
-        return search(filters, since=since, until=until)  # type: ignore[no-any-return]
+        exact = {k: v for k, v in filters.items() if k not in _FOLDED}
+        return search(exact, since=since, until=until)  # type: ignore[no-any-return]
     return store.iter_from(1)
 
 
@@ -128,7 +144,13 @@ def _matches(
     until: str | None,
 ) -> bool:
     for key, value in filters.items():
-        if value is not None and fields.get(_FILTERS[key]) != value:
+        if value is None:
+            continue
+        got = fields.get(_FILTERS[key])
+        if key in _FOLDED:
+            if not isinstance(got, str) or got.casefold() != value.casefold():
+                return False
+        elif got != value:
             return False
     if since is not None or until is not None:
         moment = _record_time(fields)
@@ -173,8 +195,8 @@ def query(
         user: ``user.id``.
         agent: ``gen_ai.agent.id``.
         doctype: ``coworker.doctype``.
-        operation: ``coworker.operation``.
-        category: ``coworker.audit.category``.
+        operation: ``coworker.operation``, matched case-insensitively (as the policy does).
+        category: ``coworker.audit.category``; one of :data:`CATEGORIES`.
         kind: ``outcome``, ``intent`` or ``correction``.
         run_id: ``coworker.run.id``.
         since: records at or after this time (see :func:`parse_time`).
@@ -183,19 +205,39 @@ def query(
 
     Yields:
         :class:`AuditEntry` objects.
+
+    Raises:
+        ConfigError: an unknown category, or a bad time.
     """
-    filters = {
-        "flow_id": flow_id,
-        "user": user,
-        "agent": agent,
-        "doctype": doctype,
-        "operation": operation,
-        "category": category,
-        "kind": kind,
-        "run_id": run_id,
-    }
-    lo = parse_time(since) if since is not None else None
-    hi = parse_time(until) if until is not None else None
+    if category is not None and category not in CATEGORIES:
+        raise ConfigError(f"unknown category {category!r}; use one of {', '.join(CATEGORIES)}")
+    return _query(
+        store,
+        {
+            "flow_id": flow_id,
+            "user": user,
+            "agent": agent,
+            "doctype": doctype,
+            "operation": operation,
+            "category": category,
+            "kind": kind,
+            "run_id": run_id,
+        },
+        parse_time(since) if since is not None else None,
+        parse_time(until) if until is not None else None,
+        limit,
+    )
+
+
+def _query(
+    store: AuditStore,
+    filters: Mapping[str, str | None],
+    lo: str | None,
+    hi: str | None,
+    limit: int | None,
+) -> Iterator[AuditEntry]:
+    # A generator of its own, so that query() checks its arguments when called, not at the
+    # first next().
     doubt: set[int] | None = None
     count = 0
     for record in _candidates(store, filters, lo, hi):
@@ -233,6 +275,57 @@ def in_doubt(store: AuditStore) -> list[int]:
 
 
 # -- the execution tree of a flow -------------------------------------------------------------
+_AMBIGUOUS_SHOWN: Final = 5
+
+
+def resolve_flow_id(store: AuditStore, text: str) -> str:
+    """The flow id that ``text`` names: itself when a record has it, else the one flow id it
+    is a prefix of (the demo and the docs print short ids).
+
+    Args:
+        store: the store to read.
+        text: a flow id or a unique prefix of one.
+
+    Returns:
+        The full flow id.
+
+    Raises:
+        ConfigError: the prefix is empty or matches more than one flow (they are listed).
+        LookupError: no flow id starts with it.
+    """
+    if not text:
+        raise ConfigError("the flow id must not be empty")
+    if next(iter(query(store, flow_id=text, limit=1)), None) is not None:
+        return text
+    # No index answers a prefix: scan the bodies, skipping most without decoding them.
+    needle = b'"flow_id":"' + json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8")
+    found: dict[str, None] = {}
+    for body in _bodies(store):
+        if needle not in body:
+            continue
+        flow_id = json.loads(body).get("flow_id")
+        if isinstance(flow_id, str) and flow_id.startswith(text):
+            found[flow_id] = None
+    if not found:
+        raise LookupError(f"no audit records for flow {text!r} (nor a flow id starting so)")
+    if len(found) > 1:
+        shown = ", ".join(printable(f) for f in list(found)[:_AMBIGUOUS_SHOWN])
+        more = f" and {len(found) - _AMBIGUOUS_SHOWN} more" if len(found) > _AMBIGUOUS_SHOWN else ""
+        raise ConfigError(
+            f"flow id prefix {text!r} is ambiguous: {len(found)} flows match ({shown}{more}); "
+            "give more characters"
+        )
+    return next(iter(found))
+
+
+def _bodies(store: AuditStore) -> Iterator[bytes]:
+    chain = getattr(store, "iter_chain", None)
+    if chain is not None:
+        for row in chain(1):
+            yield row[3]
+        return
+    for record in store.iter_from(1):
+        yield record.body
 
 
 @dataclass
@@ -368,15 +461,18 @@ def build_tree(entries: Iterable[AuditEntry], flow_id: str) -> FlowTree:
 
 
 def _describe(node: RunNode) -> str:
+    # Every stored value goes through printable(): a user id with a newline or an ANSI escape
+    # must not draw tree lines of its own.
     f = node.entry.fields
     what = " ".join(str(x) for x in (f.get("operation"), f.get("doctype")) if x) or f.get("name")
-    who = f.get("user_id") or "-"
+    who = str(f.get("user_id") or "-")
     if f.get("agent_id"):
         who += f" via {f.get('agent_id')}"
     mark = "✗ " if node.failed else "✓ "
     return (
-        f"{mark}run {f.get('run_id') or f.get('span_id')}  {what}  [{node.entry.status}]  "
-        f"{who}  {f.get('category')}  #{node.entry.seq}"
+        f"{mark}run {printable(f.get('run_id') or f.get('span_id'))}  {printable(what)}  "
+        f"[{printable(node.entry.status)}]  {printable(who)}  {printable(f.get('category'))}  "
+        f"#{node.entry.seq}"
     )
 
 
@@ -406,9 +502,9 @@ def _step_state(step: StepNode) -> str:
 def render_tree(tree: FlowTree) -> str:
     """The tree as indented text, failing steps and runs marked with ✗ and the first failure
     pointed at."""
-    title = f"flow {tree.flow_id}"
+    title = f"flow {printable(tree.flow_id)}"
     if tree.flow_type:
-        title += f" ({tree.flow_type})"
+        title += f" ({printable(tree.flow_type)})"
     title += f"  {tree.records} record(s)"
     if any(_step_state(step) == "✗ FAILED" for step in tree.steps):
         title += "  FAILED"
@@ -424,16 +520,19 @@ def render_tree(tree: FlowTree) -> str:
         lines.append(prefix + branch + text)
         inner = prefix + ("   " if last else "│  ")
         for c in node.corrections:
+            by = c.fields.get("corrected_by")
             lines.append(
-                inner + f"  corrected by #{c.seq}: {c.fields.get('reason')} "
-                f"{c.fields.get('fields')}"
+                inner
+                + f"  corrected by #{c.seq}"
+                + (f" ({printable(by)})" if by is not None else "")
+                + f": {printable(c.fields.get('reason'))} {printable(c.fields.get('fields'))}"
             )
         for i, child in enumerate(node.children):
             walk(child, inner, i == len(node.children) - 1)
 
     for i, step in enumerate(tree.steps):
         last_step = i == len(tree.steps) - 1
-        name = step.step_id if step.step_id is not None else "(no step)"
+        name = printable(step.step_id) if step.step_id is not None else "(no step)"
         status = _step_state(step)
         lines.append(("└─ " if last_step else "├─ ") + f"step {name}  {status}")
         prefix = "   " if last_step else "│  "
@@ -442,3 +541,36 @@ def render_tree(tree: FlowTree) -> str:
     if not tree.steps:
         lines.append("   (no records for this flow)")
     return "\n".join(lines)
+
+
+def tree_to_dict(tree: FlowTree) -> dict[str, Any]:
+    """The tree as plain JSON-able data (``coworker audit tree --json``): every record's
+    decoded body as stored, plus its seq, status and whether it failed."""
+
+    def run(node: RunNode) -> dict[str, Any]:
+        return {
+            "seq": node.entry.seq,
+            "status": node.entry.status,
+            "failed": node.failed,
+            "subtree_failed": node.subtree_failed,
+            "first_failure": node is tree.first_failure,
+            "record": node.entry.fields,
+            "corrections": [{"seq": c.seq, "record": c.fields} for c in node.corrections],
+            "children": [run(child) for child in node.children],
+        }
+
+    return {
+        "flow_id": tree.flow_id,
+        "flow_type": tree.flow_type,
+        "records": tree.records,
+        "first_failure_seq": tree.first_failure.entry.seq if tree.first_failure else None,
+        "steps": [
+            {
+                "step_id": step.step_id,
+                "state": _step_state(step),
+                "failed": step.failed,
+                "runs": [run(r) for r in step.runs],
+            }
+            for step in tree.steps
+        ],
+    }

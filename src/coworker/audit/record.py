@@ -30,6 +30,7 @@ from coworker import attributes as attr
 
 __all__ = [
     "FIELDS",
+    "CATEGORY_INGEST_CONFLICT",
     "KIND_CORRECTION",
     "KIND_INTENT",
     "KIND_OUTCOME",
@@ -55,6 +56,10 @@ KIND_INTENT: Final = "intent"
 later outcome for the same span is *in doubt*."""
 KIND_CORRECTION: Final = "correction"
 """A correction of an earlier record (``corrects`` = its seq); the original stays."""
+
+CATEGORY_INGEST_CONFLICT: Final = "ingest-conflict"
+"""Category of the record ``coworker audit serve`` writes when two different spans claim the
+same trace and span id (both are kept; this record names them in ``conflict_seqs``)."""
 
 OUTCOME_OK: Final = "ok"
 """``outcome`` of a run that did not fail; a failed run has its error type instead."""
@@ -90,8 +95,11 @@ FIELDS: Final[tuple[str, ...]] = (
     "intent_seq",  # seq of the intent record this outcome closes (int) or null
     "payload_digest",  # SHA-256 hex of the separate payload bytes, or null
 )
-"""The keys of a version-1 outcome/intent body. Corrections add ``corrects``, ``reason``
-and ``fields``."""
+"""The keys of a version-1 outcome/intent body. Corrections add ``corrects``, ``reason``,
+``fields`` and ``corrected_by``. Optional keys, added without a schema version change (a
+verifier hashes the body as stored, so older records verify unchanged): ``ingest_token`` (the
+name of the bearer token that delivered an ingested record) and, on ingest conflict records,
+``conflict_seqs`` and ``conflict_digests``."""
 
 # Attribute -> record field, for the plain string-valued ones.
 _STRING_ATTRIBUTES: Final = (
@@ -372,23 +380,25 @@ def correction_entry(
 ) -> dict[str, Any]:
     """Build a correction record for the record at ``original_seq``.
 
-    The correction repeats the original's identity fields (category, flow, run ...) so that it
-    shows up under the same filters, names the fields it corrects in ``fields`` and says why
-    in ``reason``.
+    The correction repeats the original's identity fields (category, flow, run, user, agent
+    ...) so that it shows up under the same filters (``query --user <original user>``), names
+    the fields it corrects in ``fields``, says why in ``reason`` and who corrected it in
+    ``corrected_by``.
 
     Args:
         original: the decoded body of the corrected record.
         original_seq: its seq.
         reason: why it is corrected (required, non-empty).
         changes: the corrected field values.
-        by: who makes the correction (a user id), if known.
+        by: who makes the correction (a user id), if known; kept in ``corrected_by``, never in
+            place of the original's ``user_id``.
 
     Returns:
         The record fields without ``seq``.
     """
     keep = (
         "category", "operation", "doctype", "run_id", "parent_run_id", "chain_id",
-        "flow_type", "flow_id", "step_id", "agent_id", "agent_name", "session_id",
+        "flow_type", "flow_id", "step_id", "user_id", "agent_id", "agent_name", "session_id",
         "conversation_id", "service", "trace_id", "span_id",
     )  # fmt: skip
     fields: dict[str, Any] = {key: original.get(key) for key in keep}
@@ -399,7 +409,7 @@ def correction_entry(
             "kind": KIND_CORRECTION,
             "recorded_at": now,
             "start": now,
-            "user_id": by if by is not None else original.get("user_id"),
+            "corrected_by": by,
             "corrects": original_seq,
             "reason": reason,
             "fields": {k: _correction_value(v) for k, v in changes.items()},
