@@ -840,6 +840,16 @@ def _check_substitution(server: IngestServer, store: Any) -> None:
     # The forgery resent again changes nothing: a duplicate, the conflict is recorded once.
     assert client.export([fake]) is SpanExportResult.SUCCESS
     assert len(bodies(store)) == 5 and server.stats["conflicts"] == 1
+    # A third version: one more conflict record, naming the first version and the new one
+    # (N versions make N - 1 records of two seqs each, never a growing list).
+    other = forged(real[0], **{attr.USER_ID: "eve"})
+    assert client.export([other]) is SpanExportResult.SUCCESS
+    records = bodies(store)
+    first_seq = min(b["seq"] for b in versions)
+    eve = next(b for b in records if b.get("user_id") == "eve")
+    latest = [b for b in records if b["category"] == "ingest-conflict"][-1]
+    assert latest["conflict_seqs"] == [first_seq, eve["seq"]]
+    assert latest["conflict_versions"] == 3 and server.stats["conflicts"] == 2
 
 
 def test_a_forged_span_sent_first_does_not_hide_the_real_one(

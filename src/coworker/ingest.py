@@ -47,7 +47,7 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -73,6 +73,7 @@ from starlette.routing import Route
 
 from coworker import attributes as attr
 from coworker.audit.record import (
+    CATEGORY_INGEST_CONFLICT,
     KIND_OUTCOME,
     SCHEMA_VERSION,
     canonical,
@@ -479,10 +480,6 @@ INGEST_TOKEN_FIELD: Final = "ingest_token"
 """Record field naming the bearer token (its ``name``, never the secret) that delivered an
 ingested record; ``null`` when the server runs without authentication."""
 
-CATEGORY_INGEST_CONFLICT: Final = "ingest-conflict"
-"""Category of the record the server writes when two different spans claim the same trace and
-span id (a forgery, or a buggy exporter): both spans are kept and this record names them."""
-
 SHARED_TOKEN_NAME: Final = "shared-token"
 """The token name recorded in single-secret mode (``--token-file`` / ``COWORKER_INGEST_TOKEN``)."""
 
@@ -655,17 +652,34 @@ def dedup_key(ids: bytes, fields: Mapping[str, Any]) -> bytes:
     return ids + content_digest(fields)
 
 
-def _conflict_key(ids: bytes, digests: Iterable[bytes]) -> bytes:
+def _conflict_key(ids: bytes, digest: bytes) -> bytes:
+    # One conflict record per version after the first, keyed on that version: recorded once
+    # however often it is resent, and N forged versions make N records, not N^2 digests.
     # 32 bytes: never the length of a span key (24 legacy, 56 now), so a range scan over a
     # span's ids cannot return a conflict record.
-    return hashlib.sha256(_CONFLICT_TAG + ids + b"".join(sorted(digests))).digest()
+    return hashlib.sha256(_CONFLICT_TAG + ids + digest).digest()
+
+
+def _conflicts(
+    ids: bytes, members: Mapping[bytes, int | None], token: str | None
+) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """``(key, record)`` of the conflict records of one trace + span id: each later version
+    named with the first one (the earliest seq)."""
+    if len(members) < 2:
+        return
+    ordered = sorted(members.items(), key=lambda m: (m[1] is None, m[1] or 0, m[0]))
+    first_digest, first_seq = ordered[0]
+    for digest, seq in ordered[1:]:
+        yield (
+            _conflict_key(ids, digest),
+            _conflict_entry(ids, [(first_digest, first_seq), (digest, seq)], len(members), token),
+        )
 
 
 def _conflict_entry(
-    ids: bytes, members: Mapping[bytes, int | None], token: str | None
+    ids: bytes, pair: list[tuple[bytes, int | None]], versions: int, token: str | None
 ) -> dict[str, Any]:
     now = format_time(time.time_ns())
-    ordered = sorted(members.items(), key=lambda m: (m[1] is None, m[1] or 0, m[0]))
     return {
         "v": SCHEMA_VERSION,
         "kind": KIND_OUTCOME,
@@ -695,8 +709,10 @@ def _conflict_entry(
         "end": now,
         "intent_seq": None,
         "payload_digest": None,
-        "conflict_seqs": [seq for _, seq in ordered if seq is not None],
-        "conflict_digests": [digest.hex() for digest, _ in ordered],
+        # The first version and this one (seq null: not known, e.g. a spooled append).
+        "conflict_seqs": [seq for _, seq in pair],
+        "conflict_digests": [digest.hex() for digest, _ in pair],
+        "conflict_versions": versions,
         INGEST_TOKEN_FIELD: token,
     }
 
@@ -704,10 +720,10 @@ def _conflict_entry(
 def _conflict_key_of(fields: Mapping[str, Any]) -> bytes | None:
     try:
         ids = bytes.fromhex(fields["trace_id"]) + bytes.fromhex(fields["span_id"])
-        digests = [bytes.fromhex(d) for d in fields["conflict_digests"]]
-    except (KeyError, TypeError, ValueError):
+        digest = bytes.fromhex(fields["conflict_digests"][-1])
+    except (KeyError, IndexError, TypeError, ValueError):
         return None
-    return _conflict_key(ids, digests)
+    return _conflict_key(ids, digest)
 
 
 class _SeenSpans:
@@ -771,14 +787,10 @@ class _SeenSpans:
         conflicts: list[Mapping[str, Any]] = []
         new_keys: list[bytes] = []
         for ids in dict.fromkeys(key[:_IDS_LEN] for key in keys):
-            members = index.get(ids, {})
-            if len(members) < 2:
-                continue
-            ckey = _conflict_key(ids, members)
-            if ckey in self._conflicts or ckey in new_keys:
-                continue
-            conflicts.append(_conflict_entry(ids, members, token))
-            new_keys.append(ckey)
+            for ckey, entry in _conflicts(ids, index.get(ids, {}), token):
+                if ckey not in self._conflicts and ckey not in new_keys:
+                    conflicts.append(entry)
+                    new_keys.append(ckey)
         if conflicts:
             self._store.append(conflicts, [None] * len(conflicts))
             self._conflicts.update(new_keys)
@@ -1040,9 +1052,9 @@ class _Ingest:
         entries: list[Mapping[str, Any]] = []
         ckeys: list[bytes] = []
         for ids, members in groups.items():
-            if len(members) > 1:
-                entries.append(_conflict_entry(ids, members, token))
-                ckeys.append(_conflict_key(ids, members))
+            for ckey, entry in _conflicts(ids, members, token):
+                entries.append(entry)
+                ckeys.append(ckey)
         if not entries:
             return 0
         result = self.unique(entries, [None] * len(entries), ckeys)
