@@ -495,21 +495,28 @@ class PostgresStore:
                 return
             next_seq = rows[-1][0] + 1
 
-    def dedup_keys_between(self, bounds: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, int]]:
-        """``(dedup_key, seq)`` of the records with ``low <= dedup_key < high`` for any bound.
+    def dedup_keys_between(
+        self, bounds: Sequence[tuple[bytes, bytes]], limit: int = 10_000
+    ) -> list[tuple[bytes, int]]:
+        """``(dedup_key, seq)`` of the records with ``low <= dedup_key < high`` for any bound
+        (at most ``limit`` per bound, in key order).
 
         One index range scan per bound; the ingest endpoint uses it to find every record
         whose key starts with a span's trace and span id (a resend with other content).
         """
         if not bounds:
             return []
+        # LATERAL + ORDER BY the indexed key: psycopg prepares a statement run often, and the
+        # generic plan of a plain join scans the table; this one walks the index per bound.
         query = sql.SQL(
-            "SELECT r.dedup_key, r.seq FROM unnest(%b, %b) AS b(low, high) "
-            "JOIN {} r ON r.dedup_key >= b.low AND r.dedup_key < b.high"
+            "SELECT r.dedup_key, r.seq FROM unnest(%b, %b) AS b(low, high) CROSS JOIN LATERAL "
+            "(SELECT dedup_key, seq FROM {} WHERE dedup_key >= b.low AND dedup_key < b.high "
+            "ORDER BY dedup_key LIMIT %s) r"
         ).format(self._table)
         low = _ByteaArray.of([b[0] for b in bounds])
         high = _ByteaArray.of([b[1] for b in bounds])
-        return [(bytes(row[0]), int(row[1])) for row in self._fetch(query, (low, high))]
+        rows = self._fetch(query, (low, high, limit))
+        return [(bytes(row[0]), int(row[1])) for row in rows]
 
     def close(self) -> None:
         """Stop the shipper, make one last attempt to ship the spool, close; idempotent.
