@@ -964,6 +964,9 @@ class _Ingest:
                 batch.reject(f"span {span.name[:80]!r}: cannot build its audit record: {exc}")
                 continue
             refusal = token.refusal(fields) if token is not None else None
+            if fields.get("category") == CATEGORY_INGEST_CONFLICT:
+                # Only the server writes conflict records: a client's would read as one.
+                refusal = f"category {CATEGORY_INGEST_CONFLICT!r} is reserved for the server"
             if refusal is not None:
                 batch.reject(f"span {span.name[:80]!r}: {refusal}")
                 forbidden += 1
