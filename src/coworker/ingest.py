@@ -22,11 +22,19 @@ ignored (they belong to the operational trail). Answers follow the OTLP/HTTP spe
         clients retry 429/502/503/504 only: a 500 would lose the data)
 ======  ==========================================================================
 
-A span delivered twice (exporters retry) is recorded once: the key is trace id + span id,
-checked and written in the same transaction by stores that support it
+A span delivered twice (exporters retry) is recorded once: the dedup key is trace id + span
+id + the SHA-256 of the record's content (:func:`dedup_key`), checked and written in the same
+transaction by stores that support it
 (:meth:`~coworker.audit.store_postgres.PostgresStore.append_unique`), and by an in-process
-index of the log otherwise. ``GET /health`` answers 200 when the store can be read.
-Store writes run with OpenTelemetry instrumentation suppressed.
+index of the log otherwise. A *different* span with the same ids (a forgery by a service that
+saw them in ``traceparent``) is kept as well, and the server writes an ``ingest-conflict``
+record naming both. Each bearer token (:class:`IngestToken`, :func:`load_tokens`) names the
+services and identities it may write for; spans outside them are rejected with the reason, and
+every record names the token that delivered it (``ingest_token``). uvicorn runs with a protocol
+that closes connections whose request does not arrive whole within a read timeout and refuses
+connections beyond a limit. ``GET /health`` answers 200 when the store can be read. Store
+writes run with OpenTelemetry instrumentation suppressed. What is guaranteed against whom:
+docs/ingest.md.
 
 Not imported by ``import coworker``; needs the ``server`` extra (starlette, uvicorn,
 opentelemetry-proto).
