@@ -200,7 +200,8 @@ def decode_request(body: bytes, content_type: str) -> ExportTraceServiceRequest:
     if content_type == _JSON:
         return _decode_json(body)
     try:
-        return ExportTraceServiceRequest.FromString(body)
+        message: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(body)
+        return message
     except (DecodeError, RecursionError, ValueError) as exc:
         raise MalformedRequest(f"invalid protobuf ExportTraceServiceRequest: {exc}") from None
 
@@ -214,7 +215,10 @@ def _decode_json(body: bytes) -> ExportTraceServiceRequest:
         raise MalformedRequest("the JSON body must be an object (ExportTraceServiceRequest)")
     try:
         _hex_ids_to_base64(data)
-        return json_format.ParseDict(data, ExportTraceServiceRequest(), ignore_unknown_fields=True)
+        message: ExportTraceServiceRequest = json_format.ParseDict(
+            data, ExportTraceServiceRequest(), ignore_unknown_fields=True
+        )
+        return message
     except MalformedRequest:
         raise
     except (json_format.ParseError, ValueError, TypeError, AttributeError, RecursionError) as exc:
@@ -1364,7 +1368,7 @@ def _guarded_protocol(ingest: _Ingest, read_timeout: float, max_connections: int
         raise ConfigError(f"max_connections={max_connections!r} must be at least 1")
     reading = (h11.IDLE, h11.SEND_BODY)
 
-    class _GuardedProtocol(H11Protocol):  # type: ignore[misc]
+    class _GuardedProtocol(H11Protocol):
         _refused = False
         _read_timer: asyncio.TimerHandle | None = None
 

@@ -182,7 +182,10 @@ def _progress(
         sys.stderr.write(f"\rverified {done}/{total} records ({rate:,.0f}/s)")
         sys.stderr.flush()
 
-    return plain, lambda: sys.stderr.write("\n")
+    def finish() -> None:
+        sys.stderr.write("\n")
+
+    return plain, finish
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

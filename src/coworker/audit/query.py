@@ -102,7 +102,7 @@ def parse_time(value: str, *, now: float | None = None) -> str:
     if match:
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
         current = time.time() if now is None else now
-        return _format_ns(int((current - seconds) * 1_000_000_000))
+        return _rfc3339(int((current - seconds) * 1_000_000_000))
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
@@ -117,7 +117,13 @@ def parse_time(value: str, *, now: float | None = None) -> str:
         moment = moment.replace(tzinfo=UTC)
     delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
     ns = (delta // timedelta(microseconds=1)) * 1000
-    return _format_ns(ns)
+    return _rfc3339(ns)
+
+
+def _rfc3339(ns: int) -> str:
+    text = _format_ns(ns)
+    assert text is not None  # only None for None
+    return text
 
 
 def _record_time(fields: Mapping[str, Any]) -> str | None:

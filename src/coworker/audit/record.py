@@ -29,8 +29,8 @@ import rfc8785
 from coworker import attributes as attr
 
 __all__ = [
-    "FIELDS",
     "CATEGORY_INGEST_CONFLICT",
+    "FIELDS",
     "KIND_CORRECTION",
     "KIND_INTENT",
     "KIND_OUTCOME",
