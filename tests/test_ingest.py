@@ -1288,3 +1288,38 @@ def test_a_client_cannot_write_a_record_of_the_servers_conflict_category(
     partial = _post(server, [forged(span, **{attr.AUDIT_CATEGORY: "ingest-conflict"})], TOKEN)
     assert partial.rejected_spans == 1 and "reserved for the server" in partial.error_message
     assert list(store.iter_from()) == []
+
+
+def test_many_gzip_members_decode_in_linear_time(
+    memory_server: tuple[IngestServer, InMemoryStore],
+) -> None:
+    """400,000 empty gzip members and one real one (8 MB): decoded whole, well within the
+    client's timeout (a per-member copy of the rest of the body made this minutes)."""
+    server, store = memory_server
+    spans = make_spans(2)
+    body = gzip.compress(b"") * 400_000 + gzip.compress(request_bytes(spans))
+    r = httpx.post(
+        server.endpoint,
+        content=body,
+        headers={**AUTH, **PROTOBUF, "Content-Encoding": "gzip"},
+        timeout=60,
+    )
+    assert r.status_code == 200
+    assert len(bodies(store)) == len(audited(spans))
+
+
+def test_a_non_string_service_name_rejects_the_audit_spans(
+    memory_server: tuple[IngestServer, InMemoryStore],
+) -> None:
+    """service.name as an int or a map: the record's service (and a token's check) needs a name."""
+    server, store = memory_server
+    request = encode_spans(make_spans(1))
+    for kv in request.resource_spans[0].resource.attributes:
+        if kv.key == attr.SERVICE_NAME:
+            kv.value.kvlist_value.values.add().key = "x"
+    r = httpx.post(
+        server.endpoint, content=request.SerializeToString(), headers={**AUTH, **PROTOBUF}
+    )
+    partial = ExportTraceServiceResponse.FromString(r.content).partial_success
+    assert partial.rejected_spans == 1 and "service.name must be a string" in partial.error_message
+    assert list(store.iter_from()) == []

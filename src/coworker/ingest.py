@@ -311,10 +311,11 @@ def audit_spans(
                         raise _Invalid(resource_error)
                     if resource is None:
                         try:
-                            resource = Resource(
-                                _attributes(rs.resource.attributes, limits),
-                                rs.schema_url or None,
-                            )
+                            resource_attributes = _attributes(rs.resource.attributes, limits)
+                            # A record's service is a name: a token's services are matched
+                            # against it, and "{'x': None}" is not one.
+                            _resource_service(resource_attributes.get(attr.SERVICE_NAME))
+                            resource = Resource(resource_attributes, rs.schema_url or None)
                         except _Invalid as exc:
                             resource_error = f"resource: {exc}"
                             raise _Invalid(resource_error) from None
@@ -1163,6 +1164,9 @@ class _TooLarge(Exception):
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 
 
+_CHUNK: Final = 64 * 1024
+
+
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     """Decode the whole body: every member of a multi-member gzip stream (RFC 1952 allows
     them; ``cat a.gz b.gz`` makes one), nothing after the last; at most ``limit`` bytes out."""
@@ -1170,27 +1174,38 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
         return body
     gzip_body = encoding == "gzip"
     wbits = 16 + zlib.MAX_WBITS if gzip_body else zlib.MAX_WBITS
+    view = memoryview(body)
     out = bytearray()
-    data = body
+    pos = 0
     while True:
         decoder = zlib.decompressobj(wbits)
-        try:
-            # max_length bounds the output: a small "zip bomb" cannot make us allocate
-            # gigabytes, and the bound is on the total of all members.
-            out += decoder.decompress(data, limit + 1 - len(out))
-        except zlib.error as exc:
-            raise MalformedRequest(f"invalid {encoding} body: {exc}") from None
-        if len(out) > limit or decoder.unconsumed_tail:
-            raise _TooLarge
-        if not decoder.eof:
-            raise MalformedRequest(f"truncated {encoding} body")
-        data = decoder.unused_data
-        if not data:
+        while not decoder.eof:
+            if pos >= len(view):
+                raise MalformedRequest(f"truncated {encoding} body")
+            # Bounded slices: zlib copies what it does not consume into unused_data, and
+            # handing it the rest of the body per member would be quadratic in the members.
+            chunk = view[pos : pos + _CHUNK]
+            pos += len(chunk)
+            try:
+                # max_length bounds the output (>= 1; 0 would mean unbounded): a small zip
+                # bomb cannot make us allocate gigabytes, and the bound is on all members.
+                out += decoder.decompress(chunk, limit + 1 - len(out))
+            except zlib.error as exc:
+                raise MalformedRequest(f"invalid {encoding} body: {exc}") from None
+            if len(out) > limit or decoder.unconsumed_tail:
+                raise _TooLarge
+        pos -= len(decoder.unused_data)  # what follows this member
+        if pos >= len(view):
             return bytes(out)
-        if not (gzip_body and data.startswith(_GZIP_MAGIC)):
+        if not (gzip_body and view[pos : pos + 2] == _GZIP_MAGIC):
             raise MalformedRequest(
-                f"{len(data)} byte(s) of trailing data after the {encoding} stream"
+                f"{len(view) - pos} byte(s) of trailing data after the {encoding} stream"
             )
+
+
+def _resource_service(value: Any) -> None:
+    if value is not None and not isinstance(value, str):
+        raise _Invalid("resource attribute service.name must be a string")
 
 
 def _success(media: str, rejected: int, message: str) -> Response:
