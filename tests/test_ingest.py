@@ -1323,3 +1323,19 @@ def test_a_non_string_service_name_rejects_the_audit_spans(
     partial = ExportTraceServiceResponse.FromString(r.content).partial_success
     assert partial.rejected_spans == 1 and "service.name must be a string" in partial.error_message
     assert list(store.iter_from()) == []
+
+
+def test_the_read_timeout_does_not_cut_idle_keep_alive_connections() -> None:
+    """Between requests on a keep-alive connection only uvicorn's keep-alive timeout applies:
+    a pause longer than the read timeout does not close the connection."""
+    store = InMemoryStore()
+    with (
+        IngestServer(store, token=TOKEN, read_timeout=0.3) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock,
+    ):
+        request = b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"  # keep-alive is HTTP/1.1's default
+        for _ in range(3):
+            sock.sendall(request)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            time.sleep(1.0)  # idle for more than the read timeout, less than keep-alive (5 s)
+        assert server.stats["read_timeouts"] == 0
