@@ -109,7 +109,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_once(kind: str, url: str, clients: int, per_client: int, batch: int, gzip: bool) -> float:
+def _tokens_file(clients: int) -> str:
+    """A token file whose one token may write for exactly the clients' services."""
+    import tempfile
+
+    services = ", ".join(f'"client-{c}"' for c in range(clients))
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(f'[[tokens]]\nname = "bench"\nsecret = "{TOKEN}"\nservices = [{services}]\n')
+        return f.name
+
+
+def run_once(
+    kind: str,
+    url: str,
+    clients: int,
+    per_client: int,
+    batch: int,
+    gzip: bool,
+    tokens: bool = False,
+) -> float:
     """One run in a fresh schema; returns spans/s over the wall time."""
     schema = "bench_" + secrets.token_hex(4)
     run_url = f"{url}{'&' if '?' in url else '?'}schema={schema}"
@@ -122,9 +140,10 @@ def run_once(kind: str, url: str, clients: int, per_client: int, batch: int, gzi
     try:
         if kind == "ingest":
             port = _free_port()
+            auth = ["--tokens-file", _tokens_file(clients)] if tokens else []
             server = subprocess.Popen(
                 [sys.executable, "-m", "coworker", "audit", "serve", "--url", run_url,
-                 "--listen", f"127.0.0.1:{port}", "--log-level", "warning"],
+                 "--listen", f"127.0.0.1:{port}", "--log-level", "error", *auth],
                 env={**os.environ, "COWORKER_INGEST_TOKEN": TOKEN},
             )  # fmt: skip
             _wait_healthy(port, server)
@@ -187,13 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--gzip", action="store_true", help="gzip the OTLP requests")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--tokens", action="store_true", help="a token file limited to the clients' services"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     rates: dict[str, list[float]] = {"ingest": [], "direct": []}
     for _ in range(args.runs):
         for kind in ("direct", "ingest"):
             rates[kind].append(
-                run_once(kind, args.url, args.clients, args.spans, args.batch, args.gzip)
+                run_once(
+                    kind, args.url, args.clients, args.spans, args.batch, args.gzip, args.tokens
+                )
             )
     ingest, direct = statistics.median(rates["ingest"]), statistics.median(rates["direct"])
     result = {
@@ -201,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "spans": args.clients * args.spans,
         "batch": args.batch,
         "gzip": args.gzip,
+        "tokens": args.tokens,
         "ingest_spans_per_s": round(ingest),
         "direct_append_per_s": round(direct),
         "ratio": round(ingest / direct, 3),
