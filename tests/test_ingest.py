@@ -1339,3 +1339,34 @@ def test_the_read_timeout_does_not_cut_idle_keep_alive_connections() -> None:
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")
             time.sleep(1.0)  # idle for more than the read timeout, less than keep-alive (5 s)
         assert server.stats["read_timeouts"] == 0
+
+
+def test_ingest_metric_counts_appended_duplicates_rejections_and_conflicts() -> None:
+    """coworker.ingest.spans{result} follows what the server did with each audit span."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    store = InMemoryStore()
+    real = audited(make_spans(3))
+    bad = encode_spans(make_spans(1, prefix="bad"))
+    for span in bad.resource_spans[0].scope_spans[0].spans:
+        span.end_time_unix_nano = 0
+    with IngestServer(store, token=TOKEN, meter_provider=provider) as server:
+        client = exporter(server)
+        assert client.export(real) is SpanExportResult.SUCCESS
+        assert client.export(real[:1]) is SpanExportResult.SUCCESS
+        assert client.export([forged(real[0], **{attr.USER_ID: "x"})]) is SpanExportResult.SUCCESS
+        httpx.post(server.endpoint, content=bad.SerializeToString(), headers={**AUTH, **PROTOBUF})
+    data = reader.get_metrics_data()
+    points = {
+        p.attributes["result"]: p.value
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "coworker.ingest.spans"
+        for p in m.data.data_points
+    }
+    assert points == {"appended": 4, "duplicate": 1, "conflict": 1, "rejected": 1}
+    provider.shutdown()

@@ -836,6 +836,7 @@ class _Ingest:
         max_attribute_length: int,
         max_attributes: int,
         close_store: bool,
+        meter_provider: Any = None,
     ) -> None:
         if max_body_bytes <= 0:
             raise ConfigError(f"max_body_bytes={max_body_bytes!r} must be positive")
@@ -866,6 +867,7 @@ class _Ingest:
         self.idle = threading.Condition()
         self.stats_lock = threading.Lock()
         self.stats = dict.fromkeys(_STATS, 0)
+        self.meter_provider = meter_provider
 
     def _log_trust(self) -> None:
         # What the server trusts is a deployment decision: say it once, at start, loudly when
@@ -895,7 +897,7 @@ class _Ingest:
         for key, delta in deltas.items():
             result = _METRIC_RESULTS.get(key)
             if result is not None and delta:
-                ingest_spans(result, delta)
+                ingest_spans(result, delta, meter_provider=self.meter_provider)
 
     # -- request handling ----------------------------------------------------------------------
     async def traces(self, request: Request) -> Response:
@@ -1253,6 +1255,7 @@ def create_app(
     max_attribute_length: int = DEFAULT_MAX_ATTRIBUTE_LENGTH,
     max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
     close_store: bool = False,
+    meter_provider: Any = None,
 ) -> Starlette:
     """Build the ASGI app: ``POST /v1/traces`` and ``GET /health``.
 
@@ -1268,6 +1271,8 @@ def create_app(
         max_attribute_length: longest string attribute accepted in an audit span.
         max_attributes: most attributes (and events, links) accepted per audit span.
         close_store: close the store when the app shuts down.
+        meter_provider: records ``coworker.ingest.spans`` with this provider instead of the
+            global one.
 
     Returns:
         The Starlette app; ``app.state.ingest_stats`` counts requests and records.
@@ -1284,6 +1289,7 @@ def create_app(
         max_attribute_length=max_attribute_length,
         max_attributes=max_attributes,
         close_store=close_store,
+        meter_provider=meter_provider,
     )
     app = Starlette(
         routes=[
