@@ -739,21 +739,45 @@ def _conflict_key_of(fields: Mapping[str, Any]) -> bytes | None:
     return _conflict_key(ids, digest)
 
 
+_Slot = tuple[bytes, int | None] | dict[bytes, int | None]
+"""The versions of one span id: ``(digest, seq)`` for the usual one, a dict once there are
+more (a tuple is about half the memory of a dict, and almost every span has one version)."""
+
+
+def _has(slot: _Slot | None, digest: bytes) -> bool:
+    if slot is None:
+        return False
+    if isinstance(slot, tuple):
+        return slot[0] == digest
+    return digest in slot
+
+
+def _add(index: dict[bytes, _Slot], ids: bytes, digest: bytes, seq: int | None) -> None:
+    slot = index.get(ids)
+    if slot is None or (isinstance(slot, tuple) and slot[0] == digest):
+        index[ids] = (digest, seq)
+    elif isinstance(slot, tuple):
+        index[ids] = {slot[0]: slot[1], digest: seq}
+    else:
+        slot[digest] = seq
+
+
 class _SeenSpans:
     """What the log holds per trace id + span id, for stores that cannot dedup themselves.
 
-    ids -> {content digest: seq}, loaded once from the log and kept up to date by this
-    process (one ingest process per such store); PostgresStore checks keys in its append
-    transaction instead. Also the conflicts already recorded, so none is recorded twice.
+    ids -> the content digests (and seqs) of its records, loaded once from the log and kept up
+    to date by this process (one ingest process per such store); PostgresStore checks keys in
+    its append transaction instead. Also the conflicts already recorded, so none is recorded
+    twice.
     """
 
     def __init__(self, store: AuditStore) -> None:
         self._store = store
-        self._index: dict[bytes, dict[bytes, int | None]] | None = None
+        self._index: dict[bytes, _Slot] | None = None
         self._conflicts: set[bytes] = set()
 
-    def _load(self) -> dict[bytes, dict[bytes, int | None]]:
-        index: dict[bytes, dict[bytes, int | None]] = {}
+    def _load(self) -> dict[bytes, _Slot]:
+        index: dict[bytes, _Slot] = {}
         for record in self._store.iter_from(1):
             fields = record.fields()
             if fields.get("category") == CATEGORY_INGEST_CONFLICT:
@@ -767,7 +791,7 @@ class _SeenSpans:
             if isinstance(trace_id, str) and isinstance(span_id, str):
                 with contextlib.suppress(ValueError):
                     ids = bytes.fromhex(trace_id) + bytes.fromhex(span_id)
-                    index.setdefault(ids, {})[content_digest(fields)] = record.seq
+                    _add(index, ids, content_digest(fields), record.seq)
         return index
 
     def append(
@@ -784,7 +808,7 @@ class _SeenSpans:
         fresh: list[int] = []
         batch: set[bytes] = set()
         for i, key in enumerate(keys):
-            if key in batch or key[_IDS_LEN:] in index.get(key[:_IDS_LEN], ()):
+            if key in batch or _has(index.get(key[:_IDS_LEN]), key[_IDS_LEN:]):
                 continue
             batch.add(key)
             fresh.append(i)
@@ -794,13 +818,16 @@ class _SeenSpans:
                 [r.seq for r in written] if len(written) == len(fresh) else [None] * len(fresh)
             )
             for i, seq in zip(fresh, seqs, strict=True):
-                index.setdefault(keys[i][:_IDS_LEN], {})[keys[i][_IDS_LEN:]] = seq
+                _add(index, keys[i][:_IDS_LEN], keys[i][_IDS_LEN:], seq)
         # Duplicates are checked too: a crash between a record and its conflict record is
         # repaired by the exporter's retry.
         conflicts: list[Mapping[str, Any]] = []
         new_keys: list[bytes] = []
         for ids in dict.fromkeys(key[:_IDS_LEN] for key in keys):
-            for ckey, entry in _conflicts(ids, index.get(ids, {}), token):
+            slot = index.get(ids)
+            if not isinstance(slot, dict):
+                continue  # one version (or none): no conflict
+            for ckey, entry in _conflicts(ids, slot, token):
                 if ckey not in self._conflicts and ckey not in new_keys:
                     conflicts.append(entry)
                     new_keys.append(ckey)
@@ -1199,7 +1226,7 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
         pos -= len(decoder.unused_data)  # what follows this member
         if pos >= len(view):
             return bytes(out)
-        if not (gzip_body and view[pos : pos + 2] == _GZIP_MAGIC):
+        if not (gzip_body and bytes(view[pos : pos + 2]) == _GZIP_MAGIC):
             raise MalformedRequest(
                 f"{len(view) - pos} byte(s) of trailing data after the {encoding} stream"
             )
