@@ -1370,3 +1370,24 @@ def test_ingest_metric_counts_appended_duplicates_rejections_and_conflicts() -> 
     }
     assert points == {"appended": 4, "duplicate": 1, "conflict": 1, "rejected": 1}
     provider.shutdown()
+
+
+def test_a_readable_token_file_with_plain_secrets_is_warned_about(tmp_path: Path) -> None:
+    """Plain secrets in a file others can read: one warning naming the tokens (not the secrets)."""
+    from coworker.ingest import load_tokens
+
+    path = _token_file(tmp_path)
+    lines = _Lines()
+    log = logging.getLogger("coworker.ingest")
+    log.addHandler(lines)  # directly: uvicorn's logging config stops propagation to the root
+    try:
+        path.chmod(0o644)
+        load_tokens(path)
+        (message,) = [m for m in lines.lines if "plain secrets" in m]
+        assert "billing-collector" in message and BILLING not in message
+        lines.lines.clear()
+        path.chmod(0o600)
+        load_tokens(path)
+        assert not [m for m in lines.lines if "plain secrets" in m]
+    finally:
+        log.removeHandler(lines)

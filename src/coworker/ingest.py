@@ -590,6 +590,15 @@ def load_tokens(path: str | Path) -> list[IngestToken]:
         raise ConfigError(f"{where}: token names must be unique")
     if len(set(digests)) != len(digests):
         raise ConfigError(f"{where}: two tokens have the same secret")
+    plain = [e.get("name") for e in entries if isinstance(e, dict) and "secret" in e]
+    with contextlib.suppress(OSError):
+        if plain and Path(path).stat().st_mode & 0o077:
+            _log.warning(
+                "%s holds plain secrets (%s) and is readable by others than its owner: "
+                "chmod 600 it, or use secret_sha256",
+                where,
+                ", ".join(map(str, plain)),
+            )
     return tokens
 
 
