@@ -154,7 +154,8 @@ def _matches(
             continue
         got = fields.get(_FILTERS[key])
         if key in _FOLDED:
-            if not isinstance(got, str) or got.casefold() != value.casefold():
+            # The policy's own normalisation (acl: operation.strip().lower()).
+            if not isinstance(got, str) or got.strip().lower() != value.strip().lower():
                 return False
         elif got != value:
             return False
