@@ -851,6 +851,10 @@ def _check_substitution(server: IngestServer, store: Any) -> None:
     latest = [b for b in records if b["category"] == "ingest-conflict"][-1]
     assert latest["conflict_seqs"] == [first_seq, eve["seq"]]
     assert latest["conflict_versions"] == 3 and server.stats["conflicts"] == 2
+    from coworker.audit.query import query
+
+    found = [e.fields["conflict_seqs"] for e in query(store, category="ingest-conflict")]
+    assert found == [sorted(b["seq"] for b in versions), [first_seq, eve["seq"]]]
 
 
 def test_a_forged_span_sent_first_does_not_hide_the_real_one(
