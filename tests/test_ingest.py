@@ -1395,3 +1395,20 @@ def test_a_readable_token_file_with_plain_secrets_is_warned_about(tmp_path: Path
         assert not [m for m in lines.lines if "plain secrets" in m]
     finally:
         log.removeHandler(lines)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--read-timeout", "0"), ("--read-timeout", "-1"), ("--max-connections", "0"),
+     ("--max-body-bytes", "0")],
+)  # fmt: skip
+def test_cli_serve_refuses_non_positive_limits(tmp_path: Path, option: str, value: str) -> None:
+    """`--read-timeout 0` is a usage error (exit 2), not silently the default."""
+    r = subprocess.run(
+        [sys.executable, "-m", "coworker", "audit", "serve", "--url", f"sqlite:///{tmp_path}/a.db",
+         "--no-auth", option, value],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 2 and "must be" in r.stderr, r.stderr

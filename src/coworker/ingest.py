@@ -1407,6 +1407,13 @@ _BUSY: Final = (
 )
 
 
+def _check_server_limits(read_timeout: float, max_connections: int) -> None:
+    if not read_timeout > 0 or not math.isfinite(read_timeout):
+        raise ConfigError(f"read_timeout={read_timeout!r} must be a positive number of seconds")
+    if max_connections < 1:
+        raise ConfigError(f"max_connections={max_connections!r} must be at least 1")
+
+
 def _guarded_protocol(ingest: _Ingest, read_timeout: float, max_connections: int) -> type[Any]:
     """uvicorn's h11 protocol with a deadline for reading each request and a connection cap.
 
@@ -1419,10 +1426,7 @@ def _guarded_protocol(ingest: _Ingest, read_timeout: float, max_connections: int
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    if not read_timeout > 0:
-        raise ConfigError(f"read_timeout={read_timeout!r} must be positive")
-    if max_connections < 1:
-        raise ConfigError(f"max_connections={max_connections!r} must be at least 1")
+    _check_server_limits(read_timeout, max_connections)
     reading = (h11.IDLE, h11.SEND_BODY)
 
     class _GuardedProtocol(H11Protocol):
@@ -1548,6 +1552,7 @@ def serve(
     """
     import uvicorn
 
+    _check_server_limits(read_timeout, max_connections)  # before the store is opened
     store = _open(url)
     app = create_app(
         store,

@@ -43,7 +43,8 @@ def register(subparsers: Any) -> None:
     serve.add_argument(
         "--token-file",
         default=None,
-        help=f"file holding the bearer token clients must send (or env {_TOKEN_ENV})",
+        help=f"file holding the one bearer token clients must send (or env {_TOKEN_ENV}); "
+        "single-secret mode: whoever holds it may write for every service and identity",
     )
     serve.add_argument(
         "--tokens-file",
@@ -224,10 +225,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             port=port,
             token=token,
             tokens=tokens,
-            max_body_bytes=args.max_body_bytes or ingest.DEFAULT_MAX_BODY_BYTES,
+            # `is None`, not `or`: --read-timeout 0 is an error, not the default.
+            max_body_bytes=_given(args.max_body_bytes, ingest.DEFAULT_MAX_BODY_BYTES),
             retry_after=args.retry_after,
-            read_timeout=args.read_timeout or ingest.DEFAULT_READ_TIMEOUT,
-            max_connections=args.max_connections or ingest.DEFAULT_MAX_CONNECTIONS,
+            read_timeout=_given(args.read_timeout, ingest.DEFAULT_READ_TIMEOUT),
+            max_connections=_given(args.max_connections, ingest.DEFAULT_MAX_CONNECTIONS),
             log_format=args.log_format,
             log_level=args.log_level,
         )
@@ -235,6 +237,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"coworker audit serve: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _read_token(path: str | None) -> str:
