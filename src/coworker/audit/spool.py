@@ -184,7 +184,9 @@ class Spool:
         """
         with self._mutex, self._transaction():
             self._db.executemany(
-                "UPDATE spool SET attempted = attempted || ? WHERE id = ?",
+                # SQLite's || yields TEXT even for two BLOBs; a hash byte that is not UTF-8
+                # then made every later peek() fail and the spooled records unshippable.
+                "UPDATE spool SET attempted = CAST(attempted || ? AS BLOB) WHERE id = ?",
                 [(_ATTEMPT.pack(*a), i) for i, a in attempts.items()],
             )
 
@@ -210,8 +212,9 @@ class Spool:
         """The oldest ``limit`` entries, in shipping order."""
         with self._mutex:
             rows = self._db.execute(
-                "SELECT id, fields, payload, dedup_key, attempted, spooled_at FROM spool"
-                " ORDER BY id LIMIT ?",
+                # CAST: spool files written before the fix hold TEXT-typed attempts.
+                "SELECT id, fields, payload, dedup_key, CAST(attempted AS BLOB), spooled_at"
+                " FROM spool ORDER BY id LIMIT ?",
                 (limit,),
             ).fetchall()
         return [
