@@ -14,7 +14,11 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 # Modules that add ``coworker audit <name>`` subcommands via ``register(subparsers)``.
-_AUDIT_COMMAND_MODULES = ("coworker.audit.cli", "coworker.audit.cli_shared")
+_AUDIT_COMMAND_MODULES = (
+    "coworker.audit.cli",
+    "coworker.audit.cli_shared",
+    "coworker.audit.cli_proofs",
+)
 
 
 def _build_parser() -> argparse.ArgumentParser:

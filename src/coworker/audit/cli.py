@@ -58,6 +58,17 @@ def register(subparsers: Any) -> None:
         help="a head printed by an earlier verify: detects a cut-off or rewritten tail",
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a signed checkpoint kept outside the database (repeatable): the log must still "
+        "contain its tree, else it is named rewritten, truncated or forked (needs --key)",
+    )
+    verify.add_argument(
+        "--key", default=None, metavar="PUBKEY", help="the log's verifier key for --checkpoint"
+    )
     progress = verify.add_mutually_exclusive_group()
     progress.add_argument(
         "--progress",
@@ -193,6 +204,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     try:
         expected = _parse_head(args.expected_head) if args.expected_head else None
+        if args.checkpoint and not args.key:
+            raise ConfigError("--checkpoint needs --key PUBKEY (the log's verifier key)")
         with _store(args.url, readonly=True) as store:
             head = store.head()
             progress, done = _progress(head.seq if head else 0, args.progress)
@@ -200,8 +213,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                 report = verify_chain(store, expected_head=expected, progress=progress)
             finally:
                 done()
+            anchored = _check_checkpoints(store, args) if args.checkpoint else None
     except (AuditUnavailable, ConfigError) as exc:
         return _fail(str(exc))
+    if anchored is not None:
+        code, lines = anchored
+        if args.json:
+            print(json.dumps({**report.to_dict(), "checkpoints": lines}))
+            return 1 if code or not report.ok else 0
+        for line in lines:
+            print(line)
+        if code and report.ok:
+            print("FAIL  the chain is self-consistent, but not the log the checkpoints signed")
+            return 1
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0 if report.ok else 1
@@ -220,6 +244,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if report.head is not None:
         print(f"intact up to  {report.head.seq}:{report.head.hash_hex}")
     return 1
+
+
+def _check_checkpoints(store: Any, args: argparse.Namespace) -> tuple[int, list[str]]:
+    from coworker.audit.cli_proofs import check_checkpoints
+
+    return check_checkpoints(store, args.checkpoint, args.key)
 
 
 def _short_time(value: Any) -> str:

@@ -1,0 +1,233 @@
+"""Signed checkpoints of an audit store: made on demand (:func:`make_checkpoint`) or in the
+background (:class:`Checkpointer`: every N records or T seconds, a heartbeat when idle, one
+at shutdown), stored beside the log and published to a directory.
+
+The log key never signs a tree that does not extend the last checkpoint it signed
+(tlog-checkpoint "Signatures": a log MUST NOT sign inconsistent checkpoints): before
+signing, the tree's root at the last checkpoint's size is compared with that checkpoint.
+
+Publishing is off the append path: a failed publish is logged loudly (``coworker.audit``
+logger, ERROR) and retried with back-off; appends never wait for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from coworker.audit.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
+from coworker.audit.keys import Signer
+from coworker.audit.tlog import LogTree, TreeError
+
+__all__ = ["Checkpointer", "DirectoryPublisher", "make_checkpoint"]
+
+_log = logging.getLogger("coworker.audit")
+
+_RETRY_MAX: Final = 60.0
+
+
+def make_checkpoint(tree: LogTree, signer: Signer) -> tuple[Checkpoint, bytes]:
+    """Catch the tree up, sign a checkpoint of it and store it.
+
+    Args:
+        tree: the store's tree.
+        signer: the log key (its name is the origin).
+
+    Returns:
+        The checkpoint and its signed note bytes.
+
+    Raises:
+        TreeError: the records do not chain, or the log no longer contains the tree of the
+            last stored checkpoint (nothing is signed).
+    """
+    size = tree.sync()
+    verifier = signer.verifier
+    stored = tree.table.checkpoints(signer.name)
+    if stored:
+        last, _ = open_checkpoint(stored[-1].note, verifier)
+        if last.size > size:
+            raise TreeError(
+                f"the log has {size} records but checkpoint {last.size} was signed: "
+                "truncated? refusing to sign"
+            )
+        if last.size and tree.root(last.size) != last.root:
+            raise TreeError(
+                f"the log no longer contains the tree of checkpoint {last.size}: "
+                "rewritten? refusing to sign"
+            )
+        if last.size == size:
+            return last, stored[-1].note
+    checkpoint = Checkpoint(signer.name, size, tree.root(size))
+    note = sign_checkpoint(checkpoint, signer)
+    tree.table.add_checkpoint(signer.name, size, note)
+    return checkpoint, note
+
+
+class DirectoryPublisher:
+    """Writes each checkpoint to ``<dir>/<origin with / as _>/<size>.checkpoint`` and
+    ``latest.checkpoint`` (write-once files: a WORM share keeps every one)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    def __call__(self, checkpoint: Checkpoint, note: bytes) -> None:
+        """Publish one checkpoint (atomically: temp file, fsync, rename)."""
+        target = self.directory / checkpoint.origin.replace("/", "_")
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (f"{checkpoint.size}.checkpoint", "latest.checkpoint"):
+            path = target / name
+            if name != "latest.checkpoint" and path.exists() and path.read_bytes() == note:
+                continue
+            tmp = target / f".{name}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(note)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+
+    def __repr__(self) -> str:
+        return f"DirectoryPublisher({str(self.directory)!r})"
+
+
+Publisher = Callable[[Checkpoint, bytes], None]
+
+
+class Checkpointer:
+    """Signs checkpoints of a store in a background thread.
+
+    Args:
+        store: the audit store (its tree tables are created beside it).
+        signer: the log key.
+        every_records: sign when this many records were appended since the last checkpoint.
+        every_seconds: sign at least this often while records arrive, and as an idle
+            heartbeat (a fresh signature over the same tree shows the log is alive).
+        publishers: called with each new checkpoint (e.g. :class:`DirectoryPublisher`).
+        poll: how often the thread looks at the head, in seconds.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        signer: Signer,
+        *,
+        every_records: int | None = 1000,
+        every_seconds: float | None = 60.0,
+        publishers: Sequence[Publisher] = (),
+        poll: float = 0.5,
+    ) -> None:
+        self.store = store
+        self.signer = signer
+        self.every_records = every_records
+        self.every_seconds = every_seconds
+        self.publishers = list(publishers)
+        self.poll = poll
+        self.tree = LogTree(store)
+        self.last: tuple[Checkpoint, bytes] | None = None
+        self.errors = 0
+        self._pending: list[tuple[Publisher, Checkpoint, bytes, int, float]] = []
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._signed = threading.Condition()
+        self._last_time = 0.0
+        self._thread = threading.Thread(
+            target=self._run, name="coworker-audit-checkpointer", daemon=True
+        )
+        self._thread.start()
+
+    def checkpoint_now(self) -> tuple[Checkpoint, bytes]:
+        """Sign (and publish) a checkpoint of everything appended so far, in this thread."""
+        with self._signed:
+            checkpoint, note = make_checkpoint(self.tree, self.signer)
+            heartbeat = self.last is not None and self.last[0] == checkpoint
+            self.last = (checkpoint, note)
+            self._last_time = time.monotonic()
+            if not heartbeat:
+                for publish in self.publishers:
+                    self._pending.append((publish, checkpoint, note, 0, 0.0))
+            self._signed.notify_all()
+        self._publish()
+        return checkpoint, note
+
+    def _due(self) -> bool:
+        head = self.store.head()
+        size = head.seq if head is not None else 0
+        signed = self.last[0].size if self.last is not None else -1
+        if self.every_records is not None and size - max(signed, 0) >= self.every_records:
+            return True
+        if self.every_seconds is not None:
+            return time.monotonic() - self._last_time >= self.every_seconds
+        return False
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._due():
+                    self.checkpoint_now()
+                else:
+                    self._publish()
+            except Exception as exc:  # keep going: the next round may succeed
+                self.errors += 1
+                _log.error("audit checkpoint failed (will retry): %s", exc)
+            self._wake.wait(self.poll)
+            self._wake.clear()
+
+    def _publish(self) -> None:
+        now = time.monotonic()
+        keep: list[tuple[Publisher, Checkpoint, bytes, int, float]] = []
+        for publish, checkpoint, note, attempts, not_before in self._pending:
+            if now < not_before:
+                keep.append((publish, checkpoint, note, attempts, not_before))
+                continue
+            try:
+                publish(checkpoint, note)
+            except Exception as exc:
+                delay = min(_RETRY_MAX, 2.0**attempts)
+                self.errors += 1
+                _log.error(
+                    "publishing audit checkpoint %s/%d to %r failed (attempt %d, retry in "
+                    "%.0f s): %s",
+                    checkpoint.origin, checkpoint.size, publish, attempts + 1, delay, exc,
+                )  # fmt: skip
+                keep.append((publish, checkpoint, note, attempts + 1, now + delay))
+        self._pending = keep
+
+    @property
+    def unpublished(self) -> int:
+        """Checkpoint publications still waiting for a retry."""
+        return len(self._pending)
+
+    def wait_for(self, size: int, timeout: float = 30.0) -> bool:
+        """Block until a checkpoint of at least ``size`` records is signed (for tests)."""
+        deadline = time.monotonic() + timeout
+        with self._signed:
+            while self.last is None or self.last[0].size < size:
+                self._wake.set()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._signed.wait(min(left, 0.1))
+        return True
+
+    def close(self, *, final: bool = True) -> None:
+        """Stop the thread; sign a last checkpoint (``final``) and try publishing once more."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+        if final:
+            try:
+                self.checkpoint_now()
+            except Exception as exc:
+                _log.error("final audit checkpoint failed: %s", exc)
+        if self._pending:
+            _log.error(
+                "%d audit checkpoint publication(s) still failing at shutdown; the "
+                "checkpoints are stored in the audit store (coworker audit checkpoint "
+                "prints the latest)",
+                len(self._pending),
+            )
+        self.tree.close()

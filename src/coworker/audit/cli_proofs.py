@@ -1,0 +1,341 @@
+"""``coworker audit keygen | checkpoint | prove | export | verify-bundle``, and the
+``verify --checkpoint FILE --key PUBKEY`` check (:func:`check_checkpoints`).
+
+Exit codes as the other audit commands: 0 success, 1 a proof or check fails (the output
+names what), 2 a bad argument, key or unreachable store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from coworker.exceptions import AuditUnavailable, ConfigError
+
+__all__ = ["check_checkpoints", "register"]
+
+_URL_HELP = "audit store URL (default: COWORKER_AUDIT_URL or sqlite:///.coworker/audit.db)"
+
+
+def register(subparsers: Any) -> None:
+    """Add the proof subcommands to ``coworker audit``."""
+    keygen = subparsers.add_parser(
+        "keygen", help="make an Ed25519 log key (C2SP signed-note); prints the verifier key"
+    )
+    keygen.add_argument(
+        "--name", required=True, metavar="ORIGIN", help="e.g. audit.example.com/prod"
+    )
+    keygen.add_argument("--out", required=True, metavar="KEYFILE", help="private key file (0600)")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing KEYFILE")
+    keygen.set_defaults(func=_cmd_keygen)
+
+    cp = subparsers.add_parser("checkpoint", help="sign, store and print a checkpoint now")
+    cp.add_argument("--url", default=None, help=_URL_HELP)
+    cp.add_argument("--key", required=True, metavar="KEYFILE", help="the log's private key file")
+    cp.add_argument("--out", default=None, metavar="FILE", help="also write it to FILE")
+    cp.set_defaults(func=_cmd_checkpoint)
+
+    prove = subparsers.add_parser(
+        "prove", help="a tlog-proof@v1 for a record, or a consistency proof between two trees"
+    )
+    prove.add_argument("seq", nargs="?", type=int, help="the record's seq")
+    prove.add_argument("--url", default=None, help=_URL_HELP)
+    prove.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="FILE",
+        help="prove against this checkpoint (default: the latest stored one)",
+    )
+    prove.add_argument(
+        "--key", default=None, metavar="PUBKEY", help="verifier key (string or file) to check it"
+    )
+    prove.add_argument(
+        "--consistency",
+        nargs=2,
+        metavar=("OLD", "NEW"),
+        default=None,
+        help="tree sizes or checkpoint files: print the RFC 9162 consistency proof",
+    )
+    prove.add_argument("--out", default=None, metavar="FILE", help="write the proof to FILE")
+    prove.set_defaults(func=_cmd_prove)
+
+    export = subparsers.add_parser(
+        "export", help="a self-contained bundle: records, tlog-proofs, checkpoint, key"
+    )
+    export.add_argument("--out", required=True, metavar="BUNDLE", help="a directory or a .tar")
+    export.add_argument("--url", default=None, help=_URL_HELP)
+    export.add_argument("--key", required=True, metavar="PUBKEY", help="the log's verifier key")
+    export.add_argument("--checkpoint", default=None, metavar="FILE")
+    export.add_argument("--since", default=None, help="ISO 8601 time or a duration ago (2h, 7d)")
+    export.add_argument("--until", default=None)
+    export.add_argument("--flow-id", default=None)
+    export.add_argument("--user", default=None)
+    export.set_defaults(func=_cmd_export)
+
+    vb = subparsers.add_parser(
+        "verify-bundle", help="verify an exported bundle offline (no database, no network)"
+    )
+    vb.add_argument("bundle", metavar="BUNDLE")
+    vb.add_argument("--key", required=True, metavar="PUBKEY", help="the log's verifier key")
+    vb.add_argument("--json", action="store_true")
+    vb.set_defaults(func=_cmd_verify_bundle)
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"coworker audit: {message}", file=sys.stderr)
+    return code
+
+
+def _open(url: str | None) -> Any:
+    from coworker.audit.urls import open_store
+
+    return open_store(url)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from coworker.audit.keys import generate_signer, write_signer
+
+    try:
+        signer = generate_signer(args.name)
+        pub = write_signer(args.out, signer, force=args.force)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    print(signer.verifier.text)
+    print(f"private key: {args.out} (mode 0600; keep it off the database host)", file=sys.stderr)
+    print(f"verifier key: {pub}", file=sys.stderr)
+    return 0
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    from coworker.audit.checkpointer import make_checkpoint
+    from coworker.audit.keys import load_signer
+    from coworker.audit.tlog import LogTree, TreeError
+
+    try:
+        signer = load_signer(args.key)
+        store = _open(args.url)
+        try:
+            tree = LogTree(store)
+            try:
+                _, note = make_checkpoint(tree, signer)
+            finally:
+                tree.close()
+        finally:
+            store.close()
+    except TreeError as exc:
+        return _fail(str(exc), 1)
+    except (AuditUnavailable, ConfigError) as exc:
+        return _fail(str(exc))
+    if args.out:
+        Path(args.out).write_bytes(note)
+    sys.stdout.write(note.decode())
+    return 0
+
+
+def _load_checkpoint(tree: Any, path: str | None, key: str | None) -> tuple[Any, bytes]:
+    from coworker.audit.checkpoint import open_checkpoint, parse_checkpoint, parse_note
+    from coworker.audit.keys import load_verifier
+
+    if path is not None:
+        note = Path(path).read_bytes()
+    else:
+        stored = tree.table.checkpoints()
+        if not stored:
+            raise ConfigError("no checkpoint stored yet: run `coworker audit checkpoint --key ...`")
+        note = stored[-1].note
+    if key is not None:
+        checkpoint, _ = open_checkpoint(note, load_verifier(key))
+    else:
+        checkpoint = parse_checkpoint(parse_note(note).text)
+    return checkpoint, note
+
+
+def _cmd_prove(args: argparse.Namespace) -> int:
+    from coworker.audit.checkpoint import CheckpointError
+    from coworker.audit.merkle import ProofError
+    from coworker.audit.proof import encode_consistency, encode_proof
+    from coworker.audit.tlog import LogTree, TreeError
+
+    if (args.seq is None) == (args.consistency is None):
+        return _fail("give a SEQ or --consistency OLD NEW")
+    try:
+        store = _open(args.url)
+        tree = LogTree(store)
+        try:
+            size = tree.sync()
+            if args.consistency is not None:
+                old, new = (_tree_point(tree, spec, args.key) for spec in args.consistency)
+                if new.size > size:
+                    return _fail(f"the log has {size} records, not {new.size}", 1)
+                if old.size and tree.root(old.size) != old.root:
+                    return _fail(f"the log does not contain the tree of size {old.size}", 1)
+                if tree.root(new.size) != new.root:
+                    return _fail(f"the log does not contain the tree of size {new.size}", 1)
+                out = encode_consistency(old, new, tree.consistency(old.size, new.size)).encode()
+            else:
+                checkpoint, note = _load_checkpoint(tree, args.checkpoint, args.key)
+                if not 1 <= args.seq <= checkpoint.size:
+                    return _fail(
+                        f"record {args.seq} is not in the checkpoint's tree of {checkpoint.size}", 1
+                    )
+                if checkpoint.size > size or tree.root(checkpoint.size) != checkpoint.root:
+                    return _fail(
+                        f"the log does not contain the checkpoint's tree of {checkpoint.size} "
+                        "records (run `coworker audit verify --checkpoint`)",
+                        1,
+                    )
+                out = encode_proof(
+                    args.seq - 1, tree.inclusion(args.seq - 1, checkpoint.size), note
+                )
+        finally:
+            tree.close()
+            store.close()
+    except (TreeError, ProofError, CheckpointError) as exc:
+        return _fail(str(exc), 1)
+    except (AuditUnavailable, ConfigError, OSError) as exc:
+        return _fail(str(exc))
+    if args.out:
+        Path(args.out).write_bytes(out)
+    else:
+        sys.stdout.write(out.decode())
+    return 0
+
+
+def _tree_point(tree: Any, spec: str, key: str | None) -> Any:
+    from coworker.audit.checkpoint import Checkpoint
+
+    if spec.isdigit():
+        size = int(spec)
+        if size > tree.size:
+            raise ConfigError(f"tree size {size}: the log has {tree.size} records")
+        return Checkpoint("", size, tree.root(size))
+    checkpoint, _ = _load_checkpoint(tree, spec, key)
+    return checkpoint
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from coworker.audit.bundle import write_bundle
+    from coworker.audit.checkpoint import CheckpointError
+    from coworker.audit.keys import load_verifier
+    from coworker.audit.query import query
+    from coworker.audit.tlog import LogTree, TreeError
+
+    try:
+        verifier = load_verifier(args.key)
+        store = _open(args.url)
+        tree = LogTree(store)
+        try:
+            size = tree.sync()
+            checkpoint, note = _load_checkpoint(tree, args.checkpoint, args.key)
+            if checkpoint.size > size or tree.root(checkpoint.size) != checkpoint.root:
+                return _fail(
+                    f"the log does not contain the checkpoint's tree of {checkpoint.size}", 1
+                )
+            filters = {
+                k: v
+                for k, v in {
+                    "since": args.since, "until": args.until,
+                    "flow_id": args.flow_id, "user": args.user,
+                }.items()
+                if v is not None
+            }  # fmt: skip
+            seqs = [e.seq for e in query(store, **filters) if e.seq <= checkpoint.size]
+            wanted = set(seqs)
+            records = (
+                (r.seq, r.body)
+                for r in (store.iter_from(min(seqs)) if seqs else iter(()))
+                if r.seq in wanted
+            )
+            progress = _progress(len(seqs))
+            n = write_bundle(
+                args.out,
+                records,
+                lambda index: tree.inclusion(index, checkpoint.size),
+                note,
+                verifier,
+                filters=filters,
+                progress=progress,
+            )
+        finally:
+            tree.close()
+            store.close()
+    except (TreeError, CheckpointError) as exc:
+        return _fail(str(exc), 1)
+    except (AuditUnavailable, ConfigError, OSError) as exc:
+        return _fail(str(exc))
+    if progress is not None:
+        sys.stderr.write("\n")
+    print(f"exported {n} records with proofs against checkpoint {checkpoint.size} to {args.out}")
+    return 0 if n else 1
+
+
+def _progress(total: int) -> Any:
+    if total < 10_000 or not sys.stderr.isatty():
+        return None
+
+    def show(done: int) -> None:
+        if done % 1000 == 0 or done == total:
+            sys.stderr.write(f"\rexported {done}/{total} records")
+            sys.stderr.flush()
+
+    return show
+
+
+def _cmd_verify_bundle(args: argparse.Namespace) -> int:
+    from coworker.audit.bundle import read_bundle, verify_bundle
+    from coworker.audit.keys import load_verifier
+
+    try:
+        verifier = load_verifier(args.key)
+        files = read_bundle(args.bundle)
+    except (ConfigError, OSError, ValueError) as exc:
+        return _fail(str(exc))
+    report = verify_bundle(files, verifier)
+    if args.json:
+        print(json.dumps({"ok": report.ok, "records": report.records, "failures": report.failures}))
+    elif report.ok:
+        print(
+            f"OK  {report.records} records proven in the tree of {report.tree_size} "
+            f"({verifier.name})"
+        )
+    else:
+        for failure in report.failures:
+            print(f"FAIL  {failure}")
+    return 0 if report.ok else 1
+
+
+def check_checkpoints(store: Any, files: list[str], key: str) -> tuple[int, list[str]]:
+    """The ``verify --checkpoint FILE... --key PUBKEY`` check: re-hash the log and compare
+    its tree with each checkpoint.
+
+    Returns:
+        ``(exit code, output lines)``.
+
+    Raises:
+        ConfigError: the key or a checkpoint file is unusable, or a checkpoint is not signed
+            by the key (for its origin).
+    """
+    from coworker.audit.checkpoint import CheckpointError, open_checkpoint
+    from coworker.audit.keys import load_verifier
+    from coworker.audit.logcheck import check_log
+    from coworker.audit.tlog import _chain_rows
+
+    verifier = load_verifier(key)
+    checkpoints = []
+    for path in files:
+        try:
+            checkpoint, _ = open_checkpoint(Path(path).read_bytes(), verifier)
+        except (CheckpointError, OSError) as exc:
+            raise ConfigError(f"checkpoint {path}: {exc}") from None
+        checkpoints.append((path, checkpoint))
+    report = check_log(_chain_rows(store, 1), checkpoints)
+    lines = []
+    for f in report.findings:
+        mark = "OK  " if f.status == "ok" else "FAIL"
+        lines.append(f"{mark}  checkpoint {f.label} (tree {f.checkpoint.size}): {f.status}")
+        if f.status != "ok":
+            lines.append(f"      {f.detail}")
+    return (0 if report.ok else 1), lines
