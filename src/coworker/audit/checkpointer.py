@@ -176,8 +176,9 @@ class Checkpointer:
             self._wake.wait(self.poll)
             self._wake.clear()
 
-    def _publish(self) -> None:
-        now = time.monotonic()
+    def _publish(self, *, force: bool = False) -> None:
+        # force: the last round at shutdown ignores the back-off.
+        now = float("inf") if force else time.monotonic()
         keep: list[tuple[Publisher, Checkpoint, bytes, int, float]] = []
         for publish, checkpoint, note, attempts, not_before in self._pending:
             if now < not_before:
@@ -187,6 +188,7 @@ class Checkpointer:
                 publish(checkpoint, note)
             except Exception as exc:
                 delay = min(_RETRY_MAX, 2.0**attempts)
+                now = time.monotonic()
                 self.errors += 1
                 _log.error(
                     "publishing audit checkpoint %s/%d to %r failed (attempt %d, retry in "
@@ -223,6 +225,7 @@ class Checkpointer:
                 self.checkpoint_now()
             except Exception as exc:
                 _log.error("final audit checkpoint failed: %s", exc)
+        self._publish(force=True)
         if self._pending:
             _log.error(
                 "%d audit checkpoint publication(s) still failing at shutdown; the "
