@@ -28,6 +28,7 @@ _lock = threading.RLock()
 _processor: Any = None  # the CoworkerProcessor on the provider, once added
 _owns_provider = False
 _audit_pipeline: Any = None
+_checkpointer: Any = None  # coworker.audit.checkpointer.Checkpointer when checkpoint_key is set
 _atexit_registered = False
 
 
@@ -54,6 +55,9 @@ def configure(
     trust_baggage_identity: bool | None = None,
     otlp: bool | None = None,
     metrics: bool = True,
+    checkpoint_key: Any = None,
+    checkpoint_every: Any = None,
+    checkpoint_publish: Any = None,
 ) -> None:
     """Set up coworker: the tracer provider, exporters, the audit trail and the policy.
 
@@ -92,12 +96,18 @@ def configure(
             provider, so that an application's own OTLP export is not doubled).
         metrics: record run metrics through the OTel metrics API (no-op without a
             ``MeterProvider``).
+        checkpoint_key: a log key file (``coworker audit keygen``): sign C2SP checkpoints
+            of the audit log in the background, one more at shutdown (``docs/proofs.md``).
+        checkpoint_every: ``N`` records (default 1000, plus a 60 s idle heartbeat), ``"Ts"``
+            seconds, or ``(N, T)``.
+        checkpoint_publish: a directory (or several) each new checkpoint is written to,
+            e.g. a WORM share; failures are logged and retried, never block appends.
 
     Raises:
         ConfigError: a setting is invalid (the message names it). Security-relevant settings
             (audit store, policy) fail here rather than fall back.
     """
-    global _processor, _owns_provider, _audit_pipeline, _atexit_registered
+    global _processor, _owns_provider, _audit_pipeline, _atexit_registered, _checkpointer
     # Validate and build everything first, apply last: a configure() that raises leaves the
     # previous configuration (policy, audit trail, exporters) fully in force.
     if audit_failure not in ("raise", "log"):
@@ -144,6 +154,7 @@ def configure(
 
         members: list[Any] = []
         pipeline = None
+        checkpointer = None
         provider: Any = None
         if not disabled:
             from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -168,6 +179,18 @@ def configure(
 
                 pipeline = build_pipeline(audit, fail_closed=fail_closed, on_failure=audit_failure)
                 members.append(pipeline.processor)
+                if checkpoint_key is not None:
+                    from coworker.audit.checkpointer import start_from_config
+
+                    try:
+                        checkpointer = start_from_config(
+                            pipeline.store, checkpoint_key, checkpoint_every, checkpoint_publish
+                        )
+                    except BaseException:
+                        pipeline.shutdown()  # a bad key leaves the old configuration in force
+                        raise
+            elif checkpoint_key is not None:
+                raise ConfigError("checkpoint_key=... needs an audit store (audit=...)")
             if metrics:
                 from coworker.metrics import RunMetricsProcessor
 
@@ -208,6 +231,10 @@ def configure(
         s.audit_gate = pipeline.gate if pipeline is not None and fail_closed else None
         s.audit_records = pipeline is not None
         _shutdown_members(old, old_pipeline)
+        # After the pipeline flushed: the last checkpoint covers every record it wrote.
+        old_checkpointer, _checkpointer = _checkpointer, checkpointer
+        if old_checkpointer is not None:
+            old_checkpointer.close()
         _decorator.reset_tracer()
         if not _atexit_registered:
             # The SDK provider flushes at exit too; this covers a provider that was created
@@ -306,13 +333,16 @@ def shutdown() -> None:
     The tracer provider stays (it may be the application's); runs keep working and are
     exported by whatever the provider still has. Safe to call more than once.
     """
-    global _audit_pipeline
+    global _audit_pipeline, _checkpointer
     with _lock:
         SETTINGS.audit_gate = None
         SETTINGS.audit_records = False
         old = _processor.replace(()) if _processor is not None else ()
         pipeline, _audit_pipeline = _audit_pipeline, None
         _shutdown_members(old, pipeline)
+        checkpointer, _checkpointer = _checkpointer, None
+        if checkpointer is not None:
+            checkpointer.close()  # one last checkpoint, after the pipeline flushed
 
 
 def audit_store() -> Any:

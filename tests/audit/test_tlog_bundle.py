@@ -227,3 +227,53 @@ def test_checkpoint_and_verify_on_the_real_postgresql_server(tmp_path: Path) -> 
         assert main(["audit", "verify", "--url", url, "--key", pub, "--checkpoint", str(cp)]) == 1
     finally:
         server.close()
+
+
+def test_configure_checkpoint_key_signs_during_and_at_shutdown(tmp_path: Path) -> None:
+    """configure(checkpoint_key=..., checkpoint_every=3, checkpoint_publish=dir): real runs
+    are checkpointed while they happen and once more at shutdown, covering every record."""
+    import coworker
+
+    signer = generate_signer(ORIGIN)
+    write_signer(tmp_path / "k", signer)
+    db = tmp_path / "a.db"
+    worm = tmp_path / "worm"
+    coworker.configure(
+        audit=f"sqlite:///{db}",
+        checkpoint_key=tmp_path / "k",
+        checkpoint_every=3,
+        checkpoint_publish=worm,
+        metrics=False,
+    )
+
+    @coworker.run(operation="update", doctype="Invoice")
+    def update(i: int) -> int:
+        return i
+
+    try:
+        with coworker.acting_as("alice"):
+            for i in range(7):
+                update(i)
+    finally:
+        coworker.shutdown()
+    folder = worm / ORIGIN.replace("/", "_")
+    latest, _ = open_checkpoint((folder / "latest.checkpoint").read_bytes(), signer.verifier)
+    assert latest.size == 7
+    store = SQLiteStore(db, readonly=True)
+    assert latest.root == merkle.root_from_leaves(_reference(store))
+    store.close()
+
+
+def test_configure_rejects_a_checkpoint_key_without_an_audit_store(tmp_path: Path) -> None:
+    """checkpoint_key without audit= is a ConfigError; a bad key file fails at configure."""
+    import coworker
+    from coworker.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="needs an audit store"):
+        coworker.configure(audit=False, checkpoint_key=tmp_path / "missing", metrics=False)
+    with pytest.raises(ConfigError, match="cannot read key file"):
+        coworker.configure(
+            audit=f"sqlite:///{tmp_path / 'a.db'}", checkpoint_key=tmp_path / "missing",
+            metrics=False,
+        )  # fmt: skip
+    coworker.shutdown()

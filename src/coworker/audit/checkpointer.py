@@ -24,7 +24,7 @@ from coworker.audit.checkpoint import Checkpoint, open_checkpoint, sign_checkpoi
 from coworker.audit.keys import Signer
 from coworker.audit.tlog import LogTree, TreeError
 
-__all__ = ["Checkpointer", "DirectoryPublisher", "make_checkpoint"]
+__all__ = ["Checkpointer", "DirectoryPublisher", "make_checkpoint", "start_from_config"]
 
 _log = logging.getLogger("coworker.audit")
 
@@ -127,6 +127,7 @@ class Checkpointer:
         self.publishers = list(publishers)
         self.poll = poll
         self.tree = LogTree(store)
+        self.owns_store = False
         self.last: tuple[Checkpoint, bytes] | None = None
         self.errors = 0
         self._pending: list[tuple[Publisher, Checkpoint, bytes, int, float]] = []
@@ -234,3 +235,64 @@ class Checkpointer:
                 len(self._pending),
             )
         self.tree.close()
+        if self.owns_store:
+            self.store.close()
+
+
+def _parse_every(every: Any) -> tuple[int | None, float | None]:
+    # 1000 -> every 1000 records (and the 60 s heartbeat); "30s" -> every 30 seconds;
+    # (1000, 30.0) -> whichever comes first.
+    from coworker.exceptions import ConfigError
+
+    if every is None:
+        return 1000, 60.0
+    if isinstance(every, tuple) and len(every) == 2:
+        return _parse_every(every[0])[0], _parse_every(every[1])[1]
+    if isinstance(every, int) and not isinstance(every, bool) and every > 0:
+        return every, 60.0
+    if isinstance(every, float) and every > 0:
+        return None, every
+    if isinstance(every, str) and every.endswith("s"):
+        try:
+            return None, float(every[:-1])
+        except ValueError:
+            pass
+    raise ConfigError(
+        f"checkpoint_every={every!r}: use N records (int), 'Ts' / T.0 seconds, or (N, T)"
+    )
+
+
+def start_from_config(
+    store: Any, key: str | os.PathLike[str], every: Any = None, publish: Any = None
+) -> Checkpointer:
+    """Start the :class:`Checkpointer` that ``coworker.configure(checkpoint_key=...)`` asks for.
+
+    The checkpointer reads the log through a connection of its own (a file or database
+    store is reopened; its spool is never shared), so that it can sign the last checkpoint
+    after the audit pipeline has flushed and closed its store.
+
+    Raises:
+        ConfigError: the key cannot be loaded or an option is wrong.
+    """
+    from coworker.audit.keys import load_signer
+    from coworker.audit.store_sqlite import SQLiteStore
+
+    signer = load_signer(key)
+    records, seconds = _parse_every(every)
+    targets = [publish] if isinstance(publish, str | os.PathLike) else list(publish or ())
+    own = store
+    if isinstance(store, SQLiteStore):
+        own = SQLiteStore(store.path, busy_timeout=store.busy_timeout)
+    elif type(store).__name__ == "PostgresStore":
+        from coworker.audit.store_postgres import PostgresStore
+
+        own = PostgresStore(store.url, schema=store.schema, spool=False)
+    cpr = Checkpointer(
+        own,
+        signer,
+        every_records=records,
+        every_seconds=seconds,
+        publishers=[DirectoryPublisher(t) for t in targets],
+    )
+    cpr.owns_store = own is not store
+    return cpr
