@@ -93,8 +93,12 @@ def delete_last(path: Path, n: int) -> None:
 
 
 def drop_tree_cache(path: Path) -> None:
-    """Forget the tree tables, as an owner covering their tracks would."""
-    conn = sqlite3.connect(path)
+    """Drop the cached tree beside the store (not the stored checkpoints), as an owner
+    covering their tracks would."""
+    tree = Path(str(path) + ".tree")
+    if not tree.exists():
+        return
+    conn = sqlite3.connect(tree)
     conn.execute("DROP TABLE IF EXISTS audit_tree_nodes")
     conn.execute("DROP TABLE IF EXISTS audit_tree_state")
     conn.commit()

@@ -141,7 +141,7 @@ def test_rewrite_then_a_new_checkpoint_is_named_forked(tmp_path, key, capsys) ->
     # An owner who also holds the key and clears the table can sign; the fork is then named.
     import sqlite3
 
-    with sqlite3.connect(db) as conn:
+    with sqlite3.connect(str(db) + ".tree") as conn:
         conn.execute("DELETE FROM audit_checkpoints")
     new = _checkpoint(db, keyfile, tmp_path / "new")
     capsys.readouterr()

@@ -53,7 +53,7 @@ def test_stored_tree_matches_the_reference_at_every_size(tmp_path: Path) -> None
     # The stored rows are the subtrees of 2**STORED_LEVEL leaves and up only.
     import sqlite3
 
-    with sqlite3.connect(tmp_path / "a.db") as conn:
+    with sqlite3.connect(tmp_path / "a.db.tree") as conn:
         levels = {r[0] for r in conn.execute("SELECT DISTINCT level FROM audit_tree_nodes")}
     assert min(levels) == STORED_LEVEL
     store.close()

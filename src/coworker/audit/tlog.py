@@ -12,7 +12,7 @@ not touched), and are a cache, not evidence: a proof made from them verifies aga
 signed checkpoint or it does not. ``coworker audit verify --checkpoint`` re-hashes the
 records themselves.
 
-SQLite (same file as the store)::
+SQLite (in ``<store file>.tree``, a file of its own: see :data:`TREE_SUFFIX`)::
 
     audit_tree_nodes(level, idx, hash)           perfect subtrees, level >= STORED_LEVEL
     audit_tree_state(id = 1, size, last_hash)    records hashed so far, hash of the last
@@ -39,6 +39,7 @@ from coworker.exceptions import AuditUnavailable
 
 __all__ = [
     "STORED_LEVEL",
+    "TREE_SUFFIX",
     "LogTree",
     "StoredCheckpoint",
     "TreeError",
@@ -52,6 +53,10 @@ STORED_LEVEL: Final = 4
 """Perfect subtrees of at least 2**STORED_LEVEL leaves are stored; smaller ones re-hashed."""
 
 _FLUSH_NODES: Final = 4096
+
+TREE_SUFFIX: Final = ".tree"
+"""A SQLite store's tree lives in ``<file>.tree`` beside it: a file of its own, so that the
+checkpointer never takes the log's write lock (appends never wait for it)."""
 
 
 class TreeError(RuntimeError):
@@ -155,7 +160,7 @@ _SQLITE_DDL: Final = (
 
 
 class SQLiteTable:
-    """A :class:`TreeTable` in the SQLite file of the store (its own connection)."""
+    """A :class:`TreeTable` in a SQLite file (``<store file>.tree``)."""
 
     def __init__(self, path: str, *, busy_timeout: float = 10.0) -> None:
         self.path = path
@@ -163,6 +168,9 @@ class SQLiteTable:
         try:
             self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            # The tree is a cache rebuilt from the records, and a checkpoint is also published
+            # outside: no fsync per commit, so the writers' lock is held for microseconds.
+            self._conn.execute("PRAGMA synchronous = NORMAL")
             for statement in _SQLITE_DDL:
                 self._conn.execute(statement)
         except sqlite3.Error as exc:
@@ -361,7 +369,7 @@ def open_table(store: Any) -> TreeTable:
     if isinstance(store, SQLiteStore):
         if store.readonly:
             return MemoryTable()
-        return SQLiteTable(store.path, busy_timeout=store.busy_timeout)
+        return SQLiteTable(store.path + TREE_SUFFIX, busy_timeout=store.busy_timeout)
     if type(store).__name__ == "PostgresStore":
         from coworker.audit.store_postgres import _split_url
 
