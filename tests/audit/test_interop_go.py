@@ -96,7 +96,8 @@ func run() error {
 		record, _ := os.ReadFile(args[3])
 		head, cp, ok := bytes.Cut(data, []byte("\n\n"))
 		lines := strings.Split(string(head), "\n")
-		if !ok || len(lines) < 2 || lines[0] != "c2sp.org/tlog-proof@v1" || !strings.HasPrefix(lines[1], "index ") {
+		if !ok || len(lines) < 2 || lines[0] != "c2sp.org/tlog-proof@v1" ||
+			!strings.HasPrefix(lines[1], "index ") {
 			return fmt.Errorf("not a tlog-proof")
 		}
 		index, err := strconv.ParseUint(strings.TrimPrefix(lines[1], "index "), 10, 64)
@@ -288,5 +289,5 @@ def test_go_signs_with_our_signer_key_and_we_verify(gotool: Path, tmp_path: Path
     from coworker.audit.checkpoint import sign_note
 
     assert result.stdout == sign_note(text.read_text(), [signer])
-    note, good = open_note(result.stdout, [signer.verifier])
+    _, good = open_note(result.stdout, [signer.verifier])
     assert good == [signer.verifier]
