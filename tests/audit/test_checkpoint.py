@@ -193,3 +193,14 @@ def test_malformed_checkpoint_text_is_rejected(text: str) -> None:
     """Leading zeros, negative or non-ASCII sizes, short roots, missing lines are refused."""
     with pytest.raises(CheckpointError):
         parse_checkpoint(text)
+
+
+def test_a_signature_in_non_canonical_base64_is_rejected() -> None:
+    """Changing the unused low bits of the last base64 digit keeps the bytes but not the
+    text: refused, so every bit flip of a note is detected."""
+    last = PETER_SIG.rstrip("\n")[-2]  # the digit before "="
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    twin = alphabet[alphabet.index(last) ^ 1]
+    mangled = PETER_SIG.rstrip("\n")[:-2] + twin + "=\n"
+    with pytest.raises(CheckpointError, match="canonical"):
+        open_note((TEXT + "\n" + mangled).encode(), [keys.parse_verifier(PETER_VKEY)])

@@ -86,6 +86,10 @@ def _b64(text: str) -> bytes:
         raw = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise CheckpointError(f"not valid base64: {text[:40]!r}") from None
+    if base64.b64encode(raw).decode() != text:
+        # Non-zero padding bits: the same bytes under another spelling. Go tolerates it; we
+        # refuse, so that no bit of a note or proof can change without it being rejected.
+        raise CheckpointError(f"not canonical base64: {text[:40]!r}")
     return raw
 
 

@@ -99,6 +99,10 @@ class TreeTable(Protocol):
         """Kept checkpoints, oldest first."""
         ...
 
+    def latest(self, origin: str) -> StoredCheckpoint | None:
+        """The newest kept checkpoint of ``origin`` (one row, however many are kept)."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...
@@ -144,6 +148,11 @@ class MemoryTable:
     def checkpoints(self, origin: str | None = None) -> list[StoredCheckpoint]:
         """See :class:`TreeTable`."""
         return [c for c in self._checkpoints if origin is None or c.origin == origin]
+
+    def latest(self, origin: str) -> StoredCheckpoint | None:
+        """See :class:`TreeTable`."""
+        found = self.checkpoints(origin)
+        return found[-1] if found else None
 
     def close(self) -> None:
         """Nothing to release."""
@@ -239,6 +248,16 @@ class SQLiteTable:
                 (origin, origin),
             ).fetchall()
         return [StoredCheckpoint(r[0], r[1], bytes(r[2]), r[3]) for r in rows]
+
+    def latest(self, origin: str) -> StoredCheckpoint | None:
+        """See :class:`TreeTable`."""
+        with self._lock:
+            r = self._conn.execute(
+                "SELECT origin, tree_size, note, created_at FROM audit_checkpoints "
+                "WHERE origin = ? ORDER BY id DESC LIMIT 1",
+                (origin,),
+            ).fetchone()
+        return StoredCheckpoint(r[0], r[1], bytes(r[2]), r[3]) if r else None
 
     def close(self) -> None:
         """Close the connection."""
@@ -349,6 +368,18 @@ class PostgresTable:
             for r in rows
         ]
 
+    def latest(self, origin: str) -> StoredCheckpoint | None:
+        """See :class:`TreeTable`."""
+        q = self._sql.SQL(
+            "SELECT origin, tree_size, note, created_at FROM {} WHERE origin = %s "
+            "ORDER BY id DESC LIMIT 1"
+        ).format(self._t("checkpoints"))
+        with self._lock:
+            r = self._conn.execute(q, (origin,)).fetchone()
+        if r is None:
+            return None
+        return StoredCheckpoint(r[0], int(r[1]), bytes(r[2]), r[3].strftime("%Y-%m-%dT%H:%M:%SZ"))
+
     def close(self) -> None:
         """Close the connection."""
         with self._lock:
@@ -402,6 +433,10 @@ class LogTree:
         self.store = store
         self.table = table if table is not None else open_table(store)
         self._lock = threading.Lock()
+        # The right edge as of the last sync, and recent roots: a sync that finds the table
+        # where this process left it reads only the new records (no leaf re-reads).
+        self._edge: tuple[tuple[int, bytes], CompactRange] | None = None
+        self._roots: dict[int, bytes] = {}
 
     @property
     def size(self) -> int:
@@ -419,9 +454,12 @@ class LogTree:
         """
         with self._lock:
             size, last = self.table.state()
-            keys = merkle.root_keys(size)
-            found = self._nodes(keys)
-            cr = CompactRange(size, [found[k] for k in keys])
+            if self._edge is not None and self._edge[0] == (size, last):
+                cr = self._edge[1]
+            else:
+                keys = merkle.root_keys(size)
+                found = self._nodes(keys)
+                cr = CompactRange(size, [found[k] for k in keys])
             prev, start, pending = last, size, []
             for seq, prev_hash, digest, body in _chain_rows(self.store, size + 1):
                 if seq != cr.size + 1 or prev_hash != prev or link(prev_hash, body) != digest:
@@ -440,11 +478,16 @@ class LogTree:
                     break
             if cr.size != start:
                 self._extend(start, cr.size, prev, pending)
+            self._edge = ((cr.size, prev), cr)
+            if len(self._roots) > 64:
+                self._roots.clear()
+            self._roots[cr.size] = cr.root()
             return cr.size
 
     def _extend(
         self, start: int, end: int, last: bytes, nodes: list[tuple[NodeKey, bytes]]
     ) -> None:
+        self._edge = None  # set again when the whole sync succeeded
         if not self.table.extend(start, end, last, nodes):
             raise TreeError("another process extended the tree at the same time; retry")
 
@@ -480,6 +523,9 @@ class LogTree:
     def root(self, size: int | None = None) -> bytes:
         """Root of the tree of ``size`` records (default: the synced size)."""
         size = self.size if size is None else size
+        cached = self._roots.get(size)
+        if cached is not None:
+            return cached
         self._check(size)
         return merkle.root_hash(size, self._nodes)
 
