@@ -58,6 +58,7 @@ def configure(
     checkpoint_key: Any = None,
     checkpoint_every: Any = None,
     checkpoint_publish: Any = None,
+    witnesses: Sequence[str] | None = None,
 ) -> None:
     """Set up coworker: the tracer provider, exporters, the audit trail and the policy.
 
@@ -102,6 +103,8 @@ def configure(
             seconds, or ``(N, T)``.
         checkpoint_publish: a directory (or several) each new checkpoint is written to,
             e.g. a WORM share; failures are logged and retried, never block appends.
+        witnesses: C2SP tlog-witness URLs asked to cosign each checkpoint (needs
+            ``checkpoint_key``); a refusal is logged, 409 meaning it saw another tree.
 
     Raises:
         ConfigError: a setting is invalid (the message names it). Security-relevant settings
@@ -123,6 +126,8 @@ def configure(
             service_name = text(service_name, "service_name")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    if witnesses and checkpoint_key is None:
+        raise ConfigError("witnesses=... cosign checkpoints: they need checkpoint_key=...")
     with _lock:
         debug = config.resolve(debug, config.COWORKER_DEBUG, False, config.parse_bool)
         fail_closed = config.resolve(
@@ -184,7 +189,11 @@ def configure(
 
                     try:
                         checkpointer = start_from_config(
-                            pipeline.store, checkpoint_key, checkpoint_every, checkpoint_publish
+                            pipeline.store,
+                            checkpoint_key,
+                            checkpoint_every,
+                            checkpoint_publish,
+                            witnesses,
                         )
                     except BaseException:
                         pipeline.shutdown()  # a bad key leaves the old configuration in force

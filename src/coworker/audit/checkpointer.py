@@ -24,11 +24,46 @@ from coworker.audit.checkpoint import Checkpoint, open_checkpoint, sign_checkpoi
 from coworker.audit.keys import Signer
 from coworker.audit.tlog import LogTree, TreeError
 
-__all__ = ["Checkpointer", "DirectoryPublisher", "make_checkpoint", "start_from_config"]
+__all__ = [
+    "Checkpointer",
+    "DirectoryPublisher",
+    "cosign",
+    "make_checkpoint",
+    "start_from_config",
+]
 
 _log = logging.getLogger("coworker.audit")
 
 _RETRY_MAX: Final = 60.0
+
+
+def cosign(tree: LogTree, checkpoint: Checkpoint, note: bytes, witnesses: Sequence[Any]) -> bytes:
+    """Ask each witness to cosign; store and return the note with every cosignature got.
+
+    A refusing or unreachable witness is logged (ERROR) and skipped: the next checkpoint
+    asks it again, with a consistency proof from the size it holds.
+    """
+    from coworker.audit.witness import WitnessRefused, add_cosignatures
+
+    lines: list[str] = []
+    for witness in witnesses:
+        try:
+            lines += witness.add_checkpoint(
+                note, checkpoint, lambda old: tree.consistency(old, checkpoint.size)
+            )
+        except WitnessRefused as exc:
+            _log.error("audit checkpoint %d not cosigned: %s", checkpoint.size, exc)
+            if exc.status == 409:
+                _log.error(
+                    "witness %s holds a different tree of this log: someone showed it another "
+                    "log (a fork), or this log was rewritten or truncated",
+                    witness.url,
+                )
+    if not lines:
+        return note
+    cosigned = add_cosignatures(note, lines)
+    tree.table.add_checkpoint(checkpoint.origin, checkpoint.size, cosigned)
+    return cosigned
 
 
 def make_checkpoint(tree: LogTree, signer: Signer) -> tuple[Checkpoint, bytes]:
@@ -117,6 +152,8 @@ class Checkpointer:
         every_seconds: sign at least this often while records arrive, and as an idle
             heartbeat (a fresh signature over the same tree shows the log is alive).
         publishers: called with each new checkpoint (e.g. :class:`DirectoryPublisher`).
+        witnesses: :class:`~coworker.audit.witness.WitnessClient` objects asked to cosign
+            each new checkpoint before it is published.
         poll: how often the thread looks at the head, in seconds.
     """
 
@@ -128,6 +165,7 @@ class Checkpointer:
         every_records: int | None = 1000,
         every_seconds: float | None = 60.0,
         publishers: Sequence[Publisher] = (),
+        witnesses: Sequence[Any] = (),
         poll: float = 0.5,
     ) -> None:
         self.store = store
@@ -135,6 +173,7 @@ class Checkpointer:
         self.every_records = every_records
         self.every_seconds = every_seconds
         self.publishers = list(publishers)
+        self.witnesses = list(witnesses)
         self.poll = poll
         self.tree = LogTree(store)
         self.owns_store = False
@@ -155,6 +194,8 @@ class Checkpointer:
         with self._signed:
             checkpoint, note = make_checkpoint(self.tree, self.signer)
             heartbeat = self.last is not None and self.last[0] == checkpoint
+            if not heartbeat and self.witnesses:
+                note = cosign(self.tree, checkpoint, note, self.witnesses)
             self.last = (checkpoint, note)
             self._last_time = time.monotonic()
             if not heartbeat:
@@ -273,7 +314,11 @@ def _parse_every(every: Any) -> tuple[int | None, float | None]:
 
 
 def start_from_config(
-    store: Any, key: str | os.PathLike[str], every: Any = None, publish: Any = None
+    store: Any,
+    key: str | os.PathLike[str],
+    every: Any = None,
+    publish: Any = None,
+    witnesses: Sequence[str] | None = None,
 ) -> Checkpointer:
     """Start the :class:`Checkpointer` that ``coworker.configure(checkpoint_key=...)`` asks for.
 
@@ -286,6 +331,7 @@ def start_from_config(
     """
     from coworker.audit.keys import load_signer
     from coworker.audit.store_sqlite import SQLiteStore
+    from coworker.audit.witness import WitnessClient
 
     signer = load_signer(key)
     records, seconds = _parse_every(every)
@@ -303,6 +349,7 @@ def start_from_config(
         every_records=records,
         every_seconds=seconds,
         publishers=[DirectoryPublisher(t) for t in targets],
+        witnesses=[WitnessClient(url) for url in witnesses or ()],
     )
     cpr.owns_store = own is not store
     return cpr

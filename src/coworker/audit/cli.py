@@ -69,6 +69,12 @@ def register(subparsers: Any) -> None:
     verify.add_argument(
         "--key", default=None, metavar="PUBKEY", help="the log's verifier key for --checkpoint"
     )
+    verify.add_argument(
+        "--policy",
+        default=None,
+        metavar="FILE",
+        help="a C2SP tlog-policy each --checkpoint must meet",
+    )
     progress = verify.add_mutually_exclusive_group()
     progress.add_argument(
         "--progress",
@@ -249,7 +255,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _check_checkpoints(store: Any, args: argparse.Namespace) -> tuple[int, list[str]]:
     from coworker.audit.cli_proofs import check_checkpoints
 
-    return check_checkpoints(store, args.checkpoint, args.key)
+    return check_checkpoints(store, args.checkpoint, args.key, args.policy)
 
 
 def _short_time(value: Any) -> str:

@@ -36,6 +36,13 @@ def register(subparsers: Any) -> None:
     cp.add_argument("--url", default=None, help=_URL_HELP)
     cp.add_argument("--key", required=True, metavar="KEYFILE", help="the log's private key file")
     cp.add_argument("--out", default=None, metavar="FILE", help="also write it to FILE")
+    cp.add_argument(
+        "--witness",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a C2SP tlog-witness to ask for a cosignature (repeatable)",
+    )
     cp.set_defaults(func=_cmd_checkpoint)
 
     prove = subparsers.add_parser(
@@ -79,7 +86,13 @@ def register(subparsers: Any) -> None:
         "verify-bundle", help="verify an exported bundle offline (no database, no network)"
     )
     vb.add_argument("bundle", metavar="BUNDLE")
-    vb.add_argument("--key", required=True, metavar="PUBKEY", help="the log's verifier key")
+    vb.add_argument("--key", default=None, metavar="PUBKEY", help="the log's verifier key")
+    vb.add_argument(
+        "--policy",
+        default=None,
+        metavar="FILE",
+        help="a C2SP tlog-policy: the log key(s) and the witness quorum the checkpoint needs",
+    )
     vb.add_argument("--json", action="store_true")
     vb.set_defaults(func=_cmd_verify_bundle)
 
@@ -120,7 +133,16 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
         try:
             tree = LogTree(store)
             try:
-                _, note = make_checkpoint(tree, signer)
+                checkpoint, note = make_checkpoint(tree, signer)
+                if args.witness:
+                    from coworker.audit.checkpointer import cosign
+                    from coworker.audit.witness import WitnessClient
+
+                    witnesses = [WitnessClient(url) for url in args.witness]
+                    note = cosign(tree, checkpoint, note, witnesses)
+                    missing = len(witnesses) - (note.count(b"\n\xe2\x80\x94 ") - 1)
+                    if missing > 0:
+                        print(f"{missing} witness(es) did not cosign (see above)", file=sys.stderr)
             finally:
                 tree.close()
         finally:
@@ -289,11 +311,21 @@ def _cmd_verify_bundle(args: argparse.Namespace) -> int:
     from coworker.audit.keys import load_verifier
 
     try:
-        verifier = load_verifier(args.key)
+        policy = _policy(args.policy)
+        if args.key is None and (policy is None or len(policy.logs) != 1):
+            raise ConfigError("give --key PUBKEY (or a --policy with one log line)")
+        verifier = load_verifier(args.key) if args.key else policy.logs[0]  # type: ignore[union-attr]
         files = read_bundle(args.bundle)
     except (ConfigError, OSError, ValueError) as exc:
         return _fail(str(exc))
     report = verify_bundle(files, verifier)
+    if policy is not None and "checkpoint" in files:
+        from coworker.audit.witness import PolicyError
+
+        try:
+            policy.check(files["checkpoint"], log=verifier)
+        except PolicyError as exc:
+            report.failures.append(f"checkpoint: {exc}")
     if args.json:
         print(json.dumps({"ok": report.ok, "records": report.records, "failures": report.failures}))
     elif report.ok:
@@ -307,7 +339,20 @@ def _cmd_verify_bundle(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def check_checkpoints(store: Any, files: list[str], key: str) -> tuple[int, list[str]]:
+def _policy(path: str | None) -> Any:
+    if path is None:
+        return None
+    from coworker.audit.witness import PolicyError, parse_policy
+
+    try:
+        return parse_policy(Path(path).read_text())
+    except PolicyError as exc:
+        raise ConfigError(f"policy {path}: {exc}") from None
+
+
+def check_checkpoints(
+    store: Any, files: list[str], key: str, policy: str | None = None
+) -> tuple[int, list[str]]:
     """The ``verify --checkpoint FILE... --key PUBKEY`` check: re-hash the log and compare
     its tree with each checkpoint.
 
@@ -322,13 +367,18 @@ def check_checkpoints(store: Any, files: list[str], key: str) -> tuple[int, list
     from coworker.audit.keys import load_verifier
     from coworker.audit.logcheck import check_log
     from coworker.audit.tlog import _chain_rows
+    from coworker.audit.witness import PolicyError
 
     verifier = load_verifier(key)
+    rules = _policy(policy)
     checkpoints = []
     for path in files:
         try:
-            checkpoint, _ = open_checkpoint(Path(path).read_bytes(), verifier)
-        except (CheckpointError, OSError) as exc:
+            data = Path(path).read_bytes()
+            checkpoint, _ = open_checkpoint(data, verifier)
+            if rules is not None:
+                rules.check(data, log=verifier)
+        except (CheckpointError, PolicyError, OSError) as exc:
             raise ConfigError(f"checkpoint {path}: {exc}") from None
         checkpoints.append((path, checkpoint))
     report = check_log(_chain_rows(store, 1), checkpoints)
