@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tarfile
 import threading
 from pathlib import Path
@@ -277,3 +278,53 @@ def test_configure_rejects_a_checkpoint_key_without_an_audit_store(tmp_path: Pat
             metrics=False,
         )  # fmt: skip
     coworker.shutdown()
+
+
+def test_s3_publisher_writes_object_locked_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against moto's S3 server on loopback (an S3-compatible HTTP server; no MinIO here):
+    each checkpoint lands under Object Lock COMPLIANCE and cannot be deleted."""
+    try:
+        import boto3
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("boto3 / moto[server] are not installed (CI is set)")
+        pytest.skip("boto3 / moto[server] are not installed")
+    import boto3
+    from botocore.exceptions import ClientError
+
+    from coworker.audit.checkpointer import publisher_for
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+            monkeypatch.setenv(k, v)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="worm", ObjectLockEnabledForBucket=True)
+        signer = generate_signer(ORIGIN)
+        store = SQLiteStore(tmp_path / "a.db")
+        publish = publisher_for(f"s3://worm/cp/?retain_days=30&endpoint={endpoint}")
+        cpr = Checkpointer(
+            store, signer, every_records=4, every_seconds=None, publishers=[publish], poll=0.05
+        )
+        store.append([entry(i) for i in range(4)])
+        assert cpr.wait_for(4)
+        cpr.close()
+        key = f"cp/{ORIGIN}/4.checkpoint"
+        obj = s3.get_object(Bucket="worm", Key=key)
+        assert obj["ObjectLockMode"] == "COMPLIANCE"
+        cp, _ = open_checkpoint(obj["Body"].read(), signer.verifier)
+        assert cp.size == 4
+        with pytest.raises(ClientError):
+            s3.delete_object(Bucket="worm", Key=key, VersionId=obj["VersionId"])
+        latest = s3.get_object(Bucket="worm", Key=f"cp/{ORIGIN}/latest.checkpoint")["Body"].read()
+        assert open_checkpoint(latest, signer.verifier)[0].size == 4
+        store.close()
+    finally:
+        server.stop()

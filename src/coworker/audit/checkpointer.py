@@ -1,6 +1,11 @@
 """Signed checkpoints of an audit store: made on demand (:func:`make_checkpoint`) or in the
 background (:class:`Checkpointer`: every N records or T seconds, a heartbeat when idle, one
-at shutdown), stored beside the log and published to a directory.
+at shutdown), stored beside the log and published to a directory (:class:`DirectoryPublisher`)
+or an S3 bucket with Object Lock (:class:`S3Publisher`).
+
+The idle heartbeat re-reads the log and checks it still holds the last signed tree (Ed25519
+is deterministic, so re-signing the same tree would give the same bytes): a rewrite while
+the application runs is logged as an error within ``every_seconds``.
 
 The log key never signs a tree that does not extend the last checkpoint it signed
 (tlog-checkpoint "Signatures": a log MUST NOT sign inconsistent checkpoints): before
@@ -27,8 +32,10 @@ from coworker.audit.tlog import LogTree, TreeError
 __all__ = [
     "Checkpointer",
     "DirectoryPublisher",
+    "S3Publisher",
     "cosign",
     "make_checkpoint",
+    "publisher_for",
     "start_from_config",
 ]
 
@@ -335,7 +342,11 @@ def start_from_config(
 
     signer = load_signer(key)
     records, seconds = _parse_every(every)
-    targets = [publish] if isinstance(publish, str | os.PathLike) else list(publish or ())
+    targets = (
+        [publish]
+        if isinstance(publish, str | os.PathLike) or callable(publish)
+        else list(publish or ())
+    )
     own = store
     if isinstance(store, SQLiteStore):
         own = SQLiteStore(store.path, busy_timeout=store.busy_timeout)
@@ -348,8 +359,95 @@ def start_from_config(
         signer,
         every_records=records,
         every_seconds=seconds,
-        publishers=[DirectoryPublisher(t) for t in targets],
+        publishers=[publisher_for(t) for t in targets],
         witnesses=[WitnessClient(url) for url in witnesses or ()],
     )
     cpr.owns_store = own is not store
     return cpr
+
+
+class S3Publisher:
+    """Writes each checkpoint to an S3-compatible bucket, ``<prefix><origin>/<size>.checkpoint``
+    and ``<prefix><origin>/latest.checkpoint``, the numbered objects under Object Lock
+    (COMPLIANCE mode, ``retain_days``) so that nobody, the bucket owner included, can
+    overwrite or delete them before the retention date.
+
+    Needs ``boto3`` (the ``s3`` extra), imported on first use. Credentials and region come
+    from the usual AWS environment / config.
+
+    Args:
+        bucket: a bucket created with Object Lock enabled.
+        prefix: key prefix, e.g. ``"checkpoints/"``.
+        retain_days: retention of each numbered checkpoint; ``None``: no lock request.
+        endpoint_url: for S3-compatible servers (MinIO, Ceph...).
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        retain_days: int | None = 365,
+        endpoint_url: str | None = None,
+        client: Any = None,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix
+        self.retain_days = retain_days
+        if client is None:
+            try:
+                import boto3
+            except ImportError as exc:  # pragma: no cover - the s3 extra is missing
+                from coworker.exceptions import ConfigError
+
+                raise ConfigError(
+                    "publishing checkpoints to S3 needs boto3: pip install 'coworker-otel[s3]'"
+                ) from exc
+            client = boto3.client("s3", endpoint_url=endpoint_url)
+        self._s3 = client
+
+    def __call__(self, checkpoint: Checkpoint, note: bytes) -> None:
+        """Publish one checkpoint (raises on failure; the checkpointer retries)."""
+        import datetime
+
+        base = f"{self.prefix}{checkpoint.origin}/"
+        extra: dict[str, Any] = {}
+        if self.retain_days is not None:
+            until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=self.retain_days)
+            extra = {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until}
+        self._s3.put_object(
+            Bucket=self.bucket,
+            Key=f"{base}{checkpoint.size}.checkpoint",
+            Body=note,
+            ContentType="text/plain; charset=utf-8",
+            **extra,
+        )
+        self._s3.put_object(
+            Bucket=self.bucket, Key=f"{base}latest.checkpoint", Body=note,
+            ContentType="text/plain; charset=utf-8",
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"S3Publisher(s3://{self.bucket}/{self.prefix})"
+
+
+def publisher_for(target: Any) -> Publisher:
+    """A publisher from a ``checkpoint_publish`` item: a callable is used as is, an
+    ``s3://bucket/prefix`` URL becomes an :class:`S3Publisher` (``?retain_days=N``,
+    ``&endpoint=http://...``), anything else a :class:`DirectoryPublisher`."""
+    if callable(target):
+        return target  # type: ignore[no-any-return]
+    text = os.fspath(target)
+    if text.startswith("s3://"):
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(text)
+        opts = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        retain = opts.get("retain_days", "365")
+        return S3Publisher(
+            parts.netloc,
+            parts.path.lstrip("/"),
+            retain_days=None if retain in ("0", "none") else int(retain),
+            endpoint_url=opts.get("endpoint"),
+        )
+    return DirectoryPublisher(text)
