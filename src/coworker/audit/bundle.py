@@ -152,8 +152,8 @@ def verify_bundle(files: Mapping[str, bytes], verifier: Verifier) -> BundleRepor
     report = BundleReport()
     try:
         manifest = json.loads(files["manifest.json"])
-        if manifest.get("format") != FORMAT:
-            report.failures.append(f"manifest.json: format {manifest.get('format')!r} unknown")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            report.failures.append("manifest.json: not a coworker-audit-bundle/v1 manifest")
             return report
         checkpoint, _ = open_checkpoint(files["checkpoint"], verifier)
     except KeyError as exc:
@@ -164,7 +164,11 @@ def verify_bundle(files: Mapping[str, bytes], verifier: Verifier) -> BundleRepor
         return report
     report.tree_size = checkpoint.size
     listed: set[str] = set()
-    for entry in manifest.get("records", []):
+    entries = manifest.get("records")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        report.failures.append("manifest.json: 'records' is not a list of objects")
+        return report
+    for entry in entries:
         seq = entry.get("seq")
         rec, prf = entry.get("record"), entry.get("proof")
         listed.update((rec, prf))
@@ -174,7 +178,7 @@ def verify_bundle(files: Mapping[str, bytes], verifier: Verifier) -> BundleRepor
         body = files[rec]
         try:
             fields = json.loads(body)
-            if fields.get("seq") != seq:
+            if not isinstance(fields, dict) or fields.get("seq") != seq:
                 raise ProofError(f"the record's own seq is {fields.get('seq')!r}")
             cp, _ = verify_record_proof(body, files[prf], verifier, seq=seq)
             if cp != checkpoint:
@@ -186,6 +190,6 @@ def verify_bundle(files: Mapping[str, bytes], verifier: Verifier) -> BundleRepor
     extra = sorted(n for n in files if n.startswith(("records/", "proofs/")) and n not in listed)
     for name in extra:
         report.failures.append(f"{name}: not listed in the manifest")
-    if not manifest.get("records"):
+    if not entries:
         report.failures.append("the bundle holds no records")
     return report

@@ -314,7 +314,7 @@ def _cmd_verify_bundle(args: argparse.Namespace) -> int:
         policy = _policy(args.policy)
         if args.key is None and (policy is None or len(policy.logs) != 1):
             raise ConfigError("give --key PUBKEY (or a --policy with one log line)")
-        verifier = load_verifier(args.key) if args.key else policy.logs[0]  # type: ignore[union-attr]
+        verifier = load_verifier(args.key) if args.key else policy.logs[0]
         files = read_bundle(args.bundle)
     except (ConfigError, OSError, ValueError) as exc:
         return _fail(str(exc))

@@ -63,6 +63,10 @@ class TreeError(RuntimeError):
     """The records do not chain, so no tree (and no checkpoint) is made over them."""
 
 
+class _Raced(Exception):
+    """Another process moved the tree state between our read and our write."""
+
+
 @dataclass(frozen=True)
 class StoredCheckpoint:
     """A signed checkpoint as kept in the store's ``checkpoints`` table."""
@@ -331,7 +335,7 @@ class PostgresTable:
             row = cur.execute(
                 sql.SQL("SELECT size FROM {} WHERE id = 1 FOR UPDATE").format(self._t("tree_state"))
             ).fetchone()
-            if int(row[0]) != old_size:
+            if row is None or int(row[0]) != old_size:
                 return False
             cur.executemany(
                 sql.SQL("INSERT INTO {} VALUES (%s, %s, %s) ON CONFLICT DO NOTHING").format(
@@ -452,6 +456,14 @@ class LogTree:
         Raises:
             TreeError: a record does not chain onto the one before it.
         """
+        for _attempt in range(5):
+            try:
+                return self._sync(limit)
+            except _Raced:
+                continue  # another process extended the tree first: start from its state
+        raise TreeError("the tree kept being extended by other processes; retry")
+
+    def _sync(self, limit: int | None) -> int:
         with self._lock:
             size, last = self.table.state()
             if self._edge is not None and self._edge[0] == (size, last):
@@ -460,7 +472,8 @@ class LogTree:
                 keys = merkle.root_keys(size)
                 found = self._nodes(keys)
                 cr = CompactRange(size, [found[k] for k in keys])
-            prev, start, pending = last, size, []
+            prev, start = last, size
+            pending: list[tuple[NodeKey, bytes]] = []
             for seq, prev_hash, digest, body in _chain_rows(self.store, size + 1):
                 if seq != cr.size + 1 or prev_hash != prev or link(prev_hash, body) != digest:
                     raise TreeError(
@@ -489,7 +502,7 @@ class LogTree:
     ) -> None:
         self._edge = None  # set again when the whole sync succeeded
         if not self.table.extend(start, end, last, nodes):
-            raise TreeError("another process extended the tree at the same time; retry")
+            raise _Raced
 
     def _nodes(self, keys: Sequence[NodeKey]) -> Mapping[NodeKey, bytes]:
         high = [k for k in keys if k[0] >= STORED_LEVEL]

@@ -27,6 +27,7 @@ from coworker.audit.checkpoint import (
     Checkpoint,
     CheckpointError,
     Note,
+    NoteSignature,
     cosignature_key_id,
     open_checkpoint,
     parse_note,
@@ -171,7 +172,7 @@ def add_cosignatures(note: bytes, lines: Sequence[str]) -> bytes:
     """The note with the cosignature lines appended (one per key; existing ones replaced)."""
     parsed = parse_note(note + "".join(lines).encode())
     seen: dict[tuple[str, int], int] = {}
-    sigs = []
+    sigs: list[NoteSignature] = []
     for sig in parsed.signatures:
         key = (sig.name, sig.key_id)
         if key in seen:
