@@ -314,3 +314,52 @@ def test_consistency_proof_between_two_checkpoints(tmp_path, key, capsys) -> Non
     rewrite_record(db, 2, user_id="mallory")
     drop_tree_cache(db)
     assert main(args) == 1
+
+
+def _wait_error(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(text in r.getMessage() for r in caplog.records):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("attack", ["truncate", "rewrite", "rewrite-and-drop-tree"])
+def test_running_checkpointer_notices_the_owner_and_signs_nothing_more(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, attack: str
+) -> None:
+    """While the app runs, the owner cuts the tail, rewrites a record (recomputing the chain),
+    or also replaces the tree file: the idle heartbeat logs it and no new checkpoint is
+    signed over the changed log."""
+    import logging
+
+    from coworker.audit.checkpointer import Checkpointer
+
+    signer = generate_signer(ORIGIN)
+    db = tmp_path / "a.db"
+    fill(db, 10)
+    store = SQLiteStore(db)
+    cpr = Checkpointer(store, signer, every_records=5, every_seconds=0.1, poll=0.05)
+    assert cpr.wait_for(10)
+    signed = cpr.last
+    with caplog.at_level(logging.ERROR, logger="coworker.audit"):
+        if attack == "truncate":
+            delete_last(db, 2)
+            expected = "truncated"
+        else:
+            rewrite_record(db, 4, user_id="mallory")
+            if attack == "rewrite-and-drop-tree":
+                import sqlite3
+
+                with sqlite3.connect(str(db) + ".tree") as conn:  # roll the tree back to 0
+                    conn.execute("DELETE FROM audit_tree_state")
+                expected = "replaced or rolled back"
+            else:
+                expected = "rewritten"
+        assert _wait_error(caplog, expected)
+    cpr.close(final=True)
+    assert cpr.last == signed
+    store.close()

@@ -3,9 +3,10 @@ background (:class:`Checkpointer`: every N records or T seconds, a heartbeat whe
 at shutdown), stored beside the log and published to a directory (:class:`DirectoryPublisher`)
 or an S3 bucket with Object Lock (:class:`S3Publisher`).
 
-The idle heartbeat re-reads the log and checks it still holds the last signed tree (Ed25519
-is deterministic, so re-signing the same tree would give the same bytes): a rewrite while
-the application runs is logged as an error within ``every_seconds``.
+The idle heartbeat checks that the log still ends in the record last hashed into the tree
+(Ed25519 is deterministic, so re-signing the same tree would only repeat the same bytes): a
+rewrite (which changes the last record's hash) or a truncation while the application runs
+is logged as an error within ``every_seconds`` and nothing more is signed.
 
 The log key never signs a tree that does not extend the last checkpoint it signed
 (tlog-checkpoint "Signatures": a log MUST NOT sign inconsistent checkpoints): before
@@ -73,12 +74,16 @@ def cosign(tree: LogTree, checkpoint: Checkpoint, note: bytes, witnesses: Sequen
     return cosigned
 
 
-def make_checkpoint(tree: LogTree, signer: Signer) -> tuple[Checkpoint, bytes]:
+def make_checkpoint(
+    tree: LogTree, signer: Signer, previous: Checkpoint | None = None
+) -> tuple[Checkpoint, bytes]:
     """Catch the tree up, sign a checkpoint of it and store it.
 
     Args:
         tree: the store's tree.
         signer: the log key (its name is the origin).
+        previous: the last checkpoint this process signed: the new one must extend it too
+            (the stored checkpoints live beside the database and can be deleted).
 
     Returns:
         The checkpoint and its signed note bytes.
@@ -88,6 +93,14 @@ def make_checkpoint(tree: LogTree, signer: Signer) -> tuple[Checkpoint, bytes]:
             last stored checkpoint (nothing is signed).
     """
     size = tree.sync()
+    tree.check_head()
+    if previous is not None and (
+        previous.size > size or (previous.size and tree.root(previous.size) != previous.root)
+    ):
+        raise TreeError(
+            f"the log no longer contains the tree of checkpoint {previous.size} signed by this "
+            "process: rewritten or truncated? refusing to sign"
+        )
     stored = tree.table.latest(signer.name)
     if stored is not None:
         last = _opened.get(stored.note)
@@ -191,6 +204,7 @@ class Checkpointer:
         self._wake = threading.Event()
         self._signed = threading.Condition()
         self._last_time = 0.0
+        self._last_error = ""
         self._thread = threading.Thread(
             target=self._run, name="coworker-audit-checkpointer", daemon=True
         )
@@ -199,7 +213,8 @@ class Checkpointer:
     def checkpoint_now(self) -> tuple[Checkpoint, bytes]:
         """Sign (and publish) a checkpoint of everything appended so far, in this thread."""
         with self._signed:
-            checkpoint, note = make_checkpoint(self.tree, self.signer)
+            previous = self.last[0] if self.last is not None else None
+            checkpoint, note = make_checkpoint(self.tree, self.signer, previous)
             heartbeat = self.last is not None and self.last[0] == checkpoint
             if not heartbeat and self.witnesses:
                 note = cosign(self.tree, checkpoint, note, self.witnesses)
@@ -227,11 +242,14 @@ class Checkpointer:
             try:
                 if self._due():
                     self.checkpoint_now()
+                    self._last_error = ""
                 else:
                     self._publish()
             except Exception as exc:  # keep going: the next round may succeed
                 self.errors += 1
-                _log.error("audit checkpoint failed (will retry): %s", exc)
+                if str(exc) != self._last_error:  # loud once per new problem, not per poll
+                    _log.error("audit checkpoint failed (will retry): %s", exc)
+                    self._last_error = str(exc)
             self._wake.wait(self.poll)
             self._wake.clear()
 

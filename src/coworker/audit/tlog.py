@@ -441,6 +441,9 @@ class LogTree:
         # where this process left it reads only the new records (no leaf re-reads).
         self._edge: tuple[tuple[int, bytes], CompactRange] | None = None
         self._roots: dict[int, bytes] = {}
+        # The furthest (size, last record hash) this process has hashed: the tree table (a
+        # file the database owner can replace) must never go back behind it.
+        self._seen: tuple[int, bytes] | None = None
 
     @property
     def size(self) -> int:
@@ -466,6 +469,7 @@ class LogTree:
     def _sync(self, limit: int | None) -> int:
         with self._lock:
             size, last = self.table.state()
+            self._check_not_behind(size, last)
             if self._edge is not None and self._edge[0] == (size, last):
                 cr = self._edge[1]
             else:
@@ -492,10 +496,43 @@ class LogTree:
             if cr.size != start:
                 self._extend(start, cr.size, prev, pending)
             self._edge = ((cr.size, prev), cr)
+            self._seen = (cr.size, prev)
             if len(self._roots) > 64:
                 self._roots.clear()
             self._roots[cr.size] = cr.root()
             return cr.size
+
+    def _check_not_behind(self, size: int, last: bytes) -> None:
+        seen = self._seen
+        if seen is None:
+            return
+        if size < seen[0] or (size == seen[0] and last != seen[1]):
+            self._roots.clear()
+            raise TreeError(
+                f"the stored tree went back from {seen[0]} to {size} records or changed: "
+                "its table was replaced or rolled back (no checkpoint is signed)"
+            )
+
+    def check_head(self) -> None:
+        """Check that the log still ends where this tree does (or beyond, by new appends).
+
+        A rewrite that recomputes the chain changes the last record's hash, a truncation its
+        seq: either is caught here without re-reading the log.
+
+        Raises:
+            TreeError: the log was truncated or its tail rewritten under the tree.
+        """
+        tip = self._seen or self.table.state()
+        head = self.store.head()
+        seq = head.seq if head is not None else 0
+        if seq < tip[0]:
+            raise TreeError(
+                f"the log has {seq} records but {tip[0]} were hashed into the tree: truncated"
+            )
+        if seq == tip[0] and head is not None and head.hash != tip[1]:
+            raise TreeError(
+                f"record {seq} is no longer the one hashed into the tree: the log was rewritten"
+            )
 
     def _extend(
         self, start: int, end: int, last: bytes, nodes: list[tuple[NodeKey, bytes]]
