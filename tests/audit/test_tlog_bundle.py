@@ -344,3 +344,14 @@ def test_hostile_manifests_are_named_not_crashes(tmp_path: Path, manifest: bytes
     }
     report = verify_bundle(files, signer.verifier)
     assert not report.ok and report.failures
+
+
+def test_verify_bundle_on_a_file_that_is_no_bundle_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A random file given as BUNDLE is a clear error (exit 2), not a traceback."""
+    _, pub = _key(tmp_path)
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar at all" * 100)
+    assert main(["audit", "verify-bundle", str(junk), "--key", str(pub)]) == 2
+    assert "neither a bundle directory nor a tar" in capsys.readouterr().err

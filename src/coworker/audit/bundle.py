@@ -106,7 +106,13 @@ def write_bundle(
 
 
 def read_bundle(path: str | os.PathLike[str]) -> dict[str, bytes]:
-    """All files of a bundle (directory or tar) by their relative name."""
+    """All files of a bundle (directory or tar) by their relative name (nothing is extracted
+    to disk, so member names like ``../x`` cannot write anywhere).
+
+    Raises:
+        OSError: the path cannot be read.
+        ValueError: it is neither a directory nor a tar file.
+    """
     source = Path(path)
     files: dict[str, bytes] = {}
     if source.is_dir():
@@ -114,12 +120,15 @@ def read_bundle(path: str | os.PathLike[str]) -> dict[str, bytes]:
             if p.is_file():
                 files[p.relative_to(source).as_posix()] = p.read_bytes()
         return files
-    with tarfile.open(source, "r") as tar:
-        for member in tar.getmembers():
-            if member.isfile():
-                fh = tar.extractfile(member)
-                if fh is not None:
-                    files[member.name.removeprefix("./")] = fh.read()
+    try:
+        with tarfile.open(source, "r") as tar:
+            for member in tar.getmembers():
+                if member.isfile():
+                    fh = tar.extractfile(member)
+                    if fh is not None:
+                        files[member.name.removeprefix("./")] = fh.read()
+    except tarfile.TarError as exc:
+        raise ValueError(f"{source}: neither a bundle directory nor a tar file ({exc})") from None
     return files
 
 
