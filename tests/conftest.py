@@ -40,3 +40,8 @@ def _no_leaks() -> Iterator[None]:
 def by_name(exporter: Any) -> dict[str, Any]:
     """Finished spans by name (the last one wins)."""
     return {s.name: s for s in exporter.get_finished_spans()}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the ``stack`` tests last: CI builds the stack while the unit tests run."""
+    items.sort(key=lambda item: item.get_closest_marker("stack") is not None)

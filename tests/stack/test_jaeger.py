@@ -1,0 +1,171 @@
+"""The demo app → the shipped collector config → Jaeger v2, read back through Jaeger's query API.
+
+Today each top-level run is its own trace (the trace shape changes with issue 13), so the flow →
+step → run tree is asserted through attributes: ``flow.id``, ``step.id``, ``coworker.run.id``,
+and ``coworker.run.parent_id`` / the span parent where runs nest.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coworker import attributes as a
+from tests.stack._stack import (
+    OtlpSink,
+    Procs,
+    Stack,
+    coworker_cli,
+    python_env,
+    start_collector,
+    start_ingest,
+    start_jaeger,
+    wait_until,
+)
+
+pytestmark = pytest.mark.stack
+
+_FLOW = re.compile(r"^flow (\S+) (\S+)")
+_STEP = re.compile(r"^  step (\S+)")
+_RUN = re.compile(r"^\s+([✓✗]) (.+?)  run=([0-9a-f]+)")
+
+
+def parse_demo_tree(output: str) -> list[dict[str, Any]]:
+    """The runs the demo printed: flow type and id, step, name, run id prefix, ok."""
+    runs: list[dict[str, Any]] = []
+    flow: tuple[str, str] | None = None
+    step: str | None = None
+    for line in output.splitlines():
+        if match := _FLOW.match(line):
+            flow, step = (match.group(1), match.group(2)), None
+        elif match := _STEP.match(line):
+            step = match.group(1)
+        elif (match := _RUN.match(line)) and flow is not None:
+            runs.append(
+                {
+                    "flow_type": flow[0],
+                    "flow_id": flow[1],
+                    "step": step,
+                    "name": match.group(2),
+                    "run": match.group(3),
+                    "ok": match.group(1) == "✓",
+                }
+            )
+        elif line.startswith("audit trail"):
+            break
+    return runs
+
+
+def _run_demo(collector_url: str, protocol: str, service: str, tmp_path: Path) -> str:
+    env = python_env(
+        OTEL_SERVICE_NAME=service,
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector_url,
+        OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+    )
+    result = subprocess.run(
+        [*coworker_cli(), "demo", "--audit-url", f"sqlite:///{tmp_path / 'demo-audit.db'}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_demo_trace_tree_reaches_jaeger_through_the_collector(
+    stack: Stack, procs: Procs, tmp_path: Path, protocol: str
+) -> None:
+    """Every run the demo prints is in Jaeger with its flow, step, run, user and agent."""
+    jaeger = start_jaeger(procs, stack, tmp_path)
+    tempo = OtlpSink()
+    try:
+        ingest = start_ingest(procs, f"sqlite:///{tmp_path / 'ingest.db'}")
+        collector = start_collector(
+            procs, stack, tmp_path, jaeger=jaeger.otlp_endpoint, tempo=tempo.endpoint,
+            ingest=ingest.base_url,
+        )  # fmt: skip
+        service = f"coworker-demo-{secrets.token_hex(4)}"
+        since = time.time()
+        url = collector.otlp_http if protocol != "grpc" else collector.otlp_grpc
+        printed = parse_demo_tree(_run_demo(url, protocol, service, tmp_path))
+        assert len(printed) == 8, printed
+
+        spans = wait_until(
+            lambda: (found := jaeger.find_spans(service, since)) and len(found) >= len(printed)
+            and found,
+            f"Jaeger has the demo's {len(printed)} runs",
+            procs=procs,
+            timeout=60,
+        )  # fmt: skip
+        assert len(spans) == len(printed)
+        # The collector's traces pipeline fans out: the Tempo exporter got every span too.
+        wait_until(lambda: tempo.count() >= len(printed), "the Tempo stand-in has the spans")
+    finally:
+        tempo.close()
+
+    by_run = {s["attrs"][a.RUN_ID][:8]: s for s in spans}
+    assert set(by_run) == {r["run"] for r in printed}
+    for run in printed:
+        span = by_run[run["run"]]
+        attrs = span["attrs"]
+        assert span["resource"]["service.name"] == service
+        assert span["name"] == run["name"]
+        assert attrs[a.FLOW_TYPE] == run["flow_type"]
+        assert attrs[a.FLOW_ID] == run["flow_id"]
+        assert attrs[a.STEP_ID] == run["step"]
+        failed = span.get("status", {}).get("code") in (2, "STATUS_CODE_ERROR")
+        assert failed == (not run["ok"]), span
+        # Nested runs name their parent run and are child spans of it; top-level runs are
+        # trace roots, one trace each (today's trace shape).
+        parent_run = attrs.get(a.RUN_PARENT_ID)
+        if parent_run is None:
+            assert not span.get("parentSpanId"), span
+        else:
+            parent = next(s for s in spans if s["attrs"][a.RUN_ID] == parent_run)
+            assert span["parentSpanId"] == parent["spanId"]
+            assert span["traceId"] == parent["traceId"]
+    roots = [s for s in spans if not s.get("parentSpanId")]
+    assert len({s["traceId"] for s in roots}) == len(roots)
+
+    # The workflow: one flow, three steps in order, the payment step failed once and retried.
+    workflow = sorted(
+        (s for s in spans if s["attrs"][a.FLOW_TYPE] == "workflow"),
+        key=lambda s: int(s["startTimeUnixNano"]),
+    )
+    assert len({s["attrs"][a.FLOW_ID] for s in workflow}) == 1
+    assert [s["attrs"][a.STEP_ID] for s in workflow] == [
+        "validate", "validate", "payment", "payment", "ship",
+    ]  # fmt: skip
+    assert {s["attrs"][a.FLOW_DEFINITION_ID] for s in workflow} == {"order-processing"}
+    assert {s["attrs"][a.USER_ID] for s in workflow} == {"clerk-17"}
+    failed_payment = workflow[2]
+    assert failed_payment["attrs"][a.ERROR_TYPE] == "coworker._demo.GatewayTimeout"
+    assert failed_payment["attrs"][a.AUDIT] is True
+    assert a.ERROR_TYPE not in workflow[3]["attrs"]
+
+    # The conversation: three turns for one user and agent; the topic change broke the flow.
+    chat = sorted(
+        (s for s in spans if s["attrs"][a.FLOW_TYPE] == "ai-conversation"),
+        key=lambda s: int(s["startTimeUnixNano"]),
+    )
+    assert [s["attrs"][a.STEP_ID] for s in chat] == [
+        "turn-1-select-1", "turn-2-update-1", "turn-3-select-1",
+    ]  # fmt: skip
+    assert {s["attrs"][a.CONVERSATION_ID] for s in chat} == {"chat-42"}
+    assert {(s["attrs"][a.USER_ID], s["attrs"][a.AGENT_ID]) for s in chat} == {
+        ("user-456", "agent-789")
+    }
+    first, _second, third = chat
+    assert Counter(s["attrs"][a.FLOW_ID] for s in chat)[first["attrs"][a.FLOW_ID]] == 2
+    assert third["attrs"][a.FLOW_PREVIOUS_ID] == first["attrs"][a.FLOW_ID]
+    assert third["attrs"][a.FLOW_BREAK_REASON] == "topic-change"
