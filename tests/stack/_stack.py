@@ -618,3 +618,67 @@ def start_ingest(procs: Procs, store_url: str, *, port: int | None = None) -> In
     ingest = Ingest(proc, port, store_url)
     ingest.wait_ready(procs)
     return ingest
+
+
+@dataclass
+class Prometheus:
+    """A running Prometheus scraping the collector."""
+
+    proc: Proc
+    port: int
+
+    @property
+    def api(self) -> str:
+        """Base URL of its HTTP API."""
+        return f"http://127.0.0.1:{self.port}/api/v1"
+
+    def query(self, expr: str, **params: Any) -> list[dict[str, Any]]:
+        """Evaluate ``expr`` (instant, or range with start/end/step); return the result list."""
+        endpoint = "query_range" if "start" in params else "query"
+        response = httpx.get(f"{self.api}/{endpoint}", params={"query": expr, **params}, timeout=30)
+        body = response.json()
+        assert body.get("status") == "success", (expr, body)
+        result = body["data"]["result"]
+        assert isinstance(result, list)
+        return result
+
+    def label_values(self, label: str, match: str) -> list[str]:
+        """What Grafana's ``label_values(match, label)`` returns."""
+        response = httpx.get(
+            f"{self.api}/label/{label}/values", params={"match[]": match}, timeout=30
+        )
+        response.raise_for_status()
+        return sorted(response.json()["data"])
+
+
+def start_prometheus(
+    procs: Procs, stack: Stack, tmp_path: Path, *, collector: Collector
+) -> Prometheus:
+    """Prometheus with the shipped prometheus.yaml, its targets pointed at ``collector``.
+
+    Besides the targets only the intervals change (15 s → 1 s), so the test does not wait for
+    slow scrapes.
+    """
+    config = load_yaml(COLLECTOR_DIR / "prometheus.yaml")
+    replace_at(config, ("global", "scrape_interval"), "1s")
+    replace_at(config, ("global", "evaluation_interval"), "1s")
+    targets = {
+        "collector:8889": f"127.0.0.1:{collector.ports.prometheus}",
+        "collector:8888": f"127.0.0.1:{collector.ports.telemetry}",
+    }
+    for job in config["scrape_configs"]:
+        for static in job["static_configs"]:
+            static["targets"] = [targets[t] for t in static["targets"]]
+    path = write_yaml(tmp_path / "prometheus.yaml", config)
+    port = free_port()
+    argv = [stack.binary("PROMETHEUS_BIN"), f"--config.file={path}",
+            f"--storage.tsdb.path={tmp_path / 'prometheus-data'}",
+            f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
+    proc = procs.start("prometheus", argv)
+    wait_until(
+        lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"),
+        "Prometheus is ready",
+        procs=procs,
+        watch=(proc,),
+    )
+    return Prometheus(proc, port)
