@@ -1,0 +1,92 @@
+"""Phoenix as a second real OTLP receiver: the demo over OTLP/HTTP and OTLP/gRPC, read back
+through Phoenix's REST API (``GET /v1/projects/{project}/spans/otlpv1``).
+
+Phoenix's gRPC port binds every interface, so the whole exchange runs in a network namespace
+with only a loopback interface (tests/stack/phoenix_check.py explains).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from coworker import attributes as a
+from tests.stack._stack import ROOT, Stack, python_env, unavailable
+from tests.stack.test_jaeger import parse_demo_tree
+
+pytestmark = pytest.mark.stack
+
+
+def _attributes(span: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for kv in span.get("attributes") or []:
+        value = {k: v for k, v in kv["value"].items() if v is not None}
+        out[kv["key"]] = next(iter(value.values())) if value else None
+    return out
+
+
+@pytest.fixture(scope="module")
+def phoenix_result(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """What phoenix_check.py read back from Phoenix, per protocol."""
+    phoenix = stack.binary("PHOENIX_BIN")
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        unavailable("a network namespace for Phoenix needs root, unshare and ip")
+    workdir = tmp_path_factory.mktemp("phoenix")
+    inner = (
+        f"ip link set lo up && exec {sys.executable} -m tests.stack.phoenix_check "
+        f"--phoenix {phoenix} --workdir {workdir}"
+    )
+    result = subprocess.run(
+        ["unshare", "--net", "sh", "-c", inner],
+        env=python_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    log_file = workdir / "phoenix.log"
+    log = log_file.read_text(errors="replace")[-3000:] if log_file.exists() else ""
+    assert result.returncode == 0, f"{result.stderr[-3000:]}\n--- phoenix.log\n{log}"
+    data = json.loads(result.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_phoenix_has_every_demo_run_with_its_attributes(
+    phoenix_result: dict[str, Any], protocol: str
+) -> None:
+    """Each run the demo printed is a Phoenix span with its flow, step, user and agent."""
+    printed = parse_demo_tree(phoenix_result[protocol]["printed"])
+    spans = phoenix_result[protocol]["spans"]
+    assert len(printed) == 8
+    assert len(spans) == len(printed)
+    by_run = {_attributes(s)[a.RUN_ID][:8]: s for s in spans}
+    assert set(by_run) == {r["run"] for r in printed}
+    for run in printed:
+        span = by_run[run["run"]]
+        attrs = _attributes(span)
+        assert span["name"] == run["name"]
+        assert attrs[a.FLOW_TYPE] == run["flow_type"]
+        assert attrs[a.FLOW_ID] == run["flow_id"]
+        assert attrs[a.STEP_ID] == run["step"]
+        assert (a.ERROR_TYPE in attrs) == (not run["ok"])
+    chat = [_attributes(s) for s in spans if _attributes(s)[a.FLOW_TYPE] == "ai-conversation"]
+    assert {(c[a.USER_ID], c[a.AGENT_ID], c[a.CONVERSATION_ID]) for c in chat} == {
+        ("user-456", "agent-789", "chat-42")
+    }
+    audit = {s["name"] for s in spans if _attributes(s)[a.AUDIT] is True}
+    assert audit == {"submit Payment", "create Shipment", "update Invoice"}
+
+
+def test_phoenix_keeps_the_two_protocols_apart(phoenix_result: dict[str, Any]) -> None:
+    """The HTTP and gRPC runs landed in their own projects (no span in both)."""
+    ids = [{s["span_id"] for s in phoenix_result[p]["spans"]} for p in ("http", "grpc")]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
