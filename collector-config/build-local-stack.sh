@@ -49,6 +49,8 @@ log() { printf '[build-local-stack %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 # Go: persistent module/build caches in the cache dir; -trimpath for reproducible binaries;
 # GOTOOLCHAIN=local so a go.mod asking for a newer Go fails loudly instead of downloading one.
 go_env() {
+  # Go's official tarball installs to /usr/local/go; a non-login shell may not have it on PATH.
+  command -v go > /dev/null || export PATH="$PATH:/usr/local/go/bin"
   export GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOFLAGS=-trimpath GOTOOLCHAIN=local
   export CGO_ENABLED=0
 }

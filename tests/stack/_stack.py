@@ -84,10 +84,10 @@ def load_stack() -> dict[str, str]:
     deadline = time.monotonic() + BUILD_TIMEOUT
     while (status := status_file.read_text().strip()) == "building":
         pid_file = state / "pid"
-        if pid_file.is_file() and not _pid_alive(int(pid_file.read_text().strip() or 0)):
-            # Re-read: the script may have finished between the two reads.
-            if status_file.read_text().strip() == "building":
-                unavailable(f"the stack build died without a status\n{_build_log_tail(state)}")
+        dead = pid_file.is_file() and not _pid_alive(int(pid_file.read_text().strip() or 0))
+        # Re-read the status: the script may have finished between the two reads.
+        if dead and status_file.read_text().strip() == "building":
+            unavailable(f"the stack build died without a status\n{_build_log_tail(state)}")
         if time.monotonic() > deadline:
             pytest.fail(f"the stack build did not finish in {BUILD_TIMEOUT:.0f} s")
         time.sleep(1)
@@ -321,36 +321,18 @@ def render_collector_config(
     return config
 
 
-def jaeger_config(*, otlp_grpc: int, query_http: int, query_grpc: int, health: int) -> dict[str, Any]:
-    """A Jaeger v2 all-in-one config: OTLP/gRPC in, memory storage, query API, loopback only."""
-    return {
-        "service": {
-            "extensions": ["jaeger_storage", "jaeger_query", "healthcheckv2"],
-            "pipelines": {
-                "traces": {
-                    "receivers": ["otlp"],
-                    "processors": ["batch"],
-                    "exporters": ["jaeger_storage_exporter"],
-                }
-            },
-            # Jaeger's own metrics would listen on :8888 (the collector's default port).
-            "telemetry": {"metrics": {"level": "none"}, "logs": {"level": "info"}},
-        },
-        "extensions": {
-            "healthcheckv2": {"use_v2": True, "http": {"endpoint": f"127.0.0.1:{health}"}},
-            "jaeger_query": {
-                "storage": {"traces": "memstore"},
-                "http": {"endpoint": f"127.0.0.1:{query_http}"},
-                "grpc": {"endpoint": f"127.0.0.1:{query_grpc}"},
-            },
-            "jaeger_storage": {"backends": {"memstore": {"memory": {"max_traces": 100000}}}},
-        },
-        "receivers": {
-            "otlp": {"protocols": {"grpc": {"endpoint": f"127.0.0.1:{otlp_grpc}"}}},
-        },
-        "processors": {"batch": {"timeout": "200ms"}},
-        "exporters": {"jaeger_storage_exporter": {"trace_storage": "memstore"}},
-    }
+def jaeger_config(*, otlp_grpc: int, query_http: int, query_grpc: int, health: int) -> Any:
+    """collector-config/jaeger-local.yaml with its loopback ports substituted."""
+    config = load_yaml(COLLECTOR_DIR / "jaeger-local.yaml")
+    local = "127.0.0.1"
+    extensions = config["extensions"]
+    replace_at(extensions, ("healthcheckv2", "http", "endpoint"), f"{local}:{health}")
+    replace_at(extensions, ("jaeger_query", "http", "endpoint"), f"{local}:{query_http}")
+    replace_at(extensions, ("jaeger_query", "grpc", "endpoint"), f"{local}:{query_grpc}")
+    replace_at(
+        config, ("receivers", "otlp", "protocols", "grpc", "endpoint"), f"{local}:{otlp_grpc}"
+    )
+    return config
 
 
 def coworker_cli() -> list[str]:
@@ -396,7 +378,7 @@ class OtlpSink:
         self._lock = __import__("threading").Lock()
 
         class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
-            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC name
+            def Export(self, request: Any, context: Any) -> Any:
                 with sink._lock:
                     for rs in request.resource_spans:
                         for ss in rs.scope_spans:

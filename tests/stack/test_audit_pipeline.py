@@ -196,7 +196,7 @@ class RecordingProxy:
         self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 encoding = self.headers.get("Content-Encoding", "")
                 raw = gzip.decompress(body) if encoding == "gzip" else body
@@ -260,7 +260,9 @@ def test_only_audit_spans_reach_the_ingest_endpoint_with_the_token(
         )
         loader = Loader(collector.otlp_http, audit_per_batch=10, pause=0.1).start()
         try:
-            wait_until(lambda: len(loader.acked) >= 100, "100 audit spans acknowledged", procs=procs)
+            wait_until(
+                lambda: len(loader.acked) >= 100, "100 audit spans acknowledged", procs=procs
+            )
         finally:
             loader.stop()
         wait_until(

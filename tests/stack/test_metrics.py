@@ -181,9 +181,7 @@ def finite_values(series: dict[str, Any]) -> list[float]:
 def has_data(result: list[dict[str, Any]], labels: set[str]) -> list[dict[str, Any]]:
     """The series of ``result`` with every label in ``labels`` and at least one finite value."""
     return [
-        s
-        for s in result
-        if finite_values(s) and all(s["metric"].get(label) for label in labels)
+        s for s in result if finite_values(s) and all(s["metric"].get(label) for label in labels)
     ]
 
 

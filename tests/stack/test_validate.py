@@ -13,7 +13,10 @@ from tests.stack._stack import COLLECTOR_DIR, TOKEN_FILE, Stack, load_yaml, writ
 
 pytestmark = pytest.mark.stack
 
-SHIPPED = [COLLECTOR_DIR / "otelcol-config.yaml", COLLECTOR_DIR / "existing-collector-snippets.yaml"]
+SHIPPED = [
+    COLLECTOR_DIR / "otelcol-config.yaml",
+    COLLECTOR_DIR / "existing-collector-snippets.yaml",
+]
 
 
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda p: p.name)
@@ -35,6 +38,19 @@ def test_the_built_collector_validates_the_shipped_config(
         timeout=120,
         check=False,
     )
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_built_collector_validates_the_local_overlay(stack: Stack) -> None:
+    """otelcol-config.yaml merged with otelcol-local.yaml (the README's local stack) is valid."""
+    result = subprocess.run(
+        [stack.binary("OTELCOL_BIN"), "validate", f"--config={SHIPPED[0]}",
+         f"--config={COLLECTOR_DIR / 'otelcol-local.yaml'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
 
 
