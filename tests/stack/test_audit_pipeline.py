@@ -3,8 +3,9 @@
 * Only spans with the boolean ``coworker.audit == true`` reach the ingest endpoint, with the
   bearer token from ``collector-config/secrets/ingest-token``.
 * Under load, the ingest server stops for ``OUTAGE_S`` seconds and the collector is killed with
-  SIGKILL in the middle of it and restarted: every audit span the collector acknowledged ends
-  up in the store exactly once, and the chain verifies.
+  SIGKILL in the middle of it and restarted, then killed and restarted once more with the
+  ingest server up: every audit span the collector acknowledged ends up in the store exactly
+  once, and the chain verifies.
 """
 
 from __future__ import annotations
@@ -309,7 +310,7 @@ def test_a_wrong_token_is_refused_by_the_ingest_endpoint(procs: Procs, pg_url: s
 def test_acknowledged_audit_spans_survive_an_ingest_outage_and_a_collector_crash(
     stack: Stack, procs: Procs, tmp_path: Path, pg_url: str
 ) -> None:
-    """Ingest down for OUTAGE_S under load, collector SIGKILLed meanwhile: nothing lost, no dups."""
+    """Ingest down OUTAGE_S under load, collector SIGKILLed in it and after: none lost, no dups."""
     ingest = start_ingest(procs, pg_url)
     sink = OtlpSink()
     try:
@@ -361,6 +362,17 @@ def test_acknowledged_audit_spans_survive_an_ingest_outage_and_a_collector_crash
             wait_until(
                 lambda: len(loader.acked) > acked_before_crash + 200,
                 "load continues after the restart",
+                procs=procs,
+            )
+            # A second crash with the ingest server up: batches in flight are sent again
+            # after the restart, and the store's dedup key makes the repeat a no-op.
+            collector.proc.kill9()
+            acked_before_second_crash = len(loader.acked)
+            collector.proc.start()
+            collector.wait_ready(procs)
+            wait_until(
+                lambda: len(loader.acked) > acked_before_second_crash + 200,
+                "load continues after the second restart",
                 procs=procs,
             )
         finally:
