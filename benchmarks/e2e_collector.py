@@ -32,9 +32,8 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.stack helpers
 
-from ingest import _client  # noqa: E402 - benchmarks/ingest.py, beside this file
-
-from tests.stack._stack import (  # noqa: E402
+from ingest import _client
+from tests.stack._stack import (
     TOKEN_FILE,
     CollectorPorts,
     OtlpSink,
