@@ -32,7 +32,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.stack helpers
 
-from ingest import _client
+from ingest import _client  # benchmarks/ingest.py, beside this file
 from tests.stack._stack import (
     TOKEN_FILE,
     CollectorPorts,
