@@ -735,3 +735,26 @@ def test_collector_and_jaeger_versions_are_pinned_together() -> None:
     major, minor, patch = (int(x) for x in jaeger.split("."))
     assert major == 2
     assert _script_pin("JAEGER_MODULE_VERSION") == f"v1.{63 + minor}.{patch}"
+
+
+def _leaves(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, (*path, str(key)))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _leaves(value, (*path, str(i)))
+    else:
+        yield path, node
+
+
+def test_local_overlay_changes_only_addresses_and_paths() -> None:
+    """otelcol-local.yaml overrides existing endpoint/path keys of otelcol-config.yaml, no more."""
+    shipped = dict(_leaves(_collector()))
+    overlay = dict(_leaves(_load_yaml(COLLECTOR_DIR / "otelcol-local.yaml")))
+    assert overlay
+    for path, value in overlay.items():
+        assert path in shipped, f"{'.'.join(path)} is not in otelcol-config.yaml"
+        assert path[-1] in {"endpoint", "filename", "directory", "host", "port"}, path
+        if path[-1] in {"endpoint", "host"}:
+            assert "127.0.0.1" in str(value), (path, value)
