@@ -15,13 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -348,21 +348,6 @@ def python_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def which(name: str) -> str | None:
-    """shutil.which, for symmetry in the tests."""
-    return shutil.which(name)
-
-
-@contextlib.contextmanager
-def procs_in(tmp_path: Path) -> Iterator[Procs]:
-    """A Procs registry whose processes are stopped on exit."""
-    procs = Procs(tmp_path)
-    try:
-        yield procs
-    finally:
-        procs.close()
-
-
 # ------------------------------------------------------------------------------ servers
 class OtlpSink:
     """An in-process OTLP/gRPC trace receiver (stands in for Tempo, which is not built here)."""
@@ -375,7 +360,7 @@ class OtlpSink:
 
         sink = self
         self.spans: list[Any] = []
-        self._lock = __import__("threading").Lock()
+        self._lock = threading.Lock()
 
         class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
             def Export(self, request: Any, context: Any) -> Any:
@@ -559,12 +544,6 @@ def start_collector(
     collector = Collector(proc, ports, path)
     collector.wait_ready(procs)
     return collector
-
-
-def restart_collector(procs: Procs, stack: Stack, collector: Collector) -> None:
-    """Start the same collector (same config, same disk queue) again; wait until healthy."""
-    collector.proc.start()
-    collector.wait_ready(procs)
 
 
 @dataclass
