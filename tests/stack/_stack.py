@@ -91,10 +91,13 @@ def load_stack() -> dict[str, str]:
         if time.monotonic() > deadline:
             pytest.fail(f"the stack build did not finish in {BUILD_TIMEOUT:.0f} s")
         time.sleep(1)
-    if status != "ready":
+    env_file = state / "stack.env"
+    # After a failed build the parts that did build are still listed: only the tests of the
+    # missing part fail (Stack.binary), with the build log in the message.
+    if status != "ready" and not env_file.is_file():
         unavailable(f"the stack build {status}\n{_build_log_tail(state)}")
-    env: dict[str, str] = {}
-    for line in (state / "stack.env").read_text().splitlines():
+    env: dict[str, str] = {"_BUILD_LOG": _build_log_tail(state) if status != "ready" else ""}
+    for line in env_file.read_text().splitlines():
         if line and not line.startswith("#") and "=" in line:
             key, value = line.split("=", 1)
             env[key] = value
@@ -111,7 +114,9 @@ class Stack:
         """The path of ``OTELCOL_BIN``, ``JAEGER_BIN``, ... or unavailable()."""
         path = self.env.get(key, "")
         if not path or not os.access(path, os.X_OK):
-            unavailable(f"{key} is not built ({path or 'no path'})")
+            unavailable(
+                f"{key} is not built ({path or 'no path'})\n{self.env.get('_BUILD_LOG', '')}"
+            )
         return path
 
 
