@@ -149,15 +149,16 @@ install_prometheus() {
 
 install_phoenix() {
   local dir="$CACHE/phoenix-$PHOENIX_VERSION"
-  if [ -x "$dir/bin/phoenix" ]; then
+  if [ -f "$dir/.installed" ] && [ -x "$dir/bin/phoenix" ]; then
     log "phoenix: cached $dir"
   else
     # A venv cannot be moved into place after it is built (its scripts name their own path), so
-    # it is built in place; bin/phoenix appears only once pip has succeeded.
+    # it is built in place and marked complete only once pip has succeeded.
     rm -rf "$dir"
     log "phoenix: pip install arize-phoenix==$PHOENIX_VERSION into $dir"
     python3 -m venv "$dir"
     "$dir/bin/pip" install --quiet --disable-pip-version-check "arize-phoenix==$PHOENIX_VERSION"
+    touch "$dir/.installed"
   fi
   PHOENIX_BIN="$dir/bin/phoenix"
 }
