@@ -137,6 +137,8 @@ class Proc:
     log_path: Path
     env: dict[str, str] | None = None
     cwd: Path | None = None
+    stop_timeout: float = 20
+    """Seconds between SIGTERM and SIGKILL at teardown."""
     popen: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self) -> Proc:
@@ -212,7 +214,7 @@ class Procs:
         """Stop everything."""
         for proc in reversed(self.started):
             with contextlib.suppress(Exception):
-                proc.stop(timeout=20)
+                proc.stop(timeout=proc.stop_timeout)
 
 
 def wait_until(
@@ -466,7 +468,8 @@ def start_jaeger(procs: Procs, stack: Stack, tmp_path: Path) -> Jaeger:
         otlp_grpc=otlp_grpc, query_http=query_http, query_grpc=free_port(), health=free_port()
     )
     path = write_yaml(tmp_path / "jaeger.yaml", config)
-    proc = procs.start("jaeger", [stack.binary("JAEGER_BIN"), f"--config={path}"])
+    # Memory storage, nothing to flush: Jaeger's 10 s graceful shutdown is not worth waiting for.
+    proc = procs.start("jaeger", [stack.binary("JAEGER_BIN"), f"--config={path}"], stop_timeout=2)
     wait_until(
         lambda: http_ok(f"http://127.0.0.1:{query_http}/api/v3/services"),
         "Jaeger's query API answers",

@@ -279,6 +279,8 @@ def test_only_audit_spans_reach_the_ingest_endpoint_with_the_token(
         )
         forwarded = proxy.forwarded()
     finally:
+        # Processes first: a collector still exporting to a closed sink waits out its retries.
+        procs.close()
         proxy.close()
         sink.close()
 
@@ -393,6 +395,8 @@ def test_acknowledged_audit_spans_survive_an_ingest_outage_and_a_collector_crash
             timeout=120,
         )
     finally:
+        # Processes first: a collector still exporting to a closed sink waits out its retries.
+        procs.close()
         sink.close()
 
     stored = stored_keys(pg_url)

@@ -111,6 +111,8 @@ def test_demo_trace_tree_reaches_jaeger_through_the_collector(
         # The collector's traces pipeline fans out: the Tempo exporter got every span too.
         wait_until(lambda: tempo.count() >= len(printed), "the Tempo stand-in has the spans")
     finally:
+        # Processes first: a collector still exporting to a closed sink waits out its retries.
+        procs.close()
         tempo.close()
 
     by_run = {s["attrs"][a.RUN_ID][:8]: s for s in spans}
