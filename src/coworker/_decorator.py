@@ -31,6 +31,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
+from coworker import _flow_events  # flow event (issue 14)
 from coworker import attributes as attr
 from coworker._capture import capture
 from coworker._state import SETTINGS
@@ -503,6 +504,7 @@ def _begin(
     r._scope_token = SCOPE.set(_Scope(cell, step, r, identity, scope.turn))
     if flow is not None:
         flow._running.add(r)
+        _flow_events.run_started(r, scope)  # flow event (issue 14)
     policy = settings.policy
     gate = settings.audit_gate
     if (
@@ -705,6 +707,7 @@ def _end_detached(r: Run, exc: BaseException | None) -> None:
     _reseal(r)
     if exc is not None and _is_failure(exc):
         _record_failure(r.span, exc)
+    _flow_events.run_ended(r, exc)  # flow event (issue 14)
     r.span.end()
 
 
@@ -718,6 +721,7 @@ def _end(r: Run, exc: BaseException | None) -> None:
         _record_failure(span, exc)
     _restore(r._scope_token)
     otel_context.detach(r._otel_token)
+    _flow_events.run_ended(r, exc)  # flow event (issue 14)
     # Ending may append an audit record; a failure there (AuditUnavailable) surfaces here.
     span.end()
 
@@ -1128,6 +1132,7 @@ class _StepRunner:
                 and _is_failure(exc)
             ):
                 _record_failure(r.span, exc)
+            _flow_events.run_ended(r, exc)  # flow event (issue 14)
             r.span.end()
 
 

@@ -59,6 +59,7 @@ def configure(
     checkpoint_every: Any = None,
     checkpoint_publish: Any = None,
     witnesses: Sequence[str] | None = None,
+    flow_events: str | Iterable[str] | bool | None = None,
 ) -> None:
     """Set up coworker: the tracer provider, exporters, the audit trail and the policy.
 
@@ -105,6 +106,10 @@ def configure(
             e.g. a WORM share; failures are logged and retried, never block appends.
         witnesses: C2SP tlog-witness URLs asked to cosign each checkpoint (needs
             ``checkpoint_key``); a refusal is logged, 409 meaning it saw another tree.
+        flow_events: the flow types whose lifecycle (started, steps, breaks, end, seal) is
+            written to the audit log (docs/flows.md): flow type names, ``True`` / ``"all"``
+            for every type, ``False`` / ``"none"`` for none. Default:
+            ``COWORKER_FLOW_EVENTS``, else ``workflow`` only. Needs an audit trail.
 
     Raises:
         ConfigError: a setting is invalid (the message names it). Security-relevant settings
@@ -117,6 +122,11 @@ def configure(
         raise ConfigError(f"audit_failure={audit_failure!r}: use 'raise' or 'log'")
     if capture_limit is not None and (not isinstance(capture_limit, int) or capture_limit < 16):
         raise ConfigError(f"capture_limit={capture_limit!r}: must be an int >= 16")
+    from coworker import _flow_events
+
+    event_types = _flow_events.parse_types(
+        flow_events if flow_events is not None else os.environ.get(config.COWORKER_FLOW_EVENTS)
+    )
     if flow_idle_timeout is not None and flow_idle_timeout < 0:
         raise ConfigError(f"flow_idle_timeout={flow_idle_timeout!r} must be >= 0")
     if service_name is not None:
@@ -239,6 +249,10 @@ def configure(
         old_pipeline, _audit_pipeline = _audit_pipeline, pipeline
         s.audit_gate = pipeline.gate if pipeline is not None and fail_closed else None
         s.audit_records = pipeline is not None
+        if pipeline is not None:  # flow events (issue 14): queued ones go to the old writer
+            _flow_events.install(pipeline.exporter.writer, event_types)
+        else:
+            _flow_events.uninstall()
         _shutdown_members(old, old_pipeline)
         # After the pipeline flushed: the last checkpoint covers every record it wrote.
         old_checkpointer, _checkpointer = _checkpointer, checkpointer
@@ -332,7 +346,10 @@ def _shutdown_members(members: Iterable[Any], pipeline: Any) -> None:
 
 def force_flush(timeout_millis: int = 30000) -> bool:
     """Export everything coworker's processors hold; ``True`` when all succeeded."""
+    from coworker import _flow_events
+
     with _lock:
+        _flow_events.flush()
         return _processor.force_flush(timeout_millis) if _processor is not None else True
 
 
@@ -342,10 +359,13 @@ def shutdown() -> None:
     The tracer provider stays (it may be the application's); runs keep working and are
     exported by whatever the provider still has. Safe to call more than once.
     """
+    from coworker import _flow_events
+
     global _audit_pipeline, _checkpointer
     with _lock:
         SETTINGS.audit_gate = None
         SETTINGS.audit_records = False
+        _flow_events.uninstall()
         old = _processor.replace(()) if _processor is not None else ()
         pipeline, _audit_pipeline = _audit_pipeline, None
         _shutdown_members(old, pipeline)

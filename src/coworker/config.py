@@ -17,6 +17,7 @@ __all__ = [
     "COWORKER_AUDIT_FAIL_CLOSED",
     "COWORKER_AUDIT_URL",
     "COWORKER_DEBUG",
+    "COWORKER_FLOW_EVENTS",
     "COWORKER_FLOW_IDLE_TIMEOUT",
     "COWORKER_TRUST_BAGGAGE_IDENTITY",
     "DEFAULT_AUDIT_PATH",
@@ -41,6 +42,10 @@ COWORKER_AUDIT_FAIL_CLOSED: Final = "COWORKER_AUDIT_FAIL_CLOSED"
 COWORKER_FLOW_IDLE_TIMEOUT: Final = "COWORKER_FLOW_IDLE_TIMEOUT"
 """Seconds of inactivity after which the next run of an ``ai-conversation`` flow breaks it
 with reason ``timeout`` (default 1800; ``0`` turns it off)."""
+
+COWORKER_FLOW_EVENTS: Final = "COWORKER_FLOW_EVENTS"
+"""Flow types whose lifecycle is written to the audit log as flow events (docs/flows.md):
+a comma-separated list (default ``workflow``), ``all`` or ``none``."""
 
 COWORKER_TRUST_BAGGAGE_IDENTITY: Final = "COWORKER_TRUST_BAGGAGE_IDENTITY"
 """``1``/``true``: accept ``user.id`` / agent identity that arrives in W3C baggage from another

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
+from coworker import _flow_events  # flow event (issue 14)
 from coworker import attributes as attr
 from coworker._state import SETTINGS
 from coworker.exceptions import CoworkerError
@@ -295,6 +296,7 @@ def _break(cell: _FlowCell, reason: str, type: str | None) -> Flow:
     )
     new._session = old._session
     cell.flow = new
+    _flow_events.flow_broken(old, new)  # flow event (issue 14)
     return new
 
 
@@ -337,6 +339,7 @@ class _Block(AsyncContextMixin):
         new = self._scope(current)
         new.prev = current
         SCOPE.set(new)
+        _flow_events.block_entered(self, new)  # flow event (issue 14)
         return self._value()
 
     def __exit__(
@@ -345,8 +348,10 @@ class _Block(AsyncContextMixin):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        prev = SCOPE.get().prev
+        scope = SCOPE.get()  # flow event (issue 14): was `prev = SCOPE.get().prev`
+        prev = scope.prev
         SCOPE.set(prev if prev is not None else EMPTY_SCOPE)
+        _flow_events.block_exited(self, scope, exc)  # flow event (issue 14)
 
 
 def _restore(token: contextvars.Token[_Scope]) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from coworker.audit.correction import correct
+    from coworker.audit.fold import FlowState, list_flows, replay
     from coworker.audit.store import AuditStore, Head, InMemoryStore, StoredRecord
     from coworker.audit.urls import DEFAULT_AUDIT_URL, open_store
     from coworker.audit.verify import VerifyReport, verify_chain
@@ -19,12 +20,15 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_AUDIT_URL",
     "AuditStore",
+    "FlowState",
     "Head",
     "InMemoryStore",
     "StoredRecord",
     "VerifyReport",
     "correct",
+    "list_flows",
     "open_store",
+    "replay",
     "verify_chain",
 ]
 
@@ -36,6 +40,9 @@ _LAZY = {
     "StoredRecord": "coworker.audit.store",
     "VerifyReport": "coworker.audit.verify",
     "correct": "coworker.audit.correction",
+    "FlowState": "coworker.audit.fold",
+    "list_flows": "coworker.audit.fold",
+    "replay": "coworker.audit.fold",
     "open_store": "coworker.audit.urls",
     "verify_chain": "coworker.audit.verify",
 }

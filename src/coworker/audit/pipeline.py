@@ -21,6 +21,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from coworker import attributes as attr
+from coworker._flow_events import write_with_events
 from coworker.audit.exporter import AuditSpanExporter, is_audit_span
 from coworker.audit.record import entry_from_span, intent_from_span
 from coworker.audit.store import AuditStore
@@ -66,7 +67,7 @@ class AuditSpanProcessor(SpanProcessor):
         """
         if not is_audit_span(span):
             return
-        self.exporter.writer.write([entry_from_span(span)])
+        write_with_events(self.exporter.writer, entry_from_span(span))  # flow event (issue 14)
 
     def shutdown(self) -> None:
         """Flush queued records and close the exporter (and its store if it owns it)."""

@@ -29,6 +29,7 @@ import rfc8785
 from coworker import attributes as attr
 
 __all__ = [
+    "CATEGORY_FLOW",
     "CATEGORY_INGEST_CONFLICT",
     "FIELDS",
     "KIND_CORRECTION",
@@ -60,6 +61,13 @@ KIND_CORRECTION: Final = "correction"
 CATEGORY_INGEST_CONFLICT: Final = "ingest-conflict"
 """Category of the record ``coworker audit serve`` writes when two different spans claim the
 same trace and span id (both are kept; this record names them in ``conflict_seqs``)."""
+
+CATEGORY_FLOW: Final = "flow"
+"""Category of flow lifecycle events (flow started, step entered ... flow sealed; issue 14,
+docs/flows.md). ``operation`` is the event name; the optional keys ``flow_event_v``,
+``attempt``, ``definition_id``, ``definition_steps``, ``previous_flow_id``, ``break_reason``,
+``next_flow_id``, ``head_seq``, ``head_hash``, ``flow_status`` and ``fold_version`` are added
+without a schema version change, like ``ingest_token``."""
 
 OUTCOME_OK: Final = "ok"
 """``outcome`` of a run that did not fail; a failed run has its error type instead."""

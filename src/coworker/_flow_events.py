@@ -1,0 +1,556 @@
+"""Flow lifecycle events: what a flow did, written into the audit log as records (issue 14).
+
+The flow code (``flow.py``, ``_decorator.py``) calls the hooks below at the points where a
+flow starts, enters or leaves a step, breaks and ends; each hook is one line there, marked
+``# flow event (issue 14)``. Without an audit trail (:func:`install` not called) every hook
+returns after one global read, so ``import coworker`` and unaudited runs pay nothing.
+
+The events are ordinary audit records (category ``flow``, kind ``outcome``, ``operation`` =
+the event name) and go through the configured :class:`~coworker.audit.writer.AuditWriter`:
+same chain, same group commit, same failure policy. :mod:`coworker.audit.fold` folds them
+(with the flow's run records) into the flow's state; docs/flows.md describes both.
+
+Batching, and what "never lost" means here: the events that *open* something (flow started,
+step entered / retried) and the outcome of a step that a single audited run opened are
+queued and written in the same transaction as the next record the process writes (usually the
+run record that follows), so a workflow step costs no transaction of its own. Every other
+event (a ``with step()`` block's outcome, a break, the end of a flow, the seal) is written
+before the hook returns, together with everything queued, in order. So a queued event is
+durable before any record written after it and before its flow's next outcome; a crash can
+take only queued "opening" events whose step then left no record at all. A failed write puts
+the events back at the head of the queue and raises like a run record would (``"raise"``
+policy) or is retried by the writer (``"log"`` policy): never dropped.
+
+This module imports nothing from :mod:`coworker.audit` at import time (the SDK line); the
+record fields are built here and the writer is handed in by ``configure()``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from coworker._decorator import Run
+    from coworker.flow import Flow, _Scope
+
+__all__ = [
+    "CATEGORY_FLOW",
+    "DEFAULT_TYPES",
+    "EVENTS",
+    "FLOW_BROKEN",
+    "FLOW_COMPLETED",
+    "FLOW_EVENTS_VERSION",
+    "FLOW_FAILED",
+    "FLOW_SEALED",
+    "FLOW_STARTED",
+    "STEP_COMPLETED",
+    "STEP_ENTERED",
+    "STEP_FAILED",
+    "STEP_RETRIED",
+    "install",
+    "live_state",
+    "parse_types",
+    "uninstall",
+]
+
+FLOW_EVENTS_VERSION: Final = 1
+"""Version of the flow event fields, stored in every event as ``flow_event_v``."""
+
+CATEGORY_FLOW: Final = "flow"
+"""``category`` of every flow event record."""
+
+FLOW_STARTED: Final = "flow-started"
+STEP_ENTERED: Final = "step-entered"
+STEP_RETRIED: Final = "step-retried"
+STEP_COMPLETED: Final = "step-completed"
+STEP_FAILED: Final = "step-failed"
+FLOW_BROKEN: Final = "flow-broken"
+FLOW_COMPLETED: Final = "flow-completed"
+FLOW_FAILED: Final = "flow-failed"
+FLOW_SEALED: Final = "flow-sealed"
+EVENTS: Final = (
+    FLOW_STARTED,
+    STEP_ENTERED,
+    STEP_RETRIED,
+    STEP_COMPLETED,
+    STEP_FAILED,
+    FLOW_BROKEN,
+    FLOW_COMPLETED,
+    FLOW_FAILED,
+    FLOW_SEALED,
+)
+"""Every event name, in lifecycle order."""
+
+DEFAULT_TYPES: Final = frozenset({"workflow"})
+"""Flow types that get events unless configured otherwise (``COWORKER_FLOW_EVENTS``)."""
+
+_ENDED_KEPT: Final = 1024
+"""Live states of ended flows kept for :func:`live_state` (the oracle tests read them)."""
+
+Entry = tuple[Mapping[str, Any], "bytes | None"]
+
+_log = logging.getLogger("coworker.audit")
+
+
+class _Live:
+    """What the emitting process itself knows of a flow (not derived from the log)."""
+
+    __slots__ = ("current_step", "ended", "head", "status", "steps")
+
+    def __init__(self) -> None:
+        self.status = "active"
+        self.current_step: str | None = None
+        self.steps: dict[str, list[Any]] = {}  # step -> [attempts, outcome]
+        self.head: tuple[int, str] | None = None  # (seq, hash hex) of the latest record seen
+        self.ended = False
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "current_step": self.current_step,
+            "steps": {k: {"attempts": v[0], "outcome": v[1]} for k, v in self.steps.items()},
+            "head_seq": self.head[0] if self.head is not None else None,
+        }
+
+
+# Process-wide state. _writer is read without the lock on the hot path (one global read);
+# everything else changes under _lock. _flush_lock serialises take-and-write, so queued events
+# reach the log in the order they were emitted even when several threads flush.
+_writer: Any = None
+_types: frozenset[str] | None = DEFAULT_TYPES
+_lock: Final = threading.Lock()
+_flush_lock: Final = threading.RLock()
+_pending: collections.deque[Entry] = collections.deque()
+_live: dict[str, _Live] = {}
+_ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+_step_runs: dict[int, tuple[Flow, str]] = {}  # id(run) -> (flow, step) for runs that opened a step
+
+
+def parse_types(value: str | Iterable[str] | bool | None) -> frozenset[str] | None:
+    """The flow types that get events, from ``configure(flow_events=...)`` or the env var.
+
+    Args:
+        value: ``None`` → :data:`DEFAULT_TYPES`; ``True`` or ``"all"`` / ``"*"`` → every type
+            (returns ``None``); ``False`` or ``"none"`` / ``""`` → none; a comma-separated
+            string or an iterable of flow types → those.
+
+    Raises:
+        ConfigError: a type is not a lower-case flow type name.
+    """
+    from coworker.exceptions import ConfigError
+    from coworker.flow import _FLOW_TYPE_RE
+
+    if value is None:
+        return DEFAULT_TYPES
+    if value is True:
+        return None
+    if value is False:
+        return frozenset()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(i).strip().lower() for i in items]
+    names = [n for n in names if n]
+    if names in (["all"], ["*"]):
+        return None
+    if names in ([], ["none"]):
+        return frozenset()
+    for n in names:
+        if not _FLOW_TYPE_RE.match(n):
+            raise ConfigError(f"flow_events: {n!r} is not a flow type (e.g. 'workflow')")
+    return frozenset(names)
+
+
+def install(writer: Any, types: frozenset[str] | None) -> None:
+    """Send flow events of ``types`` (``None``: all) through ``writer`` (``configure()``)."""
+    global _writer, _types
+    flush()
+    with _lock:
+        _writer = writer
+        _types = types
+
+
+def uninstall() -> None:
+    """Write what is queued and stop emitting (``shutdown()`` / a new ``configure()``)."""
+    global _writer
+    try:
+        flush()
+    except Exception:
+        _log.exception("coworker: %d flow events could not be written at shutdown", len(_pending))
+    finally:
+        with _lock:
+            _writer = None
+            _live.clear()
+            _step_runs.clear()
+
+
+def live_state(flow_id: str) -> dict[str, Any] | None:
+    """What this process recorded of flow ``flow_id`` as it ran (status, current step, steps
+    with attempts and outcome, head seq), or ``None`` for a flow it has no events of.
+
+    Kept for live flows and the last 1,024 ended ones; the tests compare it with the fold.
+    """
+    with _lock:
+        live = _live.get(flow_id)
+        if live is not None:
+            return live.snapshot()
+        return _ended.get(flow_id)
+
+
+# -- hooks called by the flow code ------------------------------------------------------------
+
+
+def block_entered(block: Any, scope: _Scope) -> None:
+    """A ``flow`` / workflow start, ``step`` or conversation turn block was entered."""
+    if _writer is None:
+        return
+    cell = scope.cell
+    if cell is None:
+        return
+    kind = type(block).__name__
+    f = cell.flow
+    if kind in ("_FlowBlock", "_TurnBlock"):
+        _ensure_started(f, scope)
+    elif kind == "_StepBlock" and _enabled(f):
+        _ensure_started(f, scope)
+        _step_entered(f, scope.step, scope)
+
+
+def block_exited(block: Any, scope: _Scope, exc: BaseException | None) -> None:
+    """A block is being left (``exc``: what it raised); ends steps and flows."""
+    if _writer is None:
+        return
+    cell = scope.cell
+    if cell is None:
+        return
+    kind = type(block).__name__
+    f = cell.flow
+    if kind == "_StepBlock":
+        if scope.step is not None and _running(f, scope.step):
+            _step_ended(f, scope.step, scope, exc, sync=True)
+    elif kind == "_FlowBlock" and _enabled(f):
+        _end_flow(f, scope, exc)
+
+
+def flow_broken(old: Flow, new: Flow) -> None:
+    """``old`` was broken and replaced by ``new`` (``break_flow`` or an automatic break)."""
+    if _writer is None:
+        return
+    from coworker.flow import SCOPE
+
+    scope = SCOPE.get()
+    if _enabled(old) and _known(old):
+        with _lock:
+            live = _live.get(old.id)
+            if live is not None:
+                for state in live.steps.values():
+                    if state[1] == "running":
+                        state[1] = "interrupted"
+                live.status = "broken"
+        _emit(
+            _entry(
+                FLOW_BROKEN,
+                old,
+                scope,
+                step=None,
+                extra={"next_flow_id": new.id, "break_reason": new.break_reason},
+            ),
+            sync=False,
+        )
+        _seal(old, scope)
+    if _enabled(new):
+        _ensure_started(new, scope)
+
+
+def run_started(r: Run, scope: _Scope) -> None:
+    """A run began; one that opens a step of its own (``step=`` or a conversation's assigned
+    step, not its enclosing step) enters that step."""
+    if _writer is None:
+        return
+    f = r.flow
+    if f is None or r.step is None or r.step == scope.step or not _enabled(f):
+        return
+    _ensure_started(f, scope)
+    with _lock:
+        _step_runs[id(r)] = (f, r.step)
+    _step_entered(f, r.step, scope)
+
+
+def run_ended(r: Run, exc: BaseException | None) -> None:
+    """A run is ending (before its span ends and its record is written)."""
+    if _writer is None or not _step_runs:
+        return
+    with _lock:
+        opened = _step_runs.pop(id(r), None)
+    if opened is None:
+        return
+    f, step = opened
+    if not _running(f, step):
+        return
+    from coworker.flow import SCOPE
+
+    # An audited run's record is written as its span ends: the outcome joins that write.
+    # Any other run's step outcome is written now.
+    _step_ended(f, step, SCOPE.get(), exc, sync=r.category is None or not r.span.is_recording())
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def flush() -> None:
+    """Write every queued event now (``force_flush``, ``shutdown``, the end of a flow)."""
+    _write([])
+
+
+def write_with_events(writer: Any, entry: Entry) -> list[Any]:
+    """Write a run record, preceded in the same transaction by the queued flow events.
+
+    The audit span processor's one write call (``pipeline.py``).
+    """
+    if not _pending:
+        records = writer.write([entry])
+        if _live:
+            _observe([entry], records)
+        return list(records)
+    return _write([entry], writer)
+
+
+def _write(tail: Sequence[Entry], writer: Any = None) -> list[Any]:
+    with _flush_lock:
+        with _lock:
+            taken = list(_pending)
+            _pending.clear()
+        entries = taken + list(tail)
+        if not entries:
+            return []
+        w = writer if writer is not None else _writer
+        if w is None:  # uninstalled meanwhile: keep them for the next writer
+            with _lock:
+                _pending.extendleft(reversed(taken))
+            return []
+        try:
+            records = w.write(entries)
+        except BaseException:
+            # Not durable: put the events back, in order, ahead of anything queued since.
+            with _lock:
+                _pending.extendleft(reversed(taken))
+            raise
+        _observe(entries, records)
+        return list(records)
+
+
+def _observe(entries: Sequence[Entry], records: Sequence[Any]) -> None:
+    """Move the heads of live flows to the records just written."""
+    if len(records) != len(entries):
+        # Durable but not sealed yet (a spooling store) or kept for retry: the flows of these
+        # entries have a head this process cannot know; their seal says so (head null).
+        with _lock:
+            for fields, _ in entries:
+                live = _live.get(fields.get("flow_id") or "")
+                if live is not None:
+                    live.head = None
+        return
+    with _lock:
+        for (fields, _), rec in zip(entries, records, strict=True):
+            live = _live.get(fields.get("flow_id") or "")
+            if live is not None and (live.head is None or rec.seq > live.head[0]):
+                live.head = (rec.seq, rec.hash.hex())
+
+
+def _emit(entry: Entry, *, sync: bool) -> None:
+    with _lock:
+        _pending.append(entry)
+    if sync:
+        _write([])
+
+
+# -- events ----------------------------------------------------------------------------------
+
+
+def _enabled(f: Flow) -> bool:
+    types = _types
+    return types is None or f.type in types
+
+
+def _known(f: Flow) -> bool:
+    with _lock:
+        return f.id in _live
+
+
+def _running(f: Flow, step: str) -> bool:
+    with _lock:
+        live = _live.get(f.id)
+        return live is not None and not live.ended and live.steps.get(step, [0, ""])[1] == "running"
+
+
+def _ensure_started(f: Flow, scope: _Scope) -> None:
+    if not _enabled(f):
+        return
+    with _lock:
+        if f.id in _live or f.id in _ended:
+            return
+        _live[f.id] = _Live()
+    extra: dict[str, Any] = {}
+    if f.definition is not None:
+        extra["definition_id"] = f.definition.id
+        extra["definition_steps"] = ",".join(f.definition.steps)
+    if f.previous_id is not None:
+        extra["previous_flow_id"] = f.previous_id
+        extra["break_reason"] = f.break_reason
+    _emit(_entry(FLOW_STARTED, f, scope, step=None, extra=extra), sync=False)
+
+
+def _step_entered(f: Flow, step: str | None, scope: _Scope) -> None:
+    if step is None:
+        return
+    with _lock:
+        live = _live.get(f.id)
+        if live is None or live.ended:
+            return
+        state = live.steps.setdefault(step, [0, "running"])
+        retried = state[0] > 0 and state[1] == "failed"
+        state[0] += 1
+        state[1] = "running"
+        attempt = state[0]
+        live.current_step = step
+        live.status = "active"
+    event = STEP_RETRIED if retried else STEP_ENTERED
+    _emit(_entry(event, f, scope, step=step, extra={"attempt": attempt}), sync=False)
+
+
+def _step_ended(
+    f: Flow, step: str, scope: _Scope, exc: BaseException | None, *, sync: bool
+) -> None:
+    failed = exc is not None and _is_failure(exc)
+    with _lock:
+        live = _live.get(f.id)
+        if live is None or live.ended:
+            return
+        state = live.steps[step]
+        state[1] = "failed" if failed else "completed"
+        attempt = state[0]
+        if failed:
+            live.status = "blocked"
+    event = STEP_FAILED if failed else STEP_COMPLETED
+    outcome = _error_type(exc) if failed and exc is not None else "ok"
+    _emit(
+        _entry(event, f, scope, step=step, extra={"attempt": attempt}, outcome=outcome),
+        sync=sync,
+    )
+
+
+def _end_flow(f: Flow, scope: _Scope, exc: BaseException | None) -> None:
+    _ensure_started(f, scope)
+    failed = exc is not None and _is_failure(exc)
+    with _lock:
+        live = _live.get(f.id)
+        if live is None or live.ended:
+            return
+        live.status = "failed" if failed else "completed"
+    outcome = _error_type(exc) if failed and exc is not None else "ok"
+    event = FLOW_FAILED if failed else FLOW_COMPLETED
+    _emit(_entry(event, f, scope, step=None, extra={}, outcome=outcome), sync=False)
+    _seal(f, scope)
+
+
+def _seal(f: Flow, scope: _Scope) -> None:
+    """Write what is queued, then the seal carrying the flow's head at that moment."""
+    with _flush_lock:
+        _write([])
+        with _lock:
+            live = _live.get(f.id)
+            if live is None or live.ended:
+                return
+            live.ended = True
+            head = live.head
+            status = live.status
+        extra: dict[str, Any] = {
+            "head_seq": head[0] if head is not None else None,
+            "head_hash": head[1] if head is not None else None,
+            "flow_status": status,
+            "fold_version": _fold_version(),
+        }
+        try:
+            _emit(_entry(FLOW_SEALED, f, scope, step=None, extra=extra), sync=True)
+        finally:
+            with _lock:
+                done = _live.pop(f.id, None)
+                if done is not None:
+                    _ended[f.id] = done.snapshot()
+                    while len(_ended) > _ENDED_KEPT:
+                        _ended.popitem(last=False)
+
+
+def _fold_version() -> int:
+    from coworker.audit.fold import FOLD_VERSION
+
+    return FOLD_VERSION
+
+
+def _is_failure(exc: BaseException) -> bool:
+    from coworker._decorator import _is_failure as failure
+
+    return failure(exc)
+
+
+def _error_type(exc: BaseException) -> str:
+    from coworker._decorator import error_type
+
+    return error_type(exc)
+
+
+def _entry(
+    event: str,
+    f: Flow,
+    scope: _Scope,
+    *,
+    step: str | None,
+    extra: Mapping[str, Any],
+    outcome: str = "ok",
+) -> Entry:
+    from opentelemetry import trace
+
+    from coworker.audit.record import SCHEMA_VERSION, format_time
+
+    now = format_time(time.time_ns())
+    identity = scope.identity
+    user = identity.user if identity is not None else None
+    agent = identity.agent if identity is not None else None
+    run = scope.run
+    ctx = trace.get_current_span().get_span_context()
+    fields: dict[str, Any] = {
+        "v": SCHEMA_VERSION,
+        "kind": "outcome",
+        "recorded_at": now,
+        "category": CATEGORY_FLOW,
+        "operation": event,
+        "doctype": None,
+        "name": event,
+        "outcome": outcome,
+        "error_type": None if outcome == "ok" else outcome,
+        "run_id": run.id if run is not None else None,
+        "parent_run_id": None,
+        "chain_id": run.chain_id if run is not None else None,
+        "flow_type": f.type,
+        "flow_id": f.id,
+        "step_id": step,
+        "user_id": user.id if user is not None else None,
+        "agent_id": agent.id if agent is not None else None,
+        "agent_name": agent.name if agent is not None else None,
+        "session_id": identity.session if identity is not None else None,
+        "conversation_id": f.conversation_id,
+        "service": None,
+        "trace_id": format(ctx.trace_id, "032x") if ctx.is_valid else None,
+        "span_id": format(ctx.span_id, "016x") if ctx.is_valid else None,
+        "parent_span_id": None,
+        "start": now,
+        "end": now,
+        "intent_seq": None,
+        "payload_digest": None,
+        "flow_event_v": FLOW_EVENTS_VERSION,
+    }
+    fields.update(extra)
+    return fields, None
