@@ -1,4 +1,4 @@
-"""The ``coworker audit verify | query | tree | correct`` subcommands.
+"""The ``coworker audit verify | query | tree | correct | flow | flows`` subcommands.
 
 Plain text with aligned columns on stdout; progress and errors on stderr. ``rich`` draws the
 verify progress bar when it is installed and stderr is a terminal; otherwise a plain counter.
@@ -137,6 +137,8 @@ def register(subparsers: Any) -> None:
     )
     correct.add_argument("--url", default=None, help=url_help)
     correct.set_defaults(func=_cmd_correct)
+
+    _register_flow_commands(subparsers, url_help)  # flows folded from the log (issue 14)
 
 
 @contextmanager
@@ -342,4 +344,163 @@ def _cmd_correct(args: argparse.Namespace) -> int:
     except (AuditUnavailable, ConfigError, LookupError) as exc:
         return _fail(str(exc))
     print(f"correction #{record.seq} appended for #{args.seq}  hash {record.hash.hex()}")
+    return 0
+
+
+# -- flows folded from the log (issue 14, docs/flows.md) ------------------------------------
+
+
+def _register_flow_commands(subparsers: Any, url_help: str) -> None:
+    """Add ``flow`` (one flow's folded state) and ``flows`` (flows with their status)."""
+    one = subparsers.add_parser(
+        "flow", help="a flow's state folded from the log: status, steps, transitions, seal"
+    )
+    one.add_argument(
+        "flow_id", metavar="FLOW_ID", help="a flow id, or a unique prefix of one (as printed)"
+    )
+    one.add_argument(
+        "--as-of",
+        default=None,
+        metavar="SEQ|TIME",
+        help="replay up to this seq (inclusive) or time (ISO 8601, or 30m / 2h / 7d ago)",
+    )
+    one.add_argument(
+        "--newer-fold",
+        action="store_true",
+        help="replay a flow sealed under an older fold version with this one",
+    )
+    one.add_argument("--url", default=None, help=url_help)
+    one.add_argument("--json", action="store_true", help="print the state as one JSON object")
+    one.set_defaults(func=_cmd_flow)
+
+    many = subparsers.add_parser("flows", help="flows with their status folded from the log")
+    many.add_argument(
+        "--status", default=None, choices=("active", "blocked", "completed", "failed", "broken")
+    )
+    many.add_argument("--type", dest="flow_type", default=None, help="flow.type")
+    many.add_argument(
+        "--since", default=None, help="flows started at or after (ISO 8601, or 30m / 2h / 7d)"
+    )
+    many.add_argument("--url", default=None, help=url_help)
+    many.add_argument("--json", action="store_true", help="one JSON object per line")
+    many.set_defaults(func=_cmd_flows)
+
+
+def _as_of(text: str | None) -> int | str | None:
+    from coworker.audit.query import parse_time
+
+    if text is None:
+        return None
+    if text.strip().isdigit():
+        return int(text)
+    return parse_time(text)
+
+
+def _cmd_flow(args: argparse.Namespace) -> int:
+    from coworker.audit.fold import FoldVersionError, replay
+    from coworker.audit.query import resolve_flow_id
+
+    try:
+        as_of = _as_of(args.as_of)
+        with _store(args.url, readonly=True) as store:
+            flow_id = resolve_flow_id(store, args.flow_id)
+            state = replay(store, flow_id, as_of, newer_fold=args.newer_fold)
+    except (AuditUnavailable, ConfigError, FoldVersionError) as exc:
+        return _fail(str(exc))
+    except LookupError as exc:
+        return _fail(str(exc), 1)
+    if args.json:
+        print(json_text(state.to_dict()))
+        return 0
+    p = printable
+    out = sys.stdout
+    out.write(f"flow      {p(state.flow_id)}  ({p(state.flow_type or '-')})\n")
+    out.write(f"status    {p(state.status)}")
+    if state.error_type:
+        out.write(f"  ({p(state.error_type)})")
+    if state.next_flow_id:
+        out.write(f"  -> {p(state.next_flow_id)} ({p(state.next_break_reason)})")
+    out.write("\n")
+    if state.definition_id:
+        out.write(f"workflow  {p(state.definition_id)}: {p(', '.join(state.definition_steps))}\n")
+    if state.previous_flow_id:
+        out.write(f"broke from {p(state.previous_flow_id)} ({p(state.break_reason)})\n")
+    out.write(f"step      {p(state.current_step or '-')}\n")
+    out.write(f"started   {_short_time(state.started_at) or '-'}\n")
+    if state.ended_at:
+        out.write(f"ended     {_short_time(state.ended_at)}\n")
+    out.write(f"users     {p(', '.join(state.users) or '-')}\n")
+    out.write(f"agents    {p(', '.join(state.agents) or '-')}\n")
+    out.write(
+        f"records   {state.records} ({state.events} flow events, {state.runs} runs, "
+        f"{state.failed_runs} failed)\n"
+    )
+    if state.head is not None:
+        out.write(f"head      {state.head.seq}:{state.head.hash}\n")
+    seal = state.seal
+    if seal is not None:
+        verdict = {True: "matches", False: "DOES NOT MATCH", None: "unknown"}[seal.head_matches]
+        out.write(f"sealed    seq {seal.seq}, head {seal.head_seq}:{seal.head_hash} ({verdict})")
+        if seal.status_matches is False:
+            out.write(f"; sealed status {p(seal.flow_status)} differs from the fold")
+        out.write("\n")
+        if state.after_seal:
+            out.write(f"          {state.after_seal} records written after the seal\n")
+    if state.as_of is not None:
+        out.write(f"as of     {p(state.as_of)}\n")
+    if state.steps:
+        rows = [["STEP", "ATTEMPTS", "OUTCOME", "ERROR"]]
+        rows += [
+            [p(s.step_id), str(s.attempts), s.outcome, p(s.error_type or "-")] for s in state.steps
+        ]
+        out.write("\n")
+        _print_table(rows, out)
+    if state.transitions:
+        rows = [["SEQ", "TIME", "EVENT", "STEP", "STATUS"]]
+        rows += [
+            [
+                str(t.seq),
+                _short_time(t.at),
+                p(t.event),
+                p(t.step_id or "-"),
+                f"{t.status_from or '-'} -> {t.status_to}",
+            ]
+            for t in state.transitions
+        ]
+        out.write("\n")
+        _print_table(rows, out)
+    return 0
+
+
+def _cmd_flows(args: argparse.Namespace) -> int:
+    from coworker.audit.fold import FoldVersionError, list_flows
+    from coworker.audit.query import parse_time
+
+    try:
+        since = parse_time(args.since) if args.since is not None else None
+        with _store(args.url, readonly=True) as store:
+            flows = list_flows(store, status=args.status, flow_type=args.flow_type, since=since)
+    except (AuditUnavailable, ConfigError, FoldVersionError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        for f in flows:
+            print(json_text(f.to_dict()))
+        return 0
+    if not flows:
+        print("no matching flows", file=sys.stderr)
+        return 0
+    rows = [["FLOW", "TYPE", "STATUS", "STEP", "STARTED", "ENDED", "SEALED"]]
+    rows += [
+        [
+            printable(f.flow_id),
+            printable(f.flow_type or "-"),
+            f.status,
+            printable(f.current_step or "-"),
+            _short_time(f.started_at) or "-",
+            _short_time(f.ended_at) or "-",
+            "yes" if f.sealed else "no",
+        ]
+        for f in flows
+    ]
+    _print_table(rows, sys.stdout)
     return 0
