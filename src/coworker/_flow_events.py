@@ -424,7 +424,12 @@ def _step_entered(f: Flow, step: str | None, scope: _Scope) -> None:
 def _step_ended(
     f: Flow, step: str, scope: _Scope, exc: BaseException | None, *, sync: bool
 ) -> None:
-    failed = exc is not None and _is_failure(exc)
+    # A generator run ends with StopIteration when exhausted: that is its success.
+    failed = (
+        exc is not None
+        and not isinstance(exc, StopIteration | StopAsyncIteration)
+        and _is_failure(exc)
+    )
     with _lock:
         live = _live.get(f.id)
         if live is None or live.ended:
@@ -519,7 +524,6 @@ def _entry(
     identity = scope.identity
     user = identity.user if identity is not None else None
     agent = identity.agent if identity is not None else None
-    run = scope.run
     ctx = trace.get_current_span().get_span_context()
     fields: dict[str, Any] = {
         "v": SCHEMA_VERSION,
@@ -531,9 +535,12 @@ def _entry(
         "name": event,
         "outcome": outcome,
         "error_type": None if outcome == "ok" else outcome,
-        "run_id": run.id if run is not None else None,
+        # No run or span id: an event is not a run's record. Sharing the run's span id would
+        # let a step event close that run's fail-closed intent (in-doubt detection pairs an
+        # intent with the next outcome of the same span) and would add a node to its tree.
+        "run_id": None,
         "parent_run_id": None,
-        "chain_id": run.chain_id if run is not None else None,
+        "chain_id": None,
         "flow_type": f.type,
         "flow_id": f.id,
         "step_id": step,
@@ -543,8 +550,8 @@ def _entry(
         "session_id": identity.session if identity is not None else None,
         "conversation_id": f.conversation_id,
         "service": None,
-        "trace_id": format(ctx.trace_id, "032x") if ctx.is_valid else None,
-        "span_id": format(ctx.span_id, "016x") if ctx.is_valid else None,
+        "trace_id": format(ctx.trace_id, "032x") if ctx.is_valid else None,  # finds the trace
+        "span_id": None,
         "parent_span_id": None,
         "start": now,
         "end": now,

@@ -17,6 +17,7 @@ from typing import Any, Final
 from coworker._text import printable
 from coworker.attributes import AUDIT_CATEGORIES
 from coworker.audit.record import (
+    CATEGORY_FLOW,
     CATEGORY_INGEST_CONFLICT,
     KIND_CORRECTION,
     KIND_INTENT,
@@ -49,7 +50,7 @@ IN_DOUBT: Final = "in-doubt"
 
 _FILTERS: Final = QUERY_FILTERS
 
-CATEGORIES: Final = (*AUDIT_CATEGORIES, CATEGORY_INGEST_CONFLICT)
+CATEGORIES: Final = (*AUDIT_CATEGORIES, CATEGORY_INGEST_CONFLICT, CATEGORY_FLOW)
 """Every category a record can have: a ``category`` filter outside these is an error, not a
 query that silently matches nothing."""
 
@@ -411,6 +412,8 @@ def build_tree(entries: Iterable[AuditEntry], flow_id: str) -> FlowTree:
         if f.get("kind") == KIND_CORRECTION:
             corrections.append(entry)
             continue
+        if f.get("category") == CATEGORY_FLOW:  # flow events are not runs (coworker audit flow)
+            continue
         key = f.get("run_id") or f.get("span_id") or f"#{entry.seq}"
         by_seq[entry.seq] = key
         existing = nodes.get(key)
@@ -546,7 +549,7 @@ def render_tree(tree: FlowTree) -> str:
         for j, run in enumerate(step.runs):
             walk(run, prefix, j == len(step.runs) - 1)
     if not tree.steps:
-        lines.append("   (no records for this flow)")
+        lines.append("   (no run records for this flow; its flow events: coworker audit flow)")
     return "\n".join(lines)
 
 

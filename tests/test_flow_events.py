@@ -1,0 +1,117 @@
+"""Flow lifecycle events (coworker._flow_events): configuration, what is written, and that
+events never pose as runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import coworker
+from coworker import _flow_events
+from coworker.audit.fold import replay
+from coworker.audit.query import build_tree, in_doubt, query
+from coworker.audit.store_sqlite import SQLiteStore
+
+FLOW = coworker.workflow("w", steps=["one", "two"])
+
+
+@coworker.run(operation="create", doctype="Doc")
+def create() -> None:
+    """An audited state change."""
+
+
+def _events(store: SQLiteStore) -> list[str]:
+    return [e.fields["operation"] for e in query(store, category="flow")]
+
+
+def test_flow_events_setting_parses_types_all_and_none() -> None:
+    """`flow_events=` takes type names, all/none, booleans; a bad name is a ConfigError."""
+    assert _flow_events.parse_types(None) == frozenset({"workflow"})
+    assert _flow_events.parse_types("workflow, batch-job") == {"workflow", "batch-job"}
+    assert _flow_events.parse_types("all") is None and _flow_events.parse_types(True) is None
+    assert _flow_events.parse_types("none") == frozenset() == _flow_events.parse_types(False)
+    with pytest.raises(coworker.ConfigError, match="flow_events"):
+        _flow_events.parse_types("Work Flow")
+
+
+def test_env_var_selects_flow_types(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """COWORKER_FLOW_EVENTS=none turns workflow events off; batch-job turns that type on."""
+    db = tmp_path / "a.db"
+    monkeypatch.setenv("COWORKER_FLOW_EVENTS", "none")
+    coworker.configure(audit=f"sqlite:///{db}")
+    with FLOW.start(), coworker.step("one"):
+        create()
+    monkeypatch.setenv("COWORKER_FLOW_EVENTS", "batch-job")
+    coworker.configure(audit=f"sqlite:///{db}")
+    with coworker.flow("batch-job") as job:
+        create()
+    coworker.shutdown()
+    store = SQLiteStore(db)
+    assert {e.fields["flow_id"] for e in query(store, category="flow")} == {job.id}
+    store.close()
+
+
+def test_no_audit_trail_no_events_and_nothing_queued() -> None:
+    """Without an audit trail the hooks do nothing (and keep nothing)."""
+    with FLOW.start() as f, f.step("one"):
+        create()
+    assert _flow_events.live_state(f.id) is None and not _flow_events._pending
+
+
+def test_flow_events_are_not_runs_in_the_tree_nor_close_intents(tmp_path: Path) -> None:
+    """A step event carries no run or span id: `audit tree` shows only runs, and a
+    fail-closed intent is never closed by the step outcome of its run."""
+    db = tmp_path / "a.db"
+    coworker.configure(audit=f"sqlite:///{db}", fail_closed=True)
+
+    @coworker.run(operation="submit", doctype="Doc", step="two")
+    def submit() -> None:
+        create()
+
+    with FLOW.start() as f:
+        submit()
+    store = SQLiteStore(db)
+    events = [e for e in query(store, flow_id=f.id) if e.fields["category"] == "flow"]
+    assert events and all(e.fields["span_id"] is None for e in events)
+    assert all(e.fields["run_id"] is None for e in events)
+    tree = build_tree(query(store, flow_id=f.id), f.id)
+    assert [r.entry.fields["operation"] for s in tree.steps for r in s.runs] == ["submit"]
+    assert in_doubt(store) == []
+    store.close()
+
+
+def test_generator_run_opens_and_closes_its_step(tmp_path: Path) -> None:
+    """A decorated generator with step= enters the step at its first next() and completes
+    it when exhausted."""
+    db = tmp_path / "a.db"
+    coworker.configure(audit=f"sqlite:///{db}")
+
+    @coworker.run(operation="import", doctype="Doc", step="one")
+    def rows() -> object:
+        yield 1
+        yield 2
+
+    with FLOW.start() as f:
+        assert list(rows()) == [1, 2]  # type: ignore[call-overload]
+    store = SQLiteStore(db)
+    state = replay(store, f.id)
+    assert [(s.step_id, s.outcome) for s in state.steps] == [("one", "completed")]
+    assert _events(store)[-2:] == ["flow-completed", "flow-sealed"]
+    store.close()
+
+
+def test_opening_events_share_the_run_records_transaction(tmp_path: Path) -> None:
+    """flow-started and step-entered are not written on their own: they land together with
+    the first run record (seqs 1, 2, 3 committed at once), the step outcome after it."""
+    db = tmp_path / "a.db"
+    coworker.configure(audit=f"sqlite:///{db}")
+    store = SQLiteStore(db)
+    with FLOW.start() as f:
+        with f.step("one"):
+            assert store.head() is None  # nothing written yet: the events are queued
+            create()
+            head = store.head()
+            assert head is not None and head.seq == 3
+        assert _events(store) == ["flow-started", "step-entered", "step-completed"]
+    store.close()
