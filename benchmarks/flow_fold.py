@@ -10,6 +10,10 @@ Two measurements on a real SQLite file (synchronous=NORMAL while building it):
    ``coworker.audit.fold.list_flows`` against (a) reading the same rows raw and (b) reading
    and ``json.loads``-ing them (the decode floor a fold cannot avoid).
 
+3. **What the events cost a workflow**: workflows of 3 steps with one audited run each, through
+   ``coworker.configure(audit=sqlite, synchronous=FULL)``, with flow events on (the default
+   for workflows) against ``flow_events="none"``, interleaved.
+
 Prints the median of ``--repeats`` runs and the ratios.
 
 Usage::
@@ -69,6 +73,7 @@ def main() -> None:
     parser.add_argument("--flows", type=int, default=100_000)
     parser.add_argument("--noise", type=int, default=50_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workflows", type=int, default=300)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="flow-fold-"))
 
@@ -128,6 +133,38 @@ def main() -> None:
     print(f"  same rows read + json.loads      {t_dec:8.2f} s   list / decoded = "
           f"{t_list / t_dec:.1f}x")  # fmt: skip
     store.close()
+
+    # 3. what the events cost a workflow
+    import coworker
+
+    wf = coworker.workflow("orders", steps=["validate", "pay", "ship"])
+
+    @coworker.run(operation="update", doctype="Order")
+    def update() -> None:
+        pass
+
+    def workflows(events: str) -> float:
+        coworker.configure(audit=f"sqlite:///{tmp / f'wf-{events}.db'}", flow_events=events)
+        t0 = time.perf_counter()
+        for _ in range(args.workflows):
+            with wf.start() as f:
+                for step in wf.steps:
+                    with f.step(step):
+                        update()
+        elapsed = time.perf_counter() - t0
+        coworker.shutdown()
+        return args.workflows / elapsed
+
+    on: list[float] = []
+    off: list[float] = []
+    for _ in range(args.repeats):
+        off.append(workflows("none"))
+        on.append(workflows("workflow"))
+    r_on, r_off = statistics.median(on), statistics.median(off)
+    print("workflows of 3 steps x 1 audited run, SQLite synchronous=FULL")
+    print(f"  flow events off                  {r_off:8.0f} workflows/s")
+    print(f"  flow events on                   {r_on:8.0f} workflows/s   on / off = "
+          f"{r_on / r_off:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

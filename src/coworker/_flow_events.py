@@ -126,6 +126,7 @@ _types: frozenset[str] | None = DEFAULT_TYPES
 _lock: Final = threading.Lock()
 _flush_lock: Final = threading.RLock()
 _pending: collections.deque[Entry] = collections.deque()
+_inflight = 0  # take-and-writes under way (write_with_events must not overtake them)
 _live: dict[str, _Live] = {}
 _ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 _step_runs: dict[int, tuple[Flow, str]] = {}  # id(run) -> (flow, step) for runs that opened a step
@@ -310,7 +311,10 @@ def write_with_events(writer: Any, entry: Entry) -> list[Any]:
 
     The audit span processor's one write call (``pipeline.py``).
     """
-    if not _pending:
+    if not _pending and not _inflight:
+        # Nothing queued and no flush under way: a plain write (the common case). While a
+        # flush is writing taken events, a run record waits for it, so that it never lands
+        # before an event its own thread emitted earlier.
         records = writer.write([entry])
         if _live:
             _observe([entry], records)
@@ -319,27 +323,33 @@ def write_with_events(writer: Any, entry: Entry) -> list[Any]:
 
 
 def _write(tail: Sequence[Entry], writer: Any = None) -> list[Any]:
+    global _inflight
     with _flush_lock:
         with _lock:
             taken = list(_pending)
             _pending.clear()
-        entries = taken + list(tail)
-        if not entries:
-            return []
-        w = writer if writer is not None else _writer
-        if w is None:  # uninstalled meanwhile: keep them for the next writer
-            with _lock:
-                _pending.extendleft(reversed(taken))
-            return []
+            _inflight += 1
         try:
-            records = w.write(entries)
-        except BaseException:
-            # Not durable: put the events back, in order, ahead of anything queued since.
+            entries = taken + list(tail)
+            if not entries:
+                return []
+            w = writer if writer is not None else _writer
+            if w is None:  # uninstalled meanwhile: keep them for the next writer
+                with _lock:
+                    _pending.extendleft(reversed(taken))
+                return []
+            try:
+                records = w.write(entries)
+            except BaseException:
+                # Not durable: put the events back, in order, ahead of anything queued since.
+                with _lock:
+                    _pending.extendleft(reversed(taken))
+                raise
+            _observe(entries, records)
+            return list(records)
+        finally:
             with _lock:
-                _pending.extendleft(reversed(taken))
-            raise
-        _observe(entries, records)
-        return list(records)
+                _inflight -= 1
 
 
 def _observe(entries: Sequence[Entry], records: Sequence[Any]) -> None:

@@ -517,3 +517,71 @@ def test_postgres_replay_and_listing_match_the_live_flows(tmp_path: Path) -> Non
         store.close()
     finally:
         server.close()
+
+
+def test_a_process_killed_mid_flow_folds_to_where_it_was(tmp_path: Path) -> None:
+    """os._exit inside a step: what was durable folds to an active, unsealed flow whose
+    step is still running (its step-entered rode with the run record)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    db = tmp_path / "a.db"
+    script = textwrap.dedent(
+        f"""
+        import os, coworker
+        coworker.configure(audit="sqlite:///{db}")
+        wf = coworker.workflow("w", steps=["one", "two"])
+        @coworker.run(operation="create", doctype="D")
+        def c(): pass
+        with wf.start(id="crash-flow") as f:
+            with f.step("one"):
+                c()
+            with f.step("two"):
+                c()
+                os._exit(3)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    store = SQLiteStore(db)
+    state = replay(store, "crash-flow")
+    assert state.status == "active" and state.seal is None and state.current_step == "two"
+    assert [(s.step_id, s.outcome) for s in state.steps] == [
+        ("one", "completed"),
+        ("two", "running"),
+    ]
+    assert state.runs == 2 and verify_chain(store).ok
+    store.close()
+
+
+def test_cli_flows_lists_with_status_type_and_since_filters(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`coworker audit flows` lists every flow with its folded status; filters narrow it."""
+    import argparse
+
+    from coworker.audit.cli import _cmd_flows
+
+    coworker.configure(audit=db, flow_events="all")
+    with ORDERS.start() as done:
+        pass
+    with pytest.raises(ValueError), coworker.flow("batch-job") as job:
+        raise ValueError("bad row")
+    coworker.shutdown()
+
+    def run(**kw: Any) -> str:
+        ns = argparse.Namespace(url=db, status=None, flow_type=None, since=None, json=False)
+        for k, v in kw.items():
+            setattr(ns, k, v)
+        assert _cmd_flows(ns) == 0
+        return capsys.readouterr().out
+
+    table = run()
+    assert done.id in table and job.id in table and "failed" in table
+    lines = [json.loads(x) for x in run(status="failed", json=True).splitlines()]
+    assert [x["flow_id"] for x in lines] == [job.id]
+    assert [
+        json.loads(x)["flow_id"] for x in run(flow_type="workflow", json=True).splitlines()
+    ] == [done.id]
+    assert run(since="2999-01-01", json=True) == ""
