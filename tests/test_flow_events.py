@@ -56,7 +56,7 @@ def test_no_audit_trail_no_events_and_nothing_queued() -> None:
     """Without an audit trail the hooks do nothing (and keep nothing)."""
     with FLOW.start() as f, f.step("one"):
         create()
-    assert _flow_events.live_state(f.id) is None and not _flow_events._pending
+    assert _flow_events.live_state(f.id) is None and not _flow_events._live
 
 
 def test_flow_events_are_not_runs_in_the_tree_nor_close_intents(tmp_path: Path) -> None:

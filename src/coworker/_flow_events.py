@@ -100,9 +100,15 @@ _log = logging.getLogger("coworker.audit")
 class _Live:
     """What the emitting process itself knows of a flow (not derived from the log)."""
 
-    __slots__ = ("current_step", "ended", "head", "status", "steps")
+    __slots__ = ("current_step", "ended", "head", "inflight", "lock", "pending", "status", "steps")
 
     def __init__(self) -> None:
+        # The flow's queued events; ``lock`` serialises this flow's take-and-write so that its
+        # events reach the log in emission order, while different flows write concurrently
+        # (and share group commits). ``inflight`` counts take-and-writes under way.
+        self.pending: collections.deque[Entry] = collections.deque()
+        self.lock = threading.RLock()
+        self.inflight = 0
         self.status = "active"
         self.current_step: str | None = None
         self.steps: dict[str, list[Any]] = {}  # step -> [attempts, outcome]
@@ -119,15 +125,11 @@ class _Live:
 
 
 # Process-wide state. _writer is read without the lock on the hot path (one global read);
-# everything else changes under _lock. _flush_lock serialises take-and-write, so queued events
-# reach the log in the order they were emitted even when several threads flush.
+# everything else changes under _lock.
 _writer: Any = None
 _types: frozenset[str] | None = DEFAULT_TYPES
 _lock: Final = threading.Lock()
-_flush_lock: Final = threading.RLock()
-_pending: collections.deque[Entry] = collections.deque()
-_inflight = 0  # take-and-writes under way (write_with_events must not overtake them)
-_live: dict[str, _Live] = {}
+_live: dict[str, _Live] = {}  # flows with events, not yet sealed (or whose seal is queued)
 _ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 _step_runs: dict[int, tuple[Flow, str]] = {}  # id(run) -> (flow, step) for runs that opened a step
 
@@ -180,7 +182,9 @@ def uninstall() -> None:
     try:
         flush()
     except Exception:
-        _log.exception("coworker: %d flow events could not be written at shutdown", len(_pending))
+        with _lock:
+            lost = sum(len(live.pending) for live in _live.values())
+        _log.exception("coworker: %d flow events could not be written at shutdown: lost", lost)
     finally:
         with _lock:
             _writer = None
@@ -302,33 +306,43 @@ def run_ended(r: Run, exc: BaseException | None) -> None:
 
 
 def flush() -> None:
-    """Write every queued event now (``force_flush``, ``shutdown``, the end of a flow)."""
-    _write([])
+    """Write every queued event now (``force_flush``, ``shutdown``).
+
+    Raises:
+        AuditUnavailable: a write failed (the events stay queued).
+    """
+    with _lock:
+        lives = [live for live in _live.values() if live.pending]
+    for live in lives:
+        _write(live, [])
+    with _lock:
+        for fid in [fid for fid, live in _live.items() if live.ended and not live.pending]:
+            _retire(fid)
 
 
 def write_with_events(writer: Any, entry: Entry) -> list[Any]:
-    """Write a run record, preceded in the same transaction by the queued flow events.
+    """Write a run record, preceded in the same transaction by its flow's queued events.
 
     The audit span processor's one write call (``pipeline.py``).
     """
-    if not _pending and not _inflight:
-        # Nothing queued and no flush under way: a plain write (the common case). While a
-        # flush is writing taken events, a run record waits for it, so that it never lands
-        # before an event its own thread emitted earlier.
+    live = _live.get(entry[0].get("flow_id") or "") if _live else None
+    if live is None or (not live.pending and not live.inflight):
+        # Nothing queued for its flow and no flush of it under way: a plain write (the
+        # common case). Otherwise the record waits for that flush, so that it never lands
+        # before an event of its flow emitted earlier.
         records = writer.write([entry])
-        if _live:
+        if live is not None:
             _observe([entry], records)
         return list(records)
-    return _write([entry], writer)
+    return _write(live, [entry], writer)
 
 
-def _write(tail: Sequence[Entry], writer: Any = None) -> list[Any]:
-    global _inflight
-    with _flush_lock:
+def _write(live: _Live, tail: Sequence[Entry], writer: Any = None) -> list[Any]:
+    with live.lock:
         with _lock:
-            taken = list(_pending)
-            _pending.clear()
-            _inflight += 1
+            taken = list(live.pending)
+            live.pending.clear()
+            live.inflight += 1
         try:
             entries = taken + list(tail)
             if not entries:
@@ -336,20 +350,20 @@ def _write(tail: Sequence[Entry], writer: Any = None) -> list[Any]:
             w = writer if writer is not None else _writer
             if w is None:  # uninstalled meanwhile: keep them for the next writer
                 with _lock:
-                    _pending.extendleft(reversed(taken))
+                    live.pending.extendleft(reversed(taken))
                 return []
             try:
                 records = w.write(entries)
             except BaseException:
                 # Not durable: put the events back, in order, ahead of anything queued since.
                 with _lock:
-                    _pending.extendleft(reversed(taken))
+                    live.pending.extendleft(reversed(taken))
                 raise
             _observe(entries, records)
             return list(records)
         finally:
             with _lock:
-                _inflight -= 1
+                live.inflight -= 1
 
 
 def _observe(entries: Sequence[Entry], records: Sequence[Any]) -> None:
@@ -372,9 +386,21 @@ def _observe(entries: Sequence[Entry], records: Sequence[Any]) -> None:
 
 def _emit(entry: Entry, *, sync: bool) -> None:
     with _lock:
-        _pending.append(entry)
+        live = _live.get(entry[0]["flow_id"])
+        if live is None or live.ended:  # sealed meanwhile (a late step of a broken flow)
+            return
+        live.pending.append(entry)
     if sync:
-        _write([])
+        _write(live, [])
+
+
+def _retire(flow_id: str) -> None:
+    """Forget a sealed flow (under ``_lock``), keeping its last live state for a while."""
+    done = _live.pop(flow_id, None)
+    if done is not None:
+        _ended[flow_id] = done.snapshot()
+        while len(_ended) > _ENDED_KEPT:
+            _ended.popitem(last=False)
 
 
 # -- events ----------------------------------------------------------------------------------
@@ -473,30 +499,32 @@ def _end_flow(f: Flow, scope: _Scope, exc: BaseException | None) -> None:
 
 def _seal(f: Flow, scope: _Scope) -> None:
     """Write what is queued, then the seal carrying the flow's head at that moment."""
-    with _flush_lock:
-        _write([])
+    with _lock:
+        live = _live.get(f.id)
+        if live is None or live.ended:
+            return
+    version = _fold_version()
+    with live.lock:
+        _write(live, [])
         with _lock:
-            live = _live.get(f.id)
-            if live is None or live.ended:
+            if live.ended:
                 return
-            live.ended = True
+            live.ended = True  # no event of this flow is accepted after the seal
             head = live.head
             status = live.status
         extra: dict[str, Any] = {
             "head_seq": head[0] if head is not None else None,
             "head_hash": head[1] if head is not None else None,
             "flow_status": status,
-            "fold_version": _fold_version(),
+            "fold_version": version,
         }
-        try:
-            _emit(_entry(FLOW_SEALED, f, scope, step=None, extra=extra), sync=True)
-        finally:
-            with _lock:
-                done = _live.pop(f.id, None)
-                if done is not None:
-                    _ended[f.id] = done.snapshot()
-                    while len(_ended) > _ENDED_KEPT:
-                        _ended.popitem(last=False)
+        seal = _entry(FLOW_SEALED, f, scope, step=None, extra=extra)
+        with _lock:
+            live.pending.append(seal)
+        # A failed seal write stays queued on the (ended) flow, retried by flush().
+        _write(live, [])
+        with _lock:
+            _retire(f.id)
 
 
 def _fold_version() -> int:
