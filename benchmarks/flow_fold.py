@@ -143,28 +143,38 @@ def main() -> None:
     def update() -> None:
         pass
 
-    def workflows(events: str) -> float:
-        coworker.configure(audit=f"sqlite:///{tmp / f'wf-{events}.db'}", flow_events=events)
-        t0 = time.perf_counter()
-        for _ in range(args.workflows):
+    def one_thread(n: int) -> None:
+        for _ in range(n):
             with wf.start() as f:
                 for step in wf.steps:
                     with f.step(step):
                         update()
+
+    def workflows(events: str, threads: int) -> float:
+        import threading
+
+        coworker.configure(audit=f"sqlite:///{tmp / f'wf-{events}.db'}", flow_events=events)
+        per = args.workflows // threads
+        workers = [threading.Thread(target=one_thread, args=(per,)) for _ in range(threads)]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
         elapsed = time.perf_counter() - t0
         coworker.shutdown()
-        return args.workflows / elapsed
+        return per * threads / elapsed
 
-    on: list[float] = []
-    off: list[float] = []
-    for _ in range(args.repeats):
-        off.append(workflows("none"))
-        on.append(workflows("workflow"))
-    r_on, r_off = statistics.median(on), statistics.median(off)
     print("workflows of 3 steps x 1 audited run, SQLite synchronous=FULL")
-    print(f"  flow events off                  {r_off:8.0f} workflows/s")
-    print(f"  flow events on                   {r_on:8.0f} workflows/s   on / off = "
-          f"{r_on / r_off:.2f}x")  # fmt: skip
+    for threads in (1, 4):
+        on: list[float] = []
+        off: list[float] = []
+        for _ in range(args.repeats):
+            off.append(workflows("none", threads))
+            on.append(workflows("workflow", threads))
+        r_on, r_off = statistics.median(on), statistics.median(off)
+        print(f"  {threads} thread(s): events off {r_off:6.0f}/s, on {r_on:6.0f}/s   on / off = "
+              f"{r_on / r_off:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
