@@ -298,8 +298,13 @@ def run_ended(r: Run, exc: BaseException | None) -> None:
     from coworker.flow import SCOPE
 
     # An audited run's record is written as its span ends: the outcome joins that write.
-    # Any other run's step outcome is written now.
-    _step_ended(f, step, SCOPE.get(), exc, sync=r.category is None or not r.span.is_recording())
+    # Any other run's step outcome is written now; a failure to write it must not keep the
+    # run's span from ending (this runs just before span.end()): the outcome stays queued
+    # and goes with the flow's next write, where a persistent failure surfaces.
+    try:
+        _step_ended(f, step, SCOPE.get(), exc, sync=r.category is None or not r.span.is_recording())
+    except Exception as err:
+        _log.warning("coworker: step outcome of flow %r queued, not yet written: %s", f.id, err)
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -585,3 +585,38 @@ def test_cli_flows_lists_with_status_type_and_since_filters(
         json.loads(x)["flow_id"] for x in run(flow_type="workflow", json=True).splitlines()
     ] == [done.id]
     assert run(since="2999-01-01", json=True) == ""
+
+
+def test_unaudited_step_run_ends_normally_when_its_event_cannot_be_written(
+    tmp_path: Path,
+) -> None:
+    """A plain read that opens a step returns (its span ends) while the store refuses the
+    step outcome; the outcome stays queued and is written with the flow's next write."""
+    store = SQLiteStore(tmp_path / "a.db")
+    refuse = threading.Event()
+
+    class Refusing:
+        """A real store that refuses appends while ``refuse`` is set."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        def append(self, entries: Any, payloads: Any = None) -> Any:
+            if refuse.is_set():
+                raise coworker.AuditUnavailable("disk full")
+            return store.append(entries, payloads)
+
+    @coworker.run(operation="read", doctype="Order", step="validate")
+    def look() -> str:
+        return "seen"
+
+    coworker.configure(audit=Refusing())  # type: ignore[arg-type]
+    with ORDERS.start() as f:
+        refuse.set()
+        assert look() == "seen"
+        refuse.clear()
+    state = replay(store, f.id)
+    assert [(s.step_id, s.outcome) for s in state.steps] == [("validate", "completed")]
+    assert state.status == "completed" and state.seal is not None
+    coworker.shutdown()
+    store.close()
