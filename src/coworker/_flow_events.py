@@ -10,16 +10,16 @@ the event name) and go through the configured :class:`~coworker.audit.writer.Aud
 same chain, same group commit, same failure policy. :mod:`coworker.audit.fold` folds them
 (with the flow's run records) into the flow's state; docs/flows.md describes both.
 
-Batching, and what "never lost" means here: the events that *open* something (flow started,
-step entered / retried) and the outcome of a step that a single audited run opened are
-queued and written in the same transaction as the next record the process writes (usually the
-run record that follows), so a workflow step costs no transaction of its own. Every other
-event (a ``with step()`` block's outcome, a break, the end of a flow, the seal) is written
-before the hook returns, together with everything queued, in order. So a queued event is
-durable before any record written after it and before its flow's next outcome; a crash can
-take only queued "opening" events whose step then left no record at all. A failed write puts
-the events back at the head of the queue and raises like a run record would (``"raise"``
-policy) or is retried by the writer (``"log"`` policy): never dropped.
+Batching, and what "never lost" means here (each flow has its own queue and write lock):
+the events that *open* something (flow started, step entered / retried) and the outcome of a
+step that a single audited run opened are queued and written in the same transaction as the
+flow's next record (usually the run record that follows), so opening a step costs no
+transaction of its own. Every other event (a ``with step()`` block's outcome, a break, the end
+of a flow, the seal) is written before the hook returns, together with the flow's queue, in
+order. So a queued event is durable before any later record of its flow and before its flow's
+next outcome; a crash can take only queued "opening" events whose step then left no record at
+all. A failed write puts the events back at the head of the queue and raises like a run record
+would (``"raise"`` policy) or is retried by the writer (``"log"`` policy): never dropped.
 
 This module imports nothing from :mod:`coworker.audit` at import time (the SDK line); the
 record fields are built here and the writer is handed in by ``configure()``.
