@@ -620,3 +620,33 @@ def test_unaudited_step_run_ends_normally_when_its_event_cannot_be_written(
     assert state.status == "completed" and state.seal is not None
     coworker.shutdown()
     store.close()
+
+
+def test_the_seal_record_has_an_inclusion_proof(tmp_path: Path) -> None:
+    """`coworker audit prove SEQ` on a flow's seal gives a tlog-proof checked against the
+    signed checkpoint: the seal, and the head it names, are in the log."""
+    import subprocess
+    import sys
+
+    key = tmp_path / "log.key"
+    cli = [sys.executable, "-m", "coworker", "audit"]
+    subprocess.run([*cli, "keygen", "--name", "audit.test/flows", "--out", str(key)], check=True)
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    coworker.configure(audit=db, checkpoint_key=str(key))
+    with ORDERS.start() as f, f.step("validate"):
+        create_order()
+    coworker.shutdown()  # writes the last checkpoint
+    store = SQLiteStore(tmp_path / "a.db")
+    seal = replay(store, f.id).seal
+    store.close()
+    assert seal is not None and seal.head_matches
+    done = subprocess.run(
+        [*cli, "prove", str(seal.seq), "--url", db, "--key", f"{key}.pub"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        done.stdout.startswith("c2sp.org/tlog-proof@v1") and f"index {seal.seq - 1}" in done.stdout
+    )
