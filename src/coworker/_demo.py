@@ -174,10 +174,14 @@ def _print_run(span: Any, children: dict[str, list[Any]], indent: int, out: Text
 
 def _print_audit(store: Any, url: str, out: TextIO) -> bool:
     from coworker.audit import verify_chain
+    from coworker.audit.fold import list_flows
 
     records = [r.fields() for r in store.iter_from(1)]
-    print(f"\naudit trail: {len(records)} records in {_p(url)}", file=out)
-    for rec in records[-8:]:
+    # Flow events (docs/flows.md) are listed by their fold below, not record by record.
+    runs = [r for r in records if r.get("category") != "flow"]
+    events = len(records) - len(runs)
+    print(f"\naudit trail: {len(runs)} run records and {events} flow events in {_p(url)}", file=out)
+    for rec in runs[-8:]:
         print(
             "  seq {seq:>4}  {category:<22} {operation} {doctype}  outcome={outcome}  "
             "user={user}  agent={agent}".format(
@@ -189,6 +193,13 @@ def _print_audit(store: Any, url: str, out: TextIO) -> bool:
                 user=_p(rec.get("user_id") or "-"),
                 agent=_p(rec.get("agent_id") or "-"),
             ),
+            file=out,
+        )
+    for flow in list_flows(store)[-1:]:
+        print(
+            f"  flow {_short(flow.flow_id)}: {_p(flow.status)} at step "
+            f"{_p(flow.current_step or '-')}, sealed={'yes' if flow.sealed else 'no'}  "
+            f"(coworker audit flow {_short(flow.flow_id)})",
             file=out,
         )
     report = verify_chain(store)

@@ -449,9 +449,16 @@ def _cmd_flow(args: argparse.Namespace) -> int:
     if state.as_of is not None:
         out.write(f"as of     {p(state.as_of)}\n")
     if state.steps:
-        rows = [["STEP", "ATTEMPTS", "OUTCOME", "ERROR"]]
+        rows = [["STEP", "ATTEMPTS", "OUTCOME", "RUNS", "ERROR"]]
         rows += [
-            [p(s.step_id), str(s.attempts), s.outcome, p(s.error_type or "-")] for s in state.steps
+            [
+                p(s.step_id),
+                str(s.attempts),
+                s.outcome,
+                f"{s.runs} ({s.failed_runs} failed)" if s.failed_runs else str(s.runs),
+                p(s.error_type or "-"),
+            ]
+            for s in state.steps
         ]
         out.write("\n")
         _print_table(rows, out)

@@ -93,6 +93,8 @@ class StepState:
         error_type: the error of the latest failed attempt, if any.
         first_seq: seq of the event that first entered it.
         last_seq: seq of its latest event.
+        runs: audited run records with this step (a retry inside one attempt shows here).
+        failed_runs: those whose outcome is not ``ok``.
     """
 
     step_id: str
@@ -101,6 +103,8 @@ class StepState:
     error_type: str | None
     first_seq: int
     last_seq: int
+    runs: int = 0
+    failed_runs: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,9 +310,13 @@ class _Folder:
             self.flow_type = f["flow_type"]
         if f.get("category") != CATEGORY_FLOW or f.get("kind") != "outcome":
             if f.get("kind") == "outcome":
+                failed = f.get("outcome") != "ok"
                 self.runs += 1
-                if f.get("outcome") != "ok":
-                    self.failed_runs += 1
+                self.failed_runs += failed
+                state = self.steps.get(f.get("step_id"))  # type: ignore[arg-type]
+                if state is not None:
+                    state[5] += 1
+                    state[6] += failed
             return
         self.event(seq, f)
 
@@ -335,7 +343,7 @@ class _Folder:
             self.previous_flow_id = f.get("previous_flow_id")
             self.break_reason = f.get("break_reason")
         elif name in (STEP_ENTERED, STEP_RETRIED) and step is not None and not self.ended:
-            state = self.steps.setdefault(step, [0, "running", None, seq, seq])
+            state = self.steps.setdefault(step, [0, "running", None, seq, seq, 0, 0])
             attempt = f.get("attempt")
             state[0] = attempt if type(attempt) is int else state[0] + 1
             state[1] = "running"
@@ -343,7 +351,7 @@ class _Folder:
             self.current_step = step
             status = ACTIVE
         elif name in (STEP_COMPLETED, STEP_FAILED) and step is not None and not self.ended:
-            state = self.steps.setdefault(step, [0, "running", None, seq, seq])
+            state = self.steps.setdefault(step, [0, "running", None, seq, seq, 0, 0])
             state[4] = seq
             if name == STEP_FAILED:
                 state[1] = "failed"
@@ -408,7 +416,7 @@ class _Folder:
             flow_type=self.flow_type,
             status=self.status or ACTIVE,
             current_step=self.current_step,
-            steps=tuple(StepState(k, v[0], v[1], v[2], v[3], v[4]) for k, v in steps),
+            steps=tuple(StepState(k, *v) for k, v in steps),
             transitions=tuple(self.transitions),
             users=tuple(sorted(self.users)),
             agents=tuple(sorted(self.agents)),
