@@ -115,3 +115,21 @@ def test_opening_events_share_the_run_records_transaction(tmp_path: Path) -> Non
             assert head is not None and head.seq == 3
         assert _events(store) == ["flow-started", "step-entered", "step-completed"]
     store.close()
+
+
+def test_a_long_conversation_keeps_bounded_step_state(tmp_path: Path) -> None:
+    """A conversation with events on: the live state of its flow does not grow with every
+    turn's step (completed steps beyond the cap are forgotten)."""
+    coworker.configure(audit=f"sqlite:///{tmp_path / 'a.db'}", flow_events="all")
+
+    @coworker.run(operation="read", doctype="Doc")
+    def look() -> None:
+        pass
+
+    chat = coworker.conversation("long")
+    for _ in range(_flow_events._STEPS_KEPT + 200):
+        with chat.turn():
+            look()
+    live = _flow_events._live[chat.flow.id]
+    assert len(live.steps) <= _flow_events._STEPS_KEPT + 1
+    assert live.current_step == f"turn-{chat.turns}-read-1"

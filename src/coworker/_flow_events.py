@@ -92,6 +92,11 @@ DEFAULT_TYPES: Final = frozenset({"workflow"})
 _ENDED_KEPT: Final = 1024
 """Live states of ended flows kept for :func:`live_state` (the oracle tests read them)."""
 
+_STEPS_KEPT: Final = 1024
+"""Completed steps a live flow remembers (for attempt numbers): a conversation whose steps
+emerge turn by turn would otherwise grow one entry per step for as long as it lives. A step
+re-entered after being forgotten starts again at attempt 1 (the fold follows ``attempt``)."""
+
 Entry = tuple[Mapping[str, Any], "bytes | None"]
 
 _log = logging.getLogger("coworker.audit")
@@ -478,6 +483,11 @@ def _step_ended(
         state = live.steps[step]
         state[1] = "failed" if failed else "completed"
         attempt = state[0]
+        if len(live.steps) > _STEPS_KEPT:
+            for key, value in live.steps.items():  # the oldest completed one
+                if value[1] == "completed" and key != step:
+                    del live.steps[key]
+                    break
         if failed:
             live.status = "blocked"
     event = STEP_FAILED if failed else STEP_COMPLETED
