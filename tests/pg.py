@@ -10,11 +10,16 @@ skipped the shared-store tests would prove nothing.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,8 +27,10 @@ import pytest
 
 __all__ = [
     "PGServer",
+    "PrivateCluster",
     "TcpProxy",
     "import_psycopg",
+    "private_cluster",
     "proxy_to",
     "require_server",
     "server_url",
@@ -143,6 +150,8 @@ class TcpProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._down = threading.Event()
+        self._blackhole = threading.Event()
+        self.accepted = 0
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
@@ -163,8 +172,14 @@ class TcpProxy:
                 s.close()
 
     def restore(self) -> None:
-        """Accept connections again."""
+        """Accept connections again (and forward them)."""
+        self._blackhole.clear()
         self._down.clear()
+
+    def blackhole(self) -> None:
+        """Freeze: bytes on open connections are no longer forwarded, and new connections are
+        accepted but never answered, like a server behind a dropped route or a hung host."""
+        self._blackhole.set()
 
     def close(self) -> None:
         """Stop the proxy."""
@@ -179,8 +194,13 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             if self._down.is_set():
                 client.close()
+                continue
+            if self._blackhole.is_set():
+                with self._lock:
+                    self._sockets.add(client)  # held open, never read: cut() closes it
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
@@ -199,7 +219,12 @@ class TcpProxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                dst.sendall(data)
+                while self._blackhole.is_set() and not self._down.is_set():
+                    # Swallow the bytes: the other side sees silence, not a reset.
+                    self._down.wait(0.05)
+                    data = b""
+                if data:
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
@@ -221,3 +246,109 @@ def proxy_to(url: str) -> Iterator[TcpProxy]:
         yield proxy
     finally:
         proxy.close()
+
+
+def _pg_bindir() -> Path | None:
+    given = os.environ.get("COWORKER_PG_BIN")
+    candidates = [given] if given else sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    for c in candidates:
+        if c and (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
+            return Path(c)
+    found = shutil.which("pg_ctl")
+    return Path(found).parent if found and shutil.which("initdb") else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateCluster:
+    """A PostgreSQL cluster of a test's own (``initdb`` + ``pg_ctl``) on a free loopback port.
+
+    Unlike the shared server, a test may crash it: :meth:`crash` is ``pg_ctl stop -m
+    immediate`` (the postmaster kills every backend with SIGQUIT; WAL not yet written to the
+    OS is lost, exactly as in a server crash), :meth:`start` recovers it. The binaries come
+    from ``COWORKER_PG_BIN`` or ``/usr/lib/postgresql/*/bin``; when they are missing the test
+    skips (fails under CI). ``initdb`` refuses to run as root: then the cluster runs as the
+    ``postgres`` OS user, in a temporary directory it owns.
+
+    Args:
+        settings: extra ``postgresql.conf`` settings (``{"wal_writer_delay": "10s"}``).
+    """
+
+    def __init__(self, settings: Mapping[str, str] | None = None) -> None:
+        bindir = _pg_bindir()
+        if bindir is None:
+            _unavailable("initdb and pg_ctl not found; set COWORKER_PG_BIN to their directory")
+        assert bindir is not None
+        self.bindir = bindir
+        self._as: list[str] = []
+        self.dir = Path(tempfile.mkdtemp(prefix="coworker-pg-"))
+        if os.geteuid() == 0:
+            runuser = shutil.which("runuser")
+            if runuser is None:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                _unavailable("running as root without runuser: cannot start a private cluster")
+            self._as = [str(runuser), "-u", "postgres", "--"]
+            shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "data"
+        self.port = _free_port()
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        conf = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.dir}'",
+            "fsync": "on",
+            "max_connections": "50",
+            "shared_buffers": "16MB",
+            **(settings or {}),
+        }
+        with open(self.data / "postgresql.conf", "a", encoding="utf-8") as f:
+            f.writelines(f"{k} = {v}\n" for k, v in conf.items())
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.crashes = 0
+        self.start()
+
+    def _run(self, tool: str, *args: str) -> None:
+        done = subprocess.run(
+            [*self._as, str(self.bindir / tool), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} {' '.join(args)} failed: {done.stdout}{done.stderr}")
+
+    def start(self) -> None:
+        """Start (or, after :meth:`crash`, recover) the server; returns once it accepts."""
+        log = self.dir / "server.log"
+        self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(log))
+
+    def crash(self) -> None:
+        """``pg_ctl stop -m immediate``: no shutdown checkpoint, no WAL flush."""
+        self._run("pg_ctl", "stop", "-w", "-m", "immediate", "-D", str(self.data))
+        self.crashes += 1
+
+    def stop(self) -> None:
+        """A clean (fast) shutdown."""
+        self._run("pg_ctl", "stop", "-w", "-m", "fast", "-D", str(self.data))
+
+    def close(self) -> None:
+        """Stop the server if it runs and delete the cluster."""
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            self._run("pg_ctl", "stop", "-w", "-m", "immediate", "-D", str(self.data))
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_cluster(settings: Mapping[str, str] | None = None) -> Iterator[PrivateCluster]:
+    """A :class:`PrivateCluster`, deleted afterwards."""
+    import_psycopg()
+    cluster = PrivateCluster(settings)
+    try:
+        yield cluster
+    finally:
+        cluster.close()

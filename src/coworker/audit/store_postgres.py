@@ -107,6 +107,14 @@ _PAGE: Final = 2000
 _SHIP_BATCH: Final = 500
 _RECONNECT_INTERVAL: Final = 1.0
 
+# See PostgresStore._flush. The message is empty; logical decoding consumers (if any) see it
+# under this prefix and can ignore it.
+_FLUSH: Final = (
+    "SELECT CASE WHEN current_setting('synchronous_commit') = 'off'"
+    " THEN set_config('synchronous_commit', 'on', true) END,"
+    " pg_logical_emit_message(true, 'coworker-audit-flush', ''::bytea)"
+)
+
 _DDL_V1: Final = """
 CREATE TABLE IF NOT EXISTS {schema}.schema_version (
     version integer PRIMARY KEY,
@@ -861,19 +869,21 @@ class PostgresStore:
     def _flush(self, conn: psycopg.Connection[Any]) -> None:
         """Return once our (asynchronously committed) records are durable.
 
-        A transaction that takes an xid and commits synchronously waits until the WAL is
-        flushed up to its own commit record, which comes after ours. This is group commit
-        across processes: one fsync covers every writer that committed meanwhile. WAL is
-        replayed in order, so a crash can lose only a tail of the log that no caller was told
-        is durable; a later record (which hashes ours) is never durable without ours.
+        The append committed with ``synchronous_commit=off`` so that the head lock is free
+        at once. This second transaction writes one WAL record of its own (a transactional
+        logical-decoding message, allowed to any role, at any ``wal_level``) and commits
+        synchronously: PostgreSQL then flushes the WAL up to *its* commit record, which comes
+        after ours. A transaction that writes no WAL (``SELECT txid_current()``) would not do:
+        its commit is asynchronous whatever ``synchronous_commit`` says, and waits for
+        nothing. This is group commit across processes: one fsync covers every writer that
+        committed meanwhile. WAL is replayed in order, so a crash can lose only a tail of
+        the log that no caller was told is durable; a later record (which hashes ours) is
+        never durable without ours.
         """
         # One round trip: a single statement in autocommit mode is its own transaction.
         # Never weaker than 'on' (a server-wide 'off' would make this wait for nothing);
         # stronger settings (remote_write, remote_apply) are kept.
-        conn.execute(
-            "SELECT CASE WHEN current_setting('synchronous_commit') = 'off'"
-            " THEN set_config('synchronous_commit', 'on', true) END, txid_current()"
-        )
+        conn.execute(_FLUSH)
 
     def _insert_sql(self) -> sql.Composed:
         if self._insert is None:
