@@ -348,12 +348,15 @@ _WORKER = r"""
 import json, sys, faulthandler; faulthandler.dump_traceback_later(150, exit=True)
 from coworker.audit.store_postgres import PostgresStore
 url, spool = sys.argv[1], sys.argv[2]
-proc, n, batch = (int(x) for x in sys.argv[3:6])
+proc, n, batch, pause_at = (int(x) for x in sys.argv[3:7])
 store = PostgresStore(url, spool=None if spool == "-" else spool, ship_interval=0.1)
 print("ready", flush=True)
 sys.stdin.readline()
 direct = spooled = 0
 for start in range(0, n, batch):
+    if start == pause_at:  # the test changes the world here, then lets us go on
+        print("paused", flush=True)
+        sys.stdin.readline()
     entries = [{"kind": "outcome", "flow_id": f"p{proc}", "proc": proc, "i": i}
                for i in range(start, min(n, start + batch))]
     got = store.append(entries)
@@ -368,12 +371,22 @@ print(json.dumps({"direct": direct, "spooled": spooled}), flush=True)
 
 
 def run_writers(
-    url: str, procs: int, n: int, spool: str = "-", batch: int = 1, during: Any = None
+    url: str,
+    procs: int,
+    n: int,
+    spool: str = "-",
+    batch: int = 1,
+    during: Any = None,
+    pause_at: int = -1,
 ) -> list[dict[str, int]]:
-    """Start ``procs`` writer processes, release them together, wait; ``during`` runs meanwhile."""
+    """Start ``procs`` writer processes, release them together, wait; ``during`` runs meanwhile.
+
+    With ``pause_at``, each writer stops before its append number ``pause_at`` and prints
+    ``paused``; ``during`` then decides when they go on (see :func:`release`).
+    """
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, url, spool, str(p), str(n), str(batch)],
+            [sys.executable, "-c", _WORKER, url, spool, str(p), str(n), str(batch), str(pause_at)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -394,6 +407,43 @@ def run_writers(
         assert c.returncode == 0, out
         results.append(json.loads(out.strip().splitlines()[-1]))
     return results
+
+
+def wait_paused(children: list[subprocess.Popen[str]]) -> None:
+    """Block until every writer has printed ``paused`` (see ``run_writers(pause_at=...)``)."""
+    for c in children:
+        assert c.stdout is not None and c.stdout.readline().strip() == "paused"
+
+
+def release(children: list[subprocess.Popen[str]]) -> None:
+    """Let paused writers go on."""
+    for c in children:
+        assert c.stdin is not None
+        c.stdin.write("go\n")
+        c.stdin.flush()
+
+
+def spool_depth(path: str) -> int:
+    """Entries waiting in a spool file, read without opening it for writing."""
+    if not Path(path).exists():
+        return 0
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return int(conn.execute("SELECT count(*) FROM spool").fetchone()[0])
+    except sqlite3.OperationalError:  # created, tables not yet there
+        return 0
+    finally:
+        conn.close()
+
+
+def wait_for(condition: Any, timeout: float = 120.0, what: str = "condition") -> None:
+    """Poll ``condition()`` until true; fail after a generous ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 def assert_each_once(bodies: list[dict[str, Any]], procs: int, n: int) -> None:
@@ -444,20 +494,22 @@ def test_backends_terminated_mid_load_lose_nothing(pg: PGServer, url: str, tmp_p
 
 @pytest.mark.slow
 def test_outage_mid_load_spools_and_ships(pg: PGServer, url: str, tmp_path: Path) -> None:
-    """The network to the server cut for 2 s mid-load: writers spool, ship after, chain intact."""
+    """The network cut after 150 appends per writer, restored once 30 entries are spooled:
+    writers spool, ship after, the chain is intact (decided by events, not by the clock)."""
     PostgresStore(url, spool=None).close()
     spool = str(tmp_path / "shared-spool.db")
     with proxy_to(pg.url) as proxy:
         proxied = with_hostport(url, "127.0.0.1", proxy.port)
 
         def outage(children: list[subprocess.Popen[str]]) -> None:
-            time.sleep(0.5)
+            wait_paused(children)
             proxy.cut()
-            time.sleep(2.0)
+            release(children)
+            wait_for(lambda: spool_depth(spool) >= 30, what="30 spooled entries")
             proxy.restore()
 
-        results = run_writers(proxied, 4, 300, spool=spool, batch=3, during=outage)
-    assert sum(r["spooled"] for r in results) > 0, results
+        results = run_writers(proxied, 4, 300, spool=spool, batch=3, during=outage, pause_at=150)
+    assert sum(r["spooled"] for r in results) >= 30, results
     store = PostgresStore(url, spool=spool)
     assert store.ship() == 0
     bodies = check_chain(store)
@@ -577,3 +629,111 @@ def test_cli_verify_query_and_status(store: PostgresStore, url: str, capsys: Any
     assert main(["audit", "status", "--url", url + "&spool=off", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["head"]["seq"] == 2 and status["reachable"] is True
+
+
+# -- an unreachable server: one shipper, bounded, every append completes -------------------------
+_BEFORE: set[threading.Thread] = set()
+
+
+def coworker_threads() -> list[threading.Thread]:
+    """The store's own background threads (the spool shipper, the I/O watchdog) started
+    since the test began (see the ``_thread_baseline`` fixture)."""
+    return [
+        t for t in threading.enumerate() if t.name.startswith("coworker-audit") and t not in _BEFORE
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _thread_baseline() -> Iterator[None]:
+    _BEFORE.clear()
+    _BEFORE.update(threading.enumerate())
+    yield
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def appends_in_thread(store: PostgresStore, n: int, *, at: int = -1, hook: Any = None) -> Any:
+    """Run ``n`` single appends in a thread; ``hook()`` runs before append number ``at``.
+
+    Returns ``(done, results, peak)``: an Event set when the loop ends, the append results
+    (or the exception), and the peak number of coworker threads seen during the loop.
+    """
+    done = threading.Event()
+    results: list[Any] = []
+    peak = [0]
+
+    def loop() -> None:
+        try:
+            for i in range(n):
+                if i == at:
+                    hook()
+                try:
+                    results.append(store.append([entry(i)]))
+                except AuditUnavailable as exc:
+                    results.append(exc)
+                peak[0] = max(peak[0], len(coworker_threads()))
+        finally:
+            done.set()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return done, results, peak
+
+
+def test_refused_port_at_start_spools_with_one_shipper(url: str, tmp_path: Path) -> None:
+    """Nothing listens: 2,000 appends all spool, with one shipper thread, not one per call."""
+    dead = with_hostport(url, "127.0.0.1", free_port())
+    store = PostgresStore(dead, spool=tmp_path / "spool.db", ship_interval=0.05)
+    done, results, peak = appends_in_thread(store, 2000)
+    assert done.wait(300), f"the loop hung after {len(results)} appends"
+    assert results == [[]] * 2000
+    assert peak[0] <= 2, peak  # the shipper (+ at most the watchdog)
+    assert store.spool_status().depth == 2000  # type: ignore[union-attr]
+    store.close()
+    assert coworker_threads() == []
+
+
+def test_refused_port_without_spool_fails_fast_every_time(url: str) -> None:
+    """Fail closed (no spool): each of 2,000 appends raises AuditUnavailable; no thread."""
+    store = PostgresStore(with_hostport(url, "127.0.0.1", free_port()), spool=None)
+    done, results, peak = appends_in_thread(store, 2000)
+    assert done.wait(300), f"the loop hung after {len(results)} appends"
+    assert len(results) == 2000 and all(isinstance(r, AuditUnavailable) for r in results)
+    assert peak[0] == 0
+    store.close()
+
+
+@pytest.mark.parametrize("failure", ["unresponsive-at-start", "cut-mid-load", "hung-mid-load"])
+def test_server_outage_is_bounded_and_ships_after(
+    pg: PGServer, url: str, tmp_path: Path, failure: str
+) -> None:
+    """The server refuses, hangs or goes away (at start or after 100 appends): 1,000 appends
+    complete with at most one shipper, then everything ships in order."""
+    PostgresStore(url, spool=None).close()
+    with proxy_to(pg.url) as proxy:
+        if failure == "unresponsive-at-start":
+            proxy.blackhole()
+        store = PostgresStore(
+            with_hostport(url, "127.0.0.1", proxy.port),
+            spool=tmp_path / "spool.db",
+            ship_interval=0.05,
+            connect_timeout=1,
+            io_timeout=1,
+        )
+        hook = proxy.cut if failure == "cut-mid-load" else proxy.blackhole
+        done, results, peak = appends_in_thread(store, 1000, at=100, hook=hook)
+        assert done.wait(300), f"the loop hung after {len(results)} appends"
+        assert not [r for r in results if isinstance(r, Exception)]
+        assert peak[0] <= 2, peak
+        spooled = sum(1 for r in results if r == [])
+        assert spooled >= 900, spooled
+        proxy.restore()
+        wait_for(lambda: store.spool_status().depth == 0, what="the spool to ship")  # type: ignore[union-attr]
+        assert [b["i"] for b in check_chain(store)] == list(range(1000))
+        store.close()
+    assert coworker_threads() == []

@@ -43,10 +43,12 @@ in order when the server is back; the chain stays continuous.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import socket
 import struct
 import threading
 import time
@@ -281,6 +283,12 @@ class PostgresStore:
             raises :class:`~coworker.AuditUnavailable`).
         connect_timeout: seconds to wait for a connection.
         ship_interval: seconds between attempts to ship the spool while it is not empty.
+        io_timeout: seconds one round trip on an open connection may take before the
+            connection is cut and the server treated as unreachable (a hung server, or one
+            whose replies are lost, would otherwise block every append forever).
+        readonly: for readers (``coworker audit verify|query|status``): never create or
+            alter the schema (a missing one is :class:`~coworker.AuditUnavailable`), never
+            spool, every transaction read-only; ``append`` raises.
 
     Raises:
         ConfigError: a bad parameter, or the schema is newer than this library.
@@ -295,6 +303,8 @@ class PostgresStore:
         spool: str | os.PathLike[str] | bool | None = True,
         connect_timeout: float = 5.0,
         ship_interval: float = 1.0,
+        io_timeout: float = 30.0,
+        readonly: bool = False,
     ) -> None:
         conninfo, url_schema, url_spool = _split_url(url)
         self.schema = schema or url_schema
@@ -302,6 +312,10 @@ class PostgresStore:
             raise ConfigError(f"schema={self.schema!r} is not a valid PostgreSQL schema name")
         if connect_timeout <= 0:
             raise ConfigError(f"connect_timeout={connect_timeout!r} must be positive")
+        if io_timeout <= 0:
+            raise ConfigError(f"io_timeout={io_timeout!r} must be positive")
+        if readonly:
+            spool = None
         if url_spool is not None and spool is True:
             spool = None if url_spool.lower() in ("off", "none", "false", "0", "") else url_spool
         self.url = url
@@ -324,6 +338,8 @@ class PostgresStore:
         }
         self._connect_timeout = connect_timeout
         self._ship_interval = ship_interval
+        self._io_timeout = io_timeout
+        self.readonly = readonly
         self._table = sql.Identifier(self.schema, "records")
         self._payloads = sql.Identifier(self.schema, "payloads")
         self._lock = threading.RLock()
@@ -336,7 +352,15 @@ class PostgresStore:
         self._last_error = "server unreachable"
         self._closed = False
         self._stop = threading.Event()
+        # At most one shipper and one watchdog thread per store and process (the pid says
+        # which process started them: a forked child has neither and starts its own).
         self._shipper: threading.Thread | None = None
+        self._shipper_pid = -1
+        self._connect_lock = threading.Lock()
+        self._watch_lock = threading.Lock()
+        self._watch: tuple[psycopg.Connection[Any], float] | None = None
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_pid = -1
         self._spool: Spool | None = None
         if spool is True:
             spool = default_spool_path(url)
@@ -532,9 +556,9 @@ class PostgresStore:
         What cannot be shipped now stays in the spool for the next store that opens it.
         """
         self._stop.set()
-        shipper = self._shipper
-        if shipper is not None and shipper is not threading.current_thread():
-            shipper.join(timeout=10)
+        for thread in (self._shipper, self._watchdog):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=10)
         with self._lock:
             if self._closed:
                 return
@@ -613,17 +637,29 @@ class PostgresStore:
 
     def _start_shipper(self) -> None:
         with self._lock:
-            if self._closed or (self._shipper is not None and self._shipper.is_alive()):
+            pid = os.getpid()
+            if self._closed:
                 return
-            if self._shipper is not None and self._pid != os.getpid():
-                self._shipper = None
+            if self._shipper is not None and self._shipper_pid == pid and self._shipper.is_alive():
+                return
             self._shipper = threading.Thread(
                 target=self._ship_loop, name="coworker-audit-spool", daemon=True
             )
+            self._shipper_pid = pid
             self._shipper.start()
 
     def _ship_loop(self) -> None:
         while not self._stop.wait(self._ship_interval):
+            if not self._connected():
+                # Connect outside the store lock: against an unresponsive server this takes
+                # the connect timeout, and appends must keep spooling meanwhile.
+                try:
+                    self._install(self._new_connection())
+                except _ServerDown:
+                    continue
+                except Exception:
+                    _log.exception("audit spool %s: cannot connect to ship", self._spool_path)
+                    continue
             with self._lock:
                 if self._closed or self._spool is None:
                     return
@@ -659,16 +695,15 @@ class PostgresStore:
 
     # -- writing -----------------------------------------------------------------------------
     def _append(self, items: list[_Item]) -> AppendResult:
+        if self.readonly:
+            raise AuditUnavailable(f"audit store {self} is read-only: append refused")
         spool = self._spool
         with self._lock:
             if spool is not None and not spool.is_empty():
-                # Older entries wait in the spool: they go first, or these wait behind them.
-                try:
-                    self._drain_locked()
-                except _ServerDown:
-                    pass
-                if not spool.is_empty():
-                    return self._to_spool(items)
+                # Older entries wait in the spool: these queue behind them, in order. The
+                # shipper (one thread) ships them; an append never waits for a server that
+                # just failed (it would hold the lock for a connect timeout each time).
+                return self._to_spool(items)
             try:
                 return self._write_with_retry(items)
             except _Unreachable as exc:
@@ -714,7 +749,8 @@ class PostgresStore:
                 raise _Unreachable(items, exc) from exc
             sealed_hashes: list[tuple[int, bytes] | None] = [None] * len(items)
             try:
-                return self._write(conn, items, sealed_hashes, note)
+                with self._deadline(conn):
+                    return self._write(conn, items, sealed_hashes, note)
             except AuditUnavailable:
                 self._rollback_or_drop(conn)
                 raise
@@ -911,50 +947,137 @@ class PostgresStore:
 
     # -- connections ---------------------------------------------------------------------------
     def _connection(self) -> psycopg.Connection[Any]:
-        # Called with self._lock held. A connection must not cross a fork: reconnect in a child.
+        # Called with self._lock held.
         if self._closed:
             raise AuditUnavailable(f"audit store {self} is closed")
-        pid = os.getpid()
-        if self._conn is not None and self._pid == pid and not self._conn.closed:
+        if self._connected():
+            assert self._conn is not None
             return self._conn
-        if self._pid != pid:
-            self._conn = None  # the parent's socket: leave it to the parent
-            self._shipper = None
-        now = time.monotonic()
-        if now < self._next_connect:
+        if time.monotonic() < self._next_connect:
             raise _ServerDown(f"{self._last_error} (retrying within {_RECONNECT_INTERVAL:g}s)")
-        try:
-            conn = psycopg.connect(self._conninfo, autocommit=False, **self._connect_options)
-        except psycopg.OperationalError as exc:
-            message = str(exc).strip()
-            if _refused_by_server(message):
-                raise AuditUnavailable(f"audit store {self}: {message}") from exc
-            self._next_connect = now + _RECONNECT_INTERVAL
-            self._last_error = message
-            raise _ServerDown(message) from exc
-        # Never REPEATABLE READ / SERIALIZABLE, whatever default_transaction_isolation says:
-        # the head must be read after the lock is granted (see the module docstring).
-        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-        _register_arrays(conn)
-        try:
-            self._ensure_schema(conn)
-        except psycopg.Error as exc:
-            unreachable = _is_unreachable(exc, conn)
-            conn.close()
-            if unreachable:
+        return self._install(self._new_connection())
+
+    def _connected(self) -> bool:
+        conn = self._conn
+        return conn is not None and self._pid == os.getpid() and not conn.closed
+
+    def _install(self, conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+        with self._lock:
+            if self._closed:
+                conn.close()
+                raise AuditUnavailable(f"audit store {self} is closed")
+            if self._connected():  # another thread connected meanwhile: keep one
+                conn.close()
+                assert self._conn is not None
+                return self._conn
+            # A connection must not cross a fork: a child leaves the parent's socket alone.
+            self._conn = conn
+            self._pid = os.getpid()
+            return conn
+
+    def _new_connection(self) -> psycopg.Connection[Any]:
+        """Connect and check the schema; not installed. Raises _ServerDown or AuditUnavailable."""
+        with self._connect_lock:
+            now = time.monotonic()
+            try:
+                conn = psycopg.connect(self._conninfo, autocommit=False, **self._connect_options)
+            except psycopg.OperationalError as exc:
+                message = str(exc).strip()
+                if _refused_by_server(message):
+                    raise AuditUnavailable(f"audit store {self}: {message}") from exc
                 self._next_connect = now + _RECONNECT_INTERVAL
-                raise _ServerDown(str(exc).strip()) from exc
-            raise AuditUnavailable(f"audit store {self}: cannot use schema: {exc}") from exc
-        # From here on: autocommit; appends run explicit transactions (see _write), reads are
-        # single statements.
-        conn.autocommit = True
-        self._conn = conn
-        self._pid = pid
-        return conn
+                self._last_error = message
+                raise _ServerDown(message) from exc
+            # Never REPEATABLE READ / SERIALIZABLE, whatever default_transaction_isolation
+            # says: the head must be read after the lock is granted (see the module docstring).
+            conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+            if self.readonly:
+                conn.read_only = True
+            _register_arrays(conn)
+            try:
+                with self._deadline(conn):
+                    self._ensure_schema(conn)
+            except psycopg.Error as exc:
+                unreachable = _is_unreachable(exc, conn)
+                conn.close()
+                if unreachable:
+                    self._next_connect = now + _RECONNECT_INTERVAL
+                    self._last_error = str(exc).strip()
+                    raise _ServerDown(str(exc).strip()) from exc
+                raise AuditUnavailable(f"audit store {self}: cannot use schema: {exc}") from exc
+            except BaseException:
+                conn.close()
+                raise
+            # From here on: autocommit; appends run explicit transactions (see _write),
+            # reads are single statements.
+            conn.autocommit = True
+            if self.readonly:
+                conn.execute("SET default_transaction_read_only = on")
+            return conn
+
+    # -- the watchdog ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _deadline(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        """Cut ``conn`` if what runs inside takes longer than ``io_timeout``.
+
+        libpq waits for a reply forever: keepalives and ``tcp_user_timeout`` catch a dead
+        network, not a server (or proxy) that keeps the TCP connection open and never
+        answers. The watchdog shuts the socket down, the blocked call fails as a lost
+        connection, and the append spools (or raises) instead of holding the lock forever.
+        """
+        self._ensure_watchdog()
+        with self._watch_lock:
+            self._watch = (conn, time.monotonic())
+        try:
+            yield
+        finally:
+            with self._watch_lock:
+                self._watch = None
+
+    def _ensure_watchdog(self) -> None:
+        pid = os.getpid()
+        if self._watchdog is not None and self._watchdog_pid == pid:
+            return
+        with self._watch_lock:
+            if self._watchdog is not None and self._watchdog_pid == pid:
+                return
+            self._watchdog = threading.Thread(
+                target=self._watch_loop, name="coworker-audit-watchdog", daemon=True
+            )
+            self._watchdog_pid = pid
+            self._watchdog.start()
+
+    def _watch_loop(self) -> None:
+        tick = min(max(self._io_timeout / 4, 0.05), 5.0)
+        while not self._stop.wait(tick):
+            with self._watch_lock:
+                watched = self._watch
+                if watched is None or time.monotonic() - watched[1] < self._io_timeout:
+                    continue
+                self._watch = None
+                conn = watched[0]
+                # Under the lock: the owner cannot close the connection (and the kernel
+                # cannot reuse its descriptor) while we shut it down.
+                try:
+                    fd = conn.pgconn.socket
+                    with socket.socket(fileno=os.dup(fd)) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
+                except (OSError, psycopg.Error):
+                    continue
+            _log.warning(
+                "audit store %s: no answer from the server within %gs; connection cut",
+                self,
+                self._io_timeout,
+            )
 
     def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
         version = self._schema_version(conn)
-        if version is None or version < SCHEMA_VERSION:
+        if self.readonly and version is None:
+            raise AuditUnavailable(
+                f"audit store {self}: no audit log in schema {self.schema!r} "
+                "(wrong URL or schema name? a read-only open creates nothing)"
+            )
+        if not self.readonly and (version is None or version < SCHEMA_VERSION):
             with conn.cursor() as cur:
                 cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _DDL_LOCK))
                 # Only when missing: CREATE SCHEMA IF NOT EXISTS still needs CREATE on the
@@ -1022,7 +1145,7 @@ class PostgresStore:
                 except _ServerDown as exc:
                     raise AuditUnavailable(f"audit store {self}: {exc}") from exc
                 try:
-                    with conn.cursor() as cur:
+                    with self._deadline(conn), conn.cursor() as cur:
                         cur.execute(query, params)
                         rows = cur.fetchall()
                     conn.commit()
