@@ -19,19 +19,24 @@ import pytest
 
 from coworker.audit.chain import seal
 from coworker.audit.record import canonical
-from coworker.audit.store import Head, InMemoryStore
+from coworker.audit.store import Head, InMemoryStore, StoredRecord
 from coworker.audit.store_sqlite import SQLiteStore
 from coworker.audit.verify import (
     BAD_GENESIS,
+    COLUMN_MISMATCH,
     DELETED,
     EDITED,
+    GUARD,
     INSERTED,
+    OUT_OF_RANGE,
+    PAYLOAD_MISMATCH,
     REORDERED,
     REWRITTEN,
     TRUNCATED,
     VerifyReport,
     verify_chain,
 )
+from coworker.exceptions import AuditUnavailable
 from tests.audit.conftest import fill, make_entries, raw
 
 
@@ -50,6 +55,12 @@ def _verify(path: Path, expected_head: Head | None = None) -> VerifyReport:
         return verify_chain(store, expected_head=expected_head)
     finally:
         store.close()
+
+
+def rearm(path: Path) -> None:
+    """Put the append-only triggers back (a read-write open does), as a careful tamperer
+    would after editing: what is left to find is in the rows."""
+    SQLiteStore(path).close()
 
 
 def _row(conn: sqlite3.Connection, seq: int) -> tuple[bytes, bytes, bytes]:
@@ -118,9 +129,9 @@ def test_deleted_and_renumbered(log: Path) -> None:
 def test_swapped_rows_are_reordered(log: Path) -> None:
     """Swapping two rows is named 'reordered' at the first of them."""
     conn = raw(log)
-    conn.execute("UPDATE audit_records SET seq = -1 WHERE seq = 9")
+    conn.execute("UPDATE audit_records SET seq = 1000 WHERE seq = 9")
     conn.execute("UPDATE audit_records SET seq = 9 WHERE seq = 10")
-    conn.execute("UPDATE audit_records SET seq = 10 WHERE seq = -1")
+    conn.execute("UPDATE audit_records SET seq = 10 WHERE seq = 1000")
     report = _verify(log)
     assert (report.bad_seq, report.kind) == (9, REORDERED)
 
@@ -131,8 +142,8 @@ def test_inserted_forged_row(log: Path) -> None:
     prev_hash = _row(conn, 11)[1]
     forged_fields, _ = make_entries(1, **{"user.id": "mallory"})[0]
     (forged,) = seal([forged_fields], Head(11, prev_hash))
-    conn.execute("UPDATE audit_records SET seq = -seq WHERE seq >= 12")
-    conn.execute("UPDATE audit_records SET seq = -seq + 1 WHERE seq < 0")
+    conn.execute("UPDATE audit_records SET seq = seq + 1000 WHERE seq >= 12")
+    conn.execute("UPDATE audit_records SET seq = seq - 999 WHERE seq > 1000")
     conn.execute(
         "INSERT INTO audit_records (seq, prev_hash, hash, body) VALUES (?, ?, ?, ?)",
         (12, forged.prev_hash, forged.hash, forged.body),
@@ -166,10 +177,11 @@ def test_tail_rewritten_with_recomputed_chain(log: Path) -> None:
         body = canonical(fields)
         digest = hashlib.sha256(prev + body).digest()
         conn.execute(
-            "UPDATE audit_records SET prev_hash = ?, hash = ?, body = ? WHERE seq = ?",
-            (prev, digest, body, seq),
+            "UPDATE audit_records SET prev_hash = ?, hash = ?, body = ?, doctype = ? WHERE seq = ?",
+            (prev, digest, body, "Forged", seq),
         )
         prev = digest
+    rearm(log)  # a careful owner puts the triggers back
     assert _verify(log).ok
     report = _verify(log, expected_head=saved)
     assert (report.ok, report.bad_seq, report.kind) == (False, 20, REWRITTEN)
@@ -179,6 +191,7 @@ def test_truncated_tail_against_saved_head(log: Path) -> None:
     """Cutting records off the end is 'truncated' against a saved head."""
     saved = _verify(log).head
     raw(log).execute("DELETE FROM audit_records WHERE seq > 17")
+    rearm(log)
     assert _verify(log).ok
     report = _verify(log, expected_head=saved)
     assert (report.bad_seq, report.kind) == (18, TRUNCATED)
@@ -278,3 +291,162 @@ def test_parallel_verify_names_a_gap(db_path: Path) -> None:
     raw(db_path).execute("DELETE FROM audit_records WHERE seq = 1500")
     result = _verify_in_child(db_path)
     assert (result["ok"], result["bad_seq"], result["kind"]) == (False, 1_500, DELETED)
+
+
+# -- what the links do not cover: columns, payloads, stray rows, guards -------------------------
+def test_edited_query_column_is_reported(log: Path) -> None:
+    """Editing only user_id hides a record from `query --user`: verify names the column."""
+    from coworker.audit.query import query
+
+    conn = raw(log)
+    conn.execute("UPDATE audit_records SET user_id = 'bob' WHERE seq = 5")
+    conn.close()
+    rearm(log)
+    store = SQLiteStore(log, readonly=True)
+    assert 5 not in [e.seq for e in query(store, user="alice")]  # what the edit achieves
+    store.close()
+    report = _verify(log)
+    assert (report.ok, report.kind, report.bad_seq) == (False, COLUMN_MISMATCH, 5)
+    assert "user_id='bob'" in report.detail and "'alice'" in report.detail
+
+
+def test_every_indexed_column_is_checked(log: Path) -> None:
+    """Each query column (and time) differing from the body is a column-mismatch."""
+    columns = ("kind", "category", "operation", "doctype", "outcome", "flow_id", "step_id")
+    columns += ("run_id", "user_id", "agent_id", "trace_id", "span_id", "time")
+    conn = raw(log)
+    for seq, column in enumerate(columns, start=1):
+        conn.execute(f"UPDATE audit_records SET {column} = 'x' WHERE seq = ?", (seq,))
+    conn.close()
+    rearm(log)
+    report = _verify(log)
+    found = [(p.kind, p.seq) for p in report.problems]
+    assert found == [(COLUMN_MISMATCH, s) for s in range(1, len(columns) + 1)]
+
+
+def test_row_at_seq_zero_is_refused_by_the_schema(log: Path) -> None:
+    """A new file has CHECK (seq >= 1): even without the triggers, seq 0 cannot go in."""
+    conn = raw(log)
+    with pytest.raises(sqlite3.IntegrityError, match="seq >= 1"):
+        conn.execute(
+            "INSERT INTO audit_records (seq, prev_hash, hash, body, user_id) "
+            "SELECT 0, prev_hash, hash, body, user_id FROM audit_records WHERE seq = 3"
+        )
+    conn.close()
+
+
+def _legacy_log(path: Path) -> None:
+    """A file created before the CHECK (seq >= 1) existed, with 20 records."""
+    from coworker.audit import store_sqlite
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in store_sqlite._split_ddl(store_sqlite._DDL.replace(" CHECK (seq >= 1)", "")):
+        conn.execute(statement)
+    conn.execute("INSERT INTO audit_meta VALUES ('schema_version', '1')")
+    conn.close()
+    store = SQLiteStore(path)
+    fill(store, 20)
+    store.close()
+
+
+def test_row_at_seq_zero_is_never_read_and_verify_reports_it(db_path: Path) -> None:
+    """In an older file a hand-inserted seq 0 row is skipped by every read and verify fails
+    (even against the saved head)."""
+    from coworker.audit.query import query
+
+    _legacy_log(db_path)
+    saved = _verify(db_path).head
+    conn = raw(db_path)
+    conn.execute(
+        "INSERT INTO audit_records (seq, prev_hash, hash, body, user_id) "
+        "SELECT 0, prev_hash, hash, body, 'mallory' FROM audit_records WHERE seq = 3"
+    )
+    conn.close()
+    rearm(db_path)
+    store = SQLiteStore(db_path, readonly=True)
+    assert [e.seq for e in query(store)] == list(range(1, 21))
+    assert [e.seq for e in query(store, user="mallory")] == []
+    assert next(r.seq for r in store.iter_from(0)) == 1
+    assert store.head() == saved and store.open_intents() == []
+    store.close()
+    report = _verify(db_path, expected_head=saved)
+    assert (report.ok, report.kind, report.bad_seq) == (False, OUT_OF_RANGE, 0)
+
+
+def test_lookalike_triggers_are_reported_and_replaced_loudly(
+    log: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Do-nothing triggers with the right names: verify reports them (read-only), a
+    read-write open logs an ERROR naming them and puts the real ones back."""
+    conn = raw(log)
+    for name, event in (
+        ("audit_records_no_update", "UPDATE"),
+        ("audit_records_no_delete", "DELETE"),
+        ("audit_records_append_only", "INSERT"),
+    ):
+        conn.execute(f"CREATE TRIGGER {name} BEFORE {event} ON audit_records BEGIN SELECT 1; END")
+    conn.execute("UPDATE audit_records SET outcome = outcome WHERE seq = 1")  # allowed now
+    conn.close()
+    report = _verify(log)
+    assert not report.ok and {p.kind for p in report.problems} == {GUARD}
+    assert "audit_records_no_update is altered" in report.detail
+    with sqlite3.connect(log) as check:  # verify changed nothing
+        (sql,) = check.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'audit_records_no_update'"
+        ).fetchone()
+        assert "SELECT 1" in sql
+    with caplog.at_level("ERROR", logger="coworker.audit"):
+        SQLiteStore(log).close()
+    assert [r.levelname for r in caplog.records] == ["ERROR"]
+    assert "audit_records_append_only is altered" in caplog.text
+    conn = sqlite3.connect(log, isolation_level=None)
+    with pytest.raises(sqlite3.DatabaseError, match="UPDATE is not allowed"):
+        conn.execute("UPDATE audit_records SET outcome = 'x' WHERE seq = 1")
+    conn.close()
+    assert _verify(log).ok
+
+
+def test_foreign_trigger_that_drops_rows_fails_the_append(log: Path) -> None:
+    """A BEFORE INSERT trigger doing RAISE(IGNORE) would drop records silently: the append
+    raises AuditUnavailable instead, and verify names the trigger."""
+    conn = sqlite3.connect(log, isolation_level=None)
+    conn.execute(
+        "CREATE TRIGGER swallow BEFORE INSERT ON audit_records BEGIN SELECT RAISE(IGNORE); END"
+    )
+    conn.close()
+    report = _verify(log)
+    assert report.kind == GUARD and "swallow on audit_records is not coworker's" in report.detail
+    store = SQLiteStore(log)
+    with pytest.raises(AuditUnavailable, match="only 0 of 1"):
+        fill(store, 1)
+    assert store.head().seq == 20  # type: ignore[union-attr]
+    store.close()
+
+
+def test_edited_payload_is_reported(db_path: Path) -> None:
+    """A stored payload edited by hand no longer matches the digest in its record; an
+    erased payload is fine."""
+    store = SQLiteStore(db_path)
+    fill(store, 3, **{"coworker.input": '{"amount": 10}'})
+    store.close()
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    assert conn.execute("SELECT count(*) FROM audit_payloads").fetchone() == (3,)
+    conn.execute("UPDATE audit_payloads SET payload = NULL WHERE seq = 1")  # erased: fine
+    conn.execute("UPDATE audit_payloads SET payload = '{\"amount\": 10000}' WHERE seq = 2")
+    conn.execute("INSERT INTO audit_payloads (seq, payload) VALUES (99, x'00')")
+    conn.close()
+    report = _verify(db_path)
+    found = [(p.kind, p.seq) for p in report.problems]
+    assert found == [(PAYLOAD_MISMATCH, 99), (PAYLOAD_MISMATCH, 2)]
+    assert "payload edited" in report.problems[1].detail
+
+
+def test_in_memory_store_checks_payload_digests() -> None:
+    """The in-memory store re-hashes payloads too."""
+    store = InMemoryStore()
+    fields, payload = make_entries(1, **{"coworker.input": '{"a": 1}'})[0]
+    (rec,) = store.append([fields], [payload])
+    assert verify_chain(store).ok
+    store._records[0] = StoredRecord(rec.seq, rec.prev_hash, rec.hash, rec.body, b"{}")
+    report = verify_chain(store)
+    assert (report.ok, report.kind) == (False, PAYLOAD_MISMATCH)

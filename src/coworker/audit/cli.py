@@ -145,10 +145,8 @@ def register(subparsers: Any) -> None:
 def _store(url: str | None, *, readonly: bool) -> Iterator[Any]:
     from coworker.audit.urls import open_store, resolve_url
 
-    resolved = resolve_url(url)
-    if readonly and resolved.startswith("sqlite:") and "mode=" not in resolved:
-        resolved += ("&" if "?" in resolved else "?") + "mode=ro"
-    store = open_store(resolved)
+    # Read commands open read-only: a mistyped path is an error, never a new empty store.
+    store = open_store(resolve_url(url), readonly=readonly)
     try:
         yield store
     finally:
@@ -247,8 +245,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         for seq in report.in_doubt:
             print(f"in-doubt  #{seq}: intent without an outcome (the run may not have finished)")
         return 0
-    print(f"FAIL  seq {report.bad_seq}: {printable(report.kind)}")
-    print(f"      {printable(report.detail)}")
+    for problem in report.problems or (None,):
+        seq = report.bad_seq if problem is None else problem.seq
+        kind = report.kind if problem is None else problem.kind
+        detail = report.detail if problem is None else problem.detail
+        print(f"FAIL  {'-' if seq is None else f'seq {seq}'}: {printable(kind)}")
+        print(f"      {printable(detail)}")
     if report.head is not None:
         print(f"intact up to  {report.head.seq}:{report.head.hash_hex}")
     return 1

@@ -90,8 +90,9 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from coworker.audit.store import StoreNotFound
     from coworker.audit.urls import open_store, resolve_url
-    from coworker.exceptions import AuditUnavailable
+    from coworker.exceptions import AuditUnavailable, ConfigError
 
     url = resolve_url(args.url)
     out: dict[str, Any] = {"url": _redact(url), "reachable": False, "head": None}
@@ -105,10 +106,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
             from coworker.audit.store_postgres import spool_path as url_spool_path
 
             spool_path = Path(args.spool) if args.spool else url_spool_path(url)
-            # spool=None: a status check reads the spool, it does not ship it.
-            store = PostgresStore(url, spool=None)
+            # Read-only (no DDL, no spool): a status check reads the spool, never ships it.
+            store = PostgresStore(url, readonly=True)
         else:
-            store = open_store(url)
+            store = open_store(url, readonly=True)
         head = store.head()
         out["reachable"] = True
         if head is not None:
@@ -118,6 +119,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
             at = last()
             out["last_record_at"] = at
             out["seconds_since_last_record"] = None if at is None else round(now - at, 3)
+    except (StoreNotFound, ConfigError) as exc:
+        print(f"coworker audit status: {exc}", file=sys.stderr)
+        return 2
     except AuditUnavailable as exc:
         out["error"] = str(exc)
     finally:
@@ -142,11 +146,7 @@ def _spool_status(path: Path, now: float) -> dict[str, Any]:
     if path.exists():
         from coworker.audit.spool import Spool
 
-        spool = Spool(path)
-        try:
-            s = spool.status()
-        finally:
-            spool.close()
+        s = Spool.read_status(path)
         status.update(
             depth=s.depth, oldest_spooled_at=s.oldest_spooled_at, last_shipped_at=s.last_shipped_at
         )

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 __all__ = ["Spool", "SpoolEntry", "SpoolStatus"]
 
@@ -249,6 +250,22 @@ class Spool:
             ).fetchone()
         last = self._get_meta("last_shipped_at")
         return SpoolStatus(self.path, int(depth), oldest, float(last) if last else None)
+
+    @staticmethod
+    def read_status(path: str | os.PathLike[str]) -> SpoolStatus:
+        """:meth:`status` of a spool file, opened read-only (creates and changes nothing).
+
+        Raises:
+            sqlite3.Error: the file is not a readable spool.
+        """
+        uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
+        db = sqlite3.connect(uri, uri=True, timeout=30.0)
+        try:
+            depth, oldest = db.execute("SELECT count(*), min(spooled_at) FROM spool").fetchone()
+            row = db.execute("SELECT v FROM meta WHERE k = 'last_shipped_at'").fetchone()
+        finally:
+            db.close()
+        return SpoolStatus(str(path), int(depth), oldest, float(row[0]) if row else None)
 
     # -- shipping lock -------------------------------------------------------------------------
     @contextlib.contextmanager

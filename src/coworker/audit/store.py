@@ -11,7 +11,12 @@ A store is an append-only, hash-chained log of audit records. Every implementati
   hosts): ``seq`` is gapless from 1 and the chain never forks.
 * ``head`` returns the last durable record's ``(seq, hash)``; it is atomic with respect to
   ``append``.
-* ``iter_from`` yields records in ``seq`` order with their bytes exactly as hashed.
+* ``iter_from`` yields records in ``seq`` order with their bytes exactly as hashed; no read
+  ever returns a row outside ``1..head`` (a row at seq 0 that someone inserted by hand is
+  not a record).
+
+A store that keeps anything besides the chained bytes (query columns, payloads, database
+guards) also implements :class:`IntegrityChecked`, which ``verify`` calls.
 """
 
 from __future__ import annotations
@@ -19,9 +24,44 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
-__all__ = ["AuditStore", "Head", "InMemoryStore", "StoredRecord"]
+from coworker.exceptions import AuditUnavailable
+
+__all__ = [
+    "COLUMN_MISMATCH",
+    "GUARD",
+    "OUT_OF_RANGE",
+    "PAYLOAD_MISMATCH",
+    "AuditStore",
+    "Finding",
+    "Head",
+    "InMemoryStore",
+    "IntegrityChecked",
+    "StoreNotFound",
+    "StoredRecord",
+]
+
+COLUMN_MISMATCH: Final = "column-mismatch"
+"""A query column (``user_id``, ``flow_id``...) differs from the hashed body: queries that
+filter on it would hide or misattribute the record."""
+OUT_OF_RANGE: Final = "out-of-range"
+"""A row whose seq is outside ``1..head`` (seq 0 or negative): never appended by a store."""
+GUARD: Final = "guard"
+"""An append-only guard (trigger, constraint, lock function) is missing or altered."""
+PAYLOAD_MISMATCH: Final = "payload-mismatch"
+"""A stored payload does not hash to the ``payload_digest`` of its chained record."""
+
+MAX_FINDINGS: Final = 100
+"""Findings of one kind a store reports at most (the count of the rest is in the last one)."""
+
+
+class StoreNotFound(AuditUnavailable):
+    """A read-only open found no audit store where the URL points (no file, no schema).
+
+    Read commands never create a store, so a mistyped path or schema name is this error
+    (``coworker audit ...`` exits 2), not a new, empty log that verifies as intact.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +101,67 @@ class StoredRecord:
         import json
 
         return json.loads(self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One problem outside the hash links, found by :meth:`IntegrityChecked.integrity_findings`.
+
+    Attributes:
+        kind: :data:`COLUMN_MISMATCH`, :data:`OUT_OF_RANGE`, :data:`GUARD` or
+            :data:`PAYLOAD_MISMATCH`.
+        seq: the record concerned, or ``None`` (a guard).
+        detail: one human-readable sentence.
+    """
+
+    kind: str
+    seq: int | None
+    detail: str
+
+
+@runtime_checkable
+class IntegrityChecked(Protocol):
+    """A store that can check what the hash chain does not cover."""
+
+    def integrity_findings(self, head: Head | None) -> list[Finding]:
+        """Everything wrong besides the chain links, for records ``1..head.seq``.
+
+        Checks that every query column equals the value in the hashed body, that every
+        stored payload hashes to its record's ``payload_digest`` (an erased payload is
+        fine), that no row lies outside ``1..head``, and that the append-only guards are
+        present and unaltered. Reads only.
+
+        Args:
+            head: the last record whose links verified (``None``: an empty or broken log).
+        """
+        ...
+
+
+def payload_finding(record: StoredRecord, fields: Mapping[str, Any]) -> Finding | None:
+    """The :data:`PAYLOAD_MISMATCH` of ``record``, or ``None`` when its payload is fine."""
+    import hashlib
+
+    if record.payload is None:
+        return None  # erased (or never captured): the digest stays in the body
+    digest = fields.get("payload_digest")
+    data = record.payload
+    if not isinstance(data, bytes):  # rewritten as TEXT (or a number) by hand
+        data = str(data).encode("utf-8", "surrogatepass")
+    actual = hashlib.sha256(data).hexdigest()
+    if digest == actual:
+        return None
+    if digest is None:
+        return Finding(
+            PAYLOAD_MISMATCH,
+            record.seq,
+            f"seq {record.seq}: a payload is stored but the record was written without one",
+        )
+    return Finding(
+        PAYLOAD_MISMATCH,
+        record.seq,
+        f"seq {record.seq}: the stored payload hashes to {actual[:16]}..., the record says "
+        f"{str(digest)[:16]}... (payload edited)",
+    )
 
 
 @runtime_checkable
@@ -128,6 +229,17 @@ class InMemoryStore:
         with self._lock:
             snapshot = self._records[max(seq - 1, 0) :]
         return iter(snapshot)
+
+    def integrity_findings(self, head: Head | None) -> list[Finding]:
+        """Payloads against their digests (see :class:`IntegrityChecked`)."""
+        findings = []
+        for record in self.iter_from(1):
+            if head is None or record.seq > head.seq:
+                break
+            found = payload_finding(record, record.fields())
+            if found is not None:
+                findings.append(found)
+        return findings
 
     def close(self) -> None:
         """Nothing to release."""

@@ -67,7 +67,7 @@ from coworker import attributes as attr
 from coworker.audit.chain import prepare, seal
 from coworker.audit.record import QUERY_FILTERS, canonical
 from coworker.audit.spool import Spool, SpoolEntry, SpoolStatus
-from coworker.audit.store import Head, StoredRecord
+from coworker.audit.store import Head, StoredRecord, StoreNotFound
 from coworker.exceptions import AuditUnavailable, ConfigError
 
 __all__ = [
@@ -1073,7 +1073,7 @@ class PostgresStore:
     def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
         version = self._schema_version(conn)
         if self.readonly and version is None:
-            raise AuditUnavailable(
+            raise StoreNotFound(
                 f"audit store {self}: no audit log in schema {self.schema!r} "
                 "(wrong URL or schema name? a read-only open creates nothing)"
             )

@@ -8,18 +8,23 @@ Layout (schema version 1)::
     audit_payloads(seq INTEGER PRIMARY KEY, payload BLOB)
     audit_meta(key TEXT PRIMARY KEY, value TEXT)
 
-``seq``, ``prev_hash``, ``hash`` and ``body`` are exactly what the chain hashed. The other
-columns of ``audit_records`` are copies of body fields, indexed for ``coworker audit query``;
-they are conveniences, not evidence (verify only trusts the body). Payloads (the redacted
-captured input/output) live in their own table, which is *not* append-only, so that a payload
-can be erased without touching the chain (the body keeps its digest).
+``seq``, ``prev_hash``, ``hash`` and ``body`` are exactly what the chain hashed; ``seq`` is
+at least 1 (a ``CHECK`` in files created since it was added; every read skips anything
+else). The other columns of ``audit_records`` are copies of body fields, indexed for
+``coworker audit query``; ``verify`` checks that each equals the body (a column edited to hide
+a record from a query is reported). Payloads (the redacted captured input/output) live in
+their own table, which is *not* append-only, so that a payload can be erased without touching
+the chain (the body keeps its digest, and ``verify`` re-hashes every payload still there).
 
 Append-only in the database itself: triggers reject ``UPDATE`` and ``DELETE`` on
 ``audit_records``, and a ``BEFORE INSERT`` trigger rejects any insert whose seq is not the
 next one, which also refuses ``INSERT OR REPLACE`` and upserts on an existing seq (``REPLACE``
 deletes the old row without firing delete triggers unless ``recursive_triggers`` is on). The
-owner of the file can drop the triggers; :func:`coworker.audit.verify.verify_chain` is what
-catches that.
+owner of the file can drop or replace the triggers: a read-write open compares their
+definitions (not only their names) with these, logs an ERROR naming each one that is
+missing, altered or foreign, and re-creates ours; ``verify`` reports the same, read-only.
+An append also checks that every row it inserted is there (a foreign ``RAISE(IGNORE)``
+trigger would drop rows silently).
 
 Durability: WAL journal; ``synchronous=FULL`` by default, which fsyncs the WAL on every
 commit, so a record whose append returned survives a process crash *and* a power loss or OS
@@ -39,10 +44,22 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
+from urllib.parse import quote
 
 from coworker.audit.chain import prepare, seal
 from coworker.audit.record import QUERY_FILTERS
-from coworker.audit.store import Head, StoredRecord
+from coworker.audit.store import (
+    COLUMN_MISMATCH,
+    GUARD,
+    MAX_FINDINGS,
+    OUT_OF_RANGE,
+    PAYLOAD_MISMATCH,
+    Finding,
+    Head,
+    StoredRecord,
+    StoreNotFound,
+    payload_finding,
+)
 from coworker.exceptions import AuditUnavailable, ConfigError
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -72,7 +89,7 @@ _COLUMNS: Final = (
 _DDL: Final = f"""
 CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_records (
-    seq INTEGER PRIMARY KEY,
+    seq INTEGER PRIMARY KEY CHECK (seq >= 1),
     prev_hash BLOB NOT NULL,
     hash BLOB NOT NULL,
     body BLOB NOT NULL,
@@ -106,6 +123,27 @@ BEGIN
 END;
 """
 
+# The tables whose triggers are ours alone: any other trigger on them is reported.
+_GUARDED_TABLES: Final = ("audit_records", "audit_payloads", "audit_meta")
+
+
+def _normalise(statement: str) -> str:
+    # SQLite keeps a CREATE statement as written, minus IF NOT EXISTS and the final ';'.
+    text = " ".join(statement.split())
+    return text.replace(" IF NOT EXISTS ", " ", 1).rstrip(";").strip()
+
+
+def _expected_triggers() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for statement in _split_ddl(_DDL):
+        if statement.lstrip().startswith("CREATE TRIGGER"):
+            name = statement.split()[5]
+            out[name] = _normalise(statement)
+    return out
+
+
+_HEAD: Final = "SELECT seq, hash FROM audit_records WHERE seq >= 1 ORDER BY seq DESC LIMIT 1"
+
 _INSERT: Final = (
     f"INSERT INTO audit_records (seq, prev_hash, hash, body, {', '.join(_COLUMNS)}, time) "
     f"VALUES ({', '.join('?' * (len(_COLUMNS) + 5))})"
@@ -120,12 +158,15 @@ class SQLiteStore:
     Safe to share between threads; several processes may append to the same file.
 
     Args:
-        path: the database file; its directory is created if missing.
+        path: the database file; its directory is created if missing (logged as a WARNING:
+            a mistyped path would otherwise start a new, empty chain unnoticed).
         synchronous: ``FULL`` (default: durable across power loss) or ``NORMAL`` (durable
             across process crashes only); see the module docstring.
         busy_timeout: seconds a writer waits for another process's write lock before the
             append fails with :class:`~coworker.AuditUnavailable`.
-        readonly: open the file read-only (for verify/query); every append fails.
+        readonly: open the file read-only (for verify/query/status): nothing is created,
+            re-armed or written, a missing file is :class:`~coworker.AuditUnavailable`, and
+            every append fails.
         max_page_count: cap the database size in pages (``PRAGMA max_page_count``); an
             append that would grow past it fails as if the disk were full.
 
@@ -162,12 +203,25 @@ class SQLiteStore:
 
     # -- connections -------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
+        if self.readonly and not os.path.exists(self.path):
+            raise StoreNotFound(
+                f"cannot open audit store {self.path!r}: no such file (wrong path or URL?); "
+                "a read-only open creates nothing"
+            )
         try:
             if self.readonly:
-                uri = "file:" + os.path.abspath(self.path) + "?mode=ro"
-                conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+                conn = sqlite3.connect(
+                    _ro_uri(self.path), uri=True, isolation_level=None, check_same_thread=False
+                )
             else:
                 directory = os.path.dirname(os.path.abspath(self.path))
+                if not os.path.isdir(directory):
+                    _log.warning(
+                        "audit store %r: directory %r does not exist; creating it and a new, "
+                        "EMPTY audit log (if you meant an existing log, the path or URL is wrong)",
+                        self.path,
+                        directory,
+                    )
                 os.makedirs(directory, exist_ok=True)
                 conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
@@ -212,22 +266,28 @@ class SQLiteStore:
             self._rearm(conn)
 
     def _rearm(self, conn: sqlite3.Connection) -> None:
-        # Somebody with the file can drop the append-only triggers (or indexes). Put them back
+        # Somebody with the file can drop the append-only triggers, or replace them with
+        # look-alikes of the same name that do nothing. Compare definitions, put ours back
         # for the appends to come, and say so loudly: what happened meanwhile is verify's job.
-        present = {
-            r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
-        }
-        missing = sorted(set(_TRIGGERS) - present)
-        if not missing:
+        problems = _guard_problems(conn)
+        if not problems:
             return
-        _log.warning(
-            "audit store %r: append-only trigger(s) %s were missing (dropped?); recreated. "
-            "Run `coworker audit verify` on this file.",
+        _log.error(
+            "audit store %r: append-only guards tampered with: %s. Re-creating ours; run "
+            "`coworker audit verify` on this file.",
             self.path,
-            ", ".join(missing),
+            "; ".join(problems),
         )
+        expected = _expected_triggers()
+        present = {
+            r[0]: _normalise(r[1] or "")
+            for r in conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+        }
         conn.execute("BEGIN IMMEDIATE")
         try:
+            for name, definition in expected.items():
+                if name in present and present[name] != definition:
+                    conn.execute(f'DROP TRIGGER "{name}"')
             for statement in _split_ddl(_DDL):
                 conn.execute(statement)
             conn.execute("COMMIT")
@@ -271,13 +331,17 @@ class SQLiteStore:
                 # ignoring the busy timeout, and two writers could read the same head.
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    row = conn.execute(
-                        "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1"
-                    ).fetchone()
+                    row = conn.execute(_HEAD).fetchone()
                     head = Head(row[0], row[1]) if row is not None else None
                     sealed = seal(prepared, head, payloads)
                     rows = [_row(r, e) for r, e in zip(sealed, entries, strict=True)]
-                    conn.executemany(_INSERT, rows)
+                    inserted = conn.executemany(_INSERT, rows).rowcount
+                    if inserted != len(rows):
+                        # A foreign trigger doing RAISE(IGNORE) skips rows without an error.
+                        raise sqlite3.IntegrityError(
+                            f"only {inserted} of {len(rows)} row(s) were inserted: a trigger "
+                            "dropped them (run `coworker audit verify`)"
+                        )
                     blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
                     if blobs:
                         conn.executemany(
@@ -298,11 +362,7 @@ class SQLiteStore:
         """See :class:`~coworker.audit.store.AuditStore`."""
         with self._lock:
             try:
-                row = (
-                    self._connection()
-                    .execute("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1")
-                    .fetchone()
-                )
+                row = self._connection().execute(_HEAD).fetchone()
             except sqlite3.Error as exc:
                 raise AuditUnavailable(f"audit store {self.path!r}: {exc}") from exc
         return Head(row[0], row[1]) if row is not None else None
@@ -313,14 +373,14 @@ class SQLiteStore:
             "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload FROM audit_records r "
             "LEFT JOIN audit_payloads p ON p.seq = r.seq WHERE r.seq >= ? ORDER BY r.seq"
         )
-        for row in self._read(query, (seq,)):
+        for row in self._read(query, (max(seq, 1),)):
             yield StoredRecord(row[0], row[1], row[2], row[3], row[4])
 
     def iter_chain(self, seq: int = 1) -> Iterator[tuple[int, bytes, bytes, bytes]]:
         """Yield ``(seq, prev_hash, hash, body)`` tuples in order: what verify needs, fast."""
         return self._read(
             "SELECT seq, prev_hash, hash, body FROM audit_records WHERE seq >= ? ORDER BY seq",
-            (seq,),
+            (max(seq, 1),),
             mmap=True,
         )
 
@@ -348,7 +408,7 @@ class SQLiteStore:
 
         The caller should re-check the decoded body: the columns are unhashed copies.
         """
-        where: list[str] = []
+        where: list[str] = ["r.seq >= 1"]
         params: list[Any] = []
         for key, value in filters.items():
             if value is None:
@@ -368,8 +428,7 @@ class SQLiteStore:
             "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload FROM audit_records r "
             "LEFT JOIN audit_payloads p ON p.seq = r.seq"
         )
-        if where:
-            query += " WHERE " + " AND ".join(where)
+        query += " WHERE " + " AND ".join(where)
         query += " ORDER BY r.seq"
         if limit is not None:
             query += f" LIMIT {int(limit)}"
@@ -379,7 +438,8 @@ class SQLiteStore:
     def open_intents(self) -> list[int]:
         """Seqs of intent records with no later outcome for the same span (in doubt)."""
         query = (
-            "SELECT i.seq FROM audit_records i WHERE i.kind = 'intent' AND NOT EXISTS ("
+            "SELECT i.seq FROM audit_records i WHERE i.kind = 'intent' AND i.seq >= 1 AND "
+            "NOT EXISTS ("
             "SELECT 1 FROM audit_records o WHERE o.span_id = i.span_id "
             "AND o.trace_id IS i.trace_id AND o.kind = 'outcome' AND o.seq > i.seq) "
             "ORDER BY i.seq"
@@ -391,8 +451,7 @@ class SQLiteStore:
         # lock nor sees a half-written batch (WAL readers see one snapshot).
         try:
             if self.readonly:
-                uri = "file:" + os.path.abspath(self.path) + "?mode=ro"
-                conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+                conn = sqlite3.connect(_ro_uri(self.path), uri=True, isolation_level=None)
             else:
                 conn = sqlite3.connect(self.path, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
@@ -416,6 +475,69 @@ class SQLiteStore:
         finally:
             conn.close()
 
+    def integrity_findings(self, head: Head | None) -> list[Finding]:
+        """See :class:`~coworker.audit.store.IntegrityChecked`: columns against bodies,
+        payloads against digests, rows outside ``1..head``, the triggers' definitions."""
+        findings: list[Finding] = []
+        last = head.seq if head is not None else 0
+        with self._lock:
+            conn = self._connection()
+            try:
+                findings += [Finding(GUARD, None, p) for p in _guard_problems(conn)]
+            except sqlite3.Error as exc:
+                raise AuditUnavailable(f"audit store {self.path!r}: {exc}") from exc
+        stray = list(
+            self._read(
+                "SELECT seq FROM audit_records WHERE seq < 1 OR seq > ? ORDER BY seq", (last,)
+            )
+        )
+        findings += _capped(
+            Finding(OUT_OF_RANGE, r[0], f"seq {r[0]}: a row outside 1..{last} (never appended)")
+            for r in stray
+        )
+        orphans = self._read(
+            "SELECT seq FROM audit_payloads WHERE payload IS NOT NULL AND seq NOT IN "
+            "(SELECT seq FROM audit_records WHERE seq BETWEEN 1 AND ?) ORDER BY seq",
+            (last,),
+        )
+        findings += _capped(
+            Finding(PAYLOAD_MISMATCH, r[0], f"seq {r[0]}: a payload with no record")
+            for r in orphans
+        )
+        query = (
+            f"SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload, {', '.join(_COLUMNS)}, "
+            "r.time FROM audit_records r LEFT JOIN audit_payloads p ON p.seq = r.seq "
+            "WHERE r.seq BETWEEN 1 AND ? ORDER BY r.seq"
+        )
+        columns: list[Finding] = []
+        payloads: list[Finding] = []
+        for row in self._read(query, (last,), mmap=True):
+            record = StoredRecord(row[0], row[1], row[2], row[3], row[4])
+            try:
+                fields = json.loads(record.body)
+            except (ValueError, TypeError):
+                continue  # the chain check already failed on it
+            expected = _row(record, fields)[4:]
+            if tuple(row[5:]) != expected:
+                names = [*_COLUMNS, "time"]
+                wrong = [
+                    f"{n}={got!r} (body: {want!r})"
+                    for n, got, want in zip(names, row[5:], expected, strict=True)
+                    if got != want
+                ]
+                columns.append(
+                    Finding(
+                        COLUMN_MISMATCH,
+                        record.seq,
+                        f"seq {record.seq}: query column(s) differ from the record: "
+                        + ", ".join(wrong),
+                    )
+                )
+            found = payload_finding(record, fields)
+            if found is not None:
+                payloads.append(found)
+        return findings + _capped(iter(columns)) + _capped(iter(payloads))
+
     def close(self) -> None:
         """Close the connection; idempotent."""
         with self._lock:
@@ -426,6 +548,46 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r}, synchronous={self.synchronous!r})"
+
+
+def _ro_uri(path: str) -> str:
+    # A read-only URI: SQLite creates nothing, even a -wal/-shm file stays as it is.
+    return "file:" + quote(os.path.abspath(path)) + "?mode=ro"
+
+
+def _guard_problems(conn: sqlite3.Connection) -> list[str]:
+    """What is wrong with the append-only triggers: missing, altered, or foreign ones."""
+    expected = _expected_triggers()
+    present = {
+        r[0]: (r[1], _normalise(r[2] or ""))
+        for r in conn.execute(
+            "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"
+        )
+    }
+    problems: list[str] = []
+    for name, definition in expected.items():
+        if name not in present:
+            problems.append(f"trigger {name} is missing")
+        elif present[name][1] != definition:
+            problems.append(f"trigger {name} is altered (not coworker's definition)")
+    for name, (table, _) in sorted(present.items()):
+        if name not in expected and table in _GUARDED_TABLES:
+            problems.append(f"trigger {name} on {table} is not coworker's")
+    return problems
+
+
+def _capped(findings: Iterator[Finding]) -> list[Finding]:
+    out: list[Finding] = []
+    extra = 0
+    for f in findings:
+        if len(out) < MAX_FINDINGS:
+            out.append(f)
+        else:
+            extra += 1
+    if extra:
+        last = out[-1]
+        out[-1] = Finding(last.kind, last.seq, f"{last.detail} (and {extra} more like it)")
+    return out
 
 
 def _row(record: StoredRecord, fields: Mapping[str, Any]) -> tuple[Any, ...]:

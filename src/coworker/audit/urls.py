@@ -26,7 +26,7 @@ def resolve_url(url: str | None = None) -> str:
     return os.environ.get(config.COWORKER_AUDIT_URL) or DEFAULT_AUDIT_URL
 
 
-def open_store(url: str | None = None) -> AuditStore:
+def open_store(url: str | None = None, *, readonly: bool = False) -> AuditStore:
     """Open the audit store a URL names.
 
     Args:
@@ -35,6 +35,8 @@ def open_store(url: str | None = None) -> AuditStore:
             ``max_page_count=N``), ``memory://`` (a new in-memory store), or
             ``postgresql://...`` (needs the ``postgres`` extra). ``None`` resolves through
             :func:`resolve_url`.
+        readonly: open for reading only (the read commands): nothing is created, re-armed
+            or written (SQLite ``mode=ro``; PostgreSQL without DDL, spool or writes).
 
     Returns:
         An open store.
@@ -42,6 +44,7 @@ def open_store(url: str | None = None) -> AuditStore:
     Raises:
         ConfigError: the URL is malformed, or its backend is not installed.
         AuditUnavailable: the store cannot be opened.
+        StoreNotFound: ``readonly`` and there is no store at the URL.
     """
     url = resolve_url(url)
     scheme, sep, rest = url.partition("://")
@@ -54,7 +57,7 @@ def open_store(url: str | None = None) -> AuditStore:
     if scheme == "memory":
         return InMemoryStore()
     if scheme == "sqlite":
-        return _open_sqlite(url, rest)
+        return _open_sqlite(url, rest, readonly)
     if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
         try:
             from coworker.audit.store_postgres import PostgresStore
@@ -63,13 +66,13 @@ def open_store(url: str | None = None) -> AuditStore:
                 f"audit={_redact(url)!r} needs PostgreSQL support: "
                 "pip install 'coworker-otel[postgres]'"
             ) from exc
-        return PostgresStore(url)  # type: ignore[no-any-return]
+        return PostgresStore(url, readonly=readonly)  # type: ignore[no-any-return]
     raise ConfigError(
         f"audit={_redact(url)!r}: unknown scheme {scheme!r} (sqlite, postgresql, memory)"
     )
 
 
-def _open_sqlite(url: str, rest: str) -> AuditStore:
+def _open_sqlite(url: str, rest: str, readonly: bool) -> AuditStore:
     from coworker.audit.store_sqlite import SQLiteStore
 
     # sqlite:///rel.db -> rest "/rel.db"; sqlite:////abs.db -> rest "//abs.db"
@@ -95,7 +98,7 @@ def _open_sqlite(url: str, rest: str) -> AuditStore:
         path,
         synchronous=options.get("synchronous", "FULL"),
         busy_timeout=busy,
-        readonly=mode == "ro",
+        readonly=readonly or mode == "ro",
         max_page_count=pages,
     )
 

@@ -20,6 +20,21 @@ does only that, on raw tuples; when a check fails it decodes the neighbouring bo
                    a recomputed chain (needs ``expected_head``)
 =================  ==========================================================================
 
+Then, for a store that keeps more than the chained bytes
+(:class:`~coworker.audit.store.IntegrityChecked`), what the links do not cover:
+
+=====================  ======================================================================
+``column-mismatch``    a query column (``user_id``, ``flow_id``...) differs from the hashed
+                       body, so ``coworker audit query`` would hide or misattribute the record
+``payload-mismatch``   a stored payload does not hash to its record's ``payload_digest``
+``out-of-range``       a row at a seq outside ``1..head`` (seq 0 or below), which no read
+                       returns but which is not a record
+``guard``              an append-only trigger or constraint is missing, altered or foreign
+=====================  ======================================================================
+
+Every problem found is in :attr:`VerifyReport.problems`; ``kind``/``bad_seq``/``detail``
+describe the first one.
+
 A cut-off or recomputed tail is invisible from the log alone: keep the head printed by
 ``coworker audit verify`` (or a signed checkpoint) and pass it back as ``expected_head``.
 """
@@ -34,16 +49,30 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from coworker.audit.chain import GENESIS_PREV_HASH
-from coworker.audit.store import AuditStore, Head
+from coworker.audit.store import (
+    COLUMN_MISMATCH,
+    GUARD,
+    OUT_OF_RANGE,
+    PAYLOAD_MISMATCH,
+    AuditStore,
+    Finding,
+    Head,
+    IntegrityChecked,
+)
 
 __all__ = [
     "BAD_GENESIS",
+    "COLUMN_MISMATCH",
     "DELETED",
     "EDITED",
+    "GUARD",
     "INSERTED",
+    "OUT_OF_RANGE",
+    "PAYLOAD_MISMATCH",
     "REORDERED",
     "REWRITTEN",
     "TRUNCATED",
+    "Finding",
     "VerifyReport",
     "verify_chain",
 ]
@@ -76,6 +105,8 @@ class VerifyReport:
         detail: one human-readable sentence.
         in_doubt: seqs of intent records with no outcome (informational; see
             :func:`coworker.audit.query.in_doubt`).
+        problems: every problem found, the chain's first (if any) then the store's
+            findings; empty when ``ok``.
     """
 
     ok: bool
@@ -85,6 +116,7 @@ class VerifyReport:
     kind: str | None = None
     detail: str = ""
     in_doubt: tuple[int, ...] = field(default=())
+    problems: tuple[Finding, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (hashes as hex)."""
@@ -98,6 +130,7 @@ class VerifyReport:
             "kind": self.kind,
             "detail": self.detail,
             "in_doubt": list(self.in_doubt),
+            "problems": [{"kind": p.kind, "seq": p.seq, "detail": p.detail} for p in self.problems],
         }
 
 
@@ -132,15 +165,10 @@ def verify_chain(
     """
     fast = _try_parallel(store, expected_head, progress)
     if fast is not None:
-        head = fast
+        problem = None
         if expected_head is not None:
-            problem = _against_saved(store, head, expected_head)
-            if problem is not None:
-                kind, bad_seq, detail = problem
-                return VerifyReport(False, head.seq, head, bad_seq, kind, detail)
-        return VerifyReport(
-            True, head.seq, head, in_doubt=_in_doubt(store, check_in_doubt), detail=_ok_detail(head)
-        )
+            problem = _against_saved(store, fast, expected_head)
+        return _report(store, fast.seq, fast, problem, check_in_doubt)
     sha256 = hashlib.sha256
     prev = GENESIS_PREV_HASH
     expected = 1
@@ -166,17 +194,37 @@ def verify_chain(
     head = Head(checked, prev) if checked else None
     if progress is not None:
         progress(checked)
+    problem = None
     if bad is not None:
         close = getattr(rows, "close", None)
         if close is not None:
             close()
-        kind, bad_seq, detail = _classify(store, expected, prev, bad)
-        return VerifyReport(False, checked, head, bad_seq, kind, detail)
-    if expected_head is not None:
+        problem = _classify(store, expected, prev, bad)
+    elif expected_head is not None:
         problem = _against_saved(store, head, expected_head)
-        if problem is not None:
-            kind, bad_seq, detail = problem
-            return VerifyReport(False, checked, head, bad_seq, kind, detail)
+    return _report(store, checked, head, problem, check_in_doubt)
+
+
+def _report(
+    store: AuditStore,
+    checked: int,
+    head: Head | None,
+    problem: tuple[str, int, str] | None,
+    check_in_doubt: bool,
+) -> VerifyReport:
+    """The report: the chain's first problem, then what the store finds beyond the links."""
+    problems: list[Finding] = []
+    if problem is not None:
+        problems.append(Finding(problem[0], problem[1], problem[2]))
+    if isinstance(store, IntegrityChecked):
+        # Over every row up to the store's own head, not only the verified prefix: a column
+        # edited after a broken link is still a record hidden from a query.
+        problems += store.integrity_findings(store.head())
+    if problems:
+        first = problems[0]
+        return VerifyReport(
+            False, checked, head, first.seq, first.kind, first.detail, problems=tuple(problems)
+        )
     doubt = _in_doubt(store, check_in_doubt)
     return VerifyReport(True, checked, head, in_doubt=doubt, detail=_ok_detail(head))
 

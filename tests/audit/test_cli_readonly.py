@@ -1,0 +1,86 @@
+"""Read commands open the store read-only: they never create, re-arm or write anything, and a
+path that does not exist is exit 2 with a clear message."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from coworker.audit.store_sqlite import SQLiteStore
+from coworker.cli import main
+from tests.audit.conftest import fill, raw
+
+READ_COMMANDS = [
+    ["status"],
+    ["verify"],
+    ["query"],
+    ["query", "--user", "alice"],
+    ["tree", "flow-1"],
+]
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=lambda c: " ".join(c))
+def test_missing_path_is_exit_2_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """A mistyped path: exit 2, a message naming it, no directory and no file made."""
+    url = f"sqlite:///{tmp_path}/typo/audit.db"
+    assert main(["audit", *command, "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert "typo/audit.db" in err and "no such file" in err
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=lambda c: " ".join(c))
+def test_read_commands_do_not_rearm_dropped_triggers(
+    db_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """On a file whose triggers were dropped, a read command leaves the file as it is."""
+    store = SQLiteStore(db_path)
+    fill(store, 2)
+    store.close()
+    raw(db_path).close()
+    before = db_path.read_bytes()
+    main(["audit", *command, "--url", f"sqlite:///{db_path}"])
+    capsys.readouterr()
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    assert (
+        conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'trigger'").fetchone()[0] == 0
+    )
+    conn.close()
+    assert db_path.read_bytes() == before
+
+
+def test_verify_reports_the_dropped_triggers(
+    db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """verify names every missing guard and exits 1."""
+    store = SQLiteStore(db_path)
+    fill(store, 2)
+    store.close()
+    raw(db_path).close()
+    assert main(["audit", "verify", "--url", f"sqlite:///{db_path}"]) == 1
+    out = capsys.readouterr().out
+    assert out.count(": guard") == 3 and "audit_records_no_delete is missing" in out
+
+
+def test_store_in_a_new_directory_is_one_loud_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """configure() with a URL whose directory does not exist: one WARNING says a new, empty
+    log is being created (and where)."""
+    import coworker
+
+    with caplog.at_level("INFO", logger="coworker"):
+        coworker.configure(audit=f"sqlite:///{tmp_path}/tpyo/audit.db")
+        coworker.shutdown()
+    loud = [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+    assert len(loud) == 1, caplog.text
+    assert "EMPTY audit log" in loud[0].getMessage() and "tpyo" in loud[0].getMessage()
+    # An existing directory (the usual first run in a project) stays quiet.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="coworker"):
+        SQLiteStore(tmp_path / "audit.db").close()
+    assert not caplog.records
