@@ -737,3 +737,152 @@ def test_server_outage_is_bounded_and_ships_after(
         assert [b["i"] for b in check_chain(store)] == list(range(1000))
         store.close()
     assert coworker_threads() == []
+
+
+# -- the database owner: what verify and a read-write open find ----------------------------------
+def as_owner(pg: PGServer, url: str, *statements: str) -> None:
+    """Run statements as the owner with the triggers off, then put them back as they were."""
+    t = f'"{schema_of(url)}".records'
+    on = ", ".join(
+        f"ENABLE ALWAYS TRIGGER {n}" for n in ("records_no_change", "records_no_change_stmt")
+    )
+    pg.execute(f"ALTER TABLE {t} DISABLE TRIGGER ALL; {' '.join(statements)} ALTER TABLE {t} {on};")
+
+
+def verify(url: str) -> Any:
+    from coworker.audit.verify import verify_chain
+
+    store = PostgresStore(url, readonly=True)
+    try:
+        return verify_chain(store)
+    finally:
+        store.close()
+
+
+def with_payload(i: int, payload: bytes) -> dict[str, Any]:
+    return entry(i, payload_digest=hashlib.sha256(payload).hexdigest())
+
+
+def test_fresh_store_has_no_findings(store: PostgresStore, url: str) -> None:
+    """Guards as created, columns as written: verify finds nothing."""
+    store.append([with_payload(1, b"p"), entry(2, user_id="x\ud800")], [b"p", None])
+    report = verify(url)
+    assert report.ok and report.problems == (), report
+
+
+def test_owner_editing_a_query_column_is_reported(
+    pg: PGServer, store: PostgresStore, url: str
+) -> None:
+    """The owner edits only user_id (triggers off, then on again): the record vanishes from
+    search(user=alice) and verify names the column."""
+    from coworker.audit.verify import COLUMN_MISMATCH
+
+    store.append([entry(i, user_id="alice") for i in range(3)])
+    as_owner(pg, url, f"UPDATE \"{schema_of(url)}\".records SET user_id = 'bob' WHERE seq = 2;")
+    assert [r.seq for r in store.search({"user": "alice"})] == [1, 3]
+    report = verify(url)
+    assert (report.ok, report.kind, report.bad_seq) == (False, COLUMN_MISMATCH, 2), report
+    assert "user_id='bob'" in report.detail
+
+
+def test_owner_row_at_seq_zero_is_never_read_and_reported(
+    pg: PGServer, store: PostgresStore, url: str
+) -> None:
+    """Without the CHECK, a row at seq 0: no read returns it; verify reports the row and the
+    dropped constraint."""
+    from coworker.audit.verify import GUARD, OUT_OF_RANGE
+
+    store.append([entry(1, user_id="alice"), entry(2)])
+    t = f'"{schema_of(url)}".records'
+    pg.execute(f"ALTER TABLE {t} DROP CONSTRAINT records_seq_check")
+    pg.execute(
+        f"INSERT INTO {t} (seq, prev_hash, hash, body, user_id) SELECT 0, "
+        f"'\\x{'ab' * 32}', hash, body, 'mallory' FROM {t} WHERE seq = 1"
+    )
+    assert [r.seq for r in store.iter_from(0)] == [1, 2]
+    assert [r.seq for r in store.search({"user": "mallory"})] == []
+    assert store.head().seq == 2  # type: ignore[union-attr]
+    report = verify(url)
+    kinds = {(p.kind, p.seq) for p in report.problems}
+    assert (GUARD, None) in kinds and (OUT_OF_RANGE, 0) in kinds, report
+
+
+def test_lookalike_guard_function_is_reported_and_restored(
+    pg: PGServer, store: PostgresStore, url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """refuse_change() replaced by a function that lets everything through (same names):
+    verify reports it read-only; a read-write open logs an ERROR and restores it."""
+    from coworker.audit.verify import GUARD
+
+    store.append([entry(1)])
+    s = f'"{schema_of(url)}"'
+    pg.execute(
+        f"CREATE OR REPLACE FUNCTION {s}.refuse_change() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$BEGIN IF TG_LEVEL = 'ROW' THEN RETURN NEW; END IF; RETURN NULL; END$$"
+    )
+    pg.execute(f"UPDATE {s}.records SET user_id = 'x' WHERE seq = 1")  # goes through now
+    report = verify(url)
+    assert not report.ok and any(
+        p.kind == GUARD and "refuse_change is altered" in p.detail for p in report.problems
+    ), report
+    assert verify(url).problems == report.problems  # the read-only verify restored nothing
+    with caplog.at_level("ERROR", logger="coworker.audit"):
+        PostgresStore(url, spool=None).close()
+    assert "refuse_change is altered" in caplog.text and "restored" in caplog.text
+    with pytest.raises(psycopg.Error, match="append-only"):
+        pg.execute(f"UPDATE {s}.records SET user_id = 'y' WHERE seq = 1")
+
+
+def test_rule_that_swallows_inserts_fails_the_append(
+    pg: PGServer, store: PostgresStore, url: str
+) -> None:
+    """An ON INSERT DO INSTEAD NOTHING rule would drop records with no error: the append
+    raises AuditUnavailable, and verify names the rule."""
+    store.append([entry(1)])
+    pg.execute(f'CREATE RULE swallow AS ON INSERT TO "{schema_of(url)}".records DO INSTEAD NOTHING')
+    fresh = PostgresStore(url, spool=None)
+    with pytest.raises(AuditUnavailable, match="only 0 of 1"):
+        fresh.append([entry(2)])
+    fresh.close()
+    report = verify(url)
+    assert any("rule(s) on records" in p.detail for p in report.problems), report
+
+
+def test_row_level_security_is_reported(pg: PGServer, store: PostgresStore, url: str) -> None:
+    """Row-level security can hide records from the reader role: verify reports it."""
+    store.append([entry(1)])
+    pg.execute(f'ALTER TABLE "{schema_of(url)}".records ENABLE ROW LEVEL SECURITY')
+    report = verify(url)
+    assert any("row-level security" in p.detail for p in report.problems), report
+
+
+def test_owner_editing_a_payload_is_reported(pg: PGServer, store: PostgresStore, url: str) -> None:
+    """A payload edited in the payloads table no longer matches its record's digest."""
+    from coworker.audit.verify import PAYLOAD_MISMATCH
+
+    store.append([with_payload(1, b"a"), with_payload(2, b"b")], [b"a", b"b"])
+    pg.execute(f"UPDATE \"{schema_of(url)}\".payloads SET payload = 'forged' WHERE seq = 2")
+    pg.execute(f'UPDATE "{schema_of(url)}".payloads SET payload = NULL WHERE seq = 1')  # erased
+    report = verify(url)
+    assert [(p.kind, p.seq) for p in report.problems] == [(PAYLOAD_MISMATCH, 2)], report
+
+
+def test_read_only_open_creates_nothing(pg: PGServer, url: str, capsys: Any) -> None:
+    """readonly=True on a schema that does not exist: StoreNotFound, no schema made; the CLI
+    read commands exit 2."""
+    from coworker.audit.store import StoreNotFound
+    from coworker.cli import main
+
+    with pytest.raises(StoreNotFound, match="no audit log in schema"):
+        PostgresStore(url, readonly=True)
+    for command in (["status"], ["verify"], ["query"]):
+        assert main(["audit", *command, "--url", url]) == 2, command
+        assert "no audit log in schema" in capsys.readouterr().err
+    schema = schema_of(url)
+    assert sql_rows(pg, f"SELECT 1 FROM pg_namespace WHERE nspname = '{schema}'") == []
+    PostgresStore(url, spool=None).close()
+    ro = PostgresStore(url, readonly=True)
+    with pytest.raises(AuditUnavailable, match="read-only"):
+        ro.append([entry(1)])
+    assert ro.spool_path is None
+    ro.close()

@@ -143,7 +143,11 @@ def payload_finding(record: StoredRecord, fields: Mapping[str, Any]) -> Finding 
 
     if record.payload is None:
         return None  # erased (or never captured): the digest stays in the body
-    digest = fields.get("payload_digest")
+    if "payload_digest" not in fields:
+        # Not a record format that commits to its payload (hand-made entries): nothing to
+        # check it against. Every record coworker makes has the field (null: no payload).
+        return None
+    digest = fields["payload_digest"]
     data = record.payload
     if not isinstance(data, bytes):  # rewritten as TEXT (or a number) by hand
         data = str(data).encode("utf-8", "surrogatepass")

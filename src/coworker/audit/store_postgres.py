@@ -67,7 +67,18 @@ from coworker import attributes as attr
 from coworker.audit.chain import prepare, seal
 from coworker.audit.record import QUERY_FILTERS, canonical
 from coworker.audit.spool import Spool, SpoolEntry, SpoolStatus
-from coworker.audit.store import Head, StoredRecord, StoreNotFound
+from coworker.audit.store import (
+    COLUMN_MISMATCH,
+    GUARD,
+    MAX_FINDINGS,
+    OUT_OF_RANGE,
+    PAYLOAD_MISMATCH,
+    Finding,
+    Head,
+    StoredRecord,
+    StoreNotFound,
+    payload_finding,
+)
 from coworker.exceptions import AuditUnavailable, ConfigError
 
 __all__ = [
@@ -435,7 +446,9 @@ class PostgresStore:
 
     def head(self) -> Head | None:
         """See :class:`~coworker.audit.store.AuditStore` (the shared log's head)."""
-        query = sql.SQL("SELECT seq, hash FROM {} ORDER BY seq DESC LIMIT 1").format(self._table)
+        query = sql.SQL("SELECT seq, hash FROM {} WHERE seq >= 1 ORDER BY seq DESC LIMIT 1").format(
+            self._table
+        )
         rows = self._fetch(query, ())
         return Head(rows[0][0], bytes(rows[0][1])) if rows else None
 
@@ -445,7 +458,7 @@ class PostgresStore:
             "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload FROM {} r "
             "LEFT JOIN {} p ON p.seq = r.seq WHERE r.seq >= %s ORDER BY r.seq LIMIT %s"
         ).format(self._table, self._payloads)
-        next_seq = seq
+        next_seq = max(seq, 1)
         while True:
             rows = self._fetch(query, (next_seq, _PAGE))
             for row in rows:
@@ -459,7 +472,7 @@ class PostgresStore:
         query = sql.SQL(
             "SELECT seq, prev_hash, hash, body FROM {} WHERE seq >= %s ORDER BY seq LIMIT %s"
         ).format(self._table)
-        next_seq = seq
+        next_seq = max(seq, 1)
         while True:
             rows = self._fetch(query, (next_seq, _PAGE))
             for row in rows:
@@ -610,7 +623,10 @@ class PostgresStore:
 
     def last_inserted_at(self) -> float | None:
         """UNIX time the newest record reached the shared log (server clock), or ``None``."""
-        query = sql.SQL("SELECT extract(epoch FROM inserted_at) FROM {} ORDER BY seq DESC LIMIT 1")
+        query = sql.SQL(
+            "SELECT extract(epoch FROM inserted_at) FROM {} WHERE seq >= 1"
+            " ORDER BY seq DESC LIMIT 1"
+        )
         rows = self._fetch(query.format(self._table), ())
         return float(rows[0][0]) if rows else None
 
@@ -864,6 +880,14 @@ class PostgresStore:
                 for c in range(len(_COLUMNS) + 1):
                     params.append(_TextArray.of([plain[i][c] for i in todo]))
                 cur.execute(self._insert_sql(), params)
+                if cur.rowcount != len(sealed):
+                    # A rule (DO INSTEAD NOTHING) or a trigger returning NULL drops rows
+                    # without an error: never report them as written.
+                    raise AuditUnavailable(
+                        f"audit store {self}: only {cur.rowcount} of {len(sealed)} row(s) were "
+                        "inserted: a rule or trigger on the table dropped them "
+                        "(run `coworker audit verify`)"
+                    )
                 blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
                 if blobs:
                     cur.execute(
@@ -939,11 +963,127 @@ class PostgresStore:
         over the log; no span index is kept, it would slow every append).
         """
         query = sql.SQL(
-            "SELECT i.seq FROM {t} i WHERE i.kind = 'intent' AND NOT EXISTS ("
+            "SELECT i.seq FROM {t} i WHERE i.kind = 'intent' AND i.seq >= 1 AND NOT EXISTS ("
             "SELECT 1 FROM {t} o WHERE o.span_id = i.span_id AND o.kind = 'outcome'"
             " AND o.trace_id IS NOT DISTINCT FROM i.trace_id AND o.seq > i.seq) ORDER BY i.seq"
         ).format(t=self._table)
         return [row[0] for row in self._fetch(query, ())]
+
+    # -- integrity -----------------------------------------------------------------------------
+    def integrity_findings(self, head: Head | None) -> list[Finding]:
+        """See :class:`~coworker.audit.store.IntegrityChecked`: columns against bodies,
+        payloads against digests, rows outside ``1..head``, the guards' definitions (triggers,
+        their function, the constraints, no rules or row-level security on the log)."""
+        last = head.seq if head is not None else 0
+        findings: list[Finding] = []
+        with self._lock:
+            try:
+                conn = self._connection()
+            except _ServerDown as exc:
+                raise AuditUnavailable(f"audit store {self}: {exc}") from exc
+            try:
+                with self._deadline(conn), conn.cursor() as cur:
+                    problems = _guard_problems(cur, self.schema)
+                conn.commit()
+            except psycopg.Error as exc:
+                self._rollback_or_drop(conn)
+                raise AuditUnavailable(f"audit store {self}: {exc}") from exc
+        findings += [Finding(GUARD, None, p) for p in problems]
+        stray = self._fetch(
+            sql.SQL("SELECT seq FROM {} WHERE seq < 1 OR seq > %s ORDER BY seq LIMIT %s").format(
+                self._table
+            ),
+            (last, MAX_FINDINGS),
+        )
+        findings += [
+            Finding(OUT_OF_RANGE, r[0], f"seq {r[0]}: a row outside 1..{last} (never appended)")
+            for r in stray
+        ]
+        orphans = self._fetch(
+            sql.SQL(
+                "SELECT p.seq FROM {} p WHERE p.payload IS NOT NULL AND NOT EXISTS ("
+                "SELECT 1 FROM {} r WHERE r.seq = p.seq AND r.seq BETWEEN 1 AND %s)"
+                " ORDER BY p.seq LIMIT %s"
+            ).format(self._payloads, self._table),
+            (last, MAX_FINDINGS),
+        )
+        findings += [
+            Finding(PAYLOAD_MISMATCH, r[0], f"seq {r[0]}: a payload with no record")
+            for r in orphans
+        ]
+        names = [*_COLUMNS, "time"]
+        query = sql.SQL(
+            "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload, {} FROM {} r"
+            " LEFT JOIN {} p ON p.seq = r.seq WHERE r.seq >= %s AND r.seq <= %s"
+            " ORDER BY r.seq LIMIT %s"
+        ).format(
+            sql.SQL(", ").join(sql.SQL("r.") + sql.Identifier(n) for n in names),
+            self._table,
+            self._payloads,
+        )
+        columns: list[Finding] = []
+        payloads: list[Finding] = []
+        next_seq = 1
+        while next_seq <= last:
+            rows = self._fetch(query, (next_seq, last, _PAGE))
+            for row in rows:
+                record = _record(row)
+                try:
+                    fields = json.loads(record.body)
+                except ValueError:
+                    continue  # the chain check already failed on it
+                want = [None if v is None else v.decode() for v in _column_values(fields)]
+                got = list(row[5:])
+                if got != want:
+                    wrong = ", ".join(
+                        f"{n}={g!r} (body: {w!r})"
+                        for n, g, w in zip(names, got, want, strict=True)
+                        if g != w
+                    )
+                    if len(columns) < MAX_FINDINGS:
+                        columns.append(
+                            Finding(
+                                COLUMN_MISMATCH,
+                                record.seq,
+                                f"seq {record.seq}: query column(s) differ from the record: "
+                                + wrong,
+                            )
+                        )
+                found = payload_finding(record, fields)
+                if found is not None and len(payloads) < MAX_FINDINGS:
+                    payloads.append(found)
+            if len(rows) < _PAGE:
+                break
+            next_seq = rows[-1][0] + 1
+        return findings + columns + payloads
+
+    def _rearm(self, conn: psycopg.Connection[Any]) -> None:
+        """On a read-write open: say loudly (ERROR) which guards are missing or altered, and
+        put ours back when this role may (the owner); what happened meanwhile is verify's."""
+        with conn.cursor() as cur:
+            problems = _guard_problems(cur, self.schema)
+        conn.commit()
+        if not problems:
+            return
+        _log.error(
+            "audit store %s: append-only guards tampered with: %s. Run `coworker audit verify`.",
+            self,
+            "; ".join(problems),
+        )
+        ddl = _restore_guards_ddl(self.schema)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(ddl.encode())
+            conn.commit()
+        except psycopg.Error as exc:
+            conn.rollback()
+            _log.error(
+                "audit store %s: could not restore the guards (the schema owner must): %s",
+                self,
+                str(exc).strip(),
+            )
+            return
+        _log.error("audit store %s: coworker's triggers and guard functions restored", self)
 
     # -- connections ---------------------------------------------------------------------------
     def _connection(self) -> psycopg.Connection[Any]:
@@ -1111,6 +1251,8 @@ class PostgresStore:
                 f"audit store {self}: schema version {version}, this coworker knows "
                 f"{SCHEMA_VERSION}; upgrade coworker"
             )
+        if not self.readonly:
+            self._rearm(conn)
         with conn.cursor() as cur:
             cur.execute("SELECT %s::regclass::oid::int", (f"{_quote_ident(self.schema)}.records",))
             row = cur.fetchone()
@@ -1342,6 +1484,131 @@ def _redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+# Our triggers, as pg_get_triggerdef prints them ({s}: the schema as quote_ident prints it).
+_GUARD_TRIGGERS: Final = {
+    ("records", "records_no_change"): "CREATE TRIGGER records_no_change BEFORE DELETE OR UPDATE"
+    " ON {s}.records FOR EACH ROW EXECUTE FUNCTION {s}.refuse_change()",
+    ("records", "records_no_change_stmt"): "CREATE TRIGGER records_no_change_stmt BEFORE DELETE"
+    " OR UPDATE OR TRUNCATE ON {s}.records FOR EACH STATEMENT EXECUTE FUNCTION"
+    " {s}.refuse_change()",
+    ("schema_version", "schema_version_no_change"): "CREATE TRIGGER schema_version_no_change"
+    " BEFORE DELETE OR UPDATE ON {s}.schema_version FOR EACH ROW EXECUTE FUNCTION"
+    " {s}.refuse_change()",
+    ("schema_version", "schema_version_no_change_stmt"): "CREATE TRIGGER"
+    " schema_version_no_change_stmt BEFORE DELETE OR UPDATE OR TRUNCATE ON {s}.schema_version"
+    " FOR EACH STATEMENT EXECUTE FUNCTION {s}.refuse_change()",
+}
+_GUARD_CONSTRAINTS: Final = {
+    "records_pkey": "PRIMARY KEY (seq)",
+    "records_seq_check": "CHECK ((seq >= 1))",
+    "records_prev_hash_check": "CHECK ((octet_length(prev_hash) = 32))",
+    "records_hash_check": "CHECK ((octet_length(hash) = 32))",
+    "records_prev_hash_key": "UNIQUE (prev_hash)",
+}
+_GUARDED_TABLES: Final = ("records", "payloads", "schema_version")
+
+
+def _function_sources() -> dict[str, str]:
+    """The bodies (``prosrc``) of our PL/pgSQL functions, with ``{schema}`` still in them."""
+    import re
+
+    return {
+        m.group(1): m.group(2)
+        for m in re.finditer(
+            r"CREATE (?:OR REPLACE )?FUNCTION \{schema\}\.(\w+)\(.*?\$\$(.*?)\$\$",
+            _DDL_V1,
+            re.DOTALL,
+        )
+    }
+
+
+def _guard_problems(cur: psycopg.Cursor[Any], schema: str) -> list[str]:
+    """What is wrong with the append-only guards of ``schema``: missing, altered, foreign."""
+    cur.execute("SELECT quote_ident(%s)", (schema,))
+    row = cur.fetchone()
+    assert row is not None
+    qs = row[0]
+    problems: list[str] = []
+    cur.execute(
+        "SELECT c.relname, t.tgname, t.tgenabled, pg_get_triggerdef(t.oid) FROM pg_trigger t"
+        " JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND NOT t.tgisinternal",
+        (schema,),
+    )
+    present = {(r[0], r[1]): (r[2], r[3]) for r in cur.fetchall()}
+    for key, definition in _GUARD_TRIGGERS.items():
+        found = present.get(key)
+        if found is None:
+            problems.append(f"trigger {key[1]} on {key[0]} is missing")
+        elif found[1] != definition.format(s=qs):
+            problems.append(f"trigger {key[1]} on {key[0]} is altered (not coworker's)")
+        elif found[0] != "A":
+            problems.append(f"trigger {key[1]} on {key[0]} is not ENABLE ALWAYS ({found[0]})")
+    for table, name in sorted(set(present) - set(_GUARD_TRIGGERS)):
+        if table in _GUARDED_TABLES:
+            problems.append(f"trigger {name} on {table} is not coworker's")
+    cur.execute(
+        "SELECT p.proname, p.prosrc, p.prosecdef, p.proconfig FROM pg_proc p"
+        " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s",
+        (schema,),
+    )
+    functions = {r[0]: (r[1], r[2], r[3]) for r in cur.fetchall()}
+    for name, source in _function_sources().items():
+        # The DDL ran with the schema always double-quoted (_quote_ident), not as quote_ident.
+        expected = source.replace("{schema}", _quote_ident(schema)).replace(
+            "{namespace}", str(_LOCK_NAMESPACE)
+        )
+        got = functions.get(name)
+        if got is None:
+            problems.append(f"function {name} is missing")
+        elif got != (expected, False, None):
+            problems.append(f"function {name} is altered (not coworker's)")
+    cur.execute(
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = "
+        "to_regclass(%s)",
+        (f"{qs}.records",),
+    )
+    constraints = dict(cur.fetchall())
+    for name, definition in _GUARD_CONSTRAINTS.items():
+        if constraints.get(name) != definition:
+            state = "missing" if name not in constraints else "altered"
+            problems.append(f"constraint {name} on records is {state}")
+    cur.execute(
+        "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity,"
+        " (SELECT count(*) FROM pg_rewrite w WHERE w.ev_class = c.oid AND w.rulename <> '_RETURN')"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = ANY(%s)",
+        (schema, list(_GUARDED_TABLES)),
+    )
+    for table, rls, force, rules in cur.fetchall():
+        if rls or force:
+            problems.append(f"row-level security is on for {table} (it can hide records)")
+        if rules:
+            problems.append(f"{rules} rule(s) on {table} (a rule can drop or divert inserts)")
+    return problems
+
+
+def _restore_guards_ddl(schema: str) -> str:
+    """DDL that puts our functions and triggers back (the owner may run it)."""
+    import re
+
+    qs = _quote_ident(schema)
+    ddl = _DDL_V1.replace("{schema}", qs).replace("{namespace}", str(_LOCK_NAMESPACE))
+    statements = [
+        m.group(0).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+        for m in re.finditer(r"CREATE (?:OR REPLACE )?FUNCTION .*?\$\$.*?\$\$;", ddl, re.DOTALL)
+    ]
+    for (table, name), _ in _GUARD_TRIGGERS.items():
+        statements.append(f"DROP TRIGGER IF EXISTS {name} ON {qs}.{table};")
+    statements += [
+        m.group(0)
+        for m in re.finditer(
+            r"(?:CREATE TRIGGER|ALTER TABLE) .*?;", ddl.split("$$;")[-1], re.DOTALL
+        )
+    ]
+    return "\n".join(statements)
 
 
 def _quote_ident(name: str) -> str:
