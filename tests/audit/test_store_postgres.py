@@ -886,3 +886,56 @@ def test_read_only_open_creates_nothing(pg: PGServer, url: str, capsys: Any) -> 
         ro.append([entry(1)])
     assert ro.spool_path is None
     ro.close()
+
+
+_SPOOLER = r"""
+import sys
+from coworker.audit.store_postgres import PostgresStore
+url, spool, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = PostgresStore(url, spool=spool, ship_interval=0.05, connect_timeout=1)
+for i in range(n):
+    assert store.append([{"kind": "outcome", "proc": 0, "i": i}]) == []
+print("spooled", flush=True)
+sys.stdin.readline()  # the test restores the network, then kills us mid-shipment
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_while_shipping_ships_each_entry_once(
+    pg: PGServer, url: str, tmp_path: Path
+) -> None:
+    """A process killed with SIGKILL while its shipper drains 1,500 spooled entries: the next
+    store on the spool ships the rest; every entry is in the log exactly once, in order."""
+    import signal
+
+    PostgresStore(url, spool=None).close()
+    spool = str(tmp_path / "spool.db")
+    schema = schema_of(url)
+    with proxy_to(pg.url) as proxy:
+        proxy.cut()
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _SPOOLER,
+                with_hostport(url, "127.0.0.1", proxy.port),
+                spool,
+                "1500",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdout is not None and child.stdout.readline().strip() == "spooled"
+        proxy.restore()
+
+        def shipped() -> int:
+            return int(sql_rows(pg, f'SELECT count(*) FROM "{schema}".records')[0][0])
+
+        wait_for(lambda: shipped() > 0, what="the first shipment")
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    store = PostgresStore(url, spool=spool)
+    assert store.ship() == 0
+    assert_each_once(check_chain(store), 1, 1500)
+    store.close()
