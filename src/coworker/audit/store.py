@@ -100,7 +100,8 @@ class StoredRecord:
         """Decode the body into a dict."""
         import json
 
-        return json.loads(self.body)
+        decoded: dict[str, Any] = json.loads(self.body)
+        return decoded
 
 
 @dataclass(frozen=True, slots=True)

@@ -334,7 +334,7 @@ class PostgresStore:
         # Defaults the URL may override. Keepalives and tcp_user_timeout turn a silent network
         # partition into an error (and a spooled record) in about 30 s instead of a hang.
         given = psycopg.conninfo.conninfo_to_dict(conninfo)
-        self._connect_options = {
+        self._connect_options: dict[str, Any] = {
             k: v
             for k, v in {
                 "connect_timeout": max(1, round(connect_timeout)),
@@ -905,9 +905,9 @@ class PostgresStore:
                 # and before the spool forgot the entries, the next shipper sees they are in.
                 note.note_attempt(
                     {
-                        items[i].spool_id: (rec.seq, rec.hash)
+                        spool_id: (rec.seq, rec.hash)
                         for i, rec in zip(todo, sealed, strict=True)
-                        if items[i].spool_id
+                        if (spool_id := items[i].spool_id)
                     }
                 )
             cur.execute("COMMIT")
@@ -1279,7 +1279,7 @@ class PostgresStore:
             conn.commit()
         return None if found is None or found[0] is None else int(found[0])
 
-    def _fetch(self, query: sql.Composable, params: tuple[Any, ...]) -> list[Any]:
+    def _fetch(self, query: sql.Composed | sql.SQL, params: tuple[Any, ...]) -> list[Any]:
         with self._lock:
             for attempt in range(2):
                 try:

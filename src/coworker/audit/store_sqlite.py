@@ -616,7 +616,21 @@ def _guard_problems(conn: sqlite3.Connection) -> list[str]:
     for name, (table, _) in sorted(present.items()):
         if name not in expected and table in _GUARDED_TABLES:
             problems.append(f"trigger {name} on {table} is not coworker's")
+    # The table itself (PRAGMA writable_schema can rewrite it, e.g. to drop the CHECK): as
+    # created now, or as created before the CHECK existed.
+    row = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'audit_records'"
+    ).fetchone()
+    table_sql = _normalise(row[0] if row and row[0] else "")
+    if table_sql not in _expected_tables():
+        problems.append("table audit_records is altered (not coworker's definition)")
     return problems
+
+
+def _expected_tables() -> tuple[str, str]:
+    (create,) = [s for s in _split_ddl(_DDL) if "TABLE IF NOT EXISTS audit_records" in s]
+    current = _normalise(create)
+    return current, current.replace(" CHECK (seq >= 1)", "")
 
 
 def _capped(findings: Iterator[Finding]) -> list[Finding]:

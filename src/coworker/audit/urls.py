@@ -66,7 +66,7 @@ def open_store(url: str | None = None, *, readonly: bool = False) -> AuditStore:
                 f"audit={_redact(url)!r} needs PostgreSQL support: "
                 "pip install 'coworker-otel[postgres]'"
             ) from exc
-        return PostgresStore(url, readonly=readonly)  # type: ignore[no-any-return]
+        return PostgresStore(url, readonly=readonly)
     raise ConfigError(
         f"audit={_redact(url)!r}: unknown scheme {scheme!r} (sqlite, postgresql, memory)"
     )
