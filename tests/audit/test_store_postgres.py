@@ -124,6 +124,37 @@ def test_schema_is_created_on_first_use_once_and_versioned(pg: PGServer, url: st
         s.close()
 
 
+def test_concurrent_first_opens_never_run_the_ddl_twice(pg: PGServer) -> None:
+    """10 rounds of 8 stores opening a new schema at once: one creates it, the others wait
+    for its lock and then see it (none fails with "relation already exists")."""
+    for _ in range(10):
+        url = pg.schema_url()
+        barrier = threading.Barrier(8)
+        errors: list[BaseException] = []
+        opened: list[PostgresStore] = []
+
+        def open_one(
+            url: str = url,
+            barrier: threading.Barrier = barrier,
+            opened: list[PostgresStore] = opened,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            barrier.wait()
+            try:
+                opened.append(PostgresStore(url, spool=None))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for s in opened:
+            s.close()
+        assert not errors, errors
+
+
 def test_newer_schema_version_is_refused(pg: PGServer, url: str) -> None:
     """A schema written by a newer coworker is not used."""
     PostgresStore(url, spool=None).close()

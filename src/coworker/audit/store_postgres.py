@@ -1263,9 +1263,16 @@ class PostgresStore:
 
     def _schema_version(self, conn: psycopg.Connection[Any], in_tx: bool = False) -> int | None:
         with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass(%s)", (f"{_quote_ident(self.schema)}.schema_version",))
+            # A plain query on pg_class, not to_regclass(): that one reads the catalog cache,
+            # which waiting for an advisory lock does not refresh, so a store that waited
+            # while another created the schema would not see it and run the DDL again.
+            cur.execute(
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = %s AND c.relname = 'schema_version'",
+                (self.schema,),
+            )
             row = cur.fetchone()
-            if row is None or row[0] is None:
+            if row is None:
                 if not in_tx:
                     conn.commit()
                 return None
