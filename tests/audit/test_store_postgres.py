@@ -970,3 +970,36 @@ def test_kill_9_while_shipping_ships_each_entry_once(
     assert store.ship() == 0
     assert_each_once(check_chain(store), 1, 1500)
     store.close()
+
+
+def test_close_with_a_hung_server_returns(pg: PGServer, url: str, tmp_path: Path) -> None:
+    """close() makes a last shipment attempt; a server that hangs during it cannot hang
+    close() (the watchdog outlives the attempt), and the entries stay spooled."""
+    PostgresStore(url, spool=None).close()
+    spool_path = tmp_path / "spool.db"
+    left = Spool(spool_path)
+    left.put([entry(1), entry(2)])  # left behind by an earlier run
+    left.close()
+    with proxy_to(pg.url) as proxy:
+        store = PostgresStore(
+            with_hostport(url, "127.0.0.1", proxy.port),
+            spool=spool_path,
+            ship_interval=1000,  # the shipper will not get there first
+            connect_timeout=1,
+            io_timeout=1,
+        )
+        proxy.blackhole()
+        closed = threading.Event()
+
+        def close() -> None:
+            store.close()
+            closed.set()
+
+        threading.Thread(target=close, daemon=True).start()
+        assert closed.wait(120), "close() hung on an unresponsive server"
+        assert Spool(spool_path).depth() == 2
+        proxy.restore()
+    again = PostgresStore(url, spool=spool_path)
+    assert again.ship() == 0
+    assert [b["i"] for b in check_chain(again)] == [1, 2]
+    again.close()

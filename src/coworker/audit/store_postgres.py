@@ -26,7 +26,8 @@ under REPEATABLE READ the snapshot is taken before the lock is granted, two writ
 same stale head and the chain forks. The primary key on ``seq`` and the unique constraint on
 ``prev_hash`` are the database's own backstop: a writer that forks the chain anyway is refused.
 The COMMIT does not wait for its WAL flush, so the lock is free at once; :meth:`_flush` then
-waits for it (group commit across processes) before ``append`` returns.
+waits for it (group commit across processes) before ``append`` returns, with a transaction
+that writes WAL of its own and commits synchronously.
 
 Append-only in the database: BEFORE UPDATE / DELETE row triggers, BEFORE UPDATE / DELETE /
 TRUNCATE statement triggers (TRUNCATE fires no row triggers), all ``ENABLE ALWAYS`` so they
@@ -37,8 +38,11 @@ signed checkpoints are what detect that (``docs/postgres.md``).
 
 Outages: when the server cannot be reached, :meth:`PostgresStore.append` writes the entries to
 a local durable :class:`~coworker.audit.spool.Spool` and returns an empty list (they are
-sealed, i.e. get a seq, when they reach the shared log). A background thread ships the spool
-in order when the server is back; the chain stays continuous.
+sealed, i.e. get a seq, when they reach the shared log). One background thread per store
+ships the spool in order when the server is back; the chain stays continuous. While the spool
+is not empty, appends queue behind it without touching the network; a watchdog thread cuts any
+round trip longer than ``io_timeout`` (a hung server). Read-only stores (``readonly=True``, the
+CLI's read commands) run no DDL, restore no guard and never spool.
 """
 
 from __future__ import annotations
@@ -369,7 +373,9 @@ class PostgresStore:
         self._shipper_pid = -1
         self._connect_lock = threading.Lock()
         self._watch_lock = threading.Lock()
-        self._watch: tuple[psycopg.Connection[Any], float] | None = None
+        # Round trips in progress (any thread): token -> (connection, start).
+        self._watches: dict[int, tuple[psycopg.Connection[Any], float]] = {}
+        self._watch_stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._watchdog_pid = -1
         self._spool: Spool | None = None
@@ -569,9 +575,19 @@ class PostgresStore:
         What cannot be shipped now stays in the spool for the next store that opens it.
         """
         self._stop.set()
-        for thread in (self._shipper, self._watchdog):
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(timeout=10)
+        shipper = self._shipper
+        if shipper is not None and shipper is not threading.current_thread():
+            shipper.join(timeout=10)
+        try:
+            self._close_locked()
+        finally:
+            # Last: the final shipment below is watched too (a hung server cannot hang close).
+            self._watch_stop.set()
+            watchdog = self._watchdog
+            if watchdog is not None and watchdog is not threading.current_thread():
+                watchdog.join(timeout=10)
+
+    def _close_locked(self) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -1166,13 +1182,14 @@ class PostgresStore:
         connection, and the append spools (or raises) instead of holding the lock forever.
         """
         self._ensure_watchdog()
+        token = object()
         with self._watch_lock:
-            self._watch = (conn, time.monotonic())
+            self._watches[id(token)] = (conn, time.monotonic())
         try:
             yield
         finally:
             with self._watch_lock:
-                self._watch = None
+                del self._watches[id(token)]
 
     def _ensure_watchdog(self) -> None:
         pid = os.getpid()
@@ -1189,26 +1206,31 @@ class PostgresStore:
 
     def _watch_loop(self) -> None:
         tick = min(max(self._io_timeout / 4, 0.05), 5.0)
-        while not self._stop.wait(tick):
+        while not self._watch_stop.wait(tick):
+            cut = 0
             with self._watch_lock:
-                watched = self._watch
-                if watched is None or time.monotonic() - watched[1] < self._io_timeout:
-                    continue
-                self._watch = None
-                conn = watched[0]
-                # Under the lock: the owner cannot close the connection (and the kernel
-                # cannot reuse its descriptor) while we shut it down.
-                try:
-                    fd = conn.pgconn.socket
-                    with socket.socket(fileno=os.dup(fd)) as sock:
-                        sock.shutdown(socket.SHUT_RDWR)
-                except (OSError, psycopg.Error):
-                    continue
-            _log.warning(
-                "audit store %s: no answer from the server within %gs; connection cut",
-                self,
-                self._io_timeout,
-            )
+                now = time.monotonic()
+                for key, (conn, started) in list(self._watches.items()):
+                    if now - started < self._io_timeout:
+                        continue
+                    # Under the lock: the owner cannot close the connection (and the kernel
+                    # cannot reuse its descriptor) while we shut it down. The blocked call
+                    # then fails as a lost connection.
+                    self._watches[key] = (conn, float("inf"))  # once per round trip
+                    try:
+                        fd = conn.pgconn.socket
+                        with socket.socket(fileno=os.dup(fd)) as sock:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        cut += 1
+                    except (OSError, psycopg.Error):
+                        continue
+            if cut:
+                _log.warning(
+                    "audit store %s: no answer from the server within %gs; %d connection(s) cut",
+                    self,
+                    self._io_timeout,
+                    cut,
+                )
 
     def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
         version = self._schema_version(conn)
