@@ -104,6 +104,8 @@ def test_rejected_record_does_not_block_the_retry_queue(
     assert users[0].startswith("<5000 characters, sha256 ") and users[1:] == ["bob"] * 5
     rejected = [r for r in caplog.records if "REJECTED" in r.getMessage()]
     assert len(rejected) == 1 and "user_id" in rejected[0].getMessage()
+    with sqlite3.connect(db_path) as conn:  # verify reports a foreign trigger: remove ours
+        conn.execute("DROP TRIGGER reject_user")
     assert verify_chain(store).ok
     store.close()
 
