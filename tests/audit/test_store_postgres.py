@@ -1003,3 +1003,25 @@ def test_close_with_a_hung_server_returns(pg: PGServer, url: str, tmp_path: Path
     assert again.ship() == 0
     assert [b["i"] for b in check_chain(again)] == [1, 2]
     again.close()
+
+
+@pytest.mark.parametrize("new_type", ["text", "jsonb"])
+def test_owner_retyping_the_body_column_is_reported(
+    pg: PGServer, store: PostgresStore, url: str, new_type: str
+) -> None:
+    """body retyped to text or jsonb: verify gives a report (edited for jsonb, a guard
+    problem for both), never a TypeError."""
+    from coworker.audit.verify import EDITED, GUARD
+
+    store.append([entry(1), entry(2)])
+    t = f'"{schema_of(url)}".records'
+    pg.execute(
+        f"ALTER TABLE {t} ALTER COLUMN body TYPE {new_type} "
+        f"USING convert_from(body, 'UTF8')::{new_type}"
+    )
+    report = verify(url)
+    kinds = {p.kind for p in report.problems}
+    assert not report.ok and GUARD in kinds, report
+    assert any("records.body is" in p.detail for p in report.problems)
+    if new_type == "jsonb":  # keys reordered, spaces added: the bytes no longer hash
+        assert EDITED in kinds

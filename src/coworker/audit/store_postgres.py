@@ -482,7 +482,7 @@ class PostgresStore:
         while True:
             rows = self._fetch(query, (next_seq, _PAGE))
             for row in rows:
-                yield row[0], bytes(row[1]), bytes(row[2]), bytes(row[3])
+                yield row[0], _bytes(row[1]), _bytes(row[2]), _bytes(row[3])
             if len(rows) < _PAGE:
                 return
             next_seq = rows[-1][0] + 1
@@ -1427,13 +1427,23 @@ def _item_from_spool(entry: SpoolEntry) -> _Item:
     return _Item(entry.fields, entry.payload, entry.dedup_key, entry.attempted, entry.id)
 
 
+def _bytes(value: Any) -> bytes:
+    # A column the owner retyped (text, jsonb...) must give a report, not a TypeError.
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if value is None:
+        return b""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text.encode("utf-8", "surrogatepass")
+
+
 def _record(row: Sequence[Any]) -> StoredRecord:
     return StoredRecord(
         row[0],
-        bytes(row[1]),
-        bytes(row[2]),
-        bytes(row[3]),
-        None if row[4] is None else bytes(row[4]),
+        _bytes(row[1]),
+        _bytes(row[2]),
+        _bytes(row[3]),
+        None if row[4] is None else _bytes(row[4]),
     )
 
 
@@ -1604,6 +1614,19 @@ def _guard_problems(cur: psycopg.Cursor[Any], schema: str) -> list[str]:
         if constraints.get(name) != definition:
             state = "missing" if name not in constraints else "altered"
             problems.append(f"constraint {name} on records is {state}")
+    cur.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+        " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"
+        " AND a.attname = ANY(%s)",
+        (f"{qs}.records", ["seq", "prev_hash", "hash", "body"]),
+    )
+    types = dict(cur.fetchall())
+    for column, wanted in (("seq", "bigint"), ("prev_hash", "bytea"), ("hash", "bytea")):
+        if types.get(column) != wanted:
+            problems.append(f"column records.{column} is {types.get(column)}, not {wanted}")
+    if types.get("body") != "bytea":
+        # jsonb would reorder keys, text would re-encode: the hashed bytes are gone.
+        problems.append(f"column records.body is {types.get('body')}, not bytea")
     cur.execute(
         "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity,"
         " (SELECT count(*) FROM pg_rewrite w WHERE w.ev_class = c.oid AND w.rulename <> '_RETURN')"
