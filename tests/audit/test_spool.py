@@ -35,3 +35,20 @@ def test_spool_files_with_text_typed_attempts_are_read(tmp_path: Path) -> None:
     raw.close()
     (entry,) = Spool(tmp_path / "spool.db").peek()
     assert len(entry.attempted) == 1 and entry.attempted[0][1] == b"\xfe" * 32
+
+
+def test_a_new_spool_is_private_to_its_user(tmp_path: Path) -> None:
+    """The spool holds unsealed records and payloads: mode 0600, whatever the umask."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        spool = Spool(tmp_path / "spool.db")
+        spool.put([{"i": 1}])
+    finally:
+        os.umask(old)
+    for suffix in ("", "-wal"):
+        path = tmp_path / f"spool.db{suffix}"
+        if path.exists():
+            assert path.stat().st_mode & 0o077 == 0, (path, oct(path.stat().st_mode))
+    spool.close()

@@ -128,6 +128,9 @@ class Spool:
 
     def _open(self) -> sqlite3.Connection:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        # Unsealed records and their payloads wait here: readable by this user only (SQLite
+        # gives the -wal and -shm files the database file's permissions).
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         try:
             db.execute("PRAGMA busy_timeout = 30000")
