@@ -84,3 +84,29 @@ def test_store_in_a_new_directory_is_one_loud_line(
     with caplog.at_level("WARNING", logger="coworker"):
         SQLiteStore(tmp_path / "audit.db").close()
     assert not caplog.records
+
+
+def test_status_reads_a_spool_without_writing_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status on a PostgreSQL URL reads the spool file read-only; a file that is not a spool
+    is reported, not changed."""
+    from coworker.audit.spool import Spool
+
+    spool_path = tmp_path / "spool.db"
+    spool = Spool(spool_path)
+    spool.put([{"i": 1}, {"i": 2}])
+    spool.close()
+    before = spool_path.read_bytes()
+    url = f"postgresql://postgres@127.0.0.1:1/postgres?connect_timeout=1&spool={spool_path}"
+    assert main(["audit", "status", "--url", url, "--json"]) == 1  # unreachable
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["spool"]["depth"] == 2
+    assert spool_path.read_bytes() == before
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database at all" * 100)
+    assert main(["audit", "status", "--url", url, "--spool", str(junk)]) == 1
+    assert "cannot read the spool" in capsys.readouterr().out
+    assert junk.read_bytes() == b"not a database at all" * 100

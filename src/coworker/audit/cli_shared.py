@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -146,10 +147,16 @@ def _spool_status(path: Path, now: float) -> dict[str, Any]:
     if path.exists():
         from coworker.audit.spool import Spool
 
-        s = Spool.read_status(path)
-        status.update(
-            depth=s.depth, oldest_spooled_at=s.oldest_spooled_at, last_shipped_at=s.last_shipped_at
-        )
+        try:
+            s = Spool.read_status(path)
+        except sqlite3.Error as exc:  # not (yet) a spool: say so, do not touch it
+            status["error"] = f"cannot read the spool: {exc}"
+        else:
+            status.update(
+                depth=s.depth,
+                oldest_spooled_at=s.oldest_spooled_at,
+                last_shipped_at=s.last_shipped_at,
+            )
     for key, age in (
         ("oldest_spooled_at", "seconds_waiting"),
         ("last_shipped_at", "seconds_since_last_shipped"),
@@ -180,6 +187,8 @@ def _print_status(out: dict[str, Any]) -> None:
         if spool["seconds_waiting"] is not None:
             line += f", oldest for {_ago(spool['seconds_waiting'])}"
         print(line)
+        if spool.get("error"):
+            print(f"         {printable(spool['error'])}")
         shipped = spool["seconds_since_last_shipped"]
         print(
             "shipped: "
