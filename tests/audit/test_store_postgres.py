@@ -1025,3 +1025,29 @@ def test_owner_retyping_the_body_column_is_reported(
     assert any("records.body is" in p.detail for p in report.problems)
     if new_type == "jsonb":  # keys reordered, spaces added: the bytes no longer hash
         assert EDITED in kinds
+
+
+def test_verify_while_appending_reports_nothing_false(store: PostgresStore, url: str) -> None:
+    """verify runs while the store keeps appending (with payloads): every report is ok."""
+    store.append([with_payload(0, b"p")], [b"p"])
+    stop = threading.Event()
+    appended = [0]
+
+    def append() -> None:
+        while not stop.is_set():
+            i = appended[0] + 1
+            store.append([with_payload(i, b"p%d" % i)], [b"p%d" % i])
+            appended[0] = i
+
+    thread = threading.Thread(target=append)
+    thread.start()
+    try:
+        reports = []
+        for _ in range(10):
+            start = appended[0]
+            reports.append(verify(url))
+            wait_for(lambda start=start: appended[0] > start, what="an append")
+    finally:
+        stop.set()
+        thread.join()
+    assert all(r.ok for r in reports), [r for r in reports if not r.ok][:1]

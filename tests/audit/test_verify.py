@@ -450,3 +450,36 @@ def test_in_memory_store_checks_payload_digests() -> None:
     store._records[0] = StoredRecord(rec.seq, rec.prev_hash, rec.hash, rec.body, b"{}")
     report = verify_chain(store)
     assert (report.ok, report.kind) == (False, PAYLOAD_MISMATCH)
+
+
+def test_verify_while_appending_reports_nothing_false(db_path: Path) -> None:
+    """verify runs while another thread keeps appending (with payloads): every report is ok;
+    records added after the head was read are not 'out-of-range' nor orphan payloads."""
+    import threading
+
+    writer = SQLiteStore(db_path)
+    fill(writer, 5, **{"coworker.input": '{"a": 1}'})
+    entries = make_entries(50, **{"coworker.input": '{"b": 2}'})
+    stop = threading.Event()
+    appended = [0]
+
+    def append() -> None:
+        while not stop.is_set():
+            for fields, payload in entries:
+                writer.append([fields], [payload])
+                appended[0] += 1
+
+    thread = threading.Thread(target=append)
+    thread.start()
+    try:
+        reports = []
+        for _ in range(20):
+            start = appended[0]
+            reports.append(_verify(db_path))
+            while appended[0] == start:  # make sure appends interleave with the next verify
+                stop.wait(0.001)
+    finally:
+        stop.set()
+        thread.join()
+        writer.close()
+    assert all(r.ok for r in reports), [r for r in reports if not r.ok][:1]

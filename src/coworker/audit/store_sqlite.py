@@ -513,19 +513,18 @@ class SQLiteStore:
                 findings += [Finding(GUARD, None, p) for p in _guard_problems(conn)]
             except sqlite3.Error as exc:
                 raise AuditUnavailable(f"audit store {self.path!r}: {exc}") from exc
-        stray = list(
-            self._read(
-                "SELECT seq FROM audit_records WHERE seq < 1 OR seq > ? ORDER BY seq", (last,)
-            )
-        )
+        # Only below 1: the head is the highest seq, and a row above it was appended after
+        # the head was read (verify may run while the application writes).
+        stray = list(self._read("SELECT seq FROM audit_records WHERE seq < 1 ORDER BY seq", ()))
         findings += _capped(
             Finding(OUT_OF_RANGE, r[0], f"seq {r[0]}: a row outside 1..{last} (never appended)")
             for r in stray
         )
+        # A payload and its record commit together: one without the other was added by hand.
         orphans = self._read(
-            "SELECT seq FROM audit_payloads WHERE payload IS NOT NULL AND seq NOT IN "
-            "(SELECT seq FROM audit_records WHERE seq BETWEEN 1 AND ?) ORDER BY seq",
-            (last,),
+            "SELECT p.seq FROM audit_payloads p WHERE p.payload IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM audit_records r WHERE r.seq = p.seq) ORDER BY p.seq",
+            (),
         )
         findings += _capped(
             Finding(PAYLOAD_MISMATCH, r[0], f"seq {r[0]}: a payload with no record")
