@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -169,6 +170,20 @@ def verify_chain(
         if expected_head is not None:
             problem = _against_saved(store, fast, expected_head)
         return _report(store, fast.seq, fast, problem, check_in_doubt)
+    # The checks beyond the links run beside the serial hash loop: SQLite and libpq release
+    # the GIL while they scan, so the two overlap on two cores.
+    beyond = _Beside(store)
+    try:
+        checked, head, problem = _serial(store, expected_head, progress)
+    finally:
+        findings = beyond.result()
+    return _report(store, checked, head, problem, check_in_doubt, findings)
+
+
+def _serial(
+    store: AuditStore, expected_head: Head | None, progress: Callable[[int], None] | None
+) -> tuple[int, Head | None, tuple[str, int, str] | None]:
+    """The hash loop: ``(checked, head, first problem)``."""
     sha256 = hashlib.sha256
     prev = GENESIS_PREV_HASH
     expected = 1
@@ -202,7 +217,36 @@ def verify_chain(
         problem = _classify(store, expected, prev, bad)
     elif expected_head is not None:
         problem = _against_saved(store, head, expected_head)
-    return _report(store, checked, head, problem, check_in_doubt)
+    return checked, head, problem
+
+
+class _Beside:
+    """``store.integrity_findings`` in a thread of its own; :meth:`result` joins it."""
+
+    def __init__(self, store: AuditStore) -> None:
+        self._findings: list[Finding] | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if isinstance(store, IntegrityChecked):
+            self._thread = threading.Thread(
+                target=self._run, args=(store,), name="coworker-verify", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self, store: IntegrityChecked) -> None:
+        try:
+            self._findings = store.integrity_findings(store.head())  # type: ignore[attr-defined]
+        except BaseException as exc:  # re-raised in the caller's thread
+            self._error = exc
+
+    def result(self) -> list[Finding] | None:
+        """The findings (``None`` for a store without the capability); re-raises its error."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._findings
 
 
 def _report(
@@ -211,12 +255,15 @@ def _report(
     head: Head | None,
     problem: tuple[str, int, str] | None,
     check_in_doubt: bool,
+    findings: list[Finding] | None = None,
 ) -> VerifyReport:
     """The report: the chain's first problem, then what the store finds beyond the links."""
     problems: list[Finding] = []
     if problem is not None:
         problems.append(Finding(problem[0], problem[1], problem[2]))
-    if isinstance(store, IntegrityChecked):
+    if findings is not None:
+        problems += findings
+    elif isinstance(store, IntegrityChecked):
         # Over every row up to the store's own head, not only the verified prefix: a column
         # edited after a broken link is still a record hidden from a query.
         problems += store.integrity_findings(store.head())
