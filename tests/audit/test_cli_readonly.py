@@ -110,3 +110,13 @@ def test_status_reads_a_spool_without_writing_it(
     assert main(["audit", "status", "--url", url, "--spool", str(junk)]) == 1
     assert "cannot read the spool" in capsys.readouterr().out
     assert junk.read_bytes() == b"not a database at all" * 100
+
+
+def test_correct_on_a_missing_store_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`correct` writes, but never into a store it would have to create: exit 2."""
+    url = f"sqlite:///{tmp_path}/typo.db"
+    assert main(["audit", "correct", "1", "--reason", "typo", "--url", url]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "typo.db").exists()

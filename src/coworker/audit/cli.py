@@ -146,7 +146,8 @@ def _store(url: str | None, *, readonly: bool) -> Iterator[Any]:
     from coworker.audit.urls import open_store, resolve_url
 
     # Read commands open read-only: a mistyped path is an error, never a new empty store.
-    store = open_store(resolve_url(url), readonly=readonly)
+    # `correct` writes, but only into a store that exists.
+    store = open_store(resolve_url(url), readonly=readonly, create=False)
     try:
         yield store
     finally:

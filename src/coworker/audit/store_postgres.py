@@ -304,6 +304,8 @@ class PostgresStore:
         readonly: for readers (``coworker audit verify|query|status``): never create or
             alter the schema (a missing one is :class:`~coworker.AuditUnavailable`), never
             spool, every transaction read-only; ``append`` raises.
+        create: create the schema when it does not exist (``False``: that is
+            :class:`~coworker.audit.store.StoreNotFound`).
 
     Raises:
         ConfigError: a bad parameter, or the schema is newer than this library.
@@ -320,6 +322,7 @@ class PostgresStore:
         ship_interval: float = 1.0,
         io_timeout: float = 30.0,
         readonly: bool = False,
+        create: bool = True,
     ) -> None:
         conninfo, url_schema, url_spool = _split_url(url)
         self.schema = schema or url_schema
@@ -355,6 +358,7 @@ class PostgresStore:
         self._ship_interval = ship_interval
         self._io_timeout = io_timeout
         self.readonly = readonly
+        self.create = create and not readonly
         self._table = sql.Identifier(self.schema, "records")
         self._payloads = sql.Identifier(self.schema, "payloads")
         self._lock = threading.RLock()
@@ -1233,10 +1237,10 @@ class PostgresStore:
 
     def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
         version = self._schema_version(conn)
-        if self.readonly and version is None:
+        if not self.create and version is None:
             raise StoreNotFound(
                 f"audit store {self}: no audit log in schema {self.schema!r} "
-                "(wrong URL or schema name? a read-only open creates nothing)"
+                "(wrong URL or schema name? this open creates nothing)"
             )
         if not self.readonly and (version is None or version < SCHEMA_VERSION):
             with conn.cursor() as cur:

@@ -193,6 +193,8 @@ class SQLiteStore:
             every append fails.
         max_page_count: cap the database size in pages (``PRAGMA max_page_count``); an
             append that would grow past it fails as if the disk were full.
+        create: make a new store when the file does not exist (``False``: that is
+            :class:`~coworker.audit.store.StoreNotFound`, as for ``coworker audit correct``).
 
     Raises:
         ConfigError: a bad parameter.
@@ -207,6 +209,7 @@ class SQLiteStore:
         busy_timeout: float = 10.0,
         readonly: bool = False,
         max_page_count: int | None = None,
+        create: bool = True,
     ) -> None:
         sync = synchronous.upper()
         if sync not in _SYNCHRONOUS:
@@ -218,6 +221,7 @@ class SQLiteStore:
         self.busy_timeout = busy_timeout
         self.readonly = readonly
         self.max_page_count = max_page_count
+        self.create = create
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -227,7 +231,7 @@ class SQLiteStore:
 
     # -- connections -------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        if self.readonly and not os.path.exists(self.path):
+        if (self.readonly or not self.create) and not os.path.exists(self.path):
             raise StoreNotFound(
                 f"cannot open audit store {self.path!r}: no such file (wrong path or URL?); "
                 "a read-only open creates nothing"

@@ -26,7 +26,9 @@ def resolve_url(url: str | None = None) -> str:
     return os.environ.get(config.COWORKER_AUDIT_URL) or DEFAULT_AUDIT_URL
 
 
-def open_store(url: str | None = None, *, readonly: bool = False) -> AuditStore:
+def open_store(
+    url: str | None = None, *, readonly: bool = False, create: bool = True
+) -> AuditStore:
     """Open the audit store a URL names.
 
     Args:
@@ -37,6 +39,8 @@ def open_store(url: str | None = None, *, readonly: bool = False) -> AuditStore:
             :func:`resolve_url`.
         readonly: open for reading only (the read commands): nothing is created, re-armed
             or written (SQLite ``mode=ro``; PostgreSQL without DDL, spool or writes).
+        create: make a new, empty store when there is none at the URL (``False``: that is
+            :class:`~coworker.audit.store.StoreNotFound`; read-only opens never create).
 
     Returns:
         An open store.
@@ -44,7 +48,7 @@ def open_store(url: str | None = None, *, readonly: bool = False) -> AuditStore:
     Raises:
         ConfigError: the URL is malformed, or its backend is not installed.
         AuditUnavailable: the store cannot be opened.
-        StoreNotFound: ``readonly`` and there is no store at the URL.
+        StoreNotFound: ``readonly`` or not ``create``, and there is no store at the URL.
     """
     url = resolve_url(url)
     scheme, sep, rest = url.partition("://")
@@ -57,7 +61,7 @@ def open_store(url: str | None = None, *, readonly: bool = False) -> AuditStore:
     if scheme == "memory":
         return InMemoryStore()
     if scheme == "sqlite":
-        return _open_sqlite(url, rest, readonly)
+        return _open_sqlite(url, rest, readonly, create)
     if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
         try:
             from coworker.audit.store_postgres import PostgresStore
@@ -66,13 +70,13 @@ def open_store(url: str | None = None, *, readonly: bool = False) -> AuditStore:
                 f"audit={_redact(url)!r} needs PostgreSQL support: "
                 "pip install 'coworker-otel[postgres]'"
             ) from exc
-        return PostgresStore(url, readonly=readonly)
+        return PostgresStore(url, readonly=readonly, create=create)
     raise ConfigError(
         f"audit={_redact(url)!r}: unknown scheme {scheme!r} (sqlite, postgresql, memory)"
     )
 
 
-def _open_sqlite(url: str, rest: str, readonly: bool) -> AuditStore:
+def _open_sqlite(url: str, rest: str, readonly: bool, create: bool) -> AuditStore:
     from coworker.audit.store_sqlite import SQLiteStore
 
     # sqlite:///rel.db -> rest "/rel.db"; sqlite:////abs.db -> rest "//abs.db"
@@ -99,6 +103,7 @@ def _open_sqlite(url: str, rest: str, readonly: bool) -> AuditStore:
         synchronous=options.get("synchronous", "FULL"),
         busy_timeout=busy,
         readonly=readonly or mode == "ro",
+        create=create,
         max_page_count=pages,
     )
 
