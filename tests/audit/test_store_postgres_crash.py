@@ -60,3 +60,23 @@ def test_returned_appends_survive_a_server_crash(cluster: PrivateCluster) -> Non
     report = verify_chain(final)
     assert report.ok and report.checked == 2 * TRIALS, report
     final.close()
+
+
+def test_a_server_without_fsync_is_one_warning() -> None:
+    """fsync=off on the server: the store says once that returned records are not safe
+    from an OS crash."""
+    import logging
+
+    with private_cluster({"fsync": "off"}) as c:
+        logger = logging.getLogger("coworker.audit")
+        seen: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+        logger.addHandler(handler)
+        try:
+            store = PostgresStore(c.url + "?schema=nofsync", spool=None)
+            store.append([entry(1)])
+            store.close()
+        finally:
+            logger.removeHandler(handler)
+    assert len([m for m in seen if "fsync=off" in m]) == 1, seen

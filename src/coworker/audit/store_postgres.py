@@ -382,6 +382,7 @@ class PostgresStore:
         self._watch_stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._watchdog_pid = -1
+        self._warned_fsync = False
         self._spool: Spool | None = None
         if spool is True:
             spool = default_spool_path(url)
@@ -1076,6 +1077,23 @@ class PostgresStore:
             next_seq = rows[-1][0] + 1
         return findings + columns + payloads
 
+    def _warn_if_not_durable(self, conn: psycopg.Connection[Any]) -> None:
+        # The flush waits for the server's fsync; with fsync=off there is none to wait for.
+        if self._warned_fsync:
+            return
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_setting('fsync')")
+            row = cur.fetchone()
+        conn.commit()
+        if row is not None and row[0] != "on":
+            self._warned_fsync = True
+            _log.warning(
+                "audit store %s: the server runs with fsync=%s: a record whose append returned "
+                "can be lost in an OS crash or power loss",
+                self,
+                row[0],
+            )
+
     def _rearm(self, conn: psycopg.Connection[Any]) -> None:
         """On a read-write open: say loudly (ERROR) which guards are missing or altered, and
         put ours back when this role may (the owner); what happened meanwhile is verify's."""
@@ -1278,6 +1296,7 @@ class PostgresStore:
             )
         if not self.readonly:
             self._rearm(conn)
+            self._warn_if_not_durable(conn)
         with conn.cursor() as cur:
             cur.execute("SELECT %s::regclass::oid::int", (f"{_quote_ident(self.schema)}.records",))
             row = cur.fetchone()
