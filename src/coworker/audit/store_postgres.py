@@ -377,8 +377,9 @@ class PostgresStore:
         self._shipper_pid = -1
         self._connect_lock = threading.Lock()
         self._watch_lock = threading.Lock()
-        # Round trips in progress (any thread): token -> (connection, start).
-        self._watches: dict[int, tuple[psycopg.Connection[Any], float]] = {}
+        # Round trips in progress (any thread): token -> (connection, start, pid). The pid:
+        # a forked child inherits the dict, and must never shut down its parent's sockets.
+        self._watches: dict[int, tuple[psycopg.Connection[Any], float, int]] = {}
         self._watch_stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._watchdog_pid = -1
@@ -1205,7 +1206,7 @@ class PostgresStore:
         self._ensure_watchdog()
         token = object()
         with self._watch_lock:
-            self._watches[id(token)] = (conn, time.monotonic())
+            self._watches[id(token)] = (conn, time.monotonic(), os.getpid())
         try:
             yield
         finally:
@@ -1231,13 +1232,14 @@ class PostgresStore:
             cut = 0
             with self._watch_lock:
                 now = time.monotonic()
-                for key, (conn, started) in list(self._watches.items()):
-                    if now - started < self._io_timeout:
+                pid = os.getpid()
+                for key, (conn, started, owner) in list(self._watches.items()):
+                    if owner != pid or now - started < self._io_timeout:
                         continue
                     # Under the lock: the owner cannot close the connection (and the kernel
                     # cannot reuse its descriptor) while we shut it down. The blocked call
                     # then fails as a lost connection.
-                    self._watches[key] = (conn, float("inf"))  # once per round trip
+                    self._watches[key] = (conn, float("inf"), owner)  # once per round trip
                     try:
                         fd = conn.pgconn.socket
                         with socket.socket(fileno=os.dup(fd)) as sock:
