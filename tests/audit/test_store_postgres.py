@@ -111,7 +111,8 @@ def test_schema_is_created_on_first_use_once_and_versioned(pg: PGServer, url: st
         t.join()
     assert not errors
     schema = schema_of(url)
-    assert sql_rows(pg, f'SELECT version FROM "{schema}".schema_version') == [(SCHEMA_VERSION,)]
+    versions = sql_rows(pg, f'SELECT version FROM "{schema}".schema_version ORDER BY version')
+    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]  # each migration once
     types = dict(
         sql_rows(
             pg,
@@ -775,7 +776,8 @@ def as_owner(pg: PGServer, url: str, *statements: str) -> None:
     """Run statements as the owner with the triggers off, then put them back as they were."""
     t = f'"{schema_of(url)}".records'
     on = ", ".join(
-        f"ENABLE ALWAYS TRIGGER {n}" for n in ("records_no_change", "records_no_change_stmt")
+        f"ENABLE ALWAYS TRIGGER {n}"
+        for n in ("records_no_change", "records_no_change_stmt", "records_chain")
     )
     pg.execute(f"ALTER TABLE {t} DISABLE TRIGGER ALL; {' '.join(statements)} ALTER TABLE {t} {on};")
 
@@ -826,9 +828,11 @@ def test_owner_row_at_seq_zero_is_never_read_and_reported(
     store.append([entry(1, user_id="alice"), entry(2)])
     t = f'"{schema_of(url)}".records'
     pg.execute(f"ALTER TABLE {t} DROP CONSTRAINT records_seq_check")
-    pg.execute(
+    as_owner(
+        pg,
+        url,
         f"INSERT INTO {t} (seq, prev_hash, hash, body, user_id) SELECT 0, "
-        f"'\\x{'ab' * 32}', hash, body, 'mallory' FROM {t} WHERE seq = 1"
+        f"'\\x{'ab' * 32}', hash, body, 'mallory' FROM {t} WHERE seq = 1;",
     )
     assert [r.seq for r in store.iter_from(0)] == [1, 2]
     assert [r.seq for r in store.search({"user": "mallory"})] == []
@@ -1051,3 +1055,83 @@ def test_verify_while_appending_reports_nothing_false(store: PostgresStore, url:
         stop.set()
         thread.join()
     assert all(r.ok for r in reports), [r for r in reports if not r.ok][:1]
+
+
+# -- the database refuses what does not chain, whoever sends it --------------------------------
+def _writer_store(pg: PGServer, tmp_path: Path) -> tuple[str, str, str]:
+    """An owner-made schema and a writer role with writer_grants; returns (base, schema, writer)."""
+    owner = pg.create_role("cw_owner")
+    writer = pg.create_role("cw_writer")
+    schema = "chain_" + owner.rsplit("_", 1)[1]
+    pg.execute(f'CREATE SCHEMA "{schema}" AUTHORIZATION "{owner}"')
+    base = pg.schema_url(schema)
+    PostgresStore(with_user(base, owner), spool=None).close()
+    for grant in writer_grants(writer, schema):
+        pg.execute(grant, user=owner)
+    return base, schema, writer
+
+
+def test_writer_raw_inserts_that_do_not_chain_are_refused(pg: PGServer, tmp_path: Path) -> None:
+    """A compromised writer (INSERT + SELECT) inserting by hand: a far-ahead seq, a forged
+    hash or a wrong prev_hash is refused by the database; a correctly chained record is an
+    append like any other."""
+    from coworker.audit.chain import seal
+
+    base, schema, writer = _writer_store(pg, tmp_path)
+    w = PostgresStore(with_user(base, writer), spool=None)
+    w.append([entry(1), entry(2)])
+    head = w.head()
+    assert head is not None
+    t = f'"{schema}".records'
+    (good,) = seal([entry(3)], head)
+
+    def insert(seq: int, prev: bytes, digest: bytes, body: bytes) -> None:
+        pg.execute(
+            f"INSERT INTO {t} (seq, prev_hash, hash, body, kind, category, operation) VALUES "
+            f"({seq}, '\\x{prev.hex()}', '\\x{digest.hex()}', '\\x{body.hex()}',"
+            " 'outcome', 'state-change', 'create')",
+            user=writer,
+        )
+
+    for seq, prev, digest in (
+        (1000, good.prev_hash, good.hash),  # skips the lock and the gap
+        (3, good.prev_hash, b"\x01" * 32),  # a hash that is not SHA-256(prev || body)
+        (3, b"\x02" * 32, link(b"\x02" * 32, good.body)),  # self-consistent, wrong link
+    ):
+        with pytest.raises(psycopg.errors.IntegrityConstraintViolation, match="does not chain"):
+            insert(seq, prev, digest, good.body)
+    insert(3, good.prev_hash, good.hash, good.body)  # in its own name: allowed, and chained
+    assert [r.seq for r in w.append([entry(4)])] == [4]
+    assert [b["i"] for b in check_chain(w)] == [1, 2, 3, 4]
+    w.close()
+
+
+def test_writer_on_a_version_1_schema_keeps_writing(
+    pg: PGServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A schema made by an older coworker (version 1): a writer role cannot upgrade it and
+    keeps appending (one WARNING); the owner's next open upgrades it to the chain check."""
+    base, schema, writer = _writer_store(pg, tmp_path)
+    s = f'"{schema}"'
+    pg.execute(
+        f"ALTER TABLE {s}.schema_version DISABLE TRIGGER ALL;"
+        f" DELETE FROM {s}.schema_version WHERE version = 2;"
+        f" ALTER TABLE {s}.schema_version ENABLE ALWAYS TRIGGER schema_version_no_change,"
+        " ENABLE ALWAYS TRIGGER schema_version_no_change_stmt;"
+        f" DROP TRIGGER records_chain ON {s}.records; DROP FUNCTION {s}.check_chain();"
+    )
+    with caplog.at_level("WARNING", logger="coworker.audit"):
+        w = PostgresStore(with_user(base, writer), spool=None)
+    assert "schema version 1" in caplog.text
+    assert [r.seq for r in w.append([entry(1)])] == [1]
+    assert verify(with_user(base, writer)).ok  # no guard of version 2 expected yet
+    w.close()
+    owner = pg.roles[-2]
+    PostgresStore(with_user(base, owner), spool=None).close()
+    assert sql_rows(pg, f"SELECT max(version) FROM {s}.schema_version") == [(SCHEMA_VERSION,)]
+    with pytest.raises(psycopg.errors.IntegrityConstraintViolation):
+        pg.execute(
+            f"INSERT INTO {s}.records (seq, prev_hash, hash, body) VALUES (9, "
+            f"'\\x{'ee' * 32}', '\\x{'00' * 32}', 'x')",
+            user=writer,
+        )

@@ -1,6 +1,6 @@
 """The shared audit store: an append-only, hash-chained log in PostgreSQL (psycopg 3).
 
-Many processes on many hosts append to one log. Layout (schema version 1, in a PostgreSQL
+Many processes on many hosts append to one log. Layout (schema version 2, in a PostgreSQL
 schema of its own, ``coworker_audit`` by default)::
 
     records(seq bigint PRIMARY KEY, prev_hash bytea UNIQUE, hash bytea, body bytea,
@@ -30,8 +30,10 @@ waits for it (group commit across processes) before ``append`` returns, with a t
 that writes WAL of its own and commits synchronously.
 
 Append-only in the database: BEFORE UPDATE / DELETE row triggers, BEFORE UPDATE / DELETE /
-TRUNCATE statement triggers (TRUNCATE fires no row triggers), all ``ENABLE ALWAYS`` so they
-also fire under ``session_replication_role = replica`` (logical replication apply, pg_restore).
+TRUNCATE statement triggers (TRUNCATE fires no row triggers), and (schema version 2) an AFTER
+INSERT statement trigger that refuses rows that do not chain onto the log, all ``ENABLE
+ALWAYS`` so they also fire under ``session_replication_role = replica`` (logical replication
+apply, pg_restore).
 Run the writers as a role with INSERT and SELECT only (:func:`writer_grants`). A superuser or
 the table owner can still disable the triggers or rewrite rows: ``coworker audit verify`` and
 signed checkpoints are what detect that (``docs/postgres.md``).
@@ -97,7 +99,7 @@ __all__ = [
 
 _log = logging.getLogger("coworker.audit")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 """Version of the table layout, kept in ``<schema>.schema_version``."""
 
 DEFAULT_SCHEMA: Final = "coworker_audit"
@@ -193,7 +195,39 @@ ALTER TABLE {schema}.schema_version ENABLE ALWAYS TRIGGER schema_version_no_chan
 ALTER TABLE {schema}.schema_version ENABLE ALWAYS TRIGGER schema_version_no_change_stmt;
 """
 
-_MIGRATIONS: Final = {1: _DDL_V1}
+# Version 2: the database itself refuses an insert that does not chain onto the log (a seq
+# that is not the next one, a prev_hash that is not its predecessor's hash, a hash that is not
+# SHA-256(prev_hash || body)), whoever sends it: a writer role that INSERTs by hand, skipping
+# the lock or forging a hash, is refused like a fork. One check per statement (a transition
+# table), not per row.
+_DDL_V2: Final = """
+CREATE FUNCTION {schema}.check_chain() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    bad bigint;
+BEGIN
+    SELECT n.seq INTO bad FROM new_rows n
+        LEFT JOIN {schema}.records p ON p.seq = n.seq - 1
+        WHERE n.hash IS DISTINCT FROM sha256(n.prev_hash || n.body)
+           OR (n.seq = 1 AND n.prev_hash IS DISTINCT FROM decode(repeat('00', 32), 'hex'))
+           OR (n.seq > 1 AND p.hash IS DISTINCT FROM n.prev_hash)
+        ORDER BY n.seq LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'coworker audit log: record % does not chain onto the log', bad
+            USING ERRCODE = 'integrity_constraint_violation',
+                  HINT = 'seq must follow the head, prev_hash be its hash, hash be '
+                         'sha256(prev_hash || body): append through coworker';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER records_chain AFTER INSERT ON {schema}.records
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.check_chain();
+ALTER TABLE {schema}.records ENABLE ALWAYS TRIGGER records_chain;
+"""
+
+_MIGRATIONS: Final = {1: _DDL_V1, 2: _DDL_V2}
 
 
 def writer_grants(role: str, schema: str = DEFAULT_SCHEMA) -> list[str]:
@@ -1108,7 +1142,10 @@ class PostgresStore:
             self,
             "; ".join(problems),
         )
-        ddl = _restore_guards_ddl(self.schema)
+        with conn.cursor() as cur:
+            version = _installed_version(cur, _quote_ident(self.schema))
+        conn.commit()
+        ddl = _restore_guards_ddl(self.schema, version)
         try:
             with conn.cursor() as cur:
                 cur.execute(ddl.encode())
@@ -1273,22 +1310,37 @@ class PostgresStore:
                 conn.commit()
                 cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _DDL_LOCK))
                 current = self._schema_version(conn, in_tx=True) or 0
-                for number in sorted(_MIGRATIONS):
-                    if number <= current:
-                        continue
-                    ddl = (
-                        _MIGRATIONS[number]
-                        .replace("{schema}", _quote_ident(self.schema))
-                        .replace("{namespace}", str(_LOCK_NAMESPACE))
+                try:
+                    for number in sorted(_MIGRATIONS):
+                        if number <= current:
+                            continue
+                        ddl = (
+                            _MIGRATIONS[number]
+                            .replace("{schema}", _quote_ident(self.schema))
+                            .replace("{namespace}", str(_LOCK_NAMESPACE))
+                        )
+                        cur.execute(ddl.encode())
+                        cur.execute(
+                            sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(
+                                sql.Identifier(self.schema, "schema_version")
+                            ),
+                            (number,),
+                        )
+                    conn.commit()
+                except psycopg.errors.InsufficientPrivilege:
+                    if current < 1:
+                        raise
+                    # A writer role on a schema an older coworker made: keep writing at that
+                    # version; the owner upgrades it by opening a store once.
+                    conn.rollback()
+                    _log.warning(
+                        "audit store %s: schema version %d, this coworker would upgrade it to "
+                        "%d (database-side chain checks) but this role may not; open a store "
+                        "once as the schema owner",
+                        self,
+                        current,
+                        SCHEMA_VERSION,
                     )
-                    cur.execute(ddl.encode())
-                    cur.execute(
-                        sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(
-                            sql.Identifier(self.schema, "schema_version")
-                        ),
-                        (number,),
-                    )
-                conn.commit()
             version = self._schema_version(conn)
         if version is None or version > SCHEMA_VERSION:
             conn.close()
@@ -1572,19 +1624,46 @@ _GUARD_CONSTRAINTS: Final = {
 }
 _GUARDED_TABLES: Final = ("records", "payloads", "schema_version")
 
+# Guards that came with a schema version after 1: (table, trigger) -> definition.
+_GUARD_TRIGGERS_V2: Final = {
+    ("records", "records_chain"): "CREATE TRIGGER records_chain AFTER INSERT ON {s}.records"
+    " REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION {s}.check_chain()",
+}
 
-def _function_sources() -> dict[str, str]:
+
+def _guards_for(version: int) -> tuple[dict[tuple[str, str], str], list[str]]:
+    """The triggers and the DDL texts (for their functions) of a schema at ``version``."""
+    triggers = dict(_GUARD_TRIGGERS)
+    ddls = [_DDL_V1]
+    if version >= 2:
+        triggers.update(_GUARD_TRIGGERS_V2)
+        ddls.append(_DDL_V2)
+    return triggers, ddls
+
+
+def _function_sources(ddls: Sequence[str]) -> dict[str, str]:
     """The bodies (``prosrc``) of our PL/pgSQL functions, with ``{schema}`` still in them."""
     import re
 
     return {
         m.group(1): m.group(2)
+        for ddl in ddls
         for m in re.finditer(
             r"CREATE (?:OR REPLACE )?FUNCTION \{schema\}\.(\w+)\(.*?\$\$(.*?)\$\$",
-            _DDL_V1,
+            ddl,
             re.DOTALL,
         )
     }
+
+
+def _installed_version(cur: psycopg.Cursor[Any], qs: str) -> int:
+    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{qs}.schema_version",))
+    row = cur.fetchone()
+    if row is None or not row[0]:
+        return 0
+    cur.execute(f"SELECT coalesce(max(version), 0) FROM {qs}.schema_version")
+    found = cur.fetchone()
+    return int(found[0]) if found is not None else 0
 
 
 def _guard_problems(cur: psycopg.Cursor[Any], schema: str) -> list[str]:
@@ -1593,6 +1672,7 @@ def _guard_problems(cur: psycopg.Cursor[Any], schema: str) -> list[str]:
     row = cur.fetchone()
     assert row is not None
     qs = row[0]
+    guard_triggers, ddls = _guards_for(_installed_version(cur, _quote_ident(schema)))
     problems: list[str] = []
     cur.execute(
         "SELECT c.relname, t.tgname, t.tgenabled, pg_get_triggerdef(t.oid) FROM pg_trigger t"
@@ -1601,7 +1681,7 @@ def _guard_problems(cur: psycopg.Cursor[Any], schema: str) -> list[str]:
         (schema,),
     )
     present = {(r[0], r[1]): (r[2], r[3]) for r in cur.fetchall()}
-    for key, definition in _GUARD_TRIGGERS.items():
+    for key, definition in guard_triggers.items():
         found = present.get(key)
         if found is None:
             problems.append(f"trigger {key[1]} on {key[0]} is missing")
@@ -1609,7 +1689,7 @@ def _guard_problems(cur: psycopg.Cursor[Any], schema: str) -> list[str]:
             problems.append(f"trigger {key[1]} on {key[0]} is altered (not coworker's)")
         elif found[0] != "A":
             problems.append(f"trigger {key[1]} on {key[0]} is not ENABLE ALWAYS ({found[0]})")
-    for table, name in sorted(set(present) - set(_GUARD_TRIGGERS)):
+    for table, name in sorted(set(present) - set(guard_triggers)):
         if table in _GUARDED_TABLES:
             problems.append(f"trigger {name} on {table} is not coworker's")
     cur.execute(
@@ -1618,7 +1698,7 @@ def _guard_problems(cur: psycopg.Cursor[Any], schema: str) -> list[str]:
         (schema,),
     )
     functions = {r[0]: (r[1], r[2], r[3]) for r in cur.fetchall()}
-    for name, source in _function_sources().items():
+    for name, source in _function_sources(ddls).items():
         # The DDL ran with the schema always double-quoted (_quote_ident), not as quote_ident.
         expected = source.replace("{schema}", _quote_ident(schema)).replace(
             "{namespace}", str(_LOCK_NAMESPACE)
@@ -1666,20 +1746,23 @@ def _guard_problems(cur: psycopg.Cursor[Any], schema: str) -> list[str]:
     return problems
 
 
-def _restore_guards_ddl(schema: str) -> str:
+def _restore_guards_ddl(schema: str, version: int) -> str:
     """DDL that puts our functions and triggers back (the owner may run it)."""
     import re
 
     qs = _quote_ident(schema)
-    ddl = _DDL_V1.replace("{schema}", qs).replace("{namespace}", str(_LOCK_NAMESPACE))
+    guard_triggers, ddls = _guards_for(version)
+    texts = [d.replace("{schema}", qs).replace("{namespace}", str(_LOCK_NAMESPACE)) for d in ddls]
     statements = [
         m.group(0).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+        for ddl in texts
         for m in re.finditer(r"CREATE (?:OR REPLACE )?FUNCTION .*?\$\$.*?\$\$;", ddl, re.DOTALL)
     ]
-    for (table, name), _ in _GUARD_TRIGGERS.items():
+    for (table, name), _ in guard_triggers.items():
         statements.append(f"DROP TRIGGER IF EXISTS {name} ON {qs}.{table};")
     statements += [
         m.group(0)
+        for ddl in texts
         for m in re.finditer(
             r"(?:CREATE TRIGGER|ALTER TABLE) .*?;", ddl.split("$$;")[-1], re.DOTALL
         )
