@@ -1465,6 +1465,18 @@ def _guarded_protocol(ingest: _Ingest, read_timeout: float, max_connections: int
             if self.conn.their_state not in reading:
                 self._disarm()  # the request is complete (or broken and answered)
 
+        def on_response_complete(self) -> None:
+            # A pipelined request that arrived with the previous one is started here, from
+            # h11's buffer, not in data_received: without this its body could trickle in
+            # forever (data_received only arms the timer for a request that starts IDLE).
+            super().on_response_complete()
+            if (
+                self._read_timer is None
+                and not self.transport.is_closing()
+                and self.conn.their_state is h11.SEND_BODY
+            ):
+                self._arm()
+
         def _arm(self) -> None:
             self._disarm()
             self._read_timer = self.loop.call_later(read_timeout, self._read_timed_out)
