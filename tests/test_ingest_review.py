@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("starlette", reason="the server extra is not installed")
 pytest.importorskip("uvicorn", reason="the server extra is not installed")
 
-from coworker.audit.store import InMemoryStore  # noqa: E402
-from coworker.ingest import IngestServer  # noqa: E402
+from coworker.audit.store import InMemoryStore
+from coworker.ingest import IngestServer
 
 TOKEN = "test-token-0123456789abcdef"
 

@@ -242,7 +242,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from coworker.audit.bundle import write_bundle
     from coworker.audit.checkpoint import CheckpointError
     from coworker.audit.keys import load_verifier
-    from coworker.audit.query import query
+    from coworker.audit.query import parse_time, query
     from coworker.audit.tlog import LogTree, TreeError
 
     try:
@@ -265,6 +265,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 if v is not None
             }  # fmt: skip
             seqs = [e.seq for e in query(store, **filters) if e.seq <= checkpoint.size]
+            # The manifest states the selection as absolute times ("7d" means nothing a year
+            # later), so that verify-bundle can check every record against it.
+            filters.update(
+                {k: parse_time(v) for k, v in filters.items() if k in ("since", "until")}
+            )
             wanted = set(seqs)
             records = (
                 (r.seq, r.body)
