@@ -1,0 +1,194 @@
+"""Attacks on the proofs found in review (duplicate signatures, hostile bundles, an edited tree
+file): each test failed before its fix."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sqlite3
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from coworker.audit import merkle
+from coworker.audit.bundle import read_bundle, verify_bundle
+from coworker.audit.checkpoint import CheckpointError, open_checkpoint, parse_note
+from coworker.audit.checkpointer import make_checkpoint
+from coworker.audit.keys import Signer, generate_signer, load_verifier
+from coworker.audit.store_sqlite import SQLiteStore
+from coworker.audit.tlog import TREE_SUFFIX, LogTree, TreeError
+from coworker.cli import main
+
+from coworker.audit.record import format_time
+
+from .proofs_helpers import entry
+
+ORIGIN = "audit.example.com/review"
+
+
+@pytest.fixture
+def signer() -> Signer:
+    """A fresh log key."""
+    return generate_signer(ORIGIN)
+
+
+def _bundle(tmp_path: Path, *extra: str) -> tuple[Path, Path]:
+    """A directory bundle of alice's 5 records (of 12) and the verifier key file."""
+    keyfile = tmp_path / "log.key"
+    assert main(["audit", "keygen", "--name", ORIGIN, "--out", str(keyfile)]) == 0
+    db = tmp_path / "a.db"
+    store = SQLiteStore(db)
+    bodies = [entry(i, user="alice" if i <= 5 else "bob") for i in range(1, 13)]
+    for i, body in enumerate(bodies, 1):  # one record a second from 2023-11-14T22:13:21Z
+        body["start"] = body["recorded_at"] = format_time((1_700_000_000 + i) * 10**9)
+    store.append(bodies)
+    store.close()
+    url = f"sqlite:///{db}"
+    assert main(["audit", "checkpoint", "--url", url, "--key", str(keyfile)]) == 0
+    out = tmp_path / "bundle"
+    pub = Path(f"{keyfile}.pub")
+    args = ["audit", "export", "--out", str(out), "--url", url, "--key", str(pub), *extra]
+    assert main(args) == 0
+    return out, pub
+
+
+# -- signed notes ----------------------------------------------------------------------------
+def test_a_second_signature_of_the_same_key_is_malformed_not_skipped(signer: Signer) -> None:
+    """A note carrying the log key's signature twice is rejected as Go's note.Open does
+    (errMalformedNote), so a bit flip in the second copy cannot pass unverified."""
+    from coworker.audit.checkpoint import Checkpoint, sign_checkpoint
+
+    note = sign_checkpoint(Checkpoint(ORIGIN, 3, bytes(32)), signer)
+    line = note.decode().split("\n\n", 1)[1]
+    prefix, encoded = line.rstrip("\n").rsplit(" ", 1)
+    raw = bytearray(base64.b64decode(encoded))
+    raw[10] ^= 0x01  # the same key id, another (invalid) signature
+    flipped = f"{prefix} {base64.b64encode(raw).decode()}\n".encode()
+    for second in (line.encode(), flipped):
+        doubled = note + second
+        assert len(parse_note(doubled).signatures) == 2
+        with pytest.raises(CheckpointError, match="malformed"):
+            open_checkpoint(doubled, signer.verifier)
+
+
+# -- bundles ---------------------------------------------------------------------------------
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+def _regular(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def test_a_tar_bundle_naming_a_file_twice_is_refused(tmp_path: Path) -> None:
+    """Two tar members of one name (verify-bundle read the last, `tar -xO` and other tools the
+    first) make the bundle ambiguous: refused with the name, exit 2."""
+    out, pub = _bundle(tmp_path, "--user", "alice")
+    files = read_bundle(out)
+    name = "records/000000000002.json"
+    forged = files[name].replace(b'"alice"', b'"mallory"')
+    members = [_regular(name, forged)] + [_regular(n, d) for n, d in sorted(files.items())]
+    tar = tmp_path / "dup.tar"
+    _tar(tar, members)
+    with pytest.raises(ValueError, match="twice"):
+        read_bundle(tar)
+    assert main(["audit", "verify-bundle", str(tar), "--key", str(pub)]) == 2
+
+
+@pytest.mark.parametrize(
+    "member",
+    ["../records/000000000001.json", "/records/000000000001.json", "records/../x.json"],
+)
+def test_a_tar_bundle_with_an_unsafe_member_name_is_refused(tmp_path: Path, member: str) -> None:
+    """Absolute names and `..` components are refused: extracting such a bundle for archiving
+    would write outside it."""
+    out, _ = _bundle(tmp_path, "--user", "alice")
+    files = read_bundle(out)
+    tar = tmp_path / "unsafe.tar"
+    _tar(tar, [_regular(n, d) for n, d in sorted(files.items())] + [_regular(member, b"{}")])
+    with pytest.raises(ValueError, match=r"unsafe|outside"):
+        read_bundle(tar)
+
+
+def test_links_in_a_bundle_are_refused(tmp_path: Path) -> None:
+    """A symlink in a bundle directory (its content can change after verification and is not
+    archived with the bundle) and a symlink or hard link member in a tar are refused."""
+    out, pub = _bundle(tmp_path, "--user", "alice")
+    target = out / "records" / "000000000003.json"
+    outside = tmp_path / "elsewhere.json"
+    outside.write_bytes(target.read_bytes())
+    target.unlink()
+    os.symlink(outside, target)
+    with pytest.raises(ValueError, match="link"):
+        read_bundle(out)
+    assert main(["audit", "verify-bundle", str(out), "--key", str(pub)]) == 2
+    link = tarfile.TarInfo("records/000000000009.json")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "/etc/passwd"
+    tar = tmp_path / "link.tar"
+    _tar(tar, [_regular("manifest.json", b"{}"), (link, None)])
+    with pytest.raises(ValueError, match="link"):
+        read_bundle(tar)
+
+
+def test_a_manifest_listing_one_record_twice_counts_it_once(tmp_path: Path) -> None:
+    """A record listed twice in the manifest does not make two proven records."""
+    out, pub = _bundle(tmp_path, "--user", "alice")
+    files = read_bundle(out)
+    manifest = json.loads(files["manifest.json"])
+    manifest["records"].append(dict(manifest["records"][0]))
+    files["manifest.json"] = json.dumps(manifest).encode()
+    report = verify_bundle(files, load_verifier(pub))
+    assert not report.ok
+    assert any("twice" in f for f in report.failures)
+
+
+def test_a_manifest_that_misstates_the_checkpoint_or_the_selection_fails(tmp_path: Path) -> None:
+    """The manifest's origin and tree size must be the checkpoint's, and every record must
+    match the selection the manifest states (a bob record in a --user alice bundle)."""
+    out, pub = _bundle(tmp_path, "--user", "alice")
+    verifier = load_verifier(pub)
+    files = read_bundle(out)
+    assert verify_bundle(files, verifier).ok
+    for key, value in (("origin", "audit.example.com/other"), ("tree_size", 999)):
+        manifest = json.loads(files["manifest.json"])
+        manifest[key] = value
+        report = verify_bundle({**files, "manifest.json": json.dumps(manifest).encode()}, verifier)
+        assert not report.ok and any(key in f for f in report.failures), report.failures
+    # A bundle of bob's records relabelled as alice's.
+    (tmp_path / "b").mkdir()
+    bob, _ = _bundle(tmp_path / "b", "--user", "bob")
+    bob_files = read_bundle(bob)
+    manifest = json.loads(bob_files["manifest.json"])
+    manifest["filters"] = {"user": "alice"}
+    bob_files["manifest.json"] = json.dumps(manifest).encode()
+    report = verify_bundle(bob_files, load_verifier(tmp_path / "b" / "log.key.pub"))
+    assert not report.ok
+    assert any("selection" in f and "user" in f for f in report.failures), report.failures
+
+
+def test_a_time_selection_is_stated_in_absolute_times_and_checked(tmp_path: Path) -> None:
+    """export --since keeps an absolute time in the manifest (a relative '4000d' is resolved at
+    export), and a record outside the stated times fails verify-bundle."""
+    out, pub = _bundle(tmp_path, "--since", "2023-11-14T22:13:23Z")
+    files = read_bundle(out)
+    manifest = json.loads(files["manifest.json"])
+    assert manifest["filters"] == {"since": "2023-11-14T22:13:23.000000000Z"}
+    assert [e["seq"] for e in manifest["records"]] == list(range(3, 13))
+    verifier = load_verifier(pub)
+    assert verify_bundle(files, verifier).ok
+    manifest["filters"]["since"] = "2023-11-14T22:13:25.000000000Z"
+    report = verify_bundle({**files, "manifest.json": json.dumps(manifest).encode()}, verifier)
+    assert not report.ok
+    assert {f.split(":")[0] for f in report.failures} == {"record 3", "record 4"}
+    (tmp_path / "r").mkdir()
+    relative, _ = _bundle(tmp_path / "r", "--since", "4000d")
+    stated = json.loads(read_bundle(relative)["manifest.json"])["filters"]["since"]
+    assert stated.endswith("Z") and stated[:4].isdigit()
