@@ -18,11 +18,10 @@ from coworker.audit.bundle import read_bundle, verify_bundle
 from coworker.audit.checkpoint import CheckpointError, open_checkpoint, parse_note
 from coworker.audit.checkpointer import make_checkpoint
 from coworker.audit.keys import Signer, generate_signer, load_verifier
+from coworker.audit.record import format_time
 from coworker.audit.store_sqlite import SQLiteStore
 from coworker.audit.tlog import TREE_SUFFIX, LogTree, TreeError
 from coworker.cli import main
-
-from coworker.audit.record import format_time
 
 from .proofs_helpers import entry
 
@@ -192,3 +191,76 @@ def test_a_time_selection_is_stated_in_absolute_times_and_checked(tmp_path: Path
     relative, _ = _bundle(tmp_path / "r", "--since", "4000d")
     stated = json.loads(read_bundle(relative)["manifest.json"])["filters"]["since"]
     assert stated.endswith("Z") and stated[:4].isdigit()
+
+
+# -- the tree side file ----------------------------------------------------------------------
+def _edit_node(db: Path, level: int, idx: int) -> None:
+    """As the owner of ``<db>.tree``: replace one stored subtree hash."""
+    with sqlite3.connect(f"{db}{TREE_SUFFIX}") as conn:
+        changed = conn.execute(
+            "UPDATE audit_tree_nodes SET hash = ? WHERE level = ? AND idx = ?",
+            (bytes(range(32)), level, idx),
+        ).rowcount
+    assert changed == 1
+
+
+@pytest.mark.parametrize("with_checkpoint", [True, False])
+def test_an_edited_tree_file_is_never_signed(
+    tmp_path: Path, signer: Signer, with_checkpoint: bool
+) -> None:
+    """The owner edits a stored subtree of ``<db>.tree`` beyond the last checkpoint (or with
+    none): a new process refuses to sign its root (which is not the records'), instead of
+    signing a checkpoint the honest log then fails against."""
+    db = tmp_path / "a.db"
+    store = SQLiteStore(db)
+    store.append([entry(i) for i in range(20)])
+    tree = LogTree(store)
+    if with_checkpoint:
+        make_checkpoint(tree, signer)  # tree of 20: stored subtree (4, 0) plus 4 leaves
+    store.append([entry(i) for i in range(20, 40)])
+    assert tree.sync() == 40  # stores (4, 1) and (5, 0)
+    tree.close()
+    _edit_node(db, 5, 0)  # the root of 40 folds (5, 0) with the last 8 records
+    fresh = LogTree(store)
+    with pytest.raises(TreeError, match="does not match the records"):
+        make_checkpoint(fresh, signer)
+    kept = fresh.table.checkpoints(ORIGIN)
+    assert [c.size for c in kept] == ([20] if with_checkpoint else [])
+    fresh.close()
+    # Rebuilt from the records, the tree is signed again, and its root is the records' root.
+    os.unlink(f"{db}{TREE_SUFFIX}")
+    rebuilt = LogTree(store)
+    checkpoint, _ = make_checkpoint(rebuilt, signer)
+    leaves = [merkle.leaf_hash(r.body) for r in store.iter_from(1)]
+    assert checkpoint.root == merkle.root_from_leaves(leaves)
+    rebuilt.close()
+    store.close()
+
+
+def test_a_running_checkpointer_signs_from_its_own_hashes_not_the_file(
+    tmp_path: Path, signer: Signer
+) -> None:
+    """A process that hashed the records itself signs their root even when the tree file is
+    edited under it; a fresh process with a rebuilt tree signs the records' root too."""
+    db = tmp_path / "a.db"
+    store = SQLiteStore(db)
+    store.append([entry(i) for i in range(40)])
+    tree = LogTree(store)
+    first, _ = make_checkpoint(tree, signer)
+    store.append([entry(i) for i in range(40, 80)])
+    second, _ = make_checkpoint(tree, signer)
+    assert (first.size, second.size) == (40, 80)
+    _edit_node(db, 6, 0)  # under the running process, in the part both checkpoints cover
+    store.append([entry(i) for i in range(80, 90)])
+    third, _ = make_checkpoint(tree, signer)
+    leaves = [merkle.leaf_hash(r.body) for r in store.iter_from(1)]
+    assert third.size == 90 and third.root == merkle.root_from_leaves(leaves)
+    tree.close()
+    os.unlink(f"{db}{TREE_SUFFIX}")
+    store.append([entry(i) for i in range(90, 100)])
+    fresh = LogTree(store)
+    fourth, _ = make_checkpoint(fresh, signer)
+    leaves = [merkle.leaf_hash(r.body) for r in store.iter_from(1)]
+    assert fourth.size == 100 and fourth.root == merkle.root_from_leaves(leaves)
+    fresh.close()
+    store.close()

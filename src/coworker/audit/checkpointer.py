@@ -102,6 +102,7 @@ def make_checkpoint(
             "process: rewritten or truncated? refusing to sign"
         )
     stored = tree.table.latest(signer.name)
+    last: Checkpoint | None = None
     if stored is not None:
         last = _opened.get(stored.note)
         if last is None:
@@ -120,7 +121,10 @@ def make_checkpoint(
             )
         if last.size == size:
             return last, stored.note
-    checkpoint = Checkpoint(signer.name, size, tree.root(size))
+    bases = [c for c in (previous, last) if c is not None and c.size <= size]
+    base = max(bases, key=lambda c: c.size) if bases else None
+    root = tree.trusted_root(size, (base.size, base.root) if base is not None else None)
+    checkpoint = Checkpoint(signer.name, size, root)
     note = sign_checkpoint(checkpoint, signer)
     tree.table.add_checkpoint(signer.name, size, note)
     _opened.clear()
