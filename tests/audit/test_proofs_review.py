@@ -9,6 +9,7 @@ import json
 import os
 import sqlite3
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,89 @@ def test_a_running_checkpointer_signs_from_its_own_hashes_not_the_file(
     assert fourth.size == 100 and fourth.root == merkle.root_from_leaves(leaves)
     fresh.close()
     store.close()
+
+
+# -- hostile witnesses -----------------------------------------------------------------------
+class _HostileWitness:
+    """A loopback HTTP server answering every add-checkpoint with one fixed reply."""
+
+    def __init__(self, status: int, content_type: str, body: bytes) -> None:
+        import http.server
+
+        reply = (status, content_type, body)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                code, ctype, data = reply
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def _own_signature_forged(signer: Signer) -> bytes:
+    """A 'cosignature' line under the log's own name and key id, with a wrong signature."""
+    blob = signer.key_id.to_bytes(4, "big") + bytes(64)
+    return f"\u2014 {signer.name} {base64.b64encode(blob).decode()}\n".encode()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "own-key",  # a line under the log key's name and id: it replaced the log's signature
+        "garbage",  # not signature lines a note can hold: cosign raised, nothing was published
+        "huge-size",  # a 409 with a 5,000-digit size: int() raised ValueError
+    ],
+)
+def test_a_hostile_witness_cannot_spoil_or_block_a_checkpoint(
+    tmp_path: Path, signer: Signer, reply: str
+) -> None:
+    """Whatever a witness answers, the checkpoint is stored and published with a valid log
+    signature; the witness's answer is refused and logged."""
+    from coworker.audit.checkpointer import Checkpointer, DirectoryPublisher
+    from coworker.audit.witness import WitnessClient
+
+    answers = {
+        "own-key": (200, "text/plain", _own_signature_forged(signer)),
+        "garbage": (200, "text/plain", "\u2014 w !!!notbase64\n".encode()),
+        "huge-size": (409, "text/x.tlog.size", b"9" * 5000 + b"\n"),
+    }
+    witness = _HostileWitness(*answers[reply])
+    store = SQLiteStore(tmp_path / "a.db")
+    store.append([entry(i) for i in range(5)])
+    worm = tmp_path / "worm"
+    cpr = Checkpointer(
+        store, signer, every_records=None, every_seconds=None,
+        publishers=[DirectoryPublisher(worm)], witnesses=[WitnessClient(witness.url)],
+        poll=60,
+    )  # fmt: skip
+    try:
+        checkpoint, note = cpr.checkpoint_now()
+        assert checkpoint.size == 5
+        open_checkpoint(note, signer.verifier)
+        published = (worm / ORIGIN.replace("/", "_") / "5.checkpoint").read_bytes()
+        assert open_checkpoint(published, signer.verifier)[0] == checkpoint
+        stored = cpr.tree.table.latest(ORIGIN)
+        assert stored is not None
+        open_checkpoint(stored.note, signer.verifier)
+        store.append([entry(5)])
+        assert cpr.checkpoint_now()[0].size == 6  # checkpointing goes on
+    finally:
+        cpr.close(final=False)
+        witness.close()
+        store.close()
