@@ -5,12 +5,21 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 pytest.importorskip("starlette", reason="the server extra is not installed")
 pytest.importorskip("uvicorn", reason="the server extra is not installed")
 
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from coworker import attributes as attr
 from coworker.audit.store import InMemoryStore
 from coworker.ingest import IngestServer
 
@@ -63,3 +72,70 @@ def test_a_pipelined_request_trickling_its_body_is_cut_by_the_read_timeout() -> 
         while server.stats["read_timeouts"] < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert server.stats["read_timeouts"] >= 1
+
+
+def _versions(n: int) -> list[Any]:
+    """``n`` audit spans with one trace id and span id, each with other content."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({attr.SERVICE_NAME: "svc-a"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    with provider.get_tracer("tests.review").start_as_current_span(
+        "update Invoice", attributes={attr.AUDIT: True, attr.USER_ID: "alice"}
+    ):
+        pass
+    (span,) = memory.get_finished_spans()
+    return [
+        ReadableSpan(
+            name=span.name,
+            context=span.context,
+            parent=span.parent,
+            resource=span.resource,
+            attributes={**(span.attributes or {}), attr.OPERATION: f"op-{i}"},
+            kind=span.kind,
+            status=span.status,
+            start_time=span.start_time,
+            end_time=span.end_time,
+            instrumentation_scope=span.instrumentation_scope,
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh schema on the shared PostgreSQL server."""
+    from tests.pg import PGServer, require_server  # skips, or fails under CI, without psycopg
+
+    server = PGServer(require_server())
+    yield server.schema_url()
+    server.close()
+
+
+def test_each_new_version_of_a_span_costs_one_conflict_record_not_a_rescan(pg_url: str) -> None:
+    """40 versions of one span in 40 requests: every request hands the store its own record and
+    at most one conflict record (it handed over one per earlier version, quadratic in all), and
+    the log ends with 40 records and 39 conflicts."""
+    from coworker.audit.store_postgres import PostgresStore
+
+    class CountingStore(PostgresStore):
+        sizes: list[int]
+
+        def append_unique(self, entries, payloads, keys):  # type: ignore[no-untyped-def]
+            self.sizes.append(len(entries))
+            return super().append_unique(entries, payloads, keys)
+
+    store = CountingStore(pg_url, spool=None)
+    store.sizes = []
+    try:
+        with IngestServer(store, token=TOKEN) as server:
+            client = OTLPSpanExporter(
+                endpoint=server.endpoint, headers={"Authorization": f"Bearer {TOKEN}"}
+            )
+            for version in _versions(40):
+                assert client.export([version]) is SpanExportResult.SUCCESS
+            client.shutdown()
+        assert max(store.sizes) == 1, store.sizes
+        categories = [r.fields().get("category") for r in store.iter_from(1)]
+        assert categories.count("ingest-conflict") == 39 and len(categories) == 79
+    finally:
+        store.close()
