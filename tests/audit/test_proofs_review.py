@@ -24,7 +24,7 @@ from coworker.audit.store_sqlite import SQLiteStore
 from coworker.audit.tlog import TREE_SUFFIX, LogTree, TreeError
 from coworker.cli import main
 
-from .proofs_helpers import entry
+from .proofs_helpers import entry, fill
 
 ORIGIN = "audit.example.com/review"
 
@@ -351,3 +351,39 @@ def test_a_hostile_witness_cannot_spoil_or_block_a_checkpoint(
         cpr.close(final=False)
         witness.close()
         store.close()
+
+
+def test_a_tree_size_or_index_beyond_uint64_is_a_clean_refusal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint file whose size has 5,000 digits (or 2**64) and a tlog-proof whose index
+    does are refused with a reason (prove exits 1 naming it); they crashed `prove` with
+    int()'s ValueError traceback."""
+    from coworker.audit.checkpoint import parse_checkpoint
+    from coworker.audit.merkle import ProofError
+    from coworker.audit.proof import parse_proof
+
+    root = base64.b64encode(bytes(32)).decode()
+    for size in ("9" * 5000, str(2**64)):
+        with pytest.raises(CheckpointError, match="2\\*\\*64"):
+            parse_checkpoint(f"{ORIGIN}\n{size}\n{root}\n")
+        with pytest.raises(ProofError, match="uint64"):
+            parse_proof(f"c2sp.org/tlog-proof@v1\nindex {size}\n\n".encode())
+    assert parse_checkpoint(f"{ORIGIN}\n{2**64 - 1}\n{root}\n").size == 2**64 - 1
+    keyfile = tmp_path / "log.key"
+    assert main(["audit", "keygen", "--name", ORIGIN, "--out", str(keyfile)]) == 0
+    db = tmp_path / "a.db"
+    fill(db, 4)
+    url = f"sqlite:///{db}"
+    good = tmp_path / "good.txt"
+    assert (
+        main(["audit", "checkpoint", "--url", url, "--key", str(keyfile), "--out", str(good)]) == 0
+    )
+    lines = good.read_text().split("\n")
+    lines[1] = "9" * 5000
+    huge = tmp_path / "huge.txt"
+    huge.write_text("\n".join(lines))
+    capsys.readouterr()
+    assert main(["audit", "prove", "--url", url, "--consistency", str(huge), str(good)]) == 1
+    assert main(["audit", "prove", "2", "--url", url, "--checkpoint", str(huge)]) == 1
+    assert capsys.readouterr().err.count("larger than 2**64 - 1") == 2

@@ -47,6 +47,7 @@ __all__ = [
 
 _SIG_PREFIX: Final = "\u2014 "  # em dash, space
 _MAX_SIGNATURES: Final = 100
+_MAX_SIZE: Final = 2**64 - 1
 ALG_COSIGNATURE: Final = 0x04
 """Signature type byte of timestamped Ed25519 checkpoint cosignatures (tlog-cosignature)."""
 
@@ -221,6 +222,9 @@ def parse_checkpoint(text: str) -> Checkpoint:
         or (size_text != "0" and size_text.startswith("0"))
     ):
         raise CheckpointError(f"tree size {size_text!r} is not a decimal without leading zeros")
+    if len(size_text) > 20 or int(size_text) > _MAX_SIZE:
+        # A uint64, as Go's tlog parses it; a 5,000-digit size made int() raise ValueError.
+        raise CheckpointError(f"tree size {size_text[:24]}... is larger than 2**64 - 1")
     root = _b64(root_text)
     if len(root) != 32 or base64.b64encode(root).decode() != root_text:
         raise CheckpointError("the root hash is not the base64 of 32 bytes")
