@@ -1,0 +1,55 @@
+"""Human-readable audit output against invisible characters (found in review)."""
+
+from __future__ import annotations
+
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from coworker import attributes as a
+from coworker._text import printable
+from coworker.audit.store_sqlite import SQLiteStore
+from coworker.cli import main
+from tests.audit.conftest import fill
+
+# Zero-width space, zero-width joiner, word joiner, BOM, soft hyphen, a tag character.
+INVISIBLE = ("\u200b", "\u200d", "\u2060", "\ufeff", "\u00ad", "\U000e0041")
+
+
+def test_invisible_format_characters_are_shown_escaped() -> None:
+    """Every format character (Unicode category Cf) is escaped: 'alice' + a zero-width space
+    printed as 'alice' while `query --user alice` does not find it."""
+    for char in INVISIBLE:
+        shown = printable(f"alice{char}")
+        assert char not in shown and shown.startswith("alice\\"), repr(shown)
+    assert printable("café ✓ 東京 ☃") == "café ✓ 東京 ☃"  # visible text stays as it is
+    every = {chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf"}
+    assert not every & set(printable("".join(sorted(every))))
+
+
+def test_a_lookalike_user_is_visible_in_the_query_table(
+    db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A record of 'alice\\u200b' is not shown as alice's in `coworker audit query`."""
+    store = SQLiteStore(db_path)
+    fill(store, 1, **{a.USER_ID: "alice"})
+    fill(store, 1, **{a.USER_ID: "alice\u200b"})
+    store.close()
+    url = f"sqlite:///{db_path}"
+    assert main(["audit", "query", "--url", url]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert len(rows) == 2
+    assert "alice\\u200b" in rows[1] and "\u200b" not in rows[1]
+
+
+def test_json_output_escapes_format_characters_and_stays_exact() -> None:
+    """--json lines spell invisible characters as \\u escapes; they decode to the stored value."""
+    import json
+
+    from coworker._text import json_text
+
+    value = {"user_id": "alice" + "".join(INVISIBLE)}
+    text = json_text(value)
+    assert not set(INVISIBLE) & set(text)
+    assert json.loads(text) == value
