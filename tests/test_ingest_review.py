@@ -139,3 +139,52 @@ def test_each_new_version_of_a_span_costs_one_conflict_record_not_a_rescan(pg_ur
         assert categories.count("ingest-conflict") == 39 and len(categories) == 79
     finally:
         store.close()
+
+
+def _json_span(**extra: Any) -> dict[str, Any]:
+    return {
+        "traceId": "0af7651916cd43dd8448eb211c80319c",
+        "spanId": "b7ad6b7169203331",
+        "name": "update Invoice",
+        "startTimeUnixNano": "1700000000000000000",
+        "endTimeUnixNano": "1700000000000000001",
+        "attributes": [{"key": "coworker.audit", "value": {"boolValue": True}}],
+        **extra,
+    }
+
+
+def _resource(service: str, spans: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+        "scopeSpans": [{"scope": {"name": "t"}, "spans": spans}],
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {  # the parser read the second list, the hex-id conversion the first
+            "resourceSpans": [_resource("billing", [_json_span()])],
+            "resource_spans": [_resource("payroll", [_json_span()])],
+        },
+        {"resourceSpans": [_resource("billing", [_json_span(span_id="b7ad6b7169203332")])]},
+    ],
+    ids=["resourceSpans-twice", "spanId-twice"],
+)
+def test_a_json_body_spelling_one_field_two_ways_is_400(body: dict[str, Any]) -> None:
+    """OTLP JSON giving a field both as camelCase and snake_case is refused: 400, nothing
+    appended (protobuf's parser and the id conversion read different ones)."""
+    import json
+
+    import httpx
+
+    store = InMemoryStore()
+    with IngestServer(store, token=TOKEN) as server:
+        r = httpx.post(
+            server.endpoint,
+            content=json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        )
+    assert r.status_code == 400, r.text
+    assert "one spelling" in r.text
+    assert store.head() is None

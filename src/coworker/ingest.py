@@ -242,6 +242,7 @@ def _hex_ids_to_base64(data: dict[str, Any]) -> None:
 def _list(obj: Any, *keys: str) -> list[Any]:
     if not isinstance(obj, dict):
         raise MalformedRequest("expected a JSON object")
+    _one_spelling(obj, keys)
     for key in keys:
         value = obj.get(key)
         if value is None:
@@ -252,9 +253,19 @@ def _list(obj: Any, *keys: str) -> list[Any]:
     return []
 
 
+def _one_spelling(obj: Mapping[str, Any], keys: Sequence[str]) -> None:
+    # protobuf's JSON parser takes the last of "resourceSpans" and "resource_spans" while the
+    # id conversion above reads the first: a body giving both says two things. Refuse it.
+    given = [key for key in keys if key in obj]
+    if len(given) > 1:
+        raise MalformedRequest(f"both {given[0]!r} and {given[1]!r} given: use one spelling")
+
+
 def _convert_ids(obj: Any) -> None:
     if not isinstance(obj, dict):
         raise MalformedRequest("a span or link must be a JSON object")
+    for i in range(0, len(_ID_KEYS), 2):
+        _one_spelling(obj, _ID_KEYS[i : i + 2])
     for key in _ID_KEYS:
         value = obj.get(key)
         if value is None:
