@@ -53,3 +53,30 @@ def test_json_output_escapes_format_characters_and_stays_exact() -> None:
     text = json_text(value)
     assert not set(INVISIBLE) & set(text)
     assert json.loads(text) == value
+
+
+def test_a_correction_with_a_lone_surrogate_is_a_bad_argument(
+    db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reason, corrector or value that is not UTF-8 (a shell argument in another encoding)
+    is refused as that argument, nothing appended; it was reported as 'audit store ... ' error
+    (AuditUnavailable) after reaching the store."""
+    from coworker.audit.correction import correct
+    from coworker.exceptions import ConfigError
+
+    store = SQLiteStore(db_path)
+    fill(store, 1)
+    for kwargs in (
+        {"reason": "bad\udcff"},
+        {"reason": "ok", "by": "x\ud800"},
+        {"reason": "ok", "doctype": "Inv\udfff"},
+    ):
+        reason = kwargs.pop("reason")
+        with pytest.raises(ConfigError, match="not UTF-8"):
+            correct(1, reason, store=store, **kwargs)
+    assert store.head().seq == 1
+    store.close()
+    url = f"sqlite:///{db_path}"
+    capsys.readouterr()
+    assert main(["audit", "correct", "1", "--url", url, "--reason", "bad\udcff"]) == 2
+    assert "reason" in capsys.readouterr().err
