@@ -387,3 +387,31 @@ def test_a_tree_size_or_index_beyond_uint64_is_a_clean_refusal(
     assert main(["audit", "prove", "--url", url, "--consistency", str(huge), str(good)]) == 1
     assert main(["audit", "prove", "2", "--url", url, "--checkpoint", str(huge)]) == 1
     assert capsys.readouterr().err.count("larger than 2**64 - 1") == 2
+
+
+def test_the_directory_publisher_never_replaces_a_published_checkpoint(
+    tmp_path: Path, signer: Signer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second, different checkpoint of one size (the key signed a rewritten log) is
+    written beside the first and logged as a fork; the first stays (it was overwritten,
+    erasing the evidence). The same note published twice writes nothing new."""
+    import logging
+
+    from coworker.audit.checkpoint import Checkpoint, sign_checkpoint
+    from coworker.audit.checkpointer import DirectoryPublisher
+
+    publish = DirectoryPublisher(tmp_path / "worm")
+    first = Checkpoint(ORIGIN, 5, bytes(32))
+    fork = Checkpoint(ORIGIN, 5, bytes([1]) * 32)
+    a, b = sign_checkpoint(first, signer), sign_checkpoint(fork, signer)
+    publish(first, a)
+    publish(first, a)
+    folder = tmp_path / "worm" / ORIGIN.replace("/", "_")
+    assert sorted(p.name for p in folder.iterdir()) == ["5.checkpoint", "latest.checkpoint"]
+    with caplog.at_level(logging.ERROR, logger="coworker.audit"):
+        publish(fork, b)
+    assert (folder / "5.checkpoint").read_bytes() == a
+    assert (folder / "latest.checkpoint").read_bytes() == b
+    others = [p for p in folder.iterdir() if p.name.startswith("5-")]
+    assert len(others) == 1 and others[0].read_bytes() == b
+    assert any("fork" in r.getMessage() for r in caplog.records)

@@ -18,6 +18,7 @@ logger, ERROR) and retried with back-off; appends never wait for it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from coworker.audit.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
+from coworker.audit.checkpoint import Checkpoint, open_checkpoint, parse_note, sign_checkpoint
 from coworker.audit.keys import Signer
 from coworker.audit.tlog import LogTree, TreeError
 
@@ -132,6 +133,13 @@ def make_checkpoint(
     return checkpoint, note
 
 
+def _note_text(note: bytes) -> str | None:
+    try:
+        return parse_note(note).text
+    except ValueError:
+        return None
+
+
 # The last checkpoint verified or signed here, by its note bytes: the next round need not
 # verify its own signature again.
 _opened: dict[bytes, Checkpoint] = {}
@@ -145,19 +153,45 @@ class DirectoryPublisher:
         self.directory = Path(directory)
 
     def __call__(self, checkpoint: Checkpoint, note: bytes) -> None:
-        """Publish one checkpoint (atomically: temp file, fsync, rename)."""
+        """Publish one checkpoint (atomically: temp file, fsync, rename).
+
+        A numbered file is never replaced: another note of the same size (a fork the key
+        signed after the log was rewritten, or the same tree with other cosignatures) is
+        written beside it as ``<size>-<sha256 prefix>.checkpoint``, and a fork is logged at
+        ERROR. Replacing it would erase the evidence the directory is there to keep.
+        """
         target = self.directory / checkpoint.origin.replace("/", "_")
         target.mkdir(parents=True, exist_ok=True)
-        for name in (f"{checkpoint.size}.checkpoint", "latest.checkpoint"):
-            path = target / name
-            if name != "latest.checkpoint" and path.exists() and path.read_bytes() == note:
-                continue
-            tmp = target / f".{name}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(note)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+        numbered = target / f"{checkpoint.size}.checkpoint"
+        if numbered.exists():
+            kept = numbered.read_bytes()
+            if kept != note:
+                if _note_text(kept) != checkpoint.text:
+                    _log.error(
+                        "a different checkpoint of tree size %d of %s is already published in "
+                        "%s: the key signed two different trees of one size (a fork, or the "
+                        "log was rewritten); both are kept",
+                        checkpoint.size,
+                        checkpoint.origin,
+                        numbered,
+                    )
+                digest = hashlib.sha256(note).hexdigest()[:16]
+                self._write(target, f"{checkpoint.size}-{digest}.checkpoint", note)
+        else:
+            self._write(target, numbered.name, note)
+        self._write(target, "latest.checkpoint", note)
+
+    @staticmethod
+    def _write(target: Path, name: str, note: bytes) -> None:
+        path = target / name
+        if name != "latest.checkpoint" and path.exists():
+            return  # written once (the name derives from the content, or is the first one)
+        tmp = target / f".{name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(note)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
 
     def __repr__(self) -> str:
         return f"DirectoryPublisher({str(self.directory)!r})"
