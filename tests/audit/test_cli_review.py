@@ -80,3 +80,29 @@ def test_a_correction_with_a_lone_surrogate_is_a_bad_argument(
     capsys.readouterr()
     assert main(["audit", "correct", "1", "--url", url, "--reason", "bad\udcff"]) == 2
     assert "reason" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["checkpoint", "--key", "{key}"],
+        ["prove", "1"],
+        ["prove", "--consistency", "1", "2"],
+        ["export", "--out", "{tmp}/bundle", "--key", "{key}.pub"],
+        ["correct", "1", "--reason", "typo"],
+    ],
+    ids=["checkpoint", "prove", "prove-consistency", "export", "correct"],
+)
+def test_a_mistyped_store_path_is_exit_2_and_creates_nothing(
+    tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """checkpoint, prove, export and correct on a SQLite path that does not exist fail with
+    exit 2 and leave no directory behind (checkpoint made one and signed a tree of 0)."""
+    key = tmp_path / "log.key"
+    assert main(["audit", "keygen", "--name", "audit.example.com/typo", "--out", str(key)]) == 0
+    missing = tmp_path / "typo-dir" / "audit.db"
+    args = [part.format(key=key, tmp=tmp_path) for part in command]
+    capsys.readouterr()
+    assert main(["audit", *args, "--url", f"sqlite:///{missing}"]) == 2
+    assert not missing.parent.exists()
+    assert "audit.db" in capsys.readouterr().err

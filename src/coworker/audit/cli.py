@@ -148,11 +148,31 @@ def _store(url: str | None, *, readonly: bool) -> Iterator[Any]:
     resolved = resolve_url(url)
     if readonly and resolved.startswith("sqlite:") and "mode=" not in resolved:
         resolved += ("&" if "?" in resolved else "?") + "mode=ro"
-    store = open_store(resolved)
+    store = open_store(resolved) if readonly else open_existing_store(resolved)
     try:
         yield store
     finally:
         store.close()
+
+
+def open_existing_store(url: str | None) -> Any:
+    """Open a store read-write for a command that adds to an existing log (``correct``,
+    ``checkpoint``) or keeps its tree beside it (``prove``, ``export``).
+
+    A SQLite file is first opened read-only, which fails on a path that does not exist: a
+    mistyped path must be an error (exit 2), not a new directory with an empty log (whose
+    checkpoint of 0 records would then be signed).
+
+    Raises:
+        AuditUnavailable: no store at that path (or it cannot be opened).
+        ConfigError: a malformed URL.
+    """
+    from coworker.audit.urls import open_store, resolve_url
+
+    resolved = resolve_url(url)
+    if resolved.lower().startswith("sqlite:") and "mode=" not in resolved:
+        open_store(resolved + ("&" if "?" in resolved else "?") + "mode=ro").close()
+    return open_store(resolved)
 
 
 def _fail(message: str, code: int = 2) -> int:

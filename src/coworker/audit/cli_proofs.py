@@ -103,9 +103,9 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _open(url: str | None) -> Any:
-    from coworker.audit.urls import open_store
+    from coworker.audit.cli import open_existing_store
 
-    return open_store(url)
+    return open_existing_store(url)
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
