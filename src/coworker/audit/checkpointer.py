@@ -90,8 +90,9 @@ def make_checkpoint(
         The checkpoint and its signed note bytes.
 
     Raises:
-        TreeError: the records do not chain, or the log no longer contains the tree of the
-            last stored checkpoint (nothing is signed).
+        TreeError: the records do not chain, the log no longer contains the tree of the
+            last stored checkpoint, or the stored tree does not match the records (nothing
+            is signed: the root signed is always computed from the records).
     """
     size = tree.sync()
     tree.check_head()
