@@ -415,3 +415,34 @@ def test_the_directory_publisher_never_replaces_a_published_checkpoint(
     others = [p for p in folder.iterdir() if p.name.startswith("5-")]
     assert len(others) == 1 and others[0].read_bytes() == b
     assert any("fork" in r.getMessage() for r in caplog.records)
+
+
+def test_a_checkpoint_signed_by_another_process_meanwhile_is_no_truncation(
+    tmp_path: Path, signer: Signer
+) -> None:
+    """Process A syncs its tree; before it reads the last stored checkpoint, process B appends
+    and signs a bigger one. A signs the grown log instead of refusing with 'truncated?'
+    (a false alarm at ERROR in every application running a checkpointer beside the CLI)."""
+    from coworker.audit.tlog import SQLiteTable
+
+    db = tmp_path / "a.db"
+    store = SQLiteStore(db)
+    store.append([entry(i) for i in range(10)])
+
+    class Racing(SQLiteTable):
+        raced = False
+
+        def latest(self, origin: str):  # type: ignore[no-untyped-def]
+            if not self.raced:  # B's whole checkpoint happens between A's sync and this read
+                self.raced = True
+                store.append([entry(i) for i in range(10, 20)])
+                other = LogTree(store)
+                assert make_checkpoint(other, signer)[0].size == 20
+                other.close()
+            return super().latest(origin)
+
+    tree = LogTree(store, Racing(f"{db}{TREE_SUFFIX}"))
+    checkpoint, _ = make_checkpoint(tree, signer)
+    assert checkpoint.size == 20
+    tree.close()
+    store.close()

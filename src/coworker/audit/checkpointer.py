@@ -112,6 +112,11 @@ def make_checkpoint(
             _opened.clear()
             _opened[stored.note] = last
         if last.size > size:
+            # Another process may have signed a bigger tree since our sync: catch up once
+            # before calling it a truncation.
+            size = tree.sync()
+            tree.check_head()
+        if last.size > size:
             raise TreeError(
                 f"the log has {size} records but checkpoint {last.size} was signed: "
                 "truncated? refusing to sign"
