@@ -106,3 +106,30 @@ def test_a_mistyped_store_path_is_exit_2_and_creates_nothing(
     assert main(["audit", *args, "--url", f"sqlite:///{missing}"]) == 2
     assert not missing.parent.exists()
     assert "audit.db" in capsys.readouterr().err
+
+
+def test_export_says_which_selected_records_the_checkpoint_does_not_cover(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Records selected but appended after the checkpoint are named on stderr (they were left
+    out of the bundle without a word)."""
+    key = tmp_path / "log.key"
+    assert main(["audit", "keygen", "--name", "audit.example.com/late", "--out", str(key)]) == 0
+    db = tmp_path / "a.db"
+    store = SQLiteStore(db)
+    fill(store, 3, **{a.USER_ID: "alice"})
+    store.close()
+    url = f"sqlite:///{db}"
+    assert main(["audit", "checkpoint", "--url", url, "--key", str(key)]) == 0
+    store = SQLiteStore(db)
+    fill(store, 2, **{a.USER_ID: "alice"})
+    store.close()
+    capsys.readouterr()
+    out = tmp_path / "b"
+    args = ["audit", "export", "--url", url, "--key", f"{key}.pub", "--out", str(out)]
+    assert main([*args, "--user", "alice"]) == 0
+    captured = capsys.readouterr()
+    assert "exported 3 records" in captured.out
+    assert "2 selected record(s) after the checkpoint's tree of 3 are NOT in the bundle" in (
+        captured.err
+    )
