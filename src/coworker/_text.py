@@ -9,6 +9,7 @@ given, and ``--json`` outputs stay exact JSON (whose encoder escapes these chara
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Final
 
 __all__ = ["json_text", "printable"]
@@ -40,7 +41,8 @@ _JSON_ESCAPES: Final = {code: f"\\u{code:04x}" for code in _ESCAPES if code >= 0
 
 
 def printable(value: object) -> str:
-    """``str(value)`` with control, separator and bidi characters (and ``\\``) escaped.
+    """``str(value)`` with control, separator, bidi and other invisible format characters (and
+    ``\\``) escaped.
 
     Args:
         value: anything; ``None`` becomes ``"None"`` like ``str``.
@@ -48,7 +50,22 @@ def printable(value: object) -> str:
     Returns:
         One line of text that shows every character of the value and moves no cursor.
     """
-    return str(value).translate(_ESCAPES)
+    return _format_escaped(str(value).translate(_ESCAPES))
+
+
+def _format_escaped(text: str) -> str:
+    # Every other format character (Unicode category Cf: zero-width space and joiners, BOM,
+    # soft hyphen, tag characters) is invisible, so "alice\u200b" would print as "alice"
+    # while `query --user alice` does not find it. Looked up per character of non-ASCII text
+    # only (a table of all of Unicode would cost the import a tenth of a second).
+    if text.isascii():
+        return text
+    return "".join(
+        (f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+        if unicodedata.category(c) == "Cf"
+        else c
+        for c in text
+    )
 
 
 def json_text(value: object) -> str:
@@ -56,4 +73,16 @@ def json_text(value: object) -> str:
     line for line-splitting readers: the decoded value is exactly ``value``."""
     import json
 
-    return json.dumps(value, ensure_ascii=False, sort_keys=True).translate(_JSON_ESCAPES)
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True).translate(_JSON_ESCAPES)
+    if text.isascii():
+        return text
+    # JSON spells a character beyond U+FFFF as a surrogate pair.
+    return "".join(
+        "".join(f"\\u{u:04x}" for u in _utf16(c)) if unicodedata.category(c) == "Cf" else c
+        for c in text
+    )
+
+
+def _utf16(char: str) -> list[int]:
+    data = char.encode("utf-16-be")
+    return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]

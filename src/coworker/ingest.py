@@ -242,6 +242,7 @@ def _hex_ids_to_base64(data: dict[str, Any]) -> None:
 def _list(obj: Any, *keys: str) -> list[Any]:
     if not isinstance(obj, dict):
         raise MalformedRequest("expected a JSON object")
+    _one_spelling(obj, keys)
     for key in keys:
         value = obj.get(key)
         if value is None:
@@ -252,9 +253,19 @@ def _list(obj: Any, *keys: str) -> list[Any]:
     return []
 
 
+def _one_spelling(obj: Mapping[str, Any], keys: Sequence[str]) -> None:
+    # protobuf's JSON parser takes the last of "resourceSpans" and "resource_spans" while the
+    # id conversion above reads the first: a body giving both says two things. Refuse it.
+    given = [key for key in keys if key in obj]
+    if len(given) > 1:
+        raise MalformedRequest(f"both {given[0]!r} and {given[1]!r} given: use one spelling")
+
+
 def _convert_ids(obj: Any) -> None:
     if not isinstance(obj, dict):
         raise MalformedRequest("a span or link must be a JSON object")
+    for i in range(0, len(_ID_KEYS), 2):
+        _one_spelling(obj, _ID_KEYS[i : i + 2])
     for key in _ID_KEYS:
         value = obj.get(key)
         if value is None:
@@ -683,18 +694,24 @@ def _conflict_key(ids: bytes, digest: bytes) -> bytes:
 
 
 def _conflicts(
-    ids: bytes, members: Mapping[bytes, int | None], token: str | None
+    ids: bytes, members: Mapping[bytes, int | None], token: str | None, only: Iterable[bytes]
 ) -> Iterator[tuple[bytes, dict[str, Any]]]:
-    """``(key, record)`` of the conflict records of one trace + span id: each later version
-    named with the first one (the earliest seq)."""
+    """``(key, record)`` of the conflict records of one trace + span id for the versions in
+    ``only`` (those of the request at hand): each later version named with the first one (the
+    earliest seq). Versions of earlier requests got theirs then: a client sending version
+    after version of one span costs one conflict record each, not a rescan of all of them.
+    """
     if len(members) < 2:
         return
-    ordered = sorted(members.items(), key=lambda m: (m[1] is None, m[1] or 0, m[0]))
-    first_digest, first_seq = ordered[0]
-    for digest, seq in ordered[1:]:
+    first_digest, first_seq = min(members.items(), key=lambda m: (m[1] is None, m[1] or 0, m[0]))
+    for digest in dict.fromkeys(only):
+        if digest == first_digest or digest not in members:
+            continue
         yield (
             _conflict_key(ids, digest),
-            _conflict_entry(ids, [(first_digest, first_seq), (digest, seq)], len(members), token),
+            _conflict_entry(
+                ids, [(first_digest, first_seq), (digest, members[digest])], len(members), token
+            ),
         )
 
 
@@ -746,6 +763,14 @@ def _conflict_key_of(fields: Mapping[str, Any]) -> bytes | None:
     except (KeyError, IndexError, TypeError, ValueError):
         return None
     return _conflict_key(ids, digest)
+
+
+def _by_ids(keys: Iterable[bytes]) -> dict[bytes, list[bytes]]:
+    """Dedup keys grouped by trace + span id: ids -> the content digests, in order."""
+    grouped: dict[bytes, list[bytes]] = {}
+    for key in keys:
+        grouped.setdefault(key[:_IDS_LEN], []).append(key[_IDS_LEN:])
+    return grouped
 
 
 _Slot = tuple[bytes, int | None] | dict[bytes, int | None]
@@ -832,11 +857,11 @@ class _SeenSpans:
         # repaired by the exporter's retry.
         conflicts: list[Mapping[str, Any]] = []
         new_keys: list[bytes] = []
-        for ids in dict.fromkeys(key[:_IDS_LEN] for key in keys):
+        for ids, digests in _by_ids(keys).items():
             slot = index.get(ids)
             if not isinstance(slot, dict):
                 continue  # one version (or none): no conflict
-            for ckey, entry in _conflicts(ids, slot, token):
+            for ckey, entry in _conflicts(ids, slot, token, digests):
                 if ckey not in self._conflicts and ckey not in new_keys:
                     conflicts.append(entry)
                     new_keys.append(ckey)
@@ -1092,8 +1117,8 @@ class _Ingest:
         # crash between the record and its conflict record), and the conflict record's key is
         # derived from the set of versions, so recording it twice is a no-op.
         assert self.unique is not None and self.between is not None
-        ids_list = list(dict.fromkeys(key[:_IDS_LEN] for key in keys))
-        rows = self.between([(ids, ids + b"\xff" * 33) for ids in ids_list])
+        wanted = _by_ids(keys)
+        rows = self.between([(ids, ids + b"\xff" * 33) for ids in wanted])
         groups: dict[bytes, dict[bytes, int | None]] = {}
         for key, seq in rows:
             if len(key) == _KEY_LEN:
@@ -1106,7 +1131,7 @@ class _Ingest:
         entries: list[Mapping[str, Any]] = []
         ckeys: list[bytes] = []
         for ids, members in groups.items():
-            for ckey, entry in _conflicts(ids, members, token):
+            for ckey, entry in _conflicts(ids, members, token, wanted.get(ids, ())):
                 entries.append(entry)
                 ckeys.append(ckey)
         if not entries:
@@ -1464,6 +1489,18 @@ def _guarded_protocol(ingest: _Ingest, read_timeout: float, max_connections: int
             super().data_received(data)
             if self.conn.their_state not in reading:
                 self._disarm()  # the request is complete (or broken and answered)
+
+        def on_response_complete(self) -> None:
+            # A pipelined request that arrived with the previous one is started here, from
+            # h11's buffer, not in data_received: without this its body could trickle in
+            # forever (data_received only arms the timer for a request that starts IDLE).
+            super().on_response_complete()
+            if (
+                self._read_timer is None
+                and not self.transport.is_closing()
+                and self.conn.their_state is h11.SEND_BODY
+            ):
+                self._arm()
 
         def _arm(self) -> None:
             self._disarm()

@@ -109,27 +109,53 @@ def read_bundle(path: str | os.PathLike[str]) -> dict[str, bytes]:
     """All files of a bundle (directory or tar) by their relative name (nothing is extracted
     to disk, so member names like ``../x`` cannot write anywhere).
 
+    A bundle is what gets archived, so it must say one thing to every reader: a name given
+    twice (tools disagree on which copy counts), an absolute name or one with ``..`` (it
+    would extract outside the bundle), a link (its target is not in the bundle and can change
+    after verification) or any member that is not a regular file or directory is refused.
+
     Raises:
         OSError: the path cannot be read.
-        ValueError: it is neither a directory nor a tar file.
+        ValueError: it is neither a directory nor a tar file, or holds such a member.
     """
     source = Path(path)
     files: dict[str, bytes] = {}
     if source.is_dir():
-        for p in source.rglob("*"):
-            if p.is_file():
-                files[p.relative_to(source).as_posix()] = p.read_bytes()
+        for p in sorted(source.rglob("*")):
+            name = p.relative_to(source).as_posix()
+            if p.is_symlink():
+                raise ValueError(f"{source}: {name} is a symbolic link; a bundle holds files")
+            if p.is_dir():
+                continue
+            if not p.is_file():
+                raise ValueError(f"{source}: {name} is not a regular file")
+            files[name] = p.read_bytes()
         return files
     try:
         with tarfile.open(source, "r") as tar:
             for member in tar.getmembers():
-                if member.isfile():
-                    fh = tar.extractfile(member)
-                    if fh is not None:
-                        files[member.name.removeprefix("./")] = fh.read()
+                name = _member_name(source, member.name)
+                if member.issym() or member.islnk():
+                    raise ValueError(f"{source}: member {name} is a link; a bundle holds files")
+                if member.isdir():
+                    continue
+                if not member.isfile():
+                    raise ValueError(f"{source}: member {name} is not a regular file")
+                if name in files:
+                    raise ValueError(f"{source}: member {name} is in the tar twice")
+                fh = tar.extractfile(member)
+                files[name] = fh.read() if fh is not None else b""
     except tarfile.TarError as exc:
         raise ValueError(f"{source}: neither a bundle directory nor a tar file ({exc})") from None
     return files
+
+
+def _member_name(source: Path, raw: str) -> str:
+    name = raw.removeprefix("./")
+    parts = name.split("/")
+    if not name or name.startswith("/") or ".." in parts or "\\" in name:
+        raise ValueError(f"{source}: unsafe member name {raw[:80]!r} (outside the bundle)")
+    return "/".join(p for p in parts if p not in ("", "."))
 
 
 @dataclass
@@ -172,7 +198,18 @@ def verify_bundle(files: Mapping[str, bytes], verifier: Verifier) -> BundleRepor
         report.failures.append(f"checkpoint/manifest: {exc}")
         return report
     report.tree_size = checkpoint.size
+    # The manifest describes the bundle to a reader: what it says must be what is proven.
+    for key, value in (("origin", checkpoint.origin), ("tree_size", checkpoint.size)):
+        if manifest.get(key) != value:
+            report.failures.append(
+                f"manifest.json: {key} {manifest.get(key)!r} is not the checkpoint's {value!r}"
+            )
+    filters = manifest.get("filters", {})
+    if not isinstance(filters, dict):
+        report.failures.append("manifest.json: 'filters' is not an object")
+        filters = {}
     listed: set[str] = set()
+    seqs: set[int] = set()
     entries = manifest.get("records")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         report.failures.append("manifest.json: 'records' is not a list of objects")
@@ -180,10 +217,14 @@ def verify_bundle(files: Mapping[str, bytes], verifier: Verifier) -> BundleRepor
     for entry in entries:
         seq = entry.get("seq")
         rec, prf = entry.get("record"), entry.get("proof")
+        if type(seq) is int and seq in seqs:
+            report.failures.append(f"record {seq}: listed twice in the manifest")
+            continue
         listed.update((rec, prf))
-        if not isinstance(seq, int) or rec not in files or prf not in files:
+        if type(seq) is not int or rec not in files or prf not in files:
             report.failures.append(f"record {seq}: record or proof file missing")
             continue
+        seqs.add(seq)
         body = files[rec]
         try:
             fields = json.loads(body)
@@ -192,6 +233,9 @@ def verify_bundle(files: Mapping[str, bytes], verifier: Verifier) -> BundleRepor
             cp, _ = verify_record_proof(body, files[prf], verifier, seq=seq)
             if cp != checkpoint:
                 raise ProofError("its proof refers to another checkpoint than the bundle's")
+            outside = _outside_selection(fields, filters)
+            if outside is not None:
+                raise ProofError(f"not in the bundle's selection: {outside}")
         except (ProofError, ValueError) as exc:
             report.failures.append(f"record {seq}: {exc}")
             continue
@@ -202,3 +246,26 @@ def verify_bundle(files: Mapping[str, bytes], verifier: Verifier) -> BundleRepor
     if not entries:
         report.failures.append("the bundle holds no records")
     return report
+
+
+# Manifest filter -> the record field it selects on; since/until are absolute RFC 3339 times
+# (written so by ``coworker audit export``) compared with the record's start, as the query.
+_SELECTION: Final = {"user": "user_id", "flow_id": "flow_id"}
+
+
+def _outside_selection(fields: Mapping[str, Any], filters: Mapping[str, Any]) -> str | None:
+    for name, field_name in _SELECTION.items():
+        wanted = filters.get(name)
+        got = fields.get(field_name)
+        if wanted is not None and got != wanted:
+            return f"its {field_name} is {got!r}, the selection's {name} {wanted!r}"
+    since, until = filters.get("since"), filters.get("until")
+    if since is not None or until is not None:
+        moment = fields.get("start") or fields.get("recorded_at")
+        if not isinstance(moment, str):
+            return "it has no time, the selection has since/until"
+        if isinstance(since, str) and moment < since:
+            return f"its time {moment} is before the selection's since {since}"
+        if isinstance(until, str) and moment >= until:
+            return f"its time {moment} is not before the selection's until {until}"
+    return None

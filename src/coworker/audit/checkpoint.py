@@ -6,8 +6,9 @@ C2SP verifier accept what we write, and we accept what they write):
 * signed-note v1.0.0 (https://c2sp.org/signed-note): a UTF-8 text with no control character
   but newline, ending in a newline; a blank line; one or more lines
   ``— <name> <base64(4-byte key id || signature)>``. Unknown keys are ignored; a known key
-  whose signature fails rejects the whole note; no verified known signature rejects it; at
-  most 100 signatures are parsed (as Go's ``note.Open``).
+  whose signature fails rejects the whole note, and so does a known key signing twice; no
+  verified known signature rejects it; at most 100 signatures are parsed (as Go's
+  ``note.Open``).
 * tlog-checkpoint v1.0.0 (https://c2sp.org/tlog-checkpoint): note text ``<origin>\\n<tree
   size, decimal, no leading zero>\\n<base64 RFC 6962 root>\\n`` plus optional non-empty
   extension lines. Our key name is the origin.
@@ -46,6 +47,7 @@ __all__ = [
 
 _SIG_PREFIX: Final = "\u2014 "  # em dash, space
 _MAX_SIGNATURES: Final = 100
+_MAX_SIZE: Final = 2**64 - 1
 ALG_COSIGNATURE: Final = 0x04
 """Signature type byte of timestamped Ed25519 checkpoint cosignatures (tlog-cosignature)."""
 
@@ -160,12 +162,16 @@ def open_note(message: bytes, verifiers: Sequence[Verifier]) -> tuple[Note, list
     known = {(v.name, v.key_id): v for v in verifiers}
     body = note.text.encode()
     good: list[Verifier] = []
+    seen: set[tuple[str, int]] = set()
     for sig in note.signatures:
         verifier = known.get((sig.name, sig.key_id))
         if verifier is None:
             continue  # unknown keys are ignored (witnesses, rotated keys)
-        if verifier in good:
-            continue
+        if (sig.name, sig.key_id) in seen:
+            # As note.Open (errMalformedNote): a second signature of a known key would
+            # otherwise pass unverified, so a bit flip in it would not be noticed.
+            raise CheckpointError(f"malformed note: key {sig.name}+{sig.key_id:08x} signs twice")
+        seen.add((sig.name, sig.key_id))
         if len(sig.signature) != 64 or not verifier.verify(body, sig.signature):
             raise CheckpointError(f"invalid signature for key {sig.name}+{sig.key_id:08x}")
         good.append(verifier)
@@ -216,6 +222,9 @@ def parse_checkpoint(text: str) -> Checkpoint:
         or (size_text != "0" and size_text.startswith("0"))
     ):
         raise CheckpointError(f"tree size {size_text!r} is not a decimal without leading zeros")
+    if len(size_text) > 20 or int(size_text) > _MAX_SIZE:
+        # A uint64, as Go's tlog parses it; a 5,000-digit size made int() raise ValueError.
+        raise CheckpointError(f"tree size {size_text[:24]}... is larger than 2**64 - 1")
     root = _b64(root_text)
     if len(root) != 32 or base64.b64encode(root).decode() != root_text:
         raise CheckpointError("the root hash is not the base64 of 32 bytes")

@@ -18,6 +18,7 @@ logger, ERROR) and retried with back-off; appends never wait for it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from coworker.audit.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
+from coworker.audit.checkpoint import Checkpoint, open_checkpoint, parse_note, sign_checkpoint
 from coworker.audit.keys import Signer
 from coworker.audit.tlog import LogTree, TreeError
 
@@ -89,8 +90,9 @@ def make_checkpoint(
         The checkpoint and its signed note bytes.
 
     Raises:
-        TreeError: the records do not chain, or the log no longer contains the tree of the
-            last stored checkpoint (nothing is signed).
+        TreeError: the records do not chain, the log no longer contains the tree of the
+            last stored checkpoint, or the stored tree does not match the records (nothing
+            is signed: the root signed is always computed from the records).
     """
     size = tree.sync()
     tree.check_head()
@@ -102,12 +104,18 @@ def make_checkpoint(
             "process: rewritten or truncated? refusing to sign"
         )
     stored = tree.table.latest(signer.name)
+    last: Checkpoint | None = None
     if stored is not None:
         last = _opened.get(stored.note)
         if last is None:
             last, _ = open_checkpoint(stored.note, signer.verifier)
             _opened.clear()
             _opened[stored.note] = last
+        if last.size > size:
+            # Another process may have signed a bigger tree since our sync: catch up once
+            # before calling it a truncation.
+            size = tree.sync()
+            tree.check_head()
         if last.size > size:
             raise TreeError(
                 f"the log has {size} records but checkpoint {last.size} was signed: "
@@ -120,12 +128,22 @@ def make_checkpoint(
             )
         if last.size == size:
             return last, stored.note
-    checkpoint = Checkpoint(signer.name, size, tree.root(size))
+    bases = [c for c in (previous, last) if c is not None and c.size <= size]
+    base = max(bases, key=lambda c: c.size) if bases else None
+    root = tree.trusted_root(size, (base.size, base.root) if base is not None else None)
+    checkpoint = Checkpoint(signer.name, size, root)
     note = sign_checkpoint(checkpoint, signer)
     tree.table.add_checkpoint(signer.name, size, note)
     _opened.clear()
     _opened[note] = checkpoint
     return checkpoint, note
+
+
+def _note_text(note: bytes) -> str | None:
+    try:
+        return parse_note(note).text
+    except ValueError:
+        return None
 
 
 # The last checkpoint verified or signed here, by its note bytes: the next round need not
@@ -141,19 +159,45 @@ class DirectoryPublisher:
         self.directory = Path(directory)
 
     def __call__(self, checkpoint: Checkpoint, note: bytes) -> None:
-        """Publish one checkpoint (atomically: temp file, fsync, rename)."""
+        """Publish one checkpoint (atomically: temp file, fsync, rename).
+
+        A numbered file is never replaced: another note of the same size (a fork the key
+        signed after the log was rewritten, or the same tree with other cosignatures) is
+        written beside it as ``<size>-<sha256 prefix>.checkpoint``, and a fork is logged at
+        ERROR. Replacing it would erase the evidence the directory is there to keep.
+        """
         target = self.directory / checkpoint.origin.replace("/", "_")
         target.mkdir(parents=True, exist_ok=True)
-        for name in (f"{checkpoint.size}.checkpoint", "latest.checkpoint"):
-            path = target / name
-            if name != "latest.checkpoint" and path.exists() and path.read_bytes() == note:
-                continue
-            tmp = target / f".{name}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(note)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+        numbered = target / f"{checkpoint.size}.checkpoint"
+        if numbered.exists():
+            kept = numbered.read_bytes()
+            if kept != note:
+                if _note_text(kept) != checkpoint.text:
+                    _log.error(
+                        "a different checkpoint of tree size %d of %s is already published in "
+                        "%s: the key signed two different trees of one size (a fork, or the "
+                        "log was rewritten); both are kept",
+                        checkpoint.size,
+                        checkpoint.origin,
+                        numbered,
+                    )
+                digest = hashlib.sha256(note).hexdigest()[:16]
+                self._write(target, f"{checkpoint.size}-{digest}.checkpoint", note)
+        else:
+            self._write(target, numbered.name, note)
+        self._write(target, "latest.checkpoint", note)
+
+    @staticmethod
+    def _write(target: Path, name: str, note: bytes) -> None:
+        path = target / name
+        if name != "latest.checkpoint" and path.exists():
+            return  # written once (the name derives from the content, or is the first one)
+        tmp = target / f".{name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(note)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
 
     def __repr__(self) -> str:
         return f"DirectoryPublisher({str(self.directory)!r})"

@@ -154,6 +154,23 @@ def _store(url: str | None, *, readonly: bool) -> Iterator[Any]:
         store.close()
 
 
+def open_existing_store(url: str | None) -> Any:
+    """Open a store read-write for a command that adds to an existing log (``correct``,
+    ``checkpoint``) or keeps its tree beside it (``prove``, ``export``).
+
+    Nothing is created: a mistyped path must be an error (exit 2), not a new directory with
+    an empty log (whose checkpoint of 0 records would then be signed).
+
+    Raises:
+        StoreNotFound: no store at that URL.
+        AuditUnavailable: it cannot be opened.
+        ConfigError: a malformed URL.
+    """
+    from coworker.audit.urls import open_store
+
+    return open_store(url, create=False)
+
+
 def _fail(message: str, code: int = 2) -> int:
     # Messages can quote stored values (verify details, flow ids): escaped like all output.
     print(f"coworker audit: {printable(message)}", file=sys.stderr)

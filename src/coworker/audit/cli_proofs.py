@@ -103,9 +103,9 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _open(url: str | None) -> Any:
-    from coworker.audit.urls import open_store
+    from coworker.audit.cli import open_existing_store
 
-    return open_store(url)
+    return open_existing_store(url)
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -242,7 +242,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from coworker.audit.bundle import write_bundle
     from coworker.audit.checkpoint import CheckpointError
     from coworker.audit.keys import load_verifier
-    from coworker.audit.query import query
+    from coworker.audit.query import parse_time, query
     from coworker.audit.tlog import LogTree, TreeError
 
     try:
@@ -264,7 +264,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 }.items()
                 if v is not None
             }  # fmt: skip
-            seqs = [e.seq for e in query(store, **filters) if e.seq <= checkpoint.size]
+            selected = [e.seq for e in query(store, **filters)]
+            seqs = [seq for seq in selected if seq <= checkpoint.size]
+            # Records after the checkpoint's tree have no proof yet: say so, never drop them
+            # from the export silently.
+            later = len(selected) - len(seqs)
+            # The manifest states the selection as absolute times ("7d" means nothing a year
+            # later), so that verify-bundle can check every record against it.
+            filters.update(
+                {k: parse_time(v) for k, v in filters.items() if k in ("since", "until")}
+            )
             wanted = set(seqs)
             records = (
                 (r.seq, r.body)
@@ -291,6 +300,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if progress is not None:
         sys.stderr.write("\n")
     print(f"exported {n} records with proofs against checkpoint {checkpoint.size} to {args.out}")
+    if later:
+        print(
+            f"coworker audit: {later} selected record(s) after the checkpoint's tree of "
+            f"{checkpoint.size} are NOT in the bundle (no proof yet): run `coworker audit "
+            "checkpoint --key ...` and export again to include them",
+            file=sys.stderr,
+        )
     return 0 if n else 1
 
 

@@ -36,6 +36,19 @@ def _resolve_store(store: AuditStore | str | None) -> tuple[AuditStore, bool]:
     return store, False
 
 
+def _check_encodable(name: str, value: Any) -> None:
+    # A lone surrogate (e.g. a shell argument that was not UTF-8) has no UTF-8 form, so no
+    # store can hold it: a bad argument, said as one, not "audit store unavailable".
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigError(
+                f"{name}: {value[: exc.start]!r}... holds a character that is not UTF-8 "
+                f"(a lone surrogate at position {exc.start})"
+            ) from None
+
+
 def correct(
     seq: int,
     reason: str,
@@ -61,7 +74,8 @@ def correct(
         The sealed correction record.
 
     Raises:
-        ConfigError: no store, an empty reason, or a field that cannot be corrected.
+        ConfigError: no store, an empty reason, a field that cannot be corrected, or a value
+            that is not valid Unicode text (a lone surrogate).
         LookupError: there is no record ``seq``.
         AuditUnavailable: the correction could not be made durable.
     """
@@ -69,6 +83,8 @@ def correct(
         raise ConfigError("reason: a correction must say why")
     if by is not None and (not isinstance(by, str) or not by.strip()):
         raise ConfigError("by: the corrector must be a non-empty user id (or None)")
+    for name, value in (("reason", reason), ("by", by), *fields.items()):
+        _check_encodable(name, value)
     unknown = sorted(set(fields) - CORRECTABLE_FIELDS)
     if unknown:
         raise ConfigError(

@@ -97,8 +97,16 @@ def parse_proof(data: bytes) -> TlogProof:
     if at >= len(lines) or not lines[at].startswith("index "):
         raise ProofError("tlog-proof: no index line")
     digits = lines[at][6:]
-    if not digits.isdigit() or (digits != "0" and digits.startswith("0")):
-        raise ProofError(f"tlog-proof: index {digits!r} is not a decimal without leading zeros")
+    if (
+        not digits.isascii()
+        or not digits.isdigit()
+        or (digits != "0" and digits.startswith("0"))
+        or len(digits) > 20
+        or int(digits) >= 2**64
+    ):
+        raise ProofError(
+            f"tlog-proof: index {digits[:24]!r} is not a uint64 decimal without leading zeros"
+        )
     hashes = tuple(
         _b64_hash(line, f"tlog-proof hash {i}") for i, line in enumerate(lines[at + 1 :])
     )

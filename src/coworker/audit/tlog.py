@@ -440,6 +440,10 @@ class LogTree:
         # The right edge as of the last sync, and recent roots: a sync that finds the table
         # where this process left it reads only the new records (no leaf re-reads).
         self._edge: tuple[tuple[int, bytes], CompactRange] | None = None
+        # Whether that edge was hashed from the records by this process (or checked against
+        # them): only then may its root be signed. An edge rebuilt from stored rows is a
+        # cache that the owner of the tree file can edit.
+        self._edge_trusted = False
         self._roots: dict[int, bytes] = {}
         # The furthest (size, last record hash) this process has hashed: the tree table (a
         # file the database owner can replace) must never go back behind it.
@@ -472,10 +476,12 @@ class LogTree:
             self._check_not_behind(size, last)
             if self._edge is not None and self._edge[0] == (size, last):
                 cr = self._edge[1]
+                trusted = self._edge_trusted
             else:
                 keys = merkle.root_keys(size)
                 found = self._nodes(keys)
                 cr = CompactRange(size, [found[k] for k in keys])
+                trusted = size == 0
             prev, start = last, size
             pending: list[tuple[NodeKey, bytes]] = []
             for seq, prev_hash, digest, body in _chain_rows(self.store, size + 1):
@@ -496,6 +502,7 @@ class LogTree:
             if cr.size != start:
                 self._extend(start, cr.size, prev, pending)
             self._edge = ((cr.size, prev), cr)
+            self._edge_trusted = trusted
             self._seen = (cr.size, prev)
             if len(self._roots) > 64:
                 self._roots.clear()
@@ -512,6 +519,58 @@ class LogTree:
                 f"the stored tree went back from {seen[0]} to {size} records or changed: "
                 "its table was replaced or rolled back (no checkpoint is signed)"
             )
+
+    def trusted_root(self, size: int, base: tuple[int, bytes] | None = None) -> bytes:
+        """The root of the first ``size`` records, computed from the records themselves.
+
+        What gets signed must be the records' root, not the stored tree's: the tree file is
+        a cache its owner can edit. When this process hashed the records up to ``size`` (the
+        usual case of a running checkpointer) that root is at hand; otherwise the records after
+        ``base`` (the size and root of a verified checkpoint, whose stored subtrees are checked
+        against its root) are re-hashed, at most once per process.
+
+        Args:
+            size: the tree size (the synced size, see :meth:`sync`).
+            base: ``(size, root)`` of a checkpoint verified with the log key, if any.
+
+        Raises:
+            TreeError: the stored tree does not match the records (or ``base``).
+        """
+        with self._lock:
+            edge = self._edge
+            if edge is not None and self._edge_trusted and edge[0][0] == size:
+                return edge[1].root()
+            start, root = base if base is not None and base[0] <= size else (0, merkle.EMPTY_ROOT)
+            keys = merkle.root_keys(start)
+            found = self._nodes(keys)
+            cr = CompactRange(start, [found[k] for k in keys])
+            if cr.root() != root:
+                raise TreeError(
+                    f"the stored tree of {start} records does not match the checkpoint of that "
+                    "size: the tree table was edited or is corrupt (no checkpoint is signed)"
+                )
+            last = b""
+            for seq, _, digest, body in _chain_rows(self.store, start + 1):
+                if seq > size:
+                    break
+                if seq != cr.size + 1:
+                    raise TreeError(f"record {cr.size + 1} is missing (no checkpoint is signed)")
+                cr.append(merkle.leaf_hash(body))
+                last = digest
+            if cr.size != size:
+                raise TreeError(f"the log has {cr.size} records, not {size}: truncated?")
+            computed = cr.root()
+            stored = self._roots.get(size) or merkle.root_hash(size, self._nodes)
+            if computed != stored:
+                self._roots.clear()
+                raise TreeError(
+                    f"the stored tree of {size} records does not match the records: the tree "
+                    "table was edited or is corrupt (no checkpoint is signed; delete it to "
+                    "rebuild it from the records)"
+                )
+            if edge is not None and edge[0] == (size, last):
+                self._edge_trusted = True  # the cached edge folds to the records' root
+            return computed
 
     def check_head(self) -> None:
         """Check that the log still ends where this tree does (or beyond, by new appends).

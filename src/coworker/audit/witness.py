@@ -119,14 +119,12 @@ class WitnessClient:
             proof = proof_from(old) if 0 < old < checkpoint.size else []
             status, ctype, body = self._post(old, proof, note)
             if status == 200:
+                lines = _cosignature_lines(self.url, note, body)
                 self.size = checkpoint.size
-                lines = body.decode("utf-8", "replace").splitlines(keepends=True)
-                if not lines or any(not ln.startswith("\u2014 ") for ln in lines):
-                    raise WitnessRefused(self.url, status, "the answer is not signature lines")
                 return lines
             if status == 409 and ctype.startswith("text/x.tlog.size"):
                 text = body.decode("ascii", "replace").strip()
-                if not text.isdigit():
+                if not text.isdigit() or len(text) > 20:  # a tree size is a uint64
                     raise WitnessRefused(self.url, status, f"bad size {text[:20]!r}")
                 held = int(text)
                 if held > checkpoint.size or held == old:
@@ -164,8 +162,30 @@ class WitnessClient:
                 return resp.status, resp.getheader("Content-Type") or "", resp.read(65536)
             finally:
                 conn.close()
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise WitnessRefused(self.url, 0, f"unreachable: {exc}") from None
+
+
+def _cosignature_lines(url: str, note: bytes, body: bytes) -> list[str]:
+    """The signature lines of a witness's answer, checked before they go near the note.
+
+    A witness is another party: its answer must not make the stored and published note
+    unreadable (a malformed line) or replace the log's own signature (a line under the log
+    key's name and id), so such an answer is refused as a whole.
+    """
+    try:
+        text = body.decode("utf-8")
+        lines = text.splitlines(keepends=True)
+        if not lines or any(not ln.startswith("\u2014 ") or not ln.endswith("\n") for ln in lines):
+            raise CheckpointError("not signature lines")
+        mine = parse_note(note).signatures
+        own = {(sig.name, sig.key_id) for sig in mine}
+        theirs = parse_note(note + body).signatures[len(mine) :]
+    except (UnicodeDecodeError, CheckpointError) as exc:
+        raise WitnessRefused(url, 200, f"the answer is not cosignature lines ({exc})") from None
+    if any((sig.name, sig.key_id) in own for sig in theirs):
+        raise WitnessRefused(url, 200, "the answer carries a signature of the log's own key")
+    return lines
 
 
 def add_cosignatures(note: bytes, lines: Sequence[str]) -> bytes:
