@@ -231,7 +231,7 @@ def _storable_value(value: Any) -> bool:
     if value is None or kind is bool:
         return True
     if kind is int:
-        return -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT
+        return bool(-_MAX_SAFE_INT <= value <= _MAX_SAFE_INT)
     if kind in (dict, list):  # correction records: nested, checked by the reference encoder
         try:
             rfc8785.dumps(value)

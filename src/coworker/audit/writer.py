@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final
 
-from opentelemetry import context as otel_context
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from coworker.audit.record import storable
 from coworker.audit.store import AuditStore, StoredRecord
@@ -50,25 +50,13 @@ ON_FAILURE_LOG: Final = "log"
 
 Entry = tuple[Mapping[str, Any], "bytes | None"]
 
-try:  # the public helper when opentelemetry-instrumentation is installed
-    from opentelemetry.instrumentation.utils import suppress_instrumentation as _suppress
-except ImportError:  # pragma: no cover - depends on the environment
-    _suppress = None
-
 
 @contextmanager
 def suppressed() -> Iterator[None]:
-    """Run the block with OpenTelemetry instrumentation suppressed."""
-    if _suppress is not None:
-        with _suppress():
-            yield
-        return
-    key = otel_context._SUPPRESS_INSTRUMENTATION_KEY  # type: ignore[attr-defined]
-    token = otel_context.attach(otel_context.set_value(key, True))
-    try:
+    """Run the block with OpenTelemetry instrumentation suppressed (so database
+    instrumentation does not trace coworker's own writes)."""
+    with suppress_instrumentation():
         yield
-    finally:
-        otel_context.detach(token)
 
 
 def _metrics_hook() -> Callable[[str, str, float], None] | None:
