@@ -260,8 +260,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             print(f"OK  {report.checked} records intact")
             print(f"head  {report.head.seq}:{report.head.hash_hex}")
             print("      (keep this head; pass it as --expected-head to detect a cut-off tail)")
-        for doubtful in report.in_doubt:
-            print(f"in-doubt  #{doubtful}: intent without an outcome (the run may not have finished)")
+        for open_ in report.in_doubt:
+            print(f"in-doubt  #{open_}: intent without an outcome (the run may not have finished)")
         return 0
     for problem in report.problems or (None,):
         seq = report.bad_seq if problem is None else problem.seq
