@@ -490,7 +490,7 @@ def test_garbage_collection_of_wrapper_objects() -> None:
 
 def test_fast_binder_matches_signature_bind() -> None:
     """The fast argument binder gives what inspect.Signature.bind gives, or the same error."""
-    from coworker._decorator import _Binder
+    from coworker._run.spec import Binder as _Binder
 
     def f(a: Any, b: Any = 2, *, c: Any, d: Any = 4) -> None: ...
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from coworker._decorator import Run, current_run, run
+from coworker._run import Run, RunOptions, current_run, run
 from coworker._setup import configure, force_flush, shutdown
+from coworker._version import __version__
 from coworker.exceptions import (
     AuditUnavailable,
     ConfigError,
@@ -36,6 +37,10 @@ from coworker.flow import (
     BREAK_REASONS,
     Conversation,
     Flow,
+    FlowBlock,
+    IdentityBlock,
+    StepBlock,
+    TurnBlock,
     WorkflowDefinition,
     acting_as,
     break_flow,
@@ -48,12 +53,10 @@ from coworker.flow import (
     workflow,
 )
 from coworker.identity import Agent, Identity, User
-from coworker.propagation import extract, inject, propagate
+from coworker.propagation import Extracted, extract, inject, propagate
 
 if TYPE_CHECKING:
     from coworker.acl import Policy
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BREAK_REASONS",
@@ -62,15 +65,22 @@ __all__ = [
     "ConfigError",
     "Conversation",
     "CoworkerError",
+    "Extracted",
     "Flow",
+    "FlowBlock",
     "Identity",
+    "IdentityBlock",
     "PermissionDenied",
     "Policy",
     "RateLimited",
     "Run",
+    "RunOptions",
+    "StepBlock",
+    "TurnBlock",
     "User",
     "ValidationError",
     "WorkflowDefinition",
+    "__version__",
     "acting_as",
     "break_flow",
     "configure",

@@ -42,8 +42,8 @@ def span_exporter() -> Any:
                 InMemorySpanExporter,
             )
 
-            from coworker import _decorator
             from coworker._sdk import PrivateRandomIdGenerator
+            from coworker._state import TRACER
 
             provider = trace.get_tracer_provider()
             if isinstance(provider, trace.ProxyTracerProvider):
@@ -52,7 +52,7 @@ def span_exporter() -> Any:
                 provider = trace.get_tracer_provider()
             exporter = InMemorySpanExporter()
             provider.add_span_processor(SimpleSpanProcessor(exporter))  # type: ignore[attr-defined]
-            _decorator.reset_tracer()
+            TRACER.reset()
             _exporter = exporter
         return _exporter
 
