@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from coworker._run import Run, RunOptions, current_run, run
 from coworker._setup import configure, force_flush, shutdown
 from coworker._version import __version__
+from coworker.conversations import Conversation, TurnBlock, conversation
 from coworker.exceptions import (
     AuditUnavailable,
     ConfigError,
@@ -35,24 +36,18 @@ from coworker.exceptions import (
 )
 from coworker.flow import (
     BREAK_REASONS,
-    Conversation,
     Flow,
     FlowBlock,
-    IdentityBlock,
     StepBlock,
-    TurnBlock,
     WorkflowDefinition,
-    acting_as,
     break_flow,
-    conversation,
     current_flow,
-    current_identity,
     current_step,
     flow,
     step,
     workflow,
 )
-from coworker.identity import Agent, Identity, User
+from coworker.identity import Agent, Identity, IdentityBlock, User, acting_as, current_identity
 from coworker.propagation import Extracted, extract, inject, propagate
 
 if TYPE_CHECKING:

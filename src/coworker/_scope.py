@@ -15,7 +15,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 if TYPE_CHECKING:
-    from coworker.flow import FlowCell, Turn
+    from coworker.conversations import Turn
+    from coworker.flow import FlowCell
     from coworker.identity import Identity
 
 __all__ = ["EMPTY_SCOPE", "SCOPE", "AsyncContextMixin", "Block", "Scope", "restore"]

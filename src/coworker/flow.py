@@ -21,13 +21,16 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from coworker import attributes as attr
 from coworker._scope import SCOPE, Block, Scope
 from coworker._state import SETTINGS
 from coworker.exceptions import CoworkerError
-from coworker.identity import Agent, Identity, User, text
+from coworker.identity import Identity, IdentityBlock, acting_as, current_identity, text
+
+if TYPE_CHECKING:
+    from coworker.conversations import Turn
 
 __all__ = [
     "AI_CONVERSATION",
@@ -35,16 +38,13 @@ __all__ = [
     "BATCH_JOB",
     "BREAK_REASONS",
     "WORKFLOW",
-    "Conversation",
     "Flow",
     "FlowBlock",
     "IdentityBlock",
     "StepBlock",
-    "TurnBlock",
     "WorkflowDefinition",
     "acting_as",
     "break_flow",
-    "conversation",
     "current_flow",
     "current_identity",
     "current_step",
@@ -208,13 +208,27 @@ class Flow:
         self._last_active = time.monotonic()
         self._running.discard(run)
 
-    def _idle(self, now: float) -> bool:
-        return bool(
-            self.idle_timeout
+    def break_due(self, session: str | None, root: bool, now: float) -> str | None:
+        """Why a run arriving now must break this flow (``timeout``, ``new-session``), or
+        ``None``. Only a root run breaks for idleness: a child belongs to its parent's flow."""
+        if (
+            root
+            and self.idle_timeout
             and self._last_active is not None
             and not self._running
             and now - self._last_active > self.idle_timeout
-        )
+        ):
+            return "timeout"
+        if session is not None and self._session is not None and self._session != session:
+            return "new-session"
+        return None
+
+    def mark_active(self, session: str | None, now: float, new_session: bool = False) -> None:
+        """A run arrived at ``now``: remember the session (its first, or a new one after a
+        break) and the time."""
+        if session is not None and (new_session or self._session is None):
+            self._session = session
+        self._last_active = now
 
     def _successor(self, reason: str, type: str | None) -> Flow:
         new_type = type or self.type
@@ -257,19 +271,12 @@ class FlowCell:
         f = self.flow
         now = time.monotonic()
         session = identity.session if identity is not None else None
-        idle = root and f._idle(now)
-        if idle or (session is not None and f._session is not None and f._session != session):
+        reason = f.break_due(session, root, now)
+        if reason is not None:
             with _BREAK_LOCK:
                 # Concurrent runs that all find the flow idle break it once and share it.
-                if self.flow is f:
-                    f = self.break_flow("timeout" if idle else "new-session", None)
-                else:
-                    f = self.flow
-            if session is not None:
-                f._session = session
-        elif session is not None and f._session is None:
-            f._session = session
-        f._last_active = now
+                f = self.break_flow(reason, None) if self.flow is f else self.flow
+        f.mark_active(session, now, reason is not None)
         return f
 
     def break_flow(self, reason: str, type: str | None) -> Flow:
@@ -277,18 +284,6 @@ class FlowCell:
         new = self.flow._successor(reason, type)
         self.flow = new
         return new
-
-
-class Turn:
-    """One conversation turn: its number, message id and the step counters of its runs."""
-
-    __slots__ = ("counters", "message_id", "number")
-
-    def __init__(self, number: int, message_id: str | None) -> None:
-        self.number = number
-        self.message_id = message_id
-        # Step counters of the runs in this turn, by (flow id, operation).
-        self.counters: dict[tuple[str, str], itertools.count[int]] = {}
 
 
 _BREAK_LOCK: Final = threading.Lock()
@@ -354,35 +349,6 @@ class StepBlock(Block):
         return self.__enter__()
 
 
-class IdentityBlock(Block):
-    """What :func:`acting_as` returns: a (sync or async) context manager whose ``as`` target
-    is the :class:`~coworker.Identity`.
-
-    Attributes:
-        identity: the identity the block sets.
-    """
-
-    __slots__ = ("identity",)
-
-    def __init__(self, identity: Identity) -> None:
-        super().__init__()
-        self.identity = identity
-
-    def scope(self, current: Scope) -> Scope:
-        """The current scope with this identity."""
-        return Scope(current.cell, current.step, current.run, self.identity, current.turn)
-
-    def value(self) -> Identity:
-        """The :class:`~coworker.Identity`."""
-        return self.identity
-
-    def __enter__(self) -> Identity:
-        return super().__enter__()  # type: ignore[no-any-return]
-
-    async def __aenter__(self) -> Identity:
-        return self.__enter__()
-
-
 def flow(
     type: str, id: str | None = None, *, idle_timeout: float | None = None, **metadata: Any
 ) -> FlowBlock:
@@ -414,11 +380,6 @@ def current_flow() -> Flow | None:
 def current_step() -> str | None:
     """The step id of the current context, or ``None``."""
     return SCOPE.get().step
-
-
-def current_identity() -> Identity | None:
-    """The identity set by the innermost :func:`acting_as`, or ``None``."""
-    return SCOPE.get().identity
 
 
 def break_flow(reason: str, *, type: str | None = None) -> Flow:
@@ -508,149 +469,11 @@ def workflow(definition_id: str, steps: Iterable[str]) -> WorkflowDefinition:
     return WorkflowDefinition(definition_id, steps)
 
 
-class Conversation:
-    """An AI conversation: a flow of type ``ai-conversation`` that lives across turns.
+def __getattr__(name: str) -> Any:
+    # coworker.flow.Conversation & co. live in coworker.conversations (which imports this
+    # module); resolved on access so that the old import paths keep working without a cycle.
+    if name in ("Conversation", "TurnBlock", "conversation"):
+        from coworker import conversations as _conversations
 
-    Each user message is a :meth:`turn`; runs inside a turn without an explicit step get a
-    step id ``turn-<n>-<operation>-<k>``. :func:`break_flow` inside a turn (e.g. on a topic
-    change) starts a new flow that the following turns continue.
-
-    Attributes:
-        id: the conversation id (``gen_ai.conversation.id``).
-        turns: the number of turns started so far.
-    """
-
-    __slots__ = ("_cell", "_lock", "id", "turns")
-
-    def __init__(
-        self,
-        conversation_id: str,
-        *,
-        flow_id: str | None = None,
-        idle_timeout: float | None = None,
-        **metadata: Any,
-    ) -> None:
-        conversation_id = text(conversation_id, "conversation id")
-        self.id = conversation_id
-        self.turns = 0
-        # Two threads starting turns at once must get distinct numbers: ``self.turns += 1``
-        # alone could hand both the same one, and with it the same step ids.
-        self._lock = threading.Lock()
-        self._cell = FlowCell(
-            Flow(
-                AI_CONVERSATION,
-                flow_id,
-                metadata=metadata,
-                idle_timeout=idle_timeout,
-                conversation_id=conversation_id,
-            )
-        )
-
-    @property
-    def flow(self) -> Flow:
-        """The conversation's current flow."""
-        return self._cell.flow
-
-    def turn(self, message_id: str | None = None) -> TurnBlock:
-        """Start the next turn (one user message) as a context manager.
-
-        Args:
-            message_id: the id of the user message, if the application has one.
-        """
-        if message_id is not None:
-            message_id = text(message_id, "message id")
-        with self._lock:
-            self.turns += 1
-            number = self.turns
-        return TurnBlock(self._cell, Turn(number, message_id))
-
-    def break_flow(self, reason: str, *, type: str | None = None) -> Flow:
-        """Break the conversation's flow from outside a turn (e.g. a new session)."""
-        return self._cell.break_flow(reason, type)
-
-    def __repr__(self) -> str:
-        return f"Conversation({self.id!r}, flow={self.flow!r}, turns={self.turns})"
-
-
-class TurnBlock(Block):
-    """What :meth:`Conversation.turn` returns: a (sync or async) context manager whose
-    ``as`` target is the conversation's current :class:`Flow`."""
-
-    __slots__ = ("_cell", "_turn")
-
-    def __init__(self, cell: FlowCell, turn: Turn) -> None:
-        super().__init__()
-        self._cell = cell
-        self._turn = turn
-
-    @property
-    def number(self) -> int:
-        """The turn's number (1 for the first)."""
-        return self._turn.number
-
-    def scope(self, current: Scope) -> Scope:
-        """The scope with the conversation's flow and this turn, no step."""
-        return Scope(self._cell, None, current.run, current.identity, self._turn)
-
-    def value(self) -> Flow:
-        """The conversation's current flow."""
-        return self._cell.flow
-
-    def __enter__(self) -> Flow:
-        return super().__enter__()  # type: ignore[no-any-return]
-
-    async def __aenter__(self) -> Flow:
-        return self.__enter__()
-
-
-def conversation(
-    conversation_id: str,
-    *,
-    flow_id: str | None = None,
-    idle_timeout: float | None = None,
-    **metadata: Any,
-) -> Conversation:
-    """Create an AI conversation; use ``with chat.turn():`` for each user message.
-
-    Args:
-        conversation_id: the conversation (chat) id, emitted as ``gen_ai.conversation.id``.
-        flow_id: the id of the first flow (default: a new UUID4).
-        idle_timeout: seconds of inactivity that break the flow with reason ``timeout``
-            (default: the configured ``flow_idle_timeout``, 1800 s).
-        **metadata: emitted as ``flow.metadata.<key>``.
-    """
-    return Conversation(conversation_id, flow_id=flow_id, idle_timeout=idle_timeout, **metadata)
-
-
-def acting_as(
-    user: User | str | None,
-    agent: Agent | str | None = None,
-    *,
-    agent_name: str | None = None,
-    session: str | None = None,
-) -> IdentityBlock:
-    """Run the block on behalf of ``user``, optionally through an AI ``agent``.
-
-    Every run inside carries ``user.id``, ``gen_ai.agent.id``, ``gen_ai.agent.name`` and
-    ``session.id``. A change of ``session`` within a flow breaks the flow (``new-session``).
-
-    Returns:
-        An :class:`IdentityBlock`, whose ``as`` target is the :class:`~coworker.Identity`.
-
-    Args:
-        user: a :class:`User` or a user id (``None`` for an anonymous block).
-        agent: an :class:`Agent` or an agent id.
-        agent_name: the agent's name when ``agent`` is given as an id.
-        session: the session id.
-    """
-    if isinstance(user, str):
-        user = User(user)
-    elif user is not None and not isinstance(user, User):
-        raise TypeError(f"user must be a User, a user id or None, got {type(user).__name__}")
-    if isinstance(agent, str):
-        agent = Agent(agent, agent_name)
-    elif agent is not None and not isinstance(agent, Agent):
-        raise TypeError(f"agent must be an Agent, an agent id or None, got {type(agent).__name__}")
-    elif agent is not None and agent_name is not None and agent.name is None:
-        agent = Agent(agent.id, agent_name)
-    return IdentityBlock(Identity(user, agent, session))
+        return getattr(_conversations, name)
+    raise AttributeError(f"module 'coworker.flow' has no attribute {name!r}")
