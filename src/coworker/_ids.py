@@ -12,7 +12,7 @@ import os
 import random
 from typing import Final
 
-__all__ = ["getrandbits", "run_id"]
+__all__ = ["getrandbits"]
 
 _RNG: Final = random.Random()
 os.register_at_fork(after_in_child=_RNG.seed)
@@ -20,7 +20,3 @@ os.register_at_fork(after_in_child=_RNG.seed)
 getrandbits: Final = _RNG.getrandbits
 """``getrandbits(k)`` of the private generator."""
 
-
-def run_id() -> str:
-    """A new 64-bit run id as 16 lower-case hex digits."""
-    return f"{getrandbits(64):016x}"
