@@ -19,4 +19,3 @@ os.register_at_fork(after_in_child=_RNG.seed)
 
 getrandbits: Final = _RNG.getrandbits
 """``getrandbits(k)`` of the private generator."""
-

@@ -31,9 +31,14 @@ class Scope(NamedTuple):
     run: Any  # a coworker Run, or propagation's stand-in for a remote parent
     identity: Identity | None
     turn: Turn | None
+    cache: list[Any]
+    """A one-slot cell for the attributes runs in this scope share (flow, step, identity),
+    merged once per scope and flow instead of per call (``coworker._run.lifecycle``). Each
+    block makes a new cell; a run's own scope shares its parent's when its step is the
+    same."""
 
 
-EMPTY_SCOPE: Final = Scope(None, None, None, None, None)
+EMPTY_SCOPE: Final = Scope(None, None, None, None, None, [None])
 SCOPE: Final[contextvars.ContextVar[Scope]] = contextvars.ContextVar(
     "coworker.scope", default=EMPTY_SCOPE
 )

@@ -107,7 +107,7 @@ class TurnBlock(Block):
 
     def scope(self, current: Scope) -> Scope:
         """The scope with the conversation's flow and this turn, no step."""
-        return Scope(self._cell, None, current.run, current.identity, self._turn)
+        return Scope(self._cell, None, current.run, current.identity, self._turn, [None])
 
     def value(self) -> Flow:
         """The conversation's current flow."""

@@ -205,8 +205,21 @@ class Flow:
 
     def run_ended(self, run: object) -> None:
         """A run of this flow ended: idle time counts from now."""
-        self._last_active = time.monotonic()
+        self._last_active = _monotonic()
         self._running.discard(run)
+
+    def arrive(self, session: str | None, root: bool) -> str | None:
+        """A run arrives: return why it must break this flow (:meth:`break_due`), or mark
+        the flow active (:meth:`mark_active`) and return ``None``."""
+        now = _monotonic()
+        if self.idle_timeout or (session is not None and self._session != session):
+            reason = self.break_due(session, root, now)
+            if reason is not None:
+                return reason
+        if session is not None and self._session is None:
+            self._session = session
+        self._last_active = now
+        return None
 
     def break_due(self, session: str | None, root: bool, now: float) -> str | None:
         """Why a run arriving now must break this flow (``timeout``, ``new-session``), or
@@ -269,14 +282,14 @@ class FlowCell:
         (:meth:`Flow.run_ended`), so idle time counts from the end of the last run.
         """
         f = self.flow
-        now = time.monotonic()
         session = identity.session if identity is not None else None
-        reason = f.break_due(session, root, now)
-        if reason is not None:
-            with _BREAK_LOCK:
-                # Concurrent runs that all find the flow idle break it once and share it.
-                f = self.break_flow(reason, None) if self.flow is f else self.flow
-        f.mark_active(session, now, reason is not None)
+        reason = f.arrive(session, root)
+        if reason is None:
+            return f
+        with _BREAK_LOCK:
+            # Concurrent runs that all find the flow idle break it once and share it.
+            f = self.break_flow(reason, None) if self.flow is f else self.flow
+        f.mark_active(session, time.monotonic(), True)
         return f
 
     def break_flow(self, reason: str, type: str | None) -> Flow:
@@ -287,6 +300,7 @@ class FlowCell:
 
 
 _BREAK_LOCK: Final = threading.Lock()
+_monotonic: Final = time.monotonic
 
 
 class FlowBlock(Block):
@@ -307,7 +321,7 @@ class FlowBlock(Block):
 
     def scope(self, current: Scope) -> Scope:
         """The scope with this block's flow, no step and no turn."""
-        return Scope(self._cell, None, current.run, current.identity, None)
+        return Scope(self._cell, None, current.run, current.identity, None, [None])
 
     def value(self) -> Flow:
         """The :class:`Flow`."""
@@ -336,7 +350,7 @@ class StepBlock(Block):
 
     def scope(self, current: Scope) -> Scope:
         """The current scope with this step."""
-        return Scope(current.cell, self.step, current.run, current.identity, current.turn)
+        return Scope(current.cell, self.step, current.run, current.identity, current.turn, [None])
 
     def value(self) -> str:
         """The step id."""

@@ -162,7 +162,7 @@ class IdentityBlock(Block):
 
     def scope(self, current: Scope) -> Scope:
         """The current scope with this identity."""
-        return Scope(current.cell, current.step, current.run, self.identity, current.turn)
+        return Scope(current.cell, current.step, current.run, self.identity, current.turn, [None])
 
     def value(self) -> Identity:
         """The :class:`~coworker.Identity`."""

@@ -241,5 +241,6 @@ def extract(
         parent or current.run,
         identity,
         None,
+        [None],
     )
     return Extracted(ctx, scope, claimed)

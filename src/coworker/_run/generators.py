@@ -23,9 +23,10 @@ failure by :func:`finish_abandoned`.
 from __future__ import annotations
 
 import sys
-import weakref
 from collections.abc import AsyncGenerator, Generator
 from typing import Any, Final
+
+from opentelemetry.context import Context
 
 from coworker._run import otelctx
 from coworker._run.lifecycle import Call, Run, begin
@@ -36,16 +37,17 @@ __all__ = ["View", "drive", "drive_async", "finish_abandoned"]
 
 _scope_get = SCOPE.get
 _scope_set = SCOPE.set
-_scope_restore = restore
+_scope_reset = SCOPE.reset
 _otel_get = otelctx.get_current
 _otel_set = otelctx.attach
-_otel_reset = otelctx.detach
+_otel_reset = otelctx.reset
 
 
 class View:
     """One decorated generator call: the original, the body's view of the context, the run."""
 
-    __slots__ = ("__weakref__", "call", "done", "orig", "otel", "run", "scope", "spec")
+    __slots__ = ("call", "done", "orig", "otel", "run", "scope", "spec")
+    # scope/otel: the body's view as of the call; the drivers carry it on from there.
 
     def __init__(self, orig: Any, spec: Spec, call: Call) -> None:
         self.orig = orig
@@ -85,8 +87,10 @@ class View:
         return bool(getattr(orig, "gi_running", False) or getattr(orig, "ag_running", False))
 
 
-_SUSPENDED: Final[weakref.WeakSet[View]] = weakref.WeakSet()
-"""Generator runs whose body has started and not finished (their span is open)."""
+_SUSPENDED: Final[set[View]] = set()
+"""Generator runs whose body has started and not finished (their span is open). A plain set
+(C-speed add/discard): a view leaves it when its run finishes, which a collected driver
+does too (collection closes it)."""
 
 
 def finish_abandoned() -> int:
@@ -133,21 +137,28 @@ def drive(view: View) -> Generator[Any, Any, Any]:
     orig = view.orig
     method = orig.send
     arg: Any = None
+    # The body's view of the two variables, kept in locals: each step swaps them in and out.
+    scope, otel = view.scope, view.otel
+    scope_set, scope_get, scope_reset = _scope_set, _scope_get, _scope_reset
+    otel_set, otel_get, otel_reset = _otel_set, _otel_get, _otel_reset
     started = False
     try:
         while True:
-            scope_token = _scope_set(view.scope)
-            otel_token = _otel_set(view.otel)
+            scope_token = scope_set(scope)
+            otel_token = otel_set(otel)
             try:
                 if not started:
                     started = True
                     view.start()
                 item = method(arg)
             finally:
-                view.scope = _scope_get()
-                view.otel = _otel_get()
-                _otel_reset(otel_token)
-                _scope_restore(scope_token)
+                scope = scope_get()
+                otel = otel_get()
+                try:
+                    otel_reset(otel_token)
+                    scope_reset(scope_token)
+                except ValueError:  # resumed in another context than the step began in
+                    _restore(otel_token, scope_token)
             try:
                 arg = yield item
                 method = orig.send
@@ -188,8 +199,11 @@ async def drive_async(view: View) -> AsyncGenerator[Any, Any]:
             finally:
                 view.scope = _scope_get()
                 view.otel = _otel_get()
-                _otel_reset(otel_token)
-                _scope_restore(scope_token)
+                try:
+                    _otel_reset(otel_token)
+                    _scope_reset(scope_token)
+                except ValueError:  # resumed in another context than the step began in
+                    _restore(otel_token, scope_token)
             try:
                 arg = yield item
                 method = orig.asend
@@ -213,3 +227,14 @@ def _unhooked(method: Any, arg: Any) -> Any:
         return method(arg)
     finally:
         sys.set_asyncgen_hooks(*hooks)
+
+
+def _restore(otel_token: Any, scope_token: Any) -> None:
+    """Put the consumer's values back when the tokens cannot be reset (the consumer resumed
+    the generator in another context than the step started in)."""
+    try:
+        _otel_reset(otel_token)
+    except (ValueError, RuntimeError):
+        old = otel_token.old_value
+        _otel_set(Context() if old is otel_token.MISSING else old)
+    restore(scope_token)

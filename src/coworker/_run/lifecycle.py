@@ -45,6 +45,7 @@ __all__ = ["Run", "begin", "current_run", "error_type", "is_failure"]
 _log = logging.getLogger(__name__)
 
 _ABSENT: Final = object()
+_scope_reset: Final = SCOPE.reset
 _SEALED: Final = attr.SEALED_ATTRIBUTES
 _RESERVED: Final = attr.RESERVED_ATTRIBUTES
 
@@ -101,7 +102,7 @@ class Run:
     _spec: Spec
     _sealed: dict[str, Any] | None
     _otel_token: Any
-    _scope_token: contextvars.Token[Scope] | None
+    _scope_token: contextvars.Token[Scope]
 
     def set_attribute(self, key: str, value: Any) -> None:
         """Set an attribute on the run's span.
@@ -134,11 +135,17 @@ class Run:
         Ending may append the audit record; a failure there (``AuditUnavailable`` under the
         ``raise`` policy) surfaces from here.
         """
-        self._close(exc)
-        token = self._scope_token
-        if token is not None:
-            restore(token)
-            otelctx.detach(self._otel_token)
+        if self.flow is not None:
+            self.flow.run_ended(self)
+        if self._sealed is not None:
+            self._reseal()
+        if exc is not None and is_failure(exc):
+            record_failure(self.span, exc)
+        try:
+            _scope_reset(self._scope_token)
+        except ValueError:  # ended in another context than it began in
+            restore(self._scope_token)
+        otelctx.detach(self._otel_token)
         self.span.end()
 
     def end_detached(self, exc: BaseException | None = None) -> None:
@@ -285,40 +292,46 @@ def begin(spec: Spec, call: Call = _NO_CALL, force: bool = False) -> Run | None:
                     _enforce_only(spec, scope, call)
                 return None
             tracer = api_tracer()
-    attrs = spec.static_attrs.copy()
     op = spec.operation
     doctype = spec.doctype
     name = spec.span_name
+    own_attrs = spec.static_attrs
+    own_gen_ai_op = spec.own_gen_ai_op
     bound: dict[str, Any] | None = None
     refused: PermissionDenied | None = None
     if spec.attributes_fn is not None or spec.capture_input:
+        own_attrs = own_attrs.copy()
         bound = bind(spec, *call)
         if spec.attributes_fn is not None:
             try:
                 op, doctype, name = derive_attributes(
-                    spec, bound, attrs, op, doctype, name, scope.identity
+                    spec, bound, own_attrs, op, doctype, name, scope.identity
                 )
             except PermissionDenied as exc:
                 # Fail closed, but through the span: the refusal is audited like a denial.
                 refused = exc
-                attrs = spec.static_attrs.copy()
+                own_attrs = spec.static_attrs.copy()
+            own_gen_ai_op = attr.GEN_AI_OPERATION_NAME in own_attrs
         if spec.capture_input:
-            attrs[attr.INPUT] = capture(bound, settings.redact, settings.capture_limit)
+            own_attrs[attr.INPUT] = capture(bound, settings.redact, settings.capture_limit)
     op_key = spec.op_key if op is spec.operation else (op.lower() if op else None)
     identity = scope.identity
     parent = scope.run
-    flow = None
-    if scope.cell is not None:
-        flow = scope.cell.touch(identity, parent is None)
-        attrs.update(flow.span_attributes)
-    step = _step(spec, scope, flow, op)
-    if step is not None:
-        attrs[attr.STEP_ID] = step
-    if identity is not None:
-        attrs.update(identity.span_attributes)
-        if identity.agent is not None and attr.GEN_AI_OPERATION_NAME not in attrs:
-            attrs[attr.GEN_AI_OPERATION_NAME] = attr.GEN_AI_OP_EXECUTE_TOOL
-            attrs[attr.GEN_AI_TOOL_NAME] = name
+    cell = scope.cell
+    flow = cell.touch(identity, parent is None) if cell is not None else None
+    # Flow, step and identity attributes: merged once per scope (and flow), not per call.
+    entry = scope.cache[0]
+    if entry is None or entry[0] is not flow:
+        entry = scope.cache[0] = (flow, _scope_attributes(scope, flow))
+    attrs = entry[1].copy()
+    attrs.update(own_attrs)
+    step = scope.step if spec.step is None else None
+    if step is None:
+        step = _step(spec, scope, flow, op)
+        if step is not None:
+            attrs[attr.STEP_ID] = step
+    if identity is not None and identity.agent is not None and not own_gen_ai_op:
+        attrs[attr.GEN_AI_TOOL_NAME] = name
     run_id = f"{getrandbits(64):016x}"
     attrs[attr.RUN_ID] = run_id
     if parent is not None:
@@ -349,7 +362,9 @@ def begin(spec: Spec, call: Call = _NO_CALL, force: bool = False) -> Run | None:
     r._spec = spec
     r._sealed = None
     r._otel_token = otelctx.attach(trace.set_span_in_context(span))
-    r._scope_token = SCOPE.set(Scope(scope.cell, step, r, identity, scope.turn))
+    # The body's scope shares the cache of the scope it runs in when its step is the same.
+    cache = scope.cache if step is scope.step else [None]
+    r._scope_token = SCOPE.set(Scope(cell, step, r, identity, scope.turn, cache))
     if flow is not None:
         flow.run_started(r)
     gate = settings.audit_gate
@@ -366,6 +381,22 @@ def begin(spec: Spec, call: Call = _NO_CALL, force: bool = False) -> Run | None:
     if settings.audit_records and span.is_recording():
         r._sealed = {k: v for k, v in attrs.items() if k in _SEALED}
     return r
+
+
+def _scope_attributes(scope: Scope, flow: Flow | None) -> dict[str, Any]:
+    """The attributes every run in ``scope`` gets from it: the flow's, the step, the
+    identity's (and ``gen_ai.operation.name`` when an agent acts)."""
+    attrs: dict[str, Any] = {}
+    if flow is not None:
+        attrs.update(flow.span_attributes)
+    if scope.step is not None:
+        attrs[attr.STEP_ID] = scope.step
+    identity = scope.identity
+    if identity is not None:
+        attrs.update(identity.span_attributes)
+        if identity.agent is not None:
+            attrs[attr.GEN_AI_OPERATION_NAME] = attr.GEN_AI_OP_EXECUTE_TOOL
+    return attrs
 
 
 def _step(spec: Spec, scope: Scope, flow: Flow | None, op: str | None) -> str | None:

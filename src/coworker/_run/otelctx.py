@@ -19,7 +19,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 
-__all__ = ["attach", "detach", "get_current"]
+__all__ = ["attach", "detach", "get_current", "reset"]
 
 _log = logging.getLogger(__name__)
 
@@ -38,11 +38,14 @@ get_current: Callable[[], Context]
 """The current OTel context."""
 attach: Callable[[Context], Any]
 """Make a context current; returns the token for :func:`detach`."""
+reset: Callable[[Any], None]
+"""Like :func:`detach`, but raises ``ValueError`` for a token of another context (for
+callers that handle that themselves)."""
 
 if _VAR is not None:
     get_current = _VAR.get
     attach = _VAR.set
-    _reset = _VAR.reset
+    _reset = reset = _VAR.reset
 
     def detach(token: Any) -> None:
         """Restore the context ``token`` replaced (logged, never raised, like the API)."""
@@ -55,3 +58,7 @@ else:  # pragma: no cover - a custom OTEL_PYTHON_CONTEXT
     get_current = otel_context.get_current
     attach = otel_context.attach
     detach = otel_context.detach
+
+    def reset(token: Any) -> None:
+        """The API's detach (which logs instead of raising)."""
+        otel_context.detach(token)

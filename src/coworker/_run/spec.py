@@ -58,6 +58,7 @@ class Spec:
         "forced",
         "op_key",
         "operation",
+        "own_gen_ai_op",
         "prebound",
         "short",
         "sig",
@@ -96,6 +97,8 @@ class Spec:
             module = getattr(target, "__module__", None)
             static[attr.CODE_FUNCTION] = f"{module}.{qualname}" if module else qualname
         self.static_attrs = static
+        # The app names the GenAI operation itself: coworker adds no execute_tool/tool name.
+        self.own_gen_ai_op = attr.GEN_AI_OPERATION_NAME in static
         self.explicit_name = options.name is not None
         self.span_name = options.name or span_name(options.operation, options.doctype, qualname)
         self.short = slug(options.operation or qualname.rsplit(".", 1)[-1])
