@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import os
 import random
+import uuid
 from typing import Final
 
-__all__ = ["getrandbits"]
+__all__ = ["getrandbits", "seed", "uuid4"]
 
 _RNG: Final = random.Random()
 os.register_at_fork(after_in_child=_RNG.seed)
 
 getrandbits: Final = _RNG.getrandbits
 """``getrandbits(k)`` of the private generator."""
+
+
+def uuid4() -> str:
+    """A random (version 4) UUID string from the private generator (flow ids)."""
+    return str(uuid.UUID(int=getrandbits(128), version=4))
+
+
+def seed(value: int | None) -> None:
+    """Reseed the private generator: ``coworker.testing`` makes ids repeatable with it."""
+    _RNG.seed(value)

@@ -18,12 +18,12 @@ import itertools
 import re
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from coworker import attributes as attr
+from coworker._ids import uuid4
 from coworker._scope import SCOPE, Block, Scope
 from coworker._state import SETTINGS
 from coworker.exceptions import CoworkerError
@@ -122,7 +122,7 @@ class Flow:
         if conversation_id is not None:
             conversation_id = text(conversation_id, "conversation id")
         self.type = str.__str__(type)
-        self.id = id if id is not None else str(uuid.uuid4())
+        self.id = id if id is not None else uuid4()
         self.definition = definition
         self.previous_id = previous_id
         self.break_reason = break_reason
