@@ -34,7 +34,7 @@ def test_bare_decorator_makes_one_span_with_run_ids(spans: Any) -> None:
     assert len(a[attr.RUN_ID]) == 16
     assert attr.RUN_PARENT_ID not in a
     assert a[attr.AUDIT] is False
-    assert a[attr.CODE_FUNCTION] == "tests.test_decorator.plain"
+    assert a[attr.CODE_FUNCTION] == "tests._run.test_run.plain"
     assert span.status.status_code is StatusCode.UNSET
 
 
