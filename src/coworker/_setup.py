@@ -183,7 +183,7 @@ def configure(
                     "SDK's TracerProvider: coworker cannot add its processors to it"
                 )
             will_own = _owns_provider or isinstance(provider, trace.ProxyTracerProvider)
-            exporters = (
+            exporters: list[Any] = (
                 []
                 if exporter is None
                 else (list(exporter) if isinstance(exporter, list | tuple) else [exporter])

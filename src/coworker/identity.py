@@ -52,17 +52,17 @@ def text(value: Any, what: str, max_chars: int | None = MAX_ID_CHARS) -> str:
         raise ValueError(
             f"{what} is {len(value)} characters long (at most {max_chars}): {value[:40]!r}..."
         )
-    value = str.__str__(value)  # an exact str copy of a subclass (itself if exact)
-    if not value.isascii():
+    exact: str = str.__str__(value)  # an exact str copy of a subclass (itself if exact)
+    if not exact.isascii():
         try:
-            value.encode("utf-8")
+            exact.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise ValueError(
-                f"{what} {value!r} cannot be encoded as UTF-8 (lone surrogate at index "
+                f"{what} {exact!r} cannot be encoded as UTF-8 (lone surrogate at index "
                 f"{exc.start}): no audit record could hold it; decode the source bytes "
                 "correctly (or with errors='replace') first"
             ) from None
-    return value
+    return exact
 
 
 @dataclass(frozen=True, slots=True)

@@ -222,7 +222,7 @@ def _unhooked(method: Any, arg: Any) -> Any:
     hooks switched off: only the driver is registered with the loop, which finalizes it
     (and it the original), so the loop never closes the two concurrently at shutdown."""
     hooks = sys.get_asyncgen_hooks()
-    sys.set_asyncgen_hooks(None, None)  # type: ignore[arg-type]
+    sys.set_asyncgen_hooks(None, None)
     try:
         return method(arg)
     finally:

@@ -206,9 +206,9 @@ def _attribute_dict(span: Any) -> Mapping[str, Any]:
 def _drop_attribute(span: Any, key: str) -> None:
     # The SDK has no public way to remove an attribute; its live span keeps a mutable
     # BoundedAttributes. Without it, the record is refused loudly rather than forged.
-    attributes = getattr(span, "_attributes", None)
+    attributes: Any = getattr(span, "_attributes", None)
     try:
-        del attributes[key]  # type: ignore[index]
+        del attributes[key]
     except Exception:
         _log.error("coworker: cannot remove %r that a run set on its own span", key)
         span.set_attribute(attr.AUDIT, True)

@@ -20,7 +20,7 @@ import wrapt
 __all__ = ["BoundWrapper", "Wrapper"]
 
 
-class BoundWrapper(wrapt.BoundFunctionWrapper):  # type: ignore[misc]
+class BoundWrapper(wrapt.BoundFunctionWrapper):  # type: ignore[type-arg]
     """wrapt's bound wrapper (``obj.method``) that never hands out the undecorated function.
 
     * ``__func__`` is the decorated function, not the original: code that rebinds methods
@@ -36,7 +36,8 @@ class BoundWrapper(wrapt.BoundFunctionWrapper):  # type: ignore[misc]
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[Any, ...]]:
         owner = self._self_instance
         if owner is None:  # Class.method: the function itself
-            return self._self_parent.__reduce_ex__(protocol)
+            reduced: tuple[Any, tuple[Any, ...]] = self._self_parent.__reduce_ex__(protocol)
+            return reduced
         classes = owner.__mro__ if isinstance(owner, type) else type(owner).__mro__
         for cls in classes:
             for key, value in vars(cls).items():
@@ -48,7 +49,7 @@ class BoundWrapper(wrapt.BoundFunctionWrapper):  # type: ignore[misc]
         )
 
 
-class Wrapper(wrapt.FunctionWrapper):  # type: ignore[misc]
+class Wrapper(wrapt.FunctionWrapper):  # type: ignore[type-arg]
     """wrapt's transparent proxy, plus pickling by reference like a plain function (so a
     decorated module-level function can still go to a ProcessPoolExecutor)."""
 

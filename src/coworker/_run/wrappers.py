@@ -107,7 +107,7 @@ def _gen_wrapper(spec: Spec) -> Callable[..., Any]:
         # Calling the original creates the generator (argument errors raise here, as before);
         # its body, the policy check and the span wait for the first next().
         orig = wrapped(*args, **kwargs)
-        gen = drive(View(orig, spec, (instance, args, kwargs)))
+        gen: Any = drive(View(orig, spec, (instance, args, kwargs)))
         gen.__name__ = orig.__name__
         gen.__qualname__ = orig.__qualname__
         return gen
@@ -118,7 +118,7 @@ def _gen_wrapper(spec: Spec) -> Callable[..., Any]:
 def _agen_wrapper(spec: Spec) -> Callable[..., Any]:
     def wrapper(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
         orig = wrapped(*args, **kwargs)
-        agen = drive_async(View(orig, spec, (instance, args, kwargs)))
+        agen: Any = drive_async(View(orig, spec, (instance, args, kwargs)))
         agen.__name__ = orig.__name__
         agen.__qualname__ = orig.__qualname__
         return agen
