@@ -205,6 +205,9 @@ def _scoped() -> Any:
 
 
 def _run_case(name: str, calls: int) -> None:
+    # No cyclic collections inside the measured window (they would land in N or 2N calls
+    # at random); PYTHONHASHSEED is fixed by the caller.
+    gc.disable()
     fn, is_async, scoped, _ = CASES[name]
     with _scoped() if scoped else _nothing():
         if is_async:
@@ -237,6 +240,7 @@ def _instructions(name: str, calls: int) -> int:
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
     )
     match = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
     assert match, out.stderr[-2000:]

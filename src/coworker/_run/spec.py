@@ -181,6 +181,12 @@ class Binder:
             p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params
         ) and all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params[: self._positional])
 
+    def check(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise the ``TypeError`` of arguments that do not fit (nothing built when the call
+        passes exactly one value per parameter, positionally)."""
+        if not (self.simple and not kwargs and len(args) == len(self.names)):
+            self.bind(args, kwargs)
+
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The arguments by parameter name, defaults applied.
 
@@ -233,7 +239,7 @@ def check_arguments(
         return  # no signature to check against
     if binder is not None:
         try:
-            binder.bind(args, kwargs)
+            binder.check(args, kwargs)
         except TypeError as exc:
             raise TypeError(f"{spec.span_name}() {exc}") from None
 
