@@ -128,10 +128,12 @@ class TracerCache:
 
             # Only our own tracer's generator: the application's tracers are left alone.
             tracer.id_generator = PrivateRandomIdGenerator()  # type: ignore[attr-defined]
-        if getattr(tracer, "sampler", None) is not None:
+        if SETTINGS.audit_records and getattr(tracer, "sampler", None) is not None:
             from coworker._sdk import wrap_sampler
 
             # The audit trail must not depend on the sampler: see coworker._sdk.AuditSampler.
+            # Only while an audit pipeline is configured (configure() resets this cache
+            # after setting audit_records): without one, runs skip its extra call.
             wrap_sampler(tracer)
         self.tracer = tracer
         return tracer
