@@ -70,6 +70,10 @@ class Run:
         flow: the :class:`~coworker.Flow` the run belongs to, if any.
         category: the audit category assigned at start, or ``None``.
         span: the OpenTelemetry span.
+
+    :meth:`end`, :meth:`end_detached` and :meth:`opened_by` belong to the run lifecycle: the
+    decorator and the ``with coworker.run(...)`` block call them; application code uses
+    :meth:`set_attribute` and :meth:`set_output`.
     """
 
     __slots__ = (
