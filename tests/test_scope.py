@@ -56,3 +56,53 @@ def test_extra_exit_is_harmless(spans: Any) -> None:
             pass
         block.__exit__(None, None, None)
         assert coworker.current_flow() is f
+
+
+SHARED = coworker.acting_as("system")
+
+
+def test_shared_block_entered_from_many_threads_restores_each_threads_scope() -> None:
+    """One block object entered and exited concurrently by 8 threads: inside, each sees the
+    block's identity; after each exit, its own identity again (the token stack is per entry)."""
+    import threading
+
+    errors: list[str] = []
+    start = threading.Barrier(8, timeout=10)
+
+    def worker(n: int) -> None:
+        with coworker.acting_as(f"user-{n}"):
+            start.wait()
+            for _ in range(500):
+                with SHARED:
+                    if coworker.current_identity().user_id != "system":  # type: ignore[union-attr]
+                        errors.append(f"{n}: inside")
+                if coworker.current_identity().user_id != f"user-{n}":  # type: ignore[union-attr]
+                    errors.append(f"{n}: after")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert SHARED._tokens == []  # every entry was exited
+
+
+def test_block_across_a_yield_resumed_in_another_context(spans: Any) -> None:
+    """A generator body holding acting_as across a yield, resumed by the consumer in another
+    context: the block still exits cleanly and neither context keeps its identity."""
+
+    @coworker.run
+    def body() -> Any:
+        with coworker.acting_as("inside"):
+            yield coworker.current_identity().user_id  # type: ignore[union-attr]
+        yield coworker.current_identity()
+
+    gen = body()
+    assert next(gen) == "inside"
+    other = contextvars.copy_context()
+    assert other.run(next, gen) is None  # the block was left in the other context
+    assert other.run(coworker.current_identity) is None
+    assert coworker.current_identity() is None
+    gen.close()
+    assert len(spans.get_finished_spans()) == 1

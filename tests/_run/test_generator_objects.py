@@ -132,3 +132,21 @@ def test_warning_stacklevel_three_points_at_the_caller(spans: Any) -> None:
         old_api()
     (w,) = caught
     assert w.filename == __file__
+
+
+def test_async_generator_hooks_are_restored_after_the_first_step(spans: Any) -> None:
+    """The driver switches the loop's async-generator hooks off only while it makes the
+    original's first awaitable: afterwards the loop's hooks are in place again."""
+
+    async def main() -> tuple[Any, Any]:
+        before = sys.get_asyncgen_hooks()
+        agen = anumbers(2)
+        await agen.__anext__()
+        after = sys.get_asyncgen_hooks()
+        await agen.aclose()
+        return before, after
+
+    before, after = asyncio.run(main())
+    assert before.firstiter is not None
+    assert after == before
+    assert len(spans.get_finished_spans()) == 1
