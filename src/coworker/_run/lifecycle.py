@@ -46,6 +46,7 @@ _log = logging.getLogger(__name__)
 
 _ABSENT: Final = object()
 _scope_reset: Final = SCOPE.reset
+_new_scope: Final = tuple.__new__
 _SEALED: Final = attr.SEALED_ATTRIBUTES
 _RESERVED: Final = attr.RESERVED_ATTRIBUTES
 
@@ -368,7 +369,8 @@ def begin(spec: Spec, call: Call = _NO_CALL, force: bool = False) -> Run | None:
     r._otel_token = otelctx.attach(trace.set_span_in_context(span))
     # The body's scope shares the cache of the scope it runs in when its step is the same.
     cache = scope.cache if step is scope.step else [None]
-    r._scope_token = SCOPE.set(Scope(cell, step, r, identity, scope.turn, cache))
+    # tuple.__new__ directly: a NamedTuple's own __new__ is a Python-level call per run.
+    r._scope_token = SCOPE.set(_new_scope(Scope, (cell, step, r, identity, scope.turn, cache)))
     if flow is not None:
         flow.run_started(r)
     gate = settings.audit_gate
