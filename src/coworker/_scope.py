@@ -14,6 +14,8 @@ import contextvars
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
+from coworker import _flow_events
+
 if TYPE_CHECKING:
     from coworker.conversations import Turn
     from coworker.flow import FlowCell
@@ -112,7 +114,9 @@ class Block(AsyncContextMixin):
         return None
 
     def __enter__(self) -> Any:
-        self._tokens.append(SCOPE.set(self.scope(SCOPE.get())))
+        new = self.scope(SCOPE.get())
+        self._tokens.append(SCOPE.set(new))
+        _flow_events.block_entered(self, new)  # flow event (issue 14)
         return self.value()
 
     def __exit__(
@@ -124,6 +128,12 @@ class Block(AsyncContextMixin):
         tokens = self._tokens
         if not tokens:
             return  # exited more often than entered: nothing of ours to restore
+        scope = SCOPE.get()  # what the block is leaving (flow events end its step or flow)
+        self._reset(tokens)
+        _flow_events.block_exited(self, scope, exc)  # flow event (issue 14)
+
+    @staticmethod
+    def _reset(tokens: list[contextvars.Token[Scope]]) -> None:
         for token in tokens[::-1]:  # a copy: other threads may remove theirs meanwhile
             try:
                 SCOPE.reset(token)

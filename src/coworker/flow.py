@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
+from coworker import _flow_events
 from coworker import attributes as attr
 from coworker._ids import uuid4
 from coworker._scope import SCOPE, Block, Scope
@@ -294,8 +295,10 @@ class FlowCell:
 
     def break_flow(self, reason: str, type: str | None) -> Flow:
         """Replace the flow by its successor (linked by ``previous_id``); return it."""
-        new = self.flow._successor(reason, type)
+        old = self.flow
+        new = old._successor(reason, type)
         self.flow = new
+        _flow_events.flow_broken(old, new)  # flow event (issue 14)
         return new
 
 

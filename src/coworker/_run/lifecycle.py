@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
+from coworker import _flow_events
 from coworker import attributes as attr
 from coworker._capture import capture
 from coworker._ids import getrandbits
@@ -151,12 +152,14 @@ class Run:
         except ValueError:  # ended in another context than it began in
             restore(self._scope_token)
         otelctx.detach(self._otel_token)
+        _flow_events.run_ended(self, exc)  # flow event (issue 14)
         self.span.end()
 
     def end_detached(self, exc: BaseException | None = None) -> None:
         """End the run's span without touching the context (it belongs to others now: a
         generator's step, or a block exited out of order)."""
         self._close(exc)
+        _flow_events.run_ended(self, exc)  # flow event (issue 14)
         self.span.end()
 
     def _close(self, exc: BaseException | None) -> None:
@@ -373,6 +376,7 @@ def begin(spec: Spec, call: Call = _NO_CALL, force: bool = False) -> Run | None:
     r._scope_token = SCOPE.set(_new_scope(Scope, (cell, step, r, identity, scope.turn, cache)))
     if flow is not None:
         flow.run_started(r)
+        _flow_events.run_started(r, scope)  # flow event (issue 14)
     gate = settings.audit_gate
     if (
         settings.policy is not None
