@@ -9,8 +9,8 @@ import pytest
 from opentelemetry import trace
 
 import coworker
+from coworker._scope import EMPTY_SCOPE, SCOPE
 from coworker._state import SETTINGS
-from coworker.flow import EMPTY_SCOPE, SCOPE
 from coworker.testing import span_exporter
 
 

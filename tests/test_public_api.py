@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 import coworker
@@ -13,15 +15,22 @@ EXPECTED = [
     "ConfigError",
     "Conversation",
     "CoworkerError",
+    "Extracted",
     "Flow",
+    "FlowBlock",
     "Identity",
+    "IdentityBlock",
     "PermissionDenied",
     "Policy",
     "RateLimited",
     "Run",
+    "RunOptions",
+    "StepBlock",
+    "TurnBlock",
     "User",
     "ValidationError",
     "WorkflowDefinition",
+    "__version__",
     "acting_as",
     "break_flow",
     "configure",
@@ -47,11 +56,51 @@ def test_all_is_pinned_and_sorted() -> None:
     assert coworker.__all__ == EXPECTED
 
 
+_LAZY = {"Policy"}  # resolved by coworker.__getattr__ (keeps the policy loader out of import)
+_NOT_API = {"annotations", "TYPE_CHECKING", "Any"}  # the module's own imports
+
+
+def test_all_is_exactly_the_public_namespace() -> None:
+    """Every public name the package defines is in __all__, and nothing else (as httpx's
+    test_exported_members pins it from vars())."""
+    public = {
+        name
+        for name, value in vars(coworker).items()
+        if (not name.startswith("_") or name == "__version__")
+        and not isinstance(value, types.ModuleType)
+        and name not in _NOT_API
+    }
+    assert sorted(coworker.__all__) == sorted(public | _LAZY)
+
+
+def test_public_functions_return_exported_types() -> None:
+    """What flow(), step(), acting_as(), run(...), turns and extract() return is exported, so
+    applications can annotate what they hold."""
+    assert type(coworker.flow("batch-job")) is coworker.FlowBlock
+    assert type(coworker.workflow("w", ["a"]).start()) is coworker.FlowBlock
+    assert type(coworker.step("s")) is coworker.StepBlock
+    assert type(coworker.acting_as("u")) is coworker.IdentityBlock
+    assert type(coworker.run("r")) is coworker.RunOptions
+    assert type(coworker.run(operation="update")) is coworker.RunOptions
+    assert type(coworker.conversation("c").turn()) is coworker.TurnBlock
+    assert type(coworker.extract({})) is coworker.Extracted
+    with coworker.run("r") as r:
+        assert type(r) is coworker.Run
+
+
+def test_version_has_one_source() -> None:
+    """coworker.__version__ is the installed distribution's version (pyproject reads it from
+    coworker._version)."""
+    from importlib.metadata import version
+
+    assert coworker.__version__ == version("coworker-otel")
+
+
 def test_every_public_name_resolves_and_is_documented() -> None:
     """Each name exists and carries a docstring."""
     for name in coworker.__all__:
         obj = getattr(coworker, name)
-        if not isinstance(obj, tuple):
+        if not isinstance(obj, tuple | str):
             assert obj.__doc__, name
 
 

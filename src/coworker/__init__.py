@@ -22,8 +22,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from coworker._decorator import Run, current_run, run
+from coworker._run import Run, RunOptions, current_run, run
 from coworker._setup import configure, force_flush, shutdown
+from coworker._version import __version__
+from coworker.conversations import Conversation, TurnBlock, conversation
 from coworker.exceptions import (
     AuditUnavailable,
     ConfigError,
@@ -34,26 +36,22 @@ from coworker.exceptions import (
 )
 from coworker.flow import (
     BREAK_REASONS,
-    Conversation,
     Flow,
+    FlowBlock,
+    StepBlock,
     WorkflowDefinition,
-    acting_as,
     break_flow,
-    conversation,
     current_flow,
-    current_identity,
     current_step,
     flow,
     step,
     workflow,
 )
-from coworker.identity import Agent, Identity, User
-from coworker.propagation import extract, inject, propagate
+from coworker.identity import Agent, Identity, IdentityBlock, User, acting_as, current_identity
+from coworker.propagation import Extracted, extract, inject, propagate
 
 if TYPE_CHECKING:
     from coworker.acl import Policy
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BREAK_REASONS",
@@ -62,15 +60,22 @@ __all__ = [
     "ConfigError",
     "Conversation",
     "CoworkerError",
+    "Extracted",
     "Flow",
+    "FlowBlock",
     "Identity",
+    "IdentityBlock",
     "PermissionDenied",
     "Policy",
     "RateLimited",
     "Run",
+    "RunOptions",
+    "StepBlock",
+    "TurnBlock",
     "User",
     "ValidationError",
     "WorkflowDefinition",
+    "__version__",
     "acting_as",
     "break_flow",
     "configure",

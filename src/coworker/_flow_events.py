@@ -1,6 +1,6 @@
 """Flow lifecycle events: what a flow did, written into the audit log as records (issue 14).
 
-The flow code (``flow.py``, ``_decorator.py``) calls the hooks below at the points where a
+The flow code (``_scope.py``, ``flow.py``, ``_run/lifecycle.py``) calls the hooks below where a
 flow starts, enters or leaves a step, breaks and ends; each hook is one line there, marked
 ``# flow event (issue 14)``. Without an audit trail (:func:`install` not called) every hook
 returns after one global read, so ``import coworker`` and unaudited runs pay nothing.
@@ -35,8 +35,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from coworker._decorator import Run
-    from coworker.flow import Flow, _Scope
+    from coworker._run.lifecycle import Run
+    from coworker._scope import Scope as _Scope
+    from coworker.flow import Flow
 
 __all__ = [
     "CATEGORY_FLOW",
@@ -222,9 +223,9 @@ def block_entered(block: Any, scope: _Scope) -> None:
         return
     kind = type(block).__name__
     f = cell.flow
-    if kind in ("_FlowBlock", "_TurnBlock"):
+    if kind in ("FlowBlock", "TurnBlock"):
         _ensure_started(f, scope)
-    elif kind == "_StepBlock" and _enabled(f):
+    elif kind == "StepBlock" and _enabled(f):
         _ensure_started(f, scope)
         _step_entered(f, scope.step, scope)
 
@@ -238,10 +239,10 @@ def block_exited(block: Any, scope: _Scope, exc: BaseException | None) -> None:
         return
     kind = type(block).__name__
     f = cell.flow
-    if kind == "_StepBlock":
+    if kind == "StepBlock":
         if scope.step is not None and _running(f, scope.step):
             _step_ended(f, scope.step, scope, exc, sync=True)
-    elif kind == "_FlowBlock" and _enabled(f):
+    elif kind == "FlowBlock" and _enabled(f):
         _end_flow(f, scope, exc)
 
 
@@ -249,7 +250,7 @@ def flow_broken(old: Flow, new: Flow) -> None:
     """``old`` was broken and replaced by ``new`` (``break_flow`` or an automatic break)."""
     if _writer is None:
         return
-    from coworker.flow import SCOPE
+    from coworker._scope import SCOPE
 
     scope = SCOPE.get()
     if _enabled(old) and _known(old):
@@ -300,7 +301,7 @@ def run_ended(r: Run, exc: BaseException | None) -> None:
     f, step = opened
     if not _running(f, step):
         return
-    from coworker.flow import SCOPE
+    from coworker._scope import SCOPE
 
     # An audited run's record is written as its span ends: the outcome joins that write.
     # Any other run's step outcome is written now; a failure to write it must not keep the
@@ -549,13 +550,13 @@ def _fold_version() -> int:
 
 
 def _is_failure(exc: BaseException) -> bool:
-    from coworker._decorator import _is_failure as failure
+    from coworker._run.lifecycle import is_failure as failure
 
     return failure(exc)
 
 
 def _error_type(exc: BaseException) -> str:
-    from coworker._decorator import error_type
+    from coworker._run.lifecycle import error_type
 
     return error_type(exc)
 

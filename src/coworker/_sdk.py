@@ -26,7 +26,7 @@ from opentelemetry.trace import INVALID_SPAN_ID, INVALID_TRACE_ID, Link, SpanKin
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
-from coworker._decorator import _getrandbits
+from coworker._ids import getrandbits as _getrandbits
 from coworker._state import SETTINGS
 
 __all__ = ["AuditSampler", "CoworkerProcessor", "PrivateRandomIdGenerator", "wrap_sampler"]

@@ -17,7 +17,8 @@ from typing import Any
 
 from opentelemetry import trace
 
-from coworker import _decorator, config
+from coworker import _state, config
+from coworker._run import finish_abandoned
 from coworker._state import SETTINGS
 from coworker.exceptions import ConfigError
 
@@ -182,7 +183,7 @@ def configure(
                     "SDK's TracerProvider: coworker cannot add its processors to it"
                 )
             will_own = _owns_provider or isinstance(provider, trace.ProxyTracerProvider)
-            exporters = (
+            exporters: list[Any] = (
                 []
                 if exporter is None
                 else (list(exporter) if isinstance(exporter, list | tuple) else [exporter])
@@ -258,14 +259,14 @@ def configure(
         old_checkpointer, _checkpointer = _checkpointer, checkpointer
         if old_checkpointer is not None:
             old_checkpointer.close()
-        _decorator.reset_tracer()
+        _state.TRACER.reset()
         if not _atexit_registered:
             # The SDK provider flushes at exit too; this covers a provider that was created
             # with shutdown_on_exit=False by the application.
             atexit.register(shutdown)
             # atexit runs last-registered first: abandoned generators end their spans (and
             # write their records) before shutdown closes the audit trail.
-            atexit.register(_decorator.finish_abandoned)
+            atexit.register(finish_abandoned)
             _atexit_registered = True
 
 

@@ -1,13 +1,20 @@
-"""Process-wide settings read on the hot path, set by :func:`coworker.configure`.
+"""Process-wide state read on the hot path: the settings and coworker's tracer; one reset().
 
-One mutable object with ``__slots__`` so that the decorator reads plain attributes. The hooks
-(``policy``, ``audit_gate``) are ``None`` unless configured, so an unconfigured run pays one
-attribute read for each.
+:data:`SETTINGS` is one mutable object with ``__slots__`` so that a run reads plain
+attributes. The hooks (``policy``, ``audit_gate``) are ``None`` unless configured, so an
+unconfigured run pays one attribute read for each. :data:`TRACER` caches coworker's tracer of
+the global SDK provider. :func:`reset` puts both back to what an unconfigured process has.
+(What ``configure`` installed on the provider, its processor and audit pipeline, is owned by
+:mod:`coworker._setup`, which ``coworker.shutdown`` closes.)
 """
 
 from __future__ import annotations
 
 from typing import Any, Final
+
+from opentelemetry import trace
+
+from coworker._version import __version__
 
 DEFAULT_STATE_CHANGING: Final = frozenset(
     {
@@ -98,3 +105,53 @@ class Settings:
 
 
 SETTINGS: Final = Settings()
+
+
+class TracerCache:
+    """coworker's tracer of the global SDK provider, resolved on first use."""
+
+    __slots__ = ("tracer",)
+
+    def __init__(self) -> None:
+        self.tracer: trace.Tracer | None = None
+
+    def resolve(self) -> trace.Tracer | None:
+        """The tracer of the global SDK provider, or ``None`` while there is none."""
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, trace.ProxyTracerProvider):
+            # No SDK yet: nothing is cached, so runs pick up a provider the app sets later.
+            return None
+        tracer = provider.get_tracer("coworker", __version__)
+        gen = getattr(tracer, "id_generator", None)
+        if gen is not None and type(gen).__name__ == "RandomIdGenerator":
+            from coworker._sdk import PrivateRandomIdGenerator
+
+            # Only our own tracer's generator: the application's tracers are left alone.
+            tracer.id_generator = PrivateRandomIdGenerator()  # type: ignore[attr-defined]
+        if SETTINGS.audit_records and getattr(tracer, "sampler", None) is not None:
+            from coworker._sdk import wrap_sampler
+
+            # The audit trail must not depend on the sampler: see coworker._sdk.AuditSampler.
+            # Only while an audit pipeline is configured (configure() resets this cache
+            # after setting audit_records): without one, runs skip its extra call.
+            wrap_sampler(tracer)
+        self.tracer = tracer
+        return tracer
+
+    def reset(self) -> None:
+        """Forget the cached tracer (after the global provider changed)."""
+        self.tracer = None
+
+
+TRACER: Final = TracerCache()
+
+
+def api_tracer() -> trace.Tracer:
+    """A tracer of whatever provider is global now (a no-op one without an SDK)."""
+    return trace.get_tracer("coworker", __version__)
+
+
+def reset() -> None:
+    """Back to an unconfigured process: default settings, no cached tracer."""
+    SETTINGS.reset()
+    TRACER.reset()

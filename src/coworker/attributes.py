@@ -105,3 +105,37 @@ METRIC_ATTR_OUTCOME: Final = "outcome"
 AUDIT_INTENT_SEQ: Final = "coworker.audit.intent_seq"
 """Set by the fail-closed audit gate on a live span: the seq of the intent record written
 before the run's body executed (the outcome record points back at it)."""
+
+# -- what the application cannot set -------------------------------------------------------
+RESERVED_ATTRIBUTES: Final = frozenset(
+    {
+        USER_ID,
+        SESSION_ID,
+        AGENT_ID,
+        AGENT_NAME,
+        CONVERSATION_ID,
+        FLOW_TYPE,
+        FLOW_ID,
+        FLOW_DEFINITION_ID,
+        FLOW_PREVIOUS_ID,
+        FLOW_BREAK_REASON,
+        STEP_ID,
+        RUN_ID,
+        RUN_PARENT_ID,
+        CHAIN_ID,
+        AUDIT,
+        AUDIT_CATEGORY,
+        AUDIT_INTENT_SEQ,
+        ERROR_TYPE,
+        INPUT,
+        OUTPUT,
+    }
+)
+"""Keys that ``attributes=`` cannot set: who acts, where in the flow, which run, whether it
+is audited. They come from coworker's context (``acting_as``, ``flow``, ...) only."""
+
+SEALED_ATTRIBUTES: Final = (RESERVED_ATTRIBUTES - {OUTPUT, ERROR_TYPE}) | {OPERATION, DOCTYPE}
+"""Keys whose start values an audited run's record keeps, whatever the body sets on its span
+(``trace.get_current_span().set_attribute("coworker.audit", False)`` must not hide a record,
+nor ``user.id`` forge one). ``coworker.output`` (``Run.set_output``) and ``error.type`` are the
+body's to report."""

@@ -1,36 +1,37 @@
 """Flow, step, run and identity context: where a run is, and who acts.
 
-All of coworker's context lives in one ``ContextVar`` holding an immutable :class:`_Scope`
-snapshot, so a run reads everything with a single ``get()`` and every block restores exactly
-the snapshot it replaced: no flow, step, run or agent outlives its block, in threads, asyncio
-tasks or generators alike.
+All of coworker's context lives in one ``ContextVar`` (:mod:`coworker._scope`) holding a
+frozen snapshot, so a run reads everything with a single ``get()`` and every block restores
+exactly the snapshot it replaced: no flow, step, run or agent outlives its block, in threads,
+asyncio tasks or generators alike.
 
-A flow is held in a :class:`_FlowCell`, a small mutable box shared by the block that started
+A flow is held in a :class:`FlowCell`, a small mutable box shared by the block that started
 it (and by a :class:`Conversation` across its turns): :func:`break_flow` replaces the flow in
 the box, so the rest of the block, and later turns, run in the new flow, while code outside
-the block never sees it.
+the block never sees it. A flow's own state (runs in flight, last activity, session) changes
+only through its methods, which the run lifecycle calls.
 """
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 import re
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Mapping
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
-from coworker import _flow_events  # flow event (issue 14)
+from coworker import _flow_events
 from coworker import attributes as attr
+from coworker._ids import uuid4
+from coworker._scope import SCOPE, Block, Scope
 from coworker._state import SETTINGS
 from coworker.exceptions import CoworkerError
-from coworker.identity import Agent, Identity, User, text
+from coworker.identity import Identity, IdentityBlock, acting_as, current_identity, text
 
 if TYPE_CHECKING:
-    from coworker._decorator import Run
+    from coworker.conversations import Turn
 
 __all__ = [
     "AI_CONVERSATION",
@@ -38,12 +39,13 @@ __all__ = [
     "BATCH_JOB",
     "BREAK_REASONS",
     "WORKFLOW",
-    "Conversation",
     "Flow",
+    "FlowBlock",
+    "IdentityBlock",
+    "StepBlock",
     "WorkflowDefinition",
     "acting_as",
     "break_flow",
-    "conversation",
     "current_flow",
     "current_identity",
     "current_step",
@@ -121,7 +123,7 @@ class Flow:
         if conversation_id is not None:
             conversation_id = text(conversation_id, "conversation id")
         self.type = str.__str__(type)
-        self.id = id if id is not None else str(uuid.uuid4())
+        self.id = id if id is not None else uuid4()
         self.definition = definition
         self.previous_id = previous_id
         self.break_reason = break_reason
@@ -139,7 +141,7 @@ class Flow:
         self._running: set[Any] = set()
         self._session: str | None = None
         # Step counters of runs outside any turn (turn 0), by operation. A turn keeps its own
-        # (_Turn.counters), so counters live exactly as long as their turn: a long
+        # (Turn.counters), so counters live exactly as long as their turn: a long
         # conversation does not keep one per past turn.
         self._counters: dict[str, itertools.count[int]] = {}
         attrs: dict[str, Any] = {attr.FLOW_TYPE: self.type, attr.FLOW_ID: self.id}
@@ -163,15 +165,20 @@ class Flow:
         """The ``gen_ai.conversation.id`` of a conversation flow, else ``None``."""
         return self.span_attributes.get(attr.CONVERSATION_ID)
 
-    def step(self, step_id: str) -> _StepBlock:
+    def step(self, step_id: str) -> StepBlock:
         """Enter step ``step_id`` of this flow (context manager).
 
         Raises:
             ValueError: at once, when the flow has a definition that lacks ``step_id``.
         """
-        return _StepBlock(self._check_step(step_id))
+        return StepBlock(self.check_step(step_id))
 
-    def _check_step(self, step_id: str) -> str:
+    def check_step(self, step_id: str) -> str:
+        """``step_id`` as a valid step of this flow.
+
+        Raises:
+            ValueError: not a valid id, or the flow's workflow definition lacks it.
+        """
         step_id = text(step_id, "step id")
         d = self.definition
         if d is not None and step_id not in d.steps:
@@ -180,7 +187,8 @@ class Flow:
             )
         return step_id
 
-    def _assign_step(self, turn: _Turn | None, operation: str) -> str:
+    def assign_step(self, turn: Turn | None, operation: str) -> str:
+        """The step id of a run without one in an ``ai-conversation`` flow."""
         # "turn-3-select-1": unique within the flow because the counter is per (turn, op) and
         # turn numbers are unique per conversation. setdefault and next() on an
         # itertools.count are atomic in CPython, so threads in the same turn never get the
@@ -192,6 +200,65 @@ class Flow:
         number = 0 if turn is None else turn.number
         return f"turn-{number}-{operation}-{next(counter)}"
 
+    def run_started(self, run: object) -> None:
+        """A run of this flow started: the flow is not idle while it goes on."""
+        self._running.add(run)  # set.add/discard are atomic
+
+    def run_ended(self, run: object) -> None:
+        """A run of this flow ended: idle time counts from now."""
+        self._last_active = _monotonic()
+        self._running.discard(run)
+
+    def arrive(self, session: str | None, root: bool) -> str | None:
+        """A run arrives: return why it must break this flow (:meth:`break_due`), or mark
+        the flow active (:meth:`mark_active`) and return ``None``."""
+        now = _monotonic()
+        if self.idle_timeout or (session is not None and self._session != session):
+            reason = self.break_due(session, root, now)
+            if reason is not None:
+                return reason
+        if session is not None and self._session is None:
+            self._session = session
+        self._last_active = now
+        return None
+
+    def break_due(self, session: str | None, root: bool, now: float) -> str | None:
+        """Why a run arriving now must break this flow (``timeout``, ``new-session``), or
+        ``None``. Only a root run breaks for idleness: a child belongs to its parent's flow."""
+        if (
+            root
+            and self.idle_timeout
+            and self._last_active is not None
+            and not self._running
+            and now - self._last_active > self.idle_timeout
+        ):
+            return "timeout"
+        if session is not None and self._session is not None and self._session != session:
+            return "new-session"
+        return None
+
+    def mark_active(self, session: str | None, now: float, new_session: bool = False) -> None:
+        """A run arrived at ``now``: remember the session (its first, or a new one after a
+        break) and the time."""
+        if session is not None and (new_session or self._session is None):
+            self._session = session
+        self._last_active = now
+
+    def _successor(self, reason: str, type: str | None) -> Flow:
+        new_type = type or self.type
+        same = new_type == self.type
+        new = Flow(
+            new_type,
+            definition=self.definition if same else None,
+            previous_id=self.id,
+            break_reason=reason,
+            metadata=self.metadata,
+            idle_timeout=self.idle_timeout if same else None,
+            conversation_id=self.conversation_id,
+        )
+        new._session = self._session
+        return new
+
     def __repr__(self) -> str:
         extra = f", previous_id={self.previous_id!r}, reason={self.break_reason!r}"
         return f"Flow(type={self.type!r}, id={self.id!r}" + (
@@ -199,7 +266,7 @@ class Flow:
         )
 
 
-class _FlowCell:
+class FlowCell:
     """The box a block's current flow lives in; :func:`break_flow` swaps its content."""
 
     __slots__ = ("flow",)
@@ -207,206 +274,101 @@ class _FlowCell:
     def __init__(self, flow: Flow) -> None:
         self.flow = flow
 
+    def touch(self, identity: Identity | None, root: bool = True) -> Flow:
+        """Apply the automatic breaks (idle timeout, new session) and mark the flow active.
 
-class _Turn:
-    __slots__ = ("counters", "message_id", "number")
+        Called by every run in a flow; returns the flow the run belongs to. Only a root run
+        can break a flow for idleness: a child run belongs to its parent's flow however long
+        the parent has been running. Runs also mark the flow active when they end
+        (:meth:`Flow.run_ended`), so idle time counts from the end of the last run.
+        """
+        f = self.flow
+        session = identity.session if identity is not None else None
+        reason = f.arrive(session, root)
+        if reason is None:
+            return f
+        with _BREAK_LOCK:
+            # Concurrent runs that all find the flow idle break it once and share it.
+            f = self.break_flow(reason, None) if self.flow is f else self.flow
+        f.mark_active(session, time.monotonic(), True)
+        return f
 
-    def __init__(self, number: int, message_id: str | None) -> None:
-        self.number = number
-        self.message_id = message_id
-        # Step counters of the runs in this turn, by (flow id, operation).
-        self.counters: dict[tuple[str, str], itertools.count[int]] = {}
-
-
-class _Scope:
-    """An immutable snapshot of coworker's context; every block sets a new one."""
-
-    __slots__ = ("cell", "identity", "prev", "run", "step", "turn")
-
-    def __init__(
-        self,
-        cell: _FlowCell | None,
-        step: str | None,
-        run: Run | None,
-        identity: Identity | None,
-        turn: _Turn | None,
-        prev: _Scope | None = None,
-    ) -> None:
-        self.cell = cell
-        self.step = step
-        self.run = run
-        self.identity = identity
-        self.turn = turn
-        self.prev = prev  # set by blocks: the scope to go back to when the block ends
-
-
-EMPTY_SCOPE: Final = _Scope(None, None, None, None, None)
-SCOPE: Final[contextvars.ContextVar[_Scope]] = contextvars.ContextVar(
-    "coworker.scope", default=EMPTY_SCOPE
-)
+    def break_flow(self, reason: str, type: str | None) -> Flow:
+        """Replace the flow by its successor (linked by ``previous_id``); return it."""
+        old = self.flow
+        new = old._successor(reason, type)
+        self.flow = new
+        _flow_events.flow_broken(old, new)  # flow event (issue 14)
+        return new
 
 
 _BREAK_LOCK: Final = threading.Lock()
+_monotonic: Final = time.monotonic
 
 
-def touch(cell: _FlowCell, identity: Identity | None, root: bool = True) -> Flow:
-    """Apply the automatic breaks (idle timeout, new session) and mark the flow active.
+class FlowBlock(Block):
+    """What :func:`flow` and :meth:`WorkflowDefinition.start` return: a (sync or async)
+    context manager whose ``as`` target is the :class:`Flow`.
 
-    Called by every run in a flow; returns the flow the run belongs to. Only a root run can
-    break a flow for idleness: a child run belongs to its parent's flow however long the
-    parent has been running. Runs also mark the flow active when they end, so idle time counts
-    from the end of the last run.
-    """
-    f = cell.flow
-    now = time.monotonic()
-    session = identity.session if identity is not None else None
-    idle = (
-        root
-        and f.idle_timeout
-        and f._last_active is not None
-        and not f._running
-        and now - f._last_active > f.idle_timeout
-    )
-    if idle or (session is not None and f._session is not None and f._session != session):
-        with _BREAK_LOCK:
-            # Concurrent runs that all find the flow idle break it once and share the result.
-            if cell.flow is f:
-                f = _break(cell, "timeout" if idle else "new-session", None)
-            else:
-                f = cell.flow
-        if session is not None:
-            f._session = session
-    elif session is not None and f._session is None:
-        f._session = session
-    f._last_active = now
-    return f
-
-
-def _break(cell: _FlowCell, reason: str, type: str | None) -> Flow:
-    old = cell.flow
-    new_type = type or old.type
-    new = Flow(
-        new_type,
-        definition=old.definition if new_type == old.type else None,
-        previous_id=old.id,
-        break_reason=reason,
-        metadata=old.metadata,
-        idle_timeout=old.idle_timeout if new_type == old.type else None,
-        conversation_id=old.conversation_id,
-    )
-    new._session = old._session
-    cell.flow = new
-    _flow_events.flow_broken(old, new)  # flow event (issue 14)
-    return new
-
-
-class AsyncContextMixin:
-    """``async with`` for a synchronous context manager: entering and leaving a coworker
-    block never awaits, so the async form just calls the sync one."""
-
-    __slots__ = ()
-
-    async def __aenter__(self) -> Any:
-        return self.__enter__()  # type: ignore[attr-defined]
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)  # type: ignore[attr-defined]
-
-
-class _Block(AsyncContextMixin):
-    """Base of the context managers: set a new scope on enter, restore the old on exit.
-
-    Usable with ``with`` and ``async with``. A block object keeps no per-entry state (the
-    scope it set remembers the one it replaced), so one object may be entered again, nested,
-    or shared by concurrent tasks and threads.
+    Attributes:
+        flow: the flow the block starts (its current one after :func:`break_flow` is
+            ``current_flow()`` inside the block).
     """
 
-    __slots__ = ()
-
-    def _scope(self, current: _Scope) -> _Scope:
-        raise NotImplementedError
-
-    def _value(self) -> Any:
-        return None
-
-    def __enter__(self) -> Any:
-        current = SCOPE.get()
-        new = self._scope(current)
-        new.prev = current
-        SCOPE.set(new)
-        _flow_events.block_entered(self, new)  # flow event (issue 14)
-        return self._value()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        scope = SCOPE.get()  # flow event (issue 14): was `prev = SCOPE.get().prev`
-        prev = scope.prev
-        SCOPE.set(prev if prev is not None else EMPTY_SCOPE)
-        _flow_events.block_exited(self, scope, exc)  # flow event (issue 14)
-
-
-def _restore(token: contextvars.Token[_Scope]) -> None:
-    try:
-        SCOPE.reset(token)
-    except ValueError:
-        # Exited in another context (e.g. a block spanning a generator's yield that the
-        # consumer resumed elsewhere): restore the value rather than leak the block's scope.
-        old = token.old_value
-        SCOPE.set(EMPTY_SCOPE if old is contextvars.Token.MISSING else old)
-
-
-class _FlowBlock(_Block):
-    __slots__ = ("_cell", "_flow")
+    __slots__ = ("_cell", "flow")
 
     def __init__(self, f: Flow) -> None:
-        self._flow = f
-        self._cell = _FlowCell(f)
+        super().__init__()
+        self.flow = f
+        self._cell = FlowCell(f)
 
-    def _scope(self, current: _Scope) -> _Scope:
-        return _Scope(self._cell, None, current.run, current.identity, None)
+    def scope(self, current: Scope) -> Scope:
+        """The scope with this block's flow, no step and no turn."""
+        return Scope(self._cell, None, current.run, current.identity, None, [None])
 
-    def _value(self) -> Flow:
-        return self._flow
+    def value(self) -> Flow:
+        """The :class:`Flow`."""
+        return self.flow
+
+    def __enter__(self) -> Flow:
+        return super().__enter__()  # type: ignore[no-any-return]
+
+    async def __aenter__(self) -> Flow:
+        return self.__enter__()
 
 
-class _StepBlock(_Block):
-    __slots__ = ("_step",)
+class StepBlock(Block):
+    """What :func:`step` and :meth:`Flow.step` return: a (sync or async) context manager
+    whose ``as`` target is the step id.
+
+    Attributes:
+        step: the step id.
+    """
+
+    __slots__ = ("step",)
 
     def __init__(self, step_id: str) -> None:
-        self._step = step_id
+        super().__init__()
+        self.step = step_id
 
-    def _scope(self, current: _Scope) -> _Scope:
-        return _Scope(current.cell, self._step, current.run, current.identity, current.turn)
+    def scope(self, current: Scope) -> Scope:
+        """The current scope with this step."""
+        return Scope(current.cell, self.step, current.run, current.identity, current.turn, [None])
 
-    def _value(self) -> str:
-        return self._step
+    def value(self) -> str:
+        """The step id."""
+        return self.step
 
+    def __enter__(self) -> str:
+        return super().__enter__()  # type: ignore[no-any-return]
 
-class _IdentityBlock(_Block):
-    __slots__ = ("_identity",)
-
-    def __init__(self, identity: Identity) -> None:
-        self._identity = identity
-
-    def _scope(self, current: _Scope) -> _Scope:
-        return _Scope(current.cell, current.step, current.run, self._identity, current.turn)
-
-    def _value(self) -> Identity:
-        return self._identity
+    async def __aenter__(self) -> str:
+        return self.__enter__()
 
 
 def flow(
     type: str, id: str | None = None, *, idle_timeout: float | None = None, **metadata: Any
-) -> _FlowBlock:
+) -> FlowBlock:
     """Start a flow for the duration of a ``with`` / ``async with`` block.
 
     Every run inside carries ``flow.type`` and ``flow.id``.
@@ -421,9 +383,9 @@ def flow(
         **metadata: extra facts, emitted as ``flow.metadata.<key>``.
 
     Returns:
-        A context manager whose ``as`` target is the :class:`Flow`.
+        A :class:`FlowBlock`, whose ``as`` target is the :class:`Flow`.
     """
-    return _FlowBlock(Flow(type, id, metadata=metadata, idle_timeout=idle_timeout))
+    return FlowBlock(Flow(type, id, metadata=metadata, idle_timeout=idle_timeout))
 
 
 def current_flow() -> Flow | None:
@@ -435,11 +397,6 @@ def current_flow() -> Flow | None:
 def current_step() -> str | None:
     """The step id of the current context, or ``None``."""
     return SCOPE.get().step
-
-
-def current_identity() -> Identity | None:
-    """The identity set by the innermost :func:`acting_as`, or ``None``."""
-    return SCOPE.get().identity
 
 
 def break_flow(reason: str, *, type: str | None = None) -> Flow:
@@ -468,10 +425,10 @@ def break_flow(reason: str, *, type: str | None = None) -> Flow:
             "break_flow() needs a current flow: call it inside 'with coworker.flow(...)', "
             "a workflow start or a conversation turn"
         )
-    return _break(cell, reason, type)
+    return cell.break_flow(reason, type)
 
 
-def step(step_id: str) -> _StepBlock:
+def step(step_id: str) -> StepBlock:
     """Enter a step of the current flow (context manager, sync and async).
 
     ``@coworker.run(step=...)`` is the shorthand for one run.
@@ -481,7 +438,7 @@ def step(step_id: str) -> _StepBlock:
             does not list ``step_id``.
     """
     f = current_flow()
-    return _StepBlock(f._check_step(step_id) if f is not None else text(step_id, "step id"))
+    return StepBlock(f.check_step(step_id) if f is not None else text(step_id, "step id"))
 
 
 class WorkflowDefinition:
@@ -508,9 +465,9 @@ class WorkflowDefinition:
         self.id = definition_id
         self.steps = steps
 
-    def start(self, id: str | None = None, **metadata: Any) -> _FlowBlock:
+    def start(self, id: str | None = None, **metadata: Any) -> FlowBlock:
         """Start a ``workflow`` flow from this definition (context manager → :class:`Flow`)."""
-        return _FlowBlock(Flow(WORKFLOW, id, definition=self, metadata=metadata))
+        return FlowBlock(Flow(WORKFLOW, id, definition=self, metadata=metadata))
 
     def __repr__(self) -> str:
         return f"WorkflowDefinition({self.id!r}, steps={list(self.steps)!r})"
@@ -529,129 +486,11 @@ def workflow(definition_id: str, steps: Iterable[str]) -> WorkflowDefinition:
     return WorkflowDefinition(definition_id, steps)
 
 
-class Conversation:
-    """An AI conversation: a flow of type ``ai-conversation`` that lives across turns.
+def __getattr__(name: str) -> Any:
+    # coworker.flow.Conversation & co. live in coworker.conversations (which imports this
+    # module); resolved on access so that the old import paths keep working without a cycle.
+    if name in ("Conversation", "TurnBlock", "conversation"):
+        from coworker import conversations as _conversations
 
-    Each user message is a :meth:`turn`; runs inside a turn without an explicit step get a
-    step id ``turn-<n>-<operation>-<k>``. :func:`break_flow` inside a turn (e.g. on a topic
-    change) starts a new flow that the following turns continue.
-
-    Attributes:
-        id: the conversation id (``gen_ai.conversation.id``).
-        turns: the number of turns started so far.
-    """
-
-    __slots__ = ("_cell", "_lock", "id", "turns")
-
-    def __init__(
-        self,
-        conversation_id: str,
-        *,
-        flow_id: str | None = None,
-        idle_timeout: float | None = None,
-        **metadata: Any,
-    ) -> None:
-        conversation_id = text(conversation_id, "conversation id")
-        self.id = conversation_id
-        self.turns = 0
-        # Two threads starting turns at once must get distinct numbers: ``self.turns += 1``
-        # alone could hand both the same one, and with it the same step ids.
-        self._lock = threading.Lock()
-        self._cell = _FlowCell(
-            Flow(
-                AI_CONVERSATION,
-                flow_id,
-                metadata=metadata,
-                idle_timeout=idle_timeout,
-                conversation_id=conversation_id,
-            )
-        )
-
-    @property
-    def flow(self) -> Flow:
-        """The conversation's current flow."""
-        return self._cell.flow
-
-    def turn(self, message_id: str | None = None) -> _TurnBlock:
-        """Start the next turn (one user message) as a context manager.
-
-        Args:
-            message_id: the id of the user message, if the application has one.
-        """
-        if message_id is not None:
-            message_id = text(message_id, "message id")
-        with self._lock:
-            self.turns += 1
-            number = self.turns
-        return _TurnBlock(self._cell, _Turn(number, message_id))
-
-    def break_flow(self, reason: str, *, type: str | None = None) -> Flow:
-        """Break the conversation's flow from outside a turn (e.g. a new session)."""
-        return _break(self._cell, reason, type)
-
-    def __repr__(self) -> str:
-        return f"Conversation({self.id!r}, flow={self.flow!r}, turns={self.turns})"
-
-
-class _TurnBlock(_Block):
-    __slots__ = ("_cell", "_turn")
-
-    def __init__(self, cell: _FlowCell, turn: _Turn) -> None:
-        self._cell = cell
-        self._turn = turn
-
-    def _scope(self, current: _Scope) -> _Scope:
-        return _Scope(self._cell, None, current.run, current.identity, self._turn)
-
-    def _value(self) -> Flow:
-        return self._cell.flow
-
-
-def conversation(
-    conversation_id: str,
-    *,
-    flow_id: str | None = None,
-    idle_timeout: float | None = None,
-    **metadata: Any,
-) -> Conversation:
-    """Create an AI conversation; use ``with chat.turn():`` for each user message.
-
-    Args:
-        conversation_id: the conversation (chat) id, emitted as ``gen_ai.conversation.id``.
-        flow_id: the id of the first flow (default: a new UUID4).
-        idle_timeout: seconds of inactivity that break the flow with reason ``timeout``
-            (default: the configured ``flow_idle_timeout``, 1800 s).
-        **metadata: emitted as ``flow.metadata.<key>``.
-    """
-    return Conversation(conversation_id, flow_id=flow_id, idle_timeout=idle_timeout, **metadata)
-
-
-def acting_as(
-    user: User | str | None,
-    agent: Agent | str | None = None,
-    *,
-    agent_name: str | None = None,
-    session: str | None = None,
-) -> _IdentityBlock:
-    """Run the block on behalf of ``user``, optionally through an AI ``agent``.
-
-    Every run inside carries ``user.id``, ``gen_ai.agent.id``, ``gen_ai.agent.name`` and
-    ``session.id``. A change of ``session`` within a flow breaks the flow (``new-session``).
-
-    Args:
-        user: a :class:`User` or a user id (``None`` for an anonymous block).
-        agent: an :class:`Agent` or an agent id.
-        agent_name: the agent's name when ``agent`` is given as an id.
-        session: the session id.
-    """
-    if isinstance(user, str):
-        user = User(user)
-    elif user is not None and not isinstance(user, User):
-        raise TypeError(f"user must be a User, a user id or None, got {type(user).__name__}")
-    if isinstance(agent, str):
-        agent = Agent(agent, agent_name)
-    elif agent is not None and not isinstance(agent, Agent):
-        raise TypeError(f"agent must be an Agent, an agent id or None, got {type(agent).__name__}")
-    elif agent is not None and agent_name is not None and agent.name is None:
-        agent = Agent(agent.id, agent_name)
-    return _IdentityBlock(Identity(user, agent, session))
+        return getattr(_conversations, name)
+    raise AttributeError(f"module 'coworker.flow' has no attribute {name!r}")

@@ -12,8 +12,9 @@ from types import MappingProxyType
 from typing import Any
 
 from coworker import attributes as attr
+from coworker._scope import SCOPE, Block, Scope
 
-__all__ = ["Agent", "Identity", "User", "text"]
+__all__ = ["Agent", "Identity", "IdentityBlock", "User", "acting_as", "current_identity", "text"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -51,17 +52,17 @@ def text(value: Any, what: str, max_chars: int | None = MAX_ID_CHARS) -> str:
         raise ValueError(
             f"{what} is {len(value)} characters long (at most {max_chars}): {value[:40]!r}..."
         )
-    value = str.__str__(value)  # an exact str copy of a subclass (itself if exact)
-    if not value.isascii():
+    exact: str = str.__str__(value)  # an exact str copy of a subclass (itself if exact)
+    if not exact.isascii():
         try:
-            value.encode("utf-8")
+            exact.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise ValueError(
-                f"{what} {value!r} cannot be encoded as UTF-8 (lone surrogate at index "
+                f"{what} {exact!r} cannot be encoded as UTF-8 (lone surrogate at index "
                 f"{exc.start}): no audit record could hold it; decode the source bytes "
                 "correctly (or with errors='replace') first"
             ) from None
-    return value
+    return exact
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,3 +144,71 @@ class Identity:
     def agent_id(self) -> str | None:
         """The agent id or ``None``."""
         return self.agent.id if self.agent is not None else None
+
+
+class IdentityBlock(Block):
+    """What :func:`acting_as` returns: a (sync or async) context manager whose ``as`` target
+    is the :class:`~coworker.Identity`.
+
+    Attributes:
+        identity: the identity the block sets.
+    """
+
+    __slots__ = ("identity",)
+
+    def __init__(self, identity: Identity) -> None:
+        super().__init__()
+        self.identity = identity
+
+    def scope(self, current: Scope) -> Scope:
+        """The current scope with this identity."""
+        return Scope(current.cell, current.step, current.run, self.identity, current.turn, [None])
+
+    def value(self) -> Identity:
+        """The :class:`~coworker.Identity`."""
+        return self.identity
+
+    def __enter__(self) -> Identity:
+        return super().__enter__()  # type: ignore[no-any-return]
+
+    async def __aenter__(self) -> Identity:
+        return self.__enter__()
+
+
+def current_identity() -> Identity | None:
+    """The identity set by the innermost :func:`acting_as`, or ``None``."""
+    return SCOPE.get().identity
+
+
+def acting_as(
+    user: User | str | None,
+    agent: Agent | str | None = None,
+    *,
+    agent_name: str | None = None,
+    session: str | None = None,
+) -> IdentityBlock:
+    """Run the block on behalf of ``user``, optionally through an AI ``agent``.
+
+    Every run inside carries ``user.id``, ``gen_ai.agent.id``, ``gen_ai.agent.name`` and
+    ``session.id``. A change of ``session`` within a flow breaks the flow (``new-session``).
+
+    Returns:
+        An :class:`IdentityBlock`, whose ``as`` target is the :class:`~coworker.Identity`.
+
+    Args:
+        user: a :class:`User` or a user id (``None`` for an anonymous block).
+        agent: an :class:`Agent` or an agent id.
+        agent_name: the agent's name when ``agent`` is given as an id.
+        session: the session id.
+    """
+    if isinstance(user, str):
+        user = User(user)
+    elif user is not None and not isinstance(user, User):
+        raise TypeError(f"user must be a User, a user id or None, got {type(user).__name__}")
+    if isinstance(agent, str):
+        agent = Agent(agent, agent_name)
+    elif agent is not None and not isinstance(agent, Agent):
+        raise TypeError(f"agent must be an Agent, an agent id or None, got {type(agent).__name__}")
+    elif agent is not None and agent_name is not None and agent.name is None:
+        agent = Agent(agent.id, agent_name)
+    return IdentityBlock(Identity(user, agent, session))

@@ -27,6 +27,7 @@ from opentelemetry import metrics as _metrics
 from opentelemetry.trace import StatusCode
 
 from coworker import attributes as _a
+from coworker._version import __version__
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -59,21 +60,10 @@ _DURATION_BUCKETS = (
 _NS_PER_S = 1e9
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover - stdlib on 3.11+
-        return ""
-    try:
-        return version("coworker-otel")
-    except PackageNotFoundError:
-        return ""
-
-
 def _meter(meter_provider: MeterProvider | None) -> Meter:
     # With meter_provider=None this is the global API meter: a proxy that starts forwarding once
     # the application sets a MeterProvider, so creating instruments before that is safe.
-    return _metrics.get_meter("coworker", _version(), meter_provider=meter_provider)
+    return _metrics.get_meter("coworker", __version__, meter_provider=meter_provider)
 
 
 class _RunInstruments:

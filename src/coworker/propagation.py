@@ -24,8 +24,9 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from coworker import attributes as attr
+from coworker._scope import SCOPE, AsyncContextMixin, Scope, restore
 from coworker._state import SETTINGS
-from coworker.flow import SCOPE, AsyncContextMixin, Flow, _FlowCell, _restore, _Scope
+from coworker.flow import Flow, FlowCell
 from coworker.identity import Agent, Identity, User
 
 __all__ = ["extract", "inject", "propagate"]
@@ -123,7 +124,7 @@ class Extracted(AsyncContextMixin):
     __slots__ = ("_otel_ctx", "_otel_token", "_scope", "_scope_token", "identity_claimed")
 
     def __init__(
-        self, otel_ctx: otel_context.Context, scope: _Scope, identity_claimed: Identity | None
+        self, otel_ctx: otel_context.Context, scope: Scope, identity_claimed: Identity | None
     ) -> None:
         self._otel_ctx = otel_ctx
         self._scope = scope
@@ -146,7 +147,7 @@ class Extracted(AsyncContextMixin):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _restore(self._scope_token)
+        restore(self._scope_token)
         otel_context.detach(self._otel_token)
 
 
@@ -211,7 +212,7 @@ def extract(
                 break_reason=values.get(attr.FLOW_BREAK_REASON),
                 conversation_id=values.get(attr.CONVERSATION_ID),
             )
-            cell = _FlowCell(remote)
+            cell = FlowCell(remote)
         except ValueError:
             _log.warning("coworker.extract: ignoring a malformed flow in baggage: %r", flow_type)
     parent = None
@@ -234,11 +235,12 @@ def extract(
     trusted = SETTINGS.trust_baggage_identity if trust_identity is None else trust_identity
     current = SCOPE.get()
     identity = claimed if trusted and claimed is not None else current.identity
-    scope = _Scope(
+    scope = Scope(
         cell or current.cell,
         values.get(attr.STEP_ID) or current.step,
         parent or current.run,
         identity,
         None,
-    )  # type: ignore[arg-type]
+        [None],
+    )
     return Extracted(ctx, scope, claimed)

@@ -60,10 +60,8 @@ def suppressed() -> Iterator[None]:
 
 
 def _metrics_hook() -> Callable[[str, str, float], None] | None:
-    try:
-        from coworker.metrics import audit_append
-    except ImportError:
-        return None
+    from coworker.metrics import audit_append  # lazy: metrics loads the OTel metrics API
+
     return audit_append
 
 

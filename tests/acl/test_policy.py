@@ -16,7 +16,7 @@ from coworker.acl import Enforcer, InMemoryRateLimiter, Policy, RateLimiter, bui
 from coworker.exceptions import ConfigError, PermissionDenied, RateLimited
 from coworker.identity import Agent, Identity, User
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "policy.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "policy.toml"
 
 POLICY: dict[str, Any] = {
     "roles": {

@@ -34,7 +34,7 @@ def test_bare_decorator_makes_one_span_with_run_ids(spans: Any) -> None:
     assert len(a[attr.RUN_ID]) == 16
     assert attr.RUN_PARENT_ID not in a
     assert a[attr.AUDIT] is False
-    assert a[attr.CODE_FUNCTION] == "tests.test_decorator.plain"
+    assert a[attr.CODE_FUNCTION] == "tests._run.test_run.plain"
     assert span.status.status_code is StatusCode.UNSET
 
 
@@ -490,7 +490,7 @@ def test_garbage_collection_of_wrapper_objects() -> None:
 
 def test_fast_binder_matches_signature_bind() -> None:
     """The fast argument binder gives what inspect.Signature.bind gives, or the same error."""
-    from coworker._decorator import _Binder
+    from coworker._run.spec import Binder as _Binder
 
     def f(a: Any, b: Any = 2, *, c: Any, d: Any = 4) -> None: ...
 

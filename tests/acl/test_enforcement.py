@@ -22,7 +22,7 @@ from coworker._state import SETTINGS
 from coworker.acl import Enforcer
 from coworker.exceptions import ConfigError, PermissionDenied, RateLimited
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "policy.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "policy.toml"
 
 POLICY: dict[str, Any] = {
     "roles": {
