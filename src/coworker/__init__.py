@@ -26,6 +26,7 @@ from coworker._decorator import Run, current_run, run
 from coworker._setup import configure, force_flush, shutdown
 from coworker.exceptions import (
     AuditUnavailable,
+    BudgetExceeded,
     ConfigError,
     CoworkerError,
     PermissionDenied,
@@ -52,6 +53,7 @@ from coworker.propagation import extract, inject, propagate
 
 if TYPE_CHECKING:
     from coworker.acl import Policy
+    from coworker.usage import record_usage
 
 __version__ = "0.1.0"
 
@@ -59,6 +61,7 @@ __all__ = [
     "BREAK_REASONS",
     "Agent",
     "AuditUnavailable",
+    "BudgetExceeded",
     "ConfigError",
     "Conversation",
     "CoworkerError",
@@ -84,6 +87,7 @@ __all__ = [
     "force_flush",
     "inject",
     "propagate",
+    "record_usage",
     "run",
     "shutdown",
     "step",
@@ -97,6 +101,10 @@ def __getattr__(name: str) -> Any:
         from coworker.acl import Policy
 
         return Policy
+    if name == "record_usage":  # usage (issue 16): decimal/pricing stay out of the import
+        from coworker.usage import record_usage
+
+        return record_usage
     if name == "audit":
         import importlib
 

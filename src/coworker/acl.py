@@ -54,9 +54,13 @@ _TOP_LEVEL_KEYS: Final = (
     "rate_limits",
     "read_operations",
     "roles",
+    "usage",  # usage (issue 16): cost centers and budgets, parsed by coworker.usage_policy
     "users",
 )
-_DOCTYPE_RULE_KEYS: Final = ("allow", "deny", "read_only", "sensitive")
+_DOCTYPE_RULE_KEYS: Final = (
+    "allow", "deny", "read_only", "sensitive",
+    "cost_center", "owner_pays",  # usage (issue 16): read by coworker.usage_policy
+)  # fmt: skip
 _GRANT_KEYS: Final = ("op", "ops", "where")
 _RATE_LIMIT_KEYS: Final = ("doctypes", "limit", "operations", "per", "window")
 _RATE_LIMIT_PER: Final = ("agent", "user")
@@ -586,6 +590,7 @@ class Policy:
         "_roles",
         "_users",
         "source",
+        "usage",  # usage (issue 16)
     )
 
     def __init__(
@@ -599,8 +604,12 @@ class Policy:
         anonymous: Sequence[str] | None = None,
         read_operations: Sequence[str] | None = None,
         source: str = "policy",
+        usage: Mapping[str, Any] | None = None,  # usage (issue 16)
     ) -> None:
         self.source = source
+        from coworker.usage_policy import UsageRules  # usage (issue 16)
+
+        self.usage = UsageRules(doctypes, usage)  # usage (issue 16)
         self._roles: dict[str, dict[str, tuple[_Grant, ...]]] = {}
         for role, spec in _table(roles or {}, "roles").items():
             if not isinstance(role, str) or not role:
@@ -1070,6 +1079,9 @@ class Enforcer:
             PermissionDenied: the policy refuses the run; the message names the rule.
             RateLimited: a rate limit of the policy is exhausted.
         """
+        rules = self.policy.usage if self.policy is not None else None  # usage (issue 16)
+        if rules is not None and rules.budgets:  # usage (issue 16): refuse before the body
+            rules.check(identity, doctype)
         if operation is None:
             if self._require_identity and (identity is None or identity.user is None):
                 raise self._denied(identity, operation, doctype, "require_identity: no user")

@@ -105,3 +105,35 @@ METRIC_ATTR_OUTCOME: Final = "outcome"
 AUDIT_INTENT_SEQ: Final = "coworker.audit.intent_seq"
 """Set by the fail-closed audit gate on a live span: the seq of the intent record written
 before the run's body executed (the outcome record points back at it)."""
+
+# -- usage and cost (issue 16) ---------------------------------------------------------------
+# OTel GenAI semantic conventions (Development status), names as published in semconv v1.38:
+# https://opentelemetry.io/docs/specs/semconv/gen-ai/ . ``input_tokens`` includes the cache
+# read and cache creation tokens (the spec's "SHOULD be included").
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: Final = "gen_ai.usage.cache_read.input_tokens"
+GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: Final = "gen_ai.usage.cache_creation.input_tokens"
+GEN_AI_TOKEN_TYPE: Final = "gen_ai.token.type"
+"""Metric attribute of ``gen_ai.client.token.usage``: ``input`` or ``output``."""
+# Not (yet) in the spec: reasoning tokens are part of output_tokens; coworker's own name.
+USAGE_REASONING_TOKENS: Final = "coworker.usage.reasoning_tokens"
+# The open OTel proposal for cost (semantic-conventions issue "GenAI cost"): NOT in a
+# published semconv release yet. ``gen_ai.usage.cost`` itself is never a leaf attribute.
+GEN_AI_USAGE_COST_AMOUNT: Final = "gen_ai.usage.cost.amount"
+GEN_AI_USAGE_COST_CURRENCY: Final = "gen_ai.usage.cost.currency"
+GEN_AI_USAGE_COST_SOURCE: Final = "gen_ai.usage.cost.source"
+"""The pricing version the amount was computed with (``genai-prices 0.2.3``, an override)."""
+COST_CENTER: Final = "coworker.cost_center"
+"""Who pays for a run's usage (see docs/usage.md for the precedence)."""
+USAGE_EVENT: Final = "coworker.usage_record"
+"""Span event per ``record_usage`` call; the usage ledger makes one record of each."""
+CATEGORY_USAGE: Final = "usage"
+"""Audit category of usage ledger records (not a classification of runs: not in
+``AUDIT_CATEGORIES``)."""
+METRIC_GEN_AI_TOKEN_USAGE: Final = "gen_ai.client.token.usage"
+"""Semconv histogram of tokens per call (``{token}``), by ``gen_ai.token.type``."""
+METRIC_USAGE_COST: Final = "coworker.usage.cost"
+"""Counter of cost (unit: the currency), by model, flow type, agent, user and cost center."""
