@@ -338,7 +338,8 @@ def openai_usage(response: Any) -> Usage | None:
     ``completion_tokens``, ``prompt_tokens_details.cached_tokens``,
     ``completion_tokens_details.reasoning_tokens``) or the Responses API (``usage.input_tokens``,
     ``output_tokens``, ``input_tokens_details.cached_tokens``,
-    ``output_tokens_details.reasoning_tokens``). ``None`` when the response has no usage."""
+    ``output_tokens_details.reasoning_tokens``); ``cache_write_tokens`` in the input details,
+    where the SDK has it, is the cache creation count. ``None`` when there is no usage."""
     usage = _get(response, "usage")
     model = _get(response, "model")
     if usage is None or not model:
@@ -357,6 +358,7 @@ def openai_usage(response: Any) -> Usage | None:
         model=model,
         input_tokens=inp,
         output_tokens=out,
+        cache_creation_input_tokens=_get(in_details, "cache_write_tokens"),
         cache_read_input_tokens=_get(in_details, "cached_tokens"),
         reasoning_tokens=_get(out_details, "reasoning_tokens"),
         provider="openai",
