@@ -15,6 +15,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import coworker
 from coworker import attributes as a
+from coworker.pricing import TokenCounts
 from coworker.usage import (
     Usage,
     UsageWarning,
@@ -23,7 +24,6 @@ from coworker.usage import (
     auto_usage,
     openai_usage,
 )
-from coworker.pricing import TokenCounts
 
 
 def _chat_completion(**usage: Any) -> Any:
@@ -105,7 +105,9 @@ def test_unknown_model_has_tokens_but_no_cost(spans: Any) -> None:
         ({"reasoning_tokens": 6}, "exceed output_tokens"),
     ],
 )
-def test_bad_usage_is_refused_at_the_boundary(spans: Any, kwargs: dict[str, Any], match: str) -> None:
+def test_bad_usage_is_refused_at_the_boundary(
+    spans: Any, kwargs: dict[str, Any], match: str
+) -> None:
     """Negative, NaN, bool, fractional, huge or inconsistent counts raise ValueError."""
     coworker.configure(metrics=False)
     args: dict[str, Any] = {"model": "gpt-4o", "input_tokens": 10, "output_tokens": 5, **kwargs}
@@ -291,16 +293,19 @@ def test_token_and_cost_metrics() -> None:
     """gen_ai.client.token.usage per token type and the cost counter, with the dimensions."""
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
+    from decimal import Decimal
+
     from coworker.identity import Agent, Identity, User
     from coworker.pricing import Cost
-    from decimal import Decimal
 
     ident = Identity(User("u1"), Agent("a1"))
     cost = Cost(Decimal("0.25"), "USD", "test")
     _metrics("gpt-4o", "openai", TokenCounts(100, 7), cost, ident, "sales", "ai-conversation",
              meter_provider=provider)  # fmt: skip
     data = reader.get_metrics_data()
-    metrics = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    metrics = {
+        m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+    }
     tokens = metrics[a.METRIC_GEN_AI_TOKEN_USAGE]
     by_type = {p.attributes[a.GEN_AI_TOKEN_TYPE]: p.sum for p in tokens.data.data_points}
     assert by_type == {"input": 100, "output": 7}

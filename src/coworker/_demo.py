@@ -185,7 +185,8 @@ def _print_run(span: Any, children: dict[str, list[Any]], indent: int, out: Text
     if not ok:
         text += f"  error={_p(a.get(attr.ERROR_TYPE))}"
     if attr.GEN_AI_USAGE_INPUT_TOKENS in a:
-        text += f"  tokens={a[attr.GEN_AI_USAGE_INPUT_TOKENS]}+{a.get(attr.GEN_AI_USAGE_OUTPUT_TOKENS, 0)}"
+        used_out = a.get(attr.GEN_AI_USAGE_OUTPUT_TOKENS, 0)
+        text += f"  tokens={a[attr.GEN_AI_USAGE_INPUT_TOKENS]}+{used_out}"
     print(text, file=out)
     for child in children.get(a[attr.RUN_ID], []):
         _print_run(child, children, indent + 2, out)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -171,7 +172,7 @@ class Pricing:
         self._override_version = f"{source} {version}" if entries else None
         self._fallback = fallback
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, str | None, str], Cost | None] = {}
+        self._cache: dict[tuple[str, str | None, int], Any] = {}
         self._warned: set[tuple[str, str | None]] = set()
 
     @classmethod
@@ -225,13 +226,15 @@ class Pricing:
     ) -> Cost | None:
         """The cost of ``tokens`` of ``model`` at time ``at`` (default: now), or ``None`` with
         a :class:`UsageWarning` (once per model) when no layer knows the model."""
-        when = at or _dt.datetime.now(_dt.UTC)
-        entry = self._entry(model, provider, when)
+        entry = None
+        if self._entries:
+            when = at or _dt.datetime.now(_dt.UTC)
+            entry = self._entry(model, provider, when)
         if entry is not None:
             assert self._override_version is not None
             return Cost(_apply(entry.prices, tokens), entry.currency, self._override_version)
         if self._fallback:
-            cost = self._library_cost(model, provider, tokens, when)
+            cost = self._library_cost(model, provider, tokens, at)
             if cost is not None:
                 return cost
         key = (model, provider)
@@ -248,22 +251,28 @@ class Pricing:
 
     def _entry(self, model: str, provider: str | None, when: _dt.datetime) -> _Entry | None:
         for e in self._entries:
-            if e.model == model and e.valid_from <= when:
-                if e.provider is None or provider is None or e.provider == provider:
-                    return e
+            if (
+                e.model == model
+                and e.valid_from <= when
+                and (e.provider is None or provider is None or e.provider == provider)
+            ):
+                return e
         return None
 
     def _library_cost(
-        self, model: str, provider: str | None, tokens: TokenCounts, when: _dt.datetime
+        self, model: str, provider: str | None, tokens: TokenCounts, at: _dt.datetime | None
     ) -> Cost | None:
-        # genai-prices costs ~0.3 ms a call; its prices change by date, not per call. A price
-        # computed for one million of each token kind, per model and day, is cached, and a
-        # call's cost is the linear combination (tiered prices are not linear: computed fully).
-        day = when.date().isoformat()
+        # genai-prices costs ~0.3 ms a call; its prices change by date, not per call. The
+        # per-token rates of a model are cached per UTC day, and a call's cost is their linear
+        # combination (tiered prices are not linear: those calls are priced fully).
+        day = int((at.timestamp() if at is not None else time.time()) // 86400)
         key = (model, provider, day)
-        with self._lock:
-            hit = self._cache.get(key, _MISS)
+        hit = self._cache.get(key, _MISS)  # a dict read is atomic; writes take the lock
+        when = at
+        if hit is _MISS or isinstance(hit, _Tiered):
+            when = at or _dt.datetime.now(_dt.UTC)
         if hit is _MISS:
+            assert when is not None
             hit = self._library_rates(model, provider, when)
             with self._lock:
                 if len(self._cache) > 4096:
@@ -272,6 +281,7 @@ class Pricing:
         if hit is None:
             return None
         if isinstance(hit, _Tiered):
+            assert when is not None
             return _library_full(model, provider, tokens, when)
         rates, currency, source = hit
         return Cost(_apply(rates, tokens), currency, source)

@@ -168,13 +168,13 @@ def record_usage(
 
 
 def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | None:
-    from coworker._decorator import current_run
+    from coworker._decorator import Run
     from coworker._state import SETTINGS
     from coworker.flow import SCOPE
 
     scope = SCOPE.get()
     identity = scope.identity
-    r = current_run()
+    r = scope.run if type(scope.run) is Run else None
     doctype = r.doctype if r is not None else None
     enforcer = SETTINGS.policy
     rules = getattr(getattr(enforcer, "policy", None), "usage", None)
@@ -204,14 +204,19 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
             stacklevel=3,
         )
         return cost
+    # Zero counts are left out of the event (the SDK cleans every attribute value, which is
+    # most of the cost here); the ledger reads a missing count as 0.
     event: dict[str, Any] = {
         attr.GEN_AI_REQUEST_MODEL: model,
         attr.GEN_AI_USAGE_INPUT_TOKENS: tokens.input,
         attr.GEN_AI_USAGE_OUTPUT_TOKENS: tokens.output,
-        attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: tokens.cache_read,
-        attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: tokens.cache_creation,
-        attr.USAGE_REASONING_TOKENS: tokens.reasoning,
     }
+    if tokens.cache_read:
+        event[attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = tokens.cache_read
+    if tokens.cache_creation:
+        event[attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS] = tokens.cache_creation
+    if tokens.reasoning:
+        event[attr.USAGE_REASONING_TOKENS] = tokens.reasoning
     if provider is not None:
         event[attr.GEN_AI_PROVIDER_NAME] = provider
     if center is not None:
@@ -240,9 +245,7 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
             have = current.get(attr.GEN_AI_USAGE_COST_CURRENCY)
             if have is None or have == cost.currency:
                 amount = current.get(attr.GEN_AI_USAGE_COST_AMOUNT, 0.0)
-                totals[attr.GEN_AI_USAGE_COST_AMOUNT] = float(
-                    Decimal(repr(amount)) + cost.amount
-                )
+                totals[attr.GEN_AI_USAGE_COST_AMOUNT] = float(Decimal(repr(amount)) + cost.amount)
                 totals[attr.GEN_AI_USAGE_COST_CURRENCY] = cost.currency
                 totals[attr.GEN_AI_USAGE_COST_SOURCE] = cost.source
             else:
@@ -319,7 +322,9 @@ def _metrics(
     inst.tokens.record(tokens.input, {**labels, attr.GEN_AI_TOKEN_TYPE: "input"})
     inst.tokens.record(tokens.output, {**labels, attr.GEN_AI_TOKEN_TYPE: "output"})
     if cost is not None:
-        inst.cost.add(float(cost.amount), {**labels, attr.GEN_AI_USAGE_COST_CURRENCY: cost.currency})
+        inst.cost.add(
+            float(cost.amount), {**labels, attr.GEN_AI_USAGE_COST_CURRENCY: cost.currency}
+        )
 
 
 # -- extractors ------------------------------------------------------------------------------

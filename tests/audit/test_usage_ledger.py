@@ -17,8 +17,8 @@ import coworker
 from coworker import attributes as a
 from coworker.audit.urls import open_store
 from coworker.audit.usage import format_table, report, usage_records
-from coworker.cli import main
 from coworker.audit.verify import verify_chain
+from coworker.cli import main
 
 STORES = ("sqlite", "postgres")
 
@@ -75,9 +75,7 @@ def _llm(tokens: int) -> None:
     coworker.record_usage(model="gpt-4o", input_tokens=tokens, output_tokens=tokens // 10)
 
 
-def test_rollups_across_nested_runs_retries_breaks_and_threads(
-    audit_url: str, spans: Any
-) -> None:
+def test_rollups_across_nested_runs_retries_breaks_and_threads(audit_url: str, spans: Any) -> None:
     """Every record_usage call is one ledger record, whatever the nesting, retry, flow break
     or thread; the report's totals per flow, user and run equal the sum of the calls."""
     coworker.configure(audit=audit_url, metrics=False)
@@ -132,9 +130,11 @@ def test_rollups_across_nested_runs_retries_breaks_and_threads(
     assert sum(r["input_tokens"] for r in records) == sum(calls) + 1000
     by_flow = report(_all_ledger := _all(audit_url), by="flow", pricing_version="recorded")
     assert len(by_flow.rows) == 2
-    assert sum(r.tokens["input_tokens"] for r in by_flow.rows) == by_flow.total.tokens[
-        "input_tokens"
-    ] == sum(calls) + 1000
+    assert (
+        sum(r.tokens["input_tokens"] for r in by_flow.rows)
+        == by_flow.total.tokens["input_tokens"]
+        == sum(calls) + 1000
+    )
     first = next(r for r in by_flow.rows if r.key == first_flow.id)
     assert first.tokens["input_tokens"] == 1000 + 200 + 300 + 300
     # The threads' run: 100 calls, totals on its span exactly (no lost update).

@@ -98,6 +98,9 @@ def usage_entries(span: Any) -> list[tuple[dict[str, Any], bytes | None]]:
         for key, name in _EVENT_KEYS:
             value = values.get(name)
             fields[key] = value if value is None or type(value) in (int, str) else str(value)
+        for key in _TOKEN_FIELDS:
+            if fields[key] is None:
+                fields[key] = 0  # record_usage leaves zero counts out of its event
         fields["usage_at"] = format_time(event.timestamp)
         fields["usage_index"] = index
         out.append((fields, None))
