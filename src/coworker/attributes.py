@@ -128,8 +128,6 @@ GEN_AI_USAGE_COST_SOURCE: Final = "gen_ai.usage.cost.source"
 """The pricing version the amount was computed with (``genai-prices 0.2.3``, an override)."""
 COST_CENTER: Final = "coworker.cost_center"
 """Who pays for a run's usage (see docs/usage.md for the precedence)."""
-USAGE_EVENT: Final = "coworker.usage_record"
-"""Span event per ``record_usage`` call; the usage ledger makes one record of each."""
 CATEGORY_USAGE: Final = "usage"
 """Audit category of usage ledger records (not a classification of runs: not in
 ``AUDIT_CATEGORIES``)."""

@@ -5,9 +5,11 @@ Tokens are the source of truth; cost is derived from a versioned pricing
 
 * adds the OTel GenAI ``gen_ai.usage.*`` totals (and the cost, in the shape of the open OTel
   cost proposal) to the run's span;
-* adds one ``coworker.usage_record`` span event, which the usage ledger
-  (:mod:`coworker.audit.usage`) turns into one audit record of category ``usage`` when the
-  span ends;
+* while an audit pipeline is configured, keeps the call's counts beside the live span (a
+  buffer, not span events: the SDK keeps at most 128 events per span and drops the
+  rest, which would lose ledger records of a long agent loop); the usage ledger
+  (:mod:`coworker.audit.usage`) turns each into one audit record of category ``usage`` when
+  the span ends;
 * records ``gen_ai.client.token.usage`` and ``coworker.usage.cost`` metrics and counts the
   tokens and cost against the policy's budgets.
 
@@ -27,6 +29,7 @@ import inspect
 import logging
 import math
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from decimal import Decimal
@@ -51,6 +54,25 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()  # read-modify-write of a run's totals from several threads
+# (trace id, span id) of a live span -> the usage calls recorded on it, until the ledger
+# processor takes them when the span ends. Keyed by ids, not by the span object: the SDK hands
+# processors a ReadableSpan copy. Filled only while an audit pipeline (and so the ledger
+# processor, which empties it at every span end) is configured.
+_PENDING: dict[tuple[int, int], list[dict[str, Any]]] = {}
+
+
+def _key(span: Any) -> tuple[int, int]:
+    ctx = span.get_span_context() if hasattr(span, "get_span_context") else span.context
+    return ctx.trace_id, ctx.span_id
+
+
+def take_pending(span: Any) -> list[dict[str, Any]] | None:
+    """Remove and return the usage calls recorded on ``span`` (for the usage ledger)."""
+    if not _PENDING:
+        return None
+    key = _key(span)
+    with _lock:
+        return _PENDING.pop(key, None)
 
 _TOTALS: Final = (
     (attr.GEN_AI_USAGE_INPUT_TOKENS, "input"),
@@ -60,6 +82,7 @@ _TOTALS: Final = (
     (attr.USAGE_REASONING_TOKENS, "reasoning"),
 )
 _MAX_TOKENS: Final = 2**53 - 1  # beyond this no audit record (JCS number) holds it exactly
+_AT: Final = "usage_at"  # key of the call's time (ns) in a pending usage entry
 
 
 class Usage(NamedTuple):
@@ -204,8 +227,7 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
             stacklevel=3,
         )
         return cost
-    # Zero counts are left out of the event (the SDK cleans every attribute value, which is
-    # most of the cost here); the ledger reads a missing count as 0.
+    # Zero counts are left out (the ledger reads a missing count as 0).
     event: dict[str, Any] = {
         attr.GEN_AI_REQUEST_MODEL: model,
         attr.GEN_AI_USAGE_INPUT_TOKENS: tokens.input,
@@ -258,7 +280,9 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
                     have,
                 )
         span.set_attributes(totals)
-        span.add_event(attr.USAGE_EVENT, event)
+        if SETTINGS.audit_records:
+            event[_AT] = time.time_ns()
+            _PENDING.setdefault(_key(span), []).append(event)
     return cost
 
 

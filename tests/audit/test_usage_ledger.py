@@ -337,3 +337,26 @@ def test_budget_config_errors_are_clear() -> None:
             coworker.Policy.from_dict({"usage": {"budgets": {"b": spec}}})
     with pytest.raises(ConfigError, match="owner_pays"):
         coworker.Policy.from_dict({"doctypes": {"X": {"owner_pays": True}}})
+
+
+def test_a_long_agent_loop_loses_no_usage_record(tmp_path: Path, spans: Any) -> None:
+    """300 model calls in one run (over the SDK's 128 events per span): 300 ledger records."""
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    coworker.configure(audit=url, metrics=False)
+    with coworker.run("agent loop"):
+        for i in range(300):
+            coworker.record_usage(model="gpt-4o", input_tokens=i, output_tokens=1)
+    records = _records(url)
+    assert len(records) == 300
+    assert sorted(r["input_tokens"] for r in records) == list(range(300))
+    assert [r["usage_index"] for r in records] == list(range(300))
+
+
+def test_without_an_audit_trail_nothing_is_buffered(spans: Any) -> None:
+    """No pipeline: the span totals only; no per-call buffer left behind."""
+    from coworker import usage
+
+    coworker.configure(metrics=False)
+    with coworker.run("x") as r:
+        coworker.record_usage(model="gpt-4o", input_tokens=3, output_tokens=1)
+        assert usage.take_pending(r.span) is None

@@ -3,11 +3,12 @@ call, in the same hash chain and through the same never-lose writer as every oth
 and ``coworker usage report``, which rolls the records up and recomputes their cost.
 
 :class:`UsageLedgerProcessor` is added by ``coworker.configure(audit=...)`` after the audit
-processor. When a run's span ends it turns each ``coworker.usage_record`` span event into a
-record and appends them all in one group commit, before ``span.end()`` returns (the same
-durability as a state-change record). The record repeats the run's identity fields (run,
-chain, flow, step, user, agent, session, trace and span ids) and adds the usage keys of
-:data:`USAGE_FIELDS` (optional keys: no schema version change).
+processor. When a run's span ends it turns each usage call recorded on it
+(:func:`coworker.usage.take_pending`) into a record and appends them all in one group commit,
+before ``span.end()`` returns (the same durability as a state-change record). The record
+repeats the run's identity fields (run, chain, flow, step, user, agent, session, trace and
+span ids) and adds the usage keys of :data:`USAGE_FIELDS` (optional keys: no schema version
+change).
 """
 
 from __future__ import annotations
@@ -79,10 +80,11 @@ _TOKEN_FIELDS: Final = (
 )
 
 
-def usage_entries(span: Any) -> list[tuple[dict[str, Any], bytes | None]]:
-    """The usage ledger entries of a finished span (none without usage events)."""
-    events = [e for e in (span.events or ()) if e.name == attr.USAGE_EVENT]
-    if not events:
+def usage_entries(
+    span: Any, calls: Sequence[Mapping[str, Any]]
+) -> list[tuple[dict[str, Any], bytes | None]]:
+    """The usage ledger entries of a finished span, one per recorded usage call."""
+    if not calls:
         return []
     base, _ = entry_from_span(span)
     base.update(
@@ -92,16 +94,16 @@ def usage_entries(span: Any) -> list[tuple[dict[str, Any], bytes | None]]:
         intent_seq=None,
     )
     out: list[tuple[dict[str, Any], bytes | None]] = []
-    for index, event in enumerate(events):
+    for index, values in enumerate(calls):
         fields = dict(base)
-        values = event.attributes or {}
         for key, name in _EVENT_KEYS:
             value = values.get(name)
             fields[key] = value if value is None or type(value) in (int, str) else str(value)
         for key in _TOKEN_FIELDS:
             if fields[key] is None:
                 fields[key] = 0  # record_usage leaves zero counts out of its event
-        fields["usage_at"] = format_time(event.timestamp)
+        at = values.get("usage_at")
+        fields["usage_at"] = format_time(at) if type(at) is int else None
         fields["usage_index"] = index
         out.append((fields, None))
     return out
@@ -126,9 +128,12 @@ class UsageLedgerProcessor(SpanProcessor):
         Raises:
             AuditUnavailable: the store failed and the writer's policy is ``"raise"``.
         """
-        if not span.events:
+        from coworker.usage import take_pending
+
+        calls = take_pending(span)
+        if not calls:
             return
-        entries = usage_entries(span)
+        entries = usage_entries(span, calls)
         if entries:
             self.exporter.writer.write(entries)
 
