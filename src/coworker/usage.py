@@ -74,6 +74,7 @@ def take_pending(span: Any) -> list[dict[str, Any]] | None:
     with _lock:
         return _PENDING.pop(key, None)
 
+
 _TOTALS: Final = (
     (attr.GEN_AI_USAGE_INPUT_TOKENS, "input"),
     (attr.GEN_AI_USAGE_OUTPUT_TOKENS, "output"),
