@@ -104,6 +104,8 @@ def main() -> None:
         "ratio, JSON parse body: "
         f"{med['run, JSON parse body + record_usage'] / med['run, JSON parse body']:.3f}x"
     )
+    extra = statistics.median(alone)
+    print(f"ratio <= 1.05x for bodies of at least {extra / 0.05 / 1e6:.2f} ms (a model call)")
     coworker.shutdown()
 
 

@@ -36,6 +36,9 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from coworker import attributes as attr
+from coworker._decorator import Run
+from coworker._state import SETTINGS
+from coworker.flow import SCOPE
 from coworker.pricing import Cost, TokenCounts, UsageWarning, default_pricing
 
 if TYPE_CHECKING:
@@ -192,10 +195,6 @@ def record_usage(
 
 
 def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | None:
-    from coworker._decorator import Run
-    from coworker._state import SETTINGS
-    from coworker.flow import SCOPE
-
     scope = SCOPE.get()
     identity = scope.identity
     r = scope.run if type(scope.run) is Run else None
@@ -249,7 +248,7 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
         event[attr.GEN_AI_USAGE_COST_AMOUNT] = str(cost.amount)
         event[attr.GEN_AI_USAGE_COST_CURRENCY] = cost.currency
         event[attr.GEN_AI_USAGE_COST_SOURCE] = cost.source
-    span = r.span
+    span: Any = r.span  # the SDK span: its attributes are readable
     with _lock:
         current = span.attributes or {}
         totals: dict[str, Any] = {}

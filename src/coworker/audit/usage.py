@@ -296,7 +296,10 @@ def report(
             model = rec.get("model")
             cost = None
             if isinstance(model, str) and model:
-                ints = {k: rec.get(k) if type(rec.get(k)) is int else 0 for k in _TOKEN_FIELDS}
+                ints: dict[str, int] = {}
+                for k in _TOKEN_FIELDS:
+                    v = rec.get(k)
+                    ints[k] = v if type(v) is int else 0
                 cost = pricer.cost(
                     model,
                     TokenCounts(
