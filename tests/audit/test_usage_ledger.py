@@ -360,3 +360,28 @@ def test_without_an_audit_trail_nothing_is_buffered(spans: Any) -> None:
     with coworker.run("x") as r:
         coworker.record_usage(model="gpt-4o", input_tokens=3, output_tokens=1)
         assert usage.take_pending(r.span) is None
+
+
+def test_usage_records_are_not_run_outcomes(tmp_path: Path, spans: Any) -> None:
+    """Usage records have their own kind: the flow fold counts one run (not one per usage
+    call), and an intent is never paired with a usage record as its outcome."""
+    from coworker.audit.fold import replay
+
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    coworker.configure(audit=url, metrics=False)
+    with coworker.flow("workflow") as flow:
+
+        @coworker.run(operation="update", doctype="Invoice")
+        def update() -> None:
+            coworker.record_usage(model="gpt-4o", input_tokens=5, output_tokens=1)
+            coworker.record_usage(model="gpt-4o", input_tokens=6, output_tokens=1)
+
+        update()
+    coworker.shutdown()
+    store = open_store(url)
+    try:
+        assert replay(store, flow.id).runs == 1
+    finally:
+        store.close()
+    records = [r.fields() for r in _all(url)]
+    assert [r["kind"] for r in records if r["category"] == "usage"] == ["usage", "usage"]

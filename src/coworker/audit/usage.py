@@ -28,10 +28,11 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from coworker import attributes as attr
 from coworker._text import printable
 from coworker.audit.exporter import AuditSpanExporter
-from coworker.audit.record import KIND_OUTCOME, entry_from_span, format_time
+from coworker.audit.record import entry_from_span, format_time
 
 __all__ = [
     "GROUPINGS",
+    "KIND_USAGE",
     "USAGE_FIELDS",
     "UsageLedgerProcessor",
     "UsageReport",
@@ -39,6 +40,10 @@ __all__ = [
     "report",
     "usage_entries",
 ]
+
+KIND_USAGE: Final = "usage"
+"""The ``kind`` of a usage record: not ``outcome``, so that nothing takes it for a run's outcome
+(the flow fold's run counts, ``audit tree``, the pairing of fail-closed intents)."""
 
 USAGE_FIELDS: Final = (
     "model",
@@ -88,7 +93,7 @@ def usage_entries(
         return []
     base, _ = entry_from_span(span)
     base.update(
-        kind=KIND_OUTCOME,
+        kind=KIND_USAGE,
         category=attr.CATEGORY_USAGE,
         payload_digest=None,  # the run's captured input/output belongs to its own record
         intent_seq=None,
@@ -236,7 +241,7 @@ def usage_records(records: Iterable[Any]) -> Iterator[dict[str, Any]]:
     """The decoded usage records among ``records`` (``StoredRecord`` objects or dicts)."""
     for rec in records:
         fields = rec.fields() if hasattr(rec, "fields") and callable(rec.fields) else rec
-        if fields.get("category") == attr.CATEGORY_USAGE and fields.get("kind") == KIND_OUTCOME:
+        if fields.get("category") == attr.CATEGORY_USAGE and fields.get("kind") == KIND_USAGE:
             yield fields
 
 
