@@ -1351,7 +1351,7 @@ def run(
     capture_output: bool = False,
     attributes: Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
     usage: Callable[[Any], Any] | None = None,  # usage (issue 16)
-) -> Any: ...
+) -> RunOptions: ...
 
 
 def run(

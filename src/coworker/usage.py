@@ -33,7 +33,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 from coworker import attributes as attr
 from coworker._decorator import Run
@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+_F = TypeVar("_F", bound=Callable[..., Any])
 _lock = threading.Lock()  # read-modify-write of a run's totals from several threads
 # (trace id, span id) of a live span -> the usage calls recorded on it, until the ledger
 # processor takes them when the span ends. Keyed by ids, not by the span object: the SDK hands
@@ -476,8 +477,9 @@ class _UsageOptions:
         self._options = options
         self._extractor = extractor
 
-    def __call__(self, fn: Any) -> Any:
-        return self._options(_wrap(fn, self._extractor))
+    def __call__(self, fn: _F) -> _F:
+        wrapped: _F = self._options(_wrap(fn, self._extractor))
+        return wrapped
 
     def __enter__(self) -> Any:
         raise TypeError(

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 from coworker.exceptions import BudgetExceeded, ConfigError
 
 if TYPE_CHECKING:
-    from coworker.identity import Identity
+    from coworker.identity import Identity, User
 
 __all__ = ["Budget", "UsageRules", "cost_center_of_user"]
 
@@ -298,7 +298,7 @@ class UsageRules:
             self._spent.clear()
 
 
-def with_cost_center(user: Any, cost_center: str) -> Any:
+def with_cost_center(user: User | None, cost_center: str) -> User:
     """``user`` (a :class:`~coworker.User`) with ``attributes["cost_center"]`` set; what
     ``acting_as(..., cost_center=...)`` does.
 
