@@ -328,3 +328,20 @@ def test_import_coworker_stays_light() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert callable(coworker.record_usage)
+
+
+def test_reasoning_and_cache_creation_totals(spans: Any) -> None:
+    """Reasoning and cache-creation counts land on their semconv attributes."""
+    coworker.configure(metrics=False)
+    with coworker.run("turn"):
+        coworker.record_usage(
+            model="o3-mini",
+            input_tokens=100,
+            output_tokens=50,
+            cache_creation_input_tokens=40,
+            reasoning_tokens=30,
+        )
+    (span,) = spans.get_finished_spans()
+    assert span.attributes[a.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] == 30
+    assert span.attributes[a.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS] == 40
+    assert a.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS not in span.attributes

@@ -107,9 +107,11 @@ AUDIT_INTENT_SEQ: Final = "coworker.audit.intent_seq"
 before the run's body executed (the outcome record points back at it)."""
 
 # -- usage and cost (issue 16) ---------------------------------------------------------------
-# OTel GenAI semantic conventions (Development status), names as published in semconv v1.38:
+# OTel GenAI semantic conventions (Development status), names as published in semconv v1.39+
+# (the cached-token attributes of open-telemetry/semantic-conventions#3163):
 # https://opentelemetry.io/docs/specs/semconv/gen-ai/ . ``input_tokens`` includes the cache
-# read and cache creation tokens (the spec's "SHOULD be included").
+# read and cache creation tokens. (The GenAI SIG's unreleased main renames cache_creation to
+# cache_write; see docs/usage.md.)
 GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
 GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
 GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
@@ -118,8 +120,8 @@ GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: Final = "gen_ai.usage.cache_read.input_tok
 GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: Final = "gen_ai.usage.cache_creation.input_tokens"
 GEN_AI_TOKEN_TYPE: Final = "gen_ai.token.type"
 """Metric attribute of ``gen_ai.client.token.usage``: ``input`` or ``output``."""
-# Not (yet) in the spec: reasoning tokens are part of output_tokens; coworker's own name.
-USAGE_REASONING_TOKENS: Final = "coworker.usage.reasoning_tokens"
+GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: Final = "gen_ai.usage.reasoning.output_tokens"
+"""Reasoning tokens; part of ``gen_ai.usage.output_tokens``."""
 # The open OTel proposal for cost (semantic-conventions issue "GenAI cost"): NOT in a
 # published semconv release yet. ``gen_ai.usage.cost`` itself is never a leaf attribute.
 GEN_AI_USAGE_COST_AMOUNT: Final = "gen_ai.usage.cost.amount"

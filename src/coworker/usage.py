@@ -84,7 +84,7 @@ _TOTALS: Final = (
     (attr.GEN_AI_USAGE_OUTPUT_TOKENS, "output"),
     (attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, "cache_read"),
     (attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, "cache_creation"),
-    (attr.USAGE_REASONING_TOKENS, "reasoning"),
+    (attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, "reasoning"),
 )
 _MAX_TOKENS: Final = 2**53 - 1  # beyond this no audit record (JCS number) holds it exactly
 _AT: Final = "usage_at"  # key of the call's time (ns) in a pending usage entry
@@ -239,7 +239,7 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
     if tokens.cache_creation:
         event[attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS] = tokens.cache_creation
     if tokens.reasoning:
-        event[attr.USAGE_REASONING_TOKENS] = tokens.reasoning
+        event[attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = tokens.reasoning
     if provider is not None:
         event[attr.GEN_AI_PROVIDER_NAME] = provider
     if center is not None:

@@ -69,7 +69,7 @@ _EVENT_KEYS: Final = (
     ("output_tokens", attr.GEN_AI_USAGE_OUTPUT_TOKENS),
     ("cache_read_input_tokens", attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS),
     ("cache_creation_input_tokens", attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS),
-    ("reasoning_tokens", attr.USAGE_REASONING_TOKENS),
+    ("reasoning_tokens", attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS),
     ("cost_amount", attr.GEN_AI_USAGE_COST_AMOUNT),
     ("cost_currency", attr.GEN_AI_USAGE_COST_CURRENCY),
     ("cost_source", attr.GEN_AI_USAGE_COST_SOURCE),
