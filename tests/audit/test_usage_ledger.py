@@ -385,3 +385,30 @@ def test_usage_records_are_not_run_outcomes(tmp_path: Path, spans: Any) -> None:
         store.close()
     records = [r.fields() for r in _all(url)]
     assert [r["kind"] for r in records if r["category"] == "usage"] == ["usage", "usage"]
+
+
+def test_audit_query_and_tree_know_usage_records(tmp_path: Path, spans: Any) -> None:
+    """``audit query --category usage`` lists the ledger; ``audit tree`` shows runs only (a
+    non-audited run's usage record is not a run node)."""
+    from coworker.audit.query import build_tree, query
+
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    coworker.configure(audit=url, metrics=False)
+    with coworker.flow("ai-conversation") as flow:
+        _llm(10)  # "chat": not audited itself, but its usage is recorded
+
+        @coworker.run(operation="update", doctype="Invoice")
+        def update() -> None:
+            coworker.record_usage(model="gpt-4o", input_tokens=5, output_tokens=1)
+
+        update()
+    coworker.shutdown()
+    store = open_store(url)
+    try:
+        usage = list(query(store, category="usage"))
+        assert len(usage) == 2
+        tree = build_tree(query(store, flow_id=flow.id), flow.id)
+        names = [n.entry.fields["name"] for s in tree.steps for n in s.runs]
+        assert names == ["update Invoice"]
+    finally:
+        store.close()
