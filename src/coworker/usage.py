@@ -32,11 +32,10 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 from coworker import attributes as attr
-from coworker._decorator import Run
+from coworker._decorator import Run, _attribute_dict
 from coworker._state import SETTINGS
 from coworker.flow import SCOPE
 from coworker.pricing import Cost, TokenCounts, UsageWarning, default_pricing
@@ -251,7 +250,9 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
         event[attr.GEN_AI_USAGE_COST_SOURCE] = cost.source
     span: Any = r.span  # the SDK span: its attributes are readable
     with _lock:
-        current = span.attributes or {}
+        # The live span's own dict, read-only (the public mapping pays a Python-level
+        # __getitem__ per key); what _decorator reads for the same reason.
+        current = _attribute_dict(span)
         totals: dict[str, Any] = {}
         for key, kind in _TOTALS:
             add = getattr(tokens, kind)
@@ -259,7 +260,7 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
             if add or before is not None:
                 totals[key] = (before if type(before) is int else 0) + add
         if attr.GEN_AI_REQUEST_MODEL not in current:
-            totals[attr.GEN_AI_REQUEST_MODEL] = model  # the first model (each is in its event)
+            totals[attr.GEN_AI_REQUEST_MODEL] = model  # the first model (each call: the ledger)
             if provider is not None:
                 totals[attr.GEN_AI_PROVIDER_NAME] = provider
         if center is not None and attr.COST_CENTER not in current:
@@ -267,10 +268,14 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
         if cost is not None:
             have = current.get(attr.GEN_AI_USAGE_COST_CURRENCY)
             if have is None or have == cost.currency:
+                # A float on the span (OTel has no decimal type); the ledger keeps each call's
+                # exact decimal.
                 amount = current.get(attr.GEN_AI_USAGE_COST_AMOUNT, 0.0)
-                totals[attr.GEN_AI_USAGE_COST_AMOUNT] = float(Decimal(repr(amount)) + cost.amount)
-                totals[attr.GEN_AI_USAGE_COST_CURRENCY] = cost.currency
-                totals[attr.GEN_AI_USAGE_COST_SOURCE] = cost.source
+                totals[attr.GEN_AI_USAGE_COST_AMOUNT] = float(amount) + float(cost.amount)
+                if have is None:
+                    totals[attr.GEN_AI_USAGE_COST_CURRENCY] = cost.currency
+                if current.get(attr.GEN_AI_USAGE_COST_SOURCE) != cost.source:
+                    totals[attr.GEN_AI_USAGE_COST_SOURCE] = cost.source
             else:
                 _log.warning(
                     "coworker: run %s mixes cost currencies (%s, %s); the span keeps %s, the "
