@@ -186,6 +186,26 @@ def _spanmetrics(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ metric catalogue
+def _usage_metrics(meter_provider: Any) -> None:
+    """Record the usage metrics (issue 16) once, with every dimension they carry."""
+    from decimal import Decimal
+
+    from coworker.identity import Agent, Identity, User
+    from coworker.pricing import Cost, TokenCounts
+    from coworker.usage import _metrics
+
+    _metrics(
+        "gpt-4o",
+        "openai",
+        TokenCounts(10, 2),
+        Cost(Decimal("0.01"), "USD", "test"),
+        Identity(User("u"), Agent("a")),
+        "sales",
+        "ai-conversation",
+        meter_provider=meter_provider,
+    )
+
+
 @pytest.fixture(scope="module")
 def library_metrics() -> dict[str, frozenset[str]]:
     """Prometheus series name -> allowed labels, for every metric coworker.metrics emits.
@@ -203,6 +223,7 @@ def library_metrics() -> dict[str, frozenset[str]]:
         pass
     audit_append(a.CATEGORY_STATE_CHANGE, "ok", 0.01, meter_provider=meter_provider)
     register_spool_depth(lambda: 0, meter_provider=meter_provider)
+    _usage_metrics(meter_provider)
     data = reader.get_metrics_data()
     assert data is not None
     catalogue: dict[str, frozenset[str]] = {}
@@ -230,6 +251,8 @@ def library_metrics() -> dict[str, frozenset[str]]:
         a.METRIC_AUDIT_APPENDS,
         a.METRIC_AUDIT_APPEND_DURATION,
         a.METRIC_AUDIT_SPOOL_DEPTH,
+        a.METRIC_GEN_AI_TOKEN_USAGE,
+        a.METRIC_USAGE_COST,
     }
     recorded = {
         m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics

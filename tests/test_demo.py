@@ -45,9 +45,11 @@ def test_demo_prints_tree_and_verified_audit_trail(tmp_path: Path) -> None:
     # A second run appends to the same chain, which still verifies.
     again = _demo(tmp_path)
     assert again.returncode == 0 and "verify: intact" in again.stdout
-    assert "audit trail: 8 run records and 18 flow events" in again.stdout
+    assert "audit trail: 12 run records and 18 flow events" in again.stdout  # +2 usage a demo
     # The workflow's state, folded from its flow events (docs/flows.md).
     assert "completed at step ship, sealed=yes" in again.stdout
+    assert "usage: 1840 input + 105 output tokens, cost 0." in out
+    assert "tokens=1200+80" in out
 
 
 def test_demo_sends_otlp_when_endpoint_set(tmp_path: Path, otlp_receiver: str) -> None:  # noqa: F811

@@ -12,6 +12,7 @@ EXPECTED = [
     "BREAK_REASONS",
     "Agent",
     "AuditUnavailable",
+    "BudgetExceeded",
     "ConfigError",
     "Conversation",
     "CoworkerError",
@@ -44,6 +45,7 @@ EXPECTED = [
     "force_flush",
     "inject",
     "propagate",
+    "record_usage",
     "run",
     "shutdown",
     "step",
@@ -56,7 +58,7 @@ def test_all_is_pinned_and_sorted() -> None:
     assert coworker.__all__ == EXPECTED
 
 
-_LAZY = {"Policy"}  # resolved by coworker.__getattr__ (keeps the policy loader out of import)
+_LAZY = {"Policy", "record_usage"}  # resolved by coworker.__getattr__ (kept out of import)
 _NOT_API = {"annotations", "TYPE_CHECKING", "Any"}  # the module's own imports
 
 

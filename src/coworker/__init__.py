@@ -28,6 +28,7 @@ from coworker._version import __version__
 from coworker.conversations import Conversation, TurnBlock, conversation
 from coworker.exceptions import (
     AuditUnavailable,
+    BudgetExceeded,
     ConfigError,
     CoworkerError,
     PermissionDenied,
@@ -52,11 +53,13 @@ from coworker.propagation import Extracted, extract, inject, propagate
 
 if TYPE_CHECKING:
     from coworker.acl import Policy
+    from coworker.usage import record_usage
 
 __all__ = [
     "BREAK_REASONS",
     "Agent",
     "AuditUnavailable",
+    "BudgetExceeded",
     "ConfigError",
     "Conversation",
     "CoworkerError",
@@ -89,6 +92,7 @@ __all__ = [
     "force_flush",
     "inject",
     "propagate",
+    "record_usage",
     "run",
     "shutdown",
     "step",
@@ -102,6 +106,10 @@ def __getattr__(name: str) -> Any:
         from coworker.acl import Policy
 
         return Policy
+    if name == "record_usage":  # usage (issue 16): decimal/pricing stay out of the import
+        from coworker.usage import record_usage
+
+        return record_usage
     if name == "audit":
         import importlib
 

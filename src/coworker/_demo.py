@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
@@ -79,8 +80,23 @@ def process_order(order_id: str) -> None:
             ship(order_id)
 
 
+def _model_call(prompt_tokens: int, completion_tokens: int) -> None:
+    # The agent's model call behind the tool, as an OpenAI SDK response would report it.
+    from coworker.usage import openai_usage, record_usage
+
+    usage = openai_usage(
+        {
+            "model": "gpt-4o-mini",
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        }
+    )
+    assert usage is not None
+    record_usage(**usage._asdict())
+
+
 @coworker.run(operation="select", doctype="Invoice")
 def find_invoices(customer: str) -> list[str]:
+    _model_call(1200, 80)
     return [f"INV-{customer}-1", f"INV-{customer}-2"]
 
 
@@ -91,6 +107,7 @@ def set_due_date(invoice_id: str, due: str) -> None:
 
 @coworker.run(operation="select", doctype="Task")
 def list_tasks(owner: str) -> list[str]:
+    _model_call(640, 25)
     return ["call supplier"]
 
 
@@ -167,9 +184,37 @@ def _print_run(span: Any, children: dict[str, list[Any]], indent: int, out: Text
         text += f"  [audit: {_p(a[attr.AUDIT_CATEGORY])}]"
     if not ok:
         text += f"  error={_p(a.get(attr.ERROR_TYPE))}"
+    if attr.GEN_AI_USAGE_INPUT_TOKENS in a:
+        used_out = a.get(attr.GEN_AI_USAGE_OUTPUT_TOKENS, 0)
+        text += f"  tokens={a[attr.GEN_AI_USAGE_INPUT_TOKENS]}+{used_out}"
     print(text, file=out)
     for child in children.get(a[attr.RUN_ID], []):
         _print_run(child, children, indent + 2, out)
+
+
+def _print_usage(spans: Sequence[Any], out: TextIO) -> None:
+    """The tokens and cost the agent's model calls used (coworker.record_usage)."""
+    tokens_in = tokens_out = 0
+    cost = 0.0
+    currency = source = None
+    unpriced = 0
+    for s in spans:
+        a = s.attributes
+        if attr.GEN_AI_USAGE_INPUT_TOKENS not in a:
+            continue
+        tokens_in += a[attr.GEN_AI_USAGE_INPUT_TOKENS]
+        tokens_out += a.get(attr.GEN_AI_USAGE_OUTPUT_TOKENS, 0)
+        if attr.GEN_AI_USAGE_COST_AMOUNT in a:
+            cost += a[attr.GEN_AI_USAGE_COST_AMOUNT]
+            currency, source = a[attr.GEN_AI_USAGE_COST_CURRENCY], a[attr.GEN_AI_USAGE_COST_SOURCE]
+        else:
+            unpriced += 1
+    text = f"\nusage: {tokens_in} input + {tokens_out} output tokens"
+    if currency is not None:
+        text += f", cost {cost:.6f} {_p(currency)} (pricing: {_p(source)})"
+    if unpriced:
+        text += f", {unpriced} run(s) unpriced (pip install 'coworker-otel[pricing]')"
+    print(text, file=out)
 
 
 def _print_audit(store: Any, url: str, out: TextIO) -> bool:
@@ -319,11 +364,17 @@ def main(audit_url: str | None = None, audit: bool = True, out: TextIO = sys.std
     try:
         try:
             _gateway_calls["n"] = 0
-            process_order("ORD-1001")
-            assistant_chat()
+            with warnings.catch_warnings():
+                # An unpriced model is reported in the usage line, not as a Python warning.
+                from coworker.pricing import UsageWarning
+
+                warnings.simplefilter("ignore", UsageWarning)
+                process_order("ORD-1001")
+                assistant_chat()
         finally:
             coworker.force_flush()
         print_tree(memory.get_finished_spans(), out)
+        _print_usage(memory.get_finished_spans(), out)
         if counting is not None:
             ok = _report_otlp(counting, out)
         if url is not None:

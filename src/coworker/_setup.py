@@ -195,6 +195,9 @@ def configure(
 
                 pipeline = build_pipeline(audit, fail_closed=fail_closed, on_failure=audit_failure)
                 members.append(pipeline.processor)
+                from coworker.audit.usage import UsageLedgerProcessor  # usage (issue 16)
+
+                members.append(UsageLedgerProcessor(pipeline.exporter))  # usage (issue 16)
                 if checkpoint_key is not None:
                     from coworker.audit.checkpointer import start_from_config
 

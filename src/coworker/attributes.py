@@ -139,3 +139,35 @@ SEALED_ATTRIBUTES: Final = (RESERVED_ATTRIBUTES - {OUTPUT, ERROR_TYPE}) | {OPERA
 (``trace.get_current_span().set_attribute("coworker.audit", False)`` must not hide a record,
 nor ``user.id`` forge one). ``coworker.output`` (``Run.set_output``) and ``error.type`` are the
 body's to report."""
+
+# -- usage and cost (issue 16) ---------------------------------------------------------------
+# OTel GenAI semantic conventions (Development status), names as published in semconv v1.39+
+# (the cached-token attributes of open-telemetry/semantic-conventions#3163):
+# https://opentelemetry.io/docs/specs/semconv/gen-ai/ . ``input_tokens`` includes the cache
+# read and cache creation tokens. (The GenAI SIG's unreleased main renames cache_creation to
+# cache_write; see docs/usage.md.)
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_PROVIDER_NAME: Final = "gen_ai.provider.name"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: Final = "gen_ai.usage.cache_read.input_tokens"
+GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS: Final = "gen_ai.usage.cache_creation.input_tokens"
+GEN_AI_TOKEN_TYPE: Final = "gen_ai.token.type"
+"""Metric attribute of ``gen_ai.client.token.usage``: ``input`` or ``output``."""
+GEN_AI_USAGE_REASONING_OUTPUT_TOKENS: Final = "gen_ai.usage.reasoning.output_tokens"
+"""Reasoning tokens; part of ``gen_ai.usage.output_tokens``."""
+# The open OTel proposal for cost (semantic-conventions issue "GenAI cost"): NOT in a
+# published semconv release yet. ``gen_ai.usage.cost`` itself is never a leaf attribute.
+GEN_AI_USAGE_COST_AMOUNT: Final = "gen_ai.usage.cost.amount"
+GEN_AI_USAGE_COST_CURRENCY: Final = "gen_ai.usage.cost.currency"
+GEN_AI_USAGE_COST_SOURCE: Final = "gen_ai.usage.cost.source"
+"""The pricing version the amount was computed with (``genai-prices 0.2.3``, an override)."""
+COST_CENTER: Final = "coworker.cost_center"
+"""Who pays for a run's usage (see docs/usage.md for the precedence)."""
+CATEGORY_USAGE: Final = "usage"
+"""Audit category of usage ledger records (not a classification of runs: not in
+``AUDIT_CATEGORIES``)."""
+METRIC_GEN_AI_TOKEN_USAGE: Final = "gen_ai.client.token.usage"
+"""Semconv histogram of tokens per call (``{token}``), by ``gen_ai.token.type``."""
+METRIC_USAGE_COST: Final = "coworker.usage.cost"
+"""Counter of cost (unit: the currency), by model, flow type, agent, user and cost center."""

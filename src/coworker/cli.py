@@ -34,6 +34,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-audit", action="store_true", help="do not write an audit trail")
     demo.set_defaults(func=_cmd_demo)
 
+    from coworker.audit.usage import register as register_usage  # usage (issue 16)
+
+    register_usage(sub)
     audit = sub.add_parser("audit", help="verify, query and inspect the audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     for name in _AUDIT_COMMAND_MODULES:

@@ -5,6 +5,7 @@ CoworkerError
 ├── ConfigError (also ValueError)       bad argument or setting; raised at construction
 ├── PermissionDenied                    the policy refused a run; audited
 │   └── RateLimited                     too many runs of an operation class in a window; audited
+│       └── BudgetExceeded              a usage budget (tokens or cost) is spent; audited
 ├── ValidationError (also ValueError)   a business rule raised by application code; audited
 └── AuditUnavailable                    an audit record could not be made durable
 ```
@@ -19,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "AuditUnavailable",
+    "BudgetExceeded",
     "ConfigError",
     "CoworkerError",
     "PermissionDenied",
@@ -79,6 +81,24 @@ class RateLimited(PermissionDenied):
     ) -> None:
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
+
+
+class BudgetExceeded(RateLimited):
+    """A usage budget of the policy (tokens or cost per user, agent or cost center per
+    window) is spent; the next run is refused before its body, audited as a policy violation.
+
+    A :class:`RateLimited` (and so a :class:`PermissionDenied`): code that backs off on rate
+    limits backs off here too, ``retry_after`` being the time to the next window.
+
+    Attributes:
+        budget: the name of the budget rule.
+    """
+
+    def __init__(
+        self, message: str = "budget exceeded", *, budget: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.budget = budget
 
 
 class ValidationError(CoworkerError, ValueError):

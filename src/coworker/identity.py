@@ -186,6 +186,7 @@ def acting_as(
     *,
     agent_name: str | None = None,
     session: str | None = None,
+    cost_center: str | None = None,  # usage (issue 16)
 ) -> IdentityBlock:
     """Run the block on behalf of ``user``, optionally through an AI ``agent``.
 
@@ -200,6 +201,8 @@ def acting_as(
         agent: an :class:`Agent` or an agent id.
         agent_name: the agent's name when ``agent`` is given as an id.
         session: the session id.
+        cost_center: who pays for the user's model usage (``docs/usage.md``); kept in
+            ``User.attributes["cost_center"]``.
     """
     if isinstance(user, str):
         user = User(user)
@@ -211,4 +214,8 @@ def acting_as(
         raise TypeError(f"agent must be an Agent, an agent id or None, got {type(agent).__name__}")
     elif agent is not None and agent_name is not None and agent.name is None:
         agent = Agent(agent.id, agent_name)
+    if cost_center is not None:  # usage (issue 16)
+        from coworker.usage_policy import with_cost_center
+
+        user = with_cost_center(user, cost_center)
     return IdentityBlock(Identity(user, agent, session))

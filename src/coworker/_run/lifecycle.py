@@ -177,7 +177,7 @@ class Run:
         if sealed is None:
             return
         span: Any = self.span
-        current = _attribute_dict(span)
+        current = attribute_dict(span)
         for key, want in sealed.items():
             have = current.get(key, _ABSENT)
             # Exact types: the body setting coworker.audit to 1 must not pass for True.
@@ -203,7 +203,7 @@ def current_run() -> Run | None:
     return r if type(r) is Run else None
 
 
-def _attribute_dict(span: Any) -> Mapping[str, Any]:
+def attribute_dict(span: Any) -> Mapping[str, Any]:
     # The SDK's live span keeps a BoundedAttributes around a plain dict; reading that dict
     # costs a few dict lookups, where the public mapping copies under a lock and raises
     # KeyError (slowly) for each missing key. Read-only here, and only in the span's own run.

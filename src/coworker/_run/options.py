@@ -163,6 +163,7 @@ def run(
     capture_input: bool = False,
     capture_output: bool = False,
     attributes: Attributes = None,
+    usage: Callable[[Any], Any] | None = None,  # usage (issue 16)
 ) -> RunOptions: ...
 
 
@@ -178,6 +179,7 @@ def run(
     capture_input: bool = False,
     capture_output: bool = False,
     attributes: Attributes = None,
+    usage: Callable[[Any], Any] | None = None,  # usage (issue 16)
 ) -> Any:
     """Turn calls of a function into spans that carry flow, step, run, user and agent.
 
@@ -212,6 +214,9 @@ def run(
         attributes: extra span attributes: a dict, or a callable receiving the call's bound
             arguments by name and returning a dict (keys ``operation`` / ``doctype`` set
             those of the run).
+        usage: an extractor of token usage from the return value, recorded in the run
+            (:func:`coworker.usage.openai_usage`, ``anthropic_usage``, ``auto_usage``, or
+            any callable returning a :class:`coworker.usage.Usage`, a dict or ``None``).
 
     Returns:
         The wrapped callable (bare form), or a :class:`RunOptions`: a decorator and a
@@ -238,6 +243,11 @@ def run(
         if name is not None:
             raise TypeError("coworker.run got the span name twice (positional and name=)")
         name = target
-    return RunOptions(
+    options = RunOptions(
         name, operation, doctype, step, state_changing, capture_input, capture_output, attributes
     )
+    if usage is not None:  # usage (issue 16): the run's body records extractor(result)
+        from coworker.usage import with_usage
+
+        return with_usage(options, usage)
+    return options

@@ -276,6 +276,9 @@ class Enforcer:
             PermissionDenied: the policy refuses the run; the message names the rule.
             RateLimited: a rate limit of the policy is exhausted.
         """
+        rules = self.policy.usage if self.policy is not None else None  # usage (issue 16)
+        if rules is not None and rules.budgets:  # usage (issue 16): refuse before the body
+            rules.check(identity, doctype)
         if operation is None:
             if self._require_identity and (identity is None or identity.user is None):
                 raise self._denied(identity, operation, doctype, "require_identity: no user")

@@ -27,9 +27,13 @@ _TOP_LEVEL_KEYS: Final = (
     "rate_limits",
     "read_operations",
     "roles",
+    "usage",  # usage (issue 16): cost centers and budgets, parsed by coworker.usage_policy
     "users",
 )
-_DOCTYPE_RULE_KEYS: Final = ("allow", "deny", "read_only", "sensitive")
+_DOCTYPE_RULE_KEYS: Final = (
+    "allow", "deny", "read_only", "sensitive",
+    "cost_center", "owner_pays",  # usage (issue 16): read by coworker.usage_policy
+)  # fmt: skip
 _GRANT_KEYS: Final = ("op", "ops", "where")
 _RATE_LIMIT_KEYS: Final = ("doctypes", "limit", "operations", "per", "window")
 _RATE_LIMIT_PER: Final = ("agent", "user")
@@ -257,6 +261,7 @@ class Policy:
         "_roles",
         "_users",
         "source",
+        "usage",  # usage (issue 16)
     )
 
     def __init__(
@@ -270,8 +275,12 @@ class Policy:
         anonymous: Sequence[str] | None = None,
         read_operations: Sequence[str] | None = None,
         source: str = "policy",
+        usage: Mapping[str, Any] | None = None,  # usage (issue 16)
     ) -> None:
         self.source = source
+        from coworker.usage_policy import UsageRules  # usage (issue 16)
+
+        self.usage = UsageRules(doctypes, usage)  # usage (issue 16)
         self._roles: dict[str, dict[str, tuple[Grant, ...]]] = {}
         for role, spec in _table(roles or {}, "roles").items():
             if not isinstance(role, str) or not role:

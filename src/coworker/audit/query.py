@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from coworker._text import printable
-from coworker.attributes import AUDIT_CATEGORIES
+from coworker.attributes import AUDIT_CATEGORIES, CATEGORY_USAGE
 from coworker.audit.record import (
     CATEGORY_FLOW,
     CATEGORY_INGEST_CONFLICT,
@@ -50,7 +50,12 @@ IN_DOUBT: Final = "in-doubt"
 
 _FILTERS: Final = QUERY_FILTERS
 
-CATEGORIES: Final = (*AUDIT_CATEGORIES, CATEGORY_INGEST_CONFLICT, CATEGORY_FLOW)
+CATEGORIES: Final = (
+    *AUDIT_CATEGORIES,
+    CATEGORY_INGEST_CONFLICT,
+    CATEGORY_FLOW,
+    CATEGORY_USAGE,  # usage (issue 16): the usage ledger's records
+)
 """Every category a record can have: a ``category`` filter outside these is an error, not a
 query that silently matches nothing."""
 
@@ -413,6 +418,8 @@ def build_tree(entries: Iterable[AuditEntry], flow_id: str) -> FlowTree:
             corrections.append(entry)
             continue
         if f.get("category") == CATEGORY_FLOW:  # flow events are not runs (coworker audit flow)
+            continue
+        if f.get("category") == CATEGORY_USAGE:  # usage (issue 16): not runs (usage report)
             continue
         key = f.get("run_id") or f.get("span_id") or f"#{entry.seq}"
         by_seq[entry.seq] = key

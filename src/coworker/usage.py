@@ -1,0 +1,523 @@
+"""Token usage and cost of model calls: :func:`record_usage` and ``@coworker.run(usage=...)``.
+
+Tokens are the source of truth; cost is derived from a versioned pricing
+(:mod:`coworker.pricing`). Each call of :func:`record_usage` inside a run
+
+* adds the OTel GenAI ``gen_ai.usage.*`` totals (and the cost, in the shape of the open OTel
+  cost proposal) to the run's span;
+* while an audit pipeline is configured, keeps the call's counts beside the live span (a
+  buffer, not span events: the SDK keeps at most 128 events per span and drops the
+  rest, which would lose ledger records of a long agent loop); the usage ledger
+  (:mod:`coworker.audit.usage`) turns each into one audit record of category ``usage`` when
+  the span ends;
+* records ``gen_ai.client.token.usage`` and ``coworker.usage.cost`` metrics and counts the
+  tokens and cost against the policy's budgets.
+
+Outside a run (or when no SDK is configured, so runs have no span) there is no span and no
+ledger record: :func:`record_usage` then still validates, prices, counts budgets and metrics,
+and warns with :class:`~coworker.pricing.UsageWarning`. That is a documented no-op for the
+trail, never an exception in the application's hot path.
+
+The extractors read SDK response objects by their documented field names (duck-typed: neither
+the OpenAI nor the Anthropic SDK is a dependency) and also accept plain dicts.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
+
+from coworker import attributes as attr
+from coworker._run.lifecycle import Run, attribute_dict
+from coworker._scope import SCOPE
+from coworker._state import SETTINGS
+from coworker.pricing import Cost, TokenCounts, UsageWarning, default_pricing
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import Counter, Histogram, MeterProvider
+
+    from coworker.identity import Identity
+
+__all__ = [
+    "Usage",
+    "UsageWarning",
+    "anthropic_usage",
+    "auto_usage",
+    "openai_usage",
+    "record_usage",
+]
+
+_log = logging.getLogger(__name__)
+_F = TypeVar("_F", bound=Callable[..., Any])
+_lock = threading.Lock()  # read-modify-write of a run's totals from several threads
+# (trace id, span id) of a live span -> the usage calls recorded on it, until the ledger
+# processor takes them when the span ends. Keyed by ids, not by the span object: the SDK hands
+# processors a ReadableSpan copy. Filled only while an audit pipeline (and so the ledger
+# processor, which empties it at every span end) is configured.
+_PENDING: dict[tuple[int, int], list[dict[str, Any]]] = {}
+
+
+def _key(span: Any) -> tuple[int, int]:
+    ctx = span.get_span_context() if hasattr(span, "get_span_context") else span.context
+    return ctx.trace_id, ctx.span_id
+
+
+def take_pending(span: Any) -> list[dict[str, Any]] | None:
+    """Remove and return the usage calls recorded on ``span`` (for the usage ledger)."""
+    if not _PENDING:
+        return None
+    key = _key(span)
+    with _lock:
+        return _PENDING.pop(key, None)
+
+
+_TOTALS: Final = (
+    (attr.GEN_AI_USAGE_INPUT_TOKENS, "input"),
+    (attr.GEN_AI_USAGE_OUTPUT_TOKENS, "output"),
+    (attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, "cache_read"),
+    (attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, "cache_creation"),
+    (attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, "reasoning"),
+)
+_MAX_TOKENS: Final = 2**53 - 1  # beyond this no audit record (JCS number) holds it exactly
+_AT: Final = "usage_at"  # key of the call's time (ns) in a pending usage entry
+
+
+class Usage(NamedTuple):
+    """What an extractor returns: the arguments of :func:`record_usage`."""
+
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    provider: str | None = None
+
+
+def _count(value: Any, name: str) -> int:
+    # bool is an int in Python, and True tokens is a bug; so are NaN and 1.5.
+    if type(value) is not int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        else:
+            raise ValueError(f"record_usage {name}= must be an int >= 0, got {value!r}")
+    if value < 0 or value > _MAX_TOKENS:
+        raise ValueError(f"record_usage {name}= must be an int in [0, 2**53), got {value!r}")
+    return int(value)
+
+
+def _validate(
+    model: Any,
+    input_tokens: Any,
+    output_tokens: Any,
+    cache_creation_input_tokens: Any,
+    cache_read_input_tokens: Any,
+    reasoning_tokens: Any,
+    provider: Any,
+) -> tuple[str, str | None, TokenCounts]:
+    from coworker.identity import text
+
+    model = text(model, "record_usage model=")
+    if provider is not None:
+        provider = text(provider, "record_usage provider=")
+    tokens = TokenCounts(
+        input=_count(input_tokens, "input_tokens"),
+        output=_count(output_tokens, "output_tokens"),
+        cache_read=0
+        if cache_read_input_tokens is None
+        else _count(cache_read_input_tokens, "cache_read_input_tokens"),
+        cache_creation=0
+        if cache_creation_input_tokens is None
+        else _count(cache_creation_input_tokens, "cache_creation_input_tokens"),
+        reasoning=0 if reasoning_tokens is None else _count(reasoning_tokens, "reasoning_tokens"),
+    )
+    if tokens.cache_read + tokens.cache_creation > tokens.input:
+        raise ValueError(
+            "record_usage: cache_read_input_tokens + cache_creation_input_tokens "
+            f"({tokens.cache_read} + {tokens.cache_creation}) exceed input_tokens "
+            f"({tokens.input}); per the OTel GenAI conventions input_tokens includes cached "
+            "tokens (Anthropic reports them apart: use coworker.usage.anthropic_usage)"
+        )
+    if tokens.reasoning > tokens.output:
+        raise ValueError(
+            f"record_usage: reasoning_tokens ({tokens.reasoning}) exceed output_tokens "
+            f"({tokens.output}); output_tokens includes reasoning tokens"
+        )
+    return model, provider, tokens
+
+
+def record_usage(
+    *,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    cache_creation_input_tokens: int | None = None,
+    cache_read_input_tokens: int | None = None,
+    reasoning_tokens: int | None = None,
+    provider: str | None = None,
+) -> Cost | None:
+    """Record the token usage of one model call in the current run.
+
+    Args:
+        model: the model name as requested (``gen_ai.request.model``).
+        input_tokens: prompt tokens, *including* cache read and cache creation tokens.
+        output_tokens: completion tokens, including reasoning tokens.
+        cache_creation_input_tokens: input tokens written to the provider's cache.
+        cache_read_input_tokens: input tokens served from the provider's cache.
+        reasoning_tokens: output tokens spent on reasoning.
+        provider: ``gen_ai.provider.name`` (``openai``, ``anthropic``, ...).
+
+    Returns:
+        The cost under the current pricing, or ``None`` when no price is known for the model
+        (a :class:`UsageWarning` says so; the cost is null, never 0).
+
+    Raises:
+        ValueError: a count that is not an int >= 0 (bools, NaN, negative numbers, floats with
+            a fraction), inconsistent counts, or an empty / non-string model.
+    """
+    model, provider, tokens = _validate(
+        model,
+        input_tokens,
+        output_tokens,
+        cache_creation_input_tokens,
+        cache_read_input_tokens,
+        reasoning_tokens,
+        provider,
+    )
+    return _record(model, provider, tokens)
+
+
+def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | None:
+    scope = SCOPE.get()
+    identity = scope.identity
+    r = scope.run if type(scope.run) is Run else None
+    doctype = r.doctype if r is not None else None
+    enforcer = SETTINGS.policy
+    rules = getattr(getattr(enforcer, "policy", None), "usage", None)
+    if rules is not None:
+        center = rules.cost_center(identity, doctype)
+    else:
+        from coworker.usage_policy import cost_center_of_user
+
+        center = cost_center_of_user(identity)
+    cost = default_pricing().cost(model, tokens, provider=provider)
+    if rules is not None:
+        rules.account(
+            identity,
+            center,
+            tokens.input + tokens.output,
+            cost.amount if cost is not None else None,
+            cost.currency if cost is not None else None,
+        )
+    flow = r.flow if r is not None else None
+    _metrics(model, provider, tokens, cost, identity, center, flow.type if flow else None)
+    if r is None or not r.span.is_recording():
+        warnings.warn(
+            "coworker.record_usage outside a recorded coworker run (no run, no configured SDK, "
+            "or the run already ended): the usage counts for budgets and metrics but is on no "
+            "span and in no usage ledger record",
+            UsageWarning,
+            stacklevel=3,
+        )
+        return cost
+    # Zero counts are left out (the ledger reads a missing count as 0).
+    event: dict[str, Any] = {
+        attr.GEN_AI_REQUEST_MODEL: model,
+        attr.GEN_AI_USAGE_INPUT_TOKENS: tokens.input,
+        attr.GEN_AI_USAGE_OUTPUT_TOKENS: tokens.output,
+    }
+    if tokens.cache_read:
+        event[attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = tokens.cache_read
+    if tokens.cache_creation:
+        event[attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS] = tokens.cache_creation
+    if tokens.reasoning:
+        event[attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = tokens.reasoning
+    if provider is not None:
+        event[attr.GEN_AI_PROVIDER_NAME] = provider
+    if center is not None:
+        event[attr.COST_CENTER] = center
+    if cost is not None:
+        # Exact decimal text in the event (the ledger's source); a float only on the span.
+        event[attr.GEN_AI_USAGE_COST_AMOUNT] = str(cost.amount)
+        event[attr.GEN_AI_USAGE_COST_CURRENCY] = cost.currency
+        event[attr.GEN_AI_USAGE_COST_SOURCE] = cost.source
+    span: Any = r.span  # the SDK span: its attributes are readable
+    with _lock:
+        # The live span's own dict, read-only (the public mapping pays a Python-level
+        # __getitem__ per key); what the run lifecycle reads for the same reason.
+        current = attribute_dict(span)
+        totals: dict[str, Any] = {}
+        for key, kind in _TOTALS:
+            add = getattr(tokens, kind)
+            before = current.get(key)
+            if add or before is not None:
+                totals[key] = (before if type(before) is int else 0) + add
+        if attr.GEN_AI_REQUEST_MODEL not in current:
+            totals[attr.GEN_AI_REQUEST_MODEL] = model  # the first model (each call: the ledger)
+            if provider is not None:
+                totals[attr.GEN_AI_PROVIDER_NAME] = provider
+        if center is not None and attr.COST_CENTER not in current:
+            totals[attr.COST_CENTER] = center
+        if cost is not None:
+            have = current.get(attr.GEN_AI_USAGE_COST_CURRENCY)
+            if have is None or have == cost.currency:
+                # A float on the span (OTel has no decimal type); the ledger keeps each call's
+                # exact decimal.
+                amount = current.get(attr.GEN_AI_USAGE_COST_AMOUNT, 0.0)
+                totals[attr.GEN_AI_USAGE_COST_AMOUNT] = float(amount) + float(cost.amount)
+                if have is None:
+                    totals[attr.GEN_AI_USAGE_COST_CURRENCY] = cost.currency
+                if current.get(attr.GEN_AI_USAGE_COST_SOURCE) != cost.source:
+                    totals[attr.GEN_AI_USAGE_COST_SOURCE] = cost.source
+            else:
+                _log.warning(
+                    "coworker: run %s mixes cost currencies (%s, %s); the span keeps %s, the "
+                    "usage ledger has each call",
+                    r.id,
+                    have,
+                    cost.currency,
+                    have,
+                )
+        span.set_attributes(totals)
+        if SETTINGS.audit_records:
+            event[_AT] = time.time_ns()
+            _PENDING.setdefault(_key(span), []).append(event)
+    return cost
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+_TOKEN_BUCKETS: Final = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+)  # fmt: skip
+# The semconv advisory boundaries of gen_ai.client.token.usage.
+
+
+class _Instruments:
+    __slots__ = ("cost", "tokens")
+
+    def __init__(self, meter_provider: MeterProvider | None) -> None:
+        from coworker.metrics import _meter
+
+        meter = _meter(meter_provider)
+        self.tokens: Histogram = meter.create_histogram(
+            attr.METRIC_GEN_AI_TOKEN_USAGE,
+            unit="{token}",
+            description="Number of input and output tokens used.",
+            explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
+        )
+        self.cost: Counter = meter.create_counter(
+            attr.METRIC_USAGE_COST,
+            unit="{currency_unit}",
+            description="Cost of model calls, in the currency of gen_ai.usage.cost.currency.",
+        )
+
+
+_instruments: dict[int, _Instruments] = {}
+
+
+def _metrics(
+    model: str,
+    provider: str | None,
+    tokens: TokenCounts,
+    cost: Cost | None,
+    identity: Identity | None,
+    center: str | None,
+    flow_type: str | None,
+    meter_provider: MeterProvider | None = None,
+) -> None:
+    key = id(meter_provider)
+    inst = _instruments.get(key)
+    if inst is None:
+        inst = _instruments[key] = _Instruments(meter_provider)
+    labels: dict[str, str] = {attr.GEN_AI_REQUEST_MODEL: model}
+    if provider is not None:
+        labels[attr.GEN_AI_PROVIDER_NAME] = provider
+    if flow_type is not None:
+        labels[attr.FLOW_TYPE] = flow_type
+    if identity is not None:
+        if identity.user is not None:
+            labels[attr.USER_ID] = identity.user.id
+        if identity.agent is not None:
+            labels[attr.AGENT_ID] = identity.agent.id
+    if center is not None:
+        labels[attr.COST_CENTER] = center
+    inst.tokens.record(tokens.input, {**labels, attr.GEN_AI_TOKEN_TYPE: "input"})
+    inst.tokens.record(tokens.output, {**labels, attr.GEN_AI_TOKEN_TYPE: "output"})
+    if cost is not None:
+        inst.cost.add(
+            float(cost.amount), {**labels, attr.GEN_AI_USAGE_COST_CURRENCY: cost.currency}
+        )
+
+
+# -- extractors ------------------------------------------------------------------------------
+
+
+def _get(obj: Any, name: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def openai_usage(response: Any) -> Usage | None:
+    """Usage of an OpenAI response: Chat Completions (``usage.prompt_tokens``,
+    ``completion_tokens``, ``prompt_tokens_details.cached_tokens``,
+    ``completion_tokens_details.reasoning_tokens``) or the Responses API (``usage.input_tokens``,
+    ``output_tokens``, ``input_tokens_details.cached_tokens``,
+    ``output_tokens_details.reasoning_tokens``); ``cache_write_tokens`` in the input details,
+    where the SDK has it, is the cache creation count. ``None`` when there is no usage."""
+    usage = _get(response, "usage")
+    model = _get(response, "model")
+    if usage is None or not model:
+        return None
+    if _get(usage, "prompt_tokens") is not None:
+        inp, out = _get(usage, "prompt_tokens"), _get(usage, "completion_tokens")
+        in_details = _get(usage, "prompt_tokens_details")
+        out_details = _get(usage, "completion_tokens_details")
+    else:
+        inp, out = _get(usage, "input_tokens"), _get(usage, "output_tokens")
+        in_details = _get(usage, "input_tokens_details")
+        out_details = _get(usage, "output_tokens_details")
+    if inp is None or out is None:
+        return None
+    return Usage(
+        model=model,
+        input_tokens=inp,
+        output_tokens=out,
+        cache_creation_input_tokens=_get(in_details, "cache_write_tokens"),
+        cache_read_input_tokens=_get(in_details, "cached_tokens"),
+        reasoning_tokens=_get(out_details, "reasoning_tokens"),
+        provider="openai",
+    )
+
+
+def anthropic_usage(response: Any) -> Usage | None:
+    """Usage of an Anthropic Messages response (``usage.input_tokens``, ``output_tokens``,
+    ``cache_creation_input_tokens``, ``cache_read_input_tokens``).
+
+    Anthropic's ``input_tokens`` excludes the cached tokens; the OTel conventions include
+    them, so the recorded ``input_tokens`` is the sum of the three."""
+    usage = _get(response, "usage")
+    model = _get(response, "model")
+    if usage is None or not model:
+        return None
+    inp, out = _get(usage, "input_tokens"), _get(usage, "output_tokens")
+    if inp is None or out is None:
+        return None
+    created = _get(usage, "cache_creation_input_tokens")
+    read = _get(usage, "cache_read_input_tokens")
+    total = inp
+    for extra in (created, read):
+        if extra is not None:
+            total = _count(total, "input_tokens") + _count(extra, "cache tokens")
+    return Usage(
+        model=model,
+        input_tokens=total,
+        output_tokens=out,
+        cache_creation_input_tokens=created,
+        cache_read_input_tokens=read,
+        provider="anthropic",
+    )
+
+
+def auto_usage(response: Any) -> Usage | None:
+    """OpenAI or Anthropic, told apart by their field names (``prompt_tokens`` /
+    ``input_tokens_details`` are OpenAI's, ``cache_read_input_tokens`` or a ``type ==
+    "message"`` response Anthropic's)."""
+    usage = _get(response, "usage")
+    if usage is None:
+        return None
+    if _get(response, "type") == "message" or _get(usage, "cache_read_input_tokens") is not None:
+        return anthropic_usage(response)
+    return openai_usage(response)
+
+
+def _apply_extractor(extractor: Callable[[Any], Any], result: Any) -> None:
+    """Record what ``extractor`` finds in ``result``; a failure never fails the call (its
+    body already ran: its side effects happened) but is logged and warned about loudly."""
+    try:
+        found = extractor(result)
+        if found is None:
+            return
+        if isinstance(found, Usage):
+            record_usage(**found._asdict())
+        elif isinstance(found, Mapping):
+            record_usage(**found)
+        else:
+            raise TypeError(
+                f"a usage extractor must return coworker.usage.Usage, a dict or None, got "
+                f"{type(found).__name__}"
+            )
+    except Exception as exc:
+        _log.error("coworker: usage extractor %r failed: %s", extractor, exc)
+        warnings.warn(
+            f"usage not recorded: the extractor {getattr(extractor, '__name__', extractor)!r} "
+            f"failed on a {type(result).__name__}: {exc}",
+            UsageWarning,
+            stacklevel=4,
+        )
+
+
+def with_usage(options: Any, extractor: Callable[[Any], Any]) -> Any:
+    """What ``coworker.run(..., usage=extractor)`` returns: a decorator whose run records
+    ``extractor(return value)`` inside the run, before its span ends."""
+    if not callable(extractor):
+        raise TypeError("coworker.run usage= must be a callable (e.g. coworker.usage.openai_usage)")
+    return _UsageOptions(options, extractor)
+
+
+class _UsageOptions:
+    __slots__ = ("_extractor", "_options")
+
+    def __init__(self, options: Any, extractor: Callable[[Any], Any]) -> None:
+        self._options = options
+        self._extractor = extractor
+
+    def __call__(self, fn: _F) -> _F:
+        wrapped: _F = self._options(_wrap(fn, self._extractor))
+        return wrapped
+
+    def __enter__(self) -> Any:
+        raise TypeError(
+            "coworker.run(usage=...) needs a decorated callable's return value; in a with "
+            "block call coworker.record_usage(...) instead"
+        )
+
+    def __exit__(self, *exc: object) -> None:  # pragma: no cover - __enter__ always raises
+        return None
+
+
+def _wrap(fn: Any, extractor: Callable[[Any], Any]) -> Any:
+    if isinstance(fn, classmethod | staticmethod):
+        return type(fn)(_wrap(fn.__func__, extractor))
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise TypeError(
+            "coworker.run(usage=...) does not apply to generators (no single return value); "
+            "call coworker.record_usage(...) in the body"
+        )
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def arun(*args: Any, **kwargs: Any) -> Any:
+            result = await fn(*args, **kwargs)
+            _apply_extractor(extractor, result)
+            return result
+
+        return arun
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        result = fn(*args, **kwargs)
+        _apply_extractor(extractor, result)
+        return result
+
+    return run
