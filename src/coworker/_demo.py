@@ -114,7 +114,9 @@ def list_tasks(owner: str) -> list[str]:
 def assistant_chat() -> None:
     chat = coworker.conversation("chat-42")
     user = coworker.User("user-456")
-    with coworker.acting_as(user, "agent-789", agent_name="billing-assistant", session="s-1"):
+    with coworker.acting_as(
+        user, "agent-789", agent_name="billing-assistant", session="s-1", cost_center="billing"
+    ):
         with chat.turn(message_id="msg-1"):  # "which invoices does ACME have?"
             find_invoices("ACME")
         with chat.turn(message_id="msg-2"):  # "move the first one to next Friday"
