@@ -86,6 +86,21 @@ def test_store_in_a_new_directory_is_one_loud_line(
     assert not caplog.records
 
 
+def test_the_embedded_default_store_starts_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The documented default (./.coworker/audit.db) on its first use is no mistyped path:
+    the new-directory line is INFO, not the WARNING a typed path gets."""
+    import coworker
+
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO", logger="coworker"):
+        coworker.configure(audit="sqlite:///.coworker/audit.db")
+        coworker.shutdown()
+    assert (tmp_path / ".coworker" / "audit.db").exists()
+    assert [r.levelname for r in caplog.records if "EMPTY audit log" in r.getMessage()] == ["INFO"]
+
+
 def test_status_reads_a_spool_without_writing_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -60,6 +60,7 @@ from coworker.audit.store import (
     StoreNotFound,
     payload_finding,
 )
+from coworker.config import DEFAULT_AUDIT_PATH
 from coworker.exceptions import AuditUnavailable, ConfigError
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
@@ -244,7 +245,10 @@ class SQLiteStore:
             else:
                 directory = os.path.dirname(os.path.abspath(self.path))
                 if not os.path.isdir(directory):
-                    _log.warning(
+                    # Loud for a path someone typed; the embedded default's first use is normal.
+                    default = os.path.normpath(self.path) == DEFAULT_AUDIT_PATH
+                    _log.log(
+                        logging.INFO if default else logging.WARNING,
                         "audit store %r: directory %r does not exist; creating it and a new, "
                         "EMPTY audit log (if you meant an existing log, the path or URL is wrong)",
                         self.path,
