@@ -139,6 +139,9 @@ def register(subparsers: Any) -> None:
     correct.set_defaults(func=_cmd_correct)
 
     _register_flow_commands(subparsers, url_help)  # flows folded from the log (issue 14)
+    from coworker.audit.cli_privacy import register_privacy
+
+    register_privacy(subparsers, url_help)  # erase / hold / release (issue 15)
 
 
 @contextmanager
@@ -238,6 +241,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             finally:
                 done()
             anchored = _check_checkpoints(store, args) if args.checkpoint else None
+            from coworker.audit.erasure import erased_payloads
+
+            erased = erased_payloads(store)
     except (AuditUnavailable, ConfigError) as exc:
         return _fail(str(exc))
     if anchored is not None:
@@ -251,8 +257,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             print("FAIL  the chain is self-consistent, but not the log the checkpoints signed")
             return 1
     if args.json:
-        print(json.dumps(report.to_dict()))
+        out = report.to_dict()
+        out["erased"] = [{"seq": s, "state": e.describe()} for s, e in sorted(erased.items())]
+        print(json.dumps(out))
         return 0 if report.ok else 1
+    for seq, state in sorted(erased.items()):
+        print(f"payload  #{seq}: {printable(state.describe())}")
     if report.ok:
         if report.head is None:
             print("OK  empty log")
@@ -310,14 +320,22 @@ def _cmd_query(args: argparse.Namespace) -> int:
                 until=args.until,
                 limit=args.limit,
             )
+            from coworker.audit.erasure import erased_payloads
+
+            erased = erased_payloads(store)
             if args.json:
                 for e in entries:
                     line = {"seq": e.seq, "status": e.status, **e.fields}
+                    line["payload"] = _payload_view(store, e, erased)
                     print(json_text(line))
                 return 0
-            rows = [[name for name, _ in _COLUMNS]]
+            rows = [[name for name, _ in _COLUMNS] + ["PAYLOAD"]]
             # printable(): a stored id with a newline or an ANSI escape must not forge a row.
-            rows += [[printable(get(e) or "-") for _, get in _COLUMNS] for e in entries]
+            rows += [
+                [printable(get(e) or "-") for _, get in _COLUMNS]
+                + [_payload_cell(_payload_view(store, e, erased))]
+                for e in entries
+            ]
     except (AuditUnavailable, ConfigError) as exc:
         return _fail(str(exc))
     if len(rows) == 1:
@@ -325,6 +343,29 @@ def _cmd_query(args: argparse.Namespace) -> int:
         return 0
     _print_table(rows, sys.stdout)
     return 0
+
+
+def _payload_view(store: Any, entry: Any, erased: dict[int, Any]) -> str | None:
+    # The captured input/output as text, "erased (seq N, reason)", or None (none captured).
+    state = erased.get(entry.seq)
+    if state is not None:
+        return str(state.describe())
+    if entry.fields.get("payload_digest") is None:
+        return None
+    plaintext = getattr(store, "plaintext", None)
+    from coworker.audit.store import StoredRecord
+
+    record = StoredRecord(entry.seq, b"", b"", json.dumps(entry.fields).encode(), entry.payload)
+    data = plaintext(record) if plaintext is not None else entry.payload
+    if data is None:
+        return "unreadable (no payload or key, and no erasure record)"
+    return bytes(data).decode("utf-8", "replace")
+
+
+def _payload_cell(view: str | None) -> str:
+    if view is None:
+        return "-"
+    return printable(view if view.startswith(("erased", "unreadable")) else "kept")
 
 
 def _cmd_tree(args: argparse.Namespace) -> int:

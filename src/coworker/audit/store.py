@@ -22,7 +22,7 @@ guards) also implements :class:`IntegrityChecked`, which ``verify`` calls.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -138,12 +138,46 @@ class IntegrityChecked(Protocol):
         ...
 
 
-def payload_finding(record: StoredRecord, fields: Mapping[str, Any]) -> Finding | None:
-    """The :data:`PAYLOAD_MISMATCH` of ``record``, or ``None`` when its payload is fine."""
+def payload_finding(
+    record: StoredRecord,
+    fields: Mapping[str, Any],
+    key_for: Callable[[str], bytes | None] | None = None,
+) -> Finding | None:
+    """The :data:`PAYLOAD_MISMATCH` of ``record``, or ``None`` when its payload is fine.
+
+    Args:
+        record: the stored record with its payload.
+        fields: its decoded body.
+        key_for: the store's data keys (subject -> key or ``None``), to open an encrypted
+            payload (:mod:`coworker.audit.erasure`) and check it against the salted digest.
+    """
     import hashlib
 
     if record.payload is None:
         return None  # erased (or never captured): the digest stays in the body
+    from coworker.audit import erasure
+
+    if erasure.is_envelope(record.payload):
+        subject = fields.get("payload_subject")
+        if not isinstance(subject, str):
+            return Finding(
+                PAYLOAD_MISMATCH,
+                record.seq,
+                f"seq {record.seq}: an encrypted payload is stored but the record was not "
+                "sealed with one (payload moved or added)",
+            )
+        key = key_for(subject) if key_for is not None else None
+        if key is None:
+            return None  # the key was destroyed (erased): nothing can be read or checked
+        digest = fields.get("payload_digest")
+        if erasure.open_envelope(record.payload, subject, key, digest) is not None:
+            return None
+        return Finding(
+            PAYLOAD_MISMATCH,
+            record.seq,
+            f"seq {record.seq}: the encrypted payload does not open to the record's salted "
+            "digest (payload edited, swapped or moved)",
+        )
     if "payload_digest" not in fields:
         # Not a record format that commits to its payload (hand-made entries): nothing to
         # check it against. Every record coworker makes has the field (null: no payload).

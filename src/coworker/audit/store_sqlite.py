@@ -46,7 +46,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 from urllib.parse import quote
 
-from coworker.audit.chain import prepare, seal
+from coworker.audit import erasure
+from coworker.audit.chain import Prepared, prepare, seal
+from coworker.audit.erasure import KeyStore
 from coworker.audit.record import QUERY_FILTERS
 from coworker.audit.store import (
     COLUMN_MISMATCH,
@@ -124,6 +126,14 @@ BEGIN
 END;
 """
 
+# Per-subject data keys of encrypted payloads (coworker.audit.erasure). Deliberately outside
+# the append-only guards: erasing a subject deletes its row, and with it every payload sealed
+# under the key. Created on existing stores too (it is not part of the chained schema).
+_KEY_DDL: Final = (
+    "CREATE TABLE IF NOT EXISTS audit_keys "
+    "(subject TEXT PRIMARY KEY, key BLOB NOT NULL, created TEXT NOT NULL)"
+)
+
 # The tables whose triggers are ours alone: any other trigger on them is reported.
 _GUARDED_TABLES: Final = ("audit_records", "audit_payloads", "audit_meta")
 
@@ -196,6 +206,10 @@ class SQLiteStore:
             append that would grow past it fails as if the disk were full.
         create: make a new store when the file does not exist (``False``: that is
             :class:`~coworker.audit.store.StoreNotFound`, as for ``coworker audit correct``).
+        encrypt_payloads: keep captured payloads AES-GCM encrypted under per-subject keys
+            (:mod:`coworker.audit.erasure`); default: when ``cryptography`` is installed.
+        subject_field: the body field whose value names a payload's data-key subject.
+        keystore: where data keys live (a KMS); default: the ``audit_keys`` table here.
 
     Raises:
         ConfigError: a bad parameter.
@@ -211,6 +225,9 @@ class SQLiteStore:
         readonly: bool = False,
         max_page_count: int | None = None,
         create: bool = True,
+        encrypt_payloads: bool | None = None,
+        subject_field: str = "user_id",
+        keystore: KeyStore | None = None,
     ) -> None:
         sync = synchronous.upper()
         if sync not in _SYNCHRONOUS:
@@ -223,6 +240,11 @@ class SQLiteStore:
         self.readonly = readonly
         self.max_page_count = max_page_count
         self.create = create
+        if encrypt_payloads is None:
+            encrypt_payloads = _have_cryptography()
+        self.encrypt_payloads = encrypt_payloads
+        self.subject_field = subject_field
+        self.keystore = keystore
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -296,6 +318,8 @@ class SQLiteStore:
             )
         if exists is not None and not self.readonly:
             self._rearm(conn)
+        if not self.readonly:
+            conn.execute(_KEY_DDL)
 
     def _rearm(self, conn: sqlite3.Connection) -> None:
         # Somebody with the file can drop the append-only triggers, or replace them with
@@ -351,8 +375,13 @@ class SQLiteStore:
         """
         if not entries:
             return []
+        sealing = self.encrypt_payloads and payloads is not None and any(
+            p is not None for p in payloads
+        )
         try:
-            prepared = prepare(entries)  # canonicalise before the lock: less time holding it
+            # Canonicalise before the lock (less time holding it), unless payloads are to be
+            # sealed: their digests are only known inside the transaction.
+            prepared = None if sealing else prepare(entries)
         except ValueError as exc:
             raise AuditUnavailable(f"audit store {self.path!r}: unencodable record: {exc}") from exc
         with self._lock:
@@ -363,22 +392,7 @@ class SQLiteStore:
                 # ignoring the busy timeout, and two writers could read the same head.
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    row = conn.execute(_HEAD).fetchone()
-                    head = Head(row[0], row[1]) if row is not None else None
-                    sealed = seal(prepared, head, payloads)
-                    rows = [_row(r, e) for r, e in zip(sealed, entries, strict=True)]
-                    inserted = conn.executemany(_INSERT, rows).rowcount
-                    if inserted != len(rows):
-                        # A foreign trigger doing RAISE(IGNORE) skips rows without an error.
-                        raise sqlite3.IntegrityError(
-                            f"only {inserted} of {len(rows)} row(s) were inserted: a trigger "
-                            "dropped them (run `coworker audit verify`)"
-                        )
-                    blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
-                    if blobs:
-                        conn.executemany(
-                            "INSERT INTO audit_payloads (seq, payload) VALUES (?, ?)", blobs
-                        )
+                    sealed = self._append_in_txn(conn, entries, payloads, prepared)
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
@@ -389,6 +403,124 @@ class SQLiteStore:
                     f"audit store {self.path!r}: append of {len(entries)} record(s) failed: {exc}"
                 ) from exc
             return sealed
+
+    def _append_in_txn(
+        self,
+        conn: sqlite3.Connection,
+        entries: Sequence[Mapping[str, Any]],
+        payloads: Sequence[bytes | None] | None,
+        prepared: list[Prepared] | None = None,
+    ) -> list[StoredRecord]:
+        # Called with the lock held, inside BEGIN IMMEDIATE. Payloads are sealed here, in the
+        # transaction that inserts them: a key created for them commits with them, and an
+        # erase committed by another process just before cannot leave us a stale key.
+        if self.encrypt_payloads and payloads is not None and any(p is not None for p in payloads):
+            keys = (
+                self.keystore.get_or_create_key
+                if self.keystore is not None
+                else lambda subject: _key_in_txn(conn, subject)
+            )
+            entries, payloads = erasure.seal_all(entries, payloads, keys, self.subject_field)
+            try:
+                prepared = prepare(entries)
+            except ValueError as exc:
+                raise sqlite3.DataError(f"unencodable record: {exc}") from exc
+        if prepared is None:
+            prepared = prepare(entries)
+        row = conn.execute(_HEAD).fetchone()
+        head = Head(row[0], row[1]) if row is not None else None
+        sealed = seal(prepared, head, payloads)
+        rows = [_row(r, e) for r, e in zip(sealed, entries, strict=True)]
+        inserted = conn.executemany(_INSERT, rows).rowcount
+        if inserted != len(rows):
+            # A foreign trigger doing RAISE(IGNORE) skips rows without an error.
+            raise sqlite3.IntegrityError(
+                f"only {inserted} of {len(rows)} row(s) were inserted: a trigger "
+                "dropped them (run `coworker audit verify`)"
+            )
+        blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
+        if blobs:
+            conn.executemany("INSERT INTO audit_payloads (seq, payload) VALUES (?, ?)", blobs)
+        return sealed
+
+    # -- erasure (issue 15) ------------------------------------------------------------------
+    def key_for(self, subject: str) -> bytes | None:
+        """The data key of ``subject``, or ``None`` (none made yet, or destroyed)."""
+        if self.keystore is not None:
+            return self.keystore.get_key(subject)
+        try:
+            rows = list(self._read("SELECT key FROM audit_keys WHERE subject = ?", (subject,)))
+        except AuditUnavailable:
+            return None  # a store from before encrypted payloads: no key table
+        return bytes(rows[0][0]) if rows and isinstance(rows[0][0], bytes) else None
+
+    def plaintext(self, record: StoredRecord) -> bytes | None:
+        """The readable payload of ``record``: decrypted, or as stored when not encrypted."""
+        if record.payload is None or not erasure.is_envelope(record.payload):
+            return record.payload
+        fields = record.fields()
+        subject = fields.get("payload_subject")
+        key = self.key_for(subject) if isinstance(subject, str) else None
+        if key is None:
+            return None
+        return erasure.open_envelope(
+            record.payload, str(subject), key, fields.get("payload_digest")
+        )
+
+    def erase(self, subject: str, reason: str, *, by: str | None = None) -> erasure.Erased:
+        """Destroy ``subject``'s payloads and data key and append the erasure record.
+
+        One transaction appends the record and deletes the payload rows (encrypted ones, and
+        plain ones of stores written without encryption) and the key row. Deleted bytes are
+        overwritten (``PRAGMA secure_delete``) and the WAL is checkpointed and truncated, so
+        neither the key nor the ciphertext stays readable in the file or its ``-wal``.
+
+        Raises:
+            AuditUnavailable: nothing was erased.
+        """
+        column = self.subject_field if self.subject_field in _COLUMNS else None
+        by_subject = (
+            f"r.{column} = ?"
+            if column is not None
+            else f"json_extract(CAST(r.body AS TEXT), '$.{self.subject_field}') = ?"
+        )
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("PRAGMA secure_delete = ON")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    seqs = [
+                        r[0]
+                        for r in conn.execute(
+                            "SELECT p.seq FROM audit_payloads p JOIN audit_records r "
+                            "ON r.seq = p.seq WHERE json_extract(CAST(r.body AS TEXT), "
+                            f"'$.payload_subject') = ? OR {by_subject} ORDER BY p.seq",
+                            (subject, subject),
+                        )
+                    ]
+                    entry = erasure.erasure_entry(subject, reason, by=by, seqs=seqs)
+                    (record,) = self._append_in_txn(conn, [entry], None)
+                    conn.executemany(
+                        "DELETE FROM audit_payloads WHERE seq = ?", [(s,) for s in seqs]
+                    )
+                    conn.execute("DELETE FROM audit_keys WHERE subject = ?", (subject,))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                # The old pages (key, ciphertext) may still sit in WAL frames: copy the
+                # overwritten pages back and truncate the WAL to nothing.
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                conn.execute("PRAGMA secure_delete = OFF")
+            except sqlite3.Error as exc:
+                raise AuditUnavailable(
+                    f"audit store {self.path!r}: erase of {subject!r} failed: {exc}"
+                ) from exc
+        if self.keystore is not None:
+            self.keystore.destroy_key(subject)
+        return erasure.Erased(record, tuple(seqs), wal_truncated=not busy)
 
     def head(self) -> Head | None:
         """See :class:`~coworker.audit.store.AuditStore`."""
@@ -583,7 +715,9 @@ class SQLiteStore:
                 fields = json.loads(record.body)
             except (ValueError, TypeError):
                 continue  # the chain check already failed on it
-            found = payload_finding(record, fields) if isinstance(fields, dict) else None
+            found = (
+                payload_finding(record, fields, self.key_for) if isinstance(fields, dict) else None
+            )
             if found is not None:
                 payloads.append(found)
         return findings + _capped(iter(columns)) + _capped(iter(payloads))
@@ -638,6 +772,25 @@ def _expected_tables() -> tuple[str, str]:
     (create,) = [s for s in _split_ddl(_DDL) if "TABLE IF NOT EXISTS audit_records" in s]
     current = _normalise(create)
     return current, current.replace(" CHECK (seq >= 1)", "")
+
+
+def _have_cryptography() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cryptography") is not None
+
+
+def _key_in_txn(conn: sqlite3.Connection, subject: str) -> bytes:
+    # Inside the append's transaction: the key row commits with the payloads sealed under it.
+    row = conn.execute("SELECT key FROM audit_keys WHERE subject = ?", (subject,)).fetchone()
+    if row is not None:
+        return bytes(row[0])
+    key = erasure.new_key()
+    conn.execute(
+        "INSERT INTO audit_keys (subject, key, created) VALUES (?, ?, datetime('now'))",
+        (subject, key),
+    )
+    return key
 
 
 def _capped(findings: Iterator[Finding]) -> list[Finding]:

@@ -1,0 +1,264 @@
+"""Erasable payloads: per-subject encryption, salted digests, erasure records (issue 15).
+
+The captured input/output of a run never sits in the chained record body (see
+:mod:`coworker.audit.record`). With encryption on, a store keeps it as an *envelope*::
+
+    b"cwe1" || salt (16 bytes) || nonce (12 bytes) || AES-256-GCM(key, nonce, payload, aad)
+
+where ``key`` is the data key of the payload's *subject* (the record's ``user_id`` unless the
+store is told otherwise) and ``aad = b"cwe1" || salt || subject``. The chained body holds
+``payload_digest = SHA-256(salt || payload)`` and ``payload_subject``: the salt lives with the
+ciphertext, so a short value (a yes/no, a card number) cannot be guessed from the digest by
+hashing candidates, and once the envelope is gone nobody can match a value against it.
+
+Erasing a subject destroys its data key and deletes its envelopes in one transaction, and
+appends an erasure record (``kind = "erasure"``) naming the subject, the reason, who erased
+and the seqs concerned. The chain, checkpoints and inclusion proofs only ever covered the
+bodies, so they verify unchanged; :func:`payload_states` tells an erased payload
+(``erased (seq N, reason)``) from one that vanished without a record (a finding).
+
+``cryptography`` (the ``proofs`` extra) is imported only when a payload is sealed or opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, runtime_checkable
+
+from coworker.audit.record import SCHEMA_VERSION, format_time
+
+__all__ = [
+    "CATEGORY_ERASURE",
+    "Erased",
+    "KIND_ERASURE",
+    "MAGIC",
+    "PAYLOAD_MISSING",
+    "KeyStore",
+    "PayloadState",
+    "erased_payloads",
+    "erasure_entry",
+    "is_envelope",
+    "open_envelope",
+    "payload_states",
+    "seal_payload",
+]
+
+MAGIC: Final = b"cwe1"
+"""First bytes of an encrypted payload envelope."""
+KIND_ERASURE: Final = "erasure"
+"""Record kind of an erasure: the subject's key and payloads were destroyed."""
+CATEGORY_ERASURE: Final = "erasure"
+"""Category of erasure records (so ``query --category erasure`` lists them)."""
+PAYLOAD_MISSING: Final = "payload-missing"
+"""Finding: an encrypted record's payload or key is gone and no erasure record says why."""
+NO_SUBJECT: Final = "(none)"
+"""Subject of payloads whose record has no subject value (one shared, erasable key)."""
+
+_SALT: Final = 16
+_NONCE: Final = 12
+_HEADER: Final = len(MAGIC) + _SALT + _NONCE
+
+
+class MissingCryptography(ImportError):
+    """``cryptography`` is needed to encrypt or decrypt payloads."""
+
+
+@runtime_checkable
+class KeyStore(Protocol):
+    """Where per-subject data keys live; a KMS can implement this instead of the store table.
+
+    Keys must be destroyable: :meth:`destroy` makes every payload sealed under the key
+    unreadable for good.
+    """
+
+    def get_key(self, subject: str) -> bytes | None:
+        """The subject's 32-byte data key, or ``None`` when it has none (or it was destroyed)."""
+        ...
+
+    def get_or_create_key(self, subject: str) -> bytes:
+        """The subject's data key, created (and durably kept) if it has none."""
+        ...
+
+    def destroy_key(self, subject: str) -> bool:
+        """Destroy the subject's key; ``True`` when there was one."""
+        ...
+
+
+def _aesgcm() -> Any:
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError as exc:  # pragma: no cover - dev installs have it
+        raise MissingCryptography(
+            "encrypted audit payloads need the 'cryptography' package: "
+            "pip install 'coworker-otel[proofs]'"
+        ) from exc
+    return AESGCM
+
+
+def new_key() -> bytes:
+    """A fresh random 256-bit data key."""
+    return os.urandom(32)
+
+
+def seal_payload(
+    fields: Mapping[str, Any], payload: bytes, subject: str, key: bytes
+) -> tuple[dict[str, Any], bytes]:
+    """Encrypt ``payload`` under ``key`` and commit the record to its salted digest.
+
+    Returns:
+        ``(fields, envelope)``: a copy of ``fields`` with ``payload_digest`` (salted) and
+        ``payload_subject`` set, and the envelope bytes to store beside the record.
+    """
+    salt = os.urandom(_SALT)
+    nonce = os.urandom(_NONCE)
+    aad = MAGIC + salt + subject.encode("utf-8", "surrogatepass")
+    ciphertext = _aesgcm()(key).encrypt(nonce, payload, aad)
+    out = dict(fields)
+    out["payload_digest"] = hashlib.sha256(salt + payload).hexdigest()
+    out["payload_subject"] = subject
+    return out, MAGIC + salt + nonce + ciphertext
+
+
+def is_envelope(payload: object) -> bool:
+    """``True`` for stored payload bytes that are an encrypted envelope."""
+    return isinstance(payload, bytes) and payload[:4] == MAGIC and len(payload) > _HEADER
+
+
+def open_envelope(envelope: bytes, subject: str, key: bytes, digest: object) -> bytes | None:
+    """Decrypt an envelope and check it against the record's salted ``digest``.
+
+    Returns:
+        The plaintext payload, or ``None`` when the envelope was altered, belongs to another
+        subject or record, or does not match ``digest``.
+    """
+    from cryptography.exceptions import InvalidTag
+
+    salt = envelope[len(MAGIC) : len(MAGIC) + _SALT]
+    nonce = envelope[len(MAGIC) + _SALT : _HEADER]
+    aad = MAGIC + salt + subject.encode("utf-8", "surrogatepass")
+    try:
+        plain: bytes = _aesgcm()(key).decrypt(nonce, envelope[_HEADER:], aad)
+    except (InvalidTag, ValueError):
+        return None
+    if hashlib.sha256(salt + plain).hexdigest() != digest:
+        return None
+    return plain
+
+
+def subject_of(fields: Mapping[str, Any], subject_field: str) -> str:
+    """The data-key subject of a record: its ``subject_field`` value, or :data:`NO_SUBJECT`."""
+    value = fields.get(subject_field)
+    return value if isinstance(value, str) and value else NO_SUBJECT
+
+
+def seal_all(
+    entries: Sequence[Mapping[str, Any]],
+    payloads: Sequence[bytes | None],
+    keys: Callable[[str], bytes],
+    subject_field: str,
+) -> tuple[list[Mapping[str, Any]], list[bytes | None]]:
+    """:func:`seal_payload` every entry that has a payload; ``keys`` gives (or makes) keys."""
+    out_entries: list[Mapping[str, Any]] = []
+    out_payloads: list[bytes | None] = []
+    cache: dict[str, bytes] = {}
+    for fields, payload in zip(entries, payloads, strict=True):
+        if payload is None or fields.get("payload_digest") is None:
+            out_entries.append(fields)
+            out_payloads.append(payload)
+            continue
+        subject = subject_of(fields, subject_field)
+        key = cache.get(subject)
+        if key is None:
+            key = cache[subject] = keys(subject)
+        sealed, envelope = seal_payload(fields, payload, subject, key)
+        out_entries.append(sealed)
+        out_payloads.append(envelope)
+    return out_entries, out_payloads
+
+
+def erasure_entry(
+    subject: str, reason: str, *, by: str | None, seqs: Iterable[int]
+) -> dict[str, Any]:
+    """The record fields (without ``seq``) of the erasure of ``subject``'s payloads."""
+    now = format_time(__import__("time").time_ns())
+    return {
+        "v": SCHEMA_VERSION,
+        "kind": KIND_ERASURE,
+        "category": CATEGORY_ERASURE,
+        "operation": "erase",
+        "recorded_at": now,
+        "start": now,
+        "erased_subject": subject,
+        "reason": reason,
+        "erased_by": by,
+        "erased_seqs": sorted(set(seqs)),
+        "user_id": None,
+        "payload_digest": None,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Erased:
+    """The result of a store's ``erase``.
+
+    Attributes:
+        record: the erasure record appended.
+        seqs: the records whose payloads were destroyed.
+        wal_truncated: ``False`` when another reader kept the SQLite WAL from being
+            truncated (old pages may linger in ``-wal`` until the next checkpoint).
+    """
+
+    record: Any
+    seqs: tuple[int, ...]
+    wal_truncated: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadState:
+    """What happened to the payload of one record.
+
+    Attributes:
+        seq: the record.
+        state: ``"erased"``.
+        by_seq: the erasure record's seq.
+        reason: its reason.
+    """
+
+    seq: int
+    state: str
+    by_seq: int
+    reason: str
+
+    def describe(self) -> str:
+        """``erased (seq N, reason)``."""
+        return f"{self.state} (seq {self.by_seq}, {self.reason})"
+
+
+def erased_payloads(store: Any) -> dict[int, PayloadState]:
+    """Erased payloads of ``store`` by record seq (indexed ``kind`` search when it has one)."""
+    search = getattr(store, "search", None)
+    records = search({"kind": KIND_ERASURE}) if search is not None else store.iter_from(1)
+    return payload_states(records)
+
+
+def payload_states(records: Iterable[Any]) -> dict[int, PayloadState]:
+    """Erased payloads, by record seq, from the erasure records among ``records``.
+
+    Args:
+        records: :class:`~coworker.audit.store.StoredRecord` objects in seq order.
+    """
+    out: dict[int, PayloadState] = {}
+    for record in records:
+        if b'"erasure"' not in record.body:  # cheap pre-filter before decoding
+            continue
+        fields = record.fields()
+        if fields.get("kind") != KIND_ERASURE:
+            continue
+        reason = str(fields.get("reason") or "")
+        for seq in fields.get("erased_seqs") or ():
+            if isinstance(seq, int):
+                out.setdefault(seq, PayloadState(seq, "erased", record.seq, reason))
+    return out
