@@ -96,7 +96,7 @@ def test_query_table_and_filters(url: str, capsys: pytest.CaptureFixture[str]) -
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == [
         "SEQ", "TIME", "CATEGORY", "OPERATION", "DOCTYPE", "OUTCOME", "USER", "AGENT", "FLOW",
-        "STEP", "RUN",
+        "STEP", "RUN", "PAYLOAD",
     ]  # fmt: skip
     assert len(lines) == 2 and "Payment" in lines[1] and "bob" in lines[1]
     assert lines[0].index("DOCTYPE") == lines[1].index("Payment")

@@ -71,9 +71,9 @@ def _recorded_inputs(path: Path) -> set[int]:
     store = SQLiteStore(path, readonly=True)
     try:
         return {
-            json.loads(json.loads(r.payload)["input"])["n"]
+            json.loads(json.loads(store.plaintext(r) or b"")["input"])["n"]
             for r in store.iter_from(1)
-            if r.payload is not None
+            if r.payload is not None  # encrypted (issue 15): read through the store's key
         }
     finally:
         store.close()

@@ -74,7 +74,8 @@ class AuditEntry:
     Attributes:
         seq: its seq.
         fields: the decoded body.
-        payload: the separate payload bytes (captured input/output), if kept.
+        payload: the separate payload bytes (captured input/output), decrypted; ``None``
+            when none was captured or it was erased.
         status: ``outcome`` for outcomes (``ok`` or the error type), ``in-doubt`` for an
             intent without an outcome, ``intent`` for one that has it, ``correction of #N``.
     """
@@ -253,15 +254,17 @@ def _query(
     # first next().
     doubt: set[int] | None = None
     count = 0
+    # Encrypted payloads (issue 15) are handed out readable: decrypted while the subject's
+    # key exists, None once it was erased.
+    readable = getattr(store, "plaintext", None)
     for record in _candidates(store, filters, lo, hi):
         fields = record.fields()
         if not _matches(fields, filters, lo, hi):
             continue
         if doubt is None and fields.get("kind") == KIND_INTENT:
             doubt = set(in_doubt(store))
-        yield AuditEntry(
-            record.seq, fields, record.payload, _status(fields, record.seq, doubt or set())
-        )
+        payload = readable(record) if readable is not None else record.payload
+        yield AuditEntry(record.seq, fields, payload, _status(fields, record.seq, doubt or set()))
         count += 1
         if limit is not None and count >= limit:
             return
