@@ -32,10 +32,10 @@ from coworker.audit.record import SCHEMA_VERSION, format_time
 
 __all__ = [
     "CATEGORY_ERASURE",
-    "Erased",
     "KIND_ERASURE",
     "MAGIC",
     "PAYLOAD_MISSING",
+    "Erased",
     "KeyStore",
     "PayloadState",
     "erased_payloads",

@@ -375,8 +375,8 @@ class SQLiteStore:
         """
         if not entries:
             return []
-        sealing = self.encrypt_payloads and payloads is not None and any(
-            p is not None for p in payloads
+        sealing = (
+            self.encrypt_payloads and payloads is not None and any(p is not None for p in payloads)
         )
         try:
             # Canonicalise before the lock (less time holding it), unless payloads are to be
