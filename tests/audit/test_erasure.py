@@ -174,3 +174,53 @@ def test_an_edited_or_swapped_envelope_is_a_payload_mismatch(tmp_path: Path) -> 
     finally:
         store.close()
     assert [(f.kind, f.seq) for f in found] == [("payload-mismatch", s1)]
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg() -> Any:
+    from tests.pg import PGServer, import_psycopg, require_server
+
+    import_psycopg()
+    server = PGServer(require_server())
+    yield server
+    server.close()
+
+
+@pytest.mark.postgres
+def test_postgres_payloads_are_encrypted_and_erase_destroys_the_key(
+    pg: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On PostgreSQL: payloads are stored encrypted with keys in the schema's key table;
+    erase (after a reopen) deletes the key and payloads; verify passes and says erased."""
+    from coworker.audit.record import canonical, payload_digest
+    from coworker.audit.store_postgres import PostgresStore
+
+    url = pg.schema_url()
+    plain = canonical({"input": SECRET_ALICE, "output": None})
+    base = {"v": 1, "kind": "outcome", "start": "2026-01-01T00:00:00.000000000Z"}
+    store = PostgresStore(url, spool=None)
+    store.append(
+        [{**base, "user_id": u, "payload_digest": payload_digest(plain)} for u in ("alice", "bob")],
+        [plain, plain],
+    )
+    stored = [(r.seq, r.payload) for r in store.iter_from(1)]
+    assert all(p is not None and p.startswith(MAGIC) for _, p in stored)
+    assert all(store.plaintext(r) == plain for r in store.iter_from(1))
+    assert store.key_for("alice") is not None
+    store.close()
+
+    assert main(["audit", "erase", "--url", url, "--subject", "alice", "--reason", "Art. 17"]) == 0
+    capsys.readouterr()
+    reader = PostgresStore(url, readonly=True)
+    try:
+        assert reader.key_for("alice") is None and reader.key_for("bob") is not None
+        records = list(reader.iter_from(1))
+        assert records[0].payload is None and records[1].payload is not None
+        assert reader.plaintext(records[1]) == plain
+    finally:
+        reader.close()
+    assert main(["audit", "verify", "--url", url]) == 0
+    assert "payload  #1: erased (seq 3, Art. 17)" in capsys.readouterr().out

@@ -70,7 +70,9 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
 from coworker import attributes as attr
+from coworker.audit import erasure
 from coworker.audit.chain import prepare, seal
+from coworker.audit.erasure import KeyStore
 from coworker.audit.record import QUERY_FILTERS, canonical
 from coworker.audit.spool import Spool, SpoolEntry, SpoolStatus
 from coworker.audit.store import (
@@ -99,7 +101,7 @@ __all__ = [
 
 _log = logging.getLogger("coworker.audit")
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 """Version of the table layout, kept in ``<schema>.schema_version``."""
 
 DEFAULT_SCHEMA: Final = "coworker_audit"
@@ -227,7 +229,17 @@ CREATE TRIGGER records_chain AFTER INSERT ON {schema}.records
 ALTER TABLE {schema}.records ENABLE ALWAYS TRIGGER records_chain;
 """
 
-_MIGRATIONS: Final = {1: _DDL_V1, 2: _DDL_V2}
+# Version 3 (issue 15): per-subject data keys of encrypted payloads. Deliberately without
+# the append-only guards: erasing a subject deletes its row (coworker.audit.erasure).
+_DDL_V3: Final = """
+CREATE TABLE {schema}.keys (
+    subject text PRIMARY KEY,
+    key bytea NOT NULL CHECK (octet_length(key) = 32),
+    created timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+"""
+
+_MIGRATIONS: Final = {1: _DDL_V1, 2: _DDL_V2, 3: _DDL_V3}
 
 
 def writer_grants(role: str, schema: str = DEFAULT_SCHEMA) -> list[str]:
@@ -250,6 +262,9 @@ def writer_grants(role: str, schema: str = DEFAULT_SCHEMA) -> list[str]:
         f"GRANT USAGE ON SCHEMA {s} TO {r}",
         f"GRANT SELECT, INSERT ON {s}.records, {s}.payloads TO {r}",
         f"GRANT SELECT ON {s}.schema_version TO {r}",
+        # Data keys of encrypted payloads: made by writers, destroyed only by the owner
+        # (coworker audit erase).
+        f"GRANT SELECT, INSERT ON {s}.keys TO {r}",
     ]
 
 
@@ -340,6 +355,10 @@ class PostgresStore:
             spool, every transaction read-only; ``append`` raises.
         create: create the schema when it does not exist (``False``: that is
             :class:`~coworker.audit.store.StoreNotFound`).
+        encrypt_payloads: keep captured payloads AES-GCM encrypted under per-subject keys
+            (:mod:`coworker.audit.erasure`); default: when ``cryptography`` is installed.
+        subject_field: the body field whose value names a payload's data-key subject.
+        keystore: where data keys live (a KMS); default: the schema's ``keys`` table.
 
     Raises:
         ConfigError: a bad parameter, or the schema is newer than this library.
@@ -357,8 +376,19 @@ class PostgresStore:
         io_timeout: float = 30.0,
         readonly: bool = False,
         create: bool = True,
+        encrypt_payloads: bool | None = None,
+        subject_field: str = "user_id",
+        keystore: KeyStore | None = None,
     ) -> None:
         conninfo, url_schema, url_spool = _split_url(url)
+        if encrypt_payloads is None:
+            import importlib.util
+
+            encrypt_payloads = importlib.util.find_spec("cryptography") is not None
+        self.encrypt_payloads = encrypt_payloads
+        self.subject_field = subject_field
+        self.keystore = keystore
+        self._key_table = False  # set when the schema (version 3+) has one
         self.schema = schema or url_schema
         if not self.schema or len(self.schema) > 63:
             raise ConfigError(f"schema={self.schema!r} is not a valid PostgreSQL schema name")
@@ -452,6 +482,7 @@ class PostgresStore:
         """
         if not entries:
             return []
+        entries, payloads = self._seal_payloads(entries, payloads)
         items = [
             _Item(f, payloads[i] if payloads is not None else None) for i, f in enumerate(entries)
         ]
@@ -484,11 +515,152 @@ class PostgresStore:
             raise ConfigError("dedup_keys must have one key per entry")
         if not entries:
             return AppendResult([])
+        entries, payloads = self._seal_payloads(entries, payloads)
         items = [
             _Item(f, payloads[i] if payloads is not None else None, dedup_keys[i])
             for i, f in enumerate(entries)
         ]
         return self._append(items)
+
+    # -- erasure (issue 15) ------------------------------------------------------------------
+    def _seal_payloads(
+        self, entries: Sequence[Mapping[str, Any]], payloads: Sequence[bytes | None] | None
+    ) -> tuple[Sequence[Mapping[str, Any]], Sequence[bytes | None] | None]:
+        # Sealed before the entries become items: a retried or spooled item keeps the same
+        # bytes (the dedup of a lost COMMIT answer compares hashes), and the spool file
+        # holds ciphertext, never the captured plaintext.
+        if (
+            not self.encrypt_payloads
+            or payloads is None
+            or not any(p is not None for p in payloads)
+            or (self.keystore is None and not self._key_table)
+        ):
+            return entries, payloads
+        keys = self.keystore.get_or_create_key if self.keystore is not None else self._make_key
+        try:
+            return erasure.seal_all(entries, payloads, keys, self.subject_field)
+        except AuditUnavailable as exc:
+            # No key without the server: the record must not be lost for it. The payload is
+            # kept as captured (erase still deletes it, by subject) and this is said loudly.
+            _log.warning(
+                "audit store %s: no data key (%s); %d payload(s) stored unencrypted",
+                self,
+                exc,
+                sum(p is not None for p in payloads),
+            )
+            return entries, payloads
+
+    def _make_key(self, subject: str) -> bytes:
+        keys = sql.Identifier(self.schema, "keys")
+        query = sql.SQL(
+            "WITH ins AS (INSERT INTO {k} (subject, key) VALUES (%s, %s)"
+            " ON CONFLICT (subject) DO NOTHING RETURNING key)"
+            " SELECT key FROM ins UNION ALL SELECT key FROM {k} WHERE subject = %s"
+        ).format(k=keys)
+        for _ in range(3):  # a concurrent first insert is invisible to our snapshot: retry
+            rows = self._fetch(query, (subject, erasure.new_key(), subject))
+            if rows:
+                return _bytes(rows[0][0])
+        raise AuditUnavailable(f"audit store {self}: cannot make a data key for {subject!r}")
+
+    def key_for(self, subject: str) -> bytes | None:
+        """The data key of ``subject``, or ``None`` (none made yet, or destroyed)."""
+        if self.keystore is not None:
+            return self.keystore.get_key(subject)
+        if not self._key_table:
+            return None
+        rows = self._fetch(
+            sql.SQL("SELECT key FROM {} WHERE subject = %s").format(
+                sql.Identifier(self.schema, "keys")
+            ),
+            (subject,),
+        )
+        return _bytes(rows[0][0]) if rows else None
+
+    def plaintext(self, record: StoredRecord) -> bytes | None:
+        """The readable payload of ``record``: decrypted, or as stored when not encrypted."""
+        if record.payload is None or not erasure.is_envelope(record.payload):
+            return record.payload
+        fields = record.fields()
+        subject = fields.get("payload_subject")
+        key = self.key_for(subject) if isinstance(subject, str) else None
+        if key is None:
+            return None
+        return erasure.open_envelope(
+            record.payload, str(subject), key, fields.get("payload_digest")
+        )
+
+    def erase(self, subject: str, reason: str, *, by: str | None = None) -> erasure.Erased:
+        """Append the erasure record of ``subject``, then delete its payloads and data key.
+
+        The record comes first (an interrupted erase is re-run and completes; it never leaves
+        payloads missing without a record). The key table is then rewritten
+        (``VACUUM FULL``: the deleted key's bytes leave the table's files) and the payloads
+        table vacuumed; the server's WAL and backups keep old pages until they are recycled
+        (docs/privacy.md). Needs a role with DELETE on the tables (the schema owner).
+
+        Raises:
+            AuditUnavailable: the record was not appended or the rows not deleted.
+        """
+        if self.readonly:
+            raise AuditUnavailable(f"audit store {self} is read-only: erase refused")
+        column = self.subject_field if self.subject_field in _COLUMNS else None
+        by_subject = (
+            sql.SQL("r.{} = %s").format(sql.Identifier(column))
+            if column is not None
+            else sql.SQL("convert_from(r.body, 'UTF8')::jsonb ->> %s = %s")
+        )
+        params: tuple[Any, ...] = (
+            (subject, subject) if column is not None else (subject, self.subject_field, subject)
+        )
+        rows = self._fetch(
+            sql.SQL(
+                "SELECT p.seq FROM {p} p JOIN {t} r ON r.seq = p.seq WHERE"
+                " convert_from(r.body, 'UTF8')::jsonb ->> 'payload_subject' = %s OR {by}"
+                " ORDER BY p.seq"
+            ).format(p=self._payloads, t=self._table, by=by_subject),
+            params,
+        )
+        seqs = [int(r[0]) for r in rows]
+        (record,) = self.append([erasure.erasure_entry(subject, reason, by=by, seqs=seqs)])
+        deletes: list[tuple[sql.Composable, tuple[Any, ...]]] = [
+            (sql.SQL("DELETE FROM {} WHERE seq = ANY(%s)").format(self._payloads), (seqs,))
+        ]
+        if self._key_table:
+            deletes.append(
+                (
+                    sql.SQL("DELETE FROM {} WHERE subject = %s").format(
+                        sql.Identifier(self.schema, "keys")
+                    ),
+                    (subject,),
+                )
+            )
+        with self._lock:
+            try:
+                conn = self._connection()
+            except _ServerDown as exc:
+                raise AuditUnavailable(f"audit store {self}: {exc}") from exc
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("BEGIN")
+                    for statement, args in deletes:
+                        cur.execute(statement, args)
+                    cur.execute("COMMIT")
+                    # VACUUM runs outside a transaction (the connection is in autocommit).
+                    if self._key_table:
+                        cur.execute(
+                            sql.SQL("VACUUM FULL {}").format(sql.Identifier(self.schema, "keys"))
+                        )
+                    cur.execute(sql.SQL("VACUUM {}").format(self._payloads))
+            except psycopg.Error as exc:
+                self._rollback_or_drop(conn)
+                raise AuditUnavailable(
+                    f"audit store {self}: erase of {subject!r} (record seq {record.seq}) did not "
+                    f"complete; run it again: {exc}"
+                ) from exc
+        if self.keystore is not None:
+            self.keystore.destroy_key(subject)
+        return erasure.Erased(record, tuple(seqs))
 
     def head(self) -> Head | None:
         """See :class:`~coworker.audit.store.AuditStore` (the shared log's head)."""
@@ -1104,7 +1276,7 @@ class PostgresStore:
                                 + wrong,
                             )
                         )
-                found = payload_finding(record, fields)
+                found = payload_finding(record, fields, self.key_for)
                 if found is not None and len(payloads) < MAX_FINDINGS:
                     payloads.append(found)
             if len(rows) < _PAGE:
@@ -1348,6 +1520,7 @@ class PostgresStore:
                 f"audit store {self}: schema version {version}, this coworker knows "
                 f"{SCHEMA_VERSION}; upgrade coworker"
             )
+        self._key_table = version >= 3
         if not self.readonly:
             self._rearm(conn)
             self._warn_if_not_durable(conn)
