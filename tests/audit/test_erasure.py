@@ -212,7 +212,11 @@ def test_postgres_payloads_are_encrypted_and_erase_destroys_the_key(
     assert store.key_for("alice") is not None
     store.close()
 
-    assert main(["audit", "erase", "--url", url, "--subject", "alice", "--reason", "Art. 17"]) == 0
+    erase = ["audit", "erase", "--url", url, "--subject", "alice", "--reason", "Art. 17"]
+    assert main(["audit", "hold", "--url", url, "--subject", "alice", "--reason", "case"]) == 0
+    assert main(erase) == 1  # held
+    assert main(["audit", "release", "--url", url, "--subject", "alice", "--reason", "x"]) == 0
+    assert main(erase) == 0
     capsys.readouterr()
     reader = PostgresStore(url, readonly=True)
     try:
@@ -223,4 +227,48 @@ def test_postgres_payloads_are_encrypted_and_erase_destroys_the_key(
     finally:
         reader.close()
     assert main(["audit", "verify", "--url", url]) == 0
-    assert "payload  #1: erased (seq 3, Art. 17)" in capsys.readouterr().out
+    assert "payload  #1: erased (seq 5, Art. 17)" in capsys.readouterr().out
+
+
+def test_legal_hold_on_subject_or_flow_blocks_erase_until_released(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hold on alice, or on a flow alice appears in, makes erase exit 1 with the hold named
+    and nothing changed; after release (each step a fresh open) erase succeeds."""
+    db = tmp_path / "a.db"
+    url = f"sqlite:///{db}"
+    coworker.configure(audit=url)
+
+    @coworker.run(operation="update", doctype="Note", capture_input=True)
+    def update_note(text: str) -> str:
+        return "done"
+
+    with coworker.acting_as("alice"), coworker.flow("case", "case-7"):
+        update_note(SECRET_ALICE)
+    coworker.shutdown()
+    key = _alice_key(db)
+
+    def erase() -> int:
+        return main(["audit", "erase", "--url", url, "--subject", "alice", "--reason", "r"])
+
+    assert main(["audit", "hold", "--url", url, "--subject", "alice", "--reason", "lawsuit"]) == 0
+    assert erase() == 1
+    err = capsys.readouterr().err
+    assert "refused: legal hold seq" in err and "lawsuit" in err
+    assert _alice_key(db) == key  # nothing changed
+    assert main(["audit", "release", "--url", url, "--subject", "alice", "--reason", "done"]) == 0
+    assert main(["audit", "hold", "--url", url, "--flow-id", "case-7", "--reason", "audit"]) == 0
+    assert erase() == 1
+    assert "flow 'case-7', in which 'alice' appears" in capsys.readouterr().err
+    assert main(["audit", "release", "--url", url, "--flow-id", "case-7", "--reason", "ok"]) == 0
+    assert main(["audit", "release", "--url", url, "--flow-id", "case-7", "--reason", "ok"]) == 1
+    assert erase() == 0
+    assert main(["audit", "verify", "--url", url]) == 0
+    store = SQLiteStore(db, readonly=True)
+    try:
+        kinds = [r.fields()["kind"] for r in store.iter_from(1)]
+    finally:
+        store.close()
+    assert [k for k in kinds if k in ("hold", "release", "erasure")] == [
+        "hold", "release", "hold", "release", "erasure",
+    ]  # fmt: skip

@@ -1,4 +1,7 @@
-"""``coworker audit erase``: crypto-shred one subject's payloads (issue 15, docs/privacy.md).
+"""``coworker audit erase | hold | release`` (issue 15, docs/privacy.md).
+
+``erase`` crypto-shreds one subject's payloads; ``hold`` puts a subject or a flow under legal
+hold (erase is then refused), ``release`` lifts it. Holds, releases and erasures are records.
 
 Exit codes: 0 erased, 1 refused, 2 the store could not be opened or an argument is wrong.
 """
@@ -32,9 +35,77 @@ def register_privacy(subparsers: Any, url_help: str) -> None:
     erase.add_argument("--url", default=None, help=url_help)
     erase.set_defaults(func=_cmd_erase)
 
+    for name, helptext in (
+        ("hold", "put a subject or a flow under legal hold (erase is refused meanwhile)"),
+        ("release", "release the legal holds on a subject or a flow"),
+    ):
+        cmd = subparsers.add_parser(name, help=helptext)
+        target = cmd.add_mutually_exclusive_group(required=True)
+        target.add_argument("--subject", default=None, help="a subject (user id by default)")
+        target.add_argument("--flow-id", default=None, help="a flow id")
+        cmd.add_argument("--reason", required=True, help="why (kept in the record)")
+        cmd.add_argument("--by", default=None, help="who (kept in the record)")
+        cmd.add_argument("--url", default=None, help=url_help)
+        cmd.set_defaults(func=_cmd_hold if name == "hold" else _cmd_release)
+
+
+def _open(url: str | None) -> Any:
+    from coworker.audit.cli import open_existing_store
+    from coworker.audit.urls import resolve_url
+
+    return open_existing_store(resolve_url(url))
+
+
+def _err(message: str, code: int) -> int:
+    print(f"coworker audit: {printable(message)}", file=sys.stderr)
+    return code
+
+
+def _cmd_hold(args: argparse.Namespace) -> int:
+    from coworker.audit.erasure import hold_entry
+
+    if not args.reason.strip():
+        return _err("--reason must not be empty", 2)
+    entry = hold_entry(subject=args.subject, flow_id=args.flow_id, reason=args.reason, by=args.by)
+    try:
+        store = _open(args.url)
+        try:
+            (record,) = store.append([entry])
+        finally:
+            store.close()
+    except (AuditUnavailable, ConfigError, ValueError) as exc:
+        return _err(str(exc), 2)
+    what = f"subject {args.subject}" if args.subject else f"flow {args.flow_id}"
+    print(f"hold  seq {record.seq} on {printable(what)}")
+    return 0
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from coworker.audit.erasure import release_entry, store_holds
+
+    try:
+        store = _open(args.url)
+        try:
+            holds = [
+                seq
+                for seq, hold in store_holds(store).items()
+                if (args.subject is not None and hold.get("hold_subject") == args.subject)
+                or (args.flow_id is not None and hold.get("hold_flow_id") == args.flow_id)
+            ]
+            if not holds:
+                return _err("no active legal hold on that subject or flow", 1)
+            (record,) = store.append([release_entry(holds, reason=args.reason, by=args.by)])
+        finally:
+            store.close()
+    except (AuditUnavailable, ConfigError) as exc:
+        return _err(str(exc), 2)
+    print(f"released  hold(s) {', '.join(map(str, sorted(holds)))}; record seq {record.seq}")
+    return 0
+
 
 def _cmd_erase(args: argparse.Namespace) -> int:
     from coworker.audit.cli import open_existing_store
+    from coworker.audit.erasure import ErasureRefused
     from coworker.audit.urls import resolve_url
 
     if not args.subject.strip() or not args.reason.strip():
@@ -54,6 +125,9 @@ def _cmd_erase(args: argparse.Namespace) -> int:
             )
             return 2
         result = erase(args.subject, args.reason, by=args.by)
+    except ErasureRefused as exc:
+        print(f"coworker audit: {printable(str(exc))}", file=sys.stderr)
+        return 1
     except AuditUnavailable as exc:
         print(f"coworker audit: {printable(str(exc))}", file=sys.stderr)
         return 2

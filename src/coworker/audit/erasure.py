@@ -32,22 +32,35 @@ from coworker.audit.record import SCHEMA_VERSION, format_time
 
 __all__ = [
     "CATEGORY_ERASURE",
+    "CATEGORY_LEGAL_HOLD",
     "KIND_ERASURE",
+    "KIND_HOLD",
+    "KIND_RELEASE",
     "MAGIC",
     "PAYLOAD_MISSING",
     "Erased",
+    "ErasureRefused",
     "KeyStore",
     "PayloadState",
     "erased_payloads",
     "erasure_entry",
+    "hold_entry",
     "is_envelope",
     "open_envelope",
     "payload_states",
+    "release_entry",
     "seal_payload",
+    "store_holds",
 ]
 
 MAGIC: Final = b"cwe1"
 """First bytes of an encrypted payload envelope."""
+KIND_HOLD: Final = "hold"
+"""Record kind of a legal hold: a subject's or a flow's payloads must not be erased."""
+KIND_RELEASE: Final = "release"
+"""Record kind of the release of one or more holds (``released_seqs``)."""
+CATEGORY_LEGAL_HOLD: Final = "legal-hold"
+"""Category of hold and release records."""
 KIND_ERASURE: Final = "erasure"
 """Record kind of an erasure: the subject's key and payloads were destroyed."""
 CATEGORY_ERASURE: Final = "erasure"
@@ -60,6 +73,10 @@ NO_SUBJECT: Final = "(none)"
 _SALT: Final = 16
 _NONCE: Final = 12
 _HEADER: Final = len(MAGIC) + _SALT + _NONCE
+
+
+class ErasureRefused(Exception):
+    """An erase that a legal hold (or a retention floor) forbids; nothing was changed."""
 
 
 class MissingCryptography(ImportError):
@@ -262,3 +279,104 @@ def payload_states(records: Iterable[Any]) -> dict[int, PayloadState]:
             if isinstance(seq, int):
                 out.setdefault(seq, PayloadState(seq, "erased", record.seq, reason))
     return out
+
+
+def hold_entry(
+    *, subject: str | None, flow_id: str | None, reason: str, by: str | None
+) -> dict[str, Any]:
+    """The record fields (without ``seq``) of a legal hold on a subject or a flow."""
+    if (subject is None) == (flow_id is None):
+        raise ValueError("a hold covers exactly one of a subject or a flow id")
+    now = format_time(__import__("time").time_ns())
+    return {
+        "v": SCHEMA_VERSION,
+        "kind": KIND_HOLD,
+        "category": CATEGORY_LEGAL_HOLD,
+        "operation": "hold",
+        "recorded_at": now,
+        "start": now,
+        "hold_subject": subject,
+        "hold_flow_id": flow_id,
+        "reason": reason,
+        "held_by": by,
+        "user_id": None,
+        "payload_digest": None,
+    }
+
+
+def release_entry(seqs: Iterable[int], *, reason: str, by: str | None) -> dict[str, Any]:
+    """The record fields (without ``seq``) releasing the holds at ``seqs``."""
+    now = format_time(__import__("time").time_ns())
+    return {
+        "v": SCHEMA_VERSION,
+        "kind": KIND_RELEASE,
+        "category": CATEGORY_LEGAL_HOLD,
+        "operation": "release",
+        "recorded_at": now,
+        "start": now,
+        "released_seqs": sorted(set(seqs)),
+        "reason": reason,
+        "released_by": by,
+        "user_id": None,
+        "payload_digest": None,
+    }
+
+
+def active_holds(records: Iterable[Any]) -> dict[int, dict[str, Any]]:
+    """Holds not released, by seq, from the hold and release records among ``records``."""
+    holds: dict[int, dict[str, Any]] = {}
+    released: set[int] = set()
+    for record in records:
+        fields = record.fields()
+        if fields.get("kind") == KIND_HOLD:
+            holds[record.seq] = fields
+        elif fields.get("kind") == KIND_RELEASE:
+            released.update(s for s in fields.get("released_seqs") or () if isinstance(s, int))
+    return {seq: f for seq, f in holds.items() if seq not in released}
+
+
+def store_holds(store: Any) -> dict[int, dict[str, Any]]:
+    """:func:`active_holds` of a store (indexed ``kind`` search when it has one)."""
+    search = getattr(store, "search", None)
+    if search is None:
+        return active_holds(store.iter_from(1))
+    records = sorted(
+        [*search({"kind": KIND_HOLD}), *search({"kind": KIND_RELEASE})], key=lambda r: r.seq
+    )
+    return active_holds(records)
+
+
+def covering_hold(
+    holds: Mapping[int, Mapping[str, Any]],
+    subject: str,
+    flow_subjects: Callable[[str], set[str]],
+) -> tuple[int, Mapping[str, Any]] | None:
+    """The first active hold that covers ``subject``: on it, or on a flow it appears in."""
+    for seq, hold in sorted(holds.items()):
+        if hold.get("hold_subject") == subject:
+            return seq, hold
+        flow = hold.get("hold_flow_id")
+        if isinstance(flow, str) and subject in flow_subjects(flow):
+            return seq, hold
+    return None
+
+
+def refuse_if_held(
+    holds: Mapping[int, Mapping[str, Any]],
+    subject: str,
+    flow_subjects: Callable[[str], set[str]],
+) -> None:
+    """Raise :class:`ErasureRefused` when an active hold covers ``subject``."""
+    found = covering_hold(holds, subject, flow_subjects)
+    if found is None:
+        return
+    seq, hold = found
+    what = (
+        f"subject {subject!r}"
+        if hold.get("hold_subject") == subject
+        else f"flow {hold.get('hold_flow_id')!r}, in which {subject!r} appears"
+    )
+    raise ErasureRefused(
+        f"erase of {subject!r} refused: legal hold seq {seq} on {what} "
+        f"({hold.get('reason')}); release it first (coworker audit release)"
+    )

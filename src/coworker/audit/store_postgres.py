@@ -563,6 +563,16 @@ class PostgresStore:
                 return _bytes(rows[0][0])
         raise AuditUnavailable(f"audit store {self}: cannot make a data key for {subject!r}")
 
+    def _flow_subjects(self, flow_id: str) -> set[str]:
+        rows = self._fetch(
+            sql.SQL(
+                "SELECT DISTINCT user_id, convert_from(body, 'UTF8')::jsonb ->> 'payload_subject'"
+                " FROM {} WHERE flow_id = %s"
+            ).format(self._table),
+            (flow_id,),
+        )
+        return {v for row in rows for v in row if isinstance(v, str)}
+
     def key_for(self, subject: str) -> bytes | None:
         """The data key of ``subject``, or ``None`` (none made yet, or destroyed)."""
         if self.keystore is not None:
@@ -600,10 +610,12 @@ class PostgresStore:
         (docs/privacy.md). Needs a role with DELETE on the tables (the schema owner).
 
         Raises:
+            ErasureRefused: a legal hold covers the subject; nothing was changed.
             AuditUnavailable: the record was not appended or the rows not deleted.
         """
         if self.readonly:
             raise AuditUnavailable(f"audit store {self} is read-only: erase refused")
+        erasure.refuse_if_held(erasure.store_holds(self), subject, self._flow_subjects)
         column = self.subject_field if self.subject_field in _COLUMNS else None
         by_subject = (
             sql.SQL("r.{} = %s").format(sql.Identifier(column))

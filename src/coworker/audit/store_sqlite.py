@@ -476,6 +476,7 @@ class SQLiteStore:
         neither the key nor the ciphertext stays readable in the file or its ``-wal``.
 
         Raises:
+            ErasureRefused: a legal hold covers the subject; nothing was changed.
             AuditUnavailable: nothing was erased.
         """
         column = self.subject_field if self.subject_field in _COLUMNS else None
@@ -490,6 +491,15 @@ class SQLiteStore:
                 conn.execute("PRAGMA secure_delete = ON")
                 conn.execute("BEGIN IMMEDIATE")
                 try:
+                    # Under the write lock: a hold appended concurrently is seen, or comes after.
+                    holds = erasure.active_holds(
+                        StoredRecord(r[0], b"", b"", r[1])
+                        for r in conn.execute(
+                            "SELECT seq, body FROM audit_records WHERE kind IN ('hold', 'release')"
+                            " ORDER BY seq"
+                        )
+                    )
+                    erasure.refuse_if_held(holds, subject, lambda flow: _flow_subjects(conn, flow))
                     seqs = [
                         r[0]
                         for r in conn.execute(
@@ -791,6 +801,15 @@ def _key_in_txn(conn: sqlite3.Connection, subject: str) -> bytes:
         (subject, key),
     )
     return key
+
+
+def _flow_subjects(conn: sqlite3.Connection, flow_id: str) -> set[str]:
+    rows = conn.execute(
+        "SELECT DISTINCT user_id, json_extract(CAST(body AS TEXT), '$.payload_subject') "
+        "FROM audit_records WHERE flow_id = ?",
+        (flow_id,),
+    )
+    return {v for row in rows for v in row if isinstance(v, str)}
 
 
 def _capped(findings: Iterator[Finding]) -> list[Finding]:
