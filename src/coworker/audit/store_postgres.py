@@ -670,6 +670,7 @@ class PostgresStore:
                     f"audit store {self}: erase of {subject!r} (record seq {record.seq}) did not "
                     f"complete; run it again: {exc}"
                 ) from exc
+        erasure.forget_keys()
         if self.keystore is not None:
             self.keystore.destroy_key(subject)
         return erasure.Erased(record, tuple(seqs))

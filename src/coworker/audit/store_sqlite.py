@@ -528,6 +528,7 @@ class SQLiteStore:
                 raise AuditUnavailable(
                     f"audit store {self.path!r}: erase of {subject!r} failed: {exc}"
                 ) from exc
+        erasure.forget_keys()
         if self.keystore is not None:
             self.keystore.destroy_key(subject)
         return erasure.Erased(record, tuple(seqs), wal_truncated=not busy)
