@@ -272,3 +272,75 @@ def test_legal_hold_on_subject_or_flow_blocks_erase_until_released(
     assert [k for k in kinds if k in ("hold", "release", "erasure")] == [
         "hold", "release", "hold", "release", "erasure",
     ]  # fmt: skip
+
+
+# -- retention -------------------------------------------------------------------------------
+
+
+def _ago(days: float) -> str:
+    import time
+
+    from coworker.audit.record import format_time
+
+    return format_time(int((time.time() - days * 86400) * 1_000_000_000))
+
+
+def test_purge_respects_floors_and_holds_and_never_deletes_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """purge refuses a date that reaches payloads younger than their category's floor (state-
+    change 7y), deletes those past it except under hold, appends a purge record; verify
+    reports them purged and the chain is whole (each step a fresh open)."""
+    from coworker.audit.record import canonical, payload_digest
+
+    db = tmp_path / "a.db"
+    url = f"sqlite:///{db}"
+    plain = canonical({"input": SECRET_ALICE, "output": None})
+
+    def rec(days: float, category: str, user: str) -> dict[str, Any]:
+        t = _ago(days)
+        return {
+            "v": 1, "kind": "outcome", "category": category, "user_id": user,
+            "start": t, "recorded_at": t, "payload_digest": payload_digest(plain),
+        }  # fmt: skip
+
+    rows = [
+        rec(9 * 365, "state-change", "alice"),  # 1: past the 7y floor
+        rec(9 * 365, "state-change", "bob"),  # 2: past it, but bob is held
+        rec(6 * 365, "state-change", "alice"),  # 3: 6 years: inside the 7y floor
+        rec(300, "validation-violation", "alice"),  # 4: past the default 6mo
+        rec(30, "validation-violation", "alice"),  # 5: young
+    ]
+    store = SQLiteStore(db)
+    store.append(rows, [plain] * len(rows))
+    store.close()
+    assert main(["audit", "hold", "--url", url, "--subject", "bob", "--reason", "case"]) == 0
+
+    def purge(before: str) -> int:
+        return main(["audit", "purge", "--url", url, "--before", before, "--by", "ops"])
+
+    assert purge(_ago(5 * 365)[:10]) == 1  # reaches seq 3 (state-change, 6y < 7y)
+    assert "1 state-change payload(s) (floor 7y)" in capsys.readouterr().err
+    assert purge("60d") == 1  # reaches seq 3 and seq 4... and seq 3 again: refused
+    capsys.readouterr()
+    assert all(p is not None for _, _, p in _payload_records(db))  # nothing deleted
+    assert purge(_ago(8 * 365)[:10]) == 0
+    assert "purged  1 payload(s)" in capsys.readouterr().out
+    payloads = {s: p for s, _, p in _payload_records(db)}
+    assert payloads[1] is None and all(payloads[s] is not None for s in (2, 3, 4, 5))
+    assert main(["audit", "verify", "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert "payload  #1: purged (seq 7, retention, before " in out and "OK  7 records" in out
+    store = SQLiteStore(db, readonly=True)
+    try:
+        purge_record = store.iter_from(7).__next__().fields()
+    finally:
+        store.close()
+    assert purge_record["kind"] == "purge" and purge_record["purged_seqs"] == [1]
+    assert purge_record["retention_floors"]["state-change"] == "7y"
+
+
+def test_purge_policy_rejects_a_malformed_floor(capsys: pytest.CaptureFixture[str]) -> None:
+    """A floor that is not a number and a unit is exit 2, naming it."""
+    assert main(["audit", "purge", "--before", "2020-01-01", "--policy", "default=soon"]) == 2
+    assert "'soon'" in capsys.readouterr().err

@@ -48,6 +48,52 @@ def register_privacy(subparsers: Any, url_help: str) -> None:
         cmd.add_argument("--url", default=None, help=url_help)
         cmd.set_defaults(func=_cmd_hold if name == "hold" else _cmd_release)
 
+    purge = subparsers.add_parser(
+        "purge", help="delete payloads recorded before DATE that are past their retention floor"
+    )
+    purge.add_argument("--before", required=True, help="ISO 8601 date/time, or a duration ago")
+    purge.add_argument(
+        "--policy",
+        default=None,
+        metavar="CATEGORY=DURATION,...",
+        help="retention floors (default: state-change=7y,authorization-failure=6y,default=6mo)",
+    )
+    purge.add_argument("--by", default=None, help="who purges (kept in the purge record)")
+    purge.add_argument("--url", default=None, help=url_help)
+    purge.set_defaults(func=_cmd_purge)
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    from coworker.audit.query import parse_time
+    from coworker.audit.retention import PurgeRefused, purge
+
+    try:
+        before = parse_time(args.before)
+        floors = _floors(args.policy)  # a bad policy is refused before the store is opened
+        store = _open(args.url)
+        try:
+            result = purge(store, before, floors, by=args.by)
+        finally:
+            store.close()
+    except PurgeRefused as exc:
+        return _err(str(exc), 1)
+    except (AuditUnavailable, ConfigError) as exc:
+        return _err(str(exc), 2)
+    if result.record is None:
+        print(f"purged  nothing ({len(result.held)} payload(s) kept under legal hold)")
+        return 0
+    print(
+        f"purged  {len(result.seqs)} payload(s) before {before}; purge record seq "
+        f"{result.record.seq}; {len(result.held)} kept under legal hold"
+    )
+    return 0
+
+
+def _floors(spec: str | None) -> Any:
+    from coworker.audit.retention import parse_floors
+
+    return parse_floors(spec)
+
 
 def _open(url: str | None) -> Any:
     from coworker.audit.cli import open_existing_store

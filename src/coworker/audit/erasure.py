@@ -271,7 +271,11 @@ class PayloadState:
 def erased_payloads(store: Any) -> dict[int, PayloadState]:
     """Erased payloads of ``store`` by record seq (indexed ``kind`` search when it has one)."""
     search = getattr(store, "search", None)
-    records = search({"kind": KIND_ERASURE}) if search is not None else store.iter_from(1)
+    if search is None:
+        return payload_states(store.iter_from(1))
+    records = sorted(
+        [*search({"kind": KIND_ERASURE}), *search({"kind": "purge"})], key=lambda r: r.seq
+    )
     return payload_states(records)
 
 
@@ -283,15 +287,20 @@ def payload_states(records: Iterable[Any]) -> dict[int, PayloadState]:
     """
     out: dict[int, PayloadState] = {}
     for record in records:
-        if b'"erasure"' not in record.body:  # cheap pre-filter before decoding
-            continue
+        if b'"erasure"' not in record.body and b'"purge"' not in record.body:
+            continue  # a cheap pre-filter before decoding
         fields = record.fields()
-        if fields.get("kind") != KIND_ERASURE:
+        kind = fields.get("kind")
+        if kind == KIND_ERASURE:
+            state, listed = "erased", fields.get("erased_seqs")
+        elif kind == "purge":  # coworker.audit.retention.KIND_PURGE
+            state, listed = "purged", fields.get("purged_seqs")
+        else:
             continue
         reason = str(fields.get("reason") or "")
-        for seq in fields.get("erased_seqs") or ():
+        for seq in listed or ():
             if isinstance(seq, int):
-                out.setdefault(seq, PayloadState(seq, "erased", record.seq, reason))
+                out.setdefault(seq, PayloadState(seq, state, record.seq, reason))
     return out
 
 

@@ -600,6 +600,29 @@ class PostgresStore:
             record.payload, str(subject), key, fields.get("payload_digest")
         )
 
+    def delete_payloads(self, seqs: Sequence[int]) -> bool:
+        """Delete the payload rows of ``seqs`` (a purge; the records stay), then ``VACUUM``.
+
+        Raises:
+            AuditUnavailable: nothing was deleted.
+        """
+        with self._lock:
+            try:
+                conn = self._connection()
+            except _ServerDown as exc:
+                raise AuditUnavailable(f"audit store {self}: {exc}") from exc
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(
+                        sql.SQL("DELETE FROM {} WHERE seq = ANY(%s)").format(self._payloads),
+                        (list(seqs),),
+                    )
+                    cur.execute(sql.SQL("VACUUM {}").format(self._payloads))
+            except psycopg.Error as exc:
+                self._rollback_or_drop(conn)
+                raise AuditUnavailable(f"audit store {self}: purge failed: {exc}") from exc
+        return True
+
     def erase(self, subject: str, reason: str, *, by: str | None = None) -> erasure.Erased:
         """Append the erasure record of ``subject``, then delete its payloads and data key.
 

@@ -467,6 +467,36 @@ class SQLiteStore:
             record.payload, str(subject), key, fields.get("payload_digest")
         )
 
+    def delete_payloads(self, seqs: Sequence[int]) -> bool:
+        """Delete the payload rows of ``seqs`` (a purge; the records stay), overwriting the
+        freed bytes and truncating the WAL as :meth:`erase` does.
+
+        Returns:
+            ``False`` when another reader kept the WAL from being truncated.
+
+        Raises:
+            AuditUnavailable: nothing was deleted.
+        """
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("PRAGMA secure_delete = ON")
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(
+                        "DELETE FROM audit_payloads WHERE seq = ?", [(s,) for s in seqs]
+                    )
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                conn.execute("PRAGMA secure_delete = OFF")
+            except sqlite3.Error as exc:
+                raise AuditUnavailable(f"audit store {self.path!r}: purge failed: {exc}") from exc
+        return not busy
+
     def erase(self, subject: str, reason: str, *, by: str | None = None) -> erasure.Erased:
         """Destroy ``subject``'s payloads and data key and append the erasure record.
 
