@@ -51,6 +51,8 @@ def configure(
     state_changing_operations: Iterable[str] | None = None,
     sensitive_doctypes: Iterable[str] | None = None,
     redact: Iterable[str] | None = None,
+    trace_payloads: str = "redacted",
+    redaction: Any = None,
     capture_limit: int | None = None,
     flow_idle_timeout: float | None = None,
     trust_baggage_identity: bool | None = None,
@@ -90,6 +92,12 @@ def configure(
         sensitive_doctypes: doctypes whose reads are audited (``sensitive-read``), added to
             those the policy marks sensitive.
         redact: key fragments whose captured values are redacted (replaces the default).
+        trace_payloads: what exporters (the trace backend) get of the captured input/output:
+            ``"redacted"`` (default: by ``redaction``) or ``"none"``. The audit store gets
+            them encrypted either way (docs/privacy.md). Exporters given as span processors
+            are not wrapped.
+        redaction: a :class:`coworker.redaction.Redactor` applied to every string attribute
+            of exported spans (default: ``redact``'s keys, card numbers, e-mail addresses).
         capture_limit: maximum characters of a captured input/output (default 4096).
         flow_idle_timeout: seconds after which an idle ``ai-conversation`` flow breaks
             (default: ``COWORKER_FLOW_IDLE_TIMEOUT``, else 1800; 0 disables).
@@ -218,9 +226,15 @@ def configure(
                 from coworker.metrics import RunMetricsProcessor
 
                 members.append(RunMetricsProcessor())
+            if exporters:
+                from coworker.redaction import RedactingSpanExporter, Redactor
+
+                rules = redaction if redaction is not None else Redactor(keys=redact)
             for item in exporters:
                 members.append(
-                    item if isinstance(item, SpanProcessor) else BatchSpanProcessor(item)
+                    item
+                    if isinstance(item, SpanProcessor)
+                    else BatchSpanProcessor(RedactingSpanExporter(item, rules, trace_payloads))
                 )
 
         # -- apply ----------------------------------------------------------------------
