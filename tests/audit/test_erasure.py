@@ -344,3 +344,42 @@ def test_purge_policy_rejects_a_malformed_floor(capsys: pytest.CaptureFixture[st
     """A floor that is not a number and a unit is exit 2, naming it."""
     assert main(["audit", "purge", "--before", "2020-01-01", "--policy", "default=soon"]) == 2
     assert "'soon'" in capsys.readouterr().err
+
+
+# -- bundles ---------------------------------------------------------------------------------
+
+
+def test_bundle_carries_erased_payloads_as_erased_with_the_erasure_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """export --user alice after her erase: the manifest marks her payloads erased by seq N,
+    holds record N (related, proven), verify-bundle passes; dropping N fails it."""
+    db = tmp_path / "a.db"
+    url = f"sqlite:///{db}"
+    _write_runs(db)
+    assert main(["audit", "erase", "--url", url, "--subject", "alice", "--reason", "Art. 17"]) == 0
+    keyfile = tmp_path / "log.key"
+    assert main(["audit", "keygen", "--name", "example.org/log", "--out", str(keyfile)]) == 0
+    assert main(["audit", "checkpoint", "--url", url, "--key", str(keyfile)]) == 0
+    pub = f"{keyfile}.pub"
+    bundle = tmp_path / "bundle"
+    export = ["audit", "export", "--out", str(bundle), "--url", url, "--key", pub]
+    assert main([*export, "--user", "alice"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entries = {e["seq"]: e for e in manifest["records"]}
+    (erasure_seq,) = [s for s, e in entries.items() if e.get("related")]
+    alice = [e for e in entries.values() if "payload" in e]
+    assert len(alice) == 2
+    assert {e["payload"] for e in alice} == {f"erased (seq {erasure_seq}, Art. 17)"}
+    body = json.loads((bundle / entries[erasure_seq]["record"]).read_text())
+    assert body["kind"] == "erasure" and body["erased_subject"] == "alice"
+    assert main(["audit", "verify-bundle", str(bundle), "--key", pub]) == 0
+
+    manifest["records"] = [e for e in manifest["records"] if not e.get("related")]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    (bundle / entries[erasure_seq]["record"]).unlink()
+    (bundle / entries[erasure_seq]["proof"]).unlink()
+    capsys.readouterr()
+    assert main(["audit", "verify-bundle", str(bundle), "--key", pub]) == 1
+    assert "said to be erased by seq" in capsys.readouterr().out

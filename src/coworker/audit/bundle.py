@@ -6,6 +6,7 @@ A bundle is a directory or a ``.tar`` of it::
     checkpoint               the signed checkpoint every proof refers to (C2SP signed note)
     key.pub                  the log's verifier key (informational: the auditor brings theirs)
     records/<seq>.json       each selected record's canonical bytes, exactly as hashed
+                             (and the erasure/purge records of erased payloads, ``related``)
     proofs/<seq>.tlog-proof  a C2SP tlog-proof@v1 for each record
 
 :func:`verify_bundle` needs no database and no network: only the bundle and the verifier
@@ -47,6 +48,8 @@ def write_bundle(
     *,
     filters: Mapping[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    payloads: Mapping[int, tuple[str, int]] | None = None,
+    related: Iterable[int] = (),
 ) -> int:
     """Write a bundle; a path ending in ``.tar`` becomes a tar file, anything else a directory.
 
@@ -58,6 +61,11 @@ def write_bundle(
         verifier: the log's verifier key.
         filters: the selection, recorded in the manifest.
         progress: called with the number of records written so far.
+        payloads: seq -> (``"erased (seq N, reason)"``, N) for selected records whose payload
+            was erased or purged: the manifest says so, and verify-bundle checks that record
+            N is in the bundle and names the seq.
+        related: seqs among ``records`` that are not in the selection but explain it (the
+            erasure and purge records); marked ``"related": true`` in the manifest.
 
     Returns:
         The number of records written.
@@ -68,13 +76,20 @@ def write_bundle(
     cp, _ = open_checkpoint(checkpoint, verifier)
     files: dict[str, bytes] = {}
     entries = []
+    extra = set(related)
+    states = dict(payloads or {})
     for count, (seq, body) in enumerate(records, 1):
         if seq > cp.size:
             break
         rec, prf = f"records/{_name(seq)}.json", f"proofs/{_name(seq)}.tlog-proof"
         files[rec] = body
         files[prf] = encode_proof(seq - 1, proof_for(seq - 1), checkpoint)
-        entries.append({"seq": seq, "record": rec, "proof": prf})
+        item: dict[str, Any] = {"seq": seq, "record": rec, "proof": prf}
+        if seq in extra:
+            item["related"] = True
+        if seq in states:
+            item["payload"], item["payload_record"] = states[seq]
+        entries.append(item)
         if progress is not None:
             progress(count)
     manifest = {
@@ -210,6 +225,8 @@ def verify_bundle(files: Mapping[str, bytes], verifier: Verifier) -> BundleRepor
         filters = {}
     listed: set[str] = set()
     seqs: set[int] = set()
+    related: dict[int, dict[str, Any]] = {}
+    claims: list[tuple[int, Any]] = []
     entries = manifest.get("records")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         report.failures.append("manifest.json: 'records' is not a list of objects")
@@ -233,13 +250,30 @@ def verify_bundle(files: Mapping[str, bytes], verifier: Verifier) -> BundleRepor
             cp, _ = verify_record_proof(body, files[prf], verifier, seq=seq)
             if cp != checkpoint:
                 raise ProofError("its proof refers to another checkpoint than the bundle's")
-            outside = _outside_selection(fields, filters)
-            if outside is not None:
-                raise ProofError(f"not in the bundle's selection: {outside}")
+            if entry.get("related") is True:
+                # Outside the selection on purpose: it must be what explains a payload.
+                if fields.get("kind") not in _RELATED_KINDS:
+                    raise ProofError(f"a related record of kind {fields.get('kind')!r}")
+                related[seq] = fields
+            else:
+                outside = _outside_selection(fields, filters)
+                if outside is not None:
+                    raise ProofError(f"not in the bundle's selection: {outside}")
+            if "payload_record" in entry:
+                claims.append((seq, entry.get("payload_record")))
         except (ProofError, ValueError) as exc:
             report.failures.append(f"record {seq}: {exc}")
             continue
         report.records += 1
+    for seq, by in claims:
+        # "erased (seq N, ...)": record N is in the bundle, proven, and names this seq.
+        explaining = related.get(by) if type(by) is int else None
+        names = (explaining or {}).get("erased_seqs") or (explaining or {}).get("purged_seqs")
+        if explaining is None or seq not in (names or ()):
+            report.failures.append(
+                f"record {seq}: its payload is said to be erased by seq {by!r}, which the "
+                "bundle does not hold or does not name it"
+            )
     extra = sorted(n for n in files if n.startswith(("records/", "proofs/")) and n not in listed)
     for name in extra:
         report.failures.append(f"{name}: not listed in the manifest")
@@ -247,6 +281,8 @@ def verify_bundle(files: Mapping[str, bytes], verifier: Verifier) -> BundleRepor
         report.failures.append("the bundle holds no records")
     return report
 
+
+_RELATED_KINDS: Final = frozenset({"erasure", "purge"})
 
 # Manifest filter -> the record field it selects on; since/until are absolute RFC 3339 times
 # (written so by ``coworker audit export``) compared with the record's start, as the query.

@@ -274,7 +274,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
             filters.update(
                 {k: parse_time(v) for k, v in filters.items() if k in ("since", "until")}
             )
-            wanted = set(seqs)
+            # Erased payloads travel as erased, with the record that erased them (issue 15).
+            from coworker.audit.erasure import erased_payloads
+
+            erased = {s: e for s, e in erased_payloads(store).items() if s in set(seqs)}
+            related = {e.by_seq for e in erased.values() if e.by_seq <= checkpoint.size}
+            related -= set(seqs)
+            payloads = {
+                s: (e.describe(), e.by_seq)
+                for s, e in erased.items()
+                if e.by_seq <= checkpoint.size
+            }
+            wanted = set(seqs) | related
+            seqs = sorted(wanted)
             records = (
                 (r.seq, r.body)
                 for r in (store.iter_from(min(seqs)) if seqs else iter(()))
@@ -289,6 +301,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 verifier,
                 filters=filters,
                 progress=progress,
+                payloads=payloads,
+                related=related,
             )
         finally:
             tree.close()
