@@ -130,7 +130,7 @@ def purge(
     policy = parse_floors(floors)
     current = time.time() if now is None else now
     cutoffs = {
-        c: format_time(int((current - duration_seconds(v)) * 1_000_000_000))
+        c: format_time(int((current - duration_seconds(v)) * 1_000_000_000)) or ""
         for c, v in policy.items()
     }
     candidates: list[tuple[int, Mapping[str, Any]]] = []
