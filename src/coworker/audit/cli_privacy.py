@@ -108,7 +108,7 @@ def _err(message: str, code: int) -> int:
 
 
 def _cmd_hold(args: argparse.Namespace) -> int:
-    from coworker.audit.erasure import hold_entry
+    from coworker.audit.erasure import append_now, hold_entry
 
     if not args.reason.strip():
         return _err("--reason must not be empty", 2)
@@ -116,7 +116,7 @@ def _cmd_hold(args: argparse.Namespace) -> int:
     try:
         store = _open(args.url)
         try:
-            (record,) = store.append([entry])
+            record = append_now(store, entry)
         finally:
             store.close()
     except (AuditUnavailable, ConfigError, ValueError) as exc:
@@ -127,7 +127,7 @@ def _cmd_hold(args: argparse.Namespace) -> int:
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
-    from coworker.audit.erasure import release_entry, store_holds
+    from coworker.audit.erasure import append_now, release_entry, store_holds
 
     try:
         store = _open(args.url)
@@ -140,7 +140,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
             ]
             if not holds:
                 return _err("no active legal hold on that subject or flow", 1)
-            (record,) = store.append([release_entry(holds, reason=args.reason, by=args.by)])
+            record = append_now(store, release_entry(holds, reason=args.reason, by=args.by))
         finally:
             store.close()
     except (AuditUnavailable, ConfigError) as exc:

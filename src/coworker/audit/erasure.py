@@ -43,6 +43,7 @@ __all__ = [
     "ErasureRefused",
     "KeyStore",
     "PayloadState",
+    "append_now",
     "erased_payloads",
     "erasure_entry",
     "hold_entry",
@@ -403,3 +404,21 @@ def refuse_if_held(
         f"erase of {subject!r} refused: legal hold seq {seq} on {what} "
         f"({hold.get('reason')}); release it first (coworker audit release)"
     )
+
+
+def append_now(store: Any, entry: Mapping[str, Any]) -> Any:
+    """Append one record and return it; a record that was only spooled (PostgreSQL outage)
+    is an error here: an erase, hold, release or purge must be in the log before it acts.
+
+    Raises:
+        AuditUnavailable: nothing durable in the log yet (a spooled entry is shipped later).
+    """
+    from coworker.exceptions import AuditUnavailable
+
+    records = store.append([entry])
+    if len(records) != 1:
+        raise AuditUnavailable(
+            f"audit store {store}: the server is unreachable; the {entry.get('kind')} record "
+            "was spooled and nothing else was done: run the command again when it is back"
+        )
+    return records[0]

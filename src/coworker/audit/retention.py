@@ -184,7 +184,7 @@ def purge(
         (held if on_hold else seqs).append(seq)
     if not seqs:
         return Purged(None, (), tuple(held))
-    (record,) = store.append([purge_entry(seqs, before=before, floors=policy, by=by)])
+    record = erasure.append_now(store, purge_entry(seqs, before=before, floors=policy, by=by))
     store.delete_payloads(seqs)
     return Purged(record, tuple(seqs), tuple(held))
 

@@ -657,7 +657,7 @@ class PostgresStore:
             params,
         )
         seqs = [int(r[0]) for r in rows]
-        (record,) = self.append([erasure.erasure_entry(subject, reason, by=by, seqs=seqs)])
+        record = erasure.append_now(self, erasure.erasure_entry(subject, reason, by=by, seqs=seqs))
         deletes: list[tuple[sql.Composable, tuple[Any, ...]]] = [
             (sql.SQL("DELETE FROM {} WHERE seq = ANY(%s)").format(self._payloads), (seqs,))
         ]
