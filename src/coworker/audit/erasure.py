@@ -14,8 +14,8 @@ hashing candidates, and once the envelope is gone nobody can match a value again
 Erasing a subject destroys its data key and deletes its envelopes in one transaction, and
 appends an erasure record (``kind = "erasure"``) naming the subject, the reason, who erased
 and the seqs concerned. The chain, checkpoints and inclusion proofs only ever covered the
-bodies, so they verify unchanged; :func:`payload_states` tells an erased payload
-(``erased (seq N, reason)``) from one that vanished without a record (a finding).
+bodies, so they verify unchanged; :func:`payload_states` names the erased (and purged)
+payloads: ``erased (seq N, reason)``.
 
 ``cryptography`` (the ``proofs`` extra) is imported only when a payload is sealed or opened.
 """
@@ -38,7 +38,6 @@ __all__ = [
     "KIND_HOLD",
     "KIND_RELEASE",
     "MAGIC",
-    "PAYLOAD_MISSING",
     "Erased",
     "ErasureRefused",
     "KeyStore",
@@ -67,8 +66,6 @@ KIND_ERASURE: Final = "erasure"
 """Record kind of an erasure: the subject's key and payloads were destroyed."""
 CATEGORY_ERASURE: Final = "erasure"
 """Category of erasure records (so ``query --category erasure`` lists them)."""
-PAYLOAD_MISSING: Final = "payload-missing"
-"""Finding: an encrypted record's payload or key is gone and no erasure record says why."""
 NO_SUBJECT: Final = "(none)"
 """Subject of payloads whose record has no subject value (one shared, erasable key)."""
 
