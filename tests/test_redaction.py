@@ -108,3 +108,7 @@ def test_redactor_handles_unusual_values() -> None:
     boom = Redactor(func=lambda s: 1 / 0)  # type: ignore[arg-type,return-value]
     assert boom.text("anything") == "[REDACTED]"
     assert r.text("order 12345 shipped") == "order 12345 shipped"  # short numbers stay
+    # Long numbers that are no card: a decimal price, a non-Luhn id (cost metrics need them).
+    assert r.text("0.000123450000000000") == "0.000123450000000000"
+    assert r.text("id 1234567890123456") == "id 1234567890123456"
+    assert r.text("card 4111111111111111.") == "card [REDACTED]."

@@ -32,12 +32,24 @@ __all__ = [
     "Redactor",
 ]
 
-CARD_NUMBER: Final = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
-"""13 to 19 digits, optionally grouped by spaces or dashes (payment card numbers)."""
+CARD_NUMBER: Final = re.compile(r"(?<!\d)(?<!\d\.)(?:\d[ -]?){12,18}\d(?!\d|\.\d)")
+"""13 to 19 digits, optionally grouped by spaces or dashes, that pass the Luhn check (payment
+card numbers). Digits in a decimal number are not a card: ``0.000123450000000000`` is a price."""
 EMAIL: Final = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
 """An e-mail address."""
 
 _PAYLOAD_KEYS: Final = (attr.INPUT, attr.OUTPUT)
+
+
+def _card(match: re.Match[str]) -> str:
+    # Luhn: a long number that is not a valid card number (an id, an amount) stays.
+    digits = [int(c) for c in match.group(0) if c.isdigit()]
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return REDACTED if total % 10 == 0 else match.group(0)
 
 
 class Redactor:
@@ -67,7 +79,10 @@ class Redactor:
     def text(self, value: str) -> str:
         """``value`` with every pattern match replaced, then passed through ``func``."""
         for pattern in self.patterns:
-            value = pattern.sub(REDACTED, value)
+            if pattern is CARD_NUMBER:
+                value = pattern.sub(_card, value)
+            else:
+                value = pattern.sub(REDACTED, value)
         if self.func is not None:
             try:
                 value = str(self.func(value))
