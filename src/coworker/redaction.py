@@ -22,6 +22,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
+from opentelemetry.sdk.trace.export import SpanExporter
+
 from coworker import attributes as attr
 from coworker._capture import REDACTED
 
@@ -153,7 +155,7 @@ class _RedactedSpan:
         return getattr(self._span, name)
 
 
-class RedactingSpanExporter:
+class RedactingSpanExporter(SpanExporter):
     """A ``SpanExporter`` that redacts every span before handing it to ``delegate``.
 
     Args:

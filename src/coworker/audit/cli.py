@@ -261,8 +261,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         out["erased"] = [{"seq": s, "state": e.describe()} for s, e in sorted(erased.items())]
         print(json.dumps(out))
         return 0 if report.ok else 1
-    for seq, state in sorted(erased.items()):
-        print(f"payload  #{seq}: {printable(state.describe())}")
+    for at, state in sorted(erased.items()):
+        print(f"payload  #{at}: {printable(state.describe())}")
     if report.ok:
         if report.head is None:
             print("OK  empty log")

@@ -658,7 +658,7 @@ class PostgresStore:
         )
         seqs = [int(r[0]) for r in rows]
         record = erasure.append_now(self, erasure.erasure_entry(subject, reason, by=by, seqs=seqs))
-        deletes: list[tuple[sql.Composable, tuple[Any, ...]]] = [
+        deletes: list[tuple[sql.Composed, tuple[Any, ...]]] = [
             (sql.SQL("DELETE FROM {} WHERE seq = ANY(%s)").format(self._payloads), (seqs,))
         ]
         if self._key_table:
