@@ -897,9 +897,14 @@ def test_owner_editing_a_payload_is_reported(pg: PGServer, store: PostgresStore,
 
     store.append([with_payload(1, b"a"), with_payload(2, b"b")], [b"a", b"b"])
     pg.execute(f"UPDATE \"{schema_of(url)}\".payloads SET payload = 'forged' WHERE seq = 2")
-    pg.execute(f'UPDATE "{schema_of(url)}".payloads SET payload = NULL WHERE seq = 1')  # erased
+    # Set to NULL by hand, without an erasure record: a deletion, not an erasure.
+    pg.execute(f'UPDATE "{schema_of(url)}".payloads SET payload = NULL WHERE seq = 1')
     report = verify(url)
-    assert [(p.kind, p.seq) for p in report.problems] == [(PAYLOAD_MISMATCH, 2)], report
+    assert [(p.kind, p.seq) for p in report.problems] == [
+        (PAYLOAD_MISMATCH, 1),
+        (PAYLOAD_MISMATCH, 2),
+    ], report
+    assert "no erasure or purge record" in report.problems[0].detail
 
 
 def test_read_only_open_creates_nothing(pg: PGServer, url: str, capsys: Any) -> None:

@@ -98,17 +98,22 @@ def test_triggers_refuse_rewrites(
     assert [(r.seq, r.hash, r.body) for r in sqlite_file_store.iter_from(1)] == before
 
 
-def test_payload_can_be_erased_without_breaking_chain(
+def test_payload_deleted_by_hand_is_reported_not_taken_for_erased(
     sqlite_file_store: SQLiteStore, db_path: Path
 ) -> None:
-    """Erasing a payload (GDPR) leaves the chain verifiable."""
+    """A payload set to NULL by the database owner, with no erasure record, is a finding
+    (only `coworker audit erase` / `purge` may take a payload away; tests/audit/test_erasure.py
+    shows that chain and verify stay intact after a real erase)."""
     fields, payload = make_entries(1, **{"coworker.input": '{"ssn": "[REDACTED]"}'})[0]
     sqlite_file_store.append([fields], [payload])
     conn = sqlite3.connect(db_path, isolation_level=None)
     conn.execute("UPDATE audit_payloads SET payload = NULL WHERE seq = 1")
     conn.close()
     assert next(sqlite_file_store.iter_from(1)).payload is None
-    assert verify_chain(sqlite_file_store).ok
+    report = verify_chain(sqlite_file_store)
+    assert not report.ok
+    assert [(p.kind, p.seq) for p in report.problems] == [("payload-mismatch", 1)]
+    assert "no erasure or purge record" in report.problems[0].detail
 
 
 def test_reopen_keeps_records(db_path: Path) -> None:

@@ -424,21 +424,22 @@ def test_foreign_trigger_that_drops_rows_fails_the_append(log: Path) -> None:
 
 
 def test_edited_payload_is_reported(db_path: Path) -> None:
-    """A stored payload edited by hand no longer matches the digest in its record; an
-    erased payload is fine."""
+    """A stored payload edited by hand no longer matches the digest in its record; one
+    deleted by hand (no erasure record) is reported too."""
     store = SQLiteStore(db_path)
     fill(store, 3, **{"coworker.input": '{"amount": 10}'})
     store.close()
     conn = sqlite3.connect(db_path, isolation_level=None)
     assert conn.execute("SELECT count(*) FROM audit_payloads").fetchone() == (3,)
-    conn.execute("UPDATE audit_payloads SET payload = NULL WHERE seq = 1")  # erased: fine
+    conn.execute("UPDATE audit_payloads SET payload = NULL WHERE seq = 1")  # no erase record
     conn.execute("UPDATE audit_payloads SET payload = '{\"amount\": 10000}' WHERE seq = 2")
     conn.execute("INSERT INTO audit_payloads (seq, payload) VALUES (99, x'00')")
     conn.close()
     report = _verify(db_path)
     found = [(p.kind, p.seq) for p in report.problems]
-    assert found == [(PAYLOAD_MISMATCH, 99), (PAYLOAD_MISMATCH, 2)]
-    assert "payload edited" in report.problems[1].detail
+    assert found == [(PAYLOAD_MISMATCH, 99), (PAYLOAD_MISMATCH, 1), (PAYLOAD_MISMATCH, 2)]
+    assert "payload deleted" in report.problems[1].detail
+    assert "payload edited" in report.problems[2].detail
 
 
 def test_in_memory_store_checks_payload_digests() -> None:

@@ -22,7 +22,7 @@ guards) also implements :class:`IntegrityChecked`, which ``verify`` calls.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -138,10 +138,18 @@ class IntegrityChecked(Protocol):
         ...
 
 
+def erased_seqs(store: Any) -> frozenset[int]:
+    """The seqs whose payloads an erasure or purge record of ``store`` covers."""
+    from coworker.audit.erasure import erased_payloads
+
+    return frozenset(erased_payloads(store))
+
+
 def payload_finding(
     record: StoredRecord,
     fields: Mapping[str, Any],
     key_for: Callable[[str], bytes | None] | None = None,
+    erased: Container[int] | None = None,
 ) -> Finding | None:
     """The :data:`PAYLOAD_MISMATCH` of ``record``, or ``None`` when its payload is fine.
 
@@ -150,10 +158,25 @@ def payload_finding(
         fields: its decoded body.
         key_for: the store's data keys (subject -> key or ``None``), to open an encrypted
             payload (:mod:`coworker.audit.erasure`) and check it against the salted digest.
+        erased: the seqs whose payloads an erasure or purge record of the log covers; when
+            given, a payload (or its key) that is gone without one is a finding. A record
+            with a ``payload_digest`` committed to a payload: only a recorded erasure may
+            take it away, not a ``DELETE`` by whoever owns the database.
     """
     import hashlib
 
     if record.payload is None:
+        if (
+            erased is not None
+            and fields.get("payload_digest") is not None
+            and record.seq not in erased
+        ):
+            return Finding(
+                PAYLOAD_MISMATCH,
+                record.seq,
+                f"seq {record.seq}: the record commits to a payload but none is stored, "
+                "and no erasure or purge record covers it (payload deleted)",
+            )
         return None  # erased (or never captured): the digest stays in the body
     from coworker.audit import erasure
 
@@ -168,6 +191,13 @@ def payload_finding(
             )
         key = key_for(subject) if key_for is not None else None
         if key is None:
+            if erased is not None and key_for is not None and record.seq not in erased:
+                return Finding(
+                    PAYLOAD_MISMATCH,
+                    record.seq,
+                    f"seq {record.seq}: the payload's data key is gone and no erasure record "
+                    "covers it (key deleted)",
+                )
             return None  # the key was destroyed (erased): nothing can be read or checked
         digest = fields.get("payload_digest")
         if erasure.open_envelope(record.payload, subject, key, digest) is not None:
@@ -272,10 +302,11 @@ class InMemoryStore:
     def integrity_findings(self, head: Head | None) -> list[Finding]:
         """Payloads against their digests (see :class:`IntegrityChecked`)."""
         findings = []
+        erased = erased_seqs(self)
         for record in self.iter_from(1):
             if head is None or record.seq > head.seq:
                 break
-            found = payload_finding(record, record.fields())
+            found = payload_finding(record, record.fields(), erased=erased)
             if found is not None:
                 findings.append(found)
         return findings

@@ -85,6 +85,7 @@ from coworker.audit.store import (
     Head,
     StoredRecord,
     StoreNotFound,
+    erased_seqs,
     payload_finding,
 )
 from coworker.exceptions import AuditUnavailable, ConfigError
@@ -1286,6 +1287,7 @@ class PostgresStore:
         )
         columns: list[Finding] = []
         payloads: list[Finding] = []
+        erased = erased_seqs(self)
         next_seq = 1
         while next_seq <= last:
             rows = self._fetch(query, (next_seq, last, _PAGE))
@@ -1312,7 +1314,7 @@ class PostgresStore:
                                 + wrong,
                             )
                         )
-                found = payload_finding(record, fields, self.key_for)
+                found = payload_finding(record, fields, self.key_for, erased)
                 if found is not None and len(payloads) < MAX_FINDINGS:
                     payloads.append(found)
             if len(rows) < _PAGE:

@@ -60,6 +60,7 @@ from coworker.audit.store import (
     Head,
     StoredRecord,
     StoreNotFound,
+    erased_seqs,
     payload_finding,
 )
 from coworker.config import DEFAULT_AUDIT_PATH
@@ -175,6 +176,16 @@ _PAYLOAD_ROWS: Final = (
     "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload"
     " FROM audit_payloads p JOIN audit_records r ON r.seq = p.seq"
     " WHERE p.payload IS NOT NULL AND r.seq BETWEEN 1 AND ? ORDER BY r.seq"
+)
+
+# Records that commit to a payload (a digest in the body) with none stored: only an erasure or
+# purge record may explain that (verify checks; SQLite's JSON parser preselects them).
+_MISSING_PAYLOAD_ROWS: Final = (
+    "SELECT r.seq, r.prev_hash, r.hash, r.body, NULL FROM audit_records r"
+    " LEFT JOIN audit_payloads p ON p.seq = r.seq"
+    " WHERE r.seq BETWEEN 1 AND ? AND (p.seq IS NULL OR p.payload IS NULL)"
+    " AND json_valid(CAST(r.body AS TEXT))"
+    " AND json_extract(CAST(r.body AS TEXT), '$.payload_digest') IS NOT NULL ORDER BY r.seq"
 )
 
 _HEAD: Final = "SELECT seq, hash FROM audit_records WHERE seq >= 1 ORDER BY seq DESC LIMIT 1"
@@ -750,17 +761,25 @@ class SQLiteStore:
                     )
                 )
         payloads: list[Finding] = []
-        for row in self._read(_PAYLOAD_ROWS, (last,), mmap=True):
+        erased = erased_seqs(self)
+        rows = [
+            *self._read(_PAYLOAD_ROWS, (last,), mmap=True),
+            *self._read(_MISSING_PAYLOAD_ROWS, (last,), mmap=True),
+        ]
+        for row in rows:
             record = StoredRecord(row[0], row[1], row[2], row[3], row[4])
             try:
                 fields = json.loads(record.body)
             except (ValueError, TypeError):
                 continue  # the chain check already failed on it
             found = (
-                payload_finding(record, fields, self.key_for) if isinstance(fields, dict) else None
+                payload_finding(record, fields, self.key_for, erased)
+                if isinstance(fields, dict)
+                else None
             )
             if found is not None:
                 payloads.append(found)
+        payloads.sort(key=lambda f: f.seq or 0)
         return findings + _capped(iter(columns)) + _capped(iter(payloads))
 
     def close(self) -> None:
