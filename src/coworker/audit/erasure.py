@@ -27,7 +27,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, cast, runtime_checkable
 
 from coworker.audit.record import SCHEMA_VERSION, format_time
 
@@ -49,6 +49,7 @@ __all__ = [
     "is_envelope",
     "open_envelope",
     "payload_states",
+    "plaintext",
     "release_entry",
     "seal_payload",
     "store_holds",
@@ -264,6 +265,19 @@ class PayloadState:
     def describe(self) -> str:
         """``erased (seq N, reason)``."""
         return f"{self.state} (seq {self.by_seq}, {self.reason})"
+
+
+def plaintext(record: Any, key_for: Callable[[str], bytes | None]) -> bytes | None:
+    """The readable payload of a stored record: decrypted with its subject's key from
+    ``key_for``, as stored when it is no envelope, ``None`` when erased or unreadable."""
+    if record.payload is None or not is_envelope(record.payload):
+        return cast("bytes | None", record.payload)
+    fields = record.fields()
+    subject = fields.get("payload_subject")
+    key = key_for(subject) if isinstance(subject, str) else None
+    if key is None:
+        return None
+    return open_envelope(record.payload, str(subject), key, fields.get("payload_digest"))
 
 
 def erased_payloads(store: Any) -> dict[int, PayloadState]:

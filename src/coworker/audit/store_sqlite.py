@@ -467,16 +467,7 @@ class SQLiteStore:
 
     def plaintext(self, record: StoredRecord) -> bytes | None:
         """The readable payload of ``record``: decrypted, or as stored when not encrypted."""
-        if record.payload is None or not erasure.is_envelope(record.payload):
-            return record.payload
-        fields = record.fields()
-        subject = fields.get("payload_subject")
-        key = self.key_for(subject) if isinstance(subject, str) else None
-        if key is None:
-            return None
-        return erasure.open_envelope(
-            record.payload, str(subject), key, fields.get("payload_digest")
-        )
+        return erasure.plaintext(record, self.key_for)
 
     def delete_payloads(self, seqs: Sequence[int]) -> bool:
         """Delete the payload rows of ``seqs`` (a purge; the records stay), overwriting the
