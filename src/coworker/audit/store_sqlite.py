@@ -42,8 +42,8 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 from coworker.audit import erasure
@@ -72,6 +72,7 @@ SCHEMA_VERSION: Final = 1
 """Version of the table layout, kept in ``audit_meta``."""
 
 _log = logging.getLogger("coworker.audit")
+_T = TypeVar("_T")
 
 _MMAP_SIZE: Final = 1 << 30
 
@@ -482,22 +483,15 @@ class SQLiteStore:
         with self._lock:
             conn = self._connection()
             try:
-                conn.execute("PRAGMA secure_delete = ON")
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.executemany(
+                _, truncated = _shredding(
+                    conn,
+                    lambda c: c.executemany(
                         "DELETE FROM audit_payloads WHERE seq = ?", [(s,) for s in seqs]
-                    )
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                conn.execute("PRAGMA secure_delete = OFF")
+                    ),
+                )
             except sqlite3.Error as exc:
                 raise AuditUnavailable(f"audit store {self.path!r}: purge failed: {exc}") from exc
-        return not busy
+        return truncated
 
     def erase(self, subject: str, reason: str, *, by: str | None = None) -> erasure.Erased:
         """Destroy ``subject``'s payloads and data key and append the erasure record.
@@ -520,9 +514,8 @@ class SQLiteStore:
         with self._lock:
             conn = self._connection()
             try:
-                conn.execute("PRAGMA secure_delete = ON")
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+
+                def work(conn: sqlite3.Connection) -> tuple[Any, list[int]]:
                     # Under the write lock: a hold appended concurrently is seen, or comes after.
                     holds = erasure.active_holds(
                         StoredRecord(r[0], b"", b"", r[1])
@@ -547,15 +540,9 @@ class SQLiteStore:
                         "DELETE FROM audit_payloads WHERE seq = ?", [(s,) for s in seqs]
                     )
                     conn.execute("DELETE FROM audit_keys WHERE subject = ?", (subject,))
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                # The old pages (key, ciphertext) may still sit in WAL frames: copy the
-                # overwritten pages back and truncate the WAL to nothing.
-                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                conn.execute("PRAGMA secure_delete = OFF")
+                    return record, seqs
+
+                (record, seqs), truncated = _shredding(conn, work)
             except sqlite3.Error as exc:
                 raise AuditUnavailable(
                     f"audit store {self.path!r}: erase of {subject!r} failed: {exc}"
@@ -563,7 +550,7 @@ class SQLiteStore:
         erasure.forget_keys()
         if self.keystore is not None:
             self.keystore.destroy_key(subject)
-        return erasure.Erased(record, tuple(seqs), wal_truncated=not busy)
+        return erasure.Erased(record, tuple(seqs), wal_truncated=truncated)
 
     def head(self) -> Head | None:
         """See :class:`~coworker.audit.store.AuditStore`."""
@@ -783,6 +770,30 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r}, synchronous={self.synchronous!r})"
+
+
+def _shredding(
+    conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T]
+) -> tuple[_T, bool]:
+    """Run ``work`` in one write transaction that overwrites what it deletes
+    (``PRAGMA secure_delete``), then copy the pages back and truncate the WAL, so deleted
+    bytes stay neither in the file nor in its ``-wal`` (erase and purge).
+
+    Returns:
+        ``work``'s result, and ``False`` when another reader kept the WAL from being truncated.
+    """
+    conn.execute("PRAGMA secure_delete = ON")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    conn.execute("PRAGMA secure_delete = OFF")
+    return result, not busy
 
 
 def _ro_uri(path: str) -> str:
