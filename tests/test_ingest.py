@@ -20,9 +20,11 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("starlette", reason="the server extra is not installed")
-pytest.importorskip("uvicorn", reason="the server extra is not installed")
-httpx = pytest.importorskip("httpx", reason="httpx (dev extra) is not installed")
+from tests.deps import require
+
+require("starlette", "the server extra")
+require("uvicorn", "the server extra")
+httpx = require("httpx", "the dev extra")
 
 from google.protobuf import json_format  # noqa: E402
 from google.rpc import status_pb2  # noqa: E402

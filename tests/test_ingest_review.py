@@ -10,18 +10,20 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("starlette", reason="the server extra is not installed")
-pytest.importorskip("uvicorn", reason="the server extra is not installed")
+from tests.deps import require
 
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+require("starlette", "the server extra")
+require("uvicorn", "the server extra")
 
-from coworker import attributes as attr
-from coworker.audit.store import InMemoryStore
-from coworker.ingest import IngestServer
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: E402
+from opentelemetry.sdk.resources import Resource  # noqa: E402
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult  # noqa: E402
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
+
+from coworker import attributes as attr  # noqa: E402
+from coworker.audit.store import InMemoryStore  # noqa: E402
+from coworker.ingest import IngestServer  # noqa: E402
 
 TOKEN = "test-token-0123456789abcdef"
 

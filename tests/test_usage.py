@@ -24,6 +24,7 @@ from coworker.usage import (
     auto_usage,
     openai_usage,
 )
+from tests.deps import require
 
 
 def _chat_completion(**usage: Any) -> Any:
@@ -167,7 +168,7 @@ def test_no_usage_in_the_response_gives_none() -> None:
 
 def test_real_openai_sdk_classes() -> None:
     """The OpenAI SDK's own pydantic models, built locally (no network)."""
-    openai_types = pytest.importorskip("openai.types")
+    openai_types = require("openai.types", "the dev extra")
     from openai.types.chat import ChatCompletion
     from openai.types.completion_usage import (
         CompletionTokensDetails,
@@ -205,7 +206,7 @@ def test_real_openai_sdk_classes() -> None:
 
 def test_real_anthropic_sdk_message() -> None:
     """The Anthropic SDK's own Message model, built locally."""
-    pytest.importorskip("anthropic")
+    require("anthropic", "the dev extra")
     from anthropic.types import Message
     from anthropic.types import Usage as AUsage
 
