@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -121,9 +122,39 @@ class Stack:
 
 
 # ------------------------------------------------------------------------------ processes
+_handed_out: set[int] = set()
+_port_rng = random.Random()
+
+
+def _ephemeral_low() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
+    """A TCP port free on 127.0.0.1 right now, below the kernel's ephemeral range.
+
+    A port from ``bind(0)`` lies in the ephemeral range, from which every outgoing connection
+    (the collector's exporters, the tests' clients) takes its source port: one of them could
+    take it before the server binds it ("address already in use", seen in CI). Ports below
+    that range are only taken by servers; none is handed out twice in one test process.
+    """
+    low = _ephemeral_low()
+    for _ in range(500):
+        port = _port_rng.randrange(10_000, max(low, 10_001))
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # no free port below the range: the old way
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
