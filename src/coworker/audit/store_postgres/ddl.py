@@ -1,0 +1,163 @@
+"""The PostgreSQL store's schema: versioned DDL (migrations) and the writer role's grants."""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+from coworker.audit.store_postgres._wire import DEFAULT_SCHEMA
+
+_log = logging.getLogger("coworker.audit")
+
+
+SCHEMA_VERSION: Final = 3
+"""Version of the table layout, kept in ``<schema>.schema_version``."""
+
+# First key of the two-int advisory locks we take ('cowr'); the second is a table's oid.
+_LOCK_NAMESPACE: Final = 0x636F7772
+# Second key of the lock that serializes schema creation (before any table oid exists).
+_DDL_LOCK: Final = 1
+
+
+# See PostgresStore._flush. The message is empty; logical decoding consumers (if any) see it
+# under this prefix and can ignore it.
+_FLUSH: Final = (
+    "SELECT CASE WHEN current_setting('synchronous_commit') = 'off'"
+    " THEN set_config('synchronous_commit', 'on', true) END,"
+    " pg_logical_emit_message(true, 'coworker-audit-flush', ''::bytea)"
+)
+
+_DDL_V1: Final = """
+CREATE TABLE IF NOT EXISTS {schema}.schema_version (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE OR REPLACE FUNCTION {schema}.refuse_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'coworker audit log is append-only: % on %.% refused',
+        TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'write a correction record instead';
+END
+$$;
+CREATE TABLE {schema}.records (
+    seq bigint PRIMARY KEY CHECK (seq >= 1),
+    prev_hash bytea NOT NULL CHECK (octet_length(prev_hash) = 32),
+    hash bytea NOT NULL CHECK (octet_length(hash) = 32),
+    body bytea NOT NULL,
+    dedup_key bytea,
+    inserted_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    kind text, category text, operation text, doctype text, outcome text,
+    flow_id text, step_id text, run_id text, user_id text, agent_id text,
+    trace_id text, span_id text,
+    -- RFC 3339 fixed width: byte order is time order (COLLATE "C", whatever the database's).
+    recorded_at text COLLATE "C", time text COLLATE "C",
+    CONSTRAINT records_prev_hash_key UNIQUE (prev_hash)
+);
+CREATE TABLE {schema}.payloads (seq bigint PRIMARY KEY, payload bytea);
+CREATE FUNCTION {schema}.lock_head(lock_key integer) RETURNS TABLE (seq bigint, hash bytea)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    -- Commit without waiting for the WAL flush (the store waits for it after the lock is
+    -- released, see PostgresStore._flush).
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_advisory_xact_lock({namespace}, lock_key);
+    -- A VOLATILE function takes a new snapshot for each statement (READ COMMITTED): this
+    -- reads the head as of after the lock was granted.
+    RETURN QUERY SELECT r.seq, r.hash FROM {schema}.records r ORDER BY r.seq DESC LIMIT 1;
+END
+$$;
+CREATE UNIQUE INDEX records_dedup_key ON {schema}.records (dedup_key)
+    WHERE dedup_key IS NOT NULL;
+CREATE INDEX records_flow ON {schema}.records (flow_id, seq);
+CREATE INDEX records_user ON {schema}.records (user_id, seq);
+CREATE INDEX records_time ON {schema}.records (time);
+CREATE TRIGGER records_no_change BEFORE UPDATE OR DELETE ON {schema}.records
+    FOR EACH ROW EXECUTE FUNCTION {schema}.refuse_change();
+CREATE TRIGGER records_no_change_stmt BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.records
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.refuse_change();
+CREATE TRIGGER schema_version_no_change BEFORE UPDATE OR DELETE ON {schema}.schema_version
+    FOR EACH ROW EXECUTE FUNCTION {schema}.refuse_change();
+CREATE TRIGGER schema_version_no_change_stmt
+    BEFORE UPDATE OR DELETE OR TRUNCATE ON {schema}.schema_version
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.refuse_change();
+ALTER TABLE {schema}.records ENABLE ALWAYS TRIGGER records_no_change;
+ALTER TABLE {schema}.records ENABLE ALWAYS TRIGGER records_no_change_stmt;
+ALTER TABLE {schema}.schema_version ENABLE ALWAYS TRIGGER schema_version_no_change;
+ALTER TABLE {schema}.schema_version ENABLE ALWAYS TRIGGER schema_version_no_change_stmt;
+"""
+
+# Version 2: the database itself refuses an insert that does not chain onto the log (a seq
+# that is not the next one, a prev_hash that is not its predecessor's hash, a hash that is not
+# SHA-256(prev_hash || body)), whoever sends it: a writer role that INSERTs by hand, skipping
+# the lock or forging a hash, is refused like a fork. One check per statement (a transition
+# table), not per row.
+_DDL_V2: Final = """
+CREATE FUNCTION {schema}.check_chain() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    bad bigint;
+BEGIN
+    SELECT n.seq INTO bad FROM new_rows n
+        LEFT JOIN {schema}.records p ON p.seq = n.seq - 1
+        WHERE n.hash IS DISTINCT FROM sha256(n.prev_hash || n.body)
+           OR (n.seq = 1 AND n.prev_hash IS DISTINCT FROM decode(repeat('00', 32), 'hex'))
+           OR (n.seq > 1 AND p.hash IS DISTINCT FROM n.prev_hash)
+        ORDER BY n.seq LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'coworker audit log: record % does not chain onto the log', bad
+            USING ERRCODE = 'integrity_constraint_violation',
+                  HINT = 'seq must follow the head, prev_hash be its hash, hash be '
+                         'sha256(prev_hash || body): append through coworker';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER records_chain AFTER INSERT ON {schema}.records
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.check_chain();
+ALTER TABLE {schema}.records ENABLE ALWAYS TRIGGER records_chain;
+"""
+
+# Version 3 (issue 15): per-subject data keys of encrypted payloads. Deliberately without
+# the append-only guards: erasing a subject deletes its row (coworker.audit.erasure).
+_DDL_V3: Final = """
+CREATE TABLE {schema}.keys (
+    subject text PRIMARY KEY,
+    key bytea NOT NULL CHECK (octet_length(key) = 32),
+    created timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+"""
+
+_MIGRATIONS: Final = {1: _DDL_V1, 2: _DDL_V2, 3: _DDL_V3}
+
+
+def writer_grants(role: str, schema: str = DEFAULT_SCHEMA) -> list[str]:
+    """The SQL statements that give ``role`` exactly what an audit writer needs.
+
+    INSERT and SELECT on the log tables and nothing else: no UPDATE, DELETE, TRUNCATE, no DDL
+    (the schema and tables belong to a separate owner role). Run them as the owner after the
+    schema exists (after the first :class:`PostgresStore` opened it as the owner).
+
+    Args:
+        role: the writer role (must exist).
+        schema: the audit schema.
+
+    Returns:
+        SQL statements with quoted identifiers, in order.
+    """
+    s = _quote_ident(schema)
+    r = _quote_ident(role)
+    return [
+        f"GRANT USAGE ON SCHEMA {s} TO {r}",
+        f"GRANT SELECT, INSERT ON {s}.records, {s}.payloads TO {r}",
+        f"GRANT SELECT ON {s}.schema_version TO {r}",
+        # Data keys of encrypted payloads: made by writers, destroyed only by the owner
+        # (coworker audit erase).
+        f"GRANT SELECT, INSERT ON {s}.keys TO {r}",
+    ]
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
