@@ -182,7 +182,7 @@ def _print_run(span: Any, children: dict[str, list[Any]], indent: int, out: Text
     text = f"{' ' * indent}{mark} {_p(span.name)}  run={_short(a[attr.RUN_ID])}"
     if who:
         text += "  " + " ".join(who)
-    if a.get(attr.AUDIT):
+    if a.get(attr.AUDITED):
         text += f"  [audit: {_p(a[attr.AUDIT_CATEGORY])}]"
     if not ok:
         text += f"  error={_p(a.get(attr.ERROR_TYPE))}"

@@ -43,8 +43,16 @@ CODE_FUNCTION: Final = "code.function.name"
 """OTel semconv: the fully qualified name of the decorated callable."""
 
 # -- audit classification --------------------------------------------------------------------
-AUDIT: Final = "coworker.audit"
-"""``True`` when the span belongs to the audit trail (a real boolean, never the string)."""
+AUDITED: Final = "coworker.audited"
+"""``True`` when the span belongs to the audit trail (a real boolean, never the string).
+
+Not ``coworker.audit``: that name is the namespace of ``coworker.audit.category`` and
+``coworker.audit.intent_seq``, and a backend that nests dotted keys (Phoenix, an
+Elasticsearch/OpenSearch mapping) cannot store a value and a namespace under one name. No key
+here is the prefix of another (tests/test_attributes.py)."""
+AUDITED_LEGACY: Final = "coworker.audit"
+"""The flag's name in coworker 0.1.0: read (never written) by ``coworker audit serve`` and
+the shipped collector configs, so that spans from older senders still reach the audit trail."""
 AUDIT_CATEGORY: Final = "coworker.audit.category"
 CATEGORY_STATE_CHANGE: Final = "state-change"
 CATEGORY_AUTHORIZATION_FAILURE: Final = "authorization-failure"
@@ -123,7 +131,8 @@ RESERVED_ATTRIBUTES: Final = frozenset(
         RUN_ID,
         RUN_PARENT_ID,
         CHAIN_ID,
-        AUDIT,
+        AUDITED,
+        AUDITED_LEGACY,
         AUDIT_CATEGORY,
         AUDIT_INTENT_SEQ,
         ERROR_TYPE,
@@ -136,7 +145,7 @@ is audited. They come from coworker's context (``acting_as``, ``flow``, ...) onl
 
 SEALED_ATTRIBUTES: Final = (RESERVED_ATTRIBUTES - {OUTPUT, ERROR_TYPE}) | {OPERATION, DOCTYPE}
 """Keys whose start values an audited run's record keeps, whatever the body sets on its span
-(``trace.get_current_span().set_attribute("coworker.audit", False)`` must not hide a record,
+(``trace.get_current_span().set_attribute("coworker.audited", False)`` must not hide a record,
 nor ``user.id`` forge one). ``coworker.output`` (``Run.set_output``) and ``error.type`` are the
 body's to report."""
 

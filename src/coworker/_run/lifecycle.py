@@ -180,7 +180,7 @@ class Run:
         current = attribute_dict(span)
         for key, want in sealed.items():
             have = current.get(key, _ABSENT)
-            # Exact types: the body setting coworker.audit to 1 must not pass for True.
+            # Exact types: the body setting coworker.audited to 1 must not pass for True.
             if have is not want and (type(have) is not type(want) or have != want):
                 span.set_attribute(key, want)
         if len(current) > len(sealed):
@@ -219,7 +219,7 @@ def _drop_attribute(span: Any, key: str) -> None:
         del attributes[key]
     except Exception:
         _log.error("coworker: cannot remove %r that a run set on its own span", key)
-        span.set_attribute(attr.AUDIT, True)
+        span.set_attribute(attr.AUDITED, True)
         span.set_attribute(key, "<forged by the run>")
 
 
@@ -251,14 +251,14 @@ def record_failure(span: Span, exc: BaseException) -> None:
     etype = error_type(exc)
     attrs: dict[str, Any] = {attr.ERROR_TYPE: etype}
     if isinstance(exc, PermissionDenied):
-        attrs[attr.AUDIT] = True
+        attrs[attr.AUDITED] = True
         attrs[attr.AUDIT_CATEGORY] = (
             attr.CATEGORY_POLICY_VIOLATION
             if isinstance(exc, RateLimited)
             else attr.CATEGORY_AUTHORIZATION_FAILURE
         )
     elif isinstance(exc, ValidationError):
-        attrs[attr.AUDIT] = True
+        attrs[attr.AUDITED] = True
         attrs[attr.AUDIT_CATEGORY] = attr.CATEGORY_VALIDATION_VIOLATION
     try:
         message = str(exc)
@@ -350,10 +350,10 @@ def begin(spec: Spec, call: Call = _NO_CALL, force: bool = False) -> Run | None:
     attrs[attr.CHAIN_ID] = chain_id
     category = classify(op_key, doctype, spec.forced)
     if category is not None:
-        attrs[attr.AUDIT] = True
+        attrs[attr.AUDITED] = True
         attrs[attr.AUDIT_CATEGORY] = category
     else:
-        attrs[attr.AUDIT] = False
+        attrs[attr.AUDITED] = False
 
     span = tracer.start_span(name, attributes=attrs)
     r = Run()
