@@ -14,9 +14,11 @@ from typing import Any
 from coworker import _demo
 from coworker import attributes as a
 
-# Constants of coworker.attributes that are not attribute keys: values, metric names (their own
-# namespace in every backend), prefixes, an event name, and the key coworker no longer writes.
-_NOT_KEYS = ("METRIC_", "CATEGORY_", "GEN_AI_OP_")
+# Constants of coworker.attributes that are not attribute keys: values (categories, operation
+# names, span kinds, mime types), metric names (their own namespace in every backend),
+# prefixes, an event name, and the key coworker no longer writes.
+_NOT_KEYS = ("METRIC_", "CATEGORY_", "GEN_AI_OP_", "OPENINFERENCE_", "MIME_")
+_KEYS_AMONG_THEM = ("METRIC_ATTR_", "OPENINFERENCE_SPAN_KIND")
 _NOT_KEY_NAMES = frozenset(
     {"BAGGAGE_PREFIX", "FLOW_METADATA_PREFIX", "AUDITED_LEGACY", "EXCEPTION_EVENT"}
 )
@@ -28,7 +30,7 @@ def emitted_keys() -> set[str]:
     for name, value in vars(a).items():
         if not name.isupper() or not isinstance(value, str) or name in _NOT_KEY_NAMES:
             continue
-        if name.startswith(_NOT_KEYS) and not name.startswith("METRIC_ATTR_"):
+        if name.startswith(_NOT_KEYS) and not name.startswith(_KEYS_AMONG_THEM):
             continue
         keys.add(value)
     return keys
@@ -43,7 +45,8 @@ def namespace_conflicts(keys: Iterable[str]) -> list[tuple[str, str]]:
 def test_no_attribute_key_in_the_contract_is_the_namespace_of_another() -> None:
     """coworker.attributes names no key that another key nests under."""
     keys = emitted_keys()
-    assert {a.AUDITED, a.AUDIT_CATEGORY, a.AUDIT_INTENT_SEQ, a.USER_ID} <= keys
+    assert {a.AUDITED, a.AUDIT_CATEGORY, a.AUDIT_INTENT_SEQ, a.USER_ID, a.INPUT_VALUE} <= keys
+    assert a.OPENINFERENCE_SPAN_KIND in keys and a.OPENINFERENCE_TOOL not in keys
     assert namespace_conflicts(keys) == []
 
 
