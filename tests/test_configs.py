@@ -379,22 +379,27 @@ _AUDIT_COMPARISON = re.compile(r'attributes\["([^"]+)"\]\s*(==|!=)\s*("?)(\w+)\3
 
 @pytest.mark.parametrize("path", COLLECTOR_CONFIGS, ids=lambda p: p.name)
 def test_audit_filter_compares_the_boolean_attribute(path: Path) -> None:
-    """The audit pipeline's filter compares coworker.audit to the boolean literal true."""
+    """The audit filter keeps spans whose coworker.audited (or 0.1.0's coworker.audit) is the
+    boolean true."""
     config = _collector(path)
     filters = {k: v for k, v in config["processors"].items() if _component_type(k) == "filter"}
     assert len(filters) == 1
     ((filter_id, filter_config),) = filters.items()
     conditions = filter_config["traces"]["span"]
-    assert conditions
-    for condition in conditions:
-        assert set(_ATTR_IN_OTTL.findall(condition)) <= attribute_keys()
-        match = _AUDIT_COMPARISON.search(condition)
+    # One condition (conditions in a list are OR-ed: two would drop every legacy span, or
+    # every new one): drop a span when neither the flag nor its 0.1.0 name is true.
+    (condition,) = conditions
+    assert set(_ATTR_IN_OTTL.findall(condition)) <= attribute_keys()
+    keys = []
+    for comparison in condition.split(" and "):
+        match = _AUDIT_COMPARISON.fullmatch(comparison.strip())
         assert match, condition
         key, operator, quote, literal = match.groups()
-        assert key == a.AUDIT
-        assert quote == "", "a quoted 'true' is a string, coworker.audit is a boolean"
+        keys.append(key)
+        assert quote == "", "a quoted 'true' is a string, coworker.audited is a boolean"
         # The filter DROPS matching spans, so keeping audit spans means dropping "!= true".
         assert (operator, literal) == ("!=", "true")
+    assert keys == [a.AUDITED, a.AUDITED_LEGACY]
     audit_pipelines = [
         p for p in config["service"]["pipelines"].values() if filter_id in p.get("processors", [])
     ]

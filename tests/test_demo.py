@@ -64,6 +64,75 @@ def test_demo_sends_otlp_when_endpoint_set(tmp_path: Path, otlp_receiver: str) -
     )
 
 
+def test_demo_points_at_the_configured_trace_viewer(
+    tmp_path: Path,
+    otlp_receiver: str,  # noqa: F811
+) -> None:
+    """COWORKER_TRACE_VIEWER_URL: the demo prints it and the flow ids to search for; the
+    captured call reaches OTLP as OpenInference input/output values."""
+    res = _demo(
+        tmp_path,
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver,
+            "COWORKER_TRACE_VIEWER_URL": "http://127.0.0.1:16686/",
+        },
+    )
+    assert res.returncode == 0, res.stderr
+    assert "look at it: http://127.0.0.1:16686\n" in res.stdout
+    flow_ids = {attrs["flow.id"] for _, attrs, _ in _Receiver.spans}
+    assert len(flow_ids) == 3
+    for flow_id in flow_ids:
+        assert f"search flow.id = {flow_id}" in res.stdout
+    (found,) = [attrs for name, attrs, _ in _Receiver.spans if name == "select Invoice"]
+    assert found["input.value"] == '{"customer":"ACME"}'
+    assert found["input.mime_type"] == "application/json"
+    assert found["output.value"] == '["INV-ACME-1","INV-ACME-2"]'
+
+
+def test_demo_without_otlp_says_how_to_see_it_in_phoenix(tmp_path: Path) -> None:
+    """No endpoint: one line on running Phoenix locally and pointing the demo at it."""
+    res = _demo(tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "`phoenix serve`" in res.stdout
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:6006 coworker demo" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "viewer"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:6006"}, "http://127.0.0.1:6006"),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://phoenix.example:6006/v1/traces"},
+            "https://phoenix.example:6006",
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, None),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://host:notaport"}, None),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:6006",
+                "COWORKER_TRACE_VIEWER_URL": "http://grafana:3000/explore",
+            },
+            "http://grafana:3000/explore",
+        ),
+    ],
+)
+def test_the_trace_viewer_is_the_setting_or_a_phoenix_endpoint(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], viewer: str | None
+) -> None:
+    """The explicit setting wins; else an OTLP endpoint on Phoenix's port 6006 is Phoenix."""
+    from coworker._demo import trace_viewer
+
+    for key in (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "COWORKER_TRACE_VIEWER_URL",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert trace_viewer() == viewer
+
+
 def test_demo_with_only_the_traces_endpoint_set_sends_and_says_so(
     tmp_path: Path,
     otlp_receiver: str,  # noqa: F811

@@ -84,7 +84,7 @@ def make_spans(
                 "tags": ("a", "b"),
             }
             if audit_every and i % audit_every == 0:
-                attributes[attr.AUDIT] = True
+                attributes[attr.AUDITED] = True
                 attributes[attr.AUDIT_CATEGORY] = attr.CATEGORY_STATE_CHANGE
             with tracer.start_as_current_span(f"{prefix}-{i}", attributes=attributes) as span:
                 span.add_event("checkpoint", {"i": i})
@@ -96,7 +96,7 @@ def make_spans(
 
 
 def audited(spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
-    return [s for s in spans if (s.attributes or {}).get(attr.AUDIT) is True]
+    return [s for s in spans if (s.attributes or {}).get(attr.AUDITED) is True]
 
 
 def comparable(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -192,7 +192,7 @@ def test_decoded_spans_keep_resource_ids_times_status_and_attribute_types() -> N
         assert got.instrumentation_scope.name == "tests.ingest"  # type: ignore[union-attr]
         assert got.instrumentation_scope.version == "1.2.3"  # type: ignore[union-attr]
         assert got.attributes["n"] == want.attributes["n"] and type(got.attributes["n"]) is int  # type: ignore[index]
-        assert got.attributes["ratio"] == 0.25 and got.attributes[attr.AUDIT] is True  # type: ignore[index]
+        assert got.attributes["ratio"] == 0.25 and got.attributes[attr.AUDITED] is True  # type: ignore[index]
         assert tuple(got.attributes["tags"]) == ("a", "b")  # type: ignore[index]
         assert (
             got.events[0].name == "checkpoint"
@@ -376,16 +376,16 @@ def test_malformed_body_is_400_with_reason_and_appends_nothing(
 def test_invalid_audit_spans_are_rejected_as_partial_success(
     memory_server: tuple[IngestServer, InMemoryStore],
 ) -> None:
-    """Bad ids, an unended span, a non-boolean coworker.audit: rejected and counted; rest kept."""
+    """Bad ids, an unended span, a non-boolean coworker.audited: rejected and counted; rest kept."""
     server, store = memory_server
     request = encode_spans(make_spans(6))
     spans = request.resource_spans[0].scope_spans[0].spans
-    audit_ones = [s for s in spans if any(kv.key == attr.AUDIT for kv in s.attributes)]
+    audit_ones = [s for s in spans if any(kv.key == attr.AUDITED for kv in s.attributes)]
     audit_ones[0].span_id = b"\x00" * 8
     audit_ones[1].trace_id = b"\x01" * 3
     audit_ones[2].end_time_unix_nano = 0
     for kv in audit_ones[3].attributes:
-        if kv.key == attr.AUDIT:
+        if kv.key == attr.AUDITED:
             kv.value.string_value = "true"
     r = httpx.post(
         server.endpoint, content=request.SerializeToString(), headers={**AUTH, **PROTOBUF}
@@ -395,6 +395,36 @@ def test_invalid_audit_spans_are_rejected_as_partial_success(
     assert response.partial_success.rejected_spans == 4
     assert "span_id" in response.partial_success.error_message
     assert len(bodies(store)) == 2
+
+
+def test_audit_spans_of_a_0_1_0_sender_under_the_old_flag_name_are_appended(
+    memory_server: tuple[IngestServer, InMemoryStore],
+) -> None:
+    """coworker.audit (the flag before the rename) still selects audit spans; a non-boolean
+    one is rejected under its own name."""
+    server, store = memory_server
+    request = encode_spans(make_spans(4))
+    spans = request.resource_spans[0].scope_spans[0].spans
+    audit_ones = [s for s in spans if any(kv.key == attr.AUDITED for kv in s.attributes)]
+    assert len(audit_ones) == 4
+    for span in audit_ones[:3]:
+        for kv in span.attributes:
+            if kv.key == attr.AUDITED:
+                kv.key = attr.AUDITED_LEGACY
+    for kv in audit_ones[1].attributes:
+        if kv.key == attr.AUDITED_LEGACY:
+            kv.value.string_value = "true"
+    # Both flags, disagreeing: true wins (over-sending is safe, losing a record is not).
+    audit_ones[2].attributes.add(key=attr.AUDITED).value.bool_value = False
+    r = httpx.post(
+        server.endpoint, content=request.SerializeToString(), headers={**AUTH, **PROTOBUF}
+    )
+    assert r.status_code == 200
+    response = ExportTraceServiceResponse.FromString(r.content)
+    assert response.partial_success.rejected_spans == 1
+    assert "coworker.audit must be a boolean" in response.partial_success.error_message
+    names = sorted(b["name"] for b in bodies(store))
+    assert names == sorted([audit_ones[0].name, audit_ones[2].name, audit_ones[3].name])
 
 
 class _FailingStore(InMemoryStore):
@@ -483,7 +513,7 @@ def _hostile_bodies(rng: random.Random) -> Iterator[tuple[str, bytes, dict[str, 
     """(label, body, headers, acceptable status codes); none may create a record."""
     plain = make_spans(4, audit_every=0)  # valid spans, none audited
     for s in plain:
-        assert attr.AUDIT not in (s.attributes or {})
+        assert attr.AUDITED not in (s.attributes or {})
     valid = request_bytes(plain)
     valid_json = otlp_json(plain)
     pb, js = PROTOBUF, {"Content-Type": "application/json"}
@@ -516,7 +546,7 @@ def _hostile_bodies(rng: random.Random) -> Iterator[tuple[str, bytes, dict[str, 
         (span,) = [
             s
             for s in request.resource_spans[0].scope_spans[0].spans
-            if any(kv.key == attr.AUDIT for kv in s.attributes)
+            if any(kv.key == attr.AUDITED for kv in s.attributes)
         ]
         extra = span.attributes.add()
         extra.key = "huge" if rng.random() < 0.5 else "k" * 70_000
@@ -559,7 +589,7 @@ def _request_with_attribute_value(any_value: bytes) -> bytes:
     encoded = []
     for span in scope_spans.spans:
         raw = span.SerializeToString()
-        if any(kv.key == attr.AUDIT for kv in span.attributes):
+        if any(kv.key == attr.AUDITED for kv in span.attributes):
             raw += _ld(9, _ld(1, b"deep") + _ld(2, any_value))  # Span.attributes = 9
         encoded.append(raw)
     ss = _ld(1, scope_spans.scope.SerializeToString()) + b"".join(_ld(2, e) for e in encoded)
@@ -716,7 +746,7 @@ def test_cli_serve_refuses_to_start_without_a_token(tmp_path: Path) -> None:
 def test_real_coworker_spans_with_audit_false_are_skipped_not_rejected(
     memory_server: tuple[IngestServer, InMemoryStore], spans: Any
 ) -> None:
-    """Every coworker span carries coworker.audit (true or false): false is skipped quietly,
+    """Every coworker span carries coworker.audited (true or false): false is skipped quietly,
     never reported as a rejected span; the true ones are recorded."""
     import coworker
 
@@ -732,7 +762,7 @@ def test_real_coworker_spans_with_audit_false_are_skipped_not_rejected(
     with coworker.flow("api-request", "ingest-flow"), coworker.acting_as("u1", "agent-1"):
         write()
     finished = list(spans.get_finished_spans())
-    assert [s.attributes[attr.AUDIT] for s in finished] == [False, True]
+    assert [s.attributes[attr.AUDITED] for s in finished] == [False, True]
     r = httpx.post(
         server.endpoint,
         content=encode_spans(finished).SerializeToString(),
@@ -1031,7 +1061,7 @@ def test_duplicate_attribute_keys_reject_the_audit_span(
     server, store = memory_server
     request = encode_spans(make_spans(2))
     spans = request.resource_spans[0].scope_spans[0].spans
-    audit_ones = [s for s in spans if any(kv.key == attr.AUDIT for kv in s.attributes)]
+    audit_ones = [s for s in spans if any(kv.key == attr.AUDITED for kv in s.attributes)]
     extra = audit_ones[0].attributes.add()
     extra.key, extra.value.string_value = attr.USER_ID, "root"
     r = httpx.post(
@@ -1056,7 +1086,7 @@ def test_huge_attribute_counts_reject_the_span_quickly() -> None:
     with IngestServer(store, token=TOKEN) as server:
         request = encode_spans(make_spans(2))
         spans = request.resource_spans[0].scope_spans[0].spans
-        audit_ones = [s for s in spans if any(kv.key == attr.AUDIT for kv in s.attributes)]
+        audit_ones = [s for s in spans if any(kv.key == attr.AUDITED for kv in s.attributes)]
         for i in range(100_000):
             kv = audit_ones[0].attributes.add()
             kv.key, kv.value.int_value = f"k{i}", i

@@ -82,7 +82,7 @@ def _versions(n: int) -> list[Any]:
     provider = TracerProvider(resource=Resource.create({attr.SERVICE_NAME: "svc-a"}))
     provider.add_span_processor(SimpleSpanProcessor(memory))
     with provider.get_tracer("tests.review").start_as_current_span(
-        "update Invoice", attributes={attr.AUDIT: True, attr.USER_ID: "alice"}
+        "update Invoice", attributes={attr.AUDITED: True, attr.USER_ID: "alice"}
     ):
         pass
     (span,) = memory.get_finished_spans()

@@ -72,6 +72,30 @@ def test_extract_trusted_identity(spans: Any) -> None:
     assert s.attributes[attr.AGENT_NAME] == "bot"
 
 
+def test_extract_keeps_the_current_context_and_adds_the_carriers_baggage(spans: Any) -> None:
+    """The application's own baggage survives extract; a nested extract's carrier (a remote
+    parent only is current) gives the trace, and coworker's entries come from it alone."""
+    from opentelemetry import baggage, context
+
+    first: dict[str, str] = {}
+    with coworker.flow("api-request", "outer"), coworker.run("first caller"):
+        coworker.inject(first)
+    second: dict[str, str] = {}
+    with coworker.run("second caller"):
+        coworker.inject(second)
+    token = context.attach(baggage.set_baggage("tenant", "t-1"))
+    try:
+        with coworker.extract(first), coworker.extract(second):
+            assert baggage.get_baggage("tenant") == "t-1"
+            work(3)
+    finally:
+        context.detach(token)
+    by = {s.name: s for s in spans.get_finished_spans()}
+    run, caller = by["select Item"], by["second caller"]
+    assert run.parent.span_id == caller.context.span_id
+    assert run.attributes[attr.FLOW_ID] == "outer", "the second carrier has no flow: kept"
+
+
 def test_extract_across_a_real_process(spans: Any, tmp_path: Any) -> None:
     """A child process continues the flow from headers and reports what its span carried."""
     carrier: dict[str, str] = {}

@@ -94,7 +94,8 @@ def _model_call(prompt_tokens: int, completion_tokens: int) -> None:
     record_usage(**usage._asdict())
 
 
-@coworker.run(operation="select", doctype="Invoice")
+# Captured: Phoenix shows the call's input and output in its panes (input.value/output.value).
+@coworker.run(operation="select", doctype="Invoice", capture_input=True, capture_output=True)
 def find_invoices(customer: str) -> list[str]:
     _model_call(1200, 80)
     return [f"INV-{customer}-1", f"INV-{customer}-2"]
@@ -182,7 +183,7 @@ def _print_run(span: Any, children: dict[str, list[Any]], indent: int, out: Text
     text = f"{' ' * indent}{mark} {_p(span.name)}  run={_short(a[attr.RUN_ID])}"
     if who:
         text += "  " + " ".join(who)
-    if a.get(attr.AUDIT):
+    if a.get(attr.AUDITED):
         text += f"  [audit: {_p(a[attr.AUDIT_CATEGORY])}]"
     if not ok:
         text += f"  error={_p(a.get(attr.ERROR_TYPE))}"
@@ -330,10 +331,64 @@ def _report_otlp(counting: _CountingExporter, out: TextIO) -> bool:
     return False
 
 
+PHOENIX_PORT = 6006
+"""Phoenix's default port: its UI and its OTLP/HTTP receiver (``/v1/traces``)."""
+
+
+def trace_viewer() -> str | None:
+    """The trace viewer to point people at: ``COWORKER_TRACE_VIEWER_URL``, else a Phoenix
+    that the OTLP endpoint names (an ``http(s)`` endpoint on port 6006), else ``None``."""
+    from urllib.parse import urlsplit
+
+    explicit = os.environ.get(config.COWORKER_TRACE_VIEWER_URL, "").strip()
+    if explicit:
+        return explicit.rstrip("/")
+    endpoint = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or ""
+    ).strip()
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError:  # a malformed endpoint: the exporter reports it, no viewer here
+        return None
+    if parts.scheme in ("http", "https") and port == PHOENIX_PORT:
+        return f"{parts.scheme}://{parts.netloc}"
+    return None
+
+
+def _print_viewer(spans: Sequence[Any], sent: bool, out: TextIO) -> None:
+    if not sent:
+        print(
+            "\nsee it in a trace viewer: `phoenix serve` (pip install arize-phoenix), then "
+            f"OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:{PHOENIX_PORT} coworker demo "
+            "(docs/observability.md)",
+            file=out,
+        )
+        return
+    viewer = trace_viewer()
+    if viewer is None:
+        print(
+            f"\nlook at it in your trace viewer (set {config.COWORKER_TRACE_VIEWER_URL} to get "
+            "its link here):",
+            file=out,
+        )
+    else:
+        print(f"\nlook at it: {_p(viewer)}", file=out)
+    flows: dict[str, str] = {}
+    for span in spans:
+        a = span.attributes
+        if attr.FLOW_ID in a:
+            flows.setdefault(a[attr.FLOW_ID], a.get(attr.FLOW_TYPE, "?"))
+    for flow_id, flow_type in flows.items():
+        print(f"  {_p(flow_type)}: search flow.id = {_p(flow_id)}", file=out)
+
+
 def main(audit_url: str | None = None, audit: bool = True, out: TextIO = sys.stdout) -> int:
     """Run the demo; return the process exit code (non-zero if the audit trail is broken or
     OTLP export was asked for and failed)."""
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from coworker._setup import _otlp_env_set, _otlp_exporter
@@ -355,7 +410,9 @@ def main(audit_url: str | None = None, audit: bool = True, out: TextIO = sys.std
         counting = _CountingExporter(_otlp_exporter())
         handler = _ErrorLog(counting.errors)
         exporter_log.addHandler(handler)
-        processors.append(BatchSpanProcessor(counting))  # type: ignore[arg-type]
+        # An exporter, not a processor: configure() batches it behind the redaction that
+        # every exporter gets (the captured input/output go out redacted).
+        processors.append(counting)
     coworker.configure(
         os.environ.get("OTEL_SERVICE_NAME") or "coworker-demo",
         exporter=processors,
@@ -379,6 +436,8 @@ def main(audit_url: str | None = None, audit: bool = True, out: TextIO = sys.std
         _print_usage(memory.get_finished_spans(), out)
         if counting is not None:
             ok = _report_otlp(counting, out)
+        if counting is None or counting.exported:
+            _print_viewer(memory.get_finished_spans(), counting is not None, out)
         if url is not None:
             # Read through the store the run wrote to (a memory:// store exists only there).
             from coworker._setup import audit_store

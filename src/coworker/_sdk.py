@@ -125,7 +125,7 @@ class AuditSampler(Sampler):
     processor writes its record (with its trace id), while the SDK's ``BatchSpanProcessor``
     and ``SimpleSpanProcessor`` skip it because its sampled flag is off. The operational
     trail, and the ``traceparent`` that goes downstream, stay exactly as the configured
-    sampler decided. Every run counts, not only the ones marked ``coworker.audit`` at start:
+    sampler decided. Every run counts, not only the ones marked ``coworker.audited`` at start:
     a denial or a ``ValidationError`` makes a run audited only when it ends.
 
     Installed only on coworker's own tracer (:func:`wrap_sampler`); the application's other

@@ -9,6 +9,7 @@ otherwise.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Final
 
 # -- the flow chain (names fixed by the product) -------------------------------------------
@@ -43,8 +44,16 @@ CODE_FUNCTION: Final = "code.function.name"
 """OTel semconv: the fully qualified name of the decorated callable."""
 
 # -- audit classification --------------------------------------------------------------------
-AUDIT: Final = "coworker.audit"
-"""``True`` when the span belongs to the audit trail (a real boolean, never the string)."""
+AUDITED: Final = "coworker.audited"
+"""``True`` when the span belongs to the audit trail (a real boolean, never the string).
+
+Not ``coworker.audit``: that name is the namespace of ``coworker.audit.category`` and
+``coworker.audit.intent_seq``, and a backend that nests dotted keys (Phoenix, an
+Elasticsearch/OpenSearch mapping) cannot store a value and a namespace under one name. No key
+here is the prefix of another (tests/test_attributes.py)."""
+AUDITED_LEGACY: Final = "coworker.audit"
+"""The flag's name in coworker 0.1.0: read (never written) by ``coworker audit serve`` and
+the shipped collector configs, so that spans from older senders still reach the audit trail."""
 AUDIT_CATEGORY: Final = "coworker.audit.category"
 CATEGORY_STATE_CHANGE: Final = "state-change"
 CATEGORY_AUTHORIZATION_FAILURE: Final = "authorization-failure"
@@ -60,6 +69,28 @@ AUDIT_CATEGORIES: Final = (
     CATEGORY_POLICY_VIOLATION,
 )
 
+# -- OpenInference (Arize Phoenix): spec/semantic_conventions.md of Arize-ai/openinference ---
+# at 1fe497f (2026-08-21; openinference-semantic-conventions 0.1.32); docs/observability.md.
+OPENINFERENCE_SPAN_KIND: Final = "openinference.span.kind"
+"""What Phoenix files a span as: ``TOOL`` for runs an agent performs, ``CHAIN`` for other
+runs (and for flows and steps), ``AGENT`` for turns an agent handles."""
+OPENINFERENCE_CHAIN: Final = "CHAIN"
+OPENINFERENCE_AGENT: Final = "AGENT"
+OPENINFERENCE_TOOL: Final = "TOOL"
+OPENINFERENCE_LLM: Final = "LLM"
+OPENINFERENCE_EMBEDDING: Final = "EMBEDDING"
+OPENINFERENCE_RETRIEVER: Final = "RETRIEVER"
+INPUT_VALUE: Final = "input.value"
+"""The captured input again, for Phoenix's input pane (only with ``capture_input``; the same
+string as ``coworker.input``, redacted and dropped with it on export)."""
+INPUT_MIME_TYPE: Final = "input.mime_type"
+OUTPUT_VALUE: Final = "output.value"
+"""The captured output again, for Phoenix's output pane (only with ``capture_output``)."""
+OUTPUT_MIME_TYPE: Final = "output.mime_type"
+MIME_JSON: Final = "application/json"
+MIME_TEXT: Final = "text/plain"
+"""The mime type of a capture cut off by the size limit (no longer valid JSON)."""
+
 # -- who acts (OTel semantic conventions) ----------------------------------------------------
 USER_ID: Final = "user.id"
 SESSION_ID: Final = "session.id"
@@ -71,6 +102,21 @@ GEN_AI_TOOL_NAME: Final = "gen_ai.tool.name"
 GEN_AI_OP_EXECUTE_TOOL: Final = "execute_tool"
 GEN_AI_OP_INVOKE_AGENT: Final = "invoke_agent"
 GEN_AI_OP_INVOKE_WORKFLOW: Final = "invoke_workflow"
+OPENINFERENCE_KIND_OF_OPERATION: Final = MappingProxyType(
+    {
+        GEN_AI_OP_EXECUTE_TOOL: OPENINFERENCE_TOOL,
+        GEN_AI_OP_INVOKE_AGENT: OPENINFERENCE_AGENT,
+        GEN_AI_OP_INVOKE_WORKFLOW: OPENINFERENCE_CHAIN,
+        "chat": OPENINFERENCE_LLM,
+        "text_completion": OPENINFERENCE_LLM,
+        "generate_content": OPENINFERENCE_LLM,
+        "embeddings": OPENINFERENCE_EMBEDDING,
+        "retrieval": OPENINFERENCE_RETRIEVER,
+    }
+)
+"""The OpenInference span kind of a run whose ``gen_ai.operation.name`` the application set
+itself, matched by the two specs' definitions (an LLM call, a tool, an agent...); an operation
+not listed: ``CHAIN``."""
 
 # -- errors (OTel semantic conventions) ------------------------------------------------------
 ERROR_TYPE: Final = "error.type"
@@ -123,7 +169,8 @@ RESERVED_ATTRIBUTES: Final = frozenset(
         RUN_ID,
         RUN_PARENT_ID,
         CHAIN_ID,
-        AUDIT,
+        AUDITED,
+        AUDITED_LEGACY,
         AUDIT_CATEGORY,
         AUDIT_INTENT_SEQ,
         ERROR_TYPE,
@@ -136,7 +183,7 @@ is audited. They come from coworker's context (``acting_as``, ``flow``, ...) onl
 
 SEALED_ATTRIBUTES: Final = (RESERVED_ATTRIBUTES - {OUTPUT, ERROR_TYPE}) | {OPERATION, DOCTYPE}
 """Keys whose start values an audited run's record keeps, whatever the body sets on its span
-(``trace.get_current_span().set_attribute("coworker.audit", False)`` must not hide a record,
+(``trace.get_current_span().set_attribute("coworker.audited", False)`` must not hide a record,
 nor ``user.id`` forge one). ``coworker.output`` (``Run.set_output``) and ``error.type`` are the
 body's to report."""
 

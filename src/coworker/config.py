@@ -19,6 +19,7 @@ __all__ = [
     "COWORKER_DEBUG",
     "COWORKER_FLOW_EVENTS",
     "COWORKER_FLOW_IDLE_TIMEOUT",
+    "COWORKER_TRACE_VIEWER_URL",
     "COWORKER_TRUST_BAGGAGE_IDENTITY",
     "DEFAULT_AUDIT_PATH",
     "parse_bool",
@@ -50,6 +51,12 @@ a comma-separated list (default ``workflow``), ``all`` or ``none``."""
 COWORKER_TRUST_BAGGAGE_IDENTITY: Final = "COWORKER_TRUST_BAGGAGE_IDENTITY"
 """``1``/``true``: accept ``user.id`` / agent identity that arrives in W3C baggage from another
 process (off by default: baggage is caller-controlled)."""
+
+COWORKER_TRACE_VIEWER_URL: Final = "COWORKER_TRACE_VIEWER_URL"
+"""Where people look at the traces (Phoenix ``http://127.0.0.1:6006``, Jaeger
+``http://127.0.0.1:16686``, Grafana ...): ``coworker demo`` prints it with the flow ids to
+search for. Unset, an OTLP endpoint on port 6006 (Phoenix takes OTLP/HTTP on its UI port) is
+taken as the viewer."""
 
 DEFAULT_AUDIT_PATH: Final = os.path.join(".coworker", "audit.db")
 """The embedded SQLite audit store used by ``coworker demo`` and by ``configure(audit=True)``:

@@ -6,8 +6,9 @@ OTLP and the audit trail is written server-side, where their code cannot suppres
 
 ``POST /v1/traces`` takes an ``ExportTraceServiceRequest`` encoded as protobuf
 (``application/x-protobuf``) or OTLP JSON (``application/json``; ids as hex), optionally
-``Content-Encoding: gzip`` or ``deflate``. Spans whose ``coworker.audit`` attribute is ``true``
-become :class:`~opentelemetry.sdk.trace.ReadableSpan` objects and go through the same
+``Content-Encoding: gzip`` or ``deflate``. Spans whose ``coworker.audited`` attribute is
+``true`` (or ``coworker.audit``, its name in coworker 0.1.0) become
+:class:`~opentelemetry.sdk.trace.ReadableSpan` objects and go through the same
 :func:`coworker.audit.record.entry_from_span` as the in-process exporter; other spans are
 ignored (they belong to the operational trail). Answers follow the OTLP/HTTP specification
 (https://opentelemetry.io/docs/specs/otlp/#otlphttp-response):
@@ -285,14 +286,15 @@ def audit_spans(
     max_attribute_length: int = DEFAULT_MAX_ATTRIBUTE_LENGTH,
     max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
 ) -> AuditBatch:
-    """Select the audit spans of a request (``coworker.audit`` is ``true``) and decode them.
+    """Select the audit spans of a request (``coworker.audited`` is ``true``) and decode them.
 
-    An audit span is rejected (counted, with a reason) when its ids are invalid, it has not
-    ended, its ``coworker.audit`` is not a boolean, a string attribute is longer than
-    ``max_attribute_length``, an attribute set (its own, its resource's, its scope's, an
-    event's or a link's) has more than ``max_attributes`` entries or names a key twice, or it
-    has more than ``max_attributes`` events or links. Other spans are skipped without a look
-    at the rest of them.
+    A span is an audit span when ``coworker.audited`` or, from a coworker 0.1.0 sender,
+    ``coworker.audit`` is ``true``. An audit span is rejected (counted, with a reason) when its
+    ids are invalid, it has not ended, one of those flags is not a boolean, a string attribute
+    is longer than ``max_attribute_length``, an attribute set (its own, its resource's, its
+    scope's, an event's or a link's) has more than ``max_attributes`` entries or names a key
+    twice, or it has more than ``max_attributes`` events or links. Other spans are skipped
+    without a look at the rest of them.
 
     Args:
         request: the decoded request.
@@ -315,7 +317,7 @@ def audit_spans(
                 if flag is None or flag is False:
                     continue  # not for the audit trail (every coworker span carries the flag)
                 if flag is not True:
-                    batch.reject(f"span {span.name[:80]!r}: coworker.audit must be a boolean")
+                    batch.reject(f"span {span.name[:80]!r}: {flag}")
                     continue
                 try:
                     if resource_error is not None:
@@ -356,12 +358,24 @@ class _Invalid(ValueError):
     pass
 
 
-def _audit_flag(attributes: Iterable[KeyValue]) -> Any:
+def _audit_flag(attributes: Iterable[KeyValue]) -> bool | str | None:
+    """The span's audit flag: ``True``, ``False``, ``None`` (absent) or why it is malformed.
+
+    ``coworker.audited``, or ``coworker.audit`` from senders of coworker 0.1.0 (before the
+    rename); either one being the boolean ``true`` makes an audit span, whatever the other
+    says: over-sending is safe, losing a record is not.
+    """
+    found: bool | None = None
+    malformed: str | None = None
     for kv in attributes:
-        if kv.key == attr.AUDIT:
-            which = kv.value.WhichOneof("value")
-            return kv.value.bool_value if which == "bool_value" else "not a boolean"
-    return None
+        if kv.key == attr.AUDITED or kv.key == attr.AUDITED_LEGACY:
+            if kv.value.WhichOneof("value") != "bool_value":
+                malformed = kv.key
+            elif kv.value.bool_value:
+                return True
+            else:
+                found = False
+    return f"{malformed} must be a boolean" if malformed is not None else found
 
 
 def _readable_span(

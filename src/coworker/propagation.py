@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from opentelemetry import baggage as otel_baggage
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -174,31 +175,63 @@ def _text_headers(carrier: Any) -> dict[str, Any]:
     return out
 
 
+def _parent_context(headers: dict[str, Any], current: otel_context.Context) -> otel_context.Context:
+    """``current`` with the span the extracted runs nest under (see :func:`extract`)."""
+    local = trace.get_current_span(current)
+    here = local.get_span_context()
+    if here.is_valid and not here.is_remote:
+        carried = trace.get_current_span(_TRACE.extract(headers)).get_span_context()
+        if carried.is_valid and carried.trace_id != here.trace_id:
+            # Not a parent (this process's span already has one, or chose to start a trace):
+            # a link keeps the way back to the caller, as for a message consumer.
+            local.add_link(carried)
+        return current
+    # A missing or malformed traceparent leaves ``current`` as it is.
+    return _TRACE.extract(headers, context=current)
+
+
 def extract(
     carrier: MutableMapping[str, str] | dict[str, str], *, trust_identity: bool | None = None
 ) -> Extracted:
     """Read what :func:`inject` wrote; use the result as a (sync or async) context manager.
 
-    Runs inside continue the caller's trace (child spans), flow and step, and record the
-    caller's run as their parent. The caller's identity is applied only when
-    ``trust_identity`` (default: ``configure(trust_baggage_identity=...)``) is true;
+    Runs inside continue the caller's flow and step, record the caller's run as their parent
+    (``coworker.run.parent_id``) and continue its trace. The caller's identity is applied
+    only when ``trust_identity`` (default: ``configure(trust_baggage_identity=...)``) is true;
     otherwise the receiving side must set it with :func:`coworker.acting_as` from its own
     authentication.
+
+    Which span the runs nest under (docs/observability.md, "Inside a web framework"):
+
+    * a span of this process is current (the server span of an instrumented web framework,
+      which already continues the request's ``traceparent`` or started the request's trace
+      when there was none): that span stays the parent, and ``extract`` only adds what the
+      baggage carries. If the carrier names another trace than that span's (a message whose
+      headers travelled in its body, or a server that does not trust incoming trace context),
+      the local span still wins, and gets a span link to the carrier's span;
+    * no span, or only a remote one (an enclosing ``extract``), is current: the carrier's
+      ``traceparent`` becomes the parent; without one the runs keep the current context.
+
+    The rest of the current OpenTelemetry context (the application's own baggage,
+    instrumentation flags) is kept; the carrier's baggage is added to it.
 
     Args:
         carrier: the headers (or any str→str mapping) from the other process.
         trust_identity: accept ``user.id`` / agent from baggage.
     """
+    current = otel_context.get_current()
     try:
         headers = _text_headers(carrier)
-        ctx = _TRACE.extract(headers)
+        ctx = _parent_context(headers, current)
         ctx = _BAGGAGE.extract(headers, context=ctx)
+        # coworker's entries come from this carrier only, not from baggage already current.
+        carried = otel_baggage.get_all(_BAGGAGE.extract(headers))
     except Exception as exc:  # headers come from outside: never break the request on them
         _log.warning("coworker.extract: ignoring unreadable propagation headers: %r", exc)
-        return Extracted(otel_context.get_current(), SCOPE.get(), None)
+        return Extracted(current, SCOPE.get(), None)
     values = {
         key[len(attr.BAGGAGE_PREFIX) :]: str(value)
-        for key, value in otel_baggage.get_all(ctx).items()
+        for key, value in carried.items()
         if key.startswith(attr.BAGGAGE_PREFIX)
     }
     cell = None

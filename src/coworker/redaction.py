@@ -40,7 +40,9 @@ card numbers). Digits in a decimal number are not a card: ``0.000123450000000000
 EMAIL: Final = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
 """An e-mail address."""
 
-_PAYLOAD_KEYS: Final = (attr.INPUT, attr.OUTPUT)
+_PAYLOAD_KEYS: Final = (attr.INPUT, attr.OUTPUT, attr.INPUT_VALUE, attr.OUTPUT_VALUE)
+"""The captured input/output, under coworker's keys and OpenInference's (the same text)."""
+_PAYLOAD_TYPES: Final = (attr.INPUT_MIME_TYPE, attr.OUTPUT_MIME_TYPE)
 
 
 def _card(match: re.Match[str]) -> str:
@@ -176,11 +178,19 @@ class RedactingSpanExporter(SpanExporter):
 
     def _attributes(self, attributes: Mapping[str, Any] | None) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        # The capture is there twice (coworker's key and OpenInference's): redact it once.
+        redacted: dict[str, str] = {}
         for key, value in (attributes or {}).items():
             if key in _PAYLOAD_KEYS:
                 if self.payloads == "none":
                     continue
-                out[key] = self.redactor.captured(value) if isinstance(value, str) else value
+                if isinstance(value, str):
+                    if value not in redacted:
+                        redacted[value] = self.redactor.captured(value)
+                    value = redacted[value]
+                out[key] = value
+            elif key in _PAYLOAD_TYPES and self.payloads == "none":
+                continue  # no value to describe
             elif isinstance(value, str):
                 out[key] = self.redactor.text(value)
             elif isinstance(value, tuple | list):

@@ -38,7 +38,7 @@ def test_body_cannot_rewrite_its_own_record(audited: Any) -> None:
     def delete(invoice_id: str) -> None:
         span = trace.get_current_span()
         span.set_attribute(attr.USER_ID, "someone-else")
-        span.set_attribute(attr.AUDIT, False)
+        span.set_attribute(attr.AUDITED, False)
         span.set_attribute(attr.AUDIT_CATEGORY, "nothing")
         span.set_attribute(attr.OPERATION, "select")
         span.set_attribute(attr.DOCTYPE, "Note")
@@ -65,7 +65,7 @@ def test_run_set_attribute_refuses_reserved_keys(audited: Any) -> None:
         with pytest.raises(ValueError, match="reserved"):
             r.set_attribute(attr.USER_ID, "root")
         with pytest.raises(ValueError, match="reserved"):
-            r.set_attribute(attr.AUDIT, False)
+            r.set_attribute(attr.AUDITED, False)
         r.set_attribute("invoice.count", 3)
     (record,) = _records()
     assert record["user_id"] is None and record["category"] == "state-change"
@@ -152,7 +152,7 @@ def test_body_cannot_forge_a_record(audited: Any) -> None:
     @coworker.run(operation="select", doctype="Invoice")
     def read() -> None:
         span = trace.get_current_span()
-        span.set_attribute(attr.AUDIT, True)
+        span.set_attribute(attr.AUDITED, True)
         span.set_attribute(attr.AUDIT_CATEGORY, "state-change")
         span.set_attribute(attr.USER_ID, "root")
 

@@ -33,7 +33,7 @@ def test_bare_decorator_makes_one_span_with_run_ids(spans: Any) -> None:
     assert a[attr.RUN_ID] == a[attr.CHAIN_ID]
     assert len(a[attr.RUN_ID]) == 16
     assert attr.RUN_PARENT_ID not in a
-    assert a[attr.AUDIT] is False
+    assert a[attr.AUDITED] is False
     assert a[attr.CODE_FUNCTION] == "tests._run.test_run.plain"
     assert span.status.status_code is StatusCode.UNSET
 
@@ -442,7 +442,7 @@ def test_state_changing_flag_and_sensitive_reads(spans: Any) -> None:
         "select Customer": attr.CATEGORY_SENSITIVE_READ,
         "select Invoice": None,
     }
-    flags = {s.name: s.attributes[attr.AUDIT] for s in spans.get_finished_spans()}
+    flags = {s.name: s.attributes[attr.AUDITED] for s in spans.get_finished_spans()}
     assert flags["select Customer"] is True and flags["select Invoice"] is False
 
 
@@ -465,7 +465,7 @@ def test_validation_error_and_permission_denied_are_audit_categories(spans: Any)
         with pytest.raises((coworker.ValidationError, coworker.PermissionDenied, OSError)):
             fn()
     cats = [
-        (s.attributes[attr.AUDIT], s.attributes.get(attr.AUDIT_CATEGORY))
+        (s.attributes[attr.AUDITED], s.attributes.get(attr.AUDIT_CATEGORY))
         for s in spans.get_finished_spans()
     ]
     assert cats == [

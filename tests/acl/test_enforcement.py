@@ -87,7 +87,7 @@ def only_span(exporter: Any, name: str) -> Any:
 def assert_refused(span: Any, category: str, user: str | None, agent: str | None) -> None:
     """The span of a refused run: error status, audit category, who, the exception event."""
     assert span.status.status_code is StatusCode.ERROR
-    assert span.attributes[attr.AUDIT] is True
+    assert span.attributes[attr.AUDITED] is True
     assert span.attributes[attr.AUDIT_CATEGORY] == category
     assert span.attributes.get(attr.USER_ID) == user
     assert span.attributes.get(attr.AGENT_ID) == agent

@@ -26,7 +26,7 @@ from coworker.audit.store_sqlite import SQLiteStore
 def audit_attributes(i: int = 0, **overrides: Any) -> dict[str, Any]:
     """Start attributes of an audited state-change run number ``i``."""
     attrs: dict[str, Any] = {
-        a.AUDIT: True,
+        a.AUDITED: True,
         a.AUDIT_CATEGORY: a.CATEGORY_STATE_CHANGE,
         a.OPERATION: "update",
         a.DOCTYPE: "Invoice",

@@ -202,7 +202,7 @@ def test_in_doubt_shown_by_verify_and_query(
     pipeline = build_pipeline(f"sqlite:///{db_path}", fail_closed=True)
     assert pipeline.gate is not None
     factory = SpanFactory()  # the outcome never reaches the store: as if the process died
-    with factory.tracer.start_as_current_span("delete", attributes={a.AUDIT: True}) as span:
+    with factory.tracer.start_as_current_span("delete", attributes={a.AUDITED: True}) as span:
         pipeline.gate.intent(span)
     factory.shutdown()
     pipeline.shutdown()

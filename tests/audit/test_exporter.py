@@ -67,11 +67,11 @@ def test_no_arg_exporter_default_path(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_export_keeps_only_audit_spans() -> None:
-    """Spans without coworker.audit=True do not reach the store."""
+    """Spans without coworker.audited=True do not reach the store."""
     store = InMemoryStore()
     exporter = AuditSpanExporter(store)
     factory = SpanFactory()
-    spans = [factory.run(1), factory.run(2, **{a.AUDIT: False}), factory.run(3)]
+    spans = [factory.run(1), factory.run(2, **{a.AUDITED: False}), factory.run(3)]
     with factory.tracer.start_as_current_span("plain read"):
         pass
     spans.append(factory.memory.get_finished_spans()[-1])
@@ -257,7 +257,7 @@ def test_gate_writes_intent_then_outcome(db_path: Path) -> None:
     pipeline = build_pipeline(f"sqlite:///{db_path}", fail_closed=True)
     assert pipeline.gate is not None
     factory = SpanFactory(pipeline.processor)
-    with factory.tracer.start_as_current_span("update", attributes={a.AUDIT: True}) as span:
+    with factory.tracer.start_as_current_span("update", attributes={a.AUDITED: True}) as span:
         seq = pipeline.gate.intent(span)
         assert _count(db_path) == 1
     records = list(pipeline.store.iter_from(1))
@@ -284,7 +284,7 @@ def test_intent_without_outcome_is_in_doubt(db_path: Path) -> None:
     pipeline = build_pipeline(f"sqlite:///{db_path}", fail_closed=True)
     assert pipeline.gate is not None
     factory = SpanFactory()  # no audit processor: the outcome is never written (a crash)
-    with factory.tracer.start_as_current_span("update", attributes={a.AUDIT: True}) as span:
+    with factory.tracer.start_as_current_span("update", attributes={a.AUDITED: True}) as span:
         pipeline.gate.intent(span)
     factory.shutdown()
     assert [e.status for e in query(pipeline.store)] == [IN_DOUBT]

@@ -1,6 +1,6 @@
 """The shipped collector's audit pipeline → `coworker audit serve` → PostgreSQL, for real.
 
-* Only spans with the boolean ``coworker.audit == true`` reach the ingest endpoint, with the
+* Only spans with the boolean ``coworker.audited == true`` reach the ingest endpoint, with the
   bearer token from ``collector-config/secrets/ingest-token``.
 * Under load, the ingest server stops for ``OUTAGE_S`` seconds and the collector is killed with
   SIGKILL in the middle of it and restarted, then killed and restarted once more with the
@@ -56,15 +56,21 @@ def _update_invoice(invoice: str) -> None:
 
 @coworker.run(operation="select", doctype="Invoice")
 def _read_invoice(invoice: str) -> None:
-    """A read: its span carries coworker.audit = false."""
+    """A read: its span carries coworker.audited = false."""
+
+
+def is_audit(attributes: Any) -> bool:
+    """The span is for the audit trail: its flag, or the flag's 0.1.0 name, is boolean true."""
+    return attributes.get(a.AUDITED) is True or attributes.get(a.AUDITED_LEGACY) is True
 
 
 class Loader:
     """Sends batches of real coworker spans to the collector over OTLP/HTTP, in a thread.
 
-    Each batch holds audit spans (``update Invoice``), non-audit spans (``select Invoice``)
-    and one foreign span whose ``coworker.audit`` is the *string* "true". A batch counts as
-    acknowledged when the exporter reports SUCCESS (the collector answered 200).
+    Each batch holds audit spans (``update Invoice``), non-audit spans (``select Invoice``),
+    one foreign span whose ``coworker.audited`` is the *string* "true" and one audit span of
+    an older sender (``coworker.audit`` true, the flag's name in coworker 0.1.0). A batch
+    counts as acknowledged when the exporter reports SUCCESS (the collector answered 200).
     """
 
     def __init__(self, endpoint: str, *, audit_per_batch: int = 20, pause: float = 0.05) -> None:
@@ -102,8 +108,12 @@ class Loader:
             _update_invoice(f"INV-{i}")
             if i % 4 == 0:
                 _read_invoice(f"INV-{i}")
-        with self.foreign.get_tracer("foreign").start_as_current_span(
-            "not coworker", attributes={a.AUDIT: "true"}
+        foreign = self.foreign.get_tracer("foreign")
+        with foreign.start_as_current_span("not coworker", attributes={a.AUDITED: "true"}):
+            pass
+        # A service still on coworker 0.1.0 marks its audit spans with the flag's old name.
+        with foreign.start_as_current_span(
+            "update Invoice (0.1.0)", attributes={a.AUDITED_LEGACY: True}
         ):
             pass
         return list(self.memory.get_finished_spans())
@@ -114,7 +124,7 @@ class Loader:
         try:
             while not self._stop.is_set():
                 spans = self._batch()
-                audit = {self.key(s) for s in spans if s.attributes.get(a.AUDIT) is True}
+                audit = {self.key(s) for s in spans if is_audit(s.attributes)}
                 # New sets, not in-place updates: the test thread reads them meanwhile.
                 self.sent_audit = self.sent_audit | audit
                 self.sent_other = self.sent_other | ({self.key(s) for s in spans} - audit)
@@ -251,7 +261,8 @@ def _attr(span: Any, key: str) -> Any:
 def test_only_audit_spans_reach_the_ingest_endpoint_with_the_token(
     stack: Stack, procs: Procs, tmp_path: Path, pg_url: str
 ) -> None:
-    """The audit pipeline forwards boolean-true audit spans only, with the secrets file token."""
+    """The audit pipeline forwards boolean-true audit spans only (0.1.0's flag name too), with
+    the secrets file token."""
     ingest = start_ingest(procs, pg_url)
     proxy = RecordingProxy(ingest.base_url)
     sink = OtlpSink()
@@ -288,7 +299,10 @@ def test_only_audit_spans_reach_the_ingest_endpoint_with_the_token(
     assert {r["authorization"] for r in proxy.requests} == {f"Bearer {token}"}
     assert forwarded
     for span in forwarded:
-        assert _attr(span, a.AUDIT) == ("bool_value", True), span
+        flags = {_attr(span, a.AUDITED), _attr(span, a.AUDITED_LEGACY)}
+        assert ("bool_value", True) in flags, span
+    legacy = {(s.trace_id.hex(), s.span_id.hex()) for s in forwarded if _attr(s, a.AUDITED_LEGACY)}
+    assert legacy and legacy <= set(stored_keys(pg_url)), "a 0.1.0 sender's audit span was lost"
     forwarded_keys = {(s.trace_id.hex(), s.span_id.hex()) for s in forwarded}
     assert not forwarded_keys & loader.sent_other, "a non-audit span reached the ingest endpoint"
     assert loader.acked <= forwarded_keys <= loader.sent_audit

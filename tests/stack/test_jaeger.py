@@ -152,7 +152,7 @@ def test_demo_trace_tree_reaches_jaeger_through_the_collector(
     assert {s["attrs"][a.USER_ID] for s in workflow} == {"clerk-17"}
     failed_payment = workflow[2]
     assert failed_payment["attrs"][a.ERROR_TYPE] == "coworker._demo.GatewayTimeout"
-    assert failed_payment["attrs"][a.AUDIT] is True
+    assert failed_payment["attrs"][a.AUDITED] is True
     assert a.ERROR_TYPE not in workflow[3]["attrs"]
 
     # The conversation: three turns for one user and agent; the topic change broke the flow.

@@ -82,7 +82,7 @@ def test_phoenix_has_every_demo_run_with_its_attributes(
     assert {(c[a.USER_ID], c[a.AGENT_ID], c[a.CONVERSATION_ID]) for c in chat} == {
         ("user-456", "agent-789", "chat-42")
     }
-    audit = {s["name"] for s in spans if _attributes(s)[a.AUDIT] is True}
+    audit = {s["name"] for s in spans if _attributes(s)[a.AUDITED] is True}
     assert audit == {"submit Payment", "create Shipment", "update Invoice"}
 
 

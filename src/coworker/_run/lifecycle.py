@@ -28,10 +28,17 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from coworker import _flow_events
 from coworker import attributes as attr
-from coworker._capture import capture
+from coworker._capture import TRUNCATED, capture
 from coworker._ids import getrandbits
 from coworker._run import otelctx
-from coworker._run.spec import Spec, bind, classify, derive_attributes, slug
+from coworker._run.spec import (
+    Spec,
+    bind,
+    classify,
+    derive_attributes,
+    openinference_kind,
+    slug,
+)
 from coworker._scope import SCOPE, Scope, restore
 from coworker._state import SETTINGS, TRACER, api_tracer
 from coworker.exceptions import PermissionDenied, RateLimited, ValidationError
@@ -127,8 +134,13 @@ class Run:
 
     def set_output(self, value: Any) -> None:
         """Record ``value`` as the run's captured output (redacted, size-limited)."""
-        self.span.set_attribute(
-            attr.OUTPUT, capture(value, SETTINGS.redact, SETTINGS.capture_limit)
+        captured = capture(value, SETTINGS.redact, SETTINGS.capture_limit)
+        self.span.set_attributes(
+            {
+                attr.OUTPUT: captured,
+                attr.OUTPUT_VALUE: captured,
+                attr.OUTPUT_MIME_TYPE: mime_type(captured),
+            }
         )
 
     def opened_by(self, spec: Spec) -> bool:
@@ -180,7 +192,7 @@ class Run:
         current = attribute_dict(span)
         for key, want in sealed.items():
             have = current.get(key, _ABSENT)
-            # Exact types: the body setting coworker.audit to 1 must not pass for True.
+            # Exact types: the body setting coworker.audited to 1 must not pass for True.
             if have is not want and (type(have) is not type(want) or have != want):
                 span.set_attribute(key, want)
         if len(current) > len(sealed):
@@ -191,6 +203,11 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run(name={self.name!r}, id={self.id!r}, parent_id={self.parent_id!r})"
+
+
+def mime_type(captured: str) -> str:
+    """``application/json``, or ``text/plain`` for a capture the size limit cut off."""
+    return attr.MIME_TEXT if captured.endswith(TRUNCATED) else attr.MIME_JSON
 
 
 def current_run() -> Run | None:
@@ -219,7 +236,7 @@ def _drop_attribute(span: Any, key: str) -> None:
         del attributes[key]
     except Exception:
         _log.error("coworker: cannot remove %r that a run set on its own span", key)
-        span.set_attribute(attr.AUDIT, True)
+        span.set_attribute(attr.AUDITED, True)
         span.set_attribute(key, "<forged by the run>")
 
 
@@ -251,14 +268,14 @@ def record_failure(span: Span, exc: BaseException) -> None:
     etype = error_type(exc)
     attrs: dict[str, Any] = {attr.ERROR_TYPE: etype}
     if isinstance(exc, PermissionDenied):
-        attrs[attr.AUDIT] = True
+        attrs[attr.AUDITED] = True
         attrs[attr.AUDIT_CATEGORY] = (
             attr.CATEGORY_POLICY_VIOLATION
             if isinstance(exc, RateLimited)
             else attr.CATEGORY_AUTHORIZATION_FAILURE
         )
     elif isinstance(exc, ValidationError):
-        attrs[attr.AUDIT] = True
+        attrs[attr.AUDITED] = True
         attrs[attr.AUDIT_CATEGORY] = attr.CATEGORY_VALIDATION_VIOLATION
     try:
         message = str(exc)
@@ -320,8 +337,13 @@ def begin(spec: Spec, call: Call = _NO_CALL, force: bool = False) -> Run | None:
                 refused = exc
                 own_attrs = spec.static_attrs.copy()
             own_gen_ai_op = attr.GEN_AI_OPERATION_NAME in own_attrs
+            if own_gen_ai_op:
+                openinference_kind(own_attrs)
         if spec.capture_input:
-            own_attrs[attr.INPUT] = capture(bound, settings.redact, settings.capture_limit)
+            captured = capture(bound, settings.redact, settings.capture_limit)
+            # The same string under OpenInference's key, for Phoenix's input pane.
+            own_attrs[attr.INPUT] = own_attrs[attr.INPUT_VALUE] = captured
+            own_attrs[attr.INPUT_MIME_TYPE] = mime_type(captured)
     op_key = spec.op_key if op is spec.operation else (op.lower() if op else None)
     identity = scope.identity
     parent = scope.run
@@ -350,10 +372,10 @@ def begin(spec: Spec, call: Call = _NO_CALL, force: bool = False) -> Run | None:
     attrs[attr.CHAIN_ID] = chain_id
     category = classify(op_key, doctype, spec.forced)
     if category is not None:
-        attrs[attr.AUDIT] = True
+        attrs[attr.AUDITED] = True
         attrs[attr.AUDIT_CATEGORY] = category
     else:
-        attrs[attr.AUDIT] = False
+        attrs[attr.AUDITED] = False
 
     span = tracer.start_span(name, attributes=attrs)
     r = Run()
@@ -404,8 +426,13 @@ def _scope_attributes(scope: Scope, flow: Flow | None) -> dict[str, Any]:
     identity = scope.identity
     if identity is not None:
         attrs.update(identity.span_attributes)
-        if identity.agent is not None:
-            attrs[attr.GEN_AI_OPERATION_NAME] = attr.GEN_AI_OP_EXECUTE_TOOL
+    if identity is not None and identity.agent is not None:
+        # A run an agent performs is a tool execution (OTel GenAI, OpenInference); its span
+        # keeps its own name (docs/observability.md, "Conventions").
+        attrs[attr.GEN_AI_OPERATION_NAME] = attr.GEN_AI_OP_EXECUTE_TOOL
+        attrs[attr.OPENINFERENCE_SPAN_KIND] = attr.OPENINFERENCE_TOOL
+    else:
+        attrs[attr.OPENINFERENCE_SPAN_KIND] = attr.OPENINFERENCE_CHAIN
     return attrs
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "classify",
     "derive_attributes",
     "kind_of",
+    "openinference_kind",
     "slug",
     "span_name",
 ]
@@ -96,9 +97,12 @@ class Spec:
         if target is not None:
             module = getattr(target, "__module__", None)
             static[attr.CODE_FUNCTION] = f"{module}.{qualname}" if module else qualname
-        self.static_attrs = static
-        # The app names the GenAI operation itself: coworker adds no execute_tool/tool name.
+        # The app names the GenAI operation itself: coworker adds no execute_tool/tool name,
+        # and the OpenInference kind follows the app's operation.
         self.own_gen_ai_op = attr.GEN_AI_OPERATION_NAME in static
+        if self.own_gen_ai_op:
+            openinference_kind(static)
+        self.static_attrs = static
         self.explicit_name = options.name is not None
         self.span_name = options.name or span_name(options.operation, options.doctype, qualname)
         self.short = slug(options.operation or qualname.rsplit(".", 1)[-1])
@@ -116,6 +120,15 @@ class Spec:
         # obj.method(...), Class.method(obj, ...) and classmethods alike; staticmethods and
         # plain functions get instance=None.
         return self.sig_bound if not self.prebound and instance is not None else self.sig
+
+
+def openinference_kind(attrs: dict[str, Any]) -> None:
+    """Set the OpenInference span kind that the app's own ``gen_ai.operation.name`` implies
+    (an LLM call, a tool, ...), unless the app set a kind itself."""
+    if attr.OPENINFERENCE_SPAN_KIND not in attrs:
+        op = attrs.get(attr.GEN_AI_OPERATION_NAME)
+        kind = attr.OPENINFERENCE_KIND_OF_OPERATION.get(op) if isinstance(op, str) else None
+        attrs[attr.OPENINFERENCE_SPAN_KIND] = kind or attr.OPENINFERENCE_CHAIN
 
 
 def span_name(operation: str | None, doctype: str | None, qualname: str) -> str:

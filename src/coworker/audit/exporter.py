@@ -1,6 +1,6 @@
 """``AuditSpanExporter``: an OpenTelemetry ``SpanExporter`` that writes audit spans to a store.
 
-Thin: it keeps the spans whose ``coworker.audit`` attribute is ``True``, turns each into a
+Thin: it keeps the spans whose ``coworker.audited`` attribute is ``True``, turns each into a
 record (:func:`coworker.audit.record.entry_from_span`) and hands them to an
 :class:`~coworker.audit.writer.AuditWriter`. Registered as the ``coworker_audit`` entry point of
 ``opentelemetry_traces_exporter``, so ``OTEL_TRACES_EXPORTER=coworker_audit`` finds it; note
@@ -30,9 +30,9 @@ _log = logging.getLogger("coworker.audit")
 
 
 def is_audit_span(span: Any) -> bool:
-    """``True`` when the span carries ``coworker.audit = True``."""
+    """``True`` when the span carries ``coworker.audited = True``."""
     attributes = span.attributes
-    return attributes is not None and attributes.get(attr.AUDIT) is True
+    return attributes is not None and attributes.get(attr.AUDITED) is True
 
 
 class AuditSpanExporter(SpanExporter):
