@@ -169,21 +169,24 @@ def audit_append(
     outcome: str,
     seconds: float,
     *,
+    count: int = 1,
     meter_provider: MeterProvider | None = None,
 ) -> None:
-    """Record one audit store append.
+    """Record one audit store append of ``count`` records of one category.
 
-    Called by the audit stores after each append attempt, successful or not.
+    Called by the audit writer after each append attempt, successful or not: once per
+    category of a group commit, so the counter counts records and the histogram appends.
 
     Args:
         category: The record's ``coworker.audit.category`` (``state-change``, ...).
         outcome: ``"ok"`` (:data:`OUTCOME_OK`) or the error type of the failed append.
         seconds: Wall-clock duration of the append, in seconds.
+        count: How many records of this category the append carried.
         meter_provider: Record with this provider instead of the global one (tests).
     """
     instruments: _AuditInstruments = _instruments.get(_AuditInstruments, meter_provider)
     attributes = {_a.AUDIT_CATEGORY: category, _a.METRIC_ATTR_OUTCOME: outcome}
-    instruments.appends.add(1, attributes)
+    instruments.appends.add(count, attributes)
     instruments.duration.record(seconds, attributes)
 
 

@@ -325,3 +325,55 @@ def test_kill_9_mid_append_loses_nothing_returned(db_path: Path) -> None:
             heads.add(head)
         assert report.head.seq in heads, report.head
         store.close()
+
+
+_RACER = r"""
+import sys
+from coworker.audit.store_sqlite import SQLiteStore
+from tests.audit.conftest import make_entries
+store = SQLiteStore(sys.argv[1])
+entries = make_entries(3, start=int(sys.argv[2]) * 1000)
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range(int(sys.argv[3])):
+    batch = entries[: 1 + i % 3]  # groups of 1, 2 and 3, like a group commit
+    records = store.append([e[0] for e in batch], [e[1] for e in batch])
+    print(" ".join(str(r.seq) for r in records), flush=True)
+store.close()
+"""
+
+
+def test_processes_racing_on_one_file_never_fork_the_chain(db_path: Path) -> None:
+    """Three processes appending to one file at once, released together: every seq is handed
+    out exactly once, in one gapless chain that verifies (the fast append path reads the head
+    under the write lock, whatever another process committed meanwhile)."""
+    import subprocess
+    import sys
+
+    SQLiteStore(db_path).close()
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(db_path), str(p), "150"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        for p in range(3)
+    ]
+    for child in children:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    outputs = [child.communicate(timeout=300)[0] for child in children]
+    assert [child.returncode for child in children] == [0, 0, 0]
+    returned = [int(s) for out in outputs for s in out.split()]
+    per_process = 50 * (1 + 2 + 3)
+    assert sorted(returned) == list(range(1, 3 * per_process + 1))
+    store = SQLiteStore(db_path, readonly=True)
+    report = verify_chain(store)
+    assert report.ok and report.checked == 3 * per_process
+    assert [r.seq for r in store.iter_from(1)] == list(range(1, 3 * per_process + 1))
+    store.close()

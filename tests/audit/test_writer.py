@@ -167,3 +167,39 @@ def test_overlong_ids_are_refused_at_the_boundary() -> None:
     with pytest.raises(ValueError, match="at most 512"):
         coworker.run(operation="update", doctype="D" * 600)
     coworker.acting_as("u" * 512)  # the limit itself is fine
+
+
+def test_metrics_count_records_and_time_each_append_once(db_path: Path) -> None:
+    """One group commit of three records of two categories adds 3 to the append counter and
+    one observation per category to the duration histogram."""
+    import functools
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from coworker import attributes as a
+    from coworker.metrics import audit_append
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    store = SQLiteStore(db_path)
+    writer = AuditWriter(store)
+    writer._metric = functools.partial(audit_append, meter_provider=provider)
+    entries = make_entries(3)
+    entries[2][0]["category"] = a.CATEGORY_AUTHORIZATION_FAILURE
+    assert len(writer.write(entries)) == 3
+    data = reader.get_metrics_data()
+    assert data is not None
+    metrics = {
+        m.name: {p.attributes[a.AUDIT_CATEGORY]: p for p in m.data.data_points}
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    appends = metrics[a.METRIC_AUDIT_APPENDS]
+    assert appends[a.CATEGORY_STATE_CHANGE].value == 2
+    assert appends[a.CATEGORY_AUTHORIZATION_FAILURE].value == 1
+    duration = metrics[a.METRIC_AUDIT_APPEND_DURATION]
+    assert duration[a.CATEGORY_STATE_CHANGE].count == 1
+    assert duration[a.CATEGORY_AUTHORIZATION_FAILURE].count == 1
+    store.close()

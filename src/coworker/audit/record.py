@@ -129,21 +129,34 @@ _STRING_ATTRIBUTES: Final = (
 )
 
 _MAX_SAFE_INT: Final = 2**53 - 1
-_FAST_SCALARS: Final = (str, type(None), bool)
 
-_dumps = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
-).encode
+# The sorted key order of each key tuple seen (records share a handful of layouts), with the
+# ``"key":`` text of each key: canonical() then writes the values in that order without
+# sorting 30 keys per record. Bounded: an unusual layout beyond it is sorted each time.
+_ORDERS: dict[tuple[str, ...], tuple[tuple[str, str], ...] | None] = {}
+_MAX_ORDERS: Final = 512
+_encode_str: Any = json.encoder.encode_basestring  # the C encoder JSONEncoder uses for str
+
+
+def _order(keys: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
+    order: tuple[tuple[str, str], ...] | None = None
+    if all(type(k) is str and k.isascii() for k in keys):
+        order = tuple((k, _encode_str(k) + ":") for k in sorted(keys))
+    if len(_ORDERS) < _MAX_ORDERS:
+        _ORDERS[keys] = order
+    return order
 
 
 def canonical(fields: Mapping[str, Any]) -> bytes:
     """Return the RFC 8785 canonical JSON bytes of ``fields``.
 
     Flat objects with ASCII keys and string / null / boolean / safe-integer values (every
-    record this module builds) go through the C ``json`` encoder with sorted keys: for such
-    objects its output is byte-identical to JCS (same string escaping with
-    ``ensure_ascii=False``, key order by code unit equals code point order for ASCII). Anything
-    else is handed to the reference ``rfc8785`` encoder.
+    record this module builds) are written directly: keys in sorted order (code unit order
+    equals code point order for ASCII), strings escaped by the C ``json`` string encoder with
+    ``ensure_ascii=False`` (the same escaping as JCS), integers as their decimal digits. For
+    such objects that is byte-identical to JCS (``tests/audit/test_record.py`` proves it with
+    hypothesis), and about 3x cheaper than ``json`` with ``sort_keys``. Anything else is handed
+    to the reference ``rfc8785`` encoder.
 
     Args:
         fields: the record fields.
@@ -154,17 +167,27 @@ def canonical(fields: Mapping[str, Any]) -> bytes:
     Raises:
         ValueError: a value cannot be represented (NaN, an integer beyond 2^53 ...).
     """
-    for value in fields.values():
-        if type(value) in _FAST_SCALARS:
-            continue
-        if type(value) is int and -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
-            continue
+    keys = tuple(fields)
+    order = _ORDERS[keys] if keys in _ORDERS else _order(keys)
+    if order is None:
         return _reference(fields)
-    for key in fields:
-        if not key.isascii():
+    parts: list[str] = []
+    append = parts.append
+    for key, label in order:
+        value = fields[key]
+        kind = type(value)
+        if kind is str:
+            append(label + _encode_str(value))
+        elif value is None:
+            append(label + "null")
+        elif kind is bool:
+            append(label + ("true" if value else "false"))
+        elif kind is int and -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+            append(label + int.__repr__(value))
+        else:
             return _reference(fields)
     try:
-        return _dumps(fields).encode("utf-8")
+        return ("{" + ",".join(parts) + "}").encode("utf-8")
     except UnicodeEncodeError:
         # A lone surrogate from a badly decoded attribute: not valid UTF-8, so JCS cannot
         # carry it either. Replace it rather than lose the record.
@@ -207,6 +230,20 @@ def storable(fields: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
         empty), else a fixed copy and the names of the fields that were changed.
     """
     altered: list[str] = []
+    for value in fields.values():
+        # The common record (ASCII text, null, booleans, small ints) in one cheap pass.
+        kind = type(value)
+        if kind is str:
+            if not value.isascii():
+                break
+        elif (
+            value is not None
+            and kind is not bool
+            and not (kind is int and -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT)
+        ):
+            break
+    else:
+        return fields, altered
     for key, value in fields.items():
         if not _storable_value(value):
             altered.append(key)
