@@ -357,9 +357,10 @@ def test_repeatable_read_default_does_not_fork(pg: PGServer, tmp_path: Path) -> 
     """A server/role default of REPEATABLE READ is overridden: concurrent appends stay linear."""
     url = pg.schema_url(options="-c%20default_transaction_isolation%3Drepeatable%5C%20read")
     stores = [PostgresStore(url, spool=None) for _ in range(4)]
-    (level,) = stores[0]._connection().execute("SHOW default_transaction_isolation").fetchone()
+    libpq_url = stores[0]._conninfo
+    with psycopg.connect(libpq_url, autocommit=True) as raw:  # the option does take effect
+        (level,) = raw.execute("SHOW default_transaction_isolation").fetchone()
     assert level == "repeatable read"
-    stores[0]._connection().rollback()
 
     def work(s: PostgresStore, n: int) -> None:
         for i in range(50):
@@ -373,6 +374,16 @@ def test_repeatable_read_default_does_not_fork(pg: PGServer, tmp_path: Path) -> 
     assert len(check_chain(stores[0])) == 200
     for s in stores:
         s.close()
+
+
+def test_server_side_append_refuses_repeatable_read(pg: PGServer, store: PostgresStore) -> None:
+    """append() called under REPEATABLE READ (a stale head) raises instead of forking."""
+    store.append([entry(1)])
+    with psycopg.connect(store._conninfo) as raw:
+        raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        with pytest.raises(psycopg.Error, match="needs READ COMMITTED"):
+            raw.execute(store._append_statement(), [b"n" * 16] + [None] * 18)
+    assert [r.seq for r in store.iter_from()] == [1]
 
 
 # -- many processes ----------------------------------------------------------------------------
@@ -1125,6 +1136,7 @@ def test_writer_on_a_version_1_schema_keeps_writing(
         " ENABLE ALWAYS TRIGGER schema_version_no_change_stmt;"
         f" DROP TRIGGER records_chain ON {s}.records; DROP FUNCTION {s}.check_chain();"
         f" DROP TABLE {s}.keys;"  # version 3 (issue 15)
+        f" DROP FUNCTION {s}.append; ALTER TABLE {s}.records DROP COLUMN attempt;"  # version 4
     )
     with caplog.at_level("WARNING", logger="coworker.audit"):
         w = PostgresStore(with_user(base, writer), spool=None)

@@ -66,6 +66,13 @@ class Prepared:
         """The canonical bytes of the entry with this ``seq``."""
         return b"%b%d%b" % (self._before, seq, self._after)
 
+    @property
+    def halves(self) -> tuple[bytes, bytes]:
+        """The bytes before and after the seq's digits: ``body(seq) == before + digits +
+        after``. A store that seals in its database (PostgreSQL's ``append()``) sends these and
+        splices the seq in the same way."""
+        return self._before, self._after
+
 
 def prepare(entries: Iterable[Mapping[str, Any]]) -> list[Prepared]:
     """Canonicalise entries ahead of :func:`seal` (outside a store's lock)."""

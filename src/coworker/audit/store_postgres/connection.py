@@ -70,6 +70,7 @@ class _Connections:
     _pid: int
     _oid: int | None
     _version: int
+    _floor: int
     _insert: sql.Composed | None
     _lock_head: sql.Composed | None
     _append_sql: sql.Composed | None
@@ -203,6 +204,10 @@ class _Connections:
             # From here on: autocommit; appends run explicit transactions (see _write),
             # reads are single statements.
             conn.autocommit = True
+            # Statements outside an explicit BEGIN (the server-side append) run at the
+            # session's default isolation: READ COMMITTED, whatever the server's default says
+            # (append() refuses anything else rather than read a stale head).
+            conn.execute("SET default_transaction_isolation = 'read committed'")
             if self.readonly:
                 conn.execute("SET default_transaction_read_only = on")
             return conn
@@ -312,8 +317,8 @@ class _Connections:
                     conn.rollback()
                     _log.warning(
                         "audit store %s: schema version %d, this coworker would upgrade it to "
-                        "%d (database-side chain checks) but this role may not; open a store "
-                        "once as the schema owner",
+                        "%d (database-side chain checks, the server-side append) but this role "
+                        "may not; open a store once as the schema owner",
                         self,
                         current,
                         SCHEMA_VERSION,
@@ -326,6 +331,7 @@ class _Connections:
                 f"{SCHEMA_VERSION}; upgrade coworker"
             )
         self._key_table = version >= 3
+        self._version = version
         if not self.readonly:
             self._rearm(conn)
             self._warn_if_not_durable(conn)
@@ -334,7 +340,16 @@ class _Connections:
             row = cur.fetchone()
             assert row is not None
             self._oid = int(row[0])
-            self._lock_head = None  # built with the oid
+            self._lock_head = self._append_sql = None  # built with the oid
+            # The floor for finding a lost server-side append (writes._write_fast): rows
+            # appended from now on are above it.
+            cur.execute(
+                sql.SQL("SELECT seq FROM {} WHERE seq >= 1 ORDER BY seq DESC LIMIT 1").format(
+                    self._table
+                )
+            )
+            head = cur.fetchone()
+            self._floor = max(self._floor, int(head[0])) if head is not None else self._floor
         conn.commit()
 
     def _schema_version(self, conn: psycopg.Connection[Any], in_tx: bool = False) -> int | None:

@@ -10,7 +10,7 @@ from coworker.audit.store_postgres._wire import DEFAULT_SCHEMA
 _log = logging.getLogger("coworker.audit")
 
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 """Version of the table layout, kept in ``<schema>.schema_version``."""
 
 # First key of the two-int advisory locks we take ('cowr'); the second is a table's oid.
@@ -130,7 +130,108 @@ CREATE TABLE {schema}.keys (
 );
 """
 
-_MIGRATIONS: Final = {1: _DDL_V1, 2: _DDL_V2, 3: _DDL_V3}
+# Version 4 (issue 17): the append in one round trip, sealed by the database. The client
+# canonicalises each entry with a hole where its seq goes (coworker.audit.chain.Prepared) and
+# sends the bytes before and after the hole; append() takes the lock, reads the head, splices
+# in each seq as decimal digits (exactly what Prepared.body does), hashes with PostgreSQL's own
+# sha256() (exactly chain.link: SHA-256(prev_hash || body)), inserts and returns. The lock is
+# held only while the server works: no client round trip happens under it. ``attempt`` is a
+# random nonce per append call, unhashed and unindexed: after a connection died with the
+# answer in flight, the next attempt finds the rows that did commit (docs/postgres.md).
+# The ALTER TABLE comes first: the guard restore re-runs only what follows the last function.
+_DDL_V4: Final = """
+ALTER TABLE {schema}.records ADD COLUMN attempt bytea;
+CREATE FUNCTION {schema}.append(
+    lock_key integer, attempt bytea, before bytea[], after bytea[], payload bytea[],
+    dedup bytea[], kind text[], category text[], operation text[], doctype text[],
+    outcome text[], flow_id text[], step_id text[], run_id text[], user_id text[],
+    agent_id text[], trace_id text[], span_id text[], recorded_at text[], "time" text[]
+) RETURNS TABLE (i integer, seq bigint, prev_hash bytea, hash bytea)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    n integer := coalesce(cardinality(before), 0);
+    head bigint;
+    prev bytea;
+    body bytea;
+    keep boolean[] := array_fill(true, ARRAY[n]);
+    seen bytea[] := '{}';
+    idx integer[] := '{}';
+    seqs bigint[] := '{}';
+    prevs bytea[] := '{}';
+    hashes bytea[] := '{}';
+    bodies bytea[] := '{}';
+    inserted bigint;
+BEGIN
+    -- Under REPEATABLE READ the snapshot predates the lock and the head read below would be
+    -- stale: the chain would fork (the unique prev_hash refuses it, but refuse it here first).
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'coworker audit append needs READ COMMITTED, not %',
+            current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+    -- Commit without waiting for the WAL flush: the lock is free at once; the store waits
+    -- for the flush after it (see PostgresStore._flush).
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM pg_advisory_xact_lock({namespace}, lock_key);
+    -- A new statement, a new snapshot (READ COMMITTED): the head as of after the lock.
+    SELECT r.seq, r.hash INTO head, prev FROM {schema}.records r ORDER BY r.seq DESC LIMIT 1;
+    IF head IS NULL THEN
+        head := 0;
+        prev := decode(repeat('00', 32), 'hex');
+    END IF;
+    IF dedup IS NOT NULL THEN
+        FOR k IN 1..n LOOP
+            CONTINUE WHEN dedup[k] IS NULL;
+            IF dedup[k] = ANY(seen) OR EXISTS (
+                SELECT 1 FROM {schema}.records d WHERE d.dedup_key = dedup[k]
+            ) THEN
+                keep[k] := false;
+            ELSE
+                seen := seen || dedup[k];
+            END IF;
+        END LOOP;
+    END IF;
+    FOR k IN 1..n LOOP
+        CONTINUE WHEN NOT keep[k];
+        head := head + 1;
+        body := before[k] || convert_to(head::text, 'UTF8') || after[k];
+        idx := idx || k;
+        seqs := seqs || head;
+        prevs := prevs || prev;
+        prev := sha256(prev || body);
+        hashes := hashes || prev;
+        bodies := bodies || body;
+    END LOOP;
+    INSERT INTO {schema}.records (seq, prev_hash, hash, body, dedup_key, kind, category,
+        operation, doctype, outcome, flow_id, step_id, run_id, user_id, agent_id, trace_id,
+        span_id, recorded_at, "time", attempt)
+    SELECT s.q, s.p, s.h, s.b, dedup[s.k], kind[s.k], category[s.k], operation[s.k],
+        doctype[s.k], outcome[s.k], flow_id[s.k], step_id[s.k], run_id[s.k], user_id[s.k],
+        agent_id[s.k], trace_id[s.k], span_id[s.k], recorded_at[s.k], "time"[s.k], attempt
+    FROM unnest(idx, seqs, prevs, hashes, bodies) AS s(k, q, p, h, b);
+    GET DIAGNOSTICS inserted = ROW_COUNT;
+    IF inserted <> cardinality(seqs) THEN
+        -- A rule (DO INSTEAD NOTHING) or a trigger returning NULL dropped rows silently.
+        RAISE EXCEPTION 'coworker audit append: only % of % row(s) were inserted: a rule or '
+            'trigger on the table dropped them (run coworker audit verify)',
+            inserted, cardinality(seqs)
+            USING ERRCODE = 'triggered_action_exception';
+    END IF;
+    IF payload IS NOT NULL THEN
+        INSERT INTO {schema}.payloads (seq, payload)
+        SELECT s.q, payload[s.k] FROM unnest(idx, seqs) AS s(k, q)
+        WHERE payload[s.k] IS NOT NULL;
+    END IF;
+    RETURN QUERY
+        SELECT s.k, s.q, s.p, s.h FROM unnest(idx, seqs, prevs, hashes) AS s(k, q, p, h)
+        UNION ALL
+        SELECT k, NULL::bigint, NULL::bytea, NULL::bytea
+        FROM generate_subscripts(keep, 1) AS k WHERE NOT keep[k];
+END
+$$;
+"""
+
+_MIGRATIONS: Final = {1: _DDL_V1, 2: _DDL_V2, 3: _DDL_V3, 4: _DDL_V4}
 
 
 def writer_grants(role: str, schema: str = DEFAULT_SCHEMA) -> list[str]:

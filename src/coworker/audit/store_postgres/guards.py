@@ -8,7 +8,13 @@ from typing import Any, Final
 
 import psycopg
 
-from coworker.audit.store_postgres.ddl import _DDL_V1, _DDL_V2, _LOCK_NAMESPACE, _quote_ident
+from coworker.audit.store_postgres.ddl import (
+    _DDL_V1,
+    _DDL_V2,
+    _DDL_V4,
+    _LOCK_NAMESPACE,
+    _quote_ident,
+)
 
 _log = logging.getLogger("coworker.audit")
 
@@ -49,6 +55,8 @@ def _guards_for(version: int) -> tuple[dict[tuple[str, str], str], list[str]]:
     if version >= 2:
         triggers.update(_GUARD_TRIGGERS_V2)
         ddls.append(_DDL_V2)
+    if version >= 4:
+        ddls.append(_DDL_V4)  # the append() function (no new trigger)
     return triggers, ddls
 
 

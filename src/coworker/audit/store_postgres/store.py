@@ -131,6 +131,9 @@ class PostgresStore(_Erasure):
         self._pid = -1
         self._oid: int | None = None
         self._insert: sql.Composed | None = None
+        self._append_sql: sql.Composed | None = None
+        self._version = 0  # the schema version, known once connected
+        self._floor = 0  # a seq below every record this store may still append
         self._lock_head: sql.Composed | None = None
         self._next_connect = 0.0
         self._last_error = "server unreachable"

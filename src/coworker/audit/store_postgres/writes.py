@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+import secrets
+from typing import Any, Final
 
 import psycopg
 from psycopg import sql
 
-from coworker.audit.chain import prepare, seal
+from coworker.audit.chain import link, prepare, seal
 from coworker.audit.spool import Spool
 from coworker.audit.store import (
     Head,
@@ -35,6 +36,9 @@ from coworker.exceptions import AuditUnavailable
 
 _log = logging.getLogger("coworker.audit")
 
+# Bytes of the random nonce that marks the rows of one server-side append.
+_NONCE: Final = 16
+
 
 class _Writes(_Reads):
     """The append path of the PostgreSQL store: one locked transaction, then the durable flush."""
@@ -50,6 +54,8 @@ class _Writes(_Reads):
             sealed_hashes: list[tuple[int, bytes] | None] = [None] * len(items)
             try:
                 with self._deadline(conn):
+                    if self._version >= 4 and not any(it.attempted for it in items):
+                        return self._write_fast(conn, items, sealed_hashes, note)
                     return self._write(conn, items, sealed_hashes, note)
             except AuditUnavailable:
                 self._rollback_or_drop(conn)
@@ -75,7 +81,8 @@ class _Writes(_Reads):
                         f"audit store {self}: append of {len(items)} record(s) failed: {exc}"
                     ) from exc
                 # COMMIT may have reached the server before the connection died: remember the
-                # hashes so that the next attempt (or the shipper) can tell.
+                # hashes (or the nonce of a server-side append) so that the next attempt (or
+                # the shipper) can tell.
                 items = [
                     _Item(
                         it.fields,
@@ -90,6 +97,79 @@ class _Writes(_Reads):
                     raise _Unreachable(items, exc) from exc
                 self._next_connect = 0.0
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _write_fast(
+        self,
+        conn: psycopg.Connection[Any],
+        items: list[_Item],
+        sealed_hashes: list[tuple[int, bytes] | None],
+        note: Spool | None,
+    ) -> AppendResult:
+        """Append in one round trip: the database seals (``append()``, schema version 4).
+
+        The lock is taken, the head read, the records hashed and inserted by one statement
+        on the server; the durable flush follows in the same pipeline (its own transaction,
+        after a Sync), so the client waits for one round trip and holds nothing meanwhile.
+        Before sending, every item notes ``(-floor - 1, nonce)`` as its attempt (durably in
+        the spool when shipping): if the answer is lost, the next attempt looks for rows above
+        ``floor`` carrying the nonce (:meth:`_write`).
+        """
+        prepared = prepare(it.fields for it in items)
+        halves = [p.halves for p in prepared]
+        plain = [_column_values(it.fields) for it in items]
+        nonce = secrets.token_bytes(_NONCE)
+        mark = (-self._floor - 1, nonce)
+        for i in range(len(items)):
+            sealed_hashes[i] = mark
+        if note is not None:
+            note.note_attempt({it.spool_id: mark for it in items if it.spool_id})
+        payloads = [it.payload for it in items]
+        keys = [it.dedup_key for it in items]
+        params: list[Any] = [
+            nonce,
+            _ByteaArray.of([h[0] for h in halves]),
+            _ByteaArray.of([h[1] for h in halves]),
+            _ByteaArray.of(payloads) if any(p is not None for p in payloads) else None,
+            _ByteaArray.of(keys) if any(k is not None for k in keys) else None,
+        ]
+        for c in range(len(_COLUMNS) + 1):
+            params.append(_TextArray.of([row[c] for row in plain]))
+        with conn.pipeline() as pipeline, conn.cursor() as cur:
+            cur.execute(self._append_statement(), params)
+            pipeline.sync()  # the append commits here, asynchronously; the flush is its own
+            conn.execute(_FLUSH)
+            pipeline.sync()
+            rows = cur.fetchall()
+        sealed: list[StoredRecord] = []
+        duplicates: list[int] = []
+        for index, seq, prev, digest in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0, r[0])):
+            i = index - 1
+            if seq is None:
+                duplicates.append(i)
+                continue
+            body = prepared[i].body(seq)
+            prev, digest = bytes(prev), bytes(digest)
+            if link(prev, body) != digest:
+                # The Python verifier is the authority: a server that hashes other bytes than
+                # chain.py is a fault to surface now, not at the next verify.
+                raise AuditUnavailable(
+                    f"audit store {self}: the database sealed seq {seq} with a hash that is not "
+                    "SHA-256(prev_hash || body) of coworker's bytes (run `coworker audit verify`)"
+                )
+            sealed.append(StoredRecord(seq, prev, digest, body, items[i].payload))
+        if sealed:
+            self._floor = max(self._floor, sealed[-1].seq)
+        duplicates.sort()
+        return AppendResult(sealed, duplicates)
+
+    def _append_statement(self) -> sql.Composed:
+        if self._append_sql is None:
+            self._append_sql = sql.SQL("SELECT i, seq, prev_hash, hash FROM {}({}, {})").format(
+                sql.Identifier(self.schema, "append"),
+                sql.Literal(self._oid),
+                sql.SQL(", ").join(sql.SQL("%b") for _ in range(5 + len(_COLUMNS) + 1)),
+            )
+        return self._append_sql
 
     def _write(
         self,
@@ -117,20 +197,48 @@ class _Writes(_Reads):
             cur.nextset()
             row = cur.fetchone()
             head = Head(row[0], bytes(row[1])) if row is not None else None
-            if attempted:
+            sealed_by_us = [a for a in attempted if a[0] >= 1]
+            if sealed_by_us:
                 # An earlier attempt whose COMMIT answer was lost may have gone through.
                 cur.execute(
                     sql.SQL(
                         "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload FROM {} r"
                         " LEFT JOIN {} p ON p.seq = r.seq WHERE r.seq = ANY(%b)"
                     ).format(table, self._payloads),
-                    (_Int8Array.of([a[0] for a in attempted]),),
+                    (_Int8Array.of([a[0] for a in sealed_by_us]),),
                 )
                 present = {(r[0], bytes(r[2])): _record(r) for r in cur.fetchall()}
                 for i, it in enumerate(items):
                     for a in it.attempted:
                         if a in present:
                             committed[i] = present[a]
+                            skip.add(i)
+                            break
+            by_server = [a for a in attempted if a[0] < 0]
+            if by_server and self._version >= 4:
+                # Attempts of the server-side append() (_write_fast): the rows of one call
+                # carry its nonce, above the floor the caller knew. We hold the lock: a
+                # transaction of the lost connection still running has finished by now.
+                cur.execute(
+                    sql.SQL(
+                        "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload, r.attempt FROM {} r"
+                        " LEFT JOIN {} p ON p.seq = r.seq WHERE r.seq > %s AND r.attempt = ANY(%b)"
+                        " ORDER BY r.seq"
+                    ).format(table, self._payloads),
+                    (
+                        min(-a[0] - 1 for a in by_server),
+                        _ByteaArray.of(sorted({a[1][:_NONCE] for a in by_server})),
+                    ),
+                )
+                rows = cur.fetchall()
+                for i, it in enumerate(items):
+                    if i in skip:
+                        continue
+                    mine = {a[1][:_NONCE] for a in it.attempted if a[0] < 0}
+                    for r in rows:
+                        # The nonce names the call; the body (with the seq it got) the entry.
+                        if bytes(r[5]) in mine and bytes(r[3]) == prepared[i].body(r[0]):
+                            committed[i] = _record(r)
                             skip.add(i)
                             break
             if keys:

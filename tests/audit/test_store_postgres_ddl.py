@@ -1,0 +1,101 @@
+"""Schema migrations of PostgresStore: a version-3 store made by the old code (a pg_dump of it,
+tests/audit/data/pg_schema_v3.sql) is upgraded to version 4 in place, records intact."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.pg import import_psycopg
+
+psycopg = import_psycopg()
+
+from coworker.audit.store_postgres import SCHEMA_VERSION, PostgresStore, writer_grants  # noqa: E402
+from coworker.audit.verify import verify_chain  # noqa: E402
+from tests.pg import PGServer, require_server, with_user  # noqa: E402
+
+pytestmark = pytest.mark.postgres
+
+DUMP = Path(__file__).parent / "data" / "pg_schema_v3.sql"
+V3_HEAD = "249c52ea0933a394e8da3cd5eb729ca171cea1a1bc3e973cbd4abd8199be02ab"
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PGServer]:
+    server = PGServer(require_server())
+    yield server
+    server.close()
+
+
+def load_v3(pg: PGServer, owner: str | None = None) -> str:
+    """Restore the version-3 dump into a new schema (owned by ``owner``); return its name."""
+    schema = "v3_" + secrets.token_hex(4)
+    pg.execute(DUMP.read_text().replace("cw_v3_fixture", schema))
+    if owner is not None:
+        s = f'"{schema}"'
+        pg.execute(
+            f"ALTER SCHEMA {s} OWNER TO {owner};"
+            + "".join(
+                f"ALTER TABLE {s}.{t} OWNER TO {owner};"
+                for t in ("records", "payloads", "keys", "schema_version")
+            )
+            + "".join(
+                f"ALTER FUNCTION {s}.{f} OWNER TO {owner};"
+                for f in ("refuse_change()", "lock_head(integer)", "check_chain()")
+            )
+        )
+    return schema
+
+
+def versions(pg: PGServer, schema: str) -> list[int]:
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        rows = conn.execute(f'SELECT version FROM "{schema}".schema_version ORDER BY 1').fetchall()
+    return [r[0] for r in rows]
+
+
+def test_version_3_store_is_upgraded_in_place(pg: PGServer, tmp_path: Path) -> None:
+    """The owner's first open migrates 3 -> 4: the old records verify unchanged, the guards of
+    version 4 are in place (no finding), and new appends chain on the old head."""
+    schema = load_v3(pg)
+    url = pg.schema_url(schema)
+    readonly = PostgresStore(url, readonly=True)
+    assert readonly._version == 3 and readonly.head().hash.hex() == V3_HEAD  # type: ignore[union-attr]
+    readonly.close()
+    store = PostgresStore(url, spool=None)
+    assert versions(pg, schema) == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 4
+    assert store._version == 4
+    old = list(store.iter_from())
+    assert [r.seq for r in old] == [1, 2, 3] and old[-1].hash.hex() == V3_HEAD
+    assert json.loads(old[1].body)["user_id"] == "björn ☃ 😀"
+    new = store.append([{"kind": "outcome", "i": 4}, {"kind": "outcome", "i": 5}])
+    assert [r.seq for r in new] == [4, 5] and new[0].prev_hash == old[-1].hash
+    report = verify_chain(store)
+    assert report.ok and report.checked == 5 and not report.problems, report
+    store.close()
+
+
+def test_writer_on_a_version_3_store_keeps_appending(pg: PGServer, tmp_path: Path) -> None:
+    """A writer role cannot migrate: it appends on the old path at version 3 (one WARNING);
+    the owner's next open upgrades, and both paths make one chain."""
+    owner, writer = pg.create_role("v3_owner"), pg.create_role("v3_writer")
+    pg.execute(f'GRANT CREATE ON DATABASE "{pg.dbname}" TO "{owner}"')
+    schema = load_v3(pg, owner)
+    for statement in writer_grants(writer, schema):
+        pg.execute(statement)
+    url = pg.schema_url(schema)
+    w = PostgresStore(with_user(url, writer), spool=None)
+    assert w._version == 3
+    assert [r.seq for r in w.append([{"kind": "outcome", "i": 4}])] == [4]
+    PostgresStore(with_user(url, owner), spool=None).close()  # the upgrade
+    assert versions(pg, schema)[-1] == 4
+    w.close()
+    w = PostgresStore(with_user(url, writer), spool=None)
+    assert w._version == 4
+    assert [r.seq for r in w.append([{"kind": "outcome", "i": 5}])] == [5]  # server-side
+    report = verify_chain(w)
+    assert report.ok and report.checked == 5 and not report.problems, report
+    w.close()

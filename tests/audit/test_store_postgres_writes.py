@@ -1,0 +1,150 @@
+"""The server-side append of PostgresStore (schema version 4): the database seals exactly the
+bytes coworker.audit.chain hashes, and an append whose answer was lost is found, not repeated."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.pg import import_psycopg
+
+psycopg = import_psycopg()
+
+from coworker.audit.chain import GENESIS_PREV_HASH, Prepared, link  # noqa: E402
+from coworker.audit.record import canonical  # noqa: E402
+from coworker.audit.spool import Spool  # noqa: E402
+from coworker.audit.store_postgres import PostgresStore  # noqa: E402
+from coworker.audit.store_postgres._wire import _ByteaArray, _column_values, _TextArray  # noqa: E402
+from coworker.audit.verify import verify_chain  # noqa: E402
+from tests.pg import PGServer, require_server  # noqa: E402
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PGServer]:
+    server = PGServer(require_server())
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def store(pg: PGServer, tmp_path: Path) -> Iterator[PostgresStore]:
+    s = PostgresStore(pg.schema_url(), spool=tmp_path / "spool.db", encrypt_payloads=False)
+    yield s
+    s.close()
+
+
+def entry(i: int, **extra: Any) -> dict[str, Any]:
+    return {"kind": "outcome", "category": "state-change", "operation": "create", "i": i, **extra}
+
+
+HOSTILE: list[dict[str, Any]] = [
+    entry(1, user_id="björn ☃ \U0001f600", note='\u2028\u2029 "quoted" \\ back\\slash'),
+    entry(2, text="x" * 200_000, ctrl="\x01\x07\x1f\x7f", tab="a\tb\nc\rd"),
+    entry(3, big=2**53 - 1, neg=-(2**53 - 1), zero=0, t=True, f=False, n=None),
+    entry(4, floats=None, f1=1.5e-7, f2=1e21, f3=-0.0, f4=0.1, f5=123456.789),
+    entry(5, nested={"b": [1, "two", {"z": None, "a": 1.0}], "a": "é"}, k="\u00e9\u0301"),
+    entry(6, nul="before\x00after", surrogate_free="\ud7ff\ue000\uffff"),
+    {"seq_like": '"seq":0', "kind": "outcome", "s": 'x"seq":5'},
+    {"\u00e9key": 1, "kind": "outcome", "a\u0000b": "key with NUL"},
+]
+
+
+def test_database_seals_the_bytes_chain_py_hashes(store: PostgresStore) -> None:
+    """Hostile values (unicode, 200 kB strings, big ints, floats, nested, NUL escapes, keys
+    that look like the seq): the stored body is canonical() of the entry with its seq, and the
+    hash is chain.link over it, byte for byte."""
+    assert store._version >= 4
+    written = store.append(HOSTILE[:3]) + store.append(HOSTILE[3:])
+    stored = list(store.iter_from())
+    assert stored == written
+    prev = GENESIS_PREV_HASH
+    for fields, rec in zip(HOSTILE, stored, strict=True):
+        assert rec.body == canonical({**fields, "seq": rec.seq})
+        assert rec.prev_hash == prev
+        assert rec.hash == link(prev, rec.body)
+        prev = rec.hash
+    assert verify_chain(store).ok
+
+
+def test_seq_digits_grow_across_batches(store: PostgresStore) -> None:
+    """Seqs 9 -> 10 and 99 -> 100 inside one server-side batch: the spliced digits match."""
+    store.append([entry(i) for i in range(8)])
+    store.append([entry(i) for i in range(8, 105)])
+    for rec in store.iter_from():
+        assert rec.body == canonical({**entry(json.loads(rec.body)["i"]), "seq": rec.seq})
+    report = verify_chain(store)
+    assert report.ok and report.checked == 105, report
+
+
+def _call_append(store: PostgresStore, nonce: bytes, entries: list[dict[str, Any]]) -> None:
+    """What a _write_fast call sends, with a nonce we choose; its answer is thrown away."""
+    halves = [Prepared(e).halves for e in entries]
+    plain = [_column_values(e) for e in entries]
+    params: list[Any] = [
+        nonce,
+        _ByteaArray.of([h[0] for h in halves]),
+        _ByteaArray.of([h[1] for h in halves]),
+        None,
+        None,
+        *[_TextArray.of([row[c] for row in plain]) for c in range(len(plain[0]))],
+    ]
+    with store._lock:
+        conn = store._connection()
+        conn.execute(store._append_statement(), params)
+
+
+def test_lost_answer_of_a_server_side_append_is_not_shipped_twice(
+    store: PostgresStore, tmp_path: Path
+) -> None:
+    """An append() that committed but whose answer never came back (its spool entries carry
+    the call's nonce): shipping finds its rows and appends only what did not commit."""
+    store.append([entry(0)])
+    floor = store.head().seq  # type: ignore[union-attr]
+    nonce = b"\x42" * 16
+    _call_append(store, nonce, [entry(1), entry(2)])
+    mark = (-floor - 1, nonce + bytes(16))  # as the spool keeps it (32 bytes)
+    spool = Spool(tmp_path / "spool.db")
+    spool.put([entry(1), entry(2)], attempted=[(mark,), (mark,)])
+    spool.put([entry(3)], attempted=[((-floor - 1, b"\x43" * 32),)])  # never committed
+    spool.close()
+    shipper = PostgresStore(store.url, spool=tmp_path / "spool.db")  # finds the spool
+    assert shipper.ship() == 0
+    shipper.close()
+    assert [json.loads(r.body)["i"] for r in store.iter_from()] == [0, 1, 2, 3]
+    assert verify_chain(store).ok
+
+
+def test_same_bytes_from_another_call_are_not_taken_for_ours(
+    store: PostgresStore, tmp_path: Path
+) -> None:
+    """Byte-identical entries appended by another call (another nonce) do not count as the lost
+    attempt: the entry is appended, nothing is silently dropped."""
+    floor = 0
+    _call_append(store, b"\x01" * 16, [entry(7)])  # someone else's identical entry
+    spool = Spool(tmp_path / "spool.db")
+    spool.put([entry(7)], attempted=[((-floor - 1, b"\x02" * 32),)])
+    spool.close()
+    shipper = PostgresStore(store.url, spool=tmp_path / "spool.db")
+    assert shipper.ship() == 0
+    shipper.close()
+    assert [json.loads(r.body)["i"] for r in store.iter_from()] == [7, 7]
+
+
+def test_rows_carry_the_nonce_of_their_call(pg: PGServer, store: PostgresStore) -> None:
+    """Every row of one append() call carries the same nonce; another call, another nonce."""
+    store.append([entry(1), entry(2)])
+    store.append([entry(3)])
+    rows = pg_rows(pg, store, "SELECT seq, attempt FROM {s}.records ORDER BY seq")
+    assert rows[0][1] == rows[1][1] != rows[2][1]
+    assert all(len(bytes(r[1])) == 16 for r in rows)
+
+
+def pg_rows(pg: PGServer, store: PostgresStore, query: str) -> list[Any]:
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        return conn.execute(query.format(s=f'"{store.schema}"').encode()).fetchall()
