@@ -275,3 +275,344 @@ print("ok")
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+# -- threads, asyncio, cancellation, generators ---------------------------------------------
+
+
+def _no_double_end(caplog: pytest.LogCaptureFixture) -> None:
+    bad = [r.getMessage() for r in caplog.records if "ended span" in r.getMessage()]
+    assert bad == [], bad
+
+
+def test_threads_started_in_a_step_nest_under_it(
+    spans: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Runs in a thread pool (``coworker.propagate``) started inside a step are children of
+    that step's span, in the flow's trace."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ORDERS.start(), coworker.step("ship"), ThreadPoolExecutor(4) as pool:
+        list(pool.map(coworker.propagate(load), [f"o-{i}" for i in range(8)]))
+    step = one(spans, "step ship")
+    runs = named(spans, "select Order")
+    assert len(runs) == 8
+    assert {r.parent.span_id for r in runs} == {step.context.span_id}
+    assert {r.context.trace_id for r in runs} == {step.context.trace_id}
+    _no_double_end(caplog)
+
+
+def test_asyncio_tasks_started_in_a_step_nest_under_it(spans: Any) -> None:
+    """asyncio tasks copy the context: their runs are children of the step span."""
+    import asyncio
+
+    @coworker.run(operation="select", doctype="Stock")
+    async def check(i: int) -> int:
+        await asyncio.sleep(0)
+        return i
+
+    async def main() -> None:
+        async with ORDERS.start() as f:
+            async with f.step("validate"):
+                await asyncio.gather(*(asyncio.create_task(check(i)) for i in range(5)))
+
+    asyncio.run(main())
+    step = one(spans, "step validate")
+    runs = named(spans, "select Stock")
+    assert len(runs) == 5 and {r.parent.span_id for r in runs} == {step.context.span_id}
+
+
+def test_cancelled_task_ends_its_flow_span_once(
+    spans: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task cancelled inside its flow and step blocks: both spans end exactly once, as
+    errors (``asyncio.CancelledError``), and the context is restored."""
+    import asyncio
+
+    started = asyncio.Event()
+
+    async def job() -> None:
+        async with coworker.flow("batch-job") as f:
+            async with f.step("wait"):
+                started.set()
+                await asyncio.sleep(30)
+
+    async def main() -> None:
+        task = asyncio.create_task(job())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    for name in ("flow batch-job", "step wait"):
+        span = one(spans, name)
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.attributes[attr.ERROR_TYPE] == "asyncio.exceptions.CancelledError"
+    _no_double_end(caplog)
+
+
+def test_generator_closed_inside_a_flow_block_ends_its_span_once(
+    spans: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A generator holding a flow block, closed early (GeneratorExit), ends the flow span
+    once and not as an error."""
+
+    def batches() -> Any:
+        with coworker.flow("batch-job"):
+            for i in range(10):
+                load(str(i))
+                yield i
+
+    gen = batches()
+    assert next(gen) == 0 and next(gen) == 1
+    gen.close()
+    root = one(spans, "flow batch-job")
+    assert root.status.status_code is StatusCode.UNSET
+    assert {s.parent.span_id for s in named(spans, "select Order")} == {root.context.span_id}
+    _no_double_end(caplog)
+
+
+def test_nested_flow_blocks_nest_their_spans(spans: Any) -> None:
+    """A workflow started inside an api-request flow is a child of the request's flow span."""
+    with coworker.flow("api-request"), ORDERS.start() as f, f.step("validate"):
+        load("x")
+    assert tree(spans) == [
+        (
+            "flow api-request",
+            [("invoke_workflow order-processing", [("step validate", [("select Order", [])])])],
+        )
+    ]
+
+
+# -- the bound: long-lived flows ------------------------------------------------------------
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The bound's clock, driven by the test (seconds)."""
+    from coworker import _flow_spans
+
+    now = [1_000.0]
+    monkeypatch.setattr(_flow_spans, "clock", lambda: now[0])
+    return now
+
+
+def test_flow_span_past_the_bound_is_continued_by_a_linked_span(
+    spans: Any, clock: list[float]
+) -> None:
+    """A flow open longer than ``flow_span_max_duration``: at the next run its span (and the
+    open step's) end, marked continued; continuation spans of the same flow and step start in
+    a new trace, linked to them, and the run nests under the continued step."""
+    coworker.configure(flow_span_max_duration=60, metrics=False)
+    with coworker.flow("batch-job") as f, coworker.step("export"):
+        load("1")
+        clock[0] += 59
+        load("2")  # within the bound
+        clock[0] += 2
+        load("3")  # past it: continued first
+    first, second = sorted(named(spans, "flow batch-job"), key=lambda s: s.start_time)
+    step1, step2 = sorted(named(spans, "step export"), key=lambda s: s.start_time)
+    assert first.attributes[attr.SPAN_CONTINUED] is True
+    assert step1.attributes[attr.SPAN_CONTINUED] is True
+    assert attr.SPAN_CONTINUED not in second.attributes
+    assert (second.attributes[attr.SPAN_SEGMENT], step2.attributes[attr.SPAN_SEGMENT]) == (2, 2)
+    assert second.attributes[attr.FLOW_ID] == f.id
+    (link,) = second.links
+    assert link.context.span_id == first.context.span_id
+    assert link.attributes[attr.LINK_TYPE] == "continuation"
+    (step_link,) = step2.links
+    assert step_link.context.span_id == step1.context.span_id
+    assert step2.parent.span_id == second.context.span_id
+    assert second.context.trace_id != first.context.trace_id
+    r1, r2, r3 = sorted(named(spans, "select Order"), key=lambda s: s.start_time)
+    assert r1.parent.span_id == r2.parent.span_id == step1.context.span_id
+    assert r3.parent.span_id == step2.context.span_id
+    assert first.end_time <= r3.start_time  # ended before the next run: exported in time
+
+
+def test_bound_continuation_in_a_thread_redirects_the_other_contexts(
+    spans: Any, clock: list[float]
+) -> None:
+    """The bound passed and a worker thread continued the flow span: the main context's next
+    run is redirected to the continuation (not the ended span), and the block ends it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    coworker.configure(flow_span_max_duration=10, metrics=False)
+    with coworker.flow("batch-job"), ThreadPoolExecutor(1) as pool:
+        load("main-1")
+        clock[0] += 11
+        pool.submit(coworker.propagate(load), "worker").result()
+        load("main-2")
+    first, second = sorted(named(spans, "flow batch-job"), key=lambda s: s.start_time)
+    by_arg = {s.start_time: s for s in named(spans, "select Order")}
+    runs = [by_arg[t] for t in sorted(by_arg)]
+    assert runs[0].parent.span_id == first.context.span_id
+    assert runs[1].parent.span_id == second.context.span_id  # the thread's, continued there
+    assert runs[2].parent.span_id == second.context.span_id  # main: redirected
+    assert second.end_time is not None
+
+
+def test_bound_zero_turns_continuation_off(spans: Any, clock: list[float]) -> None:
+    """``flow_span_max_duration=0``: one flow span however long the flow lives."""
+    coworker.configure(flow_span_max_duration=0, metrics=False)
+    with coworker.flow("batch-job"):
+        load("1")
+        clock[0] += 10**9
+        load("2")
+    assert len(named(spans, "flow batch-job")) == 1
+
+
+def test_bound_applies_to_turns(spans: Any, clock: list[float]) -> None:
+    """A turn span past the bound is continued like a flow span."""
+    coworker.configure(flow_span_max_duration=30, metrics=False)
+    chat = coworker.conversation("c")
+    with coworker.acting_as("u", "a", agent_name="bot"), chat.turn():
+        load("1")
+        clock[0] += 31
+        load("2")
+    first, second = sorted(named(spans, "invoke_agent bot"), key=lambda s: s.start_time)
+    assert second.links[0].context.span_id == first.context.span_id
+    assert second.attributes[attr.TURN_NUMBER] == 1 and second.attributes[attr.SPAN_SEGMENT] == 2
+
+
+@pytest.mark.parametrize("bad", [-1, "10", True, float("nan")])
+def test_bad_bound_is_a_config_error(bad: Any) -> None:
+    """A negative, non-numeric or NaN bound fails at configure()."""
+    with pytest.raises(coworker.ConfigError, match="flow_span_max_duration"):
+        coworker.configure(flow_span_max_duration=bad, metrics=False)
+
+
+# -- usage roll-ups (issue 16) --------------------------------------------------------------
+
+
+@coworker.run(operation="select", doctype="Prompt")
+def model_call(
+    tokens_in: int, tokens_out: int, fail: bool = False, model: str = "gpt-4o-mini"
+) -> None:
+    coworker.record_usage(model=model, input_tokens=tokens_in, output_tokens=tokens_out)
+    if fail:
+        raise GatewayTimeout("retry me")
+
+
+@coworker.run(operation="select", doctype="Agent")
+def agent_step() -> None:
+    coworker.record_usage(model="gpt-4o-mini", input_tokens=100, output_tokens=10)
+    model_call(50, 5)  # a nested run
+
+
+def _tokens(span: Any) -> tuple[int, int]:
+    a = span.attributes
+    return a[attr.GEN_AI_USAGE_INPUT_TOKENS], a[attr.GEN_AI_USAGE_OUTPUT_TOKENS]
+
+
+def _run_cost(spans: Any, trace_id: int) -> float:
+    return sum(
+        s.attributes.get(attr.GEN_AI_USAGE_COST_AMOUNT, 0.0)
+        for s in spans.get_finished_spans()
+        if attr.RUN_ID in s.attributes and s.context.trace_id == trace_id
+    )
+
+
+def test_usage_rolls_up_to_step_and_flow_spans(spans: Any) -> None:
+    """Token totals and cost on the step and flow spans: across nested runs, a retried
+    (failed) run and threads; the flow's equals the sum of its runs' spans."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with pytest.warns(Warning) if False else _nothing():
+        with ORDERS.start() as f:
+            with f.step("validate"):
+                agent_step()  # 100/10 + nested 50/5
+            with f.step("payment"):
+                with pytest.raises(GatewayTimeout):
+                    model_call(20, 2, fail=True)
+                model_call(30, 3)
+            with f.step("ship"), ThreadPoolExecutor(2) as pool:
+                list(pool.map(coworker.propagate(lambda n: model_call(n, 1)), [7, 7]))
+    assert _tokens(one(spans, "step validate")) == (150, 15)
+    assert _tokens(one(spans, "step payment")) == (50, 5)
+    assert _tokens(one(spans, "step ship")) == (14, 2)
+    root = one(spans, "invoke_workflow order-processing")
+    assert _tokens(root) == (214, 22)
+    assert root.attributes[attr.FLOW_ID] == f.id
+    cost = root.attributes.get(attr.GEN_AI_USAGE_COST_AMOUNT)
+    if cost is not None:  # genai-prices installed: the roll-up equals the runs' sum
+        assert cost == pytest.approx(_run_cost(spans, root.context.trace_id), rel=1e-9)
+        assert root.attributes[attr.GEN_AI_USAGE_COST_CURRENCY] == "USD"
+        assert root.attributes[attr.GEN_AI_USAGE_COST_SOURCE]
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_usage_roll_ups_split_at_a_break(spans: Any) -> None:
+    """Usage before a break is on the old flow's span, after it on the new one's."""
+    with coworker.flow("batch-job"):
+        model_call(10, 1)
+        coworker.break_flow("task-completed")
+        model_call(20, 2)
+    old, new = sorted(named(spans, "flow batch-job"), key=lambda s: s.start_time)
+    assert _tokens(old) == (10, 1) and _tokens(new) == (20, 2)
+
+
+def test_usage_rolls_up_to_turn_spans(spans: Any) -> None:
+    """A turn span totals its runs' usage; a turn without usage carries none."""
+    chat = coworker.conversation("c")
+    with coworker.acting_as("u", "a", agent_name="bot"):
+        with chat.turn():
+            agent_step()
+        with chat.turn():
+            load("x")
+    first, second = sorted(named(spans, "invoke_agent bot"), key=lambda s: s.start_time)
+    assert _tokens(first) == (150, 15)
+    assert attr.GEN_AI_USAGE_INPUT_TOKENS not in second.attributes
+
+
+def test_unpriced_usage_is_counted_not_priced(spans: Any) -> None:
+    """A model without a price: its tokens roll up, its calls are counted as unpriced and no
+    cost is invented (null, never 0)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with coworker.flow("batch-job"):
+            model_call(5, 1, model="no-such-model-xyz")
+    root = one(spans, "flow batch-job")
+    assert _tokens(root) == (5, 1)
+    assert root.attributes[attr.USAGE_UNPRICED] == 1
+    assert attr.GEN_AI_USAGE_COST_AMOUNT not in root.attributes
+
+
+# -- audit ----------------------------------------------------------------------------------
+
+
+def test_flow_spans_are_not_audit_records(spans: Any) -> None:
+    """With an audit trail, the flow, step and turn spans write no record, even when the
+    application sets ``coworker.audit`` on the current (flow) span; the runs' records and the
+    flow events do, and carry the flow's trace id."""
+    from coworker import _setup
+
+    coworker.configure(audit="memory://", metrics=False)
+    with ORDERS.start() as f:
+        trace.get_current_span().set_attribute(attr.AUDIT, True)
+        with f.step("payment"):
+            trace.get_current_span().set_attribute(attr.AUDIT, True)
+            charge(False)
+    chat = coworker.conversation("c")
+    with coworker.acting_as("u", "a"), chat.turn():
+        trace.get_current_span().set_attribute(attr.AUDIT, True)
+    coworker.force_flush()
+    records = [r.fields() for r in _setup.audit_store().iter_from(1)]
+    runs = [r for r in records if r["category"] != "flow"]
+    assert [(r["operation"], r["doctype"]) for r in runs] == [("submit", "Payment")]
+    root = one(spans, "invoke_workflow order-processing")
+    trace_id = f"{root.context.trace_id:032x}"
+    assert {r["trace_id"] for r in records if r["flow_id"] == f.id} == {trace_id}
+    assert runs[0]["parent_span_id"] == f"{one(spans, 'step payment').context.span_id:016x}"
+    for name in ("invoke_workflow order-processing", "step payment", "invoke_agent"):
+        assert attr.AUDIT not in one(spans, name).attributes

@@ -614,23 +614,22 @@ def _replace(innermost: Segment, old: Flow | None, new: Flow | None) -> Segment 
             attrs = dict(top.attrs)
             links = _first_span_links(new, attrs)
             span = tracer.start_span(top.name, context=top.base, attributes=attrs, links=links)
-            seg = Segment(top, span, top.base, new, 1)
-            top.current = seg
-            return seg
+            first = Segment(top, span, top.base, new, 1)
+            top.current = first
+            return first
         pairs = [(x, s) for x, s in zip(chain, olds, strict=True) if not s.ended]
         for _, s in pairs:
             _end(s, None, {attr.SPAN_CONTINUED: True})
         parent_ctx = top.base
-        seg = None
+        last: Segment | None = None
         for x, s in reversed(pairs):  # the flow first, then the steps inside it
             attrs = dict(x.attrs)
             attrs[attr.SPAN_SEGMENT] = s.number + 1
             link = Link(s.span.get_span_context(), {attr.LINK_TYPE: "continuation"})
             span = tracer.start_span(x.name, context=parent_ctx, attributes=attrs, links=[link])
-            seg = Segment(x, span, parent_ctx, s.flow, s.number + 1)
-            x.current = seg
-            parent_ctx = seg.ctx
-        return seg
+            last = x.current = Segment(x, span, parent_ctx, s.flow, s.number + 1)
+            parent_ctx = last.ctx
+        return last
 
 
 # -- usage roll-ups ------------------------------------------------------------------------------
