@@ -37,6 +37,16 @@ def _no_leaks() -> Iterator[None]:
     assert not leaked_span.get_span_context().is_valid, "a span stayed current after the test"
 
 
+@pytest.fixture
+def flow_spans_off() -> Iterator[None]:
+    """``configure(flow_spans=False)``'s shape: no flow/step/turn spans, every top-level run its
+    own trace. Tests that assert exactly the run spans of a flow use it; the flow spans
+    themselves are tested in tests/test_flow_spans.py and tests/test_conversation_spans.py."""
+    SETTINGS.flow_spans = False
+    yield
+    SETTINGS.flow_spans = True
+
+
 def by_name(exporter: Any) -> dict[str, Any]:
     """Finished spans by name (the last one wins)."""
     return {s.name: s for s in exporter.get_finished_spans()}

@@ -6,11 +6,14 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
+
 import coworker
 from coworker import attributes as attr
 from coworker._scope import EMPTY_SCOPE, SCOPE
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_conversation_turns_from_two_tasks_concurrently(spans: Any) -> None:
     """Concurrent turns in two tasks: unique step ids, a break is shared by the conversation."""
     chat = coworker.conversation("chat-1")
@@ -40,6 +43,7 @@ def test_conversation_turns_from_two_tasks_concurrently(spans: Any) -> None:
     assert SCOPE.get() is EMPTY_SCOPE
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_conversation_step_ids_unique_across_threads(spans: Any) -> None:
     """Auto step ids stay unique when one turn's runs come from many threads."""
     chat = coworker.conversation("c")

@@ -50,6 +50,33 @@ def test_demo_prints_tree_and_verified_audit_trail(tmp_path: Path) -> None:
     assert "completed at step ship, sealed=yes" in again.stdout
     assert "usage: 1840 input + 105 output tokens, cost 0." in out
     assert "tokens=1200+80" in out
+    # One trace for the workflow (its whole tree under one "trace" header), one per turn.
+    workflow = out.split("trace ")[1]
+    assert "invoke_workflow order-processing: flow workflow" in workflow
+    assert all(f"step {s}" in workflow for s in ("validate", "payment", "ship"))
+    assert "create Shipment" in workflow and "invoke_agent" not in workflow
+    assert out.count("invoke_agent billing-assistant: flow ai-conversation") == 4
+
+
+def test_demo_order_workflow_is_one_trace_with_the_tree(spans: Any) -> None:
+    """The demo's order workflow, in process with the SDK's in-memory exporter: one trace,
+    invoke_workflow → steps → runs, the retried payment's two attempts under its step."""
+    from coworker import _demo
+    from tests.test_flow_spans import tree
+
+    _demo._gateway_calls["n"] = 0
+    _demo.process_order("ORD-1")
+    assert tree(spans) == [
+        (
+            "invoke_workflow order-processing",
+            [
+                ("step validate", [("select Order", []), ("validate Order", [])]),
+                ("step payment", [("submit Payment", []), ("submit Payment", [])]),
+                ("step ship", [("create Shipment", [])]),
+            ],
+        )
+    ]
+    assert len({s.context.trace_id for s in spans.get_finished_spans()}) == 1
 
 
 def test_demo_sends_otlp_when_endpoint_set(tmp_path: Path, otlp_receiver: str) -> None:  # noqa: F811
@@ -159,7 +186,7 @@ def test_demo_says_the_export_failed_when_the_port_refuses(tmp_path: Path) -> No
         )
     assert res.returncode == 1
     assert "sent over OTLP" not in res.stdout and "span(s) exported to" not in res.stdout
-    assert "OTLP: FAILED to export 8 of 8 span(s)" in res.stdout
+    assert "OTLP: FAILED to export 16 of 16 span(s)" in res.stdout
     assert "Connection refused" in res.stdout
     assert "verify: intact" in res.stdout  # the audit trail is not affected
 
@@ -191,7 +218,7 @@ def test_demo_says_the_export_failed_on_401(tmp_path: Path, unauthorized_endpoin
     """A real HTTP server answering 401: the demo reports the failure and the status."""
     res = _demo(tmp_path, {"OTEL_EXPORTER_OTLP_ENDPOINT": unauthorized_endpoint})
     assert res.returncode == 1
-    assert "OTLP: FAILED to export 8 of 8 span(s)" in res.stdout
+    assert "OTLP: FAILED to export 16 of 16 span(s)" in res.stdout
     assert "401" in res.stdout
 
 

@@ -28,6 +28,7 @@ def _attrs(spans: Any) -> list[dict[str, Any]]:
     return [dict(s.attributes) for s in spans.get_finished_spans()]
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_flow_block_sets_type_id_metadata_and_restores(spans: Any) -> None:
     """Runs in a flow carry flow.type/flow.id/metadata; after the block nothing remains."""
     with coworker.flow("batch-job", "nightly-7", source="cron") as f:
@@ -50,6 +51,7 @@ def test_flow_id_generated_and_type_validated() -> None:
         coworker.flow("Bad Type")
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_workflow_steps_and_unknown_step(spans: Any) -> None:
     """Workflow definitions validate step ids at once; runs carry definition and step."""
     orders = coworker.workflow("order-processing", steps=["validate", "payment", "ship"])
@@ -74,6 +76,7 @@ def test_workflow_steps_and_unknown_step(spans: Any) -> None:
         coworker.workflow("w", steps=["a", "a"])
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_run_step_shorthand(spans: Any) -> None:
     """@run(step=...) sets step.id for that run and its children."""
 
@@ -86,6 +89,7 @@ def test_run_step_shorthand(spans: Any) -> None:
     assert {x[attr.STEP_ID] for x in _attrs(spans)} == {"ship"}
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_conversation_turns_assign_unique_step_ids_and_break(spans: Any) -> None:
     """Conversation runs get turn-N-op-K step ids; a topic change breaks to a linked flow."""
     chat = coworker.conversation("chat-1")
@@ -134,6 +138,7 @@ def test_break_flow_needs_a_flow_and_scopes_to_block(spans: Any) -> None:
     assert coworker.current_flow() is None
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_idle_timeout_breaks_flow_on_next_run(spans: Any) -> None:
     """A flow idle longer than its timeout breaks with reason 'timeout' on the next run."""
     with coworker.flow("ai-conversation", "c1", idle_timeout=0.05) as f:
@@ -159,6 +164,7 @@ def test_configured_idle_timeout_applies_to_conversations(spans: Any, monkeypatc
         assert f.idle_timeout is None
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_new_session_breaks_flow(spans: Any) -> None:
     """A different session in the same flow breaks it with reason 'new-session'."""
     chat = coworker.conversation("c2")
@@ -207,6 +213,7 @@ def test_sibling_run_does_not_inherit_finished_runs_context(spans: Any) -> None:
     assert attr.RUN_PARENT_ID not in last
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_context_follows_asyncio_tasks(spans: Any) -> None:
     """Flow, step and identity follow the call into asyncio tasks."""
 
@@ -227,6 +234,7 @@ def test_context_follows_asyncio_tasks(spans: Any) -> None:
     assert all(x[attr.USER_ID] == "u9" for x in a)
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_async_blocks(spans: Any) -> None:
     """flow/step/acting_as work with `async with`."""
 
@@ -240,6 +248,7 @@ def test_async_blocks(spans: Any) -> None:
     assert (a[attr.FLOW_ID], a[attr.STEP_ID], a[attr.USER_ID]) == ("r2", "s", "u")
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_step_counters_are_bounded_by_live_turns(spans: Any) -> None:
     """100,000 turns of one conversation, each with a run: no per-turn counter is kept."""
     chat = coworker.conversation("long-chat")
@@ -260,6 +269,7 @@ def test_step_counters_are_bounded_by_live_turns(spans: Any) -> None:
     assert steps == ["turn-100001-select-1", "turn-100001-select-2"]
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_concurrent_turns_get_distinct_numbers(spans: Any) -> None:
     """Turns started from many threads at once never share a number (nor step ids)."""
     chat = coworker.conversation("busy-chat")

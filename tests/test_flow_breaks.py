@@ -50,6 +50,7 @@ def test_break_flow_inside_nested_runs(spans: Any) -> None:
     assert s["leaf"][1][attr.FLOW_BREAK_REASON] == "topic-change"
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_new_session_breaks_once_then_sticks(spans: Any) -> None:
     """A session change breaks the flow once; runs in the new session stay in the new flow."""
 
@@ -69,6 +70,7 @@ def test_new_session_breaks_once_then_sticks(spans: Any) -> None:
     assert reasons == [None, "new-session", "new-session", "new-session"]
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_idle_timeout_counts_from_the_end_of_the_last_run(spans: Any) -> None:
     """A long run followed at once by another stays in one flow."""
 
@@ -87,6 +89,7 @@ def test_idle_timeout_counts_from_the_end_of_the_last_run(spans: Any) -> None:
     assert ids == ["f", "f"]
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_child_of_a_long_run_stays_in_the_parents_flow(spans: Any) -> None:
     """A run tree never straddles an idle-timeout break."""
 
@@ -105,6 +108,7 @@ def test_child_of_a_long_run_stays_in_the_parents_flow(spans: Any) -> None:
     assert ids == {"child": "f", "parent": "f"}
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_in_flight_run_keeps_flow_active(spans: Any) -> None:
     """While any run of the flow is running, the flow is not idle."""
     started = threading.Event()
@@ -129,6 +133,7 @@ def test_in_flight_run_keeps_flow_active(spans: Any) -> None:
     assert ids == {"quick": "f", "long_call": "f"}
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_idle_timeout_breaks_after_real_idleness(spans: Any) -> None:
     """After real inactivity the next run breaks with 'timeout', linked to the old flow."""
 
@@ -170,6 +175,7 @@ class _Rendezvous:
         return "rendezvous"
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_concurrent_runs_after_idle_share_one_new_flow(spans: Any) -> None:
     """Runs racing after an idle period all land in one new flow."""
     probe = _Rendezvous()

@@ -9,6 +9,8 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
+
 import coworker
 from coworker import attributes as attr
 
@@ -32,6 +34,7 @@ def test_propagate_into_thread_pool(spans: Any) -> None:
         assert s.attributes[attr.RUN_PARENT_ID] == parent.id
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_thread_without_propagate_has_no_context(spans: Any) -> None:
     """A plain thread does not see the caller's flow (documented: use propagate)."""
     with coworker.flow("batch-job", "b2"), ThreadPoolExecutor(1) as pool:

@@ -14,6 +14,7 @@ import coworker
 from coworker import attributes as attr
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_propagate_used_concurrently_from_a_pool(spans: Any) -> None:
     """One propagate() wrapper called by 16 threads at once carries the caller's context."""
     barrier = threading.Barrier(16, timeout=5)

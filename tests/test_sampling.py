@@ -234,3 +234,74 @@ def test_denials_and_validation_failures_recorded_under_always_off(tmp_path: Pat
     child = _outcomes(report)[0]
     assert child["parent_span_id"] is not None  # the sampled-out read is still its parent
     assert report["exported"] == []
+
+
+_WORKFLOWS = """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+exported = InMemorySpanExporter()
+provider = TracerProvider(sampler=SAMPLER)
+provider.add_span_processor(SimpleSpanProcessor(exported))
+trace.set_tracer_provider(provider)
+coworker.configure(audit=DB, metrics=False)
+orders = coworker.workflow("orders", steps=["a", "b"])
+flows = []
+recording = []
+for i in range(40):
+    with orders.start() as f:
+        flows.append(f.id)
+        recording.append(trace.get_current_span().is_recording())
+        with f.step("a"):
+            update(i)
+        with f.step("b"):
+            update(i)
+roots = [s for s in exported.get_finished_spans() if s.name == "invoke_workflow orders"]
+report(
+    exported,
+    roots=[format(s.context.trace_id, "032x") for s in roots],
+    recording=recording,
+    per_trace={
+        format(t, "032x"): sorted(s.name for s in exported.get_finished_spans()
+                                  if s.context.trace_id == t)
+        for t in {s.context.trace_id for s in exported.get_finished_spans()}
+    },
+)
+"""
+
+
+@pytest.mark.parametrize(
+    ("sampler", "ratio"),
+    [("ALWAYS_OFF", 0.0), ("ParentBased(TraceIdRatioBased(0.5))", 0.5)],
+)
+def test_sampled_out_flow_span_keeps_its_runs_records(
+    tmp_path: Path, sampler: str, ratio: float
+) -> None:
+    """A workflow whose flow span the application's sampler drops: every audited run of it
+    keeps its record, naming the flow's trace; the exporter gets exactly the sampled
+    workflows, each as a whole trace (flow, steps, runs), and no flow span is a record."""
+    report = _run(_WORKFLOWS.replace("SAMPLER", sampler), tmp_path)
+    outcomes = _outcomes(report)
+    runs = [r for r in outcomes if r["category"] != "flow"]
+    assert len(runs) == 80 and all(r["category"] == "state-change" for r in runs)
+    trace_ids = [r["trace_id"] for r in runs]
+    assert len(set(trace_ids)) == 40  # one trace per workflow, both runs in it
+    assert all(r["parent_span_id"] for r in runs)  # under their (dropped) step spans
+    expected = sorted({t for t in trace_ids if _ratio_samples(t, ratio)})
+    assert sorted(report["roots"]) == expected
+    for t in expected:
+        assert report["per_trace"][t] == [
+            "invoke_workflow orders",
+            "step a",
+            "step b",
+            "update Invoice",
+            "update Invoice",
+        ]
+    assert sorted(report["per_trace"]) == expected
+    # The sampler's decision stands for the flow span (it is no audit record): a dropped one
+    # is not even recorded, while its runs are (RECORD_ONLY).
+    assert report["recording"].count(True) == len(expected)
+    if ratio:
+        assert 0 < len(expected) < 40  # the sampler did choose: the test is not vacuous

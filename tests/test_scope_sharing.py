@@ -12,6 +12,7 @@ from coworker import attributes as attr
 from coworker._scope import EMPTY_SCOPE, SCOPE
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_exception_through_nested_blocks_restores_everything(spans: Any) -> None:
     """An exception crossing flow/step/identity/run blocks restores each level exactly."""
     orders = coworker.workflow("orders", steps=["pay"])

@@ -25,7 +25,9 @@ def update(invoice_id):
 def test_captures_tree_records_and_metrics(capcoworker):
     with coworker.acting_as("u1"), coworker.flow("api-request"):
         update("INV-1")
-    assert capcoworker.tree() == [("update Invoice", [("select Invoice", [])])]
+    assert capcoworker.tree() == [
+        ("flow api-request", [("update Invoice", [("select Invoice", [])])])
+    ]
     (record,) = capcoworker.audit_records()
     assert (record["user_id"], record["operation"], record["outcome"]) == ("u1", "update", "ok")
     runs = capcoworker.metrics()["coworker.runs"]

@@ -135,8 +135,75 @@ def _short(value: Any) -> str:
 
 
 def print_tree(spans: Sequence[Any], out: TextIO = sys.stdout) -> None:
-    """Print finished spans as flow → step → run → child runs."""
+    """Print finished spans as trees: one per trace, flow → step → run → child runs.
+
+    With flow spans (the default) each workflow is one trace and each conversation turn one;
+    without them (``configure(flow_spans=False)``) the runs are grouped by their attributes.
+    """
     spans = sorted(spans, key=lambda s: s.start_time)
+    if not any(_is_flow_span(s) for s in spans):
+        _print_by_attributes(spans, out)
+        return
+    ids = {s.context.span_id for s in spans}
+    children: dict[int | None, list[Any]] = {}
+    for s in spans:
+        parent = s.parent.span_id if s.parent is not None and s.parent.span_id in ids else None
+        children.setdefault(parent, []).append(s)
+    last_trace = None
+    for root in children.get(None, []):
+        trace_id = root.context.trace_id
+        if trace_id != last_trace:
+            print(f"trace {trace_id:032x}", file=out)
+            last_trace = trace_id
+        _print_span(root, children, 2, out)
+
+
+def _is_flow_span(span: Any) -> bool:
+    a = span.attributes
+    return attr.OPENINFERENCE_SPAN_KIND in a and attr.RUN_ID not in a
+
+
+def _print_span(span: Any, children: dict[Any, list[Any]], indent: int, out: TextIO) -> None:
+    if not _is_flow_span(span):
+        _print_run(span, {}, indent, out, children)
+        return
+    a = span.attributes
+    kids = children.get(span.context.span_id, [])
+    pad = " " * indent
+    if attr.STEP_ID in a and attr.TURN_NUMBER not in a and attr.GEN_AI_WORKFLOW_NAME not in a:
+        line = f"{pad}step {_p(a[attr.STEP_ID])}"
+        if any(k.status.status_code.name == "ERROR" for k in kids):
+            line += "  (failed once, retried)"
+    else:
+        line = pad
+        if attr.TURN_NUMBER in a:
+            line += f"turn {a[attr.TURN_NUMBER]} "
+        line += f"{_p(span.name)}: flow {_p(a.get(attr.FLOW_TYPE, '-'))} {_p(a.get(attr.FLOW_ID))}"
+        if attr.FLOW_DEFINITION_ID in a:
+            line += f"  definition={_p(a[attr.FLOW_DEFINITION_ID])}"
+        if attr.CONVERSATION_ID in a:
+            line += f"  conversation={_p(a[attr.CONVERSATION_ID])}"
+        for link in span.links:
+            la = link.attributes or {}
+            if la.get(attr.LINK_TYPE) == "flow-break":
+                line += (
+                    f"  ← broke from {_short(la.get(attr.FLOW_PREVIOUS_ID))}… "
+                    f"({_p(la.get(attr.FLOW_BREAK_REASON))})"
+                )
+        if attr.FLOW_NEXT_ID in a:
+            line += f"  → broken, continued in {_short(a[attr.FLOW_NEXT_ID])}…"
+    if attr.GEN_AI_USAGE_INPUT_TOKENS in a:
+        line += (
+            f"  tokens={a[attr.GEN_AI_USAGE_INPUT_TOKENS]}+"
+            f"{a.get(attr.GEN_AI_USAGE_OUTPUT_TOKENS, 0)}"
+        )
+    print(line, file=out)
+    for kid in kids:
+        _print_span(kid, children, indent + 2, out)
+
+
+def _print_by_attributes(spans: Sequence[Any], out: TextIO) -> None:
+    """The runs grouped by ``flow.id`` and ``step.id`` (no flow spans to follow)."""
     children: dict[str, list[Any]] = {}
     flows: dict[str, list[Any]] = {}
     for s in spans:
@@ -171,7 +238,13 @@ def print_tree(spans: Sequence[Any], out: TextIO = sys.stdout) -> None:
                 _print_run(r, children, 4, out)
 
 
-def _print_run(span: Any, children: dict[str, list[Any]], indent: int, out: TextIO) -> None:
+def _print_run(
+    span: Any,
+    children: dict[str, list[Any]],
+    indent: int,
+    out: TextIO,
+    tree: dict[Any, list[Any]] | None = None,
+) -> None:
     a = span.attributes
     ok = span.status.status_code.name != "ERROR"
     who = []
@@ -191,6 +264,10 @@ def _print_run(span: Any, children: dict[str, list[Any]], indent: int, out: Text
         used_out = a.get(attr.GEN_AI_USAGE_OUTPUT_TOKENS, 0)
         text += f"  tokens={a[attr.GEN_AI_USAGE_INPUT_TOKENS]}+{used_out}"
     print(text, file=out)
+    if tree is not None:  # the trace tree: children by parent span
+        for child in tree.get(span.context.span_id, []):
+            _print_span(child, tree, indent + 2, out)
+        return
     for child in children.get(a[attr.RUN_ID], []):
         _print_run(child, children, indent + 2, out)
 
@@ -203,8 +280,8 @@ def _print_usage(spans: Sequence[Any], out: TextIO) -> None:
     unpriced = 0
     for s in spans:
         a = s.attributes
-        if attr.GEN_AI_USAGE_INPUT_TOKENS not in a:
-            continue
+        if attr.GEN_AI_USAGE_INPUT_TOKENS not in a or attr.RUN_ID not in a:
+            continue  # runs only: flow, step and turn spans carry roll-ups of the same usage
         tokens_in += a[attr.GEN_AI_USAGE_INPUT_TOKENS]
         tokens_out += a.get(attr.GEN_AI_USAGE_OUTPUT_TOKENS, 0)
         if attr.GEN_AI_USAGE_COST_AMOUNT in a:

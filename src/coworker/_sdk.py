@@ -28,6 +28,7 @@ from opentelemetry.util.types import Attributes
 
 from coworker._ids import getrandbits as _getrandbits
 from coworker._state import SETTINGS
+from coworker.attributes import RUN_ID as _RUN_ID
 
 __all__ = ["AuditSampler", "CoworkerProcessor", "PrivateRandomIdGenerator", "wrap_sampler"]
 
@@ -126,7 +127,10 @@ class AuditSampler(Sampler):
     and ``SimpleSpanProcessor`` skip it because its sampled flag is off. The operational
     trail, and the ``traceparent`` that goes downstream, stay exactly as the configured
     sampler decided. Every run counts, not only the ones marked ``coworker.audited`` at start:
-    a denial or a ``ValidationError`` makes a run audited only when it ends.
+    a denial or a ``ValidationError`` makes a run audited only when it ends. Flow, step and
+    turn spans (no ``coworker.run.id``) keep the delegate's decision: they are never audit
+    records, and a dropped one still gives its runs a valid parent (trace id and span id), so
+    their records name the trace.
 
     Installed only on coworker's own tracer (:func:`wrap_sampler`); the application's other
     tracers keep the provider's sampler untouched.
@@ -152,7 +156,14 @@ class AuditSampler(Sampler):
         result = self.delegate.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
         )
-        if result.decision is Decision.DROP and SETTINGS.audit_records:
+        if (
+            result.decision is Decision.DROP
+            and SETTINGS.audit_records
+            and attributes is not None
+            and _RUN_ID in attributes
+        ):
+            # Runs only: a flow, step or turn span is no audit record (flow events are), so
+            # the sampler's DROP stands for it; its runs below are still recorded.
             # The SDK builds a recording span from the result's attributes, and a DROP result
             # carries none: hand the run's own attributes back.
             return SamplingResult(Decision.RECORD_ONLY, attributes, result.trace_state)

@@ -63,6 +63,8 @@ def configure(
     checkpoint_publish: Any = None,
     witnesses: Sequence[str] | None = None,
     flow_events: str | Iterable[str] | bool | None = None,
+    flow_spans: bool | None = None,
+    flow_span_max_duration: float | None = None,
 ) -> None:
     """Set up coworker: the tracer provider, exporters, the audit trail and the policy.
 
@@ -119,6 +121,13 @@ def configure(
             written to the audit log (docs/flows.md): flow type names, ``True`` / ``"all"``
             for every type, ``False`` / ``"none"`` for none. Default:
             ``COWORKER_FLOW_EVENTS``, else ``workflow`` only. Needs an audit trail.
+        flow_spans: give flows, steps and conversation turns spans of their own, so that a
+            workflow is one trace and a turn is one trace (docs/observability.md, "Trace
+            shape"). Default: ``COWORKER_FLOW_SPANS``, else ``True``; ``False`` keeps every
+            top-level run its own trace.
+        flow_span_max_duration: seconds after which an open flow or turn span is ended and
+            continued by a linked span (so long-lived flows show as complete traces).
+            Default: ``COWORKER_FLOW_SPAN_MAX_DURATION``, else 300; 0 turns it off.
 
     Raises:
         ConfigError: a setting is invalid (the message names it). Security-relevant settings
@@ -138,6 +147,16 @@ def configure(
     )
     if flow_idle_timeout is not None and flow_idle_timeout < 0:
         raise ConfigError(f"flow_idle_timeout={flow_idle_timeout!r} must be >= 0")
+    if flow_spans is not None and not isinstance(flow_spans, bool):
+        raise ConfigError(f"flow_spans={flow_spans!r}: use True or False")
+    if flow_span_max_duration is not None and (
+        isinstance(flow_span_max_duration, bool)
+        or not isinstance(flow_span_max_duration, int | float)
+        or not flow_span_max_duration >= 0
+    ):
+        raise ConfigError(
+            f"flow_span_max_duration={flow_span_max_duration!r} must be a number of seconds >= 0"
+        )
     if service_name is not None:
         from coworker.identity import text
 
@@ -149,6 +168,13 @@ def configure(
         raise ConfigError("witnesses=... cosign checkpoints: they need checkpoint_key=...")
     with _lock:
         debug = config.resolve(debug, config.COWORKER_DEBUG, False, config.parse_bool)
+        spans_on = config.resolve(flow_spans, config.COWORKER_FLOW_SPANS, True, config.parse_bool)
+        span_bound = config.resolve(
+            flow_span_max_duration,
+            config.COWORKER_FLOW_SPAN_MAX_DURATION,
+            300.0,
+            config.parse_seconds,
+        )
         fail_closed = config.resolve(
             fail_closed, config.COWORKER_AUDIT_FAIL_CLOSED, False, config.parse_bool
         )
@@ -252,6 +278,8 @@ def configure(
             s.flow_idle_timeout = flow_idle_timeout
         if trust_baggage_identity is not None:
             s.trust_baggage_identity = trust_baggage_identity
+        s.flow_spans = spans_on
+        s.flow_span_max_duration = float(span_bound)
         if disabled:
             _log.info("OTEL_SDK_DISABLED=true: coworker runs create no spans; policy still applies")
             s.audit_gate = None

@@ -70,6 +70,8 @@ class Settings:
         "capture_limit",
         "debug",
         "flow_idle_timeout",
+        "flow_span_max_duration",
+        "flow_spans",
         "policy",
         "read_operations",
         "redact",
@@ -98,6 +100,13 @@ class Settings:
         self.capture_limit: int = 4096
         self.flow_idle_timeout: float = config.resolve(
             None, config.COWORKER_FLOW_IDLE_TIMEOUT, 1800.0, config.parse_seconds
+        )
+        # Flow, step and turn spans (coworker._flow_spans, issue 13).
+        self.flow_spans: bool = config.resolve(
+            None, config.COWORKER_FLOW_SPANS, True, config.parse_bool
+        )
+        self.flow_span_max_duration: float = config.resolve(
+            None, config.COWORKER_FLOW_SPAN_MAX_DURATION, 300.0, config.parse_seconds
         )
         self.trust_baggage_identity: bool = config.resolve(
             None, config.COWORKER_TRUST_BAGGAGE_IDENTITY, False, config.parse_bool

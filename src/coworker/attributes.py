@@ -117,6 +117,29 @@ OPENINFERENCE_KIND_OF_OPERATION: Final = MappingProxyType(
 """The OpenInference span kind of a run whose ``gen_ai.operation.name`` the application set
 itself, matched by the two specs' definitions (an LLM call, a tool, an agent...); an operation
 not listed: ``CHAIN``."""
+GEN_AI_WORKFLOW_NAME: Final = "gen_ai.workflow.name"
+"""The workflow definition id on an ``invoke_workflow`` span (low cardinality, per the spec)."""
+SESSION_PREVIOUS_ID: Final = "session.previous_id"
+"""OTel semconv: the session before ``session.id`` changed (a ``new-session`` break)."""
+
+# -- flow, step and turn spans (issue 13; docs/observability.md "Trace shape") ---------------
+FLOW_NEXT_ID: Final = "flow.next.id"
+"""On the last span of a broken flow: the flow that replaced it."""
+STEP_ATTEMPT: Final = "coworker.step.attempt"
+"""Which entry of the step this step span is (1, 2, ... per flow)."""
+STEP_OUTCOME: Final = "coworker.step.outcome"
+"""``completed``, ``failed`` (status ERROR too) or ``interrupted`` (its flow broke)."""
+TURN_NUMBER: Final = "coworker.turn.number"
+TURN_MESSAGE_ID: Final = "coworker.turn.message_id"
+SPAN_CONTINUED: Final = "coworker.span.continued"
+"""``True`` on a flow/step span ended at the configured bound while its block went on; the
+continuation span links to it."""
+SPAN_SEGMENT: Final = "coworker.span.segment"
+"""1 for a block's first span, 2, 3, ... for its continuation spans."""
+USAGE_UNPRICED: Final = "coworker.usage.unpriced_calls"
+"""On a flow/step/turn span: model calls under it without a known price (not in the cost)."""
+LINK_TYPE: Final = "coworker.link.type"
+"""Link attribute: ``flow-break`` (to the broken flow's last span) or ``continuation``."""
 
 # -- errors (OTel semantic conventions) ------------------------------------------------------
 ERROR_TYPE: Final = "error.type"

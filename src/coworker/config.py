@@ -19,6 +19,8 @@ __all__ = [
     "COWORKER_DEBUG",
     "COWORKER_FLOW_EVENTS",
     "COWORKER_FLOW_IDLE_TIMEOUT",
+    "COWORKER_FLOW_SPANS",
+    "COWORKER_FLOW_SPAN_MAX_DURATION",
     "COWORKER_TRACE_VIEWER_URL",
     "COWORKER_TRUST_BAGGAGE_IDENTITY",
     "DEFAULT_AUDIT_PATH",
@@ -47,6 +49,14 @@ with reason ``timeout`` (default 1800; ``0`` turns it off)."""
 COWORKER_FLOW_EVENTS: Final = "COWORKER_FLOW_EVENTS"
 """Flow types whose lifecycle is written to the audit log as flow events (docs/flows.md):
 a comma-separated list (default ``workflow``), ``all`` or ``none``."""
+
+COWORKER_FLOW_SPANS: Final = "COWORKER_FLOW_SPANS"
+"""``0``/``false``: no flow, step and turn spans; every top-level run is its own trace, as
+before issue 13 (default on: a workflow is one trace)."""
+
+COWORKER_FLOW_SPAN_MAX_DURATION: Final = "COWORKER_FLOW_SPAN_MAX_DURATION"
+"""Seconds after which an open flow (or turn) span is ended and continued by a linked span, so
+that trace viewers get complete traces of long-lived flows (default 300; ``0`` turns it off)."""
 
 COWORKER_TRUST_BAGGAGE_IDENTITY: Final = "COWORKER_TRUST_BAGGAGE_IDENTITY"
 """``1``/``true``: accept ``user.id`` / agent identity that arrives in W3C baggage from another

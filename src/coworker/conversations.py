@@ -6,8 +6,9 @@ import itertools
 import threading
 from typing import Any
 
-from coworker._scope import Block, Scope
-from coworker.flow import AI_CONVERSATION, Flow, FlowCell
+from coworker import _flow_spans
+from coworker._scope import Scope
+from coworker.flow import AI_CONVERSATION, Flow, FlowCell, SpanBlock
 from coworker.identity import text
 
 __all__ = ["Conversation", "Turn", "TurnBlock", "conversation"]
@@ -89,7 +90,7 @@ class Conversation:
         return f"Conversation({self.id!r}, flow={self.flow!r}, turns={self.turns})"
 
 
-class TurnBlock(Block):
+class TurnBlock(SpanBlock):
     """What :meth:`Conversation.turn` returns: a (sync or async) context manager whose
     ``as`` target is the conversation's current :class:`Flow`."""
 
@@ -104,6 +105,10 @@ class TurnBlock(Block):
     def number(self) -> int:
         """The turn's number (1 for the first)."""
         return self._turn.number
+
+    def _open_span(self) -> bool:
+        holder = _flow_spans.enter(self._spans, _flow_spans.TURN, self._cell, turn=self._turn)
+        return holder is not None
 
     def scope(self, current: Scope) -> Scope:
         """The scope with the conversation's flow and this turn, no step."""

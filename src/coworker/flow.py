@@ -19,10 +19,10 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from types import MappingProxyType
+from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
-from coworker import _flow_events
+from coworker import _flow_events, _flow_spans
 from coworker import attributes as attr
 from coworker._ids import uuid4
 from coworker._scope import SCOPE, Block, Scope
@@ -99,6 +99,7 @@ class Flow:
         "metadata",
         "previous_id",
         "span_attributes",
+        "spans",
         "type",
     )
 
@@ -140,6 +141,8 @@ class Flow:
         # idle, however long ago that run started.
         self._running: set[Any] = set()
         self._session: str | None = None
+        # What the flow's spans need across blocks and breaks (coworker._flow_spans).
+        self.spans: _flow_spans.FlowSpanState | None = None
         # Step counters of runs outside any turn (turn 0), by operation. A turn keeps its own
         # (Turn.counters), so counters live exactly as long as their turn: a long
         # conversation does not keep one per past turn.
@@ -299,6 +302,7 @@ class FlowCell:
         new = old._successor(reason, type)
         self.flow = new
         _flow_events.flow_broken(old, new)  # flow event (issue 14)
+        _flow_spans.flow_broken(self, old, new)  # flow spans (issue 13)
         return new
 
 
@@ -306,7 +310,46 @@ _BREAK_LOCK: Final = threading.Lock()
 _monotonic: Final = time.monotonic
 
 
-class FlowBlock(Block):
+class SpanBlock(Block):
+    """A block that also has a span of its own (flow, step, turn: coworker._flow_spans).
+
+    The span starts before the scope is set (so the flow events of the block carry its trace
+    id) and ends after the block's own exit work, exactly once, however the block exits.
+    """
+
+    __slots__ = ("_spans",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._spans: list[_flow_spans.Holder] = []
+
+    def _open_span(self) -> bool:
+        """Start this entry's span; ``False`` when none is made (no SDK provider)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        opened = SETTINGS.flow_spans and self._open_span()
+        try:
+            return super().__enter__()
+        except BaseException as exc:
+            if opened:
+                _flow_spans.leave(self._spans, exc)
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            super().__exit__(exc_type, exc, tb)
+        finally:
+            if self._spans:
+                _flow_spans.leave(self._spans, exc)
+
+
+class FlowBlock(SpanBlock):
     """What :func:`flow` and :meth:`WorkflowDefinition.start` return: a (sync or async)
     context manager whose ``as`` target is the :class:`Flow`.
 
@@ -321,6 +364,9 @@ class FlowBlock(Block):
         super().__init__()
         self.flow = f
         self._cell = FlowCell(f)
+
+    def _open_span(self) -> bool:
+        return _flow_spans.enter(self._spans, _flow_spans.FLOW, self._cell) is not None
 
     def scope(self, current: Scope) -> Scope:
         """The scope with this block's flow, no step and no turn."""
@@ -337,7 +383,7 @@ class FlowBlock(Block):
         return self.__enter__()
 
 
-class StepBlock(Block):
+class StepBlock(SpanBlock):
     """What :func:`step` and :meth:`Flow.step` return: a (sync or async) context manager
     whose ``as`` target is the step id.
 
@@ -350,6 +396,10 @@ class StepBlock(Block):
     def __init__(self, step_id: str) -> None:
         super().__init__()
         self.step = step_id
+
+    def _open_span(self) -> bool:
+        cell = SCOPE.get().cell
+        return _flow_spans.enter(self._spans, _flow_spans.STEP, cell, self.step) is not None
 
     def scope(self, current: Scope) -> Scope:
         """The current scope with this step."""

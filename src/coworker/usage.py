@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
+from coworker import _flow_spans
 from coworker import attributes as attr
 from coworker._run.lifecycle import Run, attribute_dict
 from coworker._scope import SCOPE
@@ -289,6 +290,8 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
         if SETTINGS.audit_records:
             event[_AT] = time.time_ns()
             _PENDING.setdefault(_key(span), []).append(event)
+    if SETTINGS.flow_spans:
+        _flow_spans.add_usage(tokens, cost)  # roll-ups on flow/step/turn spans (issue 13)
     return cost
 
 

@@ -60,6 +60,7 @@ def test_base_exceptions_end_the_span(spans: Any, exc: BaseException, failed: bo
     assert (attr.ERROR_TYPE in span.attributes) is failed
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_cancelled_coroutine_ends_span_and_restores_context(spans: Any) -> None:
     """A decorated coroutine cancelled mid-await ends its span (CancelledError) cleanly."""
     started = asyncio.Event()

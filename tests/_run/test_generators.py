@@ -158,6 +158,7 @@ def test_consumer_run_is_not_parent_of_generator_items(spans: Any) -> None:
             assert s.parent is None or s.parent.span_id != gen_span.context.span_id
 
 
+@pytest.mark.usefixtures("flow_spans_off")
 def test_generator_keeps_flow_of_its_call_site(spans: Any) -> None:
     """The generator body runs with the flow where it was called, wherever iterated."""
     with coworker.flow("batch-job", "job-1"):

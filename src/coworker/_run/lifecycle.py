@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
-from coworker import _flow_events
+from coworker import _flow_events, _flow_spans
 from coworker import attributes as attr
 from coworker._capture import TRUNCATED, capture
 from coworker._ids import getrandbits
@@ -377,7 +377,14 @@ def begin(spec: Spec, call: Call = _NO_CALL, force: bool = False) -> Run | None:
     else:
         attrs[attr.AUDITED] = False
 
-    span = tracer.start_span(name, attributes=attrs)
+    # A root run in a flow nests under the flow's current span; only a span replaced in
+    # another context (a break, the bound) needs another parent (flow spans, issue 13).
+    parent_ctx = (
+        _flow_spans.parent_for_run()
+        if flow is not None and parent is None and settings.flow_spans
+        else None
+    )
+    span = tracer.start_span(name, context=parent_ctx, attributes=attrs)
     r = Run()
     r.id = run_id
     r.parent_id = parent.id if parent is not None else None
@@ -391,7 +398,7 @@ def begin(spec: Spec, call: Call = _NO_CALL, force: bool = False) -> Run | None:
     r.span = span
     r._spec = spec
     r._sealed = None
-    r._otel_token = otelctx.attach(trace.set_span_in_context(span))
+    r._otel_token = otelctx.attach(trace.set_span_in_context(span, parent_ctx))
     # The body's scope shares the cache of the scope it runs in when its step is the same.
     cache = scope.cache if step is scope.step else [None]
     # tuple.__new__ directly: a NamedTuple's own __new__ is a Python-level call per run.
