@@ -63,7 +63,7 @@ ATTRS = {
     attr.GEN_AI_TOOL_NAME: "select Invoice",
     attr.RUN_ID: "0123456789abcdef",
     attr.CHAIN_ID: "0123456789abcdef",
-    attr.AUDIT: False,
+    attr.AUDITED: False,
 }
 
 
@@ -73,7 +73,7 @@ PLAIN_ATTRS = {
     attr.CODE_FUNCTION: "bench.f",
     attr.RUN_ID: "0123456789abcdef",
     attr.CHAIN_ID: "0123456789abcdef",
-    attr.AUDIT: False,
+    attr.AUDITED: False,
 }
 
 

@@ -53,7 +53,7 @@ def test_each_turn_is_one_trace_with_an_invoke_agent_span(spans: Any) -> None:
     assert (a[attr.FLOW_TYPE], a[attr.FLOW_ID]) == ("ai-conversation", chat.flow.id)
     assert second.attributes[attr.TURN_NUMBER] == 2
     assert attr.TURN_MESSAGE_ID not in second.attributes
-    assert attr.AUDIT not in a
+    assert attr.AUDITED not in a
 
 
 def test_all_turns_are_found_by_conversation_and_session_id(spans: Any) -> None:

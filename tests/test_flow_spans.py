@@ -105,7 +105,7 @@ def test_workflow_is_one_trace_flow_step_run(spans: Any) -> None:
     assert a[attr.FLOW_DEFINITION_ID] == "order-processing"
     assert a[attr.FLOW_METADATA_PREFIX + "channel"] == "web"
     assert (a[attr.USER_ID], a[attr.SESSION_ID]) == ("clerk-17", "s-1")
-    assert attr.AUDIT not in a and attr.RUN_ID not in a
+    assert attr.AUDITED not in a and attr.RUN_ID not in a
     step = one(spans, "step payment")
     sa = step.attributes
     assert (sa[attr.STEP_ID], sa[attr.FLOW_ID], sa[attr.STEP_ATTEMPT]) == ("payment", f.id, 1)
@@ -593,19 +593,19 @@ def test_unpriced_usage_is_counted_not_priced(spans: Any) -> None:
 
 def test_flow_spans_are_not_audit_records(spans: Any) -> None:
     """With an audit trail, the flow, step and turn spans write no record, even when the
-    application sets ``coworker.audit`` on the current (flow) span; the runs' records and the
+    application sets ``coworker.audited`` on the current (flow) span; the runs' records and the
     flow events do, and carry the flow's trace id."""
     from coworker import _setup
 
     coworker.configure(audit="memory://", metrics=False)
     with ORDERS.start() as f:
-        trace.get_current_span().set_attribute(attr.AUDIT, True)
+        trace.get_current_span().set_attribute(attr.AUDITED, True)
         with f.step("payment"):
-            trace.get_current_span().set_attribute(attr.AUDIT, True)
+            trace.get_current_span().set_attribute(attr.AUDITED, True)
             charge(False)
     chat = coworker.conversation("c")
     with coworker.acting_as("u", "a"), chat.turn():
-        trace.get_current_span().set_attribute(attr.AUDIT, True)
+        trace.get_current_span().set_attribute(attr.AUDITED, True)
     coworker.force_flush()
     records = [r.fields() for r in _setup.audit_store().iter_from(1)]
     runs = [r for r in records if r["category"] != "flow"]
@@ -615,4 +615,4 @@ def test_flow_spans_are_not_audit_records(spans: Any) -> None:
     assert {r["trace_id"] for r in records if r["flow_id"] == f.id} == {trace_id}
     assert runs[0]["parent_span_id"] == f"{one(spans, 'step payment').context.span_id:016x}"
     for name in ("invoke_workflow order-processing", "step payment", "invoke_agent"):
-        assert attr.AUDIT not in one(spans, name).attributes
+        assert attr.AUDITED not in one(spans, name).attributes

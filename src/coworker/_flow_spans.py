@@ -28,7 +28,7 @@ and are redirected to the live one (:func:`_live`). Each span ends exactly once 
 under the lock), whichever way its block exits: normally, by an exception, ``GeneratorExit``
 or a cancelled task.
 
-These spans are not audit records: they never carry ``coworker.audit`` (it is removed if
+These spans are not audit records: they never carry ``coworker.audited`` (it is removed if
 application code set it on them), so the audit processor skips them; the flow's lifecycle is
 in the audit log as flow events (:mod:`coworker._flow_events`).
 """
@@ -441,10 +441,10 @@ def _strip_audit(span: Span) -> None:
         return
     from coworker._run.lifecycle import _drop_attribute, attribute_dict
 
-    if attr.AUDIT in attribute_dict(span):
-        _drop_attribute(span, attr.AUDIT)
-        if attr.AUDIT in attribute_dict(span):  # pragma: no cover - an SDK without the dict
-            span.set_attribute(attr.AUDIT, False)
+    if attr.AUDITED in attribute_dict(span):
+        _drop_attribute(span, attr.AUDITED)
+        if attr.AUDITED in attribute_dict(span):  # pragma: no cover - an SDK without the dict
+            span.set_attribute(attr.AUDITED, False)
 
 
 def _is_failure(exc: BaseException) -> bool:

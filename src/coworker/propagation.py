@@ -266,12 +266,12 @@ def extract(
         except ValueError:
             claimed = None
     trusted = SETTINGS.trust_baggage_identity if trust_identity is None else trust_identity
-    current = SCOPE.get()
-    identity = claimed if trusted and claimed is not None else current.identity
+    scope_now = SCOPE.get()
+    identity = claimed if trusted and claimed is not None else scope_now.identity
     scope = Scope(
-        cell or current.cell,
-        values.get(attr.STEP_ID) or current.step,
-        parent or current.run,
+        cell or scope_now.cell,
+        values.get(attr.STEP_ID) or scope_now.step,
+        parent or scope_now.run,
         identity,
         None,
         [None],
