@@ -5,7 +5,8 @@ here may listen on loopback only. So tests/stack/test_phoenix.py runs this scrip
 namespace of its own that has nothing but a loopback interface (``unshare --net``); Phoenix,
 the demo and the reads all happen inside it, and the result is printed as one JSON document:
 
-    {"http": {"printed": "<demo output>", "spans": [<Phoenix OTLP spans>]}, "grpc": {...}}
+    {"http": {"printed": "<demo output>", "spans": [<Phoenix OTLP spans>],
+              "phoenix_spans": [<Phoenix's own span model>]}, "grpc": {...}, "sessions": [...]}
 
     python -m tests.stack.phoenix_check --phoenix PATH --workdir DIR
 """
@@ -54,6 +55,21 @@ def _spans(base: str, project: str) -> list[dict[str, Any]]:
     )
     if response.status_code == 404:  # the project exists once its first span arrived
         return []
+    response.raise_for_status()
+    return list(response.json()["data"])
+
+
+def _phoenix_spans(base: str, project: str) -> list[dict[str, Any]]:
+    """Phoenix's own reading of the spans (``GET /v1/projects/{project}/spans``): the span kind
+    it parsed from ``openinference.span.kind``, attributes flattened from its nested store."""
+    response = httpx.get(f"{base}/v1/projects/{project}/spans", params={"limit": 1000}, timeout=10)
+    response.raise_for_status()
+    return list(response.json()["data"])
+
+
+def _sessions(base: str, project: str) -> list[dict[str, Any]]:
+    """The sessions Phoenix built from ``session.id`` (``GET /v1/projects/{project}/sessions``)."""
+    response = httpx.get(f"{base}/v1/projects/{project}/sessions", timeout=10)
     response.raise_for_status()
     return list(response.json()["data"])
 
@@ -113,7 +129,24 @@ def main(argv: list[str] | None = None) -> int:
                 120,
                 phoenix,
             )
-            result[name] = {"printed": demo.stdout, "spans": spans}
+            result[name] = {
+                "printed": demo.stdout,
+                "spans": spans,
+                "phoenix_spans": _wait(
+                    lambda p=project, n=len(spans): (
+                        len(found := _phoenix_spans(base, p)) >= n and found
+                    ),
+                    f"Phoenix's own view of the spans of {project}",
+                    60,
+                    phoenix,
+                ),
+            }
+        # A session id is Phoenix-wide: the demo's session ("s-1") belongs to the project
+        # that sent it first (http), and the grpc run's traces join it there. Phoenix files
+        # sessions as it inserts spans: wait for it.
+        result["sessions"] = _wait(
+            lambda: _sessions(base, "coworker-demo-http"), "the demo's session", 60, phoenix
+        )
     finally:
         phoenix.terminate()
         try:

@@ -86,6 +86,45 @@ def test_phoenix_has_every_demo_run_with_its_attributes(
     assert audit == {"submit Payment", "create Shipment", "update Invoice"}
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_phoenix_files_runs_by_openinference_kind_with_their_input_and_output(
+    phoenix_result: dict[str, Any], protocol: str
+) -> None:
+    """Read back through Phoenix's own span model: runs an agent performs are TOOL spans,
+    the workflow's runs CHAIN; the captured call shows its JSON input and output; the audit
+    flag and its category both survive Phoenix's nested attribute store."""
+    runs = [s for s in phoenix_result[protocol]["phoenix_spans"] if a.RUN_ID in s["attributes"]]
+    assert len(runs) == 8
+    for span in runs:
+        attrs = span["attributes"]
+        agent = a.AGENT_ID in attrs
+        assert span["span_kind"] == ("TOOL" if agent else "CHAIN"), span["name"]
+        assert (attrs.get(a.GEN_AI_OPERATION_NAME) == "execute_tool") == agent
+        if agent:
+            assert attrs[a.GEN_AI_TOOL_NAME] == span["name"]
+    (captured,) = [s["attributes"] for s in runs if s["name"] == "select Invoice"]
+    assert captured[a.INPUT_VALUE] == '{"customer":"ACME"}'
+    assert captured[a.INPUT_MIME_TYPE] == captured[a.OUTPUT_MIME_TYPE] == "application/json"
+    assert json.loads(captured[a.OUTPUT_VALUE]) == ["INV-ACME-1", "INV-ACME-2"]
+    audited = [s for s in runs if s["attributes"].get(a.AUDITED) is True]
+    assert {s["name"] for s in audited} == {"submit Payment", "create Shipment", "update Invoice"}
+    assert {s["attributes"][a.AUDIT_CATEGORY] for s in audited} == {"state-change"}
+
+
+def test_phoenix_groups_the_conversation_into_its_session(phoenix_result: dict[str, Any]) -> None:
+    """Phoenix's Sessions view has the demo's session with every trace of the conversation
+    (both demo runs use session "s-1", and a session id is one session in Phoenix)."""
+    chat_traces = {
+        s["context"]["trace_id"]
+        for protocol in ("http", "grpc")
+        for s in phoenix_result[protocol]["phoenix_spans"]
+        if s["attributes"].get(a.SESSION_ID) == "s-1"
+    }
+    assert chat_traces
+    (session,) = [s for s in phoenix_result["sessions"] if s["session_id"] == "s-1"]
+    assert {t["trace_id"] for t in session["traces"]} == chat_traces
+
+
 def test_phoenix_keeps_the_two_protocols_apart(phoenix_result: dict[str, Any]) -> None:
     """The HTTP and gRPC runs landed in their own projects (no span in both)."""
     ids = [{s["span_id"] for s in phoenix_result[p]["spans"]} for p in ("http", "grpc")]
