@@ -49,6 +49,15 @@ def _wait(condition: Any, what: str, timeout: float, proc: subprocess.Popen[byte
     raise SystemExit(f"timed out waiting for: {what}")
 
 
+def _otlp_attributes(span: dict[str, Any]) -> dict[str, Any]:
+    """An OTLP JSON span's attributes as a plain dict."""
+    out = {}
+    for kv in span.get("attributes") or []:
+        value = {k: v for k, v in kv["value"].items() if v is not None}
+        out[kv["key"]] = next(iter(value.values())) if value else None
+    return out
+
+
 def _spans(base: str, project: str) -> list[dict[str, Any]]:
     response = httpx.get(
         f"{base}/v1/projects/{project}/spans/otlpv1", params={"limit": 1000}, timeout=10
@@ -65,6 +74,25 @@ def _phoenix_spans(base: str, project: str) -> list[dict[str, Any]]:
     response = httpx.get(f"{base}/v1/projects/{project}/spans", params={"limit": 1000}, timeout=10)
     response.raise_for_status()
     return list(response.json()["data"])
+
+
+FLOW_FILTER = "attributes['flow']['id'] == '{flow_id}'"
+"""Phoenix's span filter for one flow, as docs/observability.md gives it: Phoenix stores
+attributes nested by their dots, so the path is ``['flow']['id']``."""
+
+
+def _filtered(base: str, project: str, flow_id: str) -> str:
+    """The raw answer of Phoenix's query DSL (``POST /v1/spans``) for :data:`FLOW_FILTER`."""
+    condition = FLOW_FILTER.format(flow_id=flow_id)
+    response = httpx.post(
+        f"{base}/v1/spans",
+        params={"project_name": project},
+        json={"queries": [{"filter": {"condition": condition}}], "limit": 1000},
+        headers={"Accept": "application/json"},
+        timeout=30,
+    )
+    response.raise_for_status()
+    return response.text
 
 
 def _sessions(base: str, project: str) -> list[dict[str, Any]]:
@@ -129,9 +157,14 @@ def main(argv: list[str] | None = None) -> int:
                 120,
                 phoenix,
             )
+            workflow = next(
+                a["flow.id"] for a in map(_otlp_attributes, spans) if a["flow.type"] == "workflow"
+            )
             result[name] = {
                 "printed": demo.stdout,
                 "spans": spans,
+                "workflow": workflow,
+                "filtered": _filtered(base, project, workflow),
                 "phoenix_spans": _wait(
                     lambda p=project, n=len(spans): (
                         len(found := _phoenix_spans(base, p)) >= n and found

@@ -125,6 +125,20 @@ def test_phoenix_groups_the_conversation_into_its_session(phoenix_result: dict[s
     assert {t["trace_id"] for t in session["traces"]} == chat_traces
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_documented_phoenix_filter_finds_one_flow(
+    phoenix_result: dict[str, Any], protocol: str
+) -> None:
+    """docs/observability.md's span filter (attributes['flow']['id'] == ...) run by Phoenix's
+    query DSL returns the workflow's runs and nothing of the conversation."""
+    result = phoenix_result[protocol]
+    workflow, filtered = result["workflow"], result["filtered"]
+    for span in result["spans"]:
+        attrs = _attributes(span)
+        found = span["span_id"] in filtered
+        assert found == (attrs[a.FLOW_ID] == workflow), span["name"]
+
+
 def test_phoenix_keeps_the_two_protocols_apart(phoenix_result: dict[str, Any]) -> None:
     """The HTTP and gRPC runs landed in their own projects (no span in both)."""
     ids = [{s["span_id"] for s in phoenix_result[p]["spans"]} for p in ("http", "grpc")]
