@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -25,8 +26,8 @@ from typing import Any
 
 import httpx
 
-DEMO_RUNS = 8
-"""Runs in one `coworker demo` (5 in the order workflow, 3 in the conversation)."""
+EXPORTED = re.compile(r"^OTLP: (\d+) span\(s\) exported to ", re.MULTILINE)
+"""The demo's own count of the spans the OTLP endpoint took (runs, flow, step, turn spans)."""
 
 
 def _free_port() -> int:
@@ -151,9 +152,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             if demo.returncode != 0:
                 raise SystemExit(f"coworker demo failed: {demo.stdout}{demo.stderr}")
+            exported = EXPORTED.search(demo.stdout)
+            if exported is None:
+                raise SystemExit(f"coworker demo did not say what it exported: {demo.stdout}")
+            total = int(exported.group(1))
             spans = _wait(
-                lambda p=project: len(found := _spans(base, p)) >= DEMO_RUNS and found,
-                f"{DEMO_RUNS} spans in Phoenix project {project}",
+                lambda p=project, n=total: len(found := _spans(base, p)) >= n and found,
+                f"{total} spans in Phoenix project {project}",
                 120,
                 phoenix,
             )

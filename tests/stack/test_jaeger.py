@@ -32,32 +32,39 @@ from tests.stack._stack import (
 
 pytestmark = pytest.mark.stack
 
-_FLOW = re.compile(r"^flow (\S+) (\S+)")
-_STEP = re.compile(r"^  step (\S+)")
+_TRACE = re.compile(r"^trace ([0-9a-f]{32})")
+_FLOW = re.compile(r"^\s*(?:.*: )?flow (\S+) (\S+)")
+_STEP = re.compile(r"^\s+step (\S+)")
 _RUN = re.compile(r"^\s+([✓✗]) (.+?)  run=([0-9a-f]+)")
 
 
 def parse_demo_tree(output: str) -> list[dict[str, Any]]:
-    """The runs the demo printed: flow type and id, step, name, run id prefix, ok."""
+    """The runs the demo printed: trace id, flow type and id, step (``None`` where the demo
+    prints none: a conversation's runs sit under their turn), name, run id prefix, ok."""
     runs: list[dict[str, Any]] = []
+    trace: str | None = None
     flow: tuple[str, str] | None = None
     step: str | None = None
     for line in output.splitlines():
-        if match := _FLOW.match(line):
-            flow, step = (match.group(1), match.group(2)), None
+        if match := _TRACE.match(line):
+            trace, flow, step = match.group(1), None, None
+        elif match := _RUN.match(line):
+            if flow is not None:
+                runs.append(
+                    {
+                        "trace": trace,
+                        "flow_type": flow[0],
+                        "flow_id": flow[1],
+                        "step": step,
+                        "name": match.group(2),
+                        "run": match.group(3),
+                        "ok": match.group(1) == "✓",
+                    }
+                )
         elif match := _STEP.match(line):
             step = match.group(1)
-        elif (match := _RUN.match(line)) and flow is not None:
-            runs.append(
-                {
-                    "flow_type": flow[0],
-                    "flow_id": flow[1],
-                    "step": step,
-                    "name": match.group(2),
-                    "run": match.group(3),
-                    "ok": match.group(1) == "✓",
-                }
-            )
+        elif match := _FLOW.match(line):
+            flow, step = (match.group(1), match.group(2)), None
         elif line.startswith("audit trail"):
             break
     return runs
