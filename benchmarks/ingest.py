@@ -48,7 +48,7 @@ def make_spans(n: int, client: int) -> list[Any]:
     tracer = provider.get_tracer("bench")
     for i in range(n):
         attributes = {
-            a.AUDIT: True,
+            a.AUDITED: True,
             a.AUDIT_CATEGORY: a.CATEGORY_STATE_CHANGE,
             a.OPERATION: "update",
             a.DOCTYPE: "Invoice",

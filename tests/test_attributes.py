@@ -1,8 +1,8 @@
 """No attribute key coworker emits is also the namespace of another one.
 
-A backend that nests dotted keys (Phoenix, an Elasticsearch/OpenSearch mapping) stores
-``a.b = 1`` and ``a.b.c = 2`` as ``{"a": {"b": 1}}`` and ``{"a": {"b": {"c": 2}}}``: one of the
-two is lost or the mapping conflicts. ``coworker.audit`` was both the audit flag and the prefix
+A backend that nests dotted keys (an Elasticsearch/OpenSearch mapping, Phoenix's attribute
+store) files ``a.b = 1`` under ``{"a": {"b": 1}}`` and ``a.b.c = 2`` under
+``{"a": {"b": {"c": 2}}}``: with both, the mapping conflicts or one key lands off its path. ``coworker.audit`` was both the audit flag and the prefix
 of ``coworker.audit.category``; the flag is ``coworker.audited`` now.
 """
 

@@ -48,8 +48,8 @@ AUDITED: Final = "coworker.audited"
 """``True`` when the span belongs to the audit trail (a real boolean, never the string).
 
 Not ``coworker.audit``: that name is the namespace of ``coworker.audit.category`` and
-``coworker.audit.intent_seq``, and a backend that nests dotted keys (Phoenix, an
-Elasticsearch/OpenSearch mapping) cannot store a value and a namespace under one name. No key
+``coworker.audit.intent_seq``, and a backend that nests dotted keys (an Elasticsearch/OpenSearch
+mapping, Phoenix's attribute store) cannot keep a value and a namespace under one path. No key
 here is the prefix of another (tests/test_attributes.py)."""
 AUDITED_LEGACY: Final = "coworker.audit"
 """The flag's name in coworker 0.1.0: read (never written) by ``coworker audit serve`` and

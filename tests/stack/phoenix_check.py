@@ -5,7 +5,8 @@ here may listen on loopback only. So tests/stack/test_phoenix.py runs this scrip
 namespace of its own that has nothing but a loopback interface (``unshare --net``); Phoenix,
 the demo and the reads all happen inside it, and the result is printed as one JSON document:
 
-    {"http": {"printed": "<demo output>", "spans": [<Phoenix OTLP spans>]}, "grpc": {...}}
+    {"http": {"printed": "<demo output>", "spans": [<Phoenix OTLP spans>],
+              "phoenix_spans": [<Phoenix's own span model>]}, "grpc": {...}, "sessions": [...]}
 
     python -m tests.stack.phoenix_check --phoenix PATH --workdir DIR
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,8 +26,8 @@ from typing import Any
 
 import httpx
 
-DEMO_RUNS = 8
-"""Runs in one `coworker demo` (5 in the order workflow, 3 in the conversation)."""
+EXPORTED = re.compile(r"^OTLP: (\d+) span\(s\) exported to ", re.MULTILINE)
+"""The demo's own count of the spans the OTLP endpoint took (runs, flow, step, turn spans)."""
 
 
 def _free_port() -> int:
@@ -48,12 +50,55 @@ def _wait(condition: Any, what: str, timeout: float, proc: subprocess.Popen[byte
     raise SystemExit(f"timed out waiting for: {what}")
 
 
+def _otlp_attributes(span: dict[str, Any]) -> dict[str, Any]:
+    """An OTLP JSON span's attributes as a plain dict."""
+    out = {}
+    for kv in span.get("attributes") or []:
+        value = {k: v for k, v in kv["value"].items() if v is not None}
+        out[kv["key"]] = next(iter(value.values())) if value else None
+    return out
+
+
 def _spans(base: str, project: str) -> list[dict[str, Any]]:
     response = httpx.get(
         f"{base}/v1/projects/{project}/spans/otlpv1", params={"limit": 1000}, timeout=10
     )
     if response.status_code == 404:  # the project exists once its first span arrived
         return []
+    response.raise_for_status()
+    return list(response.json()["data"])
+
+
+def _phoenix_spans(base: str, project: str) -> list[dict[str, Any]]:
+    """Phoenix's own reading of the spans (``GET /v1/projects/{project}/spans``): the span kind
+    it parsed from ``openinference.span.kind``, attributes flattened from its nested store."""
+    response = httpx.get(f"{base}/v1/projects/{project}/spans", params={"limit": 1000}, timeout=10)
+    response.raise_for_status()
+    return list(response.json()["data"])
+
+
+FLOW_FILTER = "attributes['flow']['id'] == '{flow_id}'"
+"""Phoenix's span filter for one flow, as docs/observability.md gives it: Phoenix stores
+attributes nested by their dots, so the path is ``['flow']['id']``."""
+
+
+def _filtered(base: str, project: str, flow_id: str) -> str:
+    """The raw answer of Phoenix's query DSL (``POST /v1/spans``) for :data:`FLOW_FILTER`."""
+    condition = FLOW_FILTER.format(flow_id=flow_id)
+    response = httpx.post(
+        f"{base}/v1/spans",
+        params={"project_name": project},
+        json={"queries": [{"filter": {"condition": condition}}], "limit": 1000},
+        headers={"Accept": "application/json"},
+        timeout=30,
+    )
+    response.raise_for_status()
+    return response.text
+
+
+def _sessions(base: str, project: str) -> list[dict[str, Any]]:
+    """The sessions Phoenix built from ``session.id`` (``GET /v1/projects/{project}/sessions``)."""
+    response = httpx.get(f"{base}/v1/projects/{project}/sessions", timeout=10)
     response.raise_for_status()
     return list(response.json()["data"])
 
@@ -107,13 +152,39 @@ def main(argv: list[str] | None = None) -> int:
             )
             if demo.returncode != 0:
                 raise SystemExit(f"coworker demo failed: {demo.stdout}{demo.stderr}")
+            exported = EXPORTED.search(demo.stdout)
+            if exported is None:
+                raise SystemExit(f"coworker demo did not say what it exported: {demo.stdout}")
+            total = int(exported.group(1))
             spans = _wait(
-                lambda p=project: len(found := _spans(base, p)) >= DEMO_RUNS and found,
-                f"{DEMO_RUNS} spans in Phoenix project {project}",
+                lambda p=project, n=total: len(found := _spans(base, p)) >= n and found,
+                f"{total} spans in Phoenix project {project}",
                 120,
                 phoenix,
             )
-            result[name] = {"printed": demo.stdout, "spans": spans}
+            workflow = next(
+                a["flow.id"] for a in map(_otlp_attributes, spans) if a["flow.type"] == "workflow"
+            )
+            result[name] = {
+                "printed": demo.stdout,
+                "spans": spans,
+                "workflow": workflow,
+                "filtered": _filtered(base, project, workflow),
+                "phoenix_spans": _wait(
+                    lambda p=project, n=len(spans): (
+                        len(found := _phoenix_spans(base, p)) >= n and found
+                    ),
+                    f"Phoenix's own view of the spans of {project}",
+                    60,
+                    phoenix,
+                ),
+            }
+        # A session id is Phoenix-wide: the demo's session ("s-1") belongs to the project
+        # that sent it first (http), and the grpc run's traces join it there. Phoenix files
+        # sessions as it inserts spans: wait for it.
+        result["sessions"] = _wait(
+            lambda: _sessions(base, "coworker-demo-http"), "the demo's session", 60, phoenix
+        )
     finally:
         phoenix.terminate()
         try:

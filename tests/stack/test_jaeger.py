@@ -1,8 +1,9 @@
 """The demo app → the shipped collector config → Jaeger v2, read back through Jaeger's query API.
 
-Today each top-level run is its own trace (the trace shape changes with issue 13), so the flow →
-step → run tree is asserted through attributes: ``flow.id``, ``step.id``, ``coworker.run.id``,
-and ``coworker.run.parent_id`` / the span parent where runs nest.
+Every run the demo printed arrives with its attributes (``flow.id``, ``step.id``,
+``coworker.run.id``, user, agent, conversation, break) in the trace the demo printed it under:
+a run nests under its parent run, else under its flow, step or turn span (issue 13), and every
+trace has one root.
 """
 
 from __future__ import annotations
@@ -32,32 +33,39 @@ from tests.stack._stack import (
 
 pytestmark = pytest.mark.stack
 
-_FLOW = re.compile(r"^flow (\S+) (\S+)")
-_STEP = re.compile(r"^  step (\S+)")
+_TRACE = re.compile(r"^trace ([0-9a-f]{32})")
+_FLOW = re.compile(r"^\s*(?:.*: )?flow (\S+) (\S+)")
+_STEP = re.compile(r"^\s+step (\S+)")
 _RUN = re.compile(r"^\s+([✓✗]) (.+?)  run=([0-9a-f]+)")
 
 
 def parse_demo_tree(output: str) -> list[dict[str, Any]]:
-    """The runs the demo printed: flow type and id, step, name, run id prefix, ok."""
+    """The runs the demo printed: trace id, flow type and id, step (``None`` where the demo
+    prints none: a conversation's runs sit under their turn), name, run id prefix, ok."""
     runs: list[dict[str, Any]] = []
+    trace: str | None = None
     flow: tuple[str, str] | None = None
     step: str | None = None
     for line in output.splitlines():
-        if match := _FLOW.match(line):
-            flow, step = (match.group(1), match.group(2)), None
+        if match := _TRACE.match(line):
+            trace, flow, step = match.group(1), None, None
+        elif match := _RUN.match(line):
+            if flow is not None:
+                runs.append(
+                    {
+                        "trace": trace,
+                        "flow_type": flow[0],
+                        "flow_id": flow[1],
+                        "step": step,
+                        "name": match.group(2),
+                        "run": match.group(3),
+                        "ok": match.group(1) == "✓",
+                    }
+                )
         elif match := _STEP.match(line):
             step = match.group(1)
-        elif (match := _RUN.match(line)) and flow is not None:
-            runs.append(
-                {
-                    "flow_type": flow[0],
-                    "flow_id": flow[1],
-                    "step": step,
-                    "name": match.group(2),
-                    "run": match.group(3),
-                    "ok": match.group(1) == "✓",
-                }
-            )
+        elif match := _FLOW.match(line):
+            flow, step = (match.group(1), match.group(2)), None
         elif line.startswith("audit trail"):
             break
     return runs
@@ -97,24 +105,31 @@ def test_demo_trace_tree_reaches_jaeger_through_the_collector(
         service = f"coworker-demo-{secrets.token_hex(4)}"
         since = time.time()
         url = collector.otlp_http if protocol != "grpc" else collector.otlp_grpc
-        printed = parse_demo_tree(_run_demo(url, protocol, service, tmp_path))
+        output = _run_demo(url, protocol, service, tmp_path)
+        printed = parse_demo_tree(output)
         assert len(printed) == 8, printed
+        exported = re.search(r"^OTLP: (\d+) span\(s\) exported to ", output, re.MULTILINE)
+        assert exported, output
+        total = int(exported.group(1))  # the runs and their flow, step and turn spans
 
-        spans = wait_until(
-            lambda: (found := jaeger.find_spans(service, since)) and len(found) >= len(printed)
+        everything = wait_until(
+            lambda: (found := jaeger.find_spans(service, since)) and len(found) >= total
             and found,
-            f"Jaeger has the demo's {len(printed)} runs",
+            f"Jaeger has the demo's {total} spans",
             procs=procs,
             timeout=60,
         )  # fmt: skip
-        assert len(spans) == len(printed)
+        assert len(everything) == total
         # The collector's traces pipeline fans out: the Tempo exporter got every span too.
-        wait_until(lambda: tempo.count() >= len(printed), "the Tempo stand-in has the spans")
+        wait_until(lambda: tempo.count() >= total, "the Tempo stand-in has the spans")
     finally:
         # Processes first: a collector still exporting to a closed sink waits out its retries.
         procs.close()
         tempo.close()
 
+    spans = [s for s in everything if a.RUN_ID in s["attrs"]]
+    assert len(spans) == len(printed)
+    by_span = {s["spanId"]: s for s in everything}
     by_run = {s["attrs"][a.RUN_ID][:8]: s for s in spans}
     assert set(by_run) == {r["run"] for r in printed}
     for run in printed:
@@ -124,20 +139,23 @@ def test_demo_trace_tree_reaches_jaeger_through_the_collector(
         assert span["name"] == run["name"]
         assert attrs[a.FLOW_TYPE] == run["flow_type"]
         assert attrs[a.FLOW_ID] == run["flow_id"]
-        assert attrs[a.STEP_ID] == run["step"]
+        if run["step"] is not None:
+            assert attrs[a.STEP_ID] == run["step"]
+        assert span["traceId"] == run["trace"]
         failed = span.get("status", {}).get("code") in (2, "STATUS_CODE_ERROR")
         assert failed == (not run["ok"]), span
-        # Nested runs name their parent run and are child spans of it; top-level runs are
-        # trace roots, one trace each (today's trace shape).
+        # Nested runs are child spans of their parent run; the others of their flow, step or
+        # turn span, in the same trace.
+        parent = by_span[span["parentSpanId"]]
         parent_run = attrs.get(a.RUN_PARENT_ID)
         if parent_run is None:
-            assert not span.get("parentSpanId"), span
+            assert a.RUN_ID not in parent["attrs"], span
         else:
-            parent = next(s for s in spans if s["attrs"][a.RUN_ID] == parent_run)
-            assert span["parentSpanId"] == parent["spanId"]
-            assert span["traceId"] == parent["traceId"]
-    roots = [s for s in spans if not s.get("parentSpanId")]
-    assert len({s["traceId"] for s in roots}) == len(roots)
+            assert parent["attrs"][a.RUN_ID] == parent_run
+        assert span["traceId"] == parent["traceId"]
+    roots = [s for s in everything if not s.get("parentSpanId")]
+    assert len({s["traceId"] for s in roots}) == len(roots), "one root per trace"
+    assert {s["traceId"] for s in roots} == {s["traceId"] for s in everything}
 
     # The workflow: one flow, three steps in order, the payment step failed once and retried.
     workflow = sorted(
