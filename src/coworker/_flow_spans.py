@@ -48,6 +48,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanContext, Status, StatusCode
 
 from coworker import attributes as attr
+from coworker._scope import SCOPE
 from coworker._state import SETTINGS, TRACER
 
 if TYPE_CHECKING:
@@ -193,14 +194,20 @@ class Segment:
 
 _var: contextvars.ContextVar[Any] | None = None
 _resolved = False
+_get_current: Callable[[], otel_context.Context] | None = None
+"""The current-context getter, set at the first flow span (before it, no context can hold a
+segment, so :func:`parent_for_run` returns at once)."""
 
 
 def _runtime_var() -> contextvars.ContextVar[Any] | None:
-    global _var, _resolved
+    global _var, _resolved, _get_current
     if not _resolved:
+        # Imported here, not at the top: coworker._run imports coworker.flow, which imports
+        # this module.
         from coworker._run import otelctx
 
         _var = otelctx._VAR
+        _get_current = _var.get if _var is not None else otel_context.get_current
         _resolved = True
     return _var
 
@@ -282,8 +289,6 @@ def _step_span_shape(
 
 
 def _identity() -> Identity | None:
-    from coworker._scope import SCOPE
-
     return SCOPE.get().identity
 
 
@@ -480,10 +485,20 @@ def parent_for_run() -> otel_context.Context | None:
     A segment replaced by another context (a break, the bound) is redirected to the live one;
     a flow or turn span past the bound is continued here first.
     """
-    ctx = _current()
+    get = _get_current
+    if get is None:
+        return None  # no flow span was ever made in this process
+    ctx = get()
     seg: Segment | None = ctx.get(KEY)  # type: ignore[assignment]
     if seg is None:
         return None
+    if not seg.ended and seg.holder.current is seg:  # the fast path: nothing replaced
+        top = seg.holder.top
+        if top is None:
+            return None
+        deadline = top.current.deadline
+        if deadline == _INF or deadline > clock():
+            return None
     return _parent(ctx, seg, check_bound=True)
 
 
@@ -503,6 +518,7 @@ def _parent(
     if (
         check_bound
         and top is not None
+        and top.current.deadline != _INF  # no bound: no clock read
         and not top.done
         and top.current.deadline <= clock()
         and trace.get_current_span(ctx) is seg.span
