@@ -440,16 +440,20 @@ def _end(
 
 
 def _strip_audit(span: Span) -> None:
-    """A flow/step/turn span is never an audit record: drop the audit flag if application
-    code set it on the current span (the flow's lifecycle is audited by its events)."""
+    """A flow/step/turn span is never an audit record: drop the audit flag (and its 0.1.0
+    name, which ``coworker audit serve`` and the collector configs still accept) if
+    application code set it on the current (flow) span; the flow's lifecycle is audited by
+    its events."""
     if not span.is_recording():
         return
-    from coworker._run.lifecycle import _drop_attribute, attribute_dict
+    from coworker._run.lifecycle import attribute_dict
 
-    if attr.AUDITED in attribute_dict(span):
-        _drop_attribute(span, attr.AUDITED)
-        if attr.AUDITED in attribute_dict(span):  # pragma: no cover - an SDK without the dict
-            span.set_attribute(attr.AUDITED, False)
+    for key in (attr.AUDITED, attr.AUDITED_LEGACY):
+        if key in attribute_dict(span):
+            try:
+                del span._attributes[key]  # type: ignore[attr-defined]
+            except Exception:  # no mutable SDK attributes: a False flag is no audit span
+                span.set_attribute(key, False)
 
 
 def _is_failure(exc: BaseException) -> bool:
