@@ -101,6 +101,7 @@ def test_workflow_is_one_trace_flow_step_run(spans: Any) -> None:
     assert a[attr.GEN_AI_OPERATION_NAME] == "invoke_workflow"
     assert a[attr.GEN_AI_WORKFLOW_NAME] == "order-processing"
     assert a[attr.OPENINFERENCE_SPAN_KIND] == "CHAIN"
+    assert a[attr.SPAN_TYPE] == "flow"
     assert (a[attr.FLOW_TYPE], a[attr.FLOW_ID]) == ("workflow", f.id)
     assert a[attr.FLOW_DEFINITION_ID] == "order-processing"
     assert a[attr.FLOW_METADATA_PREFIX + "channel"] == "web"
@@ -110,12 +111,14 @@ def test_workflow_is_one_trace_flow_step_run(spans: Any) -> None:
     sa = step.attributes
     assert (sa[attr.STEP_ID], sa[attr.FLOW_ID], sa[attr.STEP_ATTEMPT]) == ("payment", f.id, 1)
     assert sa[attr.OPENINFERENCE_SPAN_KIND] == "CHAIN"
+    assert sa[attr.SPAN_TYPE] == "step"
     assert sa[attr.STEP_OUTCOME] == "completed"
     failed, succeeded = sorted(named(spans, "submit Payment"), key=lambda s: s.start_time)
     assert failed.status.status_code is StatusCode.ERROR
     assert failed.attributes[attr.ERROR_TYPE].endswith("GatewayTimeout")
     assert succeeded.status.status_code is StatusCode.UNSET
     for run in named(spans, "submit Payment"):
+        assert attr.SPAN_TYPE not in run.attributes  # runs: counted by the run panels
         assert run.parent.span_id == step.context.span_id
         assert run.attributes[attr.STEP_ID] == "payment"
 

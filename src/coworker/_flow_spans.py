@@ -245,6 +245,7 @@ def _top_span_shape(
     if identity is not None:
         attrs.update(identity.span_attributes)
         agent = identity.agent
+    attrs[attr.SPAN_TYPE] = "turn" if kind == TURN else "flow"
     if kind == TURN:
         if turn is not None:
             attrs[attr.TURN_NUMBER] = turn.number
@@ -282,6 +283,7 @@ def _step_span_shape(
             attrs[attr.CONVERSATION_ID] = fa[attr.CONVERSATION_ID]
     if identity is not None:
         attrs.update(identity.span_attributes)
+    attrs[attr.SPAN_TYPE] = "step"
     attrs[attr.STEP_ID] = step
     attrs[attr.STEP_ATTEMPT] = attempt
     attrs[attr.OPENINFERENCE_SPAN_KIND] = attr.OPENINFERENCE_CHAIN
