@@ -786,3 +786,18 @@ def test_local_overlay_changes_only_addresses_and_paths() -> None:
         assert path[-1] in {"endpoint", "filename", "directory", "host", "port"}, path
         if path[-1] in {"endpoint", "host"}:
             assert "127.0.0.1" in str(value), (path, value)
+
+
+def test_span_metrics_panels_count_runs_not_flow_spans() -> None:
+    """Flow, step and turn spans (``coworker.span.type``) would inflate the run panels: every
+    span-metrics selector of the Flows dashboard keeps to runs (``coworker_span_type=""``)."""
+    exprs = [
+        e
+        for e in _promql(_dashboard(DASHBOARD_DIR / "flows.json"))
+        if "traces_span" in e and not e.startswith("label_values(")  # variables: any span
+    ]
+    assert exprs
+    for expr in exprs:
+        for metric, matchers in _SELECTOR.findall(expr):
+            if metric.startswith("traces_span_metrics"):
+                assert 'coworker_span_type=""' in matchers, expr

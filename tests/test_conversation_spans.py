@@ -46,6 +46,7 @@ def test_each_turn_is_one_trace_with_an_invoke_agent_span(spans: Any) -> None:
     a = first.attributes
     assert a[attr.GEN_AI_OPERATION_NAME] == "invoke_agent"
     assert a[attr.OPENINFERENCE_SPAN_KIND] == "AGENT"
+    assert a[attr.SPAN_TYPE] == "turn"
     assert a[attr.CONVERSATION_ID] == "chat-42"
     assert (a[attr.USER_ID], a[attr.SESSION_ID]) == ("user-456", "s-1")
     assert (a[attr.AGENT_ID], a[attr.AGENT_NAME]) == ("agent-789", "billing-assistant")

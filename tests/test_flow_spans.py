@@ -101,6 +101,7 @@ def test_workflow_is_one_trace_flow_step_run(spans: Any) -> None:
     assert a[attr.GEN_AI_OPERATION_NAME] == "invoke_workflow"
     assert a[attr.GEN_AI_WORKFLOW_NAME] == "order-processing"
     assert a[attr.OPENINFERENCE_SPAN_KIND] == "CHAIN"
+    assert a[attr.SPAN_TYPE] == "flow"
     assert (a[attr.FLOW_TYPE], a[attr.FLOW_ID]) == ("workflow", f.id)
     assert a[attr.FLOW_DEFINITION_ID] == "order-processing"
     assert a[attr.FLOW_METADATA_PREFIX + "channel"] == "web"
@@ -110,12 +111,14 @@ def test_workflow_is_one_trace_flow_step_run(spans: Any) -> None:
     sa = step.attributes
     assert (sa[attr.STEP_ID], sa[attr.FLOW_ID], sa[attr.STEP_ATTEMPT]) == ("payment", f.id, 1)
     assert sa[attr.OPENINFERENCE_SPAN_KIND] == "CHAIN"
+    assert sa[attr.SPAN_TYPE] == "step"
     assert sa[attr.STEP_OUTCOME] == "completed"
     failed, succeeded = sorted(named(spans, "submit Payment"), key=lambda s: s.start_time)
     assert failed.status.status_code is StatusCode.ERROR
     assert failed.attributes[attr.ERROR_TYPE].endswith("GatewayTimeout")
     assert succeeded.status.status_code is StatusCode.UNSET
     for run in named(spans, "submit Payment"):
+        assert attr.SPAN_TYPE not in run.attributes  # runs: counted by the run panels
         assert run.parent.span_id == step.context.span_id
         assert run.attributes[attr.STEP_ID] == "payment"
 
@@ -606,6 +609,7 @@ def test_flow_spans_are_not_audit_records(spans: Any) -> None:
     chat = coworker.conversation("c")
     with coworker.acting_as("u", "a"), chat.turn():
         trace.get_current_span().set_attribute(attr.AUDITED, True)
+        trace.get_current_span().set_attribute(attr.AUDITED_LEGACY, True)  # the 0.1.0 name
     coworker.force_flush()
     records = [r.fields() for r in _setup.audit_store().iter_from(1)]
     runs = [r for r in records if r["category"] != "flow"]
@@ -616,3 +620,62 @@ def test_flow_spans_are_not_audit_records(spans: Any) -> None:
     assert runs[0]["parent_span_id"] == f"{one(spans, 'step payment').context.span_id:016x}"
     for name in ("invoke_workflow order-processing", "step payment", "invoke_agent"):
         assert attr.AUDITED not in one(spans, name).attributes
+        assert attr.AUDITED_LEGACY not in one(spans, name).attributes
+
+
+def test_one_step_block_shared_by_concurrent_tasks(spans: Any) -> None:
+    """A module-level step block entered by two tasks at once: each entry has its own span,
+    each task's run under its own entry's span, both ended."""
+    import asyncio
+
+    shared = coworker.step("ship")
+    inside = asyncio.Event()
+
+    @coworker.run(operation="select", doctype="Parcel")
+    async def pack(n: int) -> int:
+        return n
+
+    async def task(n: int) -> None:
+        async with shared:
+            if n == 0:
+                await inside.wait()  # both entries are open at once
+            else:
+                inside.set()
+            await pack(n)
+
+    async def main() -> None:
+        async with ORDERS.start():
+            await asyncio.gather(task(0), task(1))
+
+    asyncio.run(main())
+    steps = named(spans, "step ship")
+    assert len(steps) == 2
+    runs = named(spans, "select Parcel")
+    assert {r.parent.span_id for r in runs} == {s.context.span_id for s in steps}
+
+
+def test_flow_block_in_a_generator_resumed_in_another_context(
+    spans: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flow block spanning a generator's yield, the generator resumed in another context:
+    the span still ends once. (A plain generator runs in its consumer's context: after the
+    resume neither the flow nor its span is current there, like every ContextVar.)"""
+    import contextvars
+
+    def job() -> Any:
+        with coworker.flow("batch-job"):
+            load("a")
+            yield 1
+            load("b")
+
+    gen = job()
+    contextvars.copy_context().run(next, gen)
+    with pytest.raises(StopIteration):
+        contextvars.copy_context().run(next, gen)
+    root = one(spans, "flow batch-job")
+    a, b = sorted(named(spans, "select Order"), key=lambda s: s.start_time)
+    assert a.parent.span_id == root.context.span_id
+    assert b.parent is None and attr.FLOW_ID not in b.attributes  # the consumer's context
+    assert root.end_time >= b.end_time  # ended when the block exited, after "b"
+    assert not trace.get_current_span().get_span_context().is_valid
+    _no_double_end(caplog)

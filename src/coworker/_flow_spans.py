@@ -48,6 +48,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanContext, Status, StatusCode
 
 from coworker import attributes as attr
+from coworker._scope import SCOPE
 from coworker._state import SETTINGS, TRACER
 
 if TYPE_CHECKING:
@@ -193,14 +194,20 @@ class Segment:
 
 _var: contextvars.ContextVar[Any] | None = None
 _resolved = False
+_get_current: Callable[[], otel_context.Context] | None = None
+"""The current-context getter, set at the first flow span (before it, no context can hold a
+segment, so :func:`parent_for_run` returns at once)."""
 
 
 def _runtime_var() -> contextvars.ContextVar[Any] | None:
-    global _var, _resolved
+    global _var, _resolved, _get_current
     if not _resolved:
+        # Imported here, not at the top: coworker._run imports coworker.flow, which imports
+        # this module.
         from coworker._run import otelctx
 
         _var = otelctx._VAR
+        _get_current = _var.get if _var is not None else otel_context.get_current
         _resolved = True
     return _var
 
@@ -238,6 +245,7 @@ def _top_span_shape(
     if identity is not None:
         attrs.update(identity.span_attributes)
         agent = identity.agent
+    attrs[attr.SPAN_TYPE] = "turn" if kind == TURN else "flow"
     if kind == TURN:
         if turn is not None:
             attrs[attr.TURN_NUMBER] = turn.number
@@ -275,6 +283,7 @@ def _step_span_shape(
             attrs[attr.CONVERSATION_ID] = fa[attr.CONVERSATION_ID]
     if identity is not None:
         attrs.update(identity.span_attributes)
+    attrs[attr.SPAN_TYPE] = "step"
     attrs[attr.STEP_ID] = step
     attrs[attr.STEP_ATTEMPT] = attempt
     attrs[attr.OPENINFERENCE_SPAN_KIND] = attr.OPENINFERENCE_CHAIN
@@ -282,8 +291,6 @@ def _step_span_shape(
 
 
 def _identity() -> Identity | None:
-    from coworker._scope import SCOPE
-
     return SCOPE.get().identity
 
 
@@ -435,16 +442,20 @@ def _end(
 
 
 def _strip_audit(span: Span) -> None:
-    """A flow/step/turn span is never an audit record: drop the audit flag if application
-    code set it on the current span (the flow's lifecycle is audited by its events)."""
+    """A flow/step/turn span is never an audit record: drop the audit flag (and its 0.1.0
+    name, which ``coworker audit serve`` and the collector configs still accept) if
+    application code set it on the current (flow) span; the flow's lifecycle is audited by
+    its events."""
     if not span.is_recording():
         return
-    from coworker._run.lifecycle import _drop_attribute, attribute_dict
+    from coworker._run.lifecycle import attribute_dict
 
-    if attr.AUDITED in attribute_dict(span):
-        _drop_attribute(span, attr.AUDITED)
-        if attr.AUDITED in attribute_dict(span):  # pragma: no cover - an SDK without the dict
-            span.set_attribute(attr.AUDITED, False)
+    for key in (attr.AUDITED, attr.AUDITED_LEGACY):
+        if key in attribute_dict(span):
+            try:
+                del span._attributes[key]  # type: ignore[attr-defined]
+            except Exception:  # no mutable SDK attributes: a False flag is no audit span
+                span.set_attribute(key, False)
 
 
 def _is_failure(exc: BaseException) -> bool:
@@ -480,10 +491,20 @@ def parent_for_run() -> otel_context.Context | None:
     A segment replaced by another context (a break, the bound) is redirected to the live one;
     a flow or turn span past the bound is continued here first.
     """
-    ctx = _current()
+    get = _get_current
+    if get is None:
+        return None  # no flow span was ever made in this process
+    ctx = get()
     seg: Segment | None = ctx.get(KEY)  # type: ignore[assignment]
     if seg is None:
         return None
+    if not seg.ended and seg.holder.current is seg:  # the fast path: nothing replaced
+        top = seg.holder.top
+        if top is None:
+            return None
+        deadline = top.current.deadline
+        if deadline == _INF or deadline > clock():
+            return None
     return _parent(ctx, seg, check_bound=True)
 
 
@@ -503,6 +524,7 @@ def _parent(
     if (
         check_bound
         and top is not None
+        and top.current.deadline != _INF  # no bound: no clock read
         and not top.done
         and top.current.deadline <= clock()
         and trace.get_current_span(ctx) is seg.span

@@ -134,6 +134,9 @@ TURN_MESSAGE_ID: Final = "coworker.turn.message_id"
 SPAN_CONTINUED: Final = "coworker.span.continued"
 """``True`` on a flow/step span ended at the configured bound while its block went on; the
 continuation span links to it."""
+SPAN_TYPE: Final = "coworker.span.type"
+"""``flow``, ``step`` or ``turn`` on the spans of those blocks; absent on runs (the span-metrics
+dashboards count runs with ``coworker_span_type=""``)."""
 SPAN_SEGMENT: Final = "coworker.span.segment"
 """1 for a block's first span, 2, 3, ... for its continuation spans."""
 USAGE_UNPRICED: Final = "coworker.usage.unpriced_calls"
