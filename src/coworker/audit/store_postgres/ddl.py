@@ -262,3 +262,20 @@ def writer_grants(role: str, schema: str = DEFAULT_SCHEMA) -> list[str]:
 
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+# How our DDL writes the default chain's genesis (32 zero bytes); a named chain's schema gets
+# its own value in its place (coworker.audit.chain.genesis), in check_chain() and append().
+_ZERO_GENESIS: Final = "decode(repeat('00', 32), 'hex')"
+
+
+def render(text: str, schema: str, chain: str = "") -> str:
+    """Our DDL (or a function source from it) for ``schema``, holding ``chain``."""
+    from coworker.audit.chain import genesis
+
+    out = text.replace("{schema}", _quote_ident(schema)).replace(
+        "{namespace}", str(_LOCK_NAMESPACE)
+    )
+    if chain:
+        out = out.replace(_ZERO_GENESIS, f"decode('{genesis(chain).hex()}', 'hex')")
+    return out
