@@ -191,3 +191,58 @@ def test_postgres_cli_verify_walks_every_chain(pg: Any, capsys: pytest.CaptureFi
     assert main(["audit", "verify", "--url", url]) == 0
     out = capsys.readouterr().out
     assert out.count("OK  2 records intact") == 3 and "chain  x" in out and "chain  y" in out
+
+
+# -- checkpoints over chains ------------------------------------------------------------------
+
+
+def test_chain_checkpoints_use_their_own_origin_and_derived_key(tmp_path: Path) -> None:
+    """A chain's tree is signed under <origin>/chain/<name> with the store's key; the auditor
+    derives the verifier from the store's verifier key; the default chain keeps <origin>."""
+    from coworker.audit.checkpoint import (
+        Checkpoint,
+        CheckpointError,
+        chain_origin,
+        chain_signer,
+        chain_verifier,
+        open_checkpoint,
+        sign_checkpoint,
+    )
+    from coworker.audit.keys import generate_signer
+
+    signer = generate_signer("audit.example.com/prod")
+    assert chain_origin(signer.name, "") == signer.name
+    s = SQLiteStore(tmp_path / "audit.db", chain="billing")
+    fill(s, 5)
+    tree = LogTree(s)
+    size = tree.sync()
+    cp = Checkpoint(chain_origin(signer.name, "billing"), size, tree.root(size))
+    note = sign_checkpoint(cp, chain_signer(signer, "billing"))
+    opened, _ = open_checkpoint(note, chain_verifier(signer.verifier, "billing"))
+    assert opened.origin == "audit.example.com/prod/chain/billing" and opened.size == 5
+    with pytest.raises(CheckpointError):  # not valid as the default chain's checkpoint
+        open_checkpoint(note, signer.verifier)
+    s.close()
+
+
+def test_heads_note_lists_every_chain_and_any_change_is_refused() -> None:
+    """One signed note lists every chain's tree; a changed size or root, another signer or a
+    duplicated chain line is refused."""
+    from coworker.audit.checkpoint import CheckpointError, heads_note, open_heads
+    from coworker.audit.keys import generate_signer
+
+    signer = generate_signer("audit.example.com/prod")
+    heads = {"": (120, b"\x01" * 32), "billing": (7, b"\x02" * 32), "eu": (0, b"\x03" * 32)}
+    note = heads_note(signer, heads)
+    assert note.decode().splitlines()[:3] == [
+        "audit.example.com/prod",
+        "coworker-audit-heads/v1",
+        "- 120 AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+    ]
+    assert open_heads(note, signer.verifier) == heads
+    with pytest.raises(CheckpointError):
+        open_heads(note.replace(b"billing 7 ", b"billing 6 "), signer.verifier)
+    with pytest.raises(CheckpointError):
+        open_heads(note, generate_signer("audit.example.com/prod").verifier)
+    with pytest.raises(CheckpointError):
+        open_heads(heads_note(generate_signer("other"), heads), signer.verifier)

@@ -302,6 +302,8 @@ class SQLiteStore:
                 if not os.path.isdir(directory):
                     # Loud for a path someone typed; the embedded default's first use is normal.
                     default = os.path.normpath(self.path) == DEFAULT_AUDIT_PATH
+                    # A store's first named chain makes its .chains directory: normal too.
+                    default = default or bool(self.chain and os.path.exists(self.store_path))
                     _log.log(
                         logging.INFO if default else logging.WARNING,
                         "audit store %r: directory %r does not exist; creating it and a new, "
