@@ -59,7 +59,7 @@ def make_entries(n: int) -> list[tuple[dict[str, Any], bytes | None]]:
     tracer = provider.get_tracer("bench")
     for i in range(n):
         attributes = {
-            a.AUDIT: True,
+            a.AUDITED: True,
             a.AUDIT_CATEGORY: a.CATEGORY_STATE_CHANGE,
             a.OPERATION: "update",
             a.DOCTYPE: "Invoice",

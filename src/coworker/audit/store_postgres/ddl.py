@@ -141,6 +141,37 @@ CREATE TABLE {schema}.keys (
 # The ALTER TABLE comes first: the guard restore re-runs only what follows the last function.
 _DDL_V4: Final = """
 ALTER TABLE {schema}.records ADD COLUMN attempt bytea;
+CREATE OR REPLACE FUNCTION {schema}.check_chain() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    bad bigint;
+BEGIN
+    -- The same refusals as version 2, at half the cost (it runs under the append lock): a
+    -- row must follow the one before it in the statement (lag over seq), the first row the
+    -- record already in the log (one index probe), and every hash must be its own.
+    SELECT n.seq INTO bad FROM (
+        SELECT r.seq, r.prev_hash, r.hash, r.body,
+               lag(r.seq) OVER w AS lseq, lag(r.hash) OVER w AS lhash
+        FROM new_rows r WINDOW w AS (ORDER BY r.seq)
+    ) n
+    WHERE n.hash IS DISTINCT FROM sha256(n.prev_hash || n.body)
+       OR (n.lseq IS NOT NULL
+           AND (n.lseq <> n.seq - 1 OR n.lhash IS DISTINCT FROM n.prev_hash))
+       OR (n.lseq IS NULL AND n.seq = 1
+           AND n.prev_hash IS DISTINCT FROM decode(repeat('00', 32), 'hex'))
+       OR (n.lseq IS NULL AND n.seq > 1
+           AND (SELECT p.hash FROM {schema}.records p WHERE p.seq = n.seq - 1)
+               IS DISTINCT FROM n.prev_hash)
+    ORDER BY n.seq LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'coworker audit log: record % does not chain onto the log', bad
+            USING ERRCODE = 'integrity_constraint_violation',
+                  HINT = 'seq must follow the head, prev_hash be its hash, hash be '
+                         'sha256(prev_hash || body): append through coworker';
+    END IF;
+    RETURN NULL;
+END
+$$;
 CREATE FUNCTION {schema}.append(
     lock_key integer, attempt bytea, before bytea[], after bytea[], payload bytea[],
     dedup bytea[], kind text[], category text[], operation text[], doctype text[],
