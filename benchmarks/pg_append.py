@@ -78,9 +78,9 @@ def make_entries(n: int) -> list[tuple[dict[str, Any], bytes | None]]:
     return [entry_from_span(s) for s in memory.get_finished_spans()]
 
 
-def _chained(url: str, n: int, batch: int, barrier: Any, out: Any) -> None:
+def _chained(url: str, n: int, batch: int, barrier: Any, out: Any, chain: str = "") -> None:
     entries = make_entries(n)
-    store = PostgresStore(url, spool=None)
+    store = PostgresStore(url, spool=None, chain=chain)
     barrier.wait()
     start = time.perf_counter()
     for i in range(0, n, batch):
@@ -158,6 +158,41 @@ def run_once(kind: str, url: str, writers: int, per_writer: int, batch: int) -> 
     return count / wall
 
 
+def run_chains(url: str, writers: int, chains: int, per_writer: int, batch: int) -> float:
+    """``writers`` processes spread over ``chains`` chains of one fresh store (writer ``w``
+    appends to chain ``w % chains``); returns records/s over the whole wall time."""
+    schema = "bench_" + secrets.token_hex(4)
+    run_url = f"{url}{'&' if '?' in url else '?'}schema={schema}"
+    names = [""] + [f"c{i}" for i in range(1, chains)]
+    for name in names:  # create every chain's schema outside the timing
+        PostgresStore(run_url, spool=None, chain=name).close()
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(writers), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_chained, args=(run_url, per_writer, batch, barrier, out, names[w % chains])
+        )
+        for w in range(writers)
+    ]
+    for p in procs:
+        p.start()
+    times = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise SystemExit(f"chain writer failed with exit code {p.exitcode}")
+    count = 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        for name in names:
+            s = schema if not name else f"{schema}:{name}"
+            (n,) = conn.execute(f'SELECT count(*) FROM "{s}".records').fetchone()  # type: ignore[misc]
+            count += n
+            conn.execute(f'DROP SCHEMA "{s}" CASCADE')
+    assert count == writers * per_writer, (count, writers * per_writer)
+    wall = max(t[1] for t in times) - min(t[0] for t in times)
+    return count / wall
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -169,7 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,10,100", help="records per transaction")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--chains",
+        default=None,
+        help="instead: appends/s with these chain counts (e.g. 1,2,4) under --writers writers",
+    )
     args = parser.parse_args(argv)
+    if args.chains:
+        return _main_chains(args)
     results = []
     for batch in (int(b) for b in args.batches.split(",")):
         # batch=1 commits once per record: fewer records keep the run short.
@@ -199,6 +241,37 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['batch']:>6} {r['records']:>8} {r['chained_per_s']:>10} "
                 f"{r['raw_per_s']:>10} {r['ratio']:>6.2f}"
             )
+    return 0
+
+
+def _main_chains(args: argparse.Namespace) -> int:
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        per_writer = args.records if batch > 1 else max(args.records // 10, 100)
+        for chains in (int(c) for c in args.chains.split(",")):
+            rates = [
+                run_chains(args.url, args.writers, chains, per_writer, batch)
+                for _ in range(args.runs)
+            ]
+            rows.append(
+                {
+                    "writers": args.writers,
+                    "chains": chains,
+                    "batch": batch,
+                    "per_s": round(statistics.median(rates)),
+                    "runs": [round(r) for r in rates],
+                }
+            )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"PostgreSQL chains, {args.writers} writer processes, median of {args.runs} runs")
+    print(f"{'batch':>6} {'chains':>7} {'records/s':>10}  x 1 chain")
+    base: dict[int, float] = {}
+    for r in rows:
+        base.setdefault(r["batch"], r["per_s"])
+        scale = r["per_s"] / base[r["batch"]]
+        print(f"{r['batch']:>6} {r['chains']:>7} {r['per_s']:>10}  {scale:.2f}")
     return 0
 
 

@@ -148,3 +148,35 @@ def test_rows_carry_the_nonce_of_their_call(pg: PGServer, store: PostgresStore) 
 def pg_rows(pg: PGServer, store: PostgresStore, query: str) -> list[Any]:
     with psycopg.connect(pg.url, autocommit=True) as conn:
         return conn.execute(query.format(s=f'"{store.schema}"').encode()).fetchall()
+
+
+def test_chain_check_refuses_a_bad_row_inside_a_multi_row_insert(
+    pg: PGServer, store: PostgresStore
+) -> None:
+    """The database's chain check (version 4 form) refuses a raw multi-row INSERT whose
+    second row skips a seq or does not link to the first, and accepts a correct one."""
+    from coworker.audit.chain import seal
+    from coworker.audit.store import Head
+
+    (first,) = store.append([entry(0)])
+    head = Head(first.seq, first.hash)
+    plain = [{"n": 1}, {"n": 2}]  # no query columns: the raw rows need none
+    good = seal(plain, head)
+    skip = [good[0], seal(plain[1:], Head(good[0].seq + 1, good[0].hash))[0]]  # 2, then 4
+    unlinked = [good[0], seal(plain[1:], Head(good[0].seq, b"\x07" * 32))[0]]
+    table = f'"{store.schema}".records'
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        for rows in (skip, unlinked):
+            with pytest.raises(psycopg.errors.IntegrityConstraintViolation):
+                conn.execute(
+                    f"INSERT INTO {table} (seq, prev_hash, hash, body) VALUES "
+                    "(%s, %s, %s, %s), (%s, %s, %s, %s)",
+                    [v for r in rows for v in (r.seq, r.prev_hash, r.hash, r.body)],
+                )
+        conn.execute(
+            f"INSERT INTO {table} (seq, prev_hash, hash, body) VALUES "
+            "(%s, %s, %s, %s), (%s, %s, %s, %s)",
+            [v for r in good for v in (r.seq, r.prev_hash, r.hash, r.body)],
+        )
+    assert [r.seq for r in store.iter_from()] == [1, 2, 3]
+    assert verify_chain(store).ok

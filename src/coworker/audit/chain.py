@@ -1,24 +1,71 @@
 """The hash chain: pure functions, no I/O, no clock.
 
 ``hash(n) = SHA-256(prev_hash(n) || body(n))`` where ``body(n)`` is the RFC 8785 canonical JSON
-of record *n* (which includes its own ``seq``) and ``prev_hash(1)`` is :data:`GENESIS_PREV_HASH`,
-32 zero bytes. Every store keeps ``seq``, ``prev_hash``, ``hash`` and ``body`` exactly as hashed,
-so that anyone can re-run :func:`link` over the log without trusting the store.
+of record *n* (which includes its own ``seq``) and ``prev_hash(1)`` is the chain's genesis value:
+:data:`GENESIS_PREV_HASH` (32 zero bytes) for the default chain, ``SHA-256("coworker-audit-chain"
+|| 0x00 || name)`` for a named chain (:func:`genesis`), so that a named chain's records, linked
+from its genesis, cannot pass for another chain's. Every store keeps ``seq``, ``prev_hash``,
+``hash`` and ``body`` exactly as hashed, so that anyone can re-run :func:`link` over the log
+without trusting the store.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from coworker.audit.record import canonical
 from coworker.audit.store import Head, StoredRecord
 
-__all__ = ["GENESIS_PREV_HASH", "Prepared", "link", "prepare", "seal"]
+__all__ = [
+    "DEFAULT_CHAIN",
+    "GENESIS_PREV_HASH",
+    "Prepared",
+    "check_chain_name",
+    "genesis",
+    "link",
+    "prepare",
+    "seal",
+]
 
 GENESIS_PREV_HASH: bytes = bytes(32)
-"""The ``prev_hash`` of record 1: 32 zero bytes (hex ``00…00``)."""
+"""The ``prev_hash`` of record 1 of the default chain: 32 zero bytes (hex ``00…00``)."""
+
+DEFAULT_CHAIN: Final = ""
+"""The name of the default chain: every store's chain unless its URL says ``?chain=``."""
+
+_CHAIN_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}")
+_GENESIS_TAG: Final = b"coworker-audit-chain\x00"
+
+
+def check_chain_name(name: str) -> str:
+    """Return ``name`` if it is a valid chain name, else raise ``ValueError``.
+
+    A chain name is 1 to 48 characters of ``A-Z a-z 0-9 . _ -``, starting with a letter or a
+    digit: it becomes part of a file or schema name and of a checkpoint origin line.
+    """
+    if name != DEFAULT_CHAIN and not _CHAIN_NAME.fullmatch(name):
+        raise ValueError(
+            f"chain name {name!r}: use 1-48 characters of A-Z a-z 0-9 . _ -, starting with a "
+            "letter or digit"
+        )
+    return name
+
+
+def genesis(chain: str = DEFAULT_CHAIN) -> bytes:
+    """The ``prev_hash`` of record 1 of ``chain``.
+
+    The default chain keeps :data:`GENESIS_PREV_HASH` (existing logs and the Go interop
+    vectors are unchanged); a named chain starts from ``SHA-256("coworker-audit-chain" || 0x00
+    || name)``. Every later record hashes its predecessor, so the whole chain is bound to its
+    name: records moved into another chain break its links, a whole chain renamed breaks its
+    genesis (``bad-genesis``).
+    """
+    if chain == DEFAULT_CHAIN:
+        return GENESIS_PREV_HASH
+    return hashlib.sha256(_GENESIS_TAG + check_chain_name(chain).encode("ascii")).digest()
 
 
 def link(prev_hash: bytes, body: bytes) -> bytes:
@@ -83,6 +130,8 @@ def seal(
     entries: Iterable[Mapping[str, Any] | Prepared],
     head: Head | None,
     payloads: Sequence[bytes | None] | None = None,
+    *,
+    first_prev: bytes = GENESIS_PREV_HASH,
 ) -> list[StoredRecord]:
     """Give each entry the next ``seq``, canonicalise it and chain it onto ``head``.
 
@@ -93,12 +142,14 @@ def seal(
             :class:`Prepared` entries (canonicalised already: much less work under a lock).
         head: the current head of the log, or ``None`` when it is empty.
         payloads: the separate (erasable) payload bytes for each entry, or ``None``.
+        first_prev: the chain's genesis value (:func:`genesis`), used when ``head`` is
+            ``None``.
 
     Returns:
         The sealed records, in order, ready to be written.
     """
     seq = head.seq if head is not None else 0
-    prev = head.hash if head is not None else GENESIS_PREV_HASH
+    prev = head.hash if head is not None else first_prev
     out: list[StoredRecord] = []
     for i, fields in enumerate(entries):
         seq += 1

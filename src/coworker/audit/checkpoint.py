@@ -23,7 +23,7 @@ import base64
 import binascii
 import hashlib
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -35,8 +35,13 @@ __all__ = [
     "CheckpointError",
     "Note",
     "NoteSignature",
+    "chain_origin",
+    "chain_signer",
+    "chain_verifier",
     "cosignature_key_id",
+    "heads_note",
     "open_checkpoint",
+    "open_heads",
     "open_note",
     "parse_checkpoint",
     "parse_note",
@@ -299,3 +304,84 @@ def verify_cosignature(note: Note, witness: Verifier) -> int | None:
             raise CheckpointError(f"invalid cosignature for witness {witness.name}")
         return int(timestamp)
     return None
+
+
+# -- several chains (docs/proofs.md "Checkpoints over several chains") ----------------------
+
+HEADS_HEADER: Final = "coworker-audit-heads/v1"
+"""Second line of a heads note: never a tree size, so a heads note is never a checkpoint."""
+
+
+def chain_origin(origin: str, chain: str) -> str:
+    """The origin of ``chain``'s checkpoints: ``origin`` for the default chain, else
+    ``<origin>/chain/<chain>`` (a C2SP origin names exactly one tree)."""
+    from coworker.audit.chain import check_chain_name
+
+    return origin if not chain else f"{origin}/chain/{check_chain_name(chain)}"
+
+
+def chain_signer(signer: Signer, chain: str) -> Signer:
+    """``signer``'s Ed25519 key under ``chain``'s origin (same key, the name and id differ)."""
+    from coworker.audit.keys import ALG_ED25519, key_id
+
+    name = chain_origin(signer.name, chain)
+    if name == signer.name:
+        return signer
+    public = signer.verifier.public
+    return Signer(name, key_id(name, ALG_ED25519, public), signer.seed)
+
+
+def chain_verifier(verifier: Verifier, chain: str) -> Verifier:
+    """The verifier key of ``chain``'s checkpoints, derived from the store's verifier key."""
+    from coworker.audit.keys import ALG_ED25519, key_id
+
+    name = chain_origin(verifier.name, chain)
+    if name == verifier.name:
+        return verifier
+    return Verifier(name, key_id(name, ALG_ED25519, verifier.public), verifier.public)
+
+
+def heads_note(signer: Signer, heads: Mapping[str, tuple[int, bytes]]) -> bytes:
+    """A signed note listing every chain's tree: ``chain -> (size, root)``.
+
+    Text: ``<origin>``, ``coworker-audit-heads/v1``, then one line per chain by name (the
+    default chain as ``-``): ``<chain> <size> <base64 root>``. Signed under the store's origin.
+    """
+    from coworker.audit.chain import check_chain_name
+
+    lines = [signer.name, HEADS_HEADER]
+    for chain in sorted(heads, key=lambda c: (c != "", c)):
+        size, root = heads[chain]
+        if size < 0 or len(root) != 32:
+            raise CheckpointError(f"chain {chain!r}: bad tree ({size}, {len(root)}-byte root)")
+        lines.append(f"{check_chain_name(chain) or '-'} {size} {base64.b64encode(root).decode()}")
+    return sign_note("\n".join(lines) + "\n", [signer])
+
+
+def open_heads(message: bytes, verifier: Verifier) -> dict[str, tuple[int, bytes]]:
+    """Verify a heads note signed by ``verifier`` and return ``chain -> (size, root)``.
+
+    Raises:
+        CheckpointError: malformed, badly signed, for another origin, or a chain listed twice.
+    """
+    from coworker.audit.chain import check_chain_name
+
+    note, _ = open_note(message, [verifier])
+    lines = note.text.rstrip("\n").split("\n")
+    if len(lines) < 2 or lines[0] != verifier.name or lines[1] != HEADS_HEADER:
+        raise CheckpointError(f"not a heads note of {verifier.name!r}")
+    heads: dict[str, tuple[int, bytes]] = {}
+    for line in lines[2:]:
+        parts = line.split(" ")
+        if len(parts) != 3 or not parts[1].isdigit() or (parts[1] != "0" and parts[1][0] == "0"):
+            raise CheckpointError(f"malformed heads line {line[:60]!r}")
+        chain = "" if parts[0] == "-" else parts[0]
+        try:
+            check_chain_name(chain)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        root = _b64(parts[2])
+        if chain in heads or len(root) != 32:
+            raise CheckpointError(f"malformed heads line {line[:60]!r}")
+        heads[chain] = (int(parts[1]), root)
+    return heads

@@ -415,7 +415,7 @@ def start_from_config(
     elif type(store).__name__ == "PostgresStore":
         from coworker.audit.store_postgres import PostgresStore
 
-        own = PostgresStore(store.url, schema=store.schema, spool=False)
+        own = PostgresStore(store.url, schema=store.base_schema, chain=store.chain, spool=False)
     cpr = Checkpointer(
         own,
         signer,

@@ -59,6 +59,13 @@ def register(subparsers: Any) -> None:
     )
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.add_argument(
+        "--chain",
+        default=None,
+        metavar="NAME",
+        help="verify this chain only (default: every chain of the store, each named in its "
+        "findings)",
+    )
+    verify.add_argument(
         "--checkpoint",
         action="append",
         default=[],
@@ -227,13 +234,37 @@ def _progress(
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    """Verify every chain of the store (or ``--chain``); the worst exit code wins."""
+    from coworker.audit.urls import resolve_url, with_chain
+
+    try:
+        url = resolve_url(args.url)
+        if args.chain is not None:
+            return _verify_one(args, with_chain(url, args.chain), args.chain, False)
+        with _store(url, readonly=True) as store:
+            chains = store.chains() if hasattr(store, "chains") else [""]
+    except (AuditUnavailable, ConfigError) as exc:
+        return _fail(str(exc))
+    named = [c for c in chains if c]
+    # The default chain first, exactly as a store without named chains prints it; --expected-
+    # head and --checkpoint are the default chain's (pass --chain for another's).
+    code = _verify_one(args, url, "", bool(named)) if "" in chains or not named else 0
+    for chain in named:
+        one = argparse.Namespace(**{**vars(args), "expected_head": None, "checkpoint": []})
+        code = max(code, _verify_one(one, with_chain(url, chain), chain, True))
+    return code
+
+
+def _verify_one(args: argparse.Namespace, url: str, chain: str, label: bool) -> int:
     from coworker.audit.verify import verify_chain
 
+    if label and not args.json:
+        print(f"chain  {printable(chain) if chain else '(default)'}")
     try:
         expected = _parse_head(args.expected_head) if args.expected_head else None
         if args.checkpoint and not args.key:
             raise ConfigError("--checkpoint needs --key PUBKEY (the log's verifier key)")
-        with _store(args.url, readonly=True) as store:
+        with _store(url, readonly=True) as store:
             head = store.head()
             progress, done = _progress(head.seq if head else 0, args.progress)
             try:
@@ -258,6 +289,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             return 1
     if args.json:
         out = report.to_dict()
+        out["chain"] = chain
         out["erased"] = [{"seq": s, "state": e.describe()} for s, e in sorted(erased.items())]
         print(json.dumps(out))
         return 0 if report.ok else 1
@@ -277,7 +309,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         seq = report.bad_seq if problem is None else problem.seq
         kind = report.kind if problem is None else problem.kind
         detail = report.detail if problem is None else problem.detail
-        print(f"FAIL  {'-' if seq is None else f'seq {seq}'}: {printable(kind)}")
+        where = f"chain {printable(chain)} " if chain else ""
+        print(f"FAIL  {where}{'-' if seq is None else f'seq {seq}'}: {printable(kind)}")
         print(f"      {printable(detail)}")
     if report.head is not None:
         print(f"intact up to  {report.head.seq}:{report.head.hash_hex}")

@@ -52,6 +52,7 @@ __all__ = [
     "plaintext",
     "release_entry",
     "seal_payload",
+    "searched_erasures",
     "store_holds",
 ]
 
@@ -281,10 +282,18 @@ def plaintext(record: Any, key_for: Callable[[str], bytes | None]) -> bytes | No
 
 
 def erased_payloads(store: Any) -> dict[int, PayloadState]:
-    """Erased payloads of ``store`` by record seq (indexed ``kind`` search when it has one)."""
-    search = getattr(store, "search", None)
-    if search is None:
-        return payload_states(store.iter_from(1))
+    """Erased payloads of ``store`` by record seq: its own
+    :meth:`~coworker.audit.store.AuditStore.erased_payloads` (SQLite and PostgreSQL find the
+    erasure records with an indexed ``kind`` search); a store without one is read whole."""
+    own = getattr(store, "erased_payloads", None)
+    if own is not None:
+        found: dict[int, PayloadState] = own()
+        return found
+    return payload_states(store.iter_from(1))
+
+
+def searched_erasures(search: Any) -> dict[int, PayloadState]:
+    """Erased payloads from a store's ``search`` (the erasure and purge records only)."""
     records = sorted(
         [*search({"kind": KIND_ERASURE}), *search({"kind": "purge"})], key=lambda r: r.seq
     )

@@ -138,6 +138,19 @@ class IntegrityChecked(Protocol):
         ...
 
 
+def store_chain(store: Any) -> str:
+    """The chain ``store`` holds: its ``chain`` attribute, else the default chain ``""``."""
+    chain = getattr(store, "chain", "")
+    return chain if isinstance(chain, str) else ""
+
+
+def first_prev(store: Any) -> bytes:
+    """The ``prev_hash`` of record 1 of the chain ``store`` holds (its genesis value)."""
+    from coworker.audit.chain import genesis
+
+    return genesis(store_chain(store))
+
+
 def erased_seqs(store: Any) -> frozenset[int]:
     """The seqs whose payloads an erasure or purge record of ``store`` covers."""
     from coworker.audit.erasure import erased_payloads
@@ -261,6 +274,20 @@ class AuditStore(Protocol):
         """Release connections and files; idempotent."""
         ...
 
+    def tree_table(self) -> Any:
+        """Where this store's Merkle tree is kept (:class:`coworker.audit.tlog.TreeTable`):
+        the proofs code (``LogTree``, checkpoints) asks the store, never guesses its type."""
+        ...
+
+    def erased_payloads(self) -> dict[int, Any]:
+        """Erased payloads by record seq (:class:`coworker.audit.erasure.PayloadState`), from
+        the erasure and purge records of the log."""
+        ...
+
+    def chains(self) -> list[str]:
+        """The chains this store holds: the default chain ``""`` first, then named ones."""
+        ...
+
 
 class InMemoryStore:
     """A store in a Python list: same contract, no durability. For tests and demos."""
@@ -310,6 +337,22 @@ class InMemoryStore:
             if found is not None:
                 findings.append(found)
         return findings
+
+    def tree_table(self) -> Any:
+        """An in-memory tree table, kept as long as this store lives."""
+        from coworker.audit.tlog import memory_table
+
+        return memory_table(self)
+
+    def erased_payloads(self) -> dict[int, Any]:
+        """See :class:`AuditStore` (reads the whole log: no index)."""
+        from coworker.audit.erasure import payload_states
+
+        return payload_states(self.iter_from(1))
+
+    def chains(self) -> list[str]:
+        """One chain, the default one (an in-memory store holds no named chains)."""
+        return [""]
 
     def close(self) -> None:
         """Nothing to release."""

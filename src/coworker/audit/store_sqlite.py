@@ -47,7 +47,7 @@ from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 from coworker.audit import erasure
-from coworker.audit.chain import Prepared, prepare, seal
+from coworker.audit.chain import Prepared, check_chain_name, genesis, prepare, seal
 from coworker.audit.erasure import KeyStore
 from coworker.audit.record import QUERY_FILTERS
 from coworker.audit.store import (
@@ -199,6 +199,18 @@ _INSERT: Final = (
 _FILTER_COLUMNS: Final = QUERY_FILTERS
 
 
+CHAINS_SUFFIX: Final = ".chains"
+"""Named chains of the store ``<path>`` live in ``<path>.chains/<name>.db``."""
+
+
+def chain_file(path: str, chain: str) -> str:
+    """The file that holds ``chain`` of the SQLite store at ``path`` (``path`` itself for the
+    default chain)."""
+    if not chain:
+        return path
+    return os.path.join(path + CHAINS_SUFFIX, check_chain_name(chain) + ".db")
+
+
 class SQLiteStore:
     """An :class:`~coworker.audit.store.AuditStore` in a SQLite file.
 
@@ -240,13 +252,22 @@ class SQLiteStore:
         encrypt_payloads: bool | None = None,
         subject_field: str = "user_id",
         keystore: KeyStore | None = None,
+        chain: str = "",
     ) -> None:
         sync = synchronous.upper()
         if sync not in _SYNCHRONOUS:
             raise ConfigError(f"synchronous={synchronous!r} must be one of {sorted(_SYNCHRONOUS)}")
         if busy_timeout < 0:
             raise ConfigError(f"busy_timeout={busy_timeout!r} must not be negative")
-        self.path = os.fspath(path)
+        try:
+            self.chain = check_chain_name(chain)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.store_path = os.fspath(path)
+        # A named chain is a file of its own (its own write lock, seq and head) beside the
+        # store's: <path>.chains/<name>.db; its genesis binds its name (chain.genesis).
+        self.path = chain_file(self.store_path, self.chain)
+        self._first_prev = genesis(self.chain)
         self.synchronous = sync
         self.busy_timeout = busy_timeout
         self.readonly = readonly
@@ -281,6 +302,8 @@ class SQLiteStore:
                 if not os.path.isdir(directory):
                     # Loud for a path someone typed; the embedded default's first use is normal.
                     default = os.path.normpath(self.path) == DEFAULT_AUDIT_PATH
+                    # A store's first named chain makes its .chains directory: normal too.
+                    default = default or bool(self.chain and os.path.exists(self.store_path))
                     _log.log(
                         logging.INFO if default else logging.WARNING,
                         "audit store %r: directory %r does not exist; creating it and a new, "
@@ -444,7 +467,7 @@ class SQLiteStore:
         # and whatever another process appended is then always the base of our chain.
         row = conn.execute(_HEAD).fetchone()
         head = Head(row[0], row[1]) if row is not None else None
-        sealed = seal(prepared, head, payloads)
+        sealed = seal(prepared, head, payloads, first_prev=self._first_prev)
         if len(sealed) == 1:  # the common group of one: no executemany machinery
             inserted = conn.execute(_INSERT, _row(sealed[0], entries[0])).rowcount
         else:
@@ -765,6 +788,37 @@ class SQLiteStore:
                 payloads.append(found)
         payloads.sort(key=lambda f: f.seq or 0)
         return findings + _capped(iter(columns)) + _capped(iter(payloads))
+
+    def tree_table(self) -> Any:
+        """The Merkle tree's table: ``<file>.tree`` beside the chain's file (never the log's
+        write lock); in memory for a read-only store (proofs work, nothing is kept)."""
+        from coworker.audit import tlog
+
+        if self.readonly:
+            return tlog.MemoryTable()
+        return tlog.SQLiteTable(self.path + tlog.TREE_SUFFIX, busy_timeout=self.busy_timeout)
+
+    def erased_payloads(self) -> dict[int, Any]:
+        """Erased payloads by record seq, from an indexed search for erasure records."""
+        from coworker.audit.erasure import searched_erasures
+
+        return searched_erasures(self.search)
+
+    def chains(self) -> list[str]:
+        """The chains of this store: ``""`` (the store's own file), then every
+        ``<path>.chains/<name>.db``, by name."""
+        names = [""] if os.path.exists(self.store_path) else []
+        directory = self.store_path + CHAINS_SUFFIX
+        if os.path.isdir(directory):
+            for entry in sorted(os.listdir(directory)):
+                name, ext = os.path.splitext(entry)
+                if ext != ".db":
+                    continue
+                try:
+                    names.append(check_chain_name(name))
+                except ValueError:
+                    continue
+        return names
 
     def close(self) -> None:
         """Close the connection; idempotent."""

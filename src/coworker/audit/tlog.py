@@ -35,6 +35,7 @@ from typing import Any, Final, Protocol
 from coworker.audit import merkle
 from coworker.audit.chain import GENESIS_PREV_HASH, link
 from coworker.audit.merkle import CompactRange, NodeKey
+from coworker.audit.store import first_prev
 from coworker.exceptions import AuditUnavailable
 
 __all__ = [
@@ -395,21 +396,18 @@ _memory_tables: weakref.WeakKeyDictionary[Any, MemoryTable] = weakref.WeakKeyDic
 
 
 def open_table(store: Any) -> TreeTable:
-    """The tree table that belongs with ``store`` (SQLite file, PostgreSQL schema, memory).
+    """The tree table that belongs with ``store``: its :meth:`~coworker.audit.store.AuditStore.
+    tree_table` (SQLite file, PostgreSQL schema, memory); a store without one (not one of
+    coworker's) gets an in-memory table kept as long as the store lives."""
+    own = getattr(store, "tree_table", None)
+    if own is not None:
+        table: TreeTable = own()
+        return table
+    return memory_table(store)
 
-    A read-only SQLite store gets an in-memory table: proofs still work, nothing is kept.
-    """
-    from coworker.audit.store_sqlite import SQLiteStore
 
-    if isinstance(store, SQLiteStore):
-        if store.readonly:
-            return MemoryTable()
-        return SQLiteTable(store.path + TREE_SUFFIX, busy_timeout=store.busy_timeout)
-    if type(store).__name__ == "PostgresStore":
-        from coworker.audit.store_postgres import _split_url
-
-        conninfo, _, _ = _split_url(store.url)
-        return PostgresTable(conninfo, store.schema)
+def memory_table(store: Any) -> MemoryTable:
+    """The in-memory tree table of ``store``, made on first use and kept while it lives."""
     table = _memory_tables.get(store)
     if table is None:
         table = _memory_tables[store] = MemoryTable()
@@ -482,7 +480,8 @@ class LogTree:
                 found = self._nodes(keys)
                 cr = CompactRange(size, [found[k] for k in keys])
                 trusted = size == 0
-            prev, start = last, size
+            # An empty tree starts at the chain's genesis (a named chain's is not zeros).
+            prev, start = (last if size else first_prev(self.store)), size
             pending: list[tuple[NodeKey, bytes]] = []
             for seq, prev_hash, digest, body in _chain_rows(self.store, size + 1):
                 if seq != cr.size + 1 or prev_hash != prev or link(prev_hash, body) != digest:

@@ -11,12 +11,12 @@ from coworker import config
 from coworker.audit.store import AuditStore, InMemoryStore
 from coworker.exceptions import ConfigError
 
-__all__ = ["DEFAULT_AUDIT_URL", "open_store", "resolve_url"]
+__all__ = ["DEFAULT_AUDIT_URL", "open_store", "resolve_url", "with_chain"]
 
 DEFAULT_AUDIT_URL: Final = "sqlite:///" + config.DEFAULT_AUDIT_PATH.replace(os.sep, "/")
 """``sqlite:///.coworker/audit.db``: the embedded store in the working directory."""
 
-_SQLITE_OPTIONS: Final = ("synchronous", "busy_timeout", "mode", "max_page_count")
+_SQLITE_OPTIONS: Final = ("synchronous", "busy_timeout", "mode", "max_page_count", "chain")
 
 
 def resolve_url(url: str | None = None) -> str:
@@ -34,8 +34,9 @@ def open_store(
     Args:
         url: ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` (options:
             ``?synchronous=full|normal``, ``busy_timeout=SECONDS``, ``mode=ro``,
-            ``max_page_count=N``), ``memory://`` (a new in-memory store), or
-            ``postgresql://...`` (needs the ``postgres`` extra). ``None`` resolves through
+            ``max_page_count=N``, ``chain=NAME``), ``memory://`` (a new in-memory store), or
+            ``postgresql://...`` (needs the ``postgres`` extra; ``?chain=NAME`` too). A URL
+            without ``chain`` opens the default chain. ``None`` resolves through
             :func:`resolve_url`.
         readonly: open for reading only (the read commands): nothing is created, re-armed
             or written (SQLite ``mode=ro``; PostgreSQL without DDL, spool or writes).
@@ -105,7 +106,35 @@ def _open_sqlite(url: str, rest: str, readonly: bool, create: bool) -> AuditStor
         readonly=readonly or mode == "ro",
         create=create,
         max_page_count=pages,
+        chain=options.get("chain", ""),
     )
+
+
+def with_chain(url: str, chain: str) -> str:
+    """``url`` naming ``chain`` instead of the chain it names (``""``: the default chain).
+
+    Any ``chain=`` query parameter is replaced; everything else is kept as written.
+    """
+    from urllib.parse import parse_qsl, urlencode
+
+    from coworker.audit.chain import check_chain_name
+
+    try:
+        check_chain_name(chain)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if url.startswith("memory://"):
+        if chain:
+            raise ConfigError("memory:// holds the default chain only")
+        return url
+    # Split by hand: urlunsplit would turn sqlite:///rel.db into sqlite:/rel.db.
+    base, _, rest = url.partition("?")
+    query_text, hash_, fragment = rest.partition("#")
+    query = [(k, v) for k, v in parse_qsl(query_text, keep_blank_values=True) if k != "chain"]
+    if chain:
+        query.append(("chain", chain))
+    encoded = urlencode(query)
+    return base + ("?" + encoded if encoded else "") + hash_ + fragment
 
 
 def _redact(url: str) -> str:

@@ -49,7 +49,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from coworker.audit.chain import GENESIS_PREV_HASH
 from coworker.audit.store import (
     COLUMN_MISMATCH,
     GUARD,
@@ -59,6 +58,8 @@ from coworker.audit.store import (
     Finding,
     Head,
     IntegrityChecked,
+    first_prev,
+    store_chain,
 )
 
 __all__ = [
@@ -185,7 +186,7 @@ def _serial(
 ) -> tuple[int, Head | None, tuple[str, int, str] | None]:
     """The hash loop: ``(checked, head, first problem)``."""
     sha256 = hashlib.sha256
-    prev = GENESIS_PREV_HASH
+    prev = first_prev(store)
     expected = 1
     rows = _rows(store)
     bad: Row | None = None
@@ -299,7 +300,7 @@ def _try_parallel(
     if head is None or head.seq < par.MIN_RECORDS:
         return None
     try:
-        last = par.verify_parallel(os.path.abspath(path), head.seq, GENESIS_PREV_HASH, progress)
+        last = par.verify_parallel(os.path.abspath(path), head.seq, first_prev(store), progress)
     except Exception:
         return None
     if last is None or last != head.hash:
@@ -339,12 +340,15 @@ def _classify(store: AuditStore, expected: int, prev: bytes, bad: Row) -> tuple[
     if seq < expected:  # only a store that does not order by seq can yield this
         return REORDERED, seq, f"seq {seq} appears after seq {expected - 1}"
     own_seq = _body_seq(body)
-    if seq == 1 and own_seq in (1, None) and prev_hash != GENESIS_PREV_HASH:
+    start = first_prev(store)
+    if seq == 1 and own_seq in (1, None) and prev_hash != start:
+        chain = store_chain(store)
         return (
             BAD_GENESIS,
             1,
-            f"seq 1: prev_hash is {prev_hash.hex()}, not the genesis value "
-            f"{GENESIS_PREV_HASH.hex()}",
+            f"seq 1: prev_hash is {prev_hash.hex()}, not the genesis value {start.hex()}"
+            + (f" of chain {chain!r}" if chain else "")
+            + " (a chain renamed or moved?)",
         )
     self_consistent = hashlib.sha256(prev_hash + body).digest() == digest
     if not self_consistent:

@@ -44,6 +44,7 @@ from coworker.audit.store_postgres._wire import (
     _register_arrays,
     _split_url,
     _TextArray,
+    chain_schema,
     default_spool_path,
     spool_path,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "_column_values",
     "_register_arrays",
     "_split_url",
+    "chain_schema",
     "default_spool_path",
     "spool_path",
     "writer_grants",

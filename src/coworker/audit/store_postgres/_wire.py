@@ -59,7 +59,9 @@ def default_spool_path(url: str) -> Path:
     conninfo, schema, _ = _split_url(url)
     info = psycopg.conninfo.conninfo_to_dict(conninfo)
     key = "|".join(str(info.get(k) or "") for k in ("host", "hostaddr", "port", "dbname", "user"))
-    digest = hashlib.sha256(f"{key}|{schema}".encode()).hexdigest()[:16]
+    # One spool per chain (a spooled entry is sealed onto the chain it waits for).
+    digest = hashlib.sha256(f"{key}|{chain_schema(schema, url_chain(url))}".encode()).hexdigest()
+    digest = digest[:16]
     return Path(".coworker") / "spool" / f"pg-{digest}.db"
 
 
@@ -251,6 +253,29 @@ def _refused_by_server(message: str) -> bool:
     return not any(phrase in message for phrase in _TRANSIENT_FATAL)
 
 
+def url_chain(url: str) -> str:
+    """The chain a ``postgresql://`` URL names (``?chain=NAME``), or the default chain ``""``.
+
+    Raises:
+        ConfigError: not a valid chain name.
+    """
+    from coworker.audit.chain import check_chain_name
+
+    names = [v for k, v in parse_qsl(urlsplit(url).query, keep_blank_values=True) if k == "chain"]
+    name = names[-1] if names else ""
+    try:
+        return check_chain_name(name)
+    except ValueError as exc:
+        raise ConfigError(f"url={_redact(url)!r}: {exc}") from None
+
+
+def chain_schema(schema: str, chain: str) -> str:
+    """The PostgreSQL schema that holds ``chain`` of the store in ``schema``: the schema itself
+    for the default chain, ``<schema>:<chain>`` for a named one (its own tables, lock, guards,
+    sequence and head)."""
+    return schema if not chain else f"{schema}:{chain}"
+
+
 def _split_url(url: str) -> tuple[str, str, str | None]:
     """Return ``(libpq URL, schema, spool)`` from a coworker ``postgresql://`` URL."""
     parts = urlsplit(url)
@@ -268,6 +293,8 @@ def _split_url(url: str) -> tuple[str, str, str | None]:
             schema = value
         elif key == _URL_SPOOL:
             spool = value
+        elif key == "chain":
+            continue  # url_chain()
         else:
             rest.append((key, value))
     conninfo = urlunsplit(

@@ -33,6 +33,7 @@ from coworker.audit.store_postgres.ddl import (
     _MIGRATIONS,
     SCHEMA_VERSION,
     _quote_ident,
+    render,
 )
 from coworker.audit.store_postgres.guards import (
     _guard_problems,
@@ -52,6 +53,8 @@ class _Connections:
 
     url: str
     schema: str
+    base_schema: str
+    chain: str
     readonly: bool
     create: bool
     encrypt_payloads: bool
@@ -111,7 +114,7 @@ class _Connections:
         """On a read-write open: say loudly (ERROR) which guards are missing or altered, and
         put ours back when this role may (the owner); what happened meanwhile is verify's."""
         with conn.cursor() as cur:
-            problems = _guard_problems(cur, self.schema)
+            problems = _guard_problems(cur, self.schema, self.chain)
         conn.commit()
         if not problems:
             return
@@ -123,7 +126,7 @@ class _Connections:
         with conn.cursor() as cur:
             version = _installed_version(cur, _quote_ident(self.schema))
         conn.commit()
-        ddl = _restore_guards_ddl(self.schema, version)
+        ddl = _restore_guards_ddl(self.schema, version, self.chain)
         try:
             with conn.cursor() as cur:
                 cur.execute(ddl.encode())
@@ -296,11 +299,7 @@ class _Connections:
                     for number in sorted(_MIGRATIONS):
                         if number <= current:
                             continue
-                        ddl = (
-                            _MIGRATIONS[number]
-                            .replace("{schema}", _quote_ident(self.schema))
-                            .replace("{namespace}", str(_LOCK_NAMESPACE))
-                        )
+                        ddl = render(_MIGRATIONS[number], self.schema, self.chain)
                         cur.execute(ddl.encode())
                         cur.execute(
                             sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(

@@ -141,6 +141,37 @@ CREATE TABLE {schema}.keys (
 # The ALTER TABLE comes first: the guard restore re-runs only what follows the last function.
 _DDL_V4: Final = """
 ALTER TABLE {schema}.records ADD COLUMN attempt bytea;
+CREATE OR REPLACE FUNCTION {schema}.check_chain() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    bad bigint;
+BEGIN
+    -- The same refusals as version 2, at half the cost (it runs under the append lock): a
+    -- row must follow the one before it in the statement (lag over seq), the first row the
+    -- record already in the log (one index probe), and every hash must be its own.
+    SELECT n.seq INTO bad FROM (
+        SELECT r.seq, r.prev_hash, r.hash, r.body,
+               lag(r.seq) OVER w AS lseq, lag(r.hash) OVER w AS lhash
+        FROM new_rows r WINDOW w AS (ORDER BY r.seq)
+    ) n
+    WHERE n.hash IS DISTINCT FROM sha256(n.prev_hash || n.body)
+       OR (n.lseq IS NOT NULL
+           AND (n.lseq <> n.seq - 1 OR n.lhash IS DISTINCT FROM n.prev_hash))
+       OR (n.lseq IS NULL AND n.seq = 1
+           AND n.prev_hash IS DISTINCT FROM decode(repeat('00', 32), 'hex'))
+       OR (n.lseq IS NULL AND n.seq > 1
+           AND (SELECT p.hash FROM {schema}.records p WHERE p.seq = n.seq - 1)
+               IS DISTINCT FROM n.prev_hash)
+    ORDER BY n.seq LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'coworker audit log: record % does not chain onto the log', bad
+            USING ERRCODE = 'integrity_constraint_violation',
+                  HINT = 'seq must follow the head, prev_hash be its hash, hash be '
+                         'sha256(prev_hash || body): append through coworker';
+    END IF;
+    RETURN NULL;
+END
+$$;
 CREATE FUNCTION {schema}.append(
     lock_key integer, attempt bytea, before bytea[], after bytea[], payload bytea[],
     dedup bytea[], kind text[], category text[], operation text[], doctype text[],
@@ -262,3 +293,20 @@ def writer_grants(role: str, schema: str = DEFAULT_SCHEMA) -> list[str]:
 
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+# How our DDL writes the default chain's genesis (32 zero bytes); a named chain's schema gets
+# its own value in its place (coworker.audit.chain.genesis), in check_chain() and append().
+_ZERO_GENESIS: Final = "decode(repeat('00', 32), 'hex')"
+
+
+def render(text: str, schema: str, chain: str = "") -> str:
+    """Our DDL (or a function source from it) for ``schema``, holding ``chain``."""
+    from coworker.audit.chain import genesis
+
+    out = text.replace("{schema}", _quote_ident(schema)).replace(
+        "{namespace}", str(_LOCK_NAMESPACE)
+    )
+    if chain:
+        out = out.replace(_ZERO_GENESIS, f"decode('{genesis(chain).hex()}', 'hex')")
+    return out

@@ -12,8 +12,8 @@ from coworker.audit.store_postgres.ddl import (
     _DDL_V1,
     _DDL_V2,
     _DDL_V4,
-    _LOCK_NAMESPACE,
     _quote_ident,
+    render,
 )
 
 _log = logging.getLogger("coworker.audit")
@@ -85,7 +85,7 @@ def _installed_version(cur: psycopg.Cursor[Any], qs: str) -> int:
     return int(found[0]) if found is not None else 0
 
 
-def _guard_problems(cur: psycopg.Cursor[Any], schema: str) -> list[str]:
+def _guard_problems(cur: psycopg.Cursor[Any], schema: str, chain: str = "") -> list[str]:
     """What is wrong with the append-only guards of ``schema``: missing, altered, foreign."""
     cur.execute("SELECT quote_ident(%s)", (schema,))
     row = cur.fetchone()
@@ -119,9 +119,7 @@ def _guard_problems(cur: psycopg.Cursor[Any], schema: str) -> list[str]:
     functions = {r[0]: (r[1], r[2], r[3]) for r in cur.fetchall()}
     for name, source in _function_sources(ddls).items():
         # The DDL ran with the schema always double-quoted (_quote_ident), not as quote_ident.
-        expected = source.replace("{schema}", _quote_ident(schema)).replace(
-            "{namespace}", str(_LOCK_NAMESPACE)
-        )
+        expected = render(source, schema, chain)
         got = functions.get(name)
         if got is None:
             problems.append(f"function {name} is missing")
@@ -165,13 +163,13 @@ def _guard_problems(cur: psycopg.Cursor[Any], schema: str) -> list[str]:
     return problems
 
 
-def _restore_guards_ddl(schema: str, version: int) -> str:
+def _restore_guards_ddl(schema: str, version: int, chain: str = "") -> str:
     """DDL that puts our functions and triggers back (the owner may run it)."""
     import re
 
     qs = _quote_ident(schema)
     guard_triggers, ddls = _guards_for(version)
-    texts = [d.replace("{schema}", qs).replace("{namespace}", str(_LOCK_NAMESPACE)) for d in ddls]
+    texts = [render(d, schema, chain) for d in ddls]
     statements = [
         m.group(0).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
         for ddl in texts

@@ -10,6 +10,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from coworker.audit import erasure
+from coworker.audit.chain import check_chain_name
 from coworker.audit.store import (
     COLUMN_MISMATCH,
     GUARD,
@@ -31,6 +33,7 @@ from coworker.audit.store_postgres._wire import (
     _column_values,
     _record,
     _ServerDown,
+    _split_url,
 )
 from coworker.audit.store_postgres.connection import _Connections
 from coworker.audit.store_postgres.guards import (
@@ -57,6 +60,39 @@ class _Reads(_Connections):
             (subject,),
         )
         return _bytes(rows[0][0]) if rows else None
+
+    def tree_table(self) -> Any:
+        """The Merkle tree of this chain, in tables of its schema (``coworker.audit.tlog``)."""
+        from coworker.audit.tlog import PostgresTable
+
+        conninfo, _, _ = _split_url(self.url)
+        return PostgresTable(conninfo, self.schema)
+
+    def erased_payloads(self) -> dict[int, Any]:
+        """Erased payloads by record seq, from an indexed search for erasure records."""
+        return erasure.searched_erasures(self.search)
+
+    def chains(self) -> list[str]:
+        """The chains of this store (its default chain ``""`` first, then by name): every
+        schema ``<schema>:<name>`` that holds an audit log, beside the store's own schema."""
+        rows = self._fetch(
+            sql.SQL(
+                "SELECT n.nspname FROM pg_namespace n JOIN pg_class c ON c.relnamespace = n.oid"
+                " WHERE c.relname = 'schema_version' AND (n.nspname = %s OR"
+                " left(n.nspname, %s) = %s) ORDER BY n.nspname"
+            ),
+            (self.base_schema, len(self.base_schema) + 1, self.base_schema + ":"),
+        )
+        names = [
+            r[0][len(self.base_schema) + 1 :] if r[0] != self.base_schema else "" for r in rows
+        ]
+        valid = []
+        for name in names:
+            try:
+                valid.append(check_chain_name(name))
+            except ValueError:
+                continue  # a schema named like a chain that no coworker made: not ours
+        return sorted(valid, key=lambda n: (n != "", n))
 
     def head(self) -> Head | None:
         """See :class:`~coworker.audit.store.AuditStore` (the shared log's head)."""
@@ -213,7 +249,7 @@ class _Reads(_Connections):
                 raise AuditUnavailable(f"audit store {self}: {exc}") from exc
             try:
                 with self._deadline(conn), conn.cursor() as cur:
-                    problems = _guard_problems(cur, self.schema)
+                    problems = _guard_problems(cur, self.schema, self.chain)
                 conn.commit()
             except psycopg.Error as exc:
                 self._rollback_or_drop(conn)

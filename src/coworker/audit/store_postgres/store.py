@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from coworker.audit.chain import check_chain_name
 from coworker.audit.erasure import KeyStore
 from coworker.audit.spool import Spool
 from coworker.audit.store import (
@@ -23,7 +24,9 @@ from coworker.audit.store_postgres._wire import (
     _redact,
     _ServerDown,
     _split_url,
+    chain_schema,
     default_spool_path,
+    url_chain,
 )
 from coworker.audit.store_postgres.erase import _Erasure
 from coworker.exceptions import ConfigError
@@ -40,8 +43,8 @@ class PostgresStore(_Erasure):
 
     Args:
         url: ``postgresql://user@host:port/dbname`` plus libpq parameters; coworker's own
-            query parameters: ``schema`` (default :data:`DEFAULT_SCHEMA`) and ``spool`` (a
-            file path, or ``off``).
+            query parameters: ``schema`` (default :data:`DEFAULT_SCHEMA`), ``chain`` (a
+            chain name) and ``spool`` (a file path, or ``off``).
         schema: the PostgreSQL schema of the tables (overrides the URL).
         spool: the local spool file for outages; ``True`` (default) uses
             :func:`default_spool_path`, ``None``/``False`` disables spooling (an outage then
@@ -60,6 +63,9 @@ class PostgresStore(_Erasure):
             (:mod:`coworker.audit.erasure`); default: when ``cryptography`` is installed.
         subject_field: the body field whose value names a payload's data-key subject.
         keystore: where data keys live (a KMS); default: the schema's ``keys`` table.
+        chain: the chain to open (overrides the URL's ``?chain=``); default: the default chain.
+            A named chain lives in the schema ``<schema>:<chain>`` with its own lock, seq,
+            head and guards; its genesis binds its name (:func:`coworker.audit.chain.genesis`).
 
     Raises:
         ConfigError: a bad parameter, or the schema is newer than this library.
@@ -80,6 +86,7 @@ class PostgresStore(_Erasure):
         encrypt_payloads: bool | None = None,
         subject_field: str = "user_id",
         keystore: KeyStore | None = None,
+        chain: str | None = None,
     ) -> None:
         conninfo, url_schema, url_spool = _split_url(url)
         if encrypt_payloads is None:
@@ -90,8 +97,18 @@ class PostgresStore(_Erasure):
         self.subject_field = subject_field
         self.keystore = keystore
         self._key_table = False  # set when the schema (version 3+) has one
-        self.schema = schema or url_schema
-        if not self.schema or len(self.schema) > 63:
+        self.base_schema = schema or url_schema
+        if ":" in self.base_schema:
+            raise ConfigError(
+                f"schema={self.base_schema!r}: ':' separates a chain from its store's schema; "
+                "name the chain with ?chain=NAME"
+            )
+        try:
+            self.chain = check_chain_name(chain) if chain is not None else url_chain(url)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.schema = chain_schema(self.base_schema, self.chain)
+        if not self.base_schema or len(self.schema) > 63:
             raise ConfigError(f"schema={self.schema!r} is not a valid PostgreSQL schema name")
         if connect_timeout <= 0:
             raise ConfigError(f"connect_timeout={connect_timeout!r} must be positive")

@@ -9,7 +9,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from coworker.audit.chain import link, prepare, seal
+from coworker.audit.chain import genesis, link, prepare, seal
 from coworker.audit.spool import Spool
 from coworker.audit.store import (
     Head,
@@ -258,7 +258,12 @@ class _Writes(_Reads):
             todo = (
                 [i for i in range(len(items)) if i not in skip] if skip else list(range(len(items)))
             )
-            sealed = seal([prepared[i] for i in todo], head, [items[i].payload for i in todo])
+            sealed = seal(
+                [prepared[i] for i in todo],
+                head,
+                [items[i].payload for i in todo],
+                first_prev=genesis(self.chain),
+            )
             if sealed:
                 for i, rec in zip(todo, sealed, strict=True):
                     sealed_hashes[i] = (rec.seq, rec.hash)
