@@ -48,7 +48,7 @@ def _entries(n: int) -> list[dict]:
     tracer = provider.get_tracer("bench")
     for i in range(min(n, 1000)):
         attrs = {
-            a.AUDIT: True, a.AUDIT_CATEGORY: a.CATEGORY_STATE_CHANGE, a.OPERATION: "update",
+            a.AUDITED: True, a.AUDIT_CATEGORY: a.CATEGORY_STATE_CHANGE, a.OPERATION: "update",
             a.DOCTYPE: "Invoice", a.FLOW_TYPE: "workflow", a.FLOW_ID: f"flow-{i % 50}",
             a.STEP_ID: "approve", a.RUN_ID: f"{i:016x}", a.CHAIN_ID: f"{i:016x}",
             a.USER_ID: f"user-{i % 7}", a.AGENT_ID: "agent-1", a.SESSION_ID: "s-1",

@@ -3,20 +3,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Final
 
 import anyio
-from google.protobuf import json_format
 from opentelemetry.instrumentation.utils import suppress_instrumentation
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceResponse,
-)
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -24,7 +22,6 @@ from starlette.routing import Route
 
 from coworker.audit.record import (
     CATEGORY_INGEST_CONFLICT,
-    entry_from_span,
 )
 from coworker.audit.store import AuditStore
 from coworker.exceptions import AuditUnavailable, ConfigError
@@ -35,11 +32,6 @@ from coworker.ingest.decode import (
     DEFAULT_MAX_ATTRIBUTE_LENGTH,
     DEFAULT_MAX_ATTRIBUTES,
     DEFAULT_MAX_BODY_BYTES,
-    MalformedRequest,
-    _decompress,
-    _TooLarge,
-    audit_spans,
-    decode_request,
 )
 from coworker.ingest.records import (
     _IDS_LEN,
@@ -48,9 +40,10 @@ from coworker.ingest.records import (
     _conflicts,
     _SeenSpans,
     content_digest,
-    dedup_key,
 )
+from coworker.ingest.responses import _status_response, _success, _too_large
 from coworker.ingest.tokens import INGEST_TOKEN_FIELD, IngestToken, _secret_digest
+from coworker.ingest.workers import REJECT, Decoded, DecodePool, decode_body
 
 _log = logging.getLogger("coworker.ingest")
 
@@ -86,7 +79,10 @@ class _Ingest:
         max_attributes: int,
         close_store: bool,
         meter_provider: Any = None,
+        decode_workers: int = 0,
     ) -> None:
+        if decode_workers < 0:
+            raise ConfigError(f"decode_workers={decode_workers!r} must not be negative")
         if max_body_bytes <= 0:
             raise ConfigError(f"max_body_bytes={max_body_bytes!r} must be positive")
         if retry_after < 0:
@@ -117,6 +113,7 @@ class _Ingest:
         self.stats_lock = threading.Lock()
         self.stats = dict.fromkeys(_STATS, 0)
         self.meter_provider = meter_provider
+        self.pool = DecodePool(decode_workers) if decode_workers else None
 
     def _log_trust(self) -> None:
         # What the server trusts is a deployment decision: say it once, at start, loudly when
@@ -191,48 +188,72 @@ class _Ingest:
         body = b"".join(chunks)
         self._enter()
         try:
+            decoded = await self._decoded(body, media, encoding)
             # Decoding and appending are CPU and I/O bound: off the event loop. The thread is
             # not cancellable, so a client that hangs up does not abort an append half-way.
-            return await anyio.to_thread.run_sync(self._handle, body, media, encoding, token)
+            return await anyio.to_thread.run_sync(
+                self._handle, body, media, encoding, token, decoded
+            )
         finally:
             self._leave()
 
+    async def _decoded(self, body: bytes, media: str, encoding: str) -> Decoded | None:
+        """The request decoded by a worker process, or ``None``: decode in this process (no
+        pool, or the pool failed; a dead worker never loses a request)."""
+        pool = self.pool
+        if pool is None:
+            return None
+        if pool.broken:
+            await anyio.to_thread.run_sync(pool.restart)
+        submitted = pool.submit(
+            body, media, encoding, self.max_body_bytes, self.max_attribute_length,
+            self.max_attributes,
+        )  # fmt: skip
+        if submitted is None:
+            return None
+        future, executor = submitted
+        try:
+            return await asyncio.wrap_future(future)
+        except BrokenProcessPool:
+            pool.mark_broken(executor)
+        except Exception:
+            _log.exception("ingest decoding worker failed; decoding in the server process")
+        return None
+
     def _handle(
-        self, body: bytes, media: str, encoding: str, token: IngestToken | None
+        self,
+        body: bytes,
+        media: str,
+        encoding: str,
+        token: IngestToken | None,
+        decoded: Decoded | None = None,
     ) -> Response:
-        try:
-            raw = _decompress(body, encoding, self.max_body_bytes)
-        except _TooLarge:
+        if decoded is None:
+            decoded = decode_body(
+                body, media, encoding, self.max_body_bytes, self.max_attribute_length,
+                self.max_attributes,
+            )  # fmt: skip
+        if decoded.status == 413:
             return _too_large(self.max_body_bytes, media)
-        except MalformedRequest as exc:
-            return _status_response(400, str(exc), media)
-        try:
-            request = decode_request(raw, media)
-        except MalformedRequest as exc:
-            return _status_response(400, str(exc), media)
-        batch = audit_spans(
-            request,
-            max_attribute_length=self.max_attribute_length,
-            max_attributes=self.max_attributes,
-        )
+        if decoded.status is not None:
+            return _status_response(decoded.status, decoded.message, media)
+        batch = decoded.batch
         name = token.name if token is not None else None
         entries: list[Mapping[str, Any]] = []
         payloads: list[bytes | None] = []
         keys: list[bytes] = []
         forbidden = 0
-        for span, ids in zip(batch.spans, batch.keys, strict=True):
-            try:
-                fields, payload = entry_from_span(span)
-                key = dedup_key(ids, fields)
-            except Exception as exc:
-                batch.reject(f"span {span.name[:80]!r}: cannot build its audit record: {exc}")
+        for item in decoded.items:
+            if item[0] == REJECT:
+                batch.reject(item[1])
                 continue
+            _, span_name, fields, payload, key = item
             refusal = token.refusal(fields) if token is not None else None
             if fields.get("category") == CATEGORY_INGEST_CONFLICT:
                 # Only the server writes conflict records: a client's would read as one.
                 refusal = f"category {CATEGORY_INGEST_CONFLICT!r} is reserved for the server"
             if refusal is not None:
-                batch.reject(f"span {span.name[:80]!r}: {refusal}")
+                batch.reject(f"span {span_name!r}: {refusal}")
                 forbidden += 1
                 continue
             fields[INGEST_TOKEN_FIELD] = name
@@ -385,12 +406,17 @@ class _Ingest:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self._log_trust()  # here, once the server's logging is configured
+        if self.pool is not None:
+            await anyio.to_thread.run_sync(self.pool.start)
+            _log.info("ingest decodes in %d worker process(es)", self.pool.workers)
         yield
         # uvicorn has stopped accepting and waited for open requests; make sure no append is
         # still running in a worker thread before the store goes away.
         finished = await anyio.to_thread.run_sync(self.wait_idle, 30.0)
         if not finished:
             _log.error("shutting down with %d append(s) still in flight", self.in_flight)
+        if self.pool is not None:
+            await anyio.to_thread.run_sync(self.pool.shutdown)
         if self.close_store:
             await anyio.to_thread.run_sync(self.store.close)
         _log.info(
@@ -408,41 +434,6 @@ _METRIC_RESULTS: Final = {
 }
 
 
-def _success(media: str, rejected: int, message: str) -> Response:
-    response = ExportTraceServiceResponse()
-    if rejected:
-        response.partial_success.rejected_spans = rejected
-        response.partial_success.error_message = message[:1000]
-    if media == _JSON:
-        return Response(json_format.MessageToJson(response, indent=None).encode(), media_type=_JSON)
-    return Response(response.SerializeToString(), media_type=_PROTOBUF)
-
-
-def _status_response(
-    code: int, message: str, media: str, headers: Mapping[str, str] | None = None
-) -> Response:
-    # OTLP/HTTP: 4xx/5xx bodies are a google.rpc.Status in the request's encoding.
-    from google.rpc import code_pb2, status_pb2
-
-    rpc = {
-        400: code_pb2.INVALID_ARGUMENT,
-        401: code_pb2.UNAUTHENTICATED,
-        413: code_pb2.RESOURCE_EXHAUSTED,
-        415: code_pb2.INVALID_ARGUMENT,
-        503: code_pb2.UNAVAILABLE,
-    }.get(code, code_pb2.UNKNOWN)
-    status = status_pb2.Status(code=rpc, message=message[:1000])
-    if media == _JSON:
-        content = json_format.MessageToJson(status, indent=None).encode()
-    else:
-        content = status.SerializeToString()
-    return Response(content, status_code=code, media_type=media, headers=dict(headers or {}))
-
-
-def _too_large(limit: int, media: str) -> Response:
-    return _status_response(413, f"request body larger than {limit} bytes", media)
-
-
 def create_app(
     store: AuditStore,
     *,
@@ -454,6 +445,7 @@ def create_app(
     max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
     close_store: bool = False,
     meter_provider: Any = None,
+    decode_workers: int = 0,
 ) -> Starlette:
     """Build the ASGI app: ``POST /v1/traces`` and ``GET /health``.
 
@@ -471,6 +463,8 @@ def create_app(
         close_store: close the store when the app shuts down.
         meter_provider: records ``coworker.ingest.spans`` with this provider instead of the
             global one.
+        decode_workers: decode requests in this many worker processes
+            (:mod:`coworker.ingest.workers`; 0: in the server process, on one core).
 
     Returns:
         The Starlette app; ``app.state.ingest_stats`` counts requests and records.
@@ -488,6 +482,7 @@ def create_app(
         max_attributes=max_attributes,
         close_store=close_store,
         meter_provider=meter_provider,
+        decode_workers=decode_workers,
     )
     app = Starlette(
         routes=[

@@ -367,18 +367,27 @@ def _attributes(kvs: Sequence[KeyValue], limits: _Limits) -> dict[str, Any]:
     if len(kvs) > limits.count:
         raise _Invalid(f"more than {limits.count} attributes")
     out: dict[str, Any] = {}
-    seen: set[str] = set()
+    absent: set[str] | None = None  # keys given with an empty value (not in out)
     for kv in kvs:
-        if len(kv.key) > limit:
+        key = kv.key
+        if len(key) > limit:
             raise _Invalid(f"attribute key longer than {limit} characters")
-        if kv.key in seen:
+        if key in out or (absent is not None and key in absent):
             # OTLP says keys are unique; a second user.id would make the record say one thing
             # and a trace viewer showing the first another.
-            raise _Invalid(f"attribute {kv.key[:80]!r} given twice")
-        seen.add(kv.key)
-        value = _value(kv.value, limit, 0)
+            raise _Invalid(f"attribute {key[:80]!r} given twice")
+        v = kv.value
+        if v.WhichOneof("value") == "string_value":  # most attributes: no call for them
+            value: Any = v.string_value
+            if len(value) > limit:
+                raise _Invalid(f"attribute value longer than {limit} characters")
+        else:
+            value = _value(v, limit, 0)
         if value is not None:
-            out[kv.key] = value
+            out[key] = value
+        else:
+            absent = absent if absent is not None else set()
+            absent.add(key)
     return out
 
 

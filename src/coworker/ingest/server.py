@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import signal
 import socket
 import threading
@@ -235,6 +236,7 @@ def serve(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     log_format: str = "text",
     log_level: str = "info",
+    decode_workers: int | None = None,
 ) -> None:
     """Run the ingest endpoint with uvicorn until SIGINT/SIGTERM (then finish in-flight appends).
 
@@ -253,6 +255,8 @@ def serve(
         max_connections: open connections beyond this get 503 and are closed.
         log_format: ``text`` or ``json``.
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
+        decode_workers: processes that decode requests (:mod:`coworker.ingest.workers`);
+            ``None``: one per core when there are several, else none.
     """
     import uvicorn
 
@@ -265,6 +269,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         retry_after=retry_after,
         close_store=True,
+        decode_workers=_default_workers() if decode_workers is None else decode_workers,
     )
     config = _uvicorn_config(
         app,
@@ -283,6 +288,12 @@ def serve(
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, _exit_quietly)
     server.run()
+
+
+def _default_workers() -> int:
+    # One decoder per core: the server process itself mostly waits for the store's commits.
+    cores = os.cpu_count() or 1
+    return cores if cores > 1 else 0
 
 
 def _exit_quietly(number: int, frame: Any) -> None:
