@@ -1,15 +1,18 @@
-"""Ingest throughput: audit spans/s from the real OTLP/HTTP exporter into the PostgreSQL store.
+"""Ingest throughput: audit spans/s from the real OTLP/HTTP exporter into an audit store.
 
-``coworker audit serve`` runs in its own process (uvicorn, PostgresStore without spool) on
-loopback. ``--clients`` processes each build their spans first (outside the timing), then send
-them with ``opentelemetry-exporter-otlp-proto-http``'s ``OTLPSpanExporter`` in batches of
-``--batch`` (the BatchSpanProcessor default is 512). The clock runs from the first request to
-the last answer; the store is then counted, so every span is accounted for.
+``coworker audit serve`` runs in its own process (uvicorn; PostgresStore without spool, or a
+SQLite file) on loopback. ``--clients`` processes each build their spans first (outside the
+timing), then send them with ``opentelemetry-exporter-otlp-proto-http``'s ``OTLPSpanExporter``
+in batches of ``--batch`` (the BatchSpanProcessor default is 512). The clock runs from the
+first request to the last answer; the store is then counted, so every span is accounted for.
 
-For reference the same spans are appended directly with ``PostgresStore.append`` (same batch
-size, same number of processes): the ratio is what HTTP + OTLP decoding cost.
+The baseline appends the very same spans directly: the same number of client processes each
+build their spans first, then time ``entry_from_span`` + ``store.append`` per batch of the
+same size into the same kind of store, at the same durability (fresh schema or file per run):
+the ratio is what HTTP, OTLP encoding and decoding, authentication and dedup cost.
 
     python benchmarks/ingest.py [--url postgresql://postgres@127.0.0.1/postgres]
+    python benchmarks/ingest.py --url sqlite
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import time
 from typing import Any
 
 import httpx
-import psycopg
 
 TOKEN = secrets.token_hex(16)  # spawned clients get it as an argument (they re-import us)
 
@@ -66,13 +68,42 @@ def make_spans(n: int, client: int) -> list[Any]:
 
 
 def _client(
-    endpoint: str, token: str, client: int, n: int, batch: int, gzip: bool, barrier: Any, out: Any
+    endpoint: str,
+    token: str,
+    client: int,
+    n: int,
+    batch: int,
+    gzip: bool,
+    barrier: Any,
+    out: Any,
+    preencoded: bool = False,
 ) -> None:
     from opentelemetry.exporter.otlp.proto.http import Compression
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace.export import SpanExportResult
 
     spans = make_spans(n, client)
+    if preencoded:
+        # The exporter's own encoding, done before the clock: what is timed is the server.
+        import zlib
+
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/x-protobuf"}
+        bodies = [
+            encode_spans(spans[i : i + batch]).SerializeToString() for i in range(0, n, batch)
+        ]
+        if gzip:
+            headers["Content-Encoding"] = "gzip"
+            bodies = [zlib.compress(b, wbits=31) for b in bodies]
+        with httpx.Client(timeout=60) as http:
+            barrier.wait()
+            start = time.perf_counter()
+            for body in bodies:
+                if http.post(endpoint, content=body, headers=headers).status_code != 200:
+                    raise SystemExit("export failed")
+        out.put((start, time.perf_counter()))
+        return
     exporter = OTLPSpanExporter(
         endpoint=endpoint,
         headers={"Authorization": f"Bearer {token}"},
@@ -87,12 +118,21 @@ def _client(
     out.put((start, time.perf_counter()))
 
 
-def _direct(url: str, client: int, n: int, batch: int, barrier: Any, out: Any) -> None:
-    from coworker.audit.record import entry_from_span
+def _open(url: str) -> Any:
+    if url.startswith("sqlite"):
+        from coworker.audit.urls import open_store
+
+        return open_store(url)
     from coworker.audit.store_postgres import PostgresStore
 
+    return PostgresStore(url, spool=None)
+
+
+def _direct(url: str, client: int, n: int, batch: int, barrier: Any, out: Any) -> None:
+    from coworker.audit.record import entry_from_span
+
     spans = make_spans(n, client)
-    store = PostgresStore(url, spool=None)
+    store = _open(url)
     barrier.wait()
     start = time.perf_counter()
     for i in range(0, n, batch):
@@ -127,13 +167,20 @@ def run_once(
     batch: int,
     gzip: bool,
     tokens: bool = False,
+    preencoded: bool = False,
+    workers: int | None = None,
 ) -> float:
-    """One run in a fresh schema; returns spans/s over the wall time."""
-    schema = "bench_" + secrets.token_hex(4)
-    run_url = f"{url}{'&' if '?' in url else '?'}schema={schema}"
-    from coworker.audit.store_postgres import PostgresStore
+    """One run in a fresh schema (or SQLite file); returns spans/s over the wall time."""
+    import tempfile
 
-    PostgresStore(run_url, spool=None).close()
+    schema = "bench_" + secrets.token_hex(4)
+    sqlite_path = None
+    if url.startswith("sqlite"):
+        sqlite_path = os.path.join(tempfile.gettempdir(), f"coworker-{schema}.db")
+        run_url = f"sqlite:///{sqlite_path}"
+    else:
+        run_url = f"{url}{'&' if '?' in url else '?'}schema={schema}"
+    _open(run_url).close()
     server = None
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(clients), ctx.Queue()
@@ -141,6 +188,8 @@ def run_once(
         if kind == "ingest":
             port = _free_port()
             auth = ["--tokens-file", _tokens_file(clients)] if tokens else []
+            if workers is not None:
+                auth += ["--workers", str(workers)]
             server = subprocess.Popen(
                 [sys.executable, "-m", "coworker", "audit", "serve", "--url", run_url,
                  "--listen", f"127.0.0.1:{port}", "--log-level", "error", *auth],
@@ -149,7 +198,8 @@ def run_once(
             _wait_healthy(port, server)
             endpoint = f"http://127.0.0.1:{port}/v1/traces"
             args = [
-                (endpoint, TOKEN, c, per_client, batch, gzip, barrier, out) for c in range(clients)
+                (endpoint, TOKEN, c, per_client, batch, gzip, barrier, out, preencoded)
+                for c in range(clients)
             ]
             target: Any = _client
         else:
@@ -174,9 +224,21 @@ def run_once(
         if server is not None:
             server.terminate()
             server.wait(timeout=60)
-    with psycopg.connect(url, autocommit=True) as conn:
-        (count,) = conn.execute(f'SELECT count(*) FROM "{schema}".records').fetchone()  # type: ignore[misc]
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    if sqlite_path is not None:
+        import sqlite3
+
+        conn = sqlite3.connect(sqlite_path)
+        (count,) = conn.execute("SELECT count(*) FROM audit_records").fetchone()
+        conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(sqlite_path + suffix):
+                os.remove(sqlite_path + suffix)
+    else:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            (count,) = conn.execute(f'SELECT count(*) FROM "{schema}".records').fetchone()  # type: ignore[misc]
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
     assert count == clients * per_client, (count, clients * per_client)
     return count / (max(t[1] for t in times) - min(t[0] for t in times))
 
@@ -200,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--url",
         default=os.environ.get("COWORKER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="a PostgreSQL URL, or 'sqlite' for a fresh SQLite file per run",
     )
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--spans", type=int, default=10000, help="per client")
@@ -209,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tokens", action="store_true", help="a token file limited to the clients' services"
     )
+    parser.add_argument(
+        "--preencoded",
+        action="store_true",
+        help="clients encode their requests (with the exporter's encoder) before the clock "
+        "and POST them: times the server, not the SDK exporter's Python encoder",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="serve --workers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     rates: dict[str, list[float]] = {"ingest": [], "direct": []}
@@ -216,7 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         for kind in ("direct", "ingest"):
             rates[kind].append(
                 run_once(
-                    kind, args.url, args.clients, args.spans, args.batch, args.gzip, args.tokens
+                    kind,
+                    args.url,
+                    args.clients,
+                    args.spans,
+                    args.batch,
+                    args.gzip,
+                    args.tokens,
+                    args.preencoded,
+                    args.workers,
                 )
             )
     ingest, direct = statistics.median(rates["ingest"]), statistics.median(rates["direct"])
@@ -226,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "gzip": args.gzip,
         "tokens": args.tokens,
+        "preencoded": args.preencoded,
+        "workers": args.workers,
         "ingest_spans_per_s": round(ingest),
         "direct_append_per_s": round(direct),
         "ratio": round(ingest / direct, 3),
@@ -234,12 +314,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(
-            f"OTLP ingest into PostgreSQL, {args.clients} client processes, "
+            f"OTLP ingest into {'SQLite' if args.url.startswith('sqlite') else 'PostgreSQL'}, "
+            f"{args.clients} client processes, "
             f"{result['spans']} audit spans, batches of {args.batch}"
             f"{', gzip' if args.gzip else ''}, median of {args.runs} runs"
+            f"{', serve --workers ' + str(args.workers) if args.workers is not None else ''}"
         )
-        print(f"  end-to-end, OTLPSpanExporter -> serve -> store: {ingest:>8.0f} spans/s")
-        print(f"  direct PostgresStore.append of the same spans:  {direct:>8.0f} records/s")
+        sender = "pre-encoded POSTs" if args.preencoded else "OTLPSpanExporter"
+        print(f"  end-to-end, {sender} -> serve -> store: {ingest:>8.0f} spans/s")
+        print(f"  direct store.append of the same spans:          {direct:>8.0f} records/s")
         print(f"  ratio: {result['ratio']:.2f}")
     return 0
 

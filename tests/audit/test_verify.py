@@ -236,7 +236,7 @@ import json, sys
 from coworker.audit import _verify_parallel as par
 from coworker.audit.store_sqlite import SQLiteStore
 from coworker.audit.verify import verify_chain
-par.MIN_RECORDS, par.CHUNK = 1_000, 700
+par.MIN_RECORDS, par.CHUNK = int(sys.argv[2]) if len(sys.argv) > 2 else 1_000, 700
 store = SQLiteStore(sys.argv[1], readonly=True)
 seen = []
 report = verify_chain(store, progress=seen.append)
@@ -244,11 +244,11 @@ print(json.dumps({"parallel": par.can_fork(), "progress": seen, **report.to_dict
 """
 
 
-def _verify_in_child(path: Path) -> dict[str, Any]:
+def _verify_in_child(path: Path, min_records: int = 1_000) -> dict[str, Any]:
     # A fresh single-threaded process: the parallel path only forks when that is safe.
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run(
-        [sys.executable, "-c", _PARALLEL_CHILD, str(path)],
+        [sys.executable, "-c", _PARALLEL_CHILD, str(path), str(min_records)],
         capture_output=True, text=True, check=True, env=env, timeout=60,
     ).stdout  # fmt: skip
     return json.loads(out)
@@ -272,6 +272,41 @@ def test_parallel_verify_large_log(db_path: Path) -> None:
     conn.close()
     result = _verify_in_child(db_path)
     assert (result["ok"], result["bad_seq"], result["kind"]) == (False, 2_222, EDITED)
+
+
+def test_parallel_verify_reports_the_serial_findings_in_order(db_path: Path) -> None:
+    """The parallel pass selects the rows to check in its hashing scan: edited columns (on
+    records with and without a payload), an edited time and a payload deleted by hand are
+    all reported, the same findings in the same order as the serial verifier's."""
+    store = SQLiteStore(db_path)
+    plain = make_entries(1)[0][0]
+    captured, payload = make_entries(1, **{"coworker.input": '{"n": 1}'})[0]
+    assert payload is not None
+    for _ in range(6):
+        store.append([plain] * 499 + [captured], [None] * 499 + [payload])
+    store.close()
+    conn = raw(db_path)
+    conn.execute("UPDATE audit_records SET user_id = 'mallory' WHERE seq = 2100")
+    conn.execute("UPDATE audit_records SET flow_id = 'elsewhere' WHERE seq = 1000")
+    conn.execute("UPDATE audit_records SET time = '1999-01-01' WHERE seq = 2999")
+    conn.execute("DELETE FROM audit_payloads WHERE seq = 1500")
+    conn.close()
+    rearm(db_path)
+    parallel = _verify_in_child(db_path)
+    if not parallel["parallel"]:
+        pytest.skip("parallel verify needs fork and several cores")
+    assert len(parallel["progress"]) > 3  # one step per chunk: the parallel path ran
+    serial = _verify_in_child(db_path, min_records=10**9)
+    assert len(serial["progress"]) <= 2  # progress from the serial loop: at most 2 calls
+    kinds = [(p["kind"], p["seq"]) for p in parallel["problems"]]
+    assert kinds == [
+        (COLUMN_MISMATCH, 1000),
+        (COLUMN_MISMATCH, 2100),
+        (COLUMN_MISMATCH, 2999),
+        (PAYLOAD_MISMATCH, 1500),
+    ]
+    assert parallel["problems"] == serial["problems"]
+    assert parallel["head"] == serial["head"] and parallel["checked"] == 3_000
 
 
 def test_text_typed_tampering_is_named(log: Path) -> None:

@@ -27,45 +27,89 @@ MMAP_SIZE: Final = 1 << 30
 MIN_RECORDS: Final = 150_000
 """Below this, process start-up costs more than it saves."""
 
-Chunk = tuple[str, int, int]
-Result = tuple[bool, bytes | None, bytes | None, int]
+Chunk = tuple[str, int, int, str | None]
+Result = tuple[bool, bytes | None, bytes | None, int, list[int] | None]
 
 
 def verify_range(job: Chunk) -> Result:
-    """Check records ``lo..hi`` of the file: ``(ok, first_prev_hash, last_hash, count)``."""
-    path, lo, hi = job
+    """Check records ``lo..hi`` of the file: ``(ok, first_prev_hash, last_hash, count,
+    candidates)``.
+
+    ``flag`` is an SQL expression over ``audit_records r LEFT JOIN audit_payloads p`` that is
+    true for a row the store's integrity check must look at (its query columns or payload
+    commitment may not match its body); it is computed in the same scan as the hashes, so
+    each row is read once for both. ``candidates`` is those seqs, or ``None`` when no flag
+    was given or a body is not JSON (the caller then runs the store's own scan).
+    """
+    path, lo, hi, flag = job
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
         first = conn.execute("SELECT prev_hash FROM audit_records WHERE seq = ?", (lo,)).fetchone()
         if first is None:
-            return False, None, None, 0
-        prev = first[0]
-        expected = lo
-        sha256 = hashlib.sha256
-        # seq is not fetched: rows come in seq order from [lo, hi] and seq is unique, so a
-        # gap shows as a short count, and any misplaced row breaks the hash links.
-        cursor = conn.execute(
-            "SELECT hash, body FROM audit_records WHERE seq BETWEEN ? AND ? ORDER BY seq",
-            (lo, hi),
+            return False, None, None, 0, None
+        candidates: list[int] | None = None
+        if flag is not None:
+            try:
+                candidates = []
+                ok, last, count = _scan(
+                    conn,
+                    "SELECT r.hash, r.body, " + flag + " FROM audit_records r LEFT JOIN "
+                    "audit_payloads p ON p.seq = r.seq WHERE r.seq BETWEEN ? AND ? "
+                    "ORDER BY r.seq",
+                    lo,
+                    hi,
+                    first[0],
+                    candidates,
+                )
+            except sqlite3.OperationalError:  # a body that is not JSON
+                candidates = None
+            else:
+                return ok, first[0], last, count, candidates
+        ok, last, count = _scan(
+            conn,
+            "SELECT hash, body, 0 FROM audit_records WHERE seq BETWEEN ? AND ? ORDER BY seq",
+            lo,
+            hi,
+            first[0],
+            None,
         )
-        cursor.arraysize = 4096
-        while True:
-            rows = cursor.fetchmany()
-            if not rows:
-                break
-            for digest, body in rows:
-                try:
-                    intact = sha256(prev + body).digest() == digest
-                except TypeError:  # a tampered column of another type
-                    intact = False
-                if not intact:
-                    return False, first[0], None, expected - lo
-                prev = digest
-                expected += 1
-        return expected - 1 == hi, first[0], prev, expected - lo
+        return ok, first[0], last, count, None
     finally:
         conn.close()
+
+
+def _scan(
+    conn: sqlite3.Connection,
+    query: str,
+    lo: int,
+    hi: int,
+    prev: bytes,
+    candidates: list[int] | None,
+) -> tuple[bool, bytes | None, int]:
+    """The hash loop over one range: ``(intact, last hash, records checked)``."""
+    expected = lo
+    sha256 = hashlib.sha256
+    # seq is not fetched: rows come in seq order from [lo, hi] and seq is unique, so a
+    # gap shows as a short count, and any misplaced row breaks the hash links.
+    cursor = conn.execute(query, (lo, hi))
+    cursor.arraysize = 4096
+    while True:
+        rows = cursor.fetchmany()
+        if not rows:
+            break
+        for digest, body, flagged in rows:
+            try:
+                intact = sha256(prev + body).digest() == digest
+            except TypeError:  # a tampered column of another type
+                intact = False
+            if not intact:
+                return False, None, expected - lo
+            if flagged and candidates is not None:
+                candidates.append(expected)
+            prev = digest
+            expected += 1
+    return expected - 1 == hi, prev, expected - lo
 
 
 def can_fork() -> bool:
@@ -83,21 +127,30 @@ def verify_parallel(
     head_seq: int,
     genesis: bytes,
     progress: Callable[[int], None] | None = None,
-) -> bytes | None:
-    """Verify records ``1..head_seq``; return the hash of ``head_seq`` if all is intact, or
-    ``None`` when anything is wrong (the caller then runs the serial verifier)."""
-    jobs = [(path, lo, min(lo + CHUNK - 1, head_seq)) for lo in range(1, head_seq + 1, CHUNK)]
+    flag: str | None = None,
+) -> tuple[bytes, list[int] | None] | None:
+    """Verify records ``1..head_seq``: ``(hash of head_seq, candidates)`` if all links are
+    intact, or ``None`` when anything is wrong (the caller then runs the serial verifier).
+
+    ``candidates`` are the seqs ``flag`` selects (see :func:`verify_range`), in order, or
+    ``None`` when they could not be computed in the scan."""
+    jobs = [(path, lo, min(lo + CHUNK - 1, head_seq), flag) for lo in range(1, head_seq + 1, CHUNK)]
     workers = min(os.cpu_count() or 1, len(jobs))
     ctx = multiprocessing.get_context("fork")
     prev = genesis
     done = 0
+    candidates: list[int] | None = [] if flag is not None else None
     with ctx.Pool(workers) as pool:
-        for ok, first_prev, last, count in pool.imap(verify_range, jobs):
+        for ok, first_prev, last, count, found in pool.imap(verify_range, jobs):
             if not ok or first_prev != prev or last is None:
                 pool.terminate()
                 return None
+            if found is None:
+                candidates = None
+            elif candidates is not None:
+                candidates += found
             prev = last
             done += count
             if progress is not None:
                 progress(done)
-    return prev
+    return prev, candidates

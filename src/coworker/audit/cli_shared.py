@@ -81,6 +81,13 @@ def register(subparsers: Any) -> None:
         help="open connections beyond this get 503 and are closed (default 512)",
     )
     serve.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes that decode requests beside the one that appends "
+        "(default: one per core on a multi-core machine; 0 decodes in the server process)",
+    )
+    serve.add_argument(
         "--log-format",
         choices=("text", "json"),
         default="text",
@@ -241,6 +248,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_connections=_given(args.max_connections, ingest.DEFAULT_MAX_CONNECTIONS),
             log_format=args.log_format,
             log_level=args.log_level,
+            decode_workers=args.workers,
         )
     except ConfigError as exc:
         print(f"coworker audit serve: {exc}", file=sys.stderr)

@@ -155,19 +155,30 @@ def _expected_triggers() -> dict[str, str]:
     return out
 
 
-# Rows whose columns may differ from their body (see SQLiteStore.integrity_findings): one
-# multi-path json_extract per row yields the body's values as one JSON array, compared with
-# the columns as one. A value that is not a string in the body can never compare equal to
-# its TEXT column here (json_array quotes it), so such rows are always candidates: the SQL
-# can over-report, never hide a mismatch. A body that is not JSON makes SQLite raise; the
-# caller then falls back to decoding every body in Python.
-_COLUMN_CANDIDATES: Final = (
-    f"SELECT seq FROM (SELECT seq, CAST(body AS TEXT) AS t, {', '.join(_COLUMNS)}, time"
-    f" FROM audit_records WHERE seq BETWEEN 1 AND ?) WHERE json_array({', '.join(_COLUMNS)})"
-    " IS NOT json_extract(t, "
-    + ", ".join(f"'$.{c}'" for c in _COLUMNS)
-    + ") OR json_array(time) IS NOT json_array(COALESCE(NULLIF(json_extract(t, '$.start'),"
-    " ''), json_extract(t, '$.recorded_at'))) ORDER BY seq"
+# Rows whose columns or payload may not match their body (see SQLiteStore.integrity_findings),
+# with one JSON parse per row: a multi-path json_extract yields the body's values as one JSON
+# array, compared as one text with the same values taken from the columns. A row is clean
+# when the two are equal: every column equals its body field, ``time`` equals a non-empty
+# ``start`` (the writer's rule), and, for a row without a stored payload, the body commits to
+# no payload (``payload_digest`` null). Anything else is a candidate, which Python checks
+# exactly as the writer derived the columns (``_row``) and as ``payload_finding`` judges
+# payloads: the SQL can over-report (a value that is not a string in the body never compares
+# equal here, a record whose ``start`` is empty always differs), never hide a mismatch. A
+# body that is not JSON makes SQLite raise; the caller then checks every row in Python.
+_BODY_PATHS: Final = ", ".join(f"'$.{c}'" for c in (*_COLUMNS, "start"))
+_COLUMN_VALUES: Final = ", ".join(f"r.{c}" for c in (*_COLUMNS, "time"))
+CANDIDATE_FLAG: Final = (
+    "r.time IS NULL OR r.time = '' OR CASE WHEN p.payload IS NULL"
+    f" THEN json_extract(CAST(r.body AS TEXT), {_BODY_PATHS}, '$.payload_digest')"
+    f" IS NOT json_array({_COLUMN_VALUES}, NULL)"
+    f" ELSE json_extract(CAST(r.body AS TEXT), {_BODY_PATHS}) IS NOT json_array({_COLUMN_VALUES})"
+    " END"
+)
+"""The SQL expression that is true for a candidate row of ``audit_records r LEFT JOIN
+audit_payloads p`` (the parallel verifier computes it in the same scan as the hashes)."""
+_CANDIDATES: Final = (
+    "SELECT r.seq FROM audit_records r LEFT JOIN audit_payloads p ON p.seq = r.seq"
+    f" WHERE r.seq BETWEEN 1 AND ? AND ({CANDIDATE_FLAG}) ORDER BY r.seq"
 )
 _ALL_ROWS: Final = "SELECT seq FROM audit_records WHERE seq BETWEEN 1 AND ? ORDER BY seq"
 
@@ -179,14 +190,11 @@ _PAYLOAD_ROWS: Final = (
     " WHERE p.payload IS NOT NULL AND r.seq BETWEEN 1 AND ? ORDER BY r.seq"
 )
 
-# Records that commit to a payload (a digest in the body) with none stored: only an erasure or
-# purge record may explain that (verify checks; SQLite's JSON parser preselects them).
-_MISSING_PAYLOAD_ROWS: Final = (
-    "SELECT r.seq, r.prev_hash, r.hash, r.body, NULL FROM audit_records r"
-    " LEFT JOIN audit_payloads p ON p.seq = r.seq"
-    " WHERE r.seq BETWEEN 1 AND ? AND (p.seq IS NULL OR p.payload IS NULL)"
-    " AND json_valid(CAST(r.body AS TEXT))"
-    " AND json_extract(CAST(r.body AS TEXT), '$.payload_digest') IS NOT NULL ORDER BY r.seq"
+# One candidate with everything its checks need.
+_CANDIDATE_ROW: Final = (
+    "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload, "
+    + ", ".join(f"r.{c}" for c in (*_COLUMNS, "time"))
+    + " FROM audit_records r LEFT JOIN audit_payloads p ON p.seq = r.seq WHERE r.seq = ?"
 )
 
 _HEAD: Final = "SELECT seq, hash FROM audit_records WHERE seq >= 1 ORDER BY seq DESC LIMIT 1"
@@ -239,6 +247,9 @@ class SQLiteStore:
         ConfigError: a bad parameter.
         AuditUnavailable: the file cannot be opened or initialised.
     """
+
+    CANDIDATE_FLAG: Final = CANDIDATE_FLAG
+    """What the parallel verifier computes per row for :meth:`integrity_findings`."""
 
     def __init__(
         self,
@@ -701,9 +712,17 @@ class SQLiteStore:
         finally:
             conn.close()
 
-    def integrity_findings(self, head: Head | None) -> list[Finding]:
+    def integrity_findings(
+        self, head: Head | None, *, candidates: Sequence[int] | None = None
+    ) -> list[Finding]:
         """See :class:`~coworker.audit.store.IntegrityChecked`: columns against bodies,
-        payloads against digests, rows outside ``1..head``, the triggers' definitions."""
+        payloads against digests, rows outside ``1..head``, the triggers' definitions.
+
+        Args:
+            head: the last record to check.
+            candidates: the seqs :data:`CANDIDATE_FLAG` selects, in order, when the caller
+                computed them already (the parallel verifier, in its hashing scan).
+        """
         findings: list[Finding] = []
         last = head.seq if head is not None else 0
         with self._lock:
@@ -730,33 +749,36 @@ class SQLiteStore:
             for r in orphans
         )
         # SQLite's own JSON parser picks the candidate rows (~10x faster than decoding every
-        # body in Python); each candidate is then checked exactly as the writer derived the
-        # columns (_row). Values that are not strings are always candidates, so that the SQL
-        # comparison can only over-report, never hide a mismatch.
-        try:
-            candidates = [r[0] for r in self._read(_COLUMN_CANDIDATES, (last,), mmap=True)]
-        except AuditUnavailable:  # a body is not JSON: decode them all, the slow way
-            candidates = [r[0] for r in self._read(_ALL_ROWS, (last,))]
+        # body in Python), one parse per row for the columns and the payload commitment; each
+        # candidate is then checked exactly. Values that are not strings are always
+        # candidates, so that the SQL comparison can only over-report, never hide a mismatch.
+        if candidates is None:
+            try:
+                candidates = [r[0] for r in self._read(_CANDIDATES, (last,), mmap=True)]
+            except AuditUnavailable:  # a body is not JSON: decode them all, the slow way
+                candidates = [r[0] for r in self._read(_ALL_ROWS, (last,))]
         columns: list[Finding] = []
+        missing: list[StoredRecord] = []  # no payload stored: a finding if the body has a digest
         names = [*_COLUMNS, "time"]
         for seq in candidates:
-            (row,) = self._read(
-                f"SELECT seq, prev_hash, hash, body, {', '.join(names)} FROM audit_records "
-                "WHERE seq = ?",
-                (seq,),
-            )
-            record = StoredRecord(row[0], row[1], row[2], row[3])
+            rows = list(self._read(_CANDIDATE_ROW, (seq,)))
+            if not rows:
+                continue
+            (row,) = rows
+            record = StoredRecord(row[0], row[1], row[2], row[3], row[4])
             try:
                 fields = json.loads(record.body)
             except (ValueError, TypeError):
                 continue  # the chain check already failed on it
             if not isinstance(fields, dict):
                 continue
+            if record.payload is None and fields.get("payload_digest") is not None:
+                missing.append(record)
             expected = _row(record, fields)[4:]
-            if tuple(row[4:]) != expected:
+            if tuple(row[5:]) != expected:
                 wrong = [
                     f"{n}={got!r} (body: {want!r})"
-                    for n, got, want in zip(names, row[4:], expected, strict=True)
+                    for n, got, want in zip(names, row[5:], expected, strict=True)
                     if got != want
                 ]
                 columns.append(
@@ -769,12 +791,11 @@ class SQLiteStore:
                 )
         payloads: list[Finding] = []
         erased = erased_seqs(self)
-        rows = [
-            *self._read(_PAYLOAD_ROWS, (last,), mmap=True),
-            *self._read(_MISSING_PAYLOAD_ROWS, (last,), mmap=True),
+        stored = [
+            StoredRecord(r[0], r[1], r[2], r[3], r[4])
+            for r in self._read(_PAYLOAD_ROWS, (last,), mmap=True)
         ]
-        for row in rows:
-            record = StoredRecord(row[0], row[1], row[2], row[3], row[4])
+        for record in [*stored, *missing]:
             try:
                 fields = json.loads(record.body)
             except (ValueError, TypeError):

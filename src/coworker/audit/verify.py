@@ -167,10 +167,15 @@ def verify_chain(
     """
     fast = _try_parallel(store, expected_head, progress)
     if fast is not None:
+        last, candidates = fast
         problem = None
         if expected_head is not None:
-            problem = _against_saved(store, fast, expected_head)
-        return _report(store, fast.seq, fast, problem, check_in_doubt)
+            problem = _against_saved(store, last, expected_head)
+        found = None
+        if candidates is not None:
+            # The workers selected the rows to look at in their hashing scan.
+            found = store.integrity_findings(last, candidates=candidates)  # type: ignore[attr-defined]
+        return _report(store, last.seq, last, problem, check_in_doubt, found)
     # The checks beyond the links run beside the serial hash loop: SQLite and libpq release
     # the GIL while they scan, so the two overlap on two cores.
     beyond = _Beside(store)
@@ -287,10 +292,11 @@ def _in_doubt(store: AuditStore, check: bool) -> tuple[int, ...]:
 
 def _try_parallel(
     store: AuditStore, expected_head: Head | None, progress: Callable[[int], None] | None
-) -> Head | None:
-    # Large SQLite logs are re-hashed on every core (see _verify_parallel); anything
-    # unexpected, including a problem in the log, falls back to the serial path, which is
-    # the one that names the first bad record.
+) -> tuple[Head, list[int] | None] | None:
+    # Large SQLite logs are re-hashed on every core (see _verify_parallel), the rows the
+    # store's integrity check must look at selected in the same scan; anything unexpected,
+    # including a problem in the log, falls back to the serial path, which is the one that
+    # names the first bad record.
     from coworker.audit import _verify_parallel as par
 
     path = getattr(store, "path", None)
@@ -299,13 +305,16 @@ def _try_parallel(
     head = store.head()
     if head is None or head.seq < par.MIN_RECORDS:
         return None
+    flag = getattr(store, "CANDIDATE_FLAG", None)
     try:
-        last = par.verify_parallel(os.path.abspath(path), head.seq, first_prev(store), progress)
+        found = par.verify_parallel(
+            os.path.abspath(path), head.seq, first_prev(store), progress, flag
+        )
     except Exception:
         return None
-    if last is None or last != head.hash:
+    if found is None or found[0] != head.hash:
         return None
-    return head
+    return head, found[1]
 
 
 def _ok_detail(head: Head | None) -> str:

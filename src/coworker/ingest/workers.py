@@ -1,0 +1,166 @@
+"""Decoding requests in worker processes: several decoders behind the one writer.
+
+The costly part of a request is turning its bytes into audit records: decompressing, parsing
+protobuf or JSON, building a :class:`~opentelemetry.sdk.trace.ReadableSpan` per audit span and
+its record (:func:`~coworker.audit.record.entry_from_span`) and dedup key. In one process that
+runs under one GIL, on one core, however many requests arrive. :class:`DecodePool` runs it in
+worker processes instead; the server process keeps what must be in one place: authentication,
+the token's limits, dedup against the log, the append (durable before the answer) and the
+answer itself. A worker returns plain values (record fields, payload bytes, keys, reasons);
+a worker that dies makes its request decode in the server process, so a request is never lost
+to the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from coworker.audit.record import entry_from_span
+from coworker.ingest.decode import (
+    AuditBatch,
+    MalformedRequest,
+    _decompress,
+    _TooLarge,
+    audit_spans,
+    decode_request,
+)
+from coworker.ingest.records import dedup_key
+
+__all__ = ["DecodePool", "Decoded", "decode_body"]
+
+_log = logging.getLogger("coworker.ingest")
+
+REJECT: Final = "reject"
+"""The kind of an item that is a span rejected while its record was built."""
+ENTRY: Final = "entry"
+"""The kind of an item that is a record: ``(ENTRY, name, fields, payload, key)``."""
+
+
+@dataclass
+class Decoded:
+    """One request, decoded.
+
+    Attributes:
+        status: ``None`` when decoded, else the HTTP status of the answer (400, 413).
+        message: why, for an error status.
+        batch: the audit spans' tally (``spans`` emptied: the records are in ``items``).
+        items: per audit span, in request order: ``(ENTRY, span name, fields, payload,
+            dedup key)`` or ``(REJECT, reason)``.
+    """
+
+    status: int | None = None
+    message: str = ""
+    batch: AuditBatch = field(default_factory=AuditBatch)
+    items: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+def decode_body(
+    body: bytes,
+    media: str,
+    encoding: str,
+    max_body_bytes: int,
+    max_attribute_length: int,
+    max_attributes: int,
+) -> Decoded:
+    """Decode one request body into records (runs in a worker or in the server process)."""
+    try:
+        raw = _decompress(body, encoding, max_body_bytes)
+    except _TooLarge:
+        return Decoded(413)
+    except MalformedRequest as exc:
+        return Decoded(400, str(exc))
+    try:
+        request = decode_request(raw, media)
+    except MalformedRequest as exc:
+        return Decoded(400, str(exc))
+    batch = audit_spans(
+        request, max_attribute_length=max_attribute_length, max_attributes=max_attributes
+    )
+    items: list[tuple[Any, ...]] = []
+    for span, ids in zip(batch.spans, batch.keys, strict=True):
+        name = span.name[:80]
+        try:
+            fields, payload = entry_from_span(span)
+            key = dedup_key(ids, fields)
+        except Exception as exc:
+            items.append((REJECT, f"span {name!r}: cannot build its audit record: {exc}"))
+            continue
+        items.append((ENTRY, name, fields, payload, key))
+    batch.spans, batch.keys = [], []
+    return Decoded(None, "", batch, items)
+
+
+def _warm() -> int:
+    return 0
+
+
+class DecodePool:
+    """``workers`` decoding processes (spawned: the server has threads, so no fork).
+
+    Args:
+        workers: how many processes.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+        self._broken: ProcessPoolExecutor | None = None  # the pool to replace, if any
+        self._restart_lock = threading.Lock()
+
+    @property
+    def broken(self) -> bool:
+        """``True`` when a worker died and the pool waits for :meth:`restart`."""
+        return self._broken is not None
+
+    def start(self) -> None:
+        """Start the processes and wait until each has imported the decoder."""
+        self._executor = ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("spawn")
+        )
+        for started in [self._executor.submit(_warm) for _ in range(self.workers)]:
+            started.result()
+
+    def submit(self, *args: Any) -> tuple[Future[Decoded], ProcessPoolExecutor] | None:
+        """Hand :func:`decode_body` ``args`` to a worker: the future and the pool it went to
+        (for :meth:`mark_broken`); ``None`` when the pool is not running (the caller decodes
+        in its own process)."""
+        executor = self._executor
+        if executor is None:
+            return None
+        try:
+            return executor.submit(decode_body, *args), executor
+        except RuntimeError:  # broken (a worker died): decode here until it is restarted
+            self.mark_broken(executor)
+            return None
+
+    def mark_broken(self, executor: ProcessPoolExecutor | None = None) -> None:
+        """Stop handing work to the current pool (a worker died); :meth:`restart` replaces it."""
+        with self._restart_lock:
+            executor = executor or self._executor
+            if executor is not None and executor is self._executor:
+                _log.error("an ingest decoding worker died; decoding in the server process")
+                self._broken, self._executor = executor, None
+
+    def restart(self) -> None:
+        """Replace a broken pool with a fresh one (once, however many requests saw it)."""
+        with self._restart_lock:
+            old, self._broken = self._broken, None
+            if old is None:
+                return
+            old.shutdown(wait=False, cancel_futures=True)
+            try:
+                self.start()
+            except Exception:
+                _log.exception("cannot restart the ingest decoding workers")
+                self._executor = None
+
+    def shutdown(self) -> None:
+        """Stop the processes (after the in-flight requests)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
