@@ -2,8 +2,9 @@
 
 A backend that nests dotted keys (an Elasticsearch/OpenSearch mapping, Phoenix's attribute
 store) files ``a.b = 1`` under ``{"a": {"b": 1}}`` and ``a.b.c = 2`` under
-``{"a": {"b": {"c": 2}}}``: with both, the mapping conflicts or one key lands off its path. ``coworker.audit`` was both the audit flag and the prefix
-of ``coworker.audit.category``; the flag is ``coworker.audited`` now.
+``{"a": {"b": {"c": 2}}}``: with both, the mapping conflicts or one key lands off its path.
+``coworker.audit`` was both the audit flag and the prefix of ``coworker.audit.category``; the
+flag is ``coworker.audited`` now.
 """
 
 from __future__ import annotations
