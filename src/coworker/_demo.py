@@ -163,14 +163,20 @@ def _is_flow_span(span: Any) -> bool:
     return attr.OPENINFERENCE_SPAN_KIND in a and attr.RUN_ID not in a
 
 
-def _print_span(span: Any, children: dict[Any, list[Any]], indent: int, out: TextIO) -> None:
+def _print_span(
+    span: Any,
+    children: dict[Any, list[Any]],
+    indent: int,
+    out: TextIO,
+    show_step: bool = False,
+) -> None:
     if not _is_flow_span(span):
-        _print_run(span, {}, indent, out, children)
+        _print_run(span, {}, indent, out, children, show_step)
         return
     a = span.attributes
     kids = children.get(span.context.span_id, [])
     pad = " " * indent
-    if attr.STEP_ID in a and attr.TURN_NUMBER not in a and attr.GEN_AI_WORKFLOW_NAME not in a:
+    if a.get(attr.SPAN_TYPE) == "step":
         line = f"{pad}step {_p(a[attr.STEP_ID])}"
         if any(k.status.status_code.name == "ERROR" for k in kids):
             line += "  (failed once, retried)"
@@ -198,8 +204,11 @@ def _print_span(span: Any, children: dict[Any, list[Any]], indent: int, out: Tex
             f"{a.get(attr.GEN_AI_USAGE_OUTPUT_TOKENS, 0)}"
         )
     print(line, file=out)
+    is_step = a.get(attr.SPAN_TYPE) == "step"
     for kid in kids:
-        _print_span(kid, children, indent + 2, out)
+        # A run directly under a flow or turn span names its step (a conversation's assigned
+        # turn-n-op-k); under a step span the step line says it.
+        _print_span(kid, children, indent + 2, out, not is_step)
 
 
 def _print_by_attributes(spans: Sequence[Any], out: TextIO) -> None:
@@ -244,6 +253,7 @@ def _print_run(
     indent: int,
     out: TextIO,
     tree: dict[Any, list[Any]] | None = None,
+    show_step: bool = False,
 ) -> None:
     a = span.attributes
     ok = span.status.status_code.name != "ERROR"
@@ -254,6 +264,8 @@ def _print_run(
         who.append(f"agent={_p(a.get(attr.AGENT_NAME, ''))}({_p(a[attr.AGENT_ID])})")
     mark = "✓" if ok else "✗"
     text = f"{' ' * indent}{mark} {_p(span.name)}  run={_short(a[attr.RUN_ID])}"
+    if show_step and attr.STEP_ID in a:
+        text += f"  step={_p(a[attr.STEP_ID])}"
     if who:
         text += "  " + " ".join(who)
     if a.get(attr.AUDITED):
