@@ -24,6 +24,7 @@ from tests.stack._stack import (
     Procs,
     Stack,
     coworker_cli,
+    otlp_attributes,
     python_env,
     start_collector,
     start_ingest,
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.stack
 _TRACE = re.compile(r"^trace ([0-9a-f]{32})")
 _FLOW = re.compile(r"^\s*(?:.*: )?flow (\S+) (\S+)")
 _STEP = re.compile(r"^\s+step (\S+)")
-_RUN = re.compile(r"^\s+([✓✗]) (.+?)  run=([0-9a-f]+)")
+_RUN = re.compile(r"^\s+([✓✗]) (.+?)  run=([0-9a-f]+)(?:  step=(\S+))?")
 
 
 def parse_demo_tree(output: str) -> list[dict[str, Any]]:
@@ -56,7 +57,7 @@ def parse_demo_tree(output: str) -> list[dict[str, Any]]:
                         "trace": trace,
                         "flow_type": flow[0],
                         "flow_id": flow[1],
-                        "step": step,
+                        "step": match.group(4) or step,  # a turn's run names its step
                         "name": match.group(2),
                         "run": match.group(3),
                         "ok": match.group(1) == "✓",
@@ -189,3 +190,36 @@ def test_demo_trace_tree_reaches_jaeger_through_the_collector(
     assert Counter(s["attrs"][a.FLOW_ID] for s in chat)[first["attrs"][a.FLOW_ID]] == 2
     assert third["attrs"][a.FLOW_PREVIOUS_ID] == first["attrs"][a.FLOW_ID]
     assert third["attrs"][a.FLOW_BREAK_REASON] == "topic-change"
+
+    # The trace shape (issue 13): the workflow is one trace, invoke_workflow → its three step
+    # spans → the runs; each turn is a trace of its own, and the topic change is a span link
+    # from the new flow's turn span to the old flow's, carrying the reason.
+    flow_spans = [s for s in everything if a.SPAN_TYPE in s["attrs"]]
+    assert len(flow_spans) == total - len(spans) == 8  # the workflow, 3 steps, 4 turn spans
+    (root,) = [s for s in flow_spans if s["attrs"][a.SPAN_TYPE] == "flow"]
+    assert root["name"] == "invoke_workflow order-processing" and not root.get("parentSpanId")
+    assert root["attrs"][a.GEN_AI_WORKFLOW_NAME] == "order-processing"
+    steps = sorted(
+        (s for s in flow_spans if s["attrs"][a.SPAN_TYPE] == "step"),
+        key=lambda s: int(s["startTimeUnixNano"]),
+    )
+    assert [s["name"] for s in steps] == ["step validate", "step payment", "step ship"]
+    assert {s["parentSpanId"] for s in steps} == {root["spanId"]}
+    assert {s["traceId"] for s in workflow} == {root["traceId"]}
+    for run_span in workflow:
+        assert (
+            by_span[run_span["parentSpanId"]]["attrs"][a.STEP_ID] == (run_span["attrs"][a.STEP_ID])
+        )
+    turns = sorted(
+        (s for s in flow_spans if s["attrs"][a.SPAN_TYPE] == "turn"),
+        key=lambda s: int(s["startTimeUnixNano"]),
+    )
+    assert [s["name"] for s in turns] == ["invoke_agent billing-assistant"] * 4
+    assert len({s["traceId"] for s in turns}) == 4
+    old_turn, new_turn = turns[2], turns[3]
+    (link,) = new_turn["links"]
+    assert (link["traceId"], link["spanId"]) == (old_turn["traceId"], old_turn["spanId"])
+    link_attrs = otlp_attributes(link.get("attributes", []))
+    assert link_attrs[a.FLOW_BREAK_REASON] == "topic-change"
+    assert link_attrs[a.FLOW_PREVIOUS_ID] == old_turn["attrs"][a.FLOW_ID]
+    assert old_turn["attrs"][a.FLOW_NEXT_ID] == new_turn["attrs"][a.FLOW_ID]
