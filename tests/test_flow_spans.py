@@ -417,6 +417,7 @@ def test_flow_span_past_the_bound_is_continued_by_a_linked_span(
     first, second = sorted(named(spans, "flow batch-job"), key=lambda s: s.start_time)
     step1, step2 = sorted(named(spans, "step export"), key=lambda s: s.start_time)
     assert first.attributes[attr.SPAN_CONTINUED] is True
+    assert one(spans, "mine").parent.span_id == second.context.span_id
     assert step1.attributes[attr.SPAN_CONTINUED] is True
     assert attr.SPAN_CONTINUED not in second.attributes
     assert (second.attributes[attr.SPAN_SEGMENT], step2.attributes[attr.SPAN_SEGMENT]) == (2, 2)
@@ -679,3 +680,29 @@ def test_flow_block_in_a_generator_resumed_in_another_context(
     assert root.end_time >= b.end_time  # ended when the block exited, after "b"
     assert not trace.get_current_span().get_span_context().is_valid
     _no_double_end(caplog)
+
+
+def test_run_after_a_step_continued_at_the_bound_nests_under_the_continuation(
+    spans: Any, clock: list[float]
+) -> None:
+    """The bound passes inside a step: after the step block the flow block continues in the
+    flow's continuation span (not the ended first one), for runs and later steps alike."""
+    coworker.configure(flow_span_max_duration=60, metrics=False)
+    with coworker.flow("batch-job"):
+        with coworker.step("a"):
+            clock[0] += 61
+            load("in-a")  # continues flow and step
+        load("after-a")
+        with trace.get_tracer("app").start_as_current_span("mine"):
+            pass  # an application span: the current context is the continuation's
+        with coworker.step("b"):
+            load("in-b")
+    first, second = sorted(named(spans, "flow batch-job"), key=lambda s: s.start_time)
+    in_a, after_a, in_b = sorted(named(spans, "select Order"), key=lambda s: s.start_time)
+    (step_a,) = [s for s in named(spans, "step a") if s.attributes.get(attr.SPAN_SEGMENT) == 2]
+    assert in_a.parent.span_id == step_a.context.span_id
+    assert after_a.parent.span_id == second.context.span_id
+    assert one(spans, "step b").parent.span_id == second.context.span_id
+    assert in_b.parent.span_id == one(spans, "step b").context.span_id
+    assert first.attributes[attr.SPAN_CONTINUED] is True
+    assert one(spans, "mine").parent.span_id == second.context.span_id
