@@ -37,31 +37,38 @@ SQLite write lock).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Final, TypeVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final
 from urllib.parse import quote
 
-from coworker.audit import erasure
+from coworker.audit import erasure, sqlite_integrity
 from coworker.audit.chain import Prepared, check_chain_name, genesis, prepare, seal
 from coworker.audit.erasure import KeyStore
 from coworker.audit.record import QUERY_FILTERS
+from coworker.audit.sqlite_erasure import _erase_in_txn, _key_in_txn, _shredding
+from coworker.audit.sqlite_integrity import CANDIDATE_FLAG
+from coworker.audit.sqlite_schema import (  # noqa: F401  (_DDL, _split_ddl...: benchmarks, tests)
+    _COLUMNS,
+    _DDL,
+    _HEAD,
+    _INSERT,
+    _KEY_DDL,
+    _column,
+    _expected_triggers,
+    _guard_problems,
+    _normalise,
+    _row,
+    _split_ddl,
+)
 from coworker.audit.store import (
-    COLUMN_MISMATCH,
-    GUARD,
-    MAX_FINDINGS,
-    OUT_OF_RANGE,
-    PAYLOAD_MISMATCH,
     Finding,
     Head,
     StoredRecord,
     StoreNotFound,
-    erased_seqs,
-    payload_finding,
 )
 from coworker.config import DEFAULT_AUDIT_PATH
 from coworker.exceptions import AuditUnavailable, ConfigError
@@ -72,137 +79,11 @@ SCHEMA_VERSION: Final = 1
 """Version of the table layout, kept in ``audit_meta``."""
 
 _log = logging.getLogger("coworker.audit")
-_T = TypeVar("_T")
 
 _MMAP_SIZE: Final = 1 << 30
 
-_TRIGGERS: Final = (
-    "audit_records_no_update",
-    "audit_records_no_delete",
-    "audit_records_append_only",
-)
-
 # OFF is refused: an audit store that can lose committed records on a crash is not one.
 _SYNCHRONOUS: Final = frozenset({"NORMAL", "FULL", "EXTRA"})
-
-# Body fields copied into plain indexed columns (column name = body key, except time).
-_COLUMNS: Final = (
-    "kind", "category", "operation", "doctype", "outcome", "flow_id", "step_id", "run_id",
-    "user_id", "agent_id", "trace_id", "span_id",
-)  # fmt: skip
-
-_DDL: Final = f"""
-CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS audit_records (
-    seq INTEGER PRIMARY KEY CHECK (seq >= 1),
-    prev_hash BLOB NOT NULL,
-    hash BLOB NOT NULL,
-    body BLOB NOT NULL,
-    {", ".join(f"{c} TEXT" for c in _COLUMNS)},
-    time TEXT
-);
-CREATE TABLE IF NOT EXISTS audit_payloads (seq INTEGER PRIMARY KEY, payload BLOB);
-CREATE INDEX IF NOT EXISTS audit_records_flow ON audit_records(flow_id, seq);
-CREATE INDEX IF NOT EXISTS audit_records_user ON audit_records(user_id, seq);
-CREATE INDEX IF NOT EXISTS audit_records_agent ON audit_records(agent_id, seq);
-CREATE INDEX IF NOT EXISTS audit_records_doctype ON audit_records(doctype, seq);
-CREATE INDEX IF NOT EXISTS audit_records_operation ON audit_records(operation, seq);
-CREATE INDEX IF NOT EXISTS audit_records_category ON audit_records(category, seq);
-CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records(time);
-CREATE INDEX IF NOT EXISTS audit_records_span ON audit_records(span_id);
-CREATE INDEX IF NOT EXISTS audit_records_intent ON audit_records(seq) WHERE kind = 'intent';
-CREATE TRIGGER IF NOT EXISTS audit_records_no_update BEFORE UPDATE ON audit_records
-BEGIN
-    SELECT RAISE(ABORT, 'audit_records is append-only: UPDATE is not allowed (write a correction)');
-END;
-CREATE TRIGGER IF NOT EXISTS audit_records_no_delete BEFORE DELETE ON audit_records
-BEGIN
-    SELECT RAISE(ABORT, 'audit_records is append-only: DELETE is not allowed');
-END;
-CREATE TRIGGER IF NOT EXISTS audit_records_append_only BEFORE INSERT ON audit_records
-BEGIN
-    SELECT RAISE(ABORT, 'audit_records is append-only: seq exists (INSERT OR REPLACE refused)')
-    WHERE EXISTS (SELECT 1 FROM audit_records WHERE seq = NEW.seq);
-    SELECT RAISE(ABORT, 'audit_records is append-only: seq must be the head seq + 1')
-    WHERE NEW.seq <> COALESCE((SELECT MAX(seq) FROM audit_records), 0) + 1;
-END;
-"""
-
-# Per-subject data keys of encrypted payloads (coworker.audit.erasure). Deliberately outside
-# the append-only guards: erasing a subject deletes its row, and with it every payload sealed
-# under the key. Created on existing stores too (it is not part of the chained schema).
-_KEY_DDL: Final = (
-    "CREATE TABLE IF NOT EXISTS audit_keys "
-    "(subject TEXT PRIMARY KEY, key BLOB NOT NULL, created TEXT NOT NULL)"
-)
-
-# The tables whose triggers are ours alone: any other trigger on them is reported.
-_GUARDED_TABLES: Final = ("audit_records", "audit_payloads", "audit_meta")
-
-
-def _normalise(statement: str) -> str:
-    # SQLite keeps a CREATE statement as written, minus IF NOT EXISTS and the final ';'.
-    text = " ".join(statement.split())
-    return text.replace(" IF NOT EXISTS ", " ", 1).rstrip(";").strip()
-
-
-def _expected_triggers() -> dict[str, str]:
-    out: dict[str, str] = {}
-    for statement in _split_ddl(_DDL):
-        if statement.lstrip().startswith("CREATE TRIGGER"):
-            name = statement.split()[5]
-            out[name] = _normalise(statement)
-    return out
-
-
-# Rows whose columns or payload may not match their body (see SQLiteStore.integrity_findings),
-# with one JSON parse per row: a multi-path json_extract yields the body's values as one JSON
-# array, compared as one text with the same values taken from the columns. A row is clean
-# when the two are equal: every column equals its body field, ``time`` equals a non-empty
-# ``start`` (the writer's rule), and, for a row without a stored payload, the body commits to
-# no payload (``payload_digest`` null). Anything else is a candidate, which Python checks
-# exactly as the writer derived the columns (``_row``) and as ``payload_finding`` judges
-# payloads: the SQL can over-report (a value that is not a string in the body never compares
-# equal here, a record whose ``start`` is empty always differs), never hide a mismatch. A
-# body that is not JSON makes SQLite raise; the caller then checks every row in Python.
-_BODY_PATHS: Final = ", ".join(f"'$.{c}'" for c in (*_COLUMNS, "start"))
-_COLUMN_VALUES: Final = ", ".join(f"r.{c}" for c in (*_COLUMNS, "time"))
-CANDIDATE_FLAG: Final = (
-    "r.time IS NULL OR r.time = '' OR CASE WHEN p.payload IS NULL"
-    f" THEN json_extract(CAST(r.body AS TEXT), {_BODY_PATHS}, '$.payload_digest')"
-    f" IS NOT json_array({_COLUMN_VALUES}, NULL)"
-    f" ELSE json_extract(CAST(r.body AS TEXT), {_BODY_PATHS}) IS NOT json_array({_COLUMN_VALUES})"
-    " END"
-)
-"""The SQL expression that is true for a candidate row of ``audit_records r LEFT JOIN
-audit_payloads p`` (the parallel verifier computes it in the same scan as the hashes)."""
-_CANDIDATES: Final = (
-    "SELECT r.seq FROM audit_records r LEFT JOIN audit_payloads p ON p.seq = r.seq"
-    f" WHERE r.seq BETWEEN 1 AND ? AND ({CANDIDATE_FLAG}) ORDER BY r.seq"
-)
-_ALL_ROWS: Final = "SELECT seq FROM audit_records WHERE seq BETWEEN 1 AND ? ORDER BY seq"
-
-# Stored payloads with their record (the digest is read from the body in Python: a body
-# that is not JSON must not abort the scan).
-_PAYLOAD_ROWS: Final = (
-    "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload"
-    " FROM audit_payloads p JOIN audit_records r ON r.seq = p.seq"
-    " WHERE p.payload IS NOT NULL AND r.seq BETWEEN 1 AND ? ORDER BY r.seq"
-)
-
-# One candidate with everything its checks need.
-_CANDIDATE_ROW: Final = (
-    "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload, "
-    + ", ".join(f"r.{c}" for c in (*_COLUMNS, "time"))
-    + " FROM audit_records r LEFT JOIN audit_payloads p ON p.seq = r.seq WHERE r.seq = ?"
-)
-
-_HEAD: Final = "SELECT seq, hash FROM audit_records WHERE seq >= 1 ORDER BY seq DESC LIMIT 1"
-
-_INSERT: Final = (
-    f"INSERT INTO audit_records (seq, prev_hash, hash, body, {', '.join(_COLUMNS)}, time) "
-    f"VALUES ({', '.join('?' * (len(_COLUMNS) + 5))})"
-)
 
 _FILTER_COLUMNS: Final = QUERY_FILTERS
 
@@ -556,31 +437,7 @@ class SQLiteStore:
             try:
 
                 def work(conn: sqlite3.Connection) -> tuple[Any, list[int]]:
-                    # Under the write lock: a hold appended concurrently is seen, or comes after.
-                    holds = erasure.active_holds(
-                        StoredRecord(r[0], b"", b"", r[1])
-                        for r in conn.execute(
-                            "SELECT seq, body FROM audit_records WHERE kind IN ('hold', 'release')"
-                            " ORDER BY seq"
-                        )
-                    )
-                    erasure.refuse_if_held(holds, subject, lambda flow: _flow_subjects(conn, flow))
-                    seqs = [
-                        r[0]
-                        for r in conn.execute(
-                            "SELECT p.seq FROM audit_payloads p JOIN audit_records r "
-                            "ON r.seq = p.seq WHERE json_extract(CAST(r.body AS TEXT), "
-                            f"'$.payload_subject') = ? OR {by_subject} ORDER BY p.seq",
-                            (subject, subject),
-                        )
-                    ]
-                    entry = erasure.erasure_entry(subject, reason, by=by, seqs=seqs)
-                    (record,) = self._append_in_txn(conn, [entry], None)
-                    conn.executemany(
-                        "DELETE FROM audit_payloads WHERE seq = ?", [(s,) for s in seqs]
-                    )
-                    conn.execute("DELETE FROM audit_keys WHERE subject = ?", (subject,))
-                    return record, seqs
+                    return _erase_in_txn(conn, subject, reason, by, by_subject, self._append_in_txn)
 
                 (record, seqs), truncated = _shredding(conn, work)
             except sqlite3.Error as exc:
@@ -723,92 +580,7 @@ class SQLiteStore:
             candidates: the seqs :data:`CANDIDATE_FLAG` selects, in order, when the caller
                 computed them already (the parallel verifier, in its hashing scan).
         """
-        findings: list[Finding] = []
-        last = head.seq if head is not None else 0
-        with self._lock:
-            conn = self._connection()
-            try:
-                findings += [Finding(GUARD, None, p) for p in _guard_problems(conn)]
-            except sqlite3.Error as exc:
-                raise AuditUnavailable(f"audit store {self.path!r}: {exc}") from exc
-        # Only below 1: the head is the highest seq, and a row above it was appended after
-        # the head was read (verify may run while the application writes).
-        stray = list(self._read("SELECT seq FROM audit_records WHERE seq < 1 ORDER BY seq", ()))
-        findings += _capped(
-            Finding(OUT_OF_RANGE, r[0], f"seq {r[0]}: a row outside 1..{last} (never appended)")
-            for r in stray
-        )
-        # A payload and its record commit together: one without the other was added by hand.
-        orphans = self._read(
-            "SELECT p.seq FROM audit_payloads p WHERE p.payload IS NOT NULL AND NOT EXISTS "
-            "(SELECT 1 FROM audit_records r WHERE r.seq = p.seq) ORDER BY p.seq",
-            (),
-        )
-        findings += _capped(
-            Finding(PAYLOAD_MISMATCH, r[0], f"seq {r[0]}: a payload with no record")
-            for r in orphans
-        )
-        # SQLite's own JSON parser picks the candidate rows (~10x faster than decoding every
-        # body in Python), one parse per row for the columns and the payload commitment; each
-        # candidate is then checked exactly. Values that are not strings are always
-        # candidates, so that the SQL comparison can only over-report, never hide a mismatch.
-        if candidates is None:
-            try:
-                candidates = [r[0] for r in self._read(_CANDIDATES, (last,), mmap=True)]
-            except AuditUnavailable:  # a body is not JSON: decode them all, the slow way
-                candidates = [r[0] for r in self._read(_ALL_ROWS, (last,))]
-        columns: list[Finding] = []
-        missing: list[StoredRecord] = []  # no payload stored: a finding if the body has a digest
-        names = [*_COLUMNS, "time"]
-        for seq in candidates:
-            rows = list(self._read(_CANDIDATE_ROW, (seq,)))
-            if not rows:
-                continue
-            (row,) = rows
-            record = StoredRecord(row[0], row[1], row[2], row[3], row[4])
-            try:
-                fields = json.loads(record.body)
-            except (ValueError, TypeError):
-                continue  # the chain check already failed on it
-            if not isinstance(fields, dict):
-                continue
-            if record.payload is None and fields.get("payload_digest") is not None:
-                missing.append(record)
-            expected = _row(record, fields)[4:]
-            if tuple(row[5:]) != expected:
-                wrong = [
-                    f"{n}={got!r} (body: {want!r})"
-                    for n, got, want in zip(names, row[5:], expected, strict=True)
-                    if got != want
-                ]
-                columns.append(
-                    Finding(
-                        COLUMN_MISMATCH,
-                        record.seq,
-                        f"seq {record.seq}: query column(s) differ from the record: "
-                        + ", ".join(wrong),
-                    )
-                )
-        payloads: list[Finding] = []
-        erased = erased_seqs(self)
-        stored = [
-            StoredRecord(r[0], r[1], r[2], r[3], r[4])
-            for r in self._read(_PAYLOAD_ROWS, (last,), mmap=True)
-        ]
-        for record in [*stored, *missing]:
-            try:
-                fields = json.loads(record.body)
-            except (ValueError, TypeError):
-                continue  # the chain check already failed on it
-            found = (
-                payload_finding(record, fields, self.key_for, erased)
-                if isinstance(fields, dict)
-                else None
-            )
-            if found is not None:
-                payloads.append(found)
-        payloads.sort(key=lambda f: f.seq or 0)
-        return findings + _capped(iter(columns)) + _capped(iter(payloads))
+        return sqlite_integrity.integrity_findings(self, head, candidates)
 
     def tree_table(self) -> Any:
         """The Merkle tree's table: ``<file>.tree`` beside the chain's file (never the log's
@@ -853,148 +625,12 @@ class SQLiteStore:
         return f"SQLiteStore({self.path!r}, synchronous={self.synchronous!r})"
 
 
-def _shredding(
-    conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T]
-) -> tuple[_T, bool]:
-    """Run ``work`` in one write transaction that overwrites what it deletes
-    (``PRAGMA secure_delete``), then copy the pages back and truncate the WAL, so deleted
-    bytes stay neither in the file nor in its ``-wal`` (erase and purge).
-
-    Returns:
-        ``work``'s result, and ``False`` when another reader kept the WAL from being truncated.
-    """
-    conn.execute("PRAGMA secure_delete = ON")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = work(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    conn.execute("PRAGMA secure_delete = OFF")
-    return result, not busy
-
-
 def _ro_uri(path: str) -> str:
     # A read-only URI: SQLite creates nothing, even a -wal/-shm file stays as it is.
     return "file:" + quote(os.path.abspath(path)) + "?mode=ro"
-
-
-def _guard_problems(conn: sqlite3.Connection) -> list[str]:
-    """What is wrong with the append-only triggers: missing, altered, or foreign ones."""
-    expected = _expected_triggers()
-    present = {
-        r[0]: (r[1], _normalise(r[2] or ""))
-        for r in conn.execute(
-            "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"
-        )
-    }
-    problems: list[str] = []
-    for name, definition in expected.items():
-        if name not in present:
-            problems.append(f"trigger {name} is missing")
-        elif present[name][1] != definition:
-            problems.append(f"trigger {name} is altered (not coworker's definition)")
-    for name, (table, _) in sorted(present.items()):
-        if name not in expected and table in _GUARDED_TABLES:
-            problems.append(f"trigger {name} on {table} is not coworker's")
-    # The table itself (PRAGMA writable_schema can rewrite it, e.g. to drop the CHECK): as
-    # created now, or as created before the CHECK existed.
-    row = conn.execute(
-        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'audit_records'"
-    ).fetchone()
-    table_sql = _normalise(row[0] if row and row[0] else "")
-    if table_sql not in _expected_tables():
-        problems.append("table audit_records is altered (not coworker's definition)")
-    return problems
-
-
-def _expected_tables() -> tuple[str, str]:
-    (create,) = [s for s in _split_ddl(_DDL) if "TABLE IF NOT EXISTS audit_records" in s]
-    current = _normalise(create)
-    return current, current.replace(" CHECK (seq >= 1)", "")
 
 
 def _have_cryptography() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("cryptography") is not None
-
-
-def _key_in_txn(conn: sqlite3.Connection, subject: str) -> bytes:
-    # Inside the append's transaction: the key row commits with the payloads sealed under it.
-    row = conn.execute("SELECT key FROM audit_keys WHERE subject = ?", (subject,)).fetchone()
-    if row is not None:
-        return bytes(row[0])
-    key = erasure.new_key()
-    conn.execute(
-        "INSERT INTO audit_keys (subject, key, created) VALUES (?, ?, datetime('now'))",
-        (subject, key),
-    )
-    return key
-
-
-def _flow_subjects(conn: sqlite3.Connection, flow_id: str) -> set[str]:
-    rows = conn.execute(
-        "SELECT DISTINCT user_id, json_extract(CAST(body AS TEXT), '$.payload_subject') "
-        "FROM audit_records WHERE flow_id = ?",
-        (flow_id,),
-    )
-    return {v for row in rows for v in row if isinstance(v, str)}
-
-
-def _capped(findings: Iterator[Finding]) -> list[Finding]:
-    out: list[Finding] = []
-    extra = 0
-    for f in findings:
-        if len(out) < MAX_FINDINGS:
-            out.append(f)
-        else:
-            extra += 1
-    if extra:
-        last = out[-1]
-        out[-1] = Finding(last.kind, last.seq, f"{last.detail} (and {extra} more like it)")
-    return out
-
-
-_TEXT_TYPES: Final = frozenset({str, type(None)})
-
-
-def _row(record: StoredRecord, fields: Mapping[str, Any]) -> tuple[Any, ...]:
-    values = tuple(map(fields.get, _COLUMNS))
-    if not _TEXT_TYPES.issuperset(map(type, values)):  # rare: a hand-made entry
-        values = tuple(map(_column, values))
-    return (
-        record.seq,
-        record.prev_hash,
-        record.hash,
-        record.body,
-        *values,
-        fields.get("start") or fields.get("recorded_at"),
-    )
-
-
-def _column(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value)
-
-
-def _split_ddl(ddl: str) -> list[str]:
-    # sqlite3.Connection.executescript would COMMIT our BEGIN IMMEDIATE; split instead,
-    # keeping trigger bodies (which contain ';') whole.
-    statements: list[str] = []
-    current: list[str] = []
-    in_trigger = False
-    for line in ddl.strip().splitlines():
-        current.append(line)
-        stripped = line.strip()
-        if stripped.startswith("CREATE TRIGGER"):
-            in_trigger = True
-        if (in_trigger and stripped == "END;") or (not in_trigger and stripped.endswith(";")):
-            statements.append("\n".join(current))
-            current = []
-            in_trigger = False
-    return statements

@@ -1,0 +1,178 @@
+"""What verify checks in a SQLite store besides the hash links: query columns against the
+hashed bodies, payloads against their digests, rows outside ``1..head``, the append-only
+guards (:meth:`~coworker.audit.store_sqlite.SQLiteStore.integrity_findings`)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Final
+
+from coworker.audit.sqlite_schema import _COLUMNS, _guard_problems, _row
+from coworker.audit.store import (
+    COLUMN_MISMATCH,
+    GUARD,
+    MAX_FINDINGS,
+    OUT_OF_RANGE,
+    PAYLOAD_MISMATCH,
+    Finding,
+    Head,
+    StoredRecord,
+    erased_seqs,
+    payload_finding,
+)
+from coworker.exceptions import AuditUnavailable
+
+if TYPE_CHECKING:
+    from coworker.audit.store_sqlite import SQLiteStore
+
+__all__ = ["CANDIDATE_FLAG", "integrity_findings"]
+
+# Rows whose columns or payload may not match their body (see SQLiteStore.integrity_findings),
+# with one JSON parse per row: a multi-path json_extract yields the body's values as one JSON
+# array, compared as one text with the same values taken from the columns. A row is clean
+# when the two are equal: every column equals its body field, ``time`` equals a non-empty
+# ``start`` (the writer's rule), and, for a row without a stored payload, the body commits to
+# no payload (``payload_digest`` null). Anything else is a candidate, which Python checks
+# exactly as the writer derived the columns (``_row``) and as ``payload_finding`` judges
+# payloads: the SQL can over-report (a value that is not a string in the body never compares
+# equal here, a record whose ``start`` is empty always differs), never hide a mismatch. A
+# body that is not JSON makes SQLite raise; the caller then checks every row in Python.
+_BODY_PATHS: Final = ", ".join(f"'$.{c}'" for c in (*_COLUMNS, "start"))
+_COLUMN_VALUES: Final = ", ".join(f"r.{c}" for c in (*_COLUMNS, "time"))
+CANDIDATE_FLAG: Final = (
+    "r.time IS NULL OR r.time = '' OR CASE WHEN p.payload IS NULL"
+    f" THEN json_extract(CAST(r.body AS TEXT), {_BODY_PATHS}, '$.payload_digest')"
+    f" IS NOT json_array({_COLUMN_VALUES}, NULL)"
+    f" ELSE json_extract(CAST(r.body AS TEXT), {_BODY_PATHS}) IS NOT json_array({_COLUMN_VALUES})"
+    " END"
+)
+"""The SQL expression that is true for a candidate row of ``audit_records r LEFT JOIN
+audit_payloads p`` (the parallel verifier computes it in the same scan as the hashes)."""
+_CANDIDATES: Final = (
+    "SELECT r.seq FROM audit_records r LEFT JOIN audit_payloads p ON p.seq = r.seq"
+    f" WHERE r.seq BETWEEN 1 AND ? AND ({CANDIDATE_FLAG}) ORDER BY r.seq"
+)
+_ALL_ROWS: Final = "SELECT seq FROM audit_records WHERE seq BETWEEN 1 AND ? ORDER BY seq"
+
+# Stored payloads with their record (the digest is read from the body in Python: a body
+# that is not JSON must not abort the scan).
+_PAYLOAD_ROWS: Final = (
+    "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload"
+    " FROM audit_payloads p JOIN audit_records r ON r.seq = p.seq"
+    " WHERE p.payload IS NOT NULL AND r.seq BETWEEN 1 AND ? ORDER BY r.seq"
+)
+
+# One candidate with everything its checks need.
+_CANDIDATE_ROW: Final = (
+    "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload, "
+    + ", ".join(f"r.{c}" for c in (*_COLUMNS, "time"))
+    + " FROM audit_records r LEFT JOIN audit_payloads p ON p.seq = r.seq WHERE r.seq = ?"
+)
+
+
+def integrity_findings(
+    store: SQLiteStore, head: Head | None, candidates: Sequence[int] | None
+) -> list[Finding]:
+    """:meth:`SQLiteStore.integrity_findings`: columns against bodies, payloads against
+    digests, rows outside ``1..head``, the triggers' definitions (read only)."""
+    findings: list[Finding] = []
+    last = head.seq if head is not None else 0
+    with store._lock:
+        conn = store._connection()
+        try:
+            findings += [Finding(GUARD, None, p) for p in _guard_problems(conn)]
+        except sqlite3.Error as exc:
+            raise AuditUnavailable(f"audit store {store.path!r}: {exc}") from exc
+    # Only below 1: the head is the highest seq, and a row above it was appended after
+    # the head was read (verify may run while the application writes).
+    stray = list(store._read("SELECT seq FROM audit_records WHERE seq < 1 ORDER BY seq", ()))
+    findings += _capped(
+        Finding(OUT_OF_RANGE, r[0], f"seq {r[0]}: a row outside 1..{last} (never appended)")
+        for r in stray
+    )
+    # A payload and its record commit together: one without the other was added by hand.
+    orphans = store._read(
+        "SELECT p.seq FROM audit_payloads p WHERE p.payload IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM audit_records r WHERE r.seq = p.seq) ORDER BY p.seq",
+        (),
+    )
+    findings += _capped(
+        Finding(PAYLOAD_MISMATCH, r[0], f"seq {r[0]}: a payload with no record") for r in orphans
+    )
+    # SQLite's own JSON parser picks the candidate rows (~10x faster than decoding every
+    # body in Python), one parse per row for the columns and the payload commitment; each
+    # candidate is then checked exactly. Values that are not strings are always
+    # candidates, so that the SQL comparison can only over-report, never hide a mismatch.
+    if candidates is None:
+        try:
+            candidates = [r[0] for r in store._read(_CANDIDATES, (last,), mmap=True)]
+        except AuditUnavailable:  # a body is not JSON: decode them all, the slow way
+            candidates = [r[0] for r in store._read(_ALL_ROWS, (last,))]
+    columns: list[Finding] = []
+    missing: list[StoredRecord] = []  # no payload stored: a finding if the body has a digest
+    names = [*_COLUMNS, "time"]
+    for seq in candidates:
+        rows = list(store._read(_CANDIDATE_ROW, (seq,)))
+        if not rows:
+            continue
+        (row,) = rows
+        record = StoredRecord(row[0], row[1], row[2], row[3], row[4])
+        try:
+            fields = json.loads(record.body)
+        except (ValueError, TypeError):
+            continue  # the chain check already failed on it
+        if not isinstance(fields, dict):
+            continue
+        if record.payload is None and fields.get("payload_digest") is not None:
+            missing.append(record)
+        expected = _row(record, fields)[4:]
+        if tuple(row[5:]) != expected:
+            wrong = [
+                f"{n}={got!r} (body: {want!r})"
+                for n, got, want in zip(names, row[5:], expected, strict=True)
+                if got != want
+            ]
+            columns.append(
+                Finding(
+                    COLUMN_MISMATCH,
+                    record.seq,
+                    f"seq {record.seq}: query column(s) differ from the record: "
+                    + ", ".join(wrong),
+                )
+            )
+    payloads: list[Finding] = []
+    erased = erased_seqs(store)
+    stored = [
+        StoredRecord(r[0], r[1], r[2], r[3], r[4])
+        for r in store._read(_PAYLOAD_ROWS, (last,), mmap=True)
+    ]
+    for record in [*stored, *missing]:
+        try:
+            fields = json.loads(record.body)
+        except (ValueError, TypeError):
+            continue  # the chain check already failed on it
+        found = (
+            payload_finding(record, fields, store.key_for, erased)
+            if isinstance(fields, dict)
+            else None
+        )
+        if found is not None:
+            payloads.append(found)
+    payloads.sort(key=lambda f: f.seq or 0)
+    return findings + _capped(iter(columns)) + _capped(iter(payloads))
+
+
+def _capped(findings: Iterator[Finding]) -> list[Finding]:
+    out: list[Finding] = []
+    extra = 0
+    for f in findings:
+        if len(out) < MAX_FINDINGS:
+            out.append(f)
+        else:
+            extra += 1
+    if extra:
+        last = out[-1]
+        out[-1] = Finding(last.kind, last.seq, f"{last.detail} (and {extra} more like it)")
+    return out
