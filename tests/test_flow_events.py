@@ -3,6 +3,10 @@ events never pose as runs."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -94,6 +98,7 @@ def test_generator_run_opens_and_closes_its_step(tmp_path: Path) -> None:
 
     with FLOW.start() as f:
         assert list(rows()) == [1, 2]  # type: ignore[call-overload]
+    coworker.force_flush()
     store = SQLiteStore(db)
     state = replay(store, f.id)
     assert [(s.step_id, s.outcome) for s in state.steps] == [("one", "completed")]
@@ -103,7 +108,8 @@ def test_generator_run_opens_and_closes_its_step(tmp_path: Path) -> None:
 
 def test_opening_events_share_the_run_records_transaction(tmp_path: Path) -> None:
     """flow-started and step-entered are not written on their own: they land together with
-    the first run record (seqs 1, 2, 3 committed at once), the step outcome after it."""
+    the first run record (seqs 1, 2, 3 committed at once); the step's outcome rides with the
+    next step's run record."""
     db = tmp_path / "a.db"
     coworker.configure(audit=f"sqlite:///{db}")
     store = SQLiteStore(db)
@@ -113,7 +119,108 @@ def test_opening_events_share_the_run_records_transaction(tmp_path: Path) -> Non
             create()
             head = store.head()
             assert head is not None and head.seq == 3
-        assert _events(store) == ["flow-started", "step-entered", "step-completed"]
+        assert store.head() == head  # the outcome is queued: no transaction of its own
+        with f.step("two"):
+            create()
+        assert _events(store) == ["flow-started", "step-entered", "step-completed", "step-entered"]
+        assert [e.seq for e in query(store, flow_id=f.id)] == [1, 2, 3, 4, 5, 6]
+    coworker.force_flush()
+    assert _events(store)[-3:] == ["step-completed", "flow-completed", "flow-sealed"]
+    store.close()
+
+
+def test_flow_end_rides_with_the_next_record_of_another_flow(tmp_path: Path) -> None:
+    """A flow's end costs no transaction: it is written with the next run record of the
+    next flow, in order before it, and its seal with the one after."""
+    db = tmp_path / "a.db"
+    coworker.configure(audit=f"sqlite:///{db}")
+    store = SQLiteStore(db)
+    with FLOW.start() as first, first.step("one"):
+        create()
+    head = store.head()
+    with FLOW.start() as second, second.step("one"):
+        assert store.head() == head  # nothing written at the first flow's exit
+        create()
+        create()
+    coworker.force_flush()
+    by_seq = {e.seq: (e.fields["flow_id"], e.fields["operation"]) for e in query(store)}
+    assert head is not None
+    assert [by_seq[head.seq + i] for i in (1, 2)] == [
+        (first.id, "step-completed"),
+        (first.id, "flow-completed"),
+    ]
+    state = replay(store, first.id)
+    assert state.status == "completed" and state.seal is not None and state.seal.head_matches
+    store.close()
+
+
+def test_ended_flow_is_sealed_by_the_flusher_when_nothing_else_writes(tmp_path: Path) -> None:
+    """With no other record to ride with, the background flusher writes a flow's end and
+    seal on its own, without force_flush()."""
+    db = tmp_path / "a.db"
+    coworker.configure(audit=f"sqlite:///{db}")
+    with FLOW.start() as f, f.step("one"):
+        create()
+    store = SQLiteStore(db)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if replay(store, f.id).seal is not None:
+            break
+        time.sleep(0.01)
+    state = replay(store, f.id)
+    assert state.status == "completed" and state.seal is not None and state.seal.status_matches
+    store.close()
+
+
+def test_flow_seal_wait_makes_the_end_durable_before_the_block_exits(tmp_path: Path) -> None:
+    """configure(flow_seal="wait"): the flow's end and seal are in the log when its block
+    exits; a bad value is a ConfigError."""
+    with pytest.raises(coworker.ConfigError, match="flow_seal"):
+        coworker.configure(audit=f"sqlite:///{tmp_path / 'x.db'}", flow_seal="later")
+    db = tmp_path / "a.db"
+    coworker.configure(audit=f"sqlite:///{db}", flow_seal="wait")
+    with FLOW.start() as f, f.step("one"):
+        create()
+    store = SQLiteStore(db)
+    state = replay(store, f.id)
+    assert state.status == "completed" and state.seal is not None and state.seal.head_matches
+    assert state.seal.head_seq == state.seal.seq - 1
+    store.close()
+
+
+@pytest.mark.parametrize("seal", ["deferred", "wait"])
+def test_a_crash_right_after_the_flow_exits_never_claims_more(tmp_path: Path, seal: str) -> None:
+    """os._exit right after a workflow block: the runs are durable; the log says the flow
+    completed only if its end was written ("wait": always), never a step that did not end."""
+    db = tmp_path / "a.db"
+    script = textwrap.dedent(
+        f"""
+        import os, coworker
+        coworker.configure(audit="sqlite:///{db}", flow_seal="{seal}")
+        wf = coworker.workflow("w", steps=["one", "two"])
+        @coworker.run(operation="create", doctype="D")
+        def c(): pass
+        with wf.start(id="crash-flow") as f:
+            with f.step("one"):
+                c()
+            with f.step("two"):
+                c()
+        os._exit(3)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    store = SQLiteStore(db)
+    state = replay(store, "crash-flow")
+    assert state.runs == 2  # every run record was durable when its call returned
+    steps = dict((s.step_id, s.outcome) for s in state.steps)
+    if seal == "wait":
+        assert state.status == "completed" and state.seal is not None
+        assert steps == {"one": "completed", "two": "completed"}
+    else:  # the end may not have made it: then the flow is still active, step two running
+        assert state.status in ("active", "completed")
+        assert steps["one"] == "completed" and steps["two"] in ("running", "completed")
+        assert (state.status == "completed") == (steps["two"] == "completed")
     store.close()
 
 

@@ -10,16 +10,18 @@ the event name) and go through the configured :class:`~coworker.audit.writer.Aud
 same chain, same group commit, same failure policy. :mod:`coworker.audit.fold` folds them
 (with the flow's run records) into the flow's state; docs/flows.md describes both.
 
-Batching, and what "never lost" means here (each flow has its own queue and write lock):
-the events that *open* something (flow started, step entered / retried) and the outcome of a
-step that a single audited run opened are queued and written in the same transaction as the
-flow's next record (usually the run record that follows), so opening a step costs no
-transaction of its own. Every other event (a ``with step()`` block's outcome, a break, the end
-of a flow, the seal) is written before the hook returns, together with the flow's queue, in
-order. So a queued event is durable before any later record of its flow and before its flow's
-next outcome; a crash can take only queued "opening" events whose step then left no record at
-all. A failed write puts the events back at the head of the queue and raises like a run record
-would (``"raise"`` policy) or is retried by the writer (``"log"`` policy): never dropped.
+Batching, and what is durable when (each flow has its own queue and write lock): no event
+waits for a transaction of its own. An event is queued on its flow and written in the same
+transaction as the flow's next record (usually the run record that follows). A flow that
+ends (completes, fails, breaks) has no next record: its queue becomes *due*, and rides with
+the next record any flow writes, or is written by a background flusher once it has waited
+:data:`DUE_DELAY` seconds; the seal, which names the flow's head, is formed once the events
+before it are durable and goes the same way. ``force_flush()`` and ``shutdown()`` write
+everything. So an event is durable before any later record of its flow, and a crash can
+only take events that were still queued: the log may then say less than happened (a step
+still running, a flow still active), never more. A failed write puts the events back at the
+head of the queue and raises like a run record would (``"raise"`` policy) or is retried by
+the writer (``"log"`` policy): never dropped.
 
 This module imports nothing from :mod:`coworker.audit` at import time (the SDK line); the
 record fields are built here and the writer is handed in by ``configure()``.
@@ -100,13 +102,30 @@ re-entered after being forgotten starts again at attempt 1 (the fold follows ``a
 
 Entry = tuple[Mapping[str, Any], "bytes | None"]
 
+DUE_DELAY: Final = 0.05
+"""Seconds an ended flow's queued events (and seal) wait to ride with another flow's record
+before the background flusher writes them on their own."""
+
 _log = logging.getLogger("coworker.audit")
 
 
 class _Live:
     """What the emitting process itself knows of a flow (not derived from the log)."""
 
-    __slots__ = ("current_step", "ended", "head", "inflight", "lock", "pending", "status", "steps")
+    __slots__ = (
+        "current_step",
+        "due_at",
+        "ended",
+        "flow",
+        "head",
+        "inflight",
+        "lock",
+        "pending",
+        "scope",
+        "sealed",
+        "status",
+        "steps",
+    )
 
     def __init__(self) -> None:
         # The flow's queued events; ``lock`` serialises this flow's take-and-write so that its
@@ -119,7 +138,11 @@ class _Live:
         self.current_step: str | None = None
         self.steps: dict[str, list[Any]] = {}  # step -> [attempts, outcome]
         self.head: tuple[int, str] | None = None  # (seq, hash hex) of the latest record seen
-        self.ended = False
+        self.ended = False  # its end (or break) is queued: no further event is accepted
+        self.sealed = False  # its seal is formed (queued or written)
+        self.due_at = 0.0  # monotonic time it became due (ended, events still queued)
+        self.flow: Flow | None = None  # set at its end, for the seal
+        self.scope: _Scope | None = None  # the scope its end was emitted in, for the seal
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -138,6 +161,9 @@ _lock: Final = threading.Lock()
 _live: dict[str, _Live] = {}  # flows with events, not yet sealed (or whose seal is queued)
 _ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 _step_runs: dict[int, tuple[Flow, str]] = {}  # id(run) -> (flow, step) for runs that opened a step
+_due: dict[str, _Live] = {}  # ended flows whose events (or seal) are not all written yet
+_flusher: _Flusher | None = None
+_wait_seal = False  # configure(flow_seal="wait"): a flow's end waits for its seal
 
 
 def parse_types(value: str | Iterable[str] | bool | None) -> frozenset[str] | None:
@@ -173,18 +199,22 @@ def parse_types(value: str | Iterable[str] | bool | None) -> frozenset[str] | No
     return frozenset(names)
 
 
-def install(writer: Any, types: frozenset[str] | None) -> None:
-    """Send flow events of ``types`` (``None``: all) through ``writer`` (``configure()``)."""
-    global _writer, _types
+def install(writer: Any, types: frozenset[str] | None, *, wait_seal: bool = False) -> None:
+    """Send flow events of ``types`` (``None``: all) through ``writer`` (``configure()``);
+    with ``wait_seal`` a flow's end returns once its end and seal are durable."""
+    global _writer, _types, _flusher, _wait_seal
     flush()
     with _lock:
         _writer = writer
         _types = types
+        _wait_seal = wait_seal
+        if _flusher is None:
+            _flusher = _Flusher()
 
 
 def uninstall() -> None:
     """Write what is queued and stop emitting (``shutdown()`` / a new ``configure()``)."""
-    global _writer
+    global _writer, _flusher
     try:
         flush()
     except Exception:
@@ -196,6 +226,10 @@ def uninstall() -> None:
             _writer = None
             _live.clear()
             _step_runs.clear()
+            _due.clear()
+            flusher, _flusher = _flusher, None
+        if flusher is not None:
+            flusher.stop()
 
 
 def live_state(flow_id: str) -> dict[str, Any] | None:
@@ -241,7 +275,7 @@ def block_exited(block: Any, scope: _Scope, exc: BaseException | None) -> None:
     f = cell.flow
     if kind == "StepBlock":
         if scope.step is not None and _running(f, scope.step):
-            _step_ended(f, scope.step, scope, exc, sync=True)
+            _step_ended(f, scope.step, scope, exc)
     elif kind == "FlowBlock" and _enabled(f):
         _end_flow(f, scope, exc)
 
@@ -261,7 +295,9 @@ def flow_broken(old: Flow, new: Flow) -> None:
                     if state[1] == "running":
                         state[1] = "interrupted"
                 live.status = "broken"
-        _emit(
+        _end(
+            old,
+            scope,
             _entry(
                 FLOW_BROKEN,
                 old,
@@ -269,9 +305,7 @@ def flow_broken(old: Flow, new: Flow) -> None:
                 step=None,
                 extra={"next_flow_id": new.id, "break_reason": new.break_reason},
             ),
-            sync=False,
         )
-        _seal(old, scope)
     if _enabled(new):
         _ensure_started(new, scope)
 
@@ -303,36 +337,32 @@ def run_ended(r: Run, exc: BaseException | None) -> None:
         return
     from coworker._scope import SCOPE
 
-    # An audited run's record is written as its span ends: the outcome joins that write.
-    # Any other run's step outcome is written now; a failure to write it must not keep the
-    # run's span from ending (this runs just before span.end()): the outcome stays queued
-    # and goes with the flow's next write, where a persistent failure surfaces.
-    try:
-        _step_ended(f, step, SCOPE.get(), exc, sync=r.category is None or not r.span.is_recording())
-    except Exception as err:
-        _log.warning("coworker: step outcome of flow %r queued, not yet written: %s", f.id, err)
+    # Queued: an audited run's record, written as its span ends, carries it; any other run's
+    # outcome goes with the flow's next record (or its end).
+    _step_ended(f, step, SCOPE.get(), exc)
 
 
 # -- writing ---------------------------------------------------------------------------------
 
 
 def flush() -> None:
-    """Write every queued event now (``force_flush``, ``shutdown``).
+    """Write every queued event now, seals included (``force_flush``, ``shutdown``).
 
     Raises:
         AuditUnavailable: a write failed (the events stay queued).
     """
-    with _lock:
-        lives = [live for live in _live.values() if live.pending]
-    for live in lives:
-        _write(live, [])
-    with _lock:
-        for fid in [fid for fid, live in _live.items() if live.ended and not live.pending]:
-            _retire(fid)
+    for _ in range(3):  # events, then the seals formed after them, then nothing
+        with _lock:
+            lives = [live for live in _live.values() if live.pending]
+        if not lives:
+            return
+        for live in lives:
+            _write(live, [])
 
 
 def write_with_events(writer: Any, entry: Entry) -> list[Any]:
-    """Write a run record, preceded in the same transaction by its flow's queued events.
+    """Write a run record, preceded in the same transaction by its flow's queued events and
+    by the queued events of flows that ended (due).
 
     The audit span processor's one write call (``pipeline.py``).
     """
@@ -341,10 +371,12 @@ def write_with_events(writer: Any, entry: Entry) -> list[Any]:
         # Nothing queued for its flow and no flush of it under way: a plain write (the
         # common case). Otherwise the record waits for that flush, so that it never lands
         # before an event of its flow emitted earlier.
-        records = writer.write([entry])
-        if live is not None:
-            _observe([entry], records)
-        return list(records)
+        if not _due:
+            records = writer.write([entry])
+            if live is not None:
+                _observe([entry], records)
+            return list(records)
+        return _write_due(writer, [entry])
     return _write(live, [entry], writer)
 
 
@@ -354,27 +386,88 @@ def _write(live: _Live, tail: Sequence[Entry], writer: Any = None) -> list[Any]:
             taken = list(live.pending)
             live.pending.clear()
             live.inflight += 1
+        return _write_due(writer, taken + list(tail), [(live, taken)])
+
+
+def _write_due(
+    writer: Any,
+    tail: Sequence[Entry],
+    taken: list[tuple[_Live, list[Entry]]] | None = None,
+) -> list[Any]:
+    """Write ``tail`` behind the events of every due flow, in one transaction; put back what
+    was taken if the write fails. Returns the records of ``tail``.
+
+    ``taken``: flows whose events are in ``tail`` and whose ``inflight`` the caller raised;
+    this lowers it again, as it does for every due flow it takes.
+    """
+    taken = taken or []
+    due_entries: list[Entry] = []
+    try:
+        with _lock:
+            for live in list(_due.values()):
+                if live.pending and not live.inflight:  # not being written by another thread
+                    mine = list(live.pending)
+                    live.pending.clear()
+                    live.inflight += 1
+                    taken.append((live, mine))
+                    due_entries.extend(mine)
+        entries = due_entries + list(tail)
+        if not entries:
+            return []
+        w = writer if writer is not None else _writer
+        if w is None:  # uninstalled meanwhile: keep them for the next writer
+            _put_back(taken)
+            return []
         try:
-            entries = taken + list(tail)
-            if not entries:
-                return []
-            w = writer if writer is not None else _writer
-            if w is None:  # uninstalled meanwhile: keep them for the next writer
-                with _lock:
-                    live.pending.extendleft(reversed(taken))
-                return []
-            try:
-                records = w.write(entries)
-            except BaseException:
-                # Not durable: put the events back, in order, ahead of anything queued since.
-                with _lock:
-                    live.pending.extendleft(reversed(taken))
-                raise
-            _observe(entries, records)
-            return list(records)
-        finally:
-            with _lock:
+            records = w.write(entries)
+        except BaseException:
+            _put_back(taken)  # not durable: back, in order, ahead of anything queued since
+            raise
+        _observe(entries, records)
+    finally:
+        with _lock:
+            for live, _ in taken:
                 live.inflight -= 1
+    _settle([live for live, _ in taken])
+    return list(records)[len(due_entries) :]
+
+
+def _put_back(taken: Sequence[tuple[_Live, list[Entry]]]) -> None:
+    with _lock:
+        for live, entries in taken:
+            live.pending.extendleft(reversed(entries))
+
+
+def _settle(lives: Sequence[_Live]) -> None:
+    """After a durable write: seal the ended flows whose events are now all written (the
+    seal names the head they reached), retire the sealed ones."""
+    from coworker._scope import EMPTY_SCOPE
+
+    with _lock:
+        todo = [live for live in lives if live.ended and not live.pending]
+    for live in todo:
+        with _lock:
+            # Another thread writing this flow's events right now settles it after them.
+            if live.pending or live.inflight or live.flow is None:
+                continue
+            if live.sealed:
+                _retire(live.flow.id)
+                continue
+            live.sealed = True
+            head, status, f = live.head, live.status, live.flow
+        extra: dict[str, Any] = {
+            "head_seq": head[0] if head is not None else None,
+            "head_hash": head[1] if head is not None else None,
+            "flow_status": status,
+            "fold_version": _fold_version(),
+        }
+        seal = _entry(FLOW_SEALED, f, live.scope or EMPTY_SCOPE, step=None, extra=extra)
+        with _lock:
+            live.pending.append(seal)
+            live.due_at = time.monotonic()
+            _due[f.id] = live
+        if _flusher is not None:
+            _flusher.wake()
 
 
 def _observe(entries: Sequence[Entry], records: Sequence[Any]) -> None:
@@ -395,18 +488,56 @@ def _observe(entries: Sequence[Entry], records: Sequence[Any]) -> None:
                 live.head = (rec.seq, rec.hash.hex())
 
 
-def _emit(entry: Entry, *, sync: bool) -> None:
+def _emit(entry: Entry) -> None:
     with _lock:
         live = _live.get(entry[0]["flow_id"])
         if live is None or live.ended:  # sealed meanwhile (a late step of a broken flow)
             return
         live.pending.append(entry)
-    if sync:
-        _write(live, [])
+
+
+class _Flusher:
+    """A daemon thread writing the events of ended flows that no other write took along
+    within :data:`DUE_DELAY` seconds (so that a quiet process still writes its seals)."""
+
+    def __init__(self) -> None:
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="coworker-flow-events", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait()
+            self._wake.clear()
+            while not self._stop:
+                with _lock:
+                    waiting = [live for live in _due.values() if live.pending]
+                if not waiting:
+                    break
+                wait = min(live.due_at for live in waiting) + DUE_DELAY - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                    continue
+                try:
+                    _write_due(None, [])
+                except Exception as exc:  # kept queued: force_flush/shutdown surface it
+                    _log.warning("coworker: flow events of ended flows not yet written: %s", exc)
+                    time.sleep(DUE_DELAY)
 
 
 def _retire(flow_id: str) -> None:
     """Forget a sealed flow (under ``_lock``), keeping its last live state for a while."""
+    _due.pop(flow_id, None)
     done = _live.pop(flow_id, None)
     if done is not None:
         _ended[flow_id] = done.snapshot()
@@ -447,7 +578,7 @@ def _ensure_started(f: Flow, scope: _Scope) -> None:
     if f.previous_id is not None:
         extra["previous_flow_id"] = f.previous_id
         extra["break_reason"] = f.break_reason
-    _emit(_entry(FLOW_STARTED, f, scope, step=None, extra=extra), sync=False)
+    _emit(_entry(FLOW_STARTED, f, scope, step=None, extra=extra))
 
 
 def _step_entered(f: Flow, step: str | None, scope: _Scope) -> None:
@@ -465,12 +596,10 @@ def _step_entered(f: Flow, step: str | None, scope: _Scope) -> None:
         live.current_step = step
         live.status = "active"
     event = STEP_RETRIED if retried else STEP_ENTERED
-    _emit(_entry(event, f, scope, step=step, extra={"attempt": attempt}), sync=False)
+    _emit(_entry(event, f, scope, step=step, extra={"attempt": attempt}))
 
 
-def _step_ended(
-    f: Flow, step: str, scope: _Scope, exc: BaseException | None, *, sync: bool
-) -> None:
+def _step_ended(f: Flow, step: str, scope: _Scope, exc: BaseException | None) -> None:
     # A generator run ends with StopIteration when exhausted: that is its success.
     failed = (
         exc is not None
@@ -493,10 +622,7 @@ def _step_ended(
             live.status = "blocked"
     event = STEP_FAILED if failed else STEP_COMPLETED
     outcome = _error_type(exc) if failed and exc is not None else "ok"
-    _emit(
-        _entry(event, f, scope, step=step, extra={"attempt": attempt}, outcome=outcome),
-        sync=sync,
-    )
+    _emit(_entry(event, f, scope, step=step, extra={"attempt": attempt}, outcome=outcome))
 
 
 def _end_flow(f: Flow, scope: _Scope, exc: BaseException | None) -> None:
@@ -509,38 +635,29 @@ def _end_flow(f: Flow, scope: _Scope, exc: BaseException | None) -> None:
         live.status = "failed" if failed else "completed"
     outcome = _error_type(exc) if failed and exc is not None else "ok"
     event = FLOW_FAILED if failed else FLOW_COMPLETED
-    _emit(_entry(event, f, scope, step=None, extra={}, outcome=outcome), sync=False)
-    _seal(f, scope)
+    _end(f, scope, _entry(event, f, scope, step=None, extra={}, outcome=outcome))
 
 
-def _seal(f: Flow, scope: _Scope) -> None:
-    """Write what is queued, then the seal carrying the flow's head at that moment."""
+def _end(f: Flow, scope: _Scope, entry: Entry) -> None:
+    """Queue the flow's last event and make its queue due: it rides with the next record
+    any flow writes (or the flusher's write); the seal follows once it is durable."""
     with _lock:
         live = _live.get(f.id)
         if live is None or live.ended:
             return
-    version = _fold_version()
-    with live.lock:
-        _write(live, [])
-        with _lock:
-            if live.ended:
-                return
-            live.ended = True  # no event of this flow is accepted after the seal
-            head = live.head
-            status = live.status
-        extra: dict[str, Any] = {
-            "head_seq": head[0] if head is not None else None,
-            "head_hash": head[1] if head is not None else None,
-            "flow_status": status,
-            "fold_version": version,
-        }
-        seal = _entry(FLOW_SEALED, f, scope, step=None, extra=extra)
-        with _lock:
-            live.pending.append(seal)
-        # A failed seal write stays queued on the (ended) flow, retried by flush().
-        _write(live, [])
-        with _lock:
-            _retire(f.id)
+        live.pending.append(entry)
+        live.ended = True  # no event of this flow is accepted after its end
+        live.flow = f
+        live.scope = scope
+        live.due_at = time.monotonic()
+        _due[f.id] = live
+    if _wait_seal:
+        # configure(flow_seal="wait"): the block exits once its end and seal are durable
+        # (two transactions), raising like a run record would if they cannot be written.
+        for _ in range(2):
+            _write(live, [])
+    elif _flusher is not None:
+        _flusher.wake()
 
 
 def _fold_version() -> int:

@@ -65,6 +65,7 @@ def configure(
     flow_events: str | Iterable[str] | bool | None = None,
     flow_spans: bool | None = None,
     flow_span_max_duration: float | None = None,
+    flow_seal: str = "deferred",
 ) -> None:
     """Set up coworker: the tracer provider, exporters, the audit trail and the policy.
 
@@ -128,6 +129,10 @@ def configure(
         flow_span_max_duration: seconds after which an open flow or turn span is ended and
             continued by a linked span (so long-lived flows show as complete traces).
             Default: ``COWORKER_FLOW_SPAN_MAX_DURATION``, else 300; 0 turns it off.
+        flow_seal: when a flow's end (completed, failed, broken) and its seal are written:
+            ``"deferred"`` (default: with the next record any flow writes, within 50 ms at
+            the latest, and at ``force_flush``/``shutdown``; costs no transaction) or
+            ``"wait"`` (durable before the flow block exits: two transactions per flow).
 
     Raises:
         ConfigError: a setting is invalid (the message names it). Security-relevant settings
@@ -145,6 +150,8 @@ def configure(
     event_types = _flow_events.parse_types(
         flow_events if flow_events is not None else os.environ.get(config.COWORKER_FLOW_EVENTS)
     )
+    if flow_seal not in ("deferred", "wait"):
+        raise ConfigError(f"flow_seal={flow_seal!r}: use 'deferred' or 'wait'")
     if flow_idle_timeout is not None and flow_idle_timeout < 0:
         raise ConfigError(f"flow_idle_timeout={flow_idle_timeout!r} must be >= 0")
     if flow_spans is not None and not isinstance(flow_spans, bool):
@@ -296,7 +303,9 @@ def configure(
         s.audit_gate = pipeline.gate if pipeline is not None and fail_closed else None
         s.audit_records = pipeline is not None
         if pipeline is not None:  # flow events (issue 14): queued ones go to the old writer
-            _flow_events.install(pipeline.exporter.writer, event_types)
+            _flow_events.install(
+                pipeline.exporter.writer, event_types, wait_seal=flow_seal == "wait"
+            )
         else:
             _flow_events.uninstall()
         _shutdown_members(old, old_pipeline)

@@ -89,6 +89,7 @@ def test_workflow_fold_equals_live_state_at_every_step(db: str) -> None:
         with f.step("validate"):
             create_order()
             assert_fold_is_live(store, f)
+        coworker.force_flush()  # the step's outcome rides with the next record otherwise
         assert replay(store, f.id).step("validate").outcome == "completed"  # type: ignore[union-attr]
         for attempt in (1, 2):
             with pytest.raises(RuntimeError):
@@ -134,6 +135,7 @@ def test_failed_flow_is_sealed_failed_and_chain_verifies(db: str) -> None:
     with pytest.raises(KeyError), ORDERS.start() as f, f.step("validate"):
         create_order()
         raise KeyError("missing")
+    coworker.force_flush()
     store = SQLiteStore(db.removeprefix("sqlite:///"))
     state = replay(store, f.id)
     assert state.status == "failed" and state.error_type == "KeyError"
@@ -156,6 +158,7 @@ def test_conversation_break_links_flows_and_seals_the_old_one(db: str) -> None:
             coworker.break_flow("topic-change")
             create_order()
             second = chat.flow
+    coworker.force_flush()
     store = SQLiteStore(db.removeprefix("sqlite:///"))
     old = replay(store, first.id)
     assert old.status == "broken"
@@ -270,10 +273,12 @@ def test_replay_as_of_seq_and_time_go_back(db: str) -> None:
     with ORDERS.start() as f:
         with f.step("validate"):
             create_order()
+        coworker.force_flush()
         store = SQLiteStore(db.removeprefix("sqlite:///"))
         mid = replay(store, f.id)
         with pytest.raises(RuntimeError):
             Flaky(1)()
+    coworker.force_flush()
     final = replay(store, f.id)
     assert final.status == "completed"
     assert mid.head is not None
@@ -329,17 +334,22 @@ def test_a_failed_write_keeps_the_events_and_writes_them_later(tmp_path: Path) -
 
     coworker.configure(audit=Refusing())  # type: ignore[arg-type]
     with ORDERS.start() as f:
+        with f.step("validate"):
+            pass  # its events are queued
         refuse.set()
-        with pytest.raises(coworker.AuditUnavailable), f.step("validate"):
-            pass
+        with pytest.raises(coworker.AuditUnavailable), f.step("pay"):
+            create_order()  # its record's write carries them: refused, they are put back
         refuse.clear()
-        with f.step("pay"):
+        with f.step("ship"):
             create_order()
+    coworker.force_flush()
     state = replay(store, f.id)
     assert [t.event for t in state.transitions] == [
         "flow-started",
         "step-entered",
         "step-completed",
+        "step-entered",
+        "step-failed",
         "step-entered",
         "step-completed",
         "flow-completed",
@@ -615,6 +625,7 @@ def test_unaudited_step_run_ends_normally_when_its_event_cannot_be_written(
         refuse.set()
         assert look() == "seen"
         refuse.clear()
+    coworker.force_flush()
     state = replay(store, f.id)
     assert [(s.step_id, s.outcome) for s in state.steps] == [("validate", "completed")]
     assert state.status == "completed" and state.seal is not None

@@ -115,7 +115,7 @@ class Run:
     _spec: Spec
     _sealed: dict[str, Any] | None
     _otel_token: Any
-    _scope_token: contextvars.Token[Scope]
+    _scope_token: contextvars.Token[Scope] | None
 
     def set_attribute(self, key: str, value: Any) -> None:
         """Set an attribute on the run's span.
@@ -159,10 +159,12 @@ class Run:
             self._reseal()
         if exc is not None and is_failure(exc):
             record_failure(self.span, exc)
+        token = self._scope_token
+        assert token is not None  # end() and end_detached() are never both called
         try:
-            _scope_reset(self._scope_token)
+            _scope_reset(token)
         except ValueError:  # ended in another context than it began in
-            restore(self._scope_token)
+            restore(token)
         otelctx.detach(self._otel_token)
         _flow_events.run_ended(self, exc)  # flow event (issue 14)
         self.span.end()
@@ -170,6 +172,9 @@ class Run:
     def end_detached(self, exc: BaseException | None = None) -> None:
         """End the run's span without touching the context (it belongs to others now: a
         generator's step, or a block exited out of order)."""
+        # Its tokens are never used now; a generator's run made them in the body's own
+        # context, which holds the run: dropping them breaks that reference cycle.
+        self._scope_token = self._otel_token = None
         self._close(exc)
         _flow_events.run_ended(self, exc)  # flow event (issue 14)
         self.span.end()
