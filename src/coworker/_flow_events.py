@@ -125,6 +125,7 @@ class _Live:
         "sealed",
         "status",
         "steps",
+        "trace_id",
     )
 
     def __init__(self) -> None:
@@ -143,6 +144,7 @@ class _Live:
         self.due_at = 0.0  # monotonic time it became due (ended, events still queued)
         self.flow: Flow | None = None  # set at its end, for the seal
         self.scope: _Scope | None = None  # the scope its end was emitted in, for the seal
+        self.trace_id: str | None = None  # its end's trace (the flow's span), for the seal
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -462,6 +464,8 @@ def _settle(lives: Sequence[_Live]) -> None:
             "fold_version": _fold_version(),
         }
         seal = _entry(FLOW_SEALED, f, live.scope or EMPTY_SCOPE, step=None, extra=extra)
+        # Formed later, maybe in the flusher's thread: it names the trace its end was in.
+        seal[0]["trace_id"] = live.trace_id  # type: ignore[index]
         with _lock:
             live.pending.append(seal)
             live.due_at = time.monotonic()
@@ -649,6 +653,7 @@ def _end(f: Flow, scope: _Scope, entry: Entry) -> None:
         live.ended = True  # no event of this flow is accepted after its end
         live.flow = f
         live.scope = scope
+        live.trace_id = entry[0].get("trace_id")
         live.due_at = time.monotonic()
         _due[f.id] = live
     if _wait_seal:
