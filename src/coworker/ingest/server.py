@@ -376,8 +376,9 @@ class IngestServer:
         """Counts: requests, appended, duplicates, rejected, forbidden, conflicts, ..."""
         return self.app.state.ingest_stats  # type: ignore[no-any-return]
 
-    def start(self, timeout: float = 10.0) -> IngestServer:
-        """Start serving; returns once the server accepts connections."""
+    def start(self, timeout: float = 60.0) -> IngestServer:
+        """Start serving; returns once the server accepts connections (decoding workers, if
+        any, are started first: spawning them can take seconds on a loaded machine)."""
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
