@@ -346,3 +346,25 @@ def test_reasoning_and_cache_creation_totals(spans: Any) -> None:
     assert span.attributes[a.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] == 30
     assert span.attributes[a.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS] == 40
     assert a.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS not in span.attributes
+
+
+def test_usage_attributes_fast_path_keeps_the_sdks_limits_and_ended_spans() -> None:
+    """Usage totals written past the SDK's value cleaning end up exactly as set_attributes
+    would leave them: the attribute count limit drops the oldest, an ended span is left."""
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+
+    from coworker.usage import _put_attributes
+
+    tracer = TracerProvider(span_limits=SpanLimits(max_span_attributes=3)).get_tracer("t")
+    values = {"b": 2, "c": "x", "d": 1.5}
+    fast, slow = tracer.start_span("fast", attributes={"a": 1}), tracer.start_span("slow")
+    slow.set_attribute("a", 1)
+    _put_attributes(fast, values)
+    slow.set_attributes(values)
+    assert dict(fast.attributes) == dict(slow.attributes) == values  # type: ignore[attr-defined]
+    assert fast.dropped_attributes == slow.dropped_attributes == 1  # type: ignore[attr-defined]
+    roomy = tracer.start_span("roomy")
+    _put_attributes(roomy, {"k": 1})
+    roomy.end()
+    _put_attributes(roomy, {"late": 1})
+    assert dict(roomy.attributes) == {"k": 1}  # type: ignore[attr-defined]

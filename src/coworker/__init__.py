@@ -109,6 +109,8 @@ def __getattr__(name: str) -> Any:
     if name == "record_usage":  # usage (issue 16): decimal/pricing stay out of the import
         from coworker.usage import record_usage
 
+        # Bound once: a module __getattr__ runs on every coworker.record_usage otherwise.
+        globals()["record_usage"] = record_usage
         return record_usage
     if name == "audit":
         import importlib

@@ -39,6 +39,7 @@ from coworker import attributes as attr
 from coworker._run.lifecycle import Run, attribute_dict
 from coworker._scope import SCOPE
 from coworker._state import SETTINGS
+from coworker.identity import MAX_ID_CHARS, text
 from coworker.pricing import Cost, TokenCounts, UsageWarning, default_pricing
 
 if TYPE_CHECKING:
@@ -104,6 +105,8 @@ class Usage(NamedTuple):
 
 def _count(value: Any, name: str) -> int:
     # bool is an int in Python, and True tokens is a bug; so are NaN and 1.5.
+    if type(value) is int and 0 <= value <= _MAX_TOKENS:
+        return value
     if type(value) is not int:
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
@@ -112,6 +115,12 @@ def _count(value: Any, name: str) -> int:
     if value < 0 or value > _MAX_TOKENS:
         raise ValueError(f"record_usage {name}= must be an int in [0, 2**53), got {value!r}")
     return int(value)
+
+
+def _text(value: Any, what: str) -> str:
+    if type(value) is str and value and value.isascii() and len(value) <= MAX_ID_CHARS:
+        return value  # what identity.text accepts as it is, checked inline
+    return text(value, what)
 
 
 def _validate(
@@ -123,21 +132,19 @@ def _validate(
     reasoning_tokens: Any,
     provider: Any,
 ) -> tuple[str, str | None, TokenCounts]:
-    from coworker.identity import text
-
-    model = text(model, "record_usage model=")
+    model = _text(model, "record_usage model=")
     if provider is not None:
-        provider = text(provider, "record_usage provider=")
+        provider = _text(provider, "record_usage provider=")
     tokens = TokenCounts(
-        input=_count(input_tokens, "input_tokens"),
-        output=_count(output_tokens, "output_tokens"),
-        cache_read=0
+        _count(input_tokens, "input_tokens"),
+        _count(output_tokens, "output_tokens"),
+        0
         if cache_read_input_tokens is None
         else _count(cache_read_input_tokens, "cache_read_input_tokens"),
-        cache_creation=0
+        0
         if cache_creation_input_tokens is None
         else _count(cache_creation_input_tokens, "cache_creation_input_tokens"),
-        reasoning=0 if reasoning_tokens is None else _count(reasoning_tokens, "reasoning_tokens"),
+        0 if reasoning_tokens is None else _count(reasoning_tokens, "reasoning_tokens"),
     )
     if tokens.cache_read + tokens.cache_creation > tokens.input:
         raise ValueError(
@@ -205,9 +212,7 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
     if rules is not None:
         center = rules.cost_center(identity, doctype)
     else:
-        from coworker.usage_policy import cost_center_of_user
-
-        center = cost_center_of_user(identity)
+        center = _user_center(identity)
     cost = default_pricing().cost(model, tokens, provider=provider)
     if rules is not None:
         rules.account(
@@ -228,55 +233,40 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
             stacklevel=3,
         )
         return cost
-    # Zero counts are left out (the ledger reads a missing count as 0).
-    event: dict[str, Any] = {
-        attr.GEN_AI_REQUEST_MODEL: model,
-        attr.GEN_AI_USAGE_INPUT_TOKENS: tokens.input,
-        attr.GEN_AI_USAGE_OUTPUT_TOKENS: tokens.output,
-    }
-    if tokens.cache_read:
-        event[attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] = tokens.cache_read
-    if tokens.cache_creation:
-        event[attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS] = tokens.cache_creation
-    if tokens.reasoning:
-        event[attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS] = tokens.reasoning
-    if provider is not None:
-        event[attr.GEN_AI_PROVIDER_NAME] = provider
-    if center is not None:
-        event[attr.COST_CENTER] = center
-    if cost is not None:
-        # Exact decimal text in the event (the ledger's source); a float only on the span.
-        event[attr.GEN_AI_USAGE_COST_AMOUNT] = str(cost.amount)
-        event[attr.GEN_AI_USAGE_COST_CURRENCY] = cost.currency
-        event[attr.GEN_AI_USAGE_COST_SOURCE] = cost.source
     span: Any = r.span  # the SDK span: its attributes are readable
+    amount = float(cost.amount) if cost is not None else 0.0
     with _lock:
         # The live span's own dict, read-only (the public mapping pays a Python-level
         # __getitem__ per key); what the run lifecycle reads for the same reason.
         current = attribute_dict(span)
+        get = current.get
         totals: dict[str, Any] = {}
-        for key, kind in _TOTALS:
-            add = getattr(tokens, kind)
-            before = current.get(key)
+        for key, add in (
+            (_IN, tokens.input),
+            (_OUT, tokens.output),
+            (_CACHE_READ, tokens.cache_read),
+            (_CACHE_CREATION, tokens.cache_creation),
+            (_REASONING, tokens.reasoning),
+        ):
+            before = get(key)
             if add or before is not None:
-                totals[key] = (before if type(before) is int else 0) + add
-        if attr.GEN_AI_REQUEST_MODEL not in current:
-            totals[attr.GEN_AI_REQUEST_MODEL] = model  # the first model (each call: the ledger)
+                totals[key] = _add(before, add)
+        if _MODEL not in current:
+            totals[_MODEL] = model  # the first model (each call: the ledger)
             if provider is not None:
                 totals[attr.GEN_AI_PROVIDER_NAME] = provider
         if center is not None and attr.COST_CENTER not in current:
             totals[attr.COST_CENTER] = center
         if cost is not None:
-            have = current.get(attr.GEN_AI_USAGE_COST_CURRENCY)
+            have = get(_CURRENCY)
             if have is None or have == cost.currency:
                 # A float on the span (OTel has no decimal type); the ledger keeps each call's
                 # exact decimal.
-                amount = current.get(attr.GEN_AI_USAGE_COST_AMOUNT, 0.0)
-                totals[attr.GEN_AI_USAGE_COST_AMOUNT] = float(amount) + float(cost.amount)
+                totals[_AMOUNT] = float(get(_AMOUNT, 0.0)) + amount
                 if have is None:
-                    totals[attr.GEN_AI_USAGE_COST_CURRENCY] = cost.currency
-                if current.get(attr.GEN_AI_USAGE_COST_SOURCE) != cost.source:
-                    totals[attr.GEN_AI_USAGE_COST_SOURCE] = cost.source
+                    totals[_CURRENCY] = cost.currency
+                if get(_SOURCE) != cost.source:
+                    totals[_SOURCE] = cost.source
             else:
                 _log.warning(
                     "coworker: run %s mixes cost currencies (%s, %s); the span keeps %s, the "
@@ -286,13 +276,96 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
                     cost.currency,
                     have,
                 )
-        span.set_attributes(totals)
+        _put_attributes(span, totals)
         if SETTINGS.audit_records:
-            event[_AT] = time.time_ns()
-            _PENDING.setdefault(_key(span), []).append(event)
+            _PENDING.setdefault(_key(span), []).append(
+                _ledger_event(model, provider, tokens, cost, center)
+            )
     if SETTINGS.flow_spans:
         _flow_spans.add_usage(tokens, cost)  # roll-ups on flow/step/turn spans (issue 13)
     return cost
+
+
+_IN: Final = attr.GEN_AI_USAGE_INPUT_TOKENS
+_OUT: Final = attr.GEN_AI_USAGE_OUTPUT_TOKENS
+_CACHE_READ: Final = attr.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS
+_CACHE_CREATION: Final = attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS
+_REASONING: Final = attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS
+_MODEL: Final = attr.GEN_AI_REQUEST_MODEL
+_AMOUNT: Final = attr.GEN_AI_USAGE_COST_AMOUNT
+_CURRENCY: Final = attr.GEN_AI_USAGE_COST_CURRENCY
+_SOURCE: Final = attr.GEN_AI_USAGE_COST_SOURCE
+
+
+def _add(before: Any, add: int) -> int:
+    return (before if type(before) is int else 0) + add
+
+
+def _ledger_event(
+    model: str, provider: str | None, tokens: TokenCounts, cost: Cost | None, center: str | None
+) -> dict[str, Any]:
+    """One call's entry for the usage ledger (built only while an audit pipeline is on)."""
+    # Zero counts are left out (the ledger reads a missing count as 0).
+    event: dict[str, Any] = {_MODEL: model, _IN: tokens.input, _OUT: tokens.output}
+    if tokens.cache_read:
+        event[_CACHE_READ] = tokens.cache_read
+    if tokens.cache_creation:
+        event[_CACHE_CREATION] = tokens.cache_creation
+    if tokens.reasoning:
+        event[_REASONING] = tokens.reasoning
+    if provider is not None:
+        event[attr.GEN_AI_PROVIDER_NAME] = provider
+    if center is not None:
+        event[attr.COST_CENTER] = center
+    if cost is not None:
+        # Exact decimal text in the event (the ledger's source); a float only on the span.
+        event[_AMOUNT] = str(cost.amount)
+        event[_CURRENCY] = cost.currency
+        event[_SOURCE] = cost.source
+    event[_AT] = time.time_ns()
+    return event
+
+
+def _user_center(identity: Identity | None) -> str | None:
+    from coworker.usage_policy import cost_center_of_user
+
+    global _user_center
+    _user_center = cost_center_of_user  # imported once, then called directly
+    return cost_center_of_user(identity)
+
+
+def _put_attributes(span: Any, values: Mapping[str, Any]) -> None:
+    """Set ``values`` (ints, floats and strings coworker built: already clean) on the live SDK
+    span, without the SDK's per-value cleaning, which costs more than all the rest of
+    :func:`record_usage`. Same rules otherwise (the span's lock, the attribute count limit,
+    nothing on an ended span); any other span, or a value length limit, takes the public
+    ``set_attributes``."""
+    attrs: Any = getattr(span, "_attributes", None)
+    lock = getattr(span, "_lock", None)
+    setitem = getattr(attrs, "_setitem_locked", None)
+    if (
+        setitem is None
+        or lock is None
+        or getattr(attrs, "max_value_len", 0) is not None
+        or getattr(attrs, "_immutable", True)
+    ):
+        span.set_attributes(values)
+        return
+    with lock:
+        if getattr(span, "_end_time", 0) is not None:
+            span_ended = True
+        else:
+            span_ended = False
+            with attrs._lock:
+                inner = attrs._dict
+                maxlen = attrs.maxlen
+                if type(inner) is dict and (maxlen is None or len(inner) + len(values) <= maxlen):
+                    inner.update(values)  # room for all: nothing to drop
+                else:
+                    for key, value in values.items():
+                        setitem(key, value)
+    if span_ended:
+        span.set_attributes(values)  # the SDK's own warning for an ended span
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -340,6 +413,36 @@ def _metrics(
     inst = _instruments.get(key)
     if inst is None:
         inst = _instruments[key] = _Instruments(meter_provider)
+    user = identity.user.id if identity is not None and identity.user is not None else None
+    agent = identity.agent.id if identity is not None and identity.agent is not None else None
+    currency = cost.currency if cost is not None else None
+    label_key = (model, provider, flow_type, user, agent, center, currency)
+    sets = _LABELS.get(label_key)
+    if sets is None:
+        sets = _labels(model, provider, tokens, cost, identity, center, flow_type)
+        if len(_LABELS) > 4096:
+            _LABELS.clear()
+        _LABELS[label_key] = sets
+    inst.tokens.record(tokens.input, sets[0])
+    inst.tokens.record(tokens.output, sets[1])
+    if cost is not None:
+        inst.cost.add(float(cost.amount), sets[2])
+
+
+_LABELS: dict[tuple[Any, ...], tuple[dict[str, str], dict[str, str], dict[str, str]]] = {}
+"""The metric attribute sets per (model, provider, flow type, user, agent, cost center,
+currency): built once, not per call (the SDK copies what it keeps)."""
+
+
+def _labels(
+    model: str,
+    provider: str | None,
+    tokens: TokenCounts,
+    cost: Cost | None,
+    identity: Identity | None,
+    center: str | None,
+    flow_type: str | None,
+) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     labels: dict[str, str] = {attr.GEN_AI_REQUEST_MODEL: model}
     if provider is not None:
         labels[attr.GEN_AI_PROVIDER_NAME] = provider
@@ -352,12 +455,12 @@ def _metrics(
             labels[attr.AGENT_ID] = identity.agent.id
     if center is not None:
         labels[attr.COST_CENTER] = center
-    inst.tokens.record(tokens.input, {**labels, attr.GEN_AI_TOKEN_TYPE: "input"})
-    inst.tokens.record(tokens.output, {**labels, attr.GEN_AI_TOKEN_TYPE: "output"})
-    if cost is not None:
-        inst.cost.add(
-            float(cost.amount), {**labels, attr.GEN_AI_USAGE_COST_CURRENCY: cost.currency}
-        )
+    currency = {attr.GEN_AI_USAGE_COST_CURRENCY: cost.currency} if cost is not None else {}
+    return (
+        {**labels, attr.GEN_AI_TOKEN_TYPE: "input"},
+        {**labels, attr.GEN_AI_TOKEN_TYPE: "output"},
+        {**labels, **currency},
+    )
 
 
 # -- extractors ------------------------------------------------------------------------------
