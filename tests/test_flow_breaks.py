@@ -70,13 +70,13 @@ def test_new_session_breaks_once_then_sticks(spans: Any) -> None:
     assert reasons == [None, "new-session", "new-session", "new-session"]
 
 
-@pytest.mark.usefixtures("flow_spans_off")
-def test_idle_timeout_counts_from_the_end_of_the_last_run(spans: Any) -> None:
-    """A long run followed at once by another stays in one flow."""
+def test_idle_timeout_counts_from_the_end_of_the_last_run(capcoworker: Any) -> None:
+    """A run longer than the timeout followed at once by another stays in one flow; the same
+    idle time after the run ends breaks it (an injected clock, no sleeping)."""
 
     @coworker.run
     def long_call() -> None:
-        time.sleep(0.15)
+        capcoworker.advance(0.15)  # the run takes longer than the idle timeout
 
     @coworker.run
     def quick() -> None:
@@ -85,8 +85,11 @@ def test_idle_timeout_counts_from_the_end_of_the_last_run(spans: Any) -> None:
     with coworker.flow("ai-conversation", "f", idle_timeout=0.1):
         long_call()
         quick()
-    ids = [s.attributes[attr.FLOW_ID] for s in spans.get_finished_spans()]
-    assert ids == ["f", "f"]
+        capcoworker.advance(0.15)  # now the flow really is idle
+        quick()
+    runs = [s for s in capcoworker.spans() if attr.RUN_ID in s.attributes]  # no flow spans
+    ids = [s.attributes[attr.FLOW_ID] for s in runs]
+    assert ids[:2] == ["f", "f"] and ids[2] != "f"
 
 
 @pytest.mark.usefixtures("flow_spans_off")
@@ -108,15 +111,15 @@ def test_child_of_a_long_run_stays_in_the_parents_flow(spans: Any) -> None:
     assert ids == {"child": "f", "parent": "f"}
 
 
-@pytest.mark.usefixtures("flow_spans_off")
-def test_in_flight_run_keeps_flow_active(spans: Any) -> None:
-    """While any run of the flow is running, the flow is not idle."""
-    started = threading.Event()
+def test_in_flight_run_keeps_flow_active(capcoworker: Any) -> None:
+    """While any run of the flow is running, the flow is not idle, however long ago that run
+    started (an injected clock; the runs are ordered by events, not sleeps)."""
+    started, release = threading.Event(), threading.Event()
 
     @coworker.run
     def long_call() -> None:
         started.set()
-        time.sleep(0.25)
+        assert release.wait(30)
 
     @coworker.run
     def quick() -> None:
@@ -125,11 +128,13 @@ def test_in_flight_run_keeps_flow_active(spans: Any) -> None:
     with coworker.flow("ai-conversation", "f", idle_timeout=0.1):
         with ThreadPoolExecutor(1) as pool:
             fut = pool.submit(coworker.propagate(long_call))
-            started.wait(5)
-            time.sleep(0.15)
+            assert started.wait(30)
+            capcoworker.advance(0.15)  # longer than the timeout since anything arrived
             quick()
+            release.set()
             fut.result()
-    ids = {_short(s): s.attributes[attr.FLOW_ID] for s in spans.get_finished_spans()}
+    runs = [s for s in capcoworker.spans() if attr.RUN_ID in s.attributes]  # no flow spans
+    ids = {_short(s): s.attributes[attr.FLOW_ID] for s in runs}
     assert ids == {"quick": "f", "long_call": "f"}
 
 

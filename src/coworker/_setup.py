@@ -429,6 +429,12 @@ def shutdown() -> None:
             checkpointer.close()  # one last checkpoint, after the pipeline flushed
 
 
+# One reset for all process-wide state: coworker._state.reset() shuts down what configure()
+# installed too (the processor stays on the provider, emptied, and is reused by the next
+# configure(): an SDK provider cannot drop a processor).
+_state.on_reset(shutdown)
+
+
 def audit_store() -> Any:
     """The audit store of the current configuration, or ``None``."""
     return _audit_pipeline.store if _audit_pipeline is not None else None

@@ -3,13 +3,14 @@
 :data:`SETTINGS` is one mutable object with ``__slots__`` so that a run reads plain
 attributes. The hooks (``policy``, ``audit_gate``) are ``None`` unless configured, so an
 unconfigured run pays one attribute read for each. :data:`TRACER` caches coworker's tracer of
-the global SDK provider. :func:`reset` puts both back to what an unconfigured process has.
-(What ``configure`` installed on the provider, its processor and audit pipeline, is owned by
-:mod:`coworker._setup`, which ``coworker.shutdown`` closes.)
+the global SDK provider. :func:`reset` puts both back to what an unconfigured process has,
+and calls the resets other modules registered with :func:`on_reset` (:mod:`coworker._setup`:
+what ``configure`` installed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 from opentelemetry import trace
@@ -160,7 +161,21 @@ def api_tracer() -> trace.Tracer:
     return trace.get_tracer("coworker", __version__)
 
 
+_RESETS: Final[list[Callable[[], None]]] = []
+"""What other modules holding process-wide state registered with :func:`on_reset`."""
+
+
+def on_reset(fn: Callable[[], None]) -> None:
+    """Have :func:`reset` call ``fn`` (a module that holds process-wide state registers its
+    own reset here, so that one ``reset()`` covers all of it)."""
+    _RESETS.append(fn)
+
+
 def reset() -> None:
-    """Back to an unconfigured process: default settings, no cached tracer."""
+    """Back to an unconfigured process: what ``configure`` installed shut down and
+    forgotten (processors' members, the audit pipeline, flow events, the checkpointer),
+    default settings, no cached tracer."""
+    for fn in _RESETS:
+        fn()
     SETTINGS.reset()
     TRACER.reset()

@@ -293,7 +293,7 @@ class FlowCell:
         with _BREAK_LOCK:
             # Concurrent runs that all find the flow idle break it once and share it.
             f = self.break_flow(reason, None) if self.flow is f else self.flow
-        f.mark_active(session, time.monotonic(), True)
+        f.mark_active(session, _monotonic(), True)
         return f
 
     def break_flow(self, reason: str, type: str | None) -> Flow:
@@ -307,7 +307,8 @@ class FlowCell:
 
 
 _BREAK_LOCK: Final = threading.Lock()
-_monotonic: Final = time.monotonic
+_monotonic = time.monotonic
+"""The clock of idle timeouts (``capcoworker`` replaces it with a manual one)."""
 
 
 class SpanBlock(Block):

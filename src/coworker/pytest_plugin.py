@@ -30,15 +30,21 @@ class _Clock:
 def capcoworker(monkeypatch: pytest.MonkeyPatch) -> Iterator[CapCoworker]:
     """coworker configured for this test: spans, audit records and metrics in memory,
     repeatable ids, a deterministic clock; all reset after the test."""
+    import importlib
+
     import opentelemetry.sdk.trace as sdk_trace
 
     from coworker.audit import record
+
+    flow = importlib.import_module("coworker.flow")  # the module, not coworker.flow()
 
     cap = CapCoworker()
     # Span timestamps: the SDK reads time_ns from its module when a span starts and ends;
     # records take recorded_at from time.time_ns in coworker.audit.record.
     monkeypatch.setattr(sdk_trace, "time_ns", cap.time_ns)
     monkeypatch.setattr(record, "time", _Clock(cap))
+    # Idle timeouts: a manual clock (capcoworker.advance), so no test waits for real time.
+    monkeypatch.setattr(flow, "_monotonic", cap.monotonic)
     cap.configure()
     try:
         yield cap

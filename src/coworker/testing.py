@@ -118,11 +118,24 @@ class CapCoworker:
         self.metric_reader = InMemoryMetricReader()
         self._meter_provider = MeterProvider(metric_readers=[self.metric_reader])
         self._now = CLOCK_START_NS
+        self._idle_clock = 0.0
 
     def time_ns(self) -> int:
         """The deterministic clock: each call returns the next millisecond."""
         self._now += 1_000_000
         return self._now
+
+    def monotonic(self) -> float:
+        """The clock flows measure idle timeouts with (seconds): it stands still until
+        :meth:`advance` moves it, so a test decides exactly how long a flow was idle."""
+        return self._idle_clock
+
+    def advance(self, seconds: float) -> None:
+        """Move the idle-timeout clock forward by ``seconds`` (e.g. inside a run's body to
+        make it a long run, or between two runs to make the flow idle)."""
+        if seconds < 0:
+            raise ValueError(f"the clock only moves forward, got {seconds!r}")
+        self._idle_clock += seconds
 
     def configure(self, **options: Any) -> None:
         """``coworker.configure`` with this capture wired in; ``options`` are passed on
@@ -155,6 +168,7 @@ class CapCoworker:
         self.exporter.clear()
         self.store = InMemoryStore()
         self._now = CLOCK_START_NS
+        self._idle_clock = 0.0
 
     def spans(self) -> list[Any]:
         """The finished spans (SDK ``ReadableSpan``), in the order they ended."""
