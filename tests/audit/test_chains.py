@@ -246,3 +246,16 @@ def test_heads_note_lists_every_chain_and_any_change_is_refused() -> None:
         open_heads(note, generate_signer("audit.example.com/prod").verifier)
     with pytest.raises(CheckpointError):
         open_heads(heads_note(generate_signer("other"), heads), signer.verifier)
+
+
+@pytest.mark.postgres
+def test_postgres_chain_schema_names_longer_than_63_bytes_are_refused(pg: Any) -> None:
+    """PostgreSQL cuts identifiers at 63 *bytes*: a schema of 45 characters but 65 bytes (a
+    non-ASCII store schema) is refused, never truncated onto another chain's schema."""
+    from coworker.audit.store_postgres import PostgresStore
+
+    url = pg.schema_url("t_" + "\u00e9" * 26)  # 28 characters, 54 bytes
+    assert with_chain(url, "abcdefghi1")  # 45 characters, 65 bytes with the ':'
+    for name in ("abcdefghi1", "abcdefghi2"):
+        with pytest.raises(ConfigError, match="63 bytes"):
+            PostgresStore(with_chain(url, name), spool=None)
