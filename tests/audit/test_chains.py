@@ -110,6 +110,22 @@ def test_bad_chain_names_are_config_errors(tmp_path: Path) -> None:
         with_chain("sqlite:///a.db", "a b")
 
 
+@pytest.mark.parametrize("query", ["chain=", "chain=a&chain=b", "chain=a&chain=a"])
+def test_a_url_with_an_empty_or_repeated_chain_is_a_config_error(
+    tmp_path: Path, query: str
+) -> None:
+    """``?chain=`` (a template whose variable was empty) and ``chain`` given twice are refused:
+    neither silently opens the default chain or the last name, and no file is made."""
+    path = tmp_path / "a.db"
+    with pytest.raises(ConfigError, match="chain"):
+        open_store(f"sqlite:///{path}?{query}")
+    assert not path.exists() and not (tmp_path / "a.db.chains").exists()
+    from coworker.audit.store_postgres._wire import url_chain
+
+    with pytest.raises(ConfigError, match="chain"):
+        url_chain(f"postgresql://u@127.0.0.1/db?{query}")
+
+
 # -- PostgreSQL --------------------------------------------------------------------------------
 
 
