@@ -126,6 +126,43 @@ def test_a_url_with_an_empty_or_repeated_chain_is_a_config_error(
         url_chain(f"postgresql://u@127.0.0.1/db?{query}")
 
 
+def test_cli_verify_with_a_heads_note_names_a_chain_that_vanished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A named chain whose file was deleted whole leaves the per-chain checks nothing to find;
+    ``verify --heads NOTE --key PUB`` names it (and a chain cut below its listed tree), exit 1."""
+    from coworker.audit import merkle
+    from coworker.audit.checkpoint import heads_note
+    from coworker.audit.keys import generate_signer
+
+    path = tmp_path / "a.db"
+    url = f"sqlite:///{path}"
+    heads: dict[str, tuple[int, bytes]] = {}
+    for name in ("", "billing", "eu"):
+        s = open_store(with_chain(url, name))
+        s.append([entry(i) for i in range(5)])
+        cr = merkle.CompactRange()
+        for r in s.iter_from():
+            cr.append(merkle.leaf_hash(r.body))
+        heads[name] = (cr.size, cr.root())
+        s.close()
+    signer = generate_signer("audit.example.com/prod")
+    note = tmp_path / "heads.note"
+    note.write_bytes(heads_note(signer, heads))
+    args = ["audit", "verify", "--url", url, "--heads", str(note), "--key", signer.verifier.text]
+    assert main(args) == 0, capsys.readouterr().out
+    assert "heads note: chain billing (tree 5): ok" in capsys.readouterr().out
+    billing = Path(chain_file(str(path), "billing"))
+    for leftover in billing.parent.glob("billing.db*"):
+        leftover.unlink()
+    assert main(["audit", "verify", "--url", url]) == 0  # without the note: all "intact"
+    capsys.readouterr()
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  heads note: chain billing (tree 5): vanished" in out
+    assert "heads note: chain eu (tree 5): ok" in out
+
+
 # -- PostgreSQL --------------------------------------------------------------------------------
 
 
