@@ -110,6 +110,59 @@ def test_bad_chain_names_are_config_errors(tmp_path: Path) -> None:
         with_chain("sqlite:///a.db", "a b")
 
 
+@pytest.mark.parametrize("query", ["chain=", "chain=a&chain=b", "chain=a&chain=a"])
+def test_a_url_with_an_empty_or_repeated_chain_is_a_config_error(
+    tmp_path: Path, query: str
+) -> None:
+    """``?chain=`` (a template whose variable was empty) and ``chain`` given twice are refused:
+    neither silently opens the default chain or the last name, and no file is made."""
+    path = tmp_path / "a.db"
+    with pytest.raises(ConfigError, match="chain"):
+        open_store(f"sqlite:///{path}?{query}")
+    assert not path.exists() and not (tmp_path / "a.db.chains").exists()
+    from coworker.audit.store_postgres._wire import url_chain
+
+    with pytest.raises(ConfigError, match="chain"):
+        url_chain(f"postgresql://u@127.0.0.1/db?{query}")
+
+
+def test_cli_verify_with_a_heads_note_names_a_chain_that_vanished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A named chain whose file was deleted whole leaves the per-chain checks nothing to find;
+    ``verify --heads NOTE --key PUB`` names it (and a chain cut below its listed tree), exit 1."""
+    from coworker.audit import merkle
+    from coworker.audit.checkpoint import heads_note
+    from coworker.audit.keys import generate_signer
+
+    path = tmp_path / "a.db"
+    url = f"sqlite:///{path}"
+    heads: dict[str, tuple[int, bytes]] = {}
+    for name in ("", "billing", "eu"):
+        s = open_store(with_chain(url, name))
+        s.append([entry(i) for i in range(5)])
+        cr = merkle.CompactRange()
+        for r in s.iter_from():
+            cr.append(merkle.leaf_hash(r.body))
+        heads[name] = (cr.size, cr.root())
+        s.close()
+    signer = generate_signer("audit.example.com/prod")
+    note = tmp_path / "heads.note"
+    note.write_bytes(heads_note(signer, heads))
+    args = ["audit", "verify", "--url", url, "--heads", str(note), "--key", signer.verifier.text]
+    assert main(args) == 0, capsys.readouterr().out
+    assert "heads note: chain billing (tree 5): ok" in capsys.readouterr().out
+    billing = Path(chain_file(str(path), "billing"))
+    for leftover in billing.parent.glob("billing.db*"):
+        leftover.unlink()
+    assert main(["audit", "verify", "--url", url]) == 0  # without the note: all "intact"
+    capsys.readouterr()
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  heads note: chain billing (tree 5): vanished" in out
+    assert "heads note: chain eu (tree 5): ok" in out
+
+
 # -- PostgreSQL --------------------------------------------------------------------------------
 
 
@@ -246,3 +299,16 @@ def test_heads_note_lists_every_chain_and_any_change_is_refused() -> None:
         open_heads(note, generate_signer("audit.example.com/prod").verifier)
     with pytest.raises(CheckpointError):
         open_heads(heads_note(generate_signer("other"), heads), signer.verifier)
+
+
+@pytest.mark.postgres
+def test_postgres_chain_schema_names_longer_than_63_bytes_are_refused(pg: Any) -> None:
+    """PostgreSQL cuts identifiers at 63 *bytes*: a schema of 45 characters but 65 bytes (a
+    non-ASCII store schema) is refused, never truncated onto another chain's schema."""
+    from coworker.audit.store_postgres import PostgresStore
+
+    url = pg.schema_url("t_" + "\u00e9" * 26)  # 28 characters, 54 bytes
+    assert with_chain(url, "abcdefghi1")  # 45 characters, 65 bytes with the ':'
+    for name in ("abcdefghi1", "abcdefghi2"):
+        with pytest.raises(ConfigError, match="63 bytes"):
+            PostgresStore(with_chain(url, name), spool=None)

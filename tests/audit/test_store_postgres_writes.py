@@ -180,3 +180,26 @@ def test_chain_check_refuses_a_bad_row_inside_a_multi_row_insert(
         )
     assert [r.seq for r in store.iter_from()] == [1, 2, 3]
     assert verify_chain(store).ok
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [(b'{"seq":99,"x":', b"}"), (b'{"note":"', b'"}'), (b"not json ", b"")],
+    ids=["wrong-seq", "no-seq", "not-json"],
+)
+def test_append_called_with_crafted_halves_is_found_malformed(
+    store: PostgresStore, before: bytes, after: bytes
+) -> None:
+    """A writer role calling append() itself can chain any bytes around the seq (the links and
+    the database's chain check hold): verify names the row ``malformed``."""
+    from coworker.audit.store import MALFORMED
+    from coworker.audit.store_postgres._wire import _COLUMNS
+
+    store.append([entry(0)])
+    params: list[Any] = [b"\x07" * 16, _ByteaArray.of([before]), _ByteaArray.of([after])]
+    params += [None, None, *[_TextArray.of([None]) for _ in range(len(_COLUMNS) + 1)]]
+    with store._lock:
+        store._connection().execute(store._append_statement(), params)
+    report = verify_chain(store)
+    assert not report.ok
+    assert [(p.kind, p.seq) for p in report.problems] == [(MALFORMED, 2)], report.problems

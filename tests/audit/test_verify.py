@@ -519,3 +519,28 @@ def test_verify_while_appending_reports_nothing_false(db_path: Path) -> None:
         thread.join()
         writer.close()
     assert all(r.ok for r in reports), [r for r in reports if not r.ok][:1]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"seq":99,"x":1}', b'{"x":1}', b"not json", b"[21]"],
+    ids=["wrong-seq", "no-seq", "not-json", "not-an-object"],
+)
+def test_a_chained_body_that_is_not_a_record_at_its_seq_is_malformed(
+    log: Path, body: bytes
+) -> None:
+    """A row appended with correct links (hash = SHA-256(prev || body)) whose body is not a
+    JSON object carrying its own seq is named ``malformed``: the links alone passed it."""
+    from coworker.audit.chain import link
+    from coworker.audit.store import MALFORMED
+
+    conn = sqlite3.connect(log, isolation_level=None)  # an INSERT: the triggers allow it
+    (prev,) = conn.execute("SELECT hash FROM audit_records WHERE seq = 20").fetchone()
+    conn.execute(
+        "INSERT INTO audit_records (seq, prev_hash, hash, body) VALUES (21, ?, ?, ?)",
+        (prev, link(prev, body), body),
+    )
+    conn.close()
+    report = _verify(log)
+    assert not report.ok
+    assert [(p.kind, p.seq) for p in report.problems] == [(MALFORMED, 21)], report.problems

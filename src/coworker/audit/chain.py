@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_CHAIN",
     "GENESIS_PREV_HASH",
     "Prepared",
+    "chain_from_query",
     "check_chain_name",
     "genesis",
     "link",
@@ -52,6 +53,24 @@ def check_chain_name(name: str) -> str:
             "letter or digit"
         )
     return name
+
+
+def chain_from_query(values: Sequence[str]) -> str:
+    """The chain a store URL names, from every value of its ``chain`` query parameter.
+
+    No ``chain`` parameter is the default chain. ``chain=`` with nothing after it (most often
+    a URL template whose variable was empty) and ``chain`` given twice raise ``ValueError``:
+    either would otherwise route records silently to the default chain or to the last name.
+    """
+    if not values:
+        return DEFAULT_CHAIN
+    if len(values) > 1:
+        raise ValueError(f"chain given {len(values)} times ({', '.join(map(repr, values))})")
+    if not values[0]:
+        raise ValueError(
+            "chain= is empty; omit the parameter for the default chain, or name the chain"
+        )
+    return check_chain_name(values[0])
 
 
 def genesis(chain: str = DEFAULT_CHAIN) -> bytes:

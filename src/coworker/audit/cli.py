@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Final, TextIO
 
 from coworker._text import json_text, printable
@@ -74,7 +75,18 @@ def register(subparsers: Any) -> None:
         "contain its tree, else it is named rewritten, truncated or forked (needs --key)",
     )
     verify.add_argument(
-        "--key", default=None, metavar="PUBKEY", help="the log's verifier key for --checkpoint"
+        "--heads",
+        default=None,
+        metavar="FILE",
+        help="a signed heads note kept outside the database: every chain it lists must still "
+        "exist and contain its tree, else it is named vanished, rewritten or truncated "
+        "(needs --key; not with --chain)",
+    )
+    verify.add_argument(
+        "--key",
+        default=None,
+        metavar="PUBKEY",
+        help="the log's verifier key for --checkpoint and --heads",
     )
     verify.add_argument(
         "--policy",
@@ -239,6 +251,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     try:
         url = resolve_url(args.url)
+        heads = _load_heads(args)
         if args.chain is not None:
             return _verify_one(args, with_chain(url, args.chain), args.chain, False)
         with _store(url, readonly=True) as store:
@@ -252,6 +265,64 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for chain in named:
         one = argparse.Namespace(**{**vars(args), "expected_head": None, "checkpoint": []})
         code = max(code, _verify_one(one, with_chain(url, chain), chain, True))
+    if heads is not None:
+        try:
+            code = max(code, _check_heads(url, chains, heads, args.json))
+        except (AuditUnavailable, ConfigError) as exc:
+            return _fail(str(exc))
+    return code
+
+
+def _load_heads(args: argparse.Namespace) -> dict[str, tuple[int, bytes]] | None:
+    """The chains and trees of ``--heads FILE``, its signature checked with ``--key``."""
+    from coworker.audit.checkpoint import CheckpointError, open_heads
+    from coworker.audit.keys import KeyFormatError, load_verifier
+
+    if args.heads is None:
+        return None
+    if not args.key:
+        raise ConfigError("--heads needs --key PUBKEY (the log's verifier key)")
+    if args.chain is not None:
+        raise ConfigError("--heads covers every chain of the store; drop --chain")
+    try:
+        return open_heads(Path(args.heads).read_bytes(), load_verifier(args.key))
+    except (CheckpointError, KeyFormatError, OSError) as exc:
+        raise ConfigError(f"heads note {args.heads}: {exc}") from None
+
+
+def _check_heads(url: str, chains: list[str], heads: dict[str, tuple[int, bytes]], js: bool) -> int:
+    """Every chain a signed heads note lists must still be in the store, holding its tree.
+
+    A chain deleted whole (its file or schema gone) leaves nothing for the per-chain checks
+    to find: only a statement made before, outside the store, names it.
+    """
+    from coworker.audit.checkpoint import Checkpoint
+    from coworker.audit.logcheck import check_log
+    from coworker.audit.tlog import _chain_rows
+    from coworker.audit.urls import with_chain
+
+    code = 0
+    results: list[dict[str, Any]] = []
+    for chain in sorted(heads, key=lambda c: (c != "", c)):
+        size, root = heads[chain]
+        label = printable(chain) if chain else "(default)"
+        if chain not in chains:
+            status, detail = "vanished", "the store has no such chain (its file or schema is gone)"
+        else:
+            with _store(with_chain(url, chain), readonly=True) as store:
+                report = check_log(_chain_rows(store, 1), [("heads", Checkpoint("", size, root))])
+            (finding,) = report.findings
+            status, detail = finding.status, finding.detail
+        if status != "ok":
+            code = 1
+        results.append({"chain": chain, "size": size, "status": status, "detail": detail})
+        if not js:
+            mark = "OK  " if status == "ok" else "FAIL"
+            print(f"{mark}  heads note: chain {label} (tree {size}): {status}")
+            if status != "ok":
+                print(f"      {printable(detail)}")
+    if js:
+        print(json.dumps({"heads": results}))
     return code
 
 

@@ -20,6 +20,7 @@ from coworker.audit.store import (
     Head,
     StoredRecord,
     erased_seqs,
+    malformed_finding,
     payload_finding,
 )
 from coworker.exceptions import AuditUnavailable
@@ -39,8 +40,10 @@ __all__ = ["CANDIDATE_FLAG", "integrity_findings"]
 # payloads: the SQL can over-report (a value that is not a string in the body never compares
 # equal here, a record whose ``start`` is empty always differs), never hide a mismatch. A
 # body that is not JSON makes SQLite raise; the caller then checks every row in Python.
-_BODY_PATHS: Final = ", ".join(f"'$.{c}'" for c in (*_COLUMNS, "start"))
-_COLUMN_VALUES: Final = ", ".join(f"r.{c}" for c in (*_COLUMNS, "time"))
+# The body's own seq is compared too: a body whose seq is not its position (or that has none)
+# is a candidate, and a MALFORMED finding.
+_BODY_PATHS: Final = ", ".join(f"'$.{c}'" for c in ("seq", *_COLUMNS, "start"))
+_COLUMN_VALUES: Final = ", ".join(f"r.{c}" for c in ("seq", *_COLUMNS, "time"))
 CANDIDATE_FLAG: Final = (
     "r.time IS NULL OR r.time = '' OR CASE WHEN p.payload IS NULL"
     f" THEN json_extract(CAST(r.body AS TEXT), {_BODY_PATHS}, '$.payload_digest')"
@@ -111,6 +114,7 @@ def integrity_findings(
         except AuditUnavailable:  # a body is not JSON: decode them all, the slow way
             candidates = [r[0] for r in store._read(_ALL_ROWS, (last,))]
     columns: list[Finding] = []
+    malformed: list[Finding] = []
     missing: list[StoredRecord] = []  # no payload stored: a finding if the body has a digest
     names = [*_COLUMNS, "time"]
     for seq in candidates:
@@ -122,7 +126,12 @@ def integrity_findings(
         try:
             fields = json.loads(record.body)
         except (ValueError, TypeError):
-            continue  # the chain check already failed on it
+            fields = None
+        # The hash links hold for any bytes the writer hashed: a crafted INSERT can chain a
+        # body that is no record at all.
+        bad = malformed_finding(record.seq, fields)
+        if bad is not None:
+            malformed.append(bad)
         if not isinstance(fields, dict):
             continue
         if record.payload is None and fields.get("payload_digest") is not None:
@@ -161,7 +170,7 @@ def integrity_findings(
         if found is not None:
             payloads.append(found)
     payloads.sort(key=lambda f: f.seq or 0)
-    return findings + _capped(iter(columns)) + _capped(iter(payloads))
+    return findings + _capped(iter(malformed)) + _capped(iter(columns)) + _capped(iter(payloads))
 
 
 def _capped(findings: Iterator[Finding]) -> list[Finding]:

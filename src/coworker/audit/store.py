@@ -31,6 +31,7 @@ from coworker.exceptions import AuditUnavailable
 __all__ = [
     "COLUMN_MISMATCH",
     "GUARD",
+    "MALFORMED",
     "OUT_OF_RANGE",
     "PAYLOAD_MISMATCH",
     "AuditStore",
@@ -49,6 +50,10 @@ OUT_OF_RANGE: Final = "out-of-range"
 """A row whose seq is outside ``1..head`` (seq 0 or negative): never appended by a store."""
 GUARD: Final = "guard"
 """An append-only guard (trigger, constraint, lock function) is missing or altered."""
+MALFORMED: Final = "malformed"
+"""A chained body that is not a JSON object carrying its own position as ``seq``: the hash
+links hold (the writer hashed what it inserted), but no coworker store wrote it (a writer
+role's crafted INSERT or ``append()`` call)."""
 PAYLOAD_MISMATCH: Final = "payload-mismatch"
 """A stored payload does not hash to the ``payload_digest`` of its chained record."""
 
@@ -356,3 +361,16 @@ class InMemoryStore:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def malformed_finding(seq: int, fields: Any) -> Finding | None:
+    """A :data:`MALFORMED` finding when ``fields`` (a decoded body, or ``None`` when it is not
+    JSON) is not an object whose ``seq`` is ``seq``, else ``None``."""
+    if not isinstance(fields, dict):
+        return Finding(MALFORMED, seq, f"seq {seq}: the body is not a JSON object")
+    own = fields.get("seq")
+    if type(own) is not int or own != seq:
+        return Finding(
+            MALFORMED, seq, f"seq {seq}: the body's seq is {own!r}, not its position {seq}"
+        )
+    return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from typing import Final
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 from coworker import config
 from coworker.audit.store import AuditStore, InMemoryStore
@@ -78,6 +78,7 @@ def open_store(
 
 
 def _open_sqlite(url: str, rest: str, readonly: bool, create: bool) -> AuditStore:
+    from coworker.audit.chain import chain_from_query
     from coworker.audit.store_sqlite import SQLiteStore
 
     # sqlite:///rel.db -> rest "/rel.db"; sqlite:////abs.db -> rest "//abs.db"
@@ -88,6 +89,12 @@ def _open_sqlite(url: str, rest: str, readonly: bool, create: bool) -> AuditStor
     if not path:
         raise ConfigError(f"audit={url!r}: the sqlite URL names no file")
     options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    try:
+        chain = chain_from_query(
+            [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k == "chain"]
+        )
+    except ValueError as exc:
+        raise ConfigError(f"audit={url!r}: {exc}") from None
     unknown = set(options) - set(_SQLITE_OPTIONS)
     if unknown:
         raise ConfigError(f"audit={url!r}: unknown option(s) {sorted(unknown)}")
@@ -106,7 +113,7 @@ def _open_sqlite(url: str, rest: str, readonly: bool, create: bool) -> AuditStor
         readonly=readonly or mode == "ro",
         create=create,
         max_page_count=pages,
-        chain=options.get("chain", ""),
+        chain=chain,
     )
 
 

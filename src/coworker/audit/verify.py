@@ -26,6 +26,8 @@ Then, for a store that keeps more than the chained bytes
 =====================  ======================================================================
 ``column-mismatch``    a query column (``user_id``, ``flow_id``...) differs from the hashed
                        body, so ``coworker audit query`` would hide or misattribute the record
+``malformed``          a chained body that is not a JSON object carrying its own position as
+                       ``seq`` (the links hold for any bytes hashed: a writer's crafted row)
 ``payload-mismatch``   a stored payload does not hash to its record's ``payload_digest``
 ``out-of-range``       a row at a seq outside ``1..head`` (seq 0 or below), which no read
                        returns but which is not a record
@@ -52,6 +54,7 @@ from typing import Any, Final
 from coworker.audit.store import (
     COLUMN_MISMATCH,
     GUARD,
+    MALFORMED,
     OUT_OF_RANGE,
     PAYLOAD_MISMATCH,
     AuditStore,
@@ -69,6 +72,7 @@ __all__ = [
     "EDITED",
     "GUARD",
     "INSERTED",
+    "MALFORMED",
     "OUT_OF_RANGE",
     "PAYLOAD_MISMATCH",
     "REORDERED",

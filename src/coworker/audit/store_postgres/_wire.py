@@ -257,14 +257,13 @@ def url_chain(url: str) -> str:
     """The chain a ``postgresql://`` URL names (``?chain=NAME``), or the default chain ``""``.
 
     Raises:
-        ConfigError: not a valid chain name.
+        ConfigError: not a valid chain name, `chain=` empty, or `chain` given twice.
     """
-    from coworker.audit.chain import check_chain_name
+    from coworker.audit.chain import chain_from_query
 
     names = [v for k, v in parse_qsl(urlsplit(url).query, keep_blank_values=True) if k == "chain"]
-    name = names[-1] if names else ""
     try:
-        return check_chain_name(name)
+        return chain_from_query(names)
     except ValueError as exc:
         raise ConfigError(f"url={_redact(url)!r}: {exc}") from None
 

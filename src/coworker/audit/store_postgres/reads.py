@@ -22,6 +22,7 @@ from coworker.audit.store import (
     Head,
     StoredRecord,
     erased_seqs,
+    malformed_finding,
     payload_finding,
 )
 from coworker.audit.store_postgres._wire import (
@@ -288,6 +289,7 @@ class _Reads(_Connections):
         )
         columns: list[Finding] = []
         payloads: list[Finding] = []
+        malformed: list[Finding] = []
         erased = erased_seqs(self)
         next_seq = 1
         while next_seq <= last:
@@ -297,7 +299,15 @@ class _Reads(_Connections):
                 try:
                     fields = json.loads(record.body)
                 except ValueError:
-                    continue  # the chain check already failed on it
+                    fields = None
+                # The hash links hold for any bytes the writer hashed: a writer role's crafted
+                # INSERT or append() call can chain a body that is no record at all.
+                bad = malformed_finding(record.seq, fields)
+                if bad is not None:
+                    if len(malformed) < MAX_FINDINGS:
+                        malformed.append(bad)
+                    if not isinstance(fields, dict):
+                        continue
                 want = [None if v is None else v.decode() for v in _column_values(fields)]
                 got = list(row[5:])
                 if got != want:
@@ -321,4 +331,4 @@ class _Reads(_Connections):
             if len(rows) < _PAGE:
                 break
             next_seq = rows[-1][0] + 1
-        return findings + columns + payloads
+        return findings + malformed + columns + payloads

@@ -108,8 +108,14 @@ class PostgresStore(_Erasure):
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.schema = chain_schema(self.base_schema, self.chain)
-        if not self.base_schema or len(self.schema) > 63:
-            raise ConfigError(f"schema={self.schema!r} is not a valid PostgreSQL schema name")
+        # PostgreSQL cuts an identifier at 63 *bytes* (NAMEDATALEN - 1), silently: a longer
+        # "<schema>:<chain>" would land in the schema of another chain sharing its first 63
+        # bytes (and be sealed onto that chain). Refuse it instead.
+        if not self.base_schema or len(self.schema.encode("utf-8")) > 63:
+            raise ConfigError(
+                f"schema={self.schema!r} is not a valid PostgreSQL schema name "
+                "(empty, or longer than 63 bytes in UTF-8)"
+            )
         if connect_timeout <= 0:
             raise ConfigError(f"connect_timeout={connect_timeout!r} must be positive")
         if io_timeout <= 0:
