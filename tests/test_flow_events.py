@@ -3,9 +3,11 @@ events never pose as runs."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -240,3 +242,81 @@ def test_a_long_conversation_keeps_bounded_step_state(tmp_path: Path) -> None:
     live = _flow_events._live[chat.flow.id]
     assert len(live.steps) <= _flow_events._STEPS_KEPT + 1
     assert live.current_step == f"turn-{chat.turns}-read-1"
+
+
+def test_a_forked_child_never_writes_its_parents_queued_events(tmp_path: Path) -> None:
+    """fork() while an ended flow's end and seal are still queued: the child's own flow is
+    recorded, and the parent's events and seal are in the log once each (the parent's)."""
+    db = tmp_path / "a.db"
+    script = textwrap.dedent(
+        f"""
+        import os, coworker
+        coworker.configure(audit="sqlite:///{db}")
+        wf = coworker.workflow("w", steps=["one"])
+        @coworker.run(operation="create", doctype="D")
+        def c(): pass
+        with wf.start(id="parent-flow"):
+            with coworker.step("one"):
+                c()
+            with coworker.step("one"):  # a second attempt: its entry is queued at the fork
+                pid = os.fork()
+                if pid == 0:
+                    with wf.start(id="child-flow"):
+                        with coworker.step("one"):
+                            c()
+                    coworker.shutdown()
+                    os._exit(0)
+                assert os.waitpid(pid, 0)[1] == 0
+                c()
+        pid = os.fork()  # the parent's end and seal are queued (due) here
+        if pid == 0:
+            with wf.start(id="child-flow-2"):
+                with coworker.step("one"):
+                    c()
+            coworker.shutdown()
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        coworker.shutdown()
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    store = SQLiteStore(db)
+    events = [
+        (e.fields["operation"], e.fields["step_id"], e.fields.get("attempt"))
+        for e in query(store, category="flow", flow_id="parent-flow")
+    ]
+    assert len(events) == len(set(events)), events
+    assert [e[0] for e in events].count("flow-sealed") == 1
+    for flow_id in ("parent-flow", "child-flow", "child-flow-2"):
+        state = replay(store, flow_id)
+        assert state.status == "completed" and state.seal is not None, flow_id
+        assert state.seal.head_matches, flow_id
+    store.close()
+
+
+def test_force_flush_waits_for_the_flushers_write_under_way(tmp_path: Path) -> None:
+    """force_flush() while the background flusher is writing an ended flow's events (the
+    store busy): it returns once those events and the seal are durable, not before."""
+    db = tmp_path / "a.db"
+    coworker.configure(audit=f"sqlite:///{db}")
+    with FLOW.start() as f, f.step("one"):
+        create()
+    blocker = sqlite3.connect(db, isolation_level=None, timeout=30, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")  # the flusher's write waits for this lock
+    deadline = time.monotonic() + 30
+    live = _flow_events._live.get(f.id)
+    while time.monotonic() < deadline and live is not None:
+        if live.inflight and not live.pending:  # taken by the flusher, not durable
+            break
+        time.sleep(0.002)
+    assert live is not None and live.inflight and not live.pending
+    release = threading.Timer(0.2, blocker.execute, ("ROLLBACK",))
+    release.start()
+    coworker.force_flush()
+    store = SQLiteStore(db)
+    state = replay(store, f.id)
+    assert state.status == "completed" and state.seal is not None and state.seal.head_matches
+    store.close()
+    release.join()
+    blocker.close()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -160,6 +161,10 @@ class _Live:
 _writer: Any = None
 _types: frozenset[str] | None = DEFAULT_TYPES
 _lock: Final = threading.Lock()
+_settled: Final = threading.Condition(_lock)
+"""Notified when a write of flow events is over, seals formed (``flush`` waits on it)."""
+_writing = 0  # writes of flow events under way, from taking them to forming their seals
+_FLUSH_TIMEOUT: Final = 30.0
 _live: dict[str, _Live] = {}  # flows with events, not yet sealed (or whose seal is queued)
 _ended: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 _step_runs: dict[int, tuple[Flow, str]] = {}  # id(run) -> (flow, step) for runs that opened a step
@@ -350,16 +355,28 @@ def run_ended(r: Run, exc: BaseException | None) -> None:
 def flush() -> None:
     """Write every queued event now, seals included (``force_flush``, ``shutdown``).
 
+    Also waits for writes of flow events other threads (the flusher) have under way: their
+    events are no longer queued, yet not durable, and their seals are formed only after.
+
     Raises:
         AuditUnavailable: a write failed (the events stay queued).
     """
-    for _ in range(3):  # events, then the seals formed after them, then nothing
+    deadline = time.monotonic() + _FLUSH_TIMEOUT
+    while True:
         with _lock:
             lives = [live for live in _live.values() if live.pending]
-        if not lives:
-            return
         for live in lives:
             _write(live, [])
+        with _settled:
+            remaining = deadline - time.monotonic()
+            if not _settled.wait_for(lambda: _writing == 0, timeout=max(remaining, 0.0)):
+                _log.warning("coworker: flush: flow events still being written after %ss",
+                             _FLUSH_TIMEOUT)  # fmt: skip
+                return
+            if not any(live.pending for live in _live.values()):
+                return  # nothing queued, nothing in flight: every seal is formed and written
+        if time.monotonic() >= deadline:
+            return
 
 
 def write_with_events(writer: Any, entry: Entry) -> list[Any]:
@@ -383,12 +400,17 @@ def write_with_events(writer: Any, entry: Entry) -> list[Any]:
 
 
 def _write(live: _Live, tail: Sequence[Entry], writer: Any = None) -> list[Any]:
+    global _writing
     with live.lock:
         with _lock:
             taken = list(live.pending)
             live.pending.clear()
             live.inflight += 1
-        return _write_due(writer, taken + list(tail), [(live, taken)])
+            _writing += 1  # with the take: flush() never sees them neither queued nor in flight
+        try:
+            return _write_taken(writer, taken + list(tail), [(live, taken)])
+        finally:
+            _written()
 
 
 def _write_due(
@@ -402,6 +424,26 @@ def _write_due(
     ``taken``: flows whose events are in ``tail`` and whose ``inflight`` the caller raised;
     this lowers it again, as it does for every due flow it takes.
     """
+    global _writing
+    # Counted from taking the events to forming their seals: until then flush() waits.
+    with _lock:
+        _writing += 1
+    try:
+        return _write_taken(writer, tail, taken)
+    finally:
+        _written()
+
+
+def _written() -> None:
+    global _writing
+    with _settled:
+        _writing -= 1
+        _settled.notify_all()
+
+
+def _write_taken(
+    writer: Any, tail: Sequence[Entry], taken: list[tuple[_Live, list[Entry]]] | None
+) -> list[Any]:
     taken = taken or []
     due_entries: list[Entry] = []
     try:
@@ -547,6 +589,29 @@ def _retire(flow_id: str) -> None:
         _ended[flow_id] = done.snapshot()
         while len(_ended) > _ENDED_KEPT:
             _ended.popitem(last=False)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child keeps what it knows of its parent's flows but none of their queued
+    events: the parent writes those (and their seals). A child writing them too, with its
+    own next record, would put each in the log twice and seal the flow twice. Locks held
+    by threads the child does not have are replaced, and the flusher thread, which did not
+    survive the fork, is started again."""
+    global _flusher, _writing
+    _lock._at_fork_reinit()  # type: ignore[attr-defined]  # held by a vanished thread?
+    _writing = 0
+    for flow_id, live in list(_live.items()):
+        live.pending.clear()
+        live.inflight = 0
+        live.lock = threading.RLock()
+        if live.ended:  # the parent seals it; here it is over
+            _retire(flow_id)
+    _due.clear()
+    _step_runs.clear()  # runs the parent had open: their step outcomes are the parent's
+    _flusher = _Flusher() if _flusher is not None else None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # -- events ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import contextvars
 import gc
+import logging
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -117,6 +118,47 @@ def test_variable_the_consumer_unsets_is_unset_in_the_body(spans: Any) -> None:
         (1, "missing"),
         ("missing", "missing"),
     ]
+
+
+def test_body_tokens_still_reset_after_the_consumer_unsets_an_inherited_variable(
+    spans: Any,
+) -> None:
+    """The consumer unsetting a variable the body inherited at its first step leaves the
+    body's own tokens working across its yields: its application variable resets, and a
+    span it keeps current across a yield detaches (no "Failed to detach context")."""
+    inherited: contextvars.ContextVar[str] = contextvars.ContextVar("inherited")
+    tracer = trace.get_tracer("test")
+
+    @coworker.run
+    def g() -> Iterator[Any]:
+        token = VAR.set("body")
+        with tracer.start_as_current_span("held"):
+            yield inherited.get("missing")
+            yield inherited.get("missing")
+        VAR.reset(token)  # a token of an earlier step
+        yield VAR.get(), _span_name()
+
+    def consume() -> list[Any]:
+        t = inherited.set("request")
+        it = g()
+        seen = [next(it)]
+        inherited.reset(t)  # unset between steps (it existed when the body began)
+        seen.append(next(it))
+        seen.append(next(it))
+        it.close()
+        return seen
+
+    detach_errors: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = detach_errors.append  # type: ignore[method-assign]
+    logging.getLogger("opentelemetry.context").addHandler(handler)
+    try:
+        seen = contextvars.copy_context().run(consume)
+    finally:
+        logging.getLogger("opentelemetry.context").removeHandler(handler)
+    assert seen[:2] == ["request", "missing"]
+    assert seen[2][0] == "unset" and seen[2][1].endswith("<locals>.g")  # its own span again
+    assert detach_errors == []
 
 
 def test_span_is_current_only_inside_the_body_with_nested_runs(spans: Any) -> None:

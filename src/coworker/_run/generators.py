@@ -97,13 +97,27 @@ class View:
         self.pushed: dict[contextvars.ContextVar[Any], contextvars.Token[Any]] | None = None
 
     def enter(self) -> contextvars.Context:
-        """The body's context at the first step: the consumer's, with the call site's view
-        and the run (opened there)."""
-        ctx = self.ctx = _copy_context()
-        ctx.run(self._enter)
+        """The body's context at the first step: the consumer's variables, with the call
+        site's view and the run (opened there).
+
+        Built from an empty context rather than copied, each application variable set with
+        a token kept in :attr:`pulled`: a variable the consumer unsets later can then be
+        unset in the body's context too, which a copy could not do without replacing the
+        context (and the tokens the body holds across its steps, its own or OTel's for a
+        span it keeps current across a ``yield``, would no longer reset).
+        """
+        ctx = self.ctx = contextvars.Context()
+        self.pulled = {}
+        ctx.run(self._enter, _copy_context(), self.pulled)
         return ctx
 
-    def _enter(self) -> None:
+    def _enter(
+        self,
+        cur: contextvars.Context,
+        tokens: dict[contextvars.ContextVar[Any], contextvars.Token[Any]],
+    ) -> None:
+        for var, value in cur.items():  # coworker's two as well (their tokens go unused)
+            tokens[var] = var.set(value)
         if _scope_get() is not self.scope:
             _scope_set(self.scope)
         if _otel_get() is not self.otel:
