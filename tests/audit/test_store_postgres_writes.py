@@ -120,6 +120,25 @@ def test_lost_answer_of_a_server_side_append_is_not_shipped_twice(
     assert verify_chain(store).ok
 
 
+def test_a_lost_answer_with_two_identical_entries_reports_both_rows(
+    store: PostgresStore,
+) -> None:
+    """Two byte-identical entries in one lost append() call are two rows: the retry that finds
+    them reports each row once (it gave the first row twice and never the second)."""
+    from coworker.audit.store_postgres._wire import _Item
+
+    store.append([entry(0)])
+    floor = store.head().seq  # type: ignore[union-attr]
+    nonce = b"\x44" * 16
+    _call_append(store, nonce, [entry(1), entry(1)])
+    mark = (-floor - 1, nonce + bytes(16))
+    items = [_Item(entry(1), None, None, (mark,)), _Item(entry(1), None, None, (mark,))]
+    with store._lock:
+        result = store._write_with_retry(items)
+    assert [r.seq for r in result.records] == [floor + 1, floor + 2]
+    assert [json.loads(r.body)["i"] for r in store.iter_from()] == [0, 1, 1]
+
+
 def test_same_bytes_from_another_call_are_not_taken_for_ours(
     store: PostgresStore, tmp_path: Path
 ) -> None:

@@ -231,14 +231,20 @@ class _Writes(_Reads):
                     ),
                 )
                 rows = cur.fetchall()
+                claimed: set[int] = set()  # two byte-identical entries are two rows, not one
                 for i, it in enumerate(items):
                     if i in skip:
                         continue
                     mine = {a[1][:_NONCE] for a in it.attempted if a[0] < 0}
                     for r in rows:
                         # The nonce names the call; the body (with the seq it got) the entry.
-                        if bytes(r[5]) in mine and bytes(r[3]) == prepared[i].body(r[0]):
+                        if (
+                            r[0] not in claimed
+                            and bytes(r[5]) in mine
+                            and bytes(r[3]) == prepared[i].body(r[0])
+                        ):
                             committed[i] = _record(r)
+                            claimed.add(r[0])
                             skip.add(i)
                             break
             if keys:
