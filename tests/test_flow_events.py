@@ -320,3 +320,33 @@ def test_force_flush_waits_for_the_flushers_write_under_way(tmp_path: Path) -> N
     store.close()
     release.join()
     blocker.close()
+
+
+def test_configure_that_cannot_flush_queued_events_leaves_the_old_trail(tmp_path: Path) -> None:
+    """configure() again while the current store cannot take an ended flow's queued events:
+    it raises with the previous audit trail still in force (not half-applied), and every
+    event of the flow lands later in that one store, none in the new one."""
+    from coworker import _setup
+
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    coworker.configure(audit=f"sqlite:///{old}")
+    blocker = sqlite3.connect(old, isolation_level=None, timeout=30, check_same_thread=False)
+    with FLOW.start() as f:
+        with f.step("one"):
+            create()
+        blocker.execute("BEGIN IMMEDIATE")  # the end and seal cannot be written now
+    with pytest.raises(coworker.AuditUnavailable):
+        coworker.configure(audit=f"sqlite:///{new}")
+    store_in_force = _setup.audit_store()
+    assert store_in_force is not None and Path(store_in_force.store_path) == old
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    coworker.force_flush()
+    store = SQLiteStore(old)
+    state = replay(store, f.id)
+    assert state.status == "completed" and state.seal is not None and state.seal.head_matches
+    store.close()
+    if new.exists():
+        other = SQLiteStore(new)
+        assert list(query(other, category="flow")) == []
+        other.close()

@@ -210,7 +210,16 @@ def install(writer: Any, types: frozenset[str] | None, *, wait_seal: bool = Fals
     """Send flow events of ``types`` (``None``: all) through ``writer`` (``configure()``);
     with ``wait_seal`` a flow's end returns once its end and seal are durable."""
     global _writer, _types, _flusher, _wait_seal
-    flush()
+    try:
+        # configure() flushed already (a failure there leaves the old configuration in
+        # force); this catches what was queued since. Raising now would leave it half-applied.
+        flush()
+    except Exception:
+        with _lock:
+            kept = sum(len(live.pending) for live in _live.values())
+        _log.exception(
+            "coworker: %d flow events go to the new audit trail: the old one failed", kept
+        )
     with _lock:
         _writer = writer
         _types = types

@@ -270,6 +270,18 @@ def configure(
                     else BatchSpanProcessor(RedactingSpanExporter(item, rules, trace_payloads))
                 )
 
+        # Flow events queued for the current audit trail go there first (they belong with
+        # its runs): a store that cannot take them fails configure() here, the previous
+        # configuration still in force and the events still queued, not half-applied.
+        try:
+            _flow_events.flush()
+        except BaseException:
+            if checkpointer is not None:
+                checkpointer.close()
+            if pipeline is not None:
+                pipeline.shutdown()
+            raise
+
         # -- apply ----------------------------------------------------------------------
         s = SETTINGS
         s.debug = debug
