@@ -28,9 +28,9 @@ from coworker import attributes as attr
 from coworker.audit.record import canonical
 
 __all__ = [
+    "KIND_USAGE",
     "ROLLUP_SPAN_TYPES",
     "TOKEN_ATTRIBUTES",
-    "KIND_USAGE",
     "UsageRefused",
     "is_usage_key",
     "usage_entry",
