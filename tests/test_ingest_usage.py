@@ -244,3 +244,16 @@ def test_hostile_token_counts_are_refused_with_a_message(tmp_path: Path) -> None
     assert (record["input_tokens"], record["output_tokens"]) == (100, 10)
     outcomes = [r.fields() for r in _records(url) if r.fields()["kind"] == "outcome"]
     assert [r["name"] for r in outcomes] == ["call-8"]
+
+
+def test_usage_records_come_from_decoding_workers_too(tmp_path: Path) -> None:
+    """With decoding in worker processes the usage record and a refusal come back the same."""
+    url = f"sqlite:///{tmp_path / 'in.db'}"
+    store = open_store(url)
+    with IngestServer(store, token=TOKEN, decode_workers=1) as server:
+        response = _post(server, _raw_spans(_call(), _call(**{a.GEN_AI_USAGE_INPUT_TOKENS: -1})))
+    store.close()
+    assert response.partial_success.rejected_spans == 1
+    assert "usage refused" in response.partial_success.error_message
+    (record,) = _usage(url)
+    assert (record["model"], record["input_tokens"], record["user_id"]) == ("gpt-4o", 100, "bob")

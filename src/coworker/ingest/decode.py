@@ -25,7 +25,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceSt
 from opentelemetry.trace.status import Status, StatusCode
 
 from coworker import attributes as attr
-from coworker.ingest.usage import wants_usage
+from coworker.ingest.usage import ROLLUP_SPAN_TYPES, TOKEN_KEYS
 
 _log = logging.getLogger("coworker.ingest")
 
@@ -227,8 +227,10 @@ def audit_spans(
             scope: InstrumentationScope | None = None
             for span in ss.spans:
                 batch.total += 1
-                flag = _audit_flag(span.attributes)
-                wanted = usage and wants_usage(span.attributes)
+                if usage:
+                    flag, wanted = _flags(span.attributes)
+                else:
+                    flag, wanted = _audit_flag(span.attributes), False
                 if (flag is None or flag is False) and not wanted:
                     continue  # not for the audit trail (every coworker span carries the flag)
                 if flag is not True and flag is not None and flag is not False:
@@ -293,6 +295,37 @@ def _audit_flag(attributes: Iterable[KeyValue]) -> bool | str | None:
             else:
                 found = False
     return f"{malformed} must be a boolean" if malformed is not None else found
+
+
+_AUDIT_KEYS: Final = frozenset({attr.AUDITED, attr.AUDITED_LEGACY})
+_FLAG_KEYS: Final = _AUDIT_KEYS | TOKEN_KEYS | {attr.SPAN_TYPE}
+
+
+def _flags(attributes: Iterable[KeyValue]) -> tuple[bool | str | None, bool]:
+    """:func:`_audit_flag` and :func:`~coworker.ingest.usage.wants_usage` in one pass over
+    the attributes (this runs for every span of every request, audit span or not)."""
+    found: bool | None = None
+    malformed: str | None = None
+    tokens = rollup = False
+    for kv in attributes:
+        key = kv.key
+        if key not in _FLAG_KEYS:
+            continue
+        if key in _AUDIT_KEYS:
+            if kv.value.WhichOneof("value") != "bool_value":
+                malformed = key
+            elif kv.value.bool_value:
+                found = True
+            elif found is None:
+                found = False
+        elif key == attr.SPAN_TYPE:
+            rollup = kv.value.string_value in ROLLUP_SPAN_TYPES
+        else:
+            tokens = True
+    flag: bool | str | None = found
+    if found is not True and malformed is not None:
+        flag = f"{malformed} must be a boolean"
+    return flag, tokens and not rollup
 
 
 def _readable_span(

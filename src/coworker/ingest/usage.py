@@ -31,6 +31,7 @@ __all__ = [
     "KIND_USAGE",
     "ROLLUP_SPAN_TYPES",
     "TOKEN_ATTRIBUTES",
+    "TOKEN_KEYS",
     "UsageRefused",
     "is_usage_key",
     "usage_entry",
@@ -46,7 +47,7 @@ TOKEN_ATTRIBUTES: Final = (
     attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS,
 )
 """A span with any of these attributes is a usage span."""
-_TOKEN_SET: Final = frozenset(TOKEN_ATTRIBUTES)
+TOKEN_KEYS: Final = frozenset(TOKEN_ATTRIBUTES)
 
 ROLLUP_SPAN_TYPES: Final = frozenset({"flow", "step", "turn"})
 """``coworker.span.type`` values of roll-up spans: their totals repeat their runs' usage."""
@@ -77,7 +78,7 @@ def wants_usage(attributes: Iterable[KeyValue]) -> bool:
     usage = False
     for kv in attributes:
         key = kv.key
-        if key in _TOKEN_SET:
+        if key in TOKEN_KEYS:
             usage = True
         elif key == attr.SPAN_TYPE and kv.value.string_value in ROLLUP_SPAN_TYPES:
             return False
