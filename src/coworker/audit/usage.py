@@ -86,12 +86,16 @@ _TOKEN_FIELDS: Final = (
 
 
 def usage_entries(
-    span: Any, calls: Sequence[Mapping[str, Any]]
+    span: Any, calls: Sequence[Mapping[str, Any]], *, record: Mapping[str, Any] | None = None
 ) -> list[tuple[dict[str, Any], bytes | None]]:
-    """The usage ledger entries of a finished span, one per recorded usage call."""
+    """The usage ledger entries of a finished span, one per recorded usage call.
+
+    ``record`` is the span's own record when the caller has made it already (the ingest
+    server); else it is made here.
+    """
     if not calls:
         return []
-    base, _ = entry_from_span(span)
+    base = dict(record) if record is not None else entry_from_span(span)[0]
     base.update(
         kind=KIND_USAGE,
         category=attr.CATEGORY_USAGE,

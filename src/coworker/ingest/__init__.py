@@ -10,7 +10,10 @@ OTLP and the audit trail is written server-side, where their code cannot suppres
 ``true`` (or ``coworker.audit``, its name in coworker 0.1.0) become
 :class:`~opentelemetry.sdk.trace.ReadableSpan` objects and go through the same
 :func:`coworker.audit.record.entry_from_span` as the in-process exporter; other spans are
-ignored (they belong to the operational trail). Answers follow the OTLP/HTTP specification
+ignored (they belong to the operational trail), except that a span carrying
+``gen_ai.usage.*`` token counts, audited or not, also gives a usage ledger record
+(:mod:`~coworker.ingest.usage`; flow/step/turn roll-up spans are skipped). Answers follow
+the OTLP/HTTP specification
 (https://opentelemetry.io/docs/specs/otlp/#otlphttp-response):
 
 ======  ==========================================================================
@@ -42,7 +45,8 @@ opentelemetry-proto).
 
 The package's modules, along the request's path: :mod:`~coworker.ingest.decode` (body,
 protobuf/JSON, audit spans and limits), :mod:`~coworker.ingest.tokens` (who may write what),
-:mod:`~coworker.ingest.records` (dedup keys, conflict records), :mod:`~coworker.ingest.app`
+:mod:`~coworker.ingest.records` (dedup keys, conflict records), :mod:`~coworker.ingest.usage`
+(usage records and their dedup keys), :mod:`~coworker.ingest.app`
 (the ASGI app) and :mod:`~coworker.ingest.server` (uvicorn, ``serve``, :class:`IngestServer`).
 Everything public is importable from ``coworker.ingest``.
 """

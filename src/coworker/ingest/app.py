@@ -43,6 +43,7 @@ from coworker.ingest.records import (
 )
 from coworker.ingest.responses import _status_response, _success, _too_large
 from coworker.ingest.tokens import INGEST_TOKEN_FIELD, IngestToken, _secret_digest
+from coworker.ingest.usage import is_usage_key
 from coworker.ingest.workers import REJECT, Decoded, DecodePool, decode_body
 
 _log = logging.getLogger("coworker.ingest")
@@ -326,7 +327,9 @@ class _Ingest:
         # crash between the record and its conflict record), and the conflict record's key is
         # derived from the set of versions, so recording it twice is a no-op.
         assert self.unique is not None and self.between is not None
-        wanted = _by_ids(keys)
+        wanted = _by_ids(k for k in keys if not is_usage_key(k))  # usage keys: no versions
+        if not wanted:
+            return 0
         rows = self.between([(ids, ids + b"\xff" * 33) for ids in wanted])
         groups: dict[bytes, dict[bytes, int | None]] = {}
         for key, seq in rows:

@@ -25,6 +25,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceSt
 from opentelemetry.trace.status import Status, StatusCode
 
 from coworker import attributes as attr
+from coworker.ingest.usage import ROLLUP_SPAN_TYPES, TOKEN_KEYS
 
 _log = logging.getLogger("coworker.ingest")
 
@@ -71,10 +72,15 @@ class AuditBatch:
         rejected: how many audit spans were rejected.
         errors: one reason per rejected span (the first few are reported to the client).
         total: spans in the request, audit or not.
+        audited: per span, ``True`` when it is an audit span (``False``: a usage span only).
+        usage: per span, ``True`` when it carries token counts for the usage ledger
+            (:func:`coworker.ingest.usage.wants_usage`; only with ``audit_spans(usage=True)``).
     """
 
     spans: list[ReadableSpan] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
+    audited: list[bool] = field(default_factory=list)
+    usage: list[bool] = field(default_factory=list)
     rejected: int = 0
     errors: list[str] = field(default_factory=list)
     total: int = 0
@@ -187,6 +193,7 @@ def audit_spans(
     *,
     max_attribute_length: int = DEFAULT_MAX_ATTRIBUTE_LENGTH,
     max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
+    usage: bool = False,
 ) -> AuditBatch:
     """Select the audit spans of a request (``coworker.audited`` is ``true``) and decode them.
 
@@ -198,10 +205,15 @@ def audit_spans(
     twice, or it has more than ``max_attributes`` events or links. Other spans are skipped
     without a look at the rest of them.
 
+    With ``usage``, spans that carry token counts and are no flow/step/turn roll-up
+    (:func:`coworker.ingest.usage.wants_usage`) are decoded too, audited or not, under the
+    same checks; ``batch.audited`` and ``batch.usage`` say what each decoded span is for.
+
     Args:
         request: the decoded request.
         max_attribute_length: the longest string attribute value accepted.
         max_attributes: the most attributes per set, events and links per span.
+        usage: decode usage spans too (for the usage ledger).
 
     Returns:
         The batch of decoded spans, their ids (``trace_id || span_id``) and the rejections.
@@ -215,10 +227,13 @@ def audit_spans(
             scope: InstrumentationScope | None = None
             for span in ss.spans:
                 batch.total += 1
-                flag = _audit_flag(span.attributes)
-                if flag is None or flag is False:
+                if usage:
+                    flag, wanted = _flags(span.attributes)
+                else:
+                    flag, wanted = _audit_flag(span.attributes), False
+                if (flag is None or flag is False) and not wanted:
                     continue  # not for the audit trail (every coworker span carries the flag)
-                if flag is not True:
+                if flag is not True and flag is not None and flag is not False:
                     batch.reject(f"span {span.name[:80]!r}: {flag}")
                     continue
                 try:
@@ -247,6 +262,8 @@ def audit_spans(
                     continue
                 batch.spans.append(readable)
                 batch.keys.append(bytes(span.trace_id) + bytes(span.span_id))
+                batch.audited.append(flag is True)
+                batch.usage.append(wanted)
     return batch
 
 
@@ -278,6 +295,37 @@ def _audit_flag(attributes: Iterable[KeyValue]) -> bool | str | None:
             else:
                 found = False
     return f"{malformed} must be a boolean" if malformed is not None else found
+
+
+_AUDIT_KEYS: Final = frozenset({attr.AUDITED, attr.AUDITED_LEGACY})
+_FLAG_KEYS: Final = _AUDIT_KEYS | TOKEN_KEYS | {attr.SPAN_TYPE}
+
+
+def _flags(attributes: Iterable[KeyValue]) -> tuple[bool | str | None, bool]:
+    """:func:`_audit_flag` and :func:`~coworker.ingest.usage.wants_usage` in one pass over
+    the attributes (this runs for every span of every request, audit span or not)."""
+    found: bool | None = None
+    malformed: str | None = None
+    tokens = rollup = False
+    for kv in attributes:
+        key = kv.key
+        if key not in _FLAG_KEYS:
+            continue
+        if key in _AUDIT_KEYS:
+            if kv.value.WhichOneof("value") != "bool_value":
+                malformed = key
+            elif kv.value.bool_value:
+                found = True
+            elif found is None:
+                found = False
+        elif key == attr.SPAN_TYPE:
+            rollup = kv.value.string_value in ROLLUP_SPAN_TYPES
+        else:
+            tokens = True
+    flag: bool | str | None = found
+    if found is not True and malformed is not None:
+        flag = f"{malformed} must be a boolean"
+    return flag, tokens and not rollup
 
 
 def _readable_span(

@@ -19,6 +19,7 @@ from coworker.audit.record import (
 )
 from coworker.audit.store import AuditStore
 from coworker.ingest.tokens import INGEST_TOKEN_FIELD
+from coworker.ingest.usage import KIND_USAGE, is_usage_key, usage_key
 
 _log = logging.getLogger("coworker.ingest")
 
@@ -170,6 +171,9 @@ class _SeenSpans:
         self._store = store
         self._index: dict[bytes, _Slot] | None = None
         self._conflicts: set[bytes] = set()
+        # Usage record keys (coworker.ingest.usage.usage_key): their own space, never part of
+        # a span's versions, so a span's usage record is no conflict with its outcome record.
+        self._usage: set[bytes] = set()
 
     def _load(self) -> dict[bytes, _Slot]:
         index: dict[bytes, _Slot] = {}
@@ -180,13 +184,17 @@ class _SeenSpans:
                 if key is not None:
                     self._conflicts.add(key)
                 continue
-            if fields.get("kind", KIND_OUTCOME) != KIND_OUTCOME:
+            kind = fields.get("kind", KIND_OUTCOME)
+            if kind != KIND_OUTCOME and kind != KIND_USAGE:
                 continue
             trace_id, span_id = fields.get("trace_id"), fields.get("span_id")
             if isinstance(trace_id, str) and isinstance(span_id, str):
                 with contextlib.suppress(ValueError):
                     ids = bytes.fromhex(trace_id) + bytes.fromhex(span_id)
-                    _add(index, ids, content_digest(fields), record.seq)
+                    if kind == KIND_USAGE:
+                        self._usage.add(usage_key(ids, fields))
+                    else:
+                        _add(index, ids, content_digest(fields), record.seq)
         return index
 
     def append(
@@ -203,7 +211,12 @@ class _SeenSpans:
         fresh: list[int] = []
         batch: set[bytes] = set()
         for i, key in enumerate(keys):
-            if key in batch or _has(index.get(key[:_IDS_LEN]), key[_IDS_LEN:]):
+            if key in batch:
+                continue
+            if is_usage_key(key):
+                if key in self._usage:
+                    continue
+            elif _has(index.get(key[:_IDS_LEN]), key[_IDS_LEN:]):
                 continue
             batch.add(key)
             fresh.append(i)
@@ -213,12 +226,15 @@ class _SeenSpans:
                 [r.seq for r in written] if len(written) == len(fresh) else [None] * len(fresh)
             )
             for i, seq in zip(fresh, seqs, strict=True):
-                _add(index, keys[i][:_IDS_LEN], keys[i][_IDS_LEN:], seq)
+                if is_usage_key(keys[i]):
+                    self._usage.add(keys[i])
+                else:
+                    _add(index, keys[i][:_IDS_LEN], keys[i][_IDS_LEN:], seq)
         # Duplicates are checked too: a crash between a record and its conflict record is
         # repaired by the exporter's retry.
         conflicts: list[Mapping[str, Any]] = []
         new_keys: list[bytes] = []
-        for ids, digests in _by_ids(keys).items():
+        for ids, digests in _by_ids(k for k in keys if not is_usage_key(k)).items():
             slot = index.get(ids)
             if not isinstance(slot, dict):
                 continue  # one version (or none): no conflict

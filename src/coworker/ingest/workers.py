@@ -30,6 +30,7 @@ from coworker.ingest.decode import (
     decode_request,
 )
 from coworker.ingest.records import dedup_key
+from coworker.ingest.usage import UsageRefused, usage_entry, usage_key
 
 __all__ = ["DecodePool", "Decoded", "decode_body"]
 
@@ -50,7 +51,8 @@ class Decoded:
         message: why, for an error status.
         batch: the audit spans' tally (``spans`` emptied: the records are in ``items``).
         items: per audit span, in request order: ``(ENTRY, span name, fields, payload,
-            dedup key)`` or ``(REJECT, reason)``.
+            dedup key)`` or ``(REJECT, reason)``; a usage span adds its usage record the
+            same way (key: :func:`~coworker.ingest.usage.usage_key`) or its refusal.
     """
 
     status: int | None = None
@@ -79,18 +81,33 @@ def decode_body(
     except MalformedRequest as exc:
         return Decoded(400, str(exc))
     batch = audit_spans(
-        request, max_attribute_length=max_attribute_length, max_attributes=max_attributes
+        request,
+        max_attribute_length=max_attribute_length,
+        max_attributes=max_attributes,
+        usage=True,
     )
     items: list[tuple[Any, ...]] = []
-    for span, ids in zip(batch.spans, batch.keys, strict=True):
+    for span, ids, audited, usage in zip(
+        batch.spans, batch.keys, batch.audited, batch.usage, strict=True
+    ):
         name = span.name[:80]
         try:
             fields, payload = entry_from_span(span)
             key = dedup_key(ids, fields)
         except Exception as exc:
-            items.append((REJECT, f"span {name!r}: cannot build its audit record: {exc}"))
+            what = "audit" if audited else "usage"
+            items.append((REJECT, f"span {name!r}: cannot build its {what} record: {exc}"))
             continue
-        items.append((ENTRY, name, fields, payload, key))
+        if audited:
+            items.append((ENTRY, name, fields, payload, key))
+        if usage:
+            # Apart from the audit record: a hostile count refuses the usage record alone.
+            try:
+                entry = usage_entry(span, fields)
+            except UsageRefused as exc:
+                items.append((REJECT, f"span {name!r}: usage refused: {exc}"))
+                continue
+            items.append((ENTRY, name, entry, None, usage_key(ids, entry)))
     batch.spans, batch.keys = [], []
     return Decoded(None, "", batch, items)
 
