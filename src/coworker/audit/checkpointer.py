@@ -14,20 +14,36 @@ signing, the tree's root at the last checkpoint's size is compared with that che
 
 Publishing is off the append path: a failed publish is logged loudly (``coworker.audit``
 logger, ERROR) and retried with back-off; appends never wait for it.
+
+A store with several chains (``?chain=NAME``): each round signs a checkpoint of every chain
+under its own origin (``<origin>/chain/<name>``) and a **heads note** listing every chain's
+tree (:func:`make_heads`), stored beside the checkpoints and published with them. A chain
+that vanished since the last heads note (its file or schema deleted whole) is logged at
+ERROR and no heads note is signed without it: signing one would bless the deletion.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from coworker.audit.checkpoint import Checkpoint, open_checkpoint, parse_note, sign_checkpoint
+from coworker.audit.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    chain_signer,
+    heads_note,
+    open_checkpoint,
+    open_heads,
+    parse_note,
+    sign_checkpoint,
+)
 from coworker.audit.keys import Signer
 from coworker.audit.tlog import LogTree, TreeError
 
@@ -36,7 +52,10 @@ __all__ = [
     "DirectoryPublisher",
     "S3Publisher",
     "cosign",
+    "heads_key",
     "make_checkpoint",
+    "make_heads",
+    "open_chain",
     "publisher_for",
     "start_from_config",
 ]
@@ -82,7 +101,9 @@ def make_checkpoint(
 
     Args:
         tree: the store's tree.
-        signer: the log key (its name is the origin).
+        signer: the log key (its name is the store's origin; a named chain's checkpoint is
+            signed under ``<origin>/chain/<name>``, :func:`~coworker.audit.checkpoint.
+            chain_signer`).
         previous: the last checkpoint this process signed: the new one must extend it too
             (the stored checkpoints live beside the database and can be deleted).
 
@@ -94,6 +115,9 @@ def make_checkpoint(
             last stored checkpoint, or the stored tree does not match the records (nothing
             is signed: the root signed is always computed from the records).
     """
+    # A chain is a log of its own: its checkpoints must never carry the store's origin (a
+    # witness seeing two trees under one origin would call it a fork).
+    signer = chain_signer(signer, getattr(tree.store, "chain", "") or "")
     size = tree.sync()
     tree.check_head()
     if previous is not None and (
@@ -109,8 +133,7 @@ def make_checkpoint(
         last = _opened.get(stored.note)
         if last is None:
             last, _ = open_checkpoint(stored.note, signer.verifier)
-            _opened.clear()
-            _opened[stored.note] = last
+            _remember(stored.note, last)
         if last.size > size:
             # Another process may have signed a bigger tree since our sync: catch up once
             # before calling it a truncation.
@@ -134,9 +157,103 @@ def make_checkpoint(
     checkpoint = Checkpoint(signer.name, size, root)
     note = sign_checkpoint(checkpoint, signer)
     tree.table.add_checkpoint(signer.name, size, note)
-    _opened.clear()
-    _opened[note] = checkpoint
+    _remember(note, checkpoint)
     return checkpoint, note
+
+
+def _remember(note: bytes, checkpoint: Checkpoint) -> None:
+    # One entry per chain's last checkpoint; bounded so that a process signing many chains
+    # (or many stores) does not grow it without end.
+    if len(_opened) >= 1024:
+        _opened.clear()
+    _opened[note] = checkpoint
+
+
+def heads_key(origin: str) -> str:
+    """The key under which heads notes of ``origin`` are stored in a tree's checkpoint table
+    (never a valid origin, so no checkpoint lookup ever returns a heads note)."""
+    return f"heads {origin}"
+
+
+def open_chain(store: Any, chain: str) -> Any:
+    """Another chain of ``store``'s store, with a connection of its own; nothing is created
+    (a chain deleted between listing and opening is an error, never a new empty chain).
+
+    Raises:
+        AuditUnavailable: the chain is gone or cannot be opened.
+        ConfigError: ``store`` is of a kind that has no chains.
+    """
+    from coworker.audit.store_sqlite import SQLiteStore
+
+    if isinstance(store, SQLiteStore):
+        return SQLiteStore(
+            store.store_path, busy_timeout=store.busy_timeout, create=False, chain=chain
+        )
+    if type(store).__name__ == "PostgresStore":
+        from coworker.audit.store_postgres import PostgresStore
+
+        return PostgresStore(
+            store.url, schema=store.base_schema, chain=chain, spool=False, create=False
+        )
+    from coworker.exceptions import ConfigError
+
+    raise ConfigError(f"{store!r} has no chains to open")
+
+
+def make_heads(
+    signer: Signer,
+    trees: Mapping[str, LogTree],
+    checkpoints: Mapping[str, Checkpoint],
+    table: Any,
+    previous: bytes | None = None,
+) -> bytes:
+    """Sign, store and return the heads note over ``checkpoints`` (``chain -> checkpoint``).
+
+    Args:
+        signer: the store's log key (the note is signed under its origin).
+        trees: every chain's tree, synced (by :func:`make_checkpoint`).
+        checkpoints: the latest checkpoint of every chain of the store.
+        table: the tree table the note is stored in (under :func:`heads_key`).
+        previous: the last heads note signed (default: the last stored in ``table``): every
+            chain it lists must still be listed, holding the tree it lists.
+
+    Raises:
+        TreeError: a chain of the previous heads note is missing, smaller or no longer holds
+            its tree (it vanished, was cut or rewritten): nothing is signed.
+    """
+    if previous is None:
+        stored = table.latest(heads_key(signer.name))
+        previous = stored.note if stored is not None else None
+    if previous is not None:
+        try:
+            before = open_heads(previous, signer.verifier)
+        except CheckpointError as exc:
+            raise TreeError(f"the last stored heads note does not verify: {exc}") from None
+        gone = sorted(c for c in before if c not in checkpoints)
+        if gone:
+            raise TreeError(
+                "chain(s) "
+                + ", ".join(repr(c) for c in gone)
+                + " of the last heads note vanished (file or schema deleted whole?): "
+                "refusing to sign a heads note without them"
+            )
+        bad = sorted(
+            c
+            for c, (size, root) in before.items()
+            if checkpoints[c].size < size or (size and trees[c].root(size) != root)
+        )
+        if bad:
+            raise TreeError(
+                "chain(s) "
+                + ", ".join(repr(c) for c in bad)
+                + " no longer hold the tree the last heads note lists: truncated or "
+                "rewritten? refusing to sign"
+            )
+    note = heads_note(signer, {c: (cp.size, cp.root) for c, cp in checkpoints.items()})
+    if note != previous:
+        total = sum(cp.size for cp in checkpoints.values())
+        table.add_checkpoint(heads_key(signer.name), total, note)
+    return note
 
 
 def _note_text(note: bytes) -> str | None:
@@ -187,10 +304,25 @@ class DirectoryPublisher:
             self._write(target, numbered.name, note)
         self._write(target, "latest.checkpoint", note)
 
+    def publish_heads(self, origin: str, note: bytes) -> None:
+        """Publish one heads note: ``<dir>/<origin with / as _>/heads/<UTC time>-<sha256
+        prefix>.heads`` (written once: the same note again is not written twice) and
+        ``latest.heads`` beside the checkpoints."""
+        import datetime
+
+        target = self.directory / origin.replace("/", "_")
+        folder = target / "heads"
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(note).hexdigest()[:16]
+        if not any(folder.glob(f"*-{digest}.heads")):
+            when = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            self._write(folder, f"{when}-{digest}.heads", note)
+        self._write(target, "latest.heads", note)
+
     @staticmethod
     def _write(target: Path, name: str, note: bytes) -> None:
         path = target / name
-        if name != "latest.checkpoint" and path.exists():
+        if not name.startswith("latest.") and path.exists():
             return  # written once (the name derives from the content, or is the first one)
         tmp = target / f".{name}.{os.getpid()}.tmp"
         with open(tmp, "wb") as fh:
@@ -206,8 +338,17 @@ class DirectoryPublisher:
 Publisher = Callable[[Checkpoint, bytes], None]
 
 
+_Pending = tuple[Any, str, Callable[[], None], int, float]
+# (publisher, what is published, the call, attempts so far, not before this monotonic time)
+
+
 class Checkpointer:
     """Signs checkpoints of a store in a background thread.
+
+    Each round signs the checkpoint of the store's own chain, then one of every other chain
+    of the store (``store.chains()``) and the heads note listing them all (:func:`make_heads`);
+    a chain whose checkpoint fails, or a heads note refused, is logged at ERROR and retried
+    next round (the own chain's checkpoint is still signed and published).
 
     Args:
         store: the audit store (its tree tables are created beside it).
@@ -215,9 +356,10 @@ class Checkpointer:
         every_records: sign when this many records were appended since the last checkpoint.
         every_seconds: sign at least this often while records arrive, and as an idle
             heartbeat (a fresh signature over the same tree shows the log is alive).
-        publishers: called with each new checkpoint (e.g. :class:`DirectoryPublisher`).
+        publishers: called with each new checkpoint (e.g. :class:`DirectoryPublisher`); one
+            with a ``publish_heads(origin, note)`` method also gets each new heads note.
         witnesses: :class:`~coworker.audit.witness.WitnessClient` objects asked to cosign
-            each new checkpoint before it is published.
+            each new checkpoint of the store's own chain before it is published.
         poll: how often the thread looks at the head, in seconds.
     """
 
@@ -242,8 +384,20 @@ class Checkpointer:
         self.tree = LogTree(store)
         self.owns_store = False
         self.last: tuple[Checkpoint, bytes] | None = None
+        self.heads: bytes | None = None
+        """The last heads note signed (every chain's tree), or ``None`` before the first."""
         self.errors = 0
-        self._pending: list[tuple[Publisher, Checkpoint, bytes, int, float]] = []
+        self._chain = getattr(store, "chain", "") or ""
+        self._chain_trees: dict[str, LogTree] = {}
+        self._chain_last: dict[str, tuple[Checkpoint, bytes]] = {}
+        self._pending: list[_Pending] = []
+        for publish in self.publishers:
+            if not callable(getattr(publish, "publish_heads", None)):
+                _log.warning(
+                    "audit checkpoint publisher %r takes no heads notes (no publish_heads "
+                    "method): they are stored in the audit store only",
+                    publish,
+                )
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._signed = threading.Condition()
@@ -255,21 +409,80 @@ class Checkpointer:
         self._thread.start()
 
     def checkpoint_now(self) -> tuple[Checkpoint, bytes]:
-        """Sign (and publish) a checkpoint of everything appended so far, in this thread."""
-        with self._signed:
-            previous = self.last[0] if self.last is not None else None
-            checkpoint, note = make_checkpoint(self.tree, self.signer, previous)
-            heartbeat = self.last is not None and self.last[0] == checkpoint
-            if not heartbeat and self.witnesses:
-                note = cosign(self.tree, checkpoint, note, self.witnesses)
-            self.last = (checkpoint, note)
-            self._last_time = time.monotonic()
-            if not heartbeat:
-                for publish in self.publishers:
-                    self._pending.append((publish, checkpoint, note, 0, 0.0))
-            self._signed.notify_all()
-        self._publish()
+        """Sign (and publish) a checkpoint of everything appended so far, in this thread,
+        then one of every other chain and the heads note.
+
+        Raises:
+            TreeError: the own chain cannot be signed, or another chain or the heads note
+                failed (the own chain's checkpoint is then signed and queued all the same).
+        """
+        try:
+            with self._signed:
+                previous = self.last[0] if self.last is not None else None
+                checkpoint, note = make_checkpoint(self.tree, self.signer, previous)
+                heartbeat = self.last is not None and self.last[0] == checkpoint
+                if not heartbeat and self.witnesses:
+                    note = cosign(self.tree, checkpoint, note, self.witnesses)
+                self.last = (checkpoint, note)
+                self._last_time = time.monotonic()
+                if not heartbeat:
+                    self._queue_checkpoint(checkpoint, note)
+                try:
+                    self._heads_round(checkpoint)
+                finally:
+                    self._signed.notify_all()
+        finally:
+            self._publish()
         return checkpoint, note
+
+    def _queue_checkpoint(self, checkpoint: Checkpoint, note: bytes) -> None:
+        label = f"checkpoint {checkpoint.origin}/{checkpoint.size}"
+        for publish in self.publishers:
+            call = functools.partial(publish, checkpoint, note)
+            self._pending.append((publish, label, call, 0, 0.0))
+
+    def _heads_round(self, own: Checkpoint) -> None:
+        # Every chain's checkpoint, then the note over all of them. One chain failing must
+        # not stop the others being signed, but no heads note may leave a chain out.
+        listed = getattr(self.store, "chains", None)
+        names = list(listed()) if callable(listed) else []
+        checkpoints = {self._chain: own}
+        trees = {self._chain: self.tree}
+        errors: list[str] = []
+        for name in names:
+            if name == self._chain:
+                continue
+            try:
+                tree = self._chain_trees.get(name)
+                if tree is None:
+                    tree = self._chain_trees[name] = LogTree(open_chain(self.store, name))
+                last = self._chain_last.get(name)
+                checkpoint, note = make_checkpoint(
+                    tree, self.signer, last[0] if last is not None else None
+                )
+                if last is None or last[0] != checkpoint:
+                    self._queue_checkpoint(checkpoint, note)
+                self._chain_last[name] = (checkpoint, note)
+                checkpoints[name] = checkpoint
+                trees[name] = tree
+            except Exception as exc:
+                errors.append(f"chain {name!r}: {exc}")
+        for name in [n for n in self._chain_trees if n not in names]:
+            gone = self._chain_trees.pop(name)
+            gone.close()
+            gone.store.close()
+        if errors:
+            raise TreeError("; ".join(errors) + " (no heads note signed this round)")
+        note = make_heads(self.signer, trees, checkpoints, self.tree.table, self.heads)
+        if note == self.heads:
+            return
+        self.heads = note
+        label = f"heads note {self.signer.name} ({len(checkpoints)} chains)"
+        for publish in self.publishers:
+            publish_heads = getattr(publish, "publish_heads", None)
+            if callable(publish_heads):
+                call = functools.partial(publish_heads, self.signer.name, note)
+                self._pending.append((publish, label, call, 0, 0.0))
 
     def _due(self) -> bool:
         head = self.store.head()
@@ -300,28 +513,27 @@ class Checkpointer:
     def _publish(self, *, force: bool = False) -> None:
         # force: the last round at shutdown ignores the back-off.
         now = float("inf") if force else time.monotonic()
-        keep: list[tuple[Publisher, Checkpoint, bytes, int, float]] = []
-        for publish, checkpoint, note, attempts, not_before in self._pending:
+        keep: list[_Pending] = []
+        for publish, label, call, attempts, not_before in self._pending:
             if now < not_before:
-                keep.append((publish, checkpoint, note, attempts, not_before))
+                keep.append((publish, label, call, attempts, not_before))
                 continue
             try:
-                publish(checkpoint, note)
+                call()
             except Exception as exc:
                 delay = min(_RETRY_MAX, 2.0**attempts)
                 now = time.monotonic()
                 self.errors += 1
                 _log.error(
-                    "publishing audit checkpoint %s/%d to %r failed (attempt %d, retry in "
-                    "%.0f s): %s",
-                    checkpoint.origin, checkpoint.size, publish, attempts + 1, delay, exc,
+                    "publishing audit %s to %r failed (attempt %d, retry in %.0f s): %s",
+                    label, publish, attempts + 1, delay, exc,
                 )  # fmt: skip
-                keep.append((publish, checkpoint, note, attempts + 1, now + delay))
+                keep.append((publish, label, call, attempts + 1, now + delay))
         self._pending = keep
 
     @property
     def unpublished(self) -> int:
-        """Checkpoint publications still waiting for a retry."""
+        """Checkpoint and heads note publications still waiting for a retry."""
         return len(self._pending)
 
     def wait_for(self, size: int, timeout: float = 30.0) -> bool:
@@ -350,10 +562,14 @@ class Checkpointer:
         if self._pending:
             _log.error(
                 "%d audit checkpoint publication(s) still failing at shutdown; the "
-                "checkpoints are stored in the audit store (coworker audit checkpoint "
-                "prints the latest)",
+                "checkpoints and heads notes are stored in the audit store (coworker audit "
+                "checkpoint prints the latest checkpoint, coworker audit heads a heads note)",
                 len(self._pending),
             )
+        for tree in self._chain_trees.values():
+            tree.close()
+            tree.store.close()
+        self._chain_trees.clear()
         self.tree.close()
         if self.owns_store:
             self.store.close()
@@ -486,6 +702,28 @@ class S3Publisher:
         )
         self._s3.put_object(
             Bucket=self.bucket, Key=f"{base}latest.checkpoint", Body=note,
+            ContentType="text/plain; charset=utf-8",
+        )  # fmt: skip
+
+    def publish_heads(self, origin: str, note: bytes) -> None:
+        """Publish one heads note: ``<prefix><origin>/heads/<sha256 of the note>.heads``
+        (under Object Lock) and ``<prefix><origin>/latest.heads``."""
+        import datetime
+
+        base = f"{self.prefix}{origin}/"
+        extra: dict[str, Any] = {}
+        if self.retain_days is not None:
+            until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=self.retain_days)
+            extra = {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until}
+        self._s3.put_object(
+            Bucket=self.bucket,
+            Key=f"{base}heads/{hashlib.sha256(note).hexdigest()}.heads",
+            Body=note,
+            ContentType="text/plain; charset=utf-8",
+            **extra,
+        )
+        self._s3.put_object(
+            Bucket=self.bucket, Key=f"{base}latest.heads", Body=note,
             ContentType="text/plain; charset=utf-8",
         )  # fmt: skip
 

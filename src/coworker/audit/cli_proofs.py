@@ -1,4 +1,4 @@
-"""``coworker audit keygen | checkpoint | prove | export | verify-bundle``, and the
+"""``coworker audit keygen | checkpoint | heads | prove | export | verify-bundle``, and the
 ``verify --checkpoint FILE --key PUBKEY`` check (:func:`check_checkpoints`).
 
 Exit codes as the other audit commands: 0 success, 1 a proof or check fails (the output
@@ -44,6 +44,15 @@ def register(subparsers: Any) -> None:
         help="a C2SP tlog-witness to ask for a cosignature (repeatable)",
     )
     cp.set_defaults(func=_cmd_checkpoint)
+
+    heads = subparsers.add_parser(
+        "heads",
+        help="sign a checkpoint of every chain and print a heads note listing them all",
+    )
+    heads.add_argument("--url", default=None, help=_URL_HELP)
+    heads.add_argument("--key", required=True, metavar="KEYFILE", help="the log's private key file")
+    heads.add_argument("--out", default=None, metavar="FILE", help="also write it to FILE")
+    heads.set_defaults(func=_cmd_heads)
 
     prove = subparsers.add_parser(
         "prove", help="a tlog-proof@v1 for a record, or a consistency proof between two trees"
@@ -157,6 +166,47 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_heads(args: argparse.Namespace) -> int:
+    from coworker.audit.checkpointer import make_checkpoint, make_heads
+    from coworker.audit.keys import load_signer
+    from coworker.audit.tlog import LogTree, TreeError
+    from coworker.audit.urls import resolve_url, with_chain
+
+    stores: list[Any] = []
+    trees: dict[str, Any] = {}
+    try:
+        signer = load_signer(args.key)
+        url = resolve_url(args.url)
+        store = _open(url)
+        stores.append(store)
+        own = getattr(store, "chain", "") or ""
+        listed = getattr(store, "chains", None)
+        names = list(listed()) if callable(listed) else [own]
+        checkpoints = {}
+        for name in sorted({*names, own}, key=lambda c: (c != "", c)):
+            chain_store = store if name == own else _open(with_chain(url, name))
+            if chain_store is not store:
+                stores.append(chain_store)
+            trees[name] = LogTree(chain_store)
+            checkpoints[name], _ = make_checkpoint(trees[name], signer)
+        # Stored beside the URL's chain's checkpoints: a later run (or the checkpointer of
+        # that chain) refuses a note that leaves out a chain this one lists.
+        note = make_heads(signer, trees, checkpoints, trees[own].table)
+    except TreeError as exc:
+        return _fail(str(exc), 1)
+    except (AuditUnavailable, ConfigError) as exc:
+        return _fail(str(exc))
+    finally:
+        for tree in trees.values():
+            tree.close()
+        for s in stores:
+            s.close()
+    if args.out:
+        Path(args.out).write_bytes(note)
+    sys.stdout.write(note.decode())
+    return 0
+
+
 def _load_checkpoint(tree: Any, path: str | None, key: str | None) -> tuple[Any, bytes]:
     from coworker.audit.checkpoint import open_checkpoint, parse_checkpoint, parse_note
     from coworker.audit.keys import load_verifier
@@ -164,7 +214,12 @@ def _load_checkpoint(tree: Any, path: str | None, key: str | None) -> tuple[Any,
     if path is not None:
         note = Path(path).read_bytes()
     else:
-        stored = tree.table.checkpoints()
+        from coworker.audit.checkpointer import heads_key
+
+        # Heads notes sit in the same table (under heads_key, "heads <origin>": a key name
+        # never holds a space, so no origin starts so): they are not checkpoints.
+        prefix = heads_key("")
+        stored = [c for c in tree.table.checkpoints() if not c.origin.startswith(prefix)]
         if not stored:
             raise ConfigError("no checkpoint stored yet: run `coworker audit checkpoint --key ...`")
         note = stored[-1].note
