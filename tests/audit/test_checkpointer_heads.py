@@ -239,6 +239,19 @@ def test_checkpoint_of_a_named_chain_is_signed_under_the_chains_origin(
     note = capsys.readouterr().out.encode()
     cp, _ = open_checkpoint(note, chain_verifier(signer.verifier, "billing"))
     assert cp.origin == f"{ORIGIN}/chain/billing" and (cp.size, cp.root) == expected["billing"]
+    # The auditor holds the store's key only: prove, export, verify-bundle and verify
+    # --checkpoint of the chain derive the chain's key from it.
+    chain_url = with_chain(url, "billing")
+    key = signer.verifier.text
+    cp_file = tmp_path / "billing.cp"
+    cp_file.write_bytes(note)
+    assert main(["audit", "prove", "2", "--url", chain_url, "--key", key]) == 0
+    bundle = tmp_path / "b.tar"
+    assert main(["audit", "export", "--url", chain_url, "--key", key, "--out", str(bundle)]) == 0
+    assert main(["audit", "verify-bundle", str(bundle), "--key", key]) == 0
+    assert "OK  3 records proven" in capsys.readouterr().out
+    verify = ["audit", "verify", "--url", url, "--chain", "billing"]
+    assert main([*verify, "--checkpoint", str(cp_file), "--key", key]) == 0
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------

@@ -207,6 +207,34 @@ def _cmd_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chain_key(verifier: Any, store: Any) -> Any:
+    """The verifier of ``store``'s chain's checkpoints (signed under ``<origin>/chain/<name>``)
+    from the store's verifier key, which is what an auditor holds."""
+    from coworker.audit.checkpoint import chain_verifier
+
+    return chain_verifier(verifier, getattr(store, "chain", "") or "")
+
+
+def _bundle_chain_key(verifier: Any, checkpoint: bytes | None) -> Any:
+    """A bundle exported from a named chain carries that chain's checkpoint: verify it with
+    the chain's key derived from the store's (never with a key the bundle brings)."""
+    from coworker.audit.checkpoint import CheckpointError, chain_verifier, parse_note
+
+    if checkpoint is None:
+        return verifier
+    try:
+        origin = parse_note(checkpoint).text.split("\n", 1)[0]
+    except CheckpointError:
+        return verifier  # verify_bundle reports the malformed note
+    prefix = f"{verifier.name}/chain/"
+    if not origin.startswith(prefix):
+        return verifier
+    try:
+        return chain_verifier(verifier, origin[len(prefix) :])
+    except ValueError:
+        return verifier
+
+
 def _load_checkpoint(tree: Any, path: str | None, key: str | None) -> tuple[Any, bytes]:
     from coworker.audit.checkpoint import open_checkpoint, parse_checkpoint, parse_note
     from coworker.audit.keys import load_verifier
@@ -224,7 +252,7 @@ def _load_checkpoint(tree: Any, path: str | None, key: str | None) -> tuple[Any,
             raise ConfigError("no checkpoint stored yet: run `coworker audit checkpoint --key ...`")
         note = stored[-1].note
     if key is not None:
-        checkpoint, _ = open_checkpoint(note, load_verifier(key))
+        checkpoint, _ = open_checkpoint(note, _chain_key(load_verifier(key), tree.store))
     else:
         checkpoint = parse_checkpoint(parse_note(note).text)
     return checkpoint, note
@@ -303,6 +331,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         verifier = load_verifier(args.key)
         store = _open(args.url)
+        verifier = _chain_key(verifier, store)
         tree = LogTree(store)
         try:
             size = tree.sync()
@@ -403,6 +432,7 @@ def _cmd_verify_bundle(args: argparse.Namespace) -> int:
         files = read_bundle(args.bundle)
     except (ConfigError, OSError, ValueError) as exc:
         return _fail(str(exc))
+    verifier = _bundle_chain_key(verifier, files.get("checkpoint"))
     report = verify_bundle(files, verifier)
     if policy is not None and "checkpoint" in files:
         from coworker.audit.witness import PolicyError
@@ -454,7 +484,7 @@ def check_checkpoints(
     from coworker.audit.tlog import _chain_rows
     from coworker.audit.witness import PolicyError
 
-    verifier = load_verifier(key)
+    verifier = _chain_key(load_verifier(key), store)
     rules = _policy(policy)
     checkpoints = []
     for path in files:
