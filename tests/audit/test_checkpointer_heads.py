@@ -254,6 +254,62 @@ def test_checkpoint_of_a_named_chain_is_signed_under_the_chains_origin(
     assert main([*verify, "--checkpoint", str(cp_file), "--key", key]) == 0
 
 
+def test_s3_publisher_writes_object_locked_heads_notes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against moto's S3 server on loopback: each heads note lands under Object Lock
+    (cannot be deleted) and as latest.heads, beside the chains' checkpoints."""
+    import hashlib
+    import os
+
+    try:
+        import boto3
+        from botocore.exceptions import ClientError
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("boto3 / moto[server] are not installed (CI is set)")
+        pytest.skip("boto3 / moto[server] are not installed")
+    from coworker.audit.checkpointer import publisher_for
+
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    expected = _fill_chains(url, {"": 2, "billing": 3})
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+            monkeypatch.setenv(k, v)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="worm", ObjectLockEnabledForBucket=True)
+        signer = generate_signer(ORIGIN)
+        store = open_store(url)
+        publish = publisher_for(f"s3://worm/cp/?retain_days=30&endpoint={endpoint}")
+        cpr = Checkpointer(
+            store, signer, every_records=1, every_seconds=None, publishers=[publish], poll=0.02
+        )
+        try:
+            assert _until(lambda: cpr.heads is not None and cpr.unpublished == 0)
+        finally:
+            cpr.close()
+            store.close()
+        assert cpr.heads is not None
+        key = f"cp/{ORIGIN}/heads/{hashlib.sha256(cpr.heads).hexdigest()}.heads"
+        obj = s3.get_object(Bucket="worm", Key=key)
+        assert obj["ObjectLockMode"] == "COMPLIANCE"
+        assert open_heads(obj["Body"].read(), signer.verifier) == expected
+        with pytest.raises(ClientError):
+            s3.delete_object(Bucket="worm", Key=key, VersionId=obj["VersionId"])
+        latest = s3.get_object(Bucket="worm", Key=f"cp/{ORIGIN}/latest.heads")["Body"].read()
+        assert latest == cpr.heads
+        billing = s3.get_object(Bucket="worm", Key=f"cp/{ORIGIN}/chain/billing/3.checkpoint")
+        assert billing["ObjectLockMode"] == "COMPLIANCE"
+    finally:
+        server.stop()
+
+
 # -- PostgreSQL --------------------------------------------------------------------------------
 
 
