@@ -193,6 +193,7 @@ class _Connections:
             try:
                 with self._deadline(conn):
                     self._ensure_schema(conn)
+                    self._session_defaults(conn)
             except psycopg.Error as exc:
                 unreachable = _is_unreachable(exc, conn)
                 conn.close()
@@ -204,16 +205,21 @@ class _Connections:
             except BaseException:
                 conn.close()
                 raise
-            # From here on: autocommit; appends run explicit transactions (see _write),
-            # reads are single statements.
-            conn.autocommit = True
-            # Statements outside an explicit BEGIN (the server-side append) run at the
-            # session's default isolation: READ COMMITTED, whatever the server's default says
-            # (append() refuses anything else rather than read a stale head).
-            conn.execute("SET default_transaction_isolation = 'read committed'")
-            if self.readonly:
-                conn.execute("SET default_transaction_read_only = on")
             return conn
+
+    def _session_defaults(self, conn: psycopg.Connection[Any]) -> None:
+        """Round trips of the connection's setup: inside the same error handling as the schema
+        check, so a backend terminated between connect and these statements is a server
+        that went away (spool, retry), not a psycopg error escaping ``append()``."""
+        # From here on: autocommit; appends run explicit transactions (see _write),
+        # reads are single statements.
+        conn.autocommit = True
+        # Statements outside an explicit BEGIN (the server-side append) run at the
+        # session's default isolation: READ COMMITTED, whatever the server's default says
+        # (append() refuses anything else rather than read a stale head).
+        conn.execute("SET default_transaction_isolation = 'read committed'")
+        if self.readonly:
+            conn.execute("SET default_transaction_read_only = on")
 
     # -- the watchdog ----------------------------------------------------------------------
     @contextlib.contextmanager
