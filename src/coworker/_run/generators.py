@@ -274,6 +274,13 @@ async def _drive_async(view: View) -> AsyncGenerator[Any, Any]:
     ``yield from`` an awaitable) what the body awaits (a future, or ``None`` for a bare
     yield), which goes up to the event loop from the driver's own frame, so other tasks
     never see the body's view.
+
+    Why a pump (measured with callgrind, 10-item generator): resuming the original's
+    awaitable with ``ctx.run`` straight from this frame makes every item arrive as a
+    ``StopIteration`` raised into a Python frame, ~1,600 instructions per item more than the
+    pump's generator step (whose ``yield from`` takes the item without a traceback); the pump
+    catching ``StopAsyncIteration`` itself (to spare the driver the exception) costs more
+    in per-item checks than it saves.
     """
     copy = _copy_context
     ctx = view.enter()
@@ -389,7 +396,13 @@ def _rebuild(
 def _unhooked(method: Any, arg: Any) -> Any:
     """The first awaitable of the original, made with the event loop's async-generator
     hooks switched off: only the driver is registered with the loop, which finalizes it
-    (and it the original), so the loop never closes the two concurrently at shutdown."""
+    (and it the original), so the loop never closes the two concurrently at shutdown.
+
+    Cost: ~3,900 instructions (``get_asyncgen_hooks`` ~1,100, each ``set`` ~1,400), only
+    ~900 more than leaving the hooks on, since the loop's ``firstiter`` hook would then
+    register the original as well (a ``WeakSet.add``). Switching ``firstiter`` alone saves
+    nothing measurable (the cost is per call, not per hook).
+    """
     hooks = sys.get_asyncgen_hooks()
     sys.set_asyncgen_hooks(None, None)
     try:
