@@ -14,13 +14,23 @@ Prints the median ns per call of interleaved repeats and the ratios.
 Usage::
 
     python benchmarks/usage.py [--calls 20000] [--repeats 11]
+    python benchmarks/usage.py --callgrind   # instructions per call (needs valgrind)
+
+``--callgrind`` runs each empty-body case in its own process under ``valgrind
+--tool=callgrind`` with N and 2N calls; the difference / N is the instructions per call, free
+of start-up and timing noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -72,14 +82,69 @@ def _time(fn: Callable[[], None], calls: int) -> float:
     return (time.perf_counter_ns() - start) / calls
 
 
+_CASES: dict[str, Callable[[], None]] = {"bare": bare, "with_usage": with_usage}
+
+
+def _instructions(name: str, n: int) -> int:
+    out = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            os.path.abspath(__file__),
+            "--case",
+            name,
+            "--calls",
+            str(n),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    match = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
+    assert match, out.stderr[-2000:]
+    return int(match.group(1))
+
+
+def _case(name: str, calls: int) -> None:
+    fn = _CASES[name]
+    for _ in range(200):
+        fn()  # warm caches (pricing rates, instruments, metric attribute sets)
+    gc.disable()
+    for _ in range(calls):
+        fn()
+    coworker.shutdown()
+
+
+def callgrind(n: int) -> None:
+    """Print the instructions per call of each case and the ratio."""
+    _instructions("bare", 1)  # warm-up: writes any stale .pyc first
+    per = {name: (_instructions(name, 2 * n) - _instructions(name, n)) / n for name in _CASES}
+    for name, value in per.items():
+        print(f"{name:<12}{value:>14,.0f} instructions/call")
+    print(f"record_usage: {per['with_usage'] - per['bare']:+,.0f} instructions/call")
+    print(f"ratio, empty body: {per['with_usage'] / per['bare']:.3f}x")
+
+
 def main() -> None:
     """Run the benchmark and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--case", choices=sorted(_CASES), help="used under callgrind")
+    parser.add_argument("--callgrind", action="store_true", help="instructions per call")
     args = parser.parse_args()
     warnings.simplefilter("ignore", UsageWarning)
     coworker.configure("bench", otlp=False, metrics=True)
+    if args.case:
+        _case(args.case, args.calls)
+        return
+    if args.callgrind:
+        callgrind(min(args.calls, 500))
+        coworker.shutdown()
+        return
     scenarios = {
         "run, empty body": bare,
         "run, empty body + record_usage": with_usage,

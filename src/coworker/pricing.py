@@ -173,6 +173,7 @@ class Pricing:
         self._fallback = fallback
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str | None, int], Any] = {}
+        self._costs: dict[tuple[Any, ...], Cost] = {}
         self._warned: set[tuple[str, str | None]] = set()
 
     @classmethod
@@ -266,6 +267,16 @@ class Pricing:
         # per-token rates of a model are cached per UTC day, and a call's cost is their linear
         # combination (tiered prices are not linear: those calls are priced fully).
         day = int((at.timestamp() if at is not None else time.time()) // 86400)
+        # The Cost of the same counts of the same model on the same day is the same frozen
+        # object: one dict read instead of the Decimal arithmetic (an agent loop repeats its
+        # prompt sizes; the key holds every input of the result, so the value is exact).
+        ckey = (
+            model, provider, day, tokens.input, tokens.output, tokens.cache_read,
+            tokens.cache_creation, tokens.reasoning,
+        )  # fmt: skip
+        done = self._costs.get(ckey)
+        if done is not None:
+            return done
         key = (model, provider, day)
         hit = self._cache.get(key, _MISS)  # a dict read is atomic; writes take the lock
         when = at
@@ -284,7 +295,12 @@ class Pricing:
             assert when is not None
             return _library_full(model, provider, tokens, when)
         rates, currency, source = hit
-        return Cost(_apply(rates, tokens), currency, source)
+        cost = Cost(_apply(rates, tokens), currency, source)
+        with self._lock:
+            if len(self._costs) > 4096:
+                self._costs.clear()
+            self._costs[ckey] = cost
+        return cost
 
     def _library_rates(self, model: str, provider: str | None, when: _dt.datetime) -> Any:
         try:

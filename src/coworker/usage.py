@@ -241,16 +241,28 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
         current = attribute_dict(span)
         get = current.get
         totals: dict[str, Any] = {}
-        for key, add in (
-            (_IN, tokens.input),
-            (_OUT, tokens.output),
-            (_CACHE_READ, tokens.cache_read),
-            (_CACHE_CREATION, tokens.cache_creation),
-            (_REASONING, tokens.reasoning),
-        ):
-            before = get(key)
-            if add or before is not None:
-                totals[key] = _add(before, add)
+        # Unrolled (no per-call tuple of pairs, no helper call): this runs once per model
+        # call. A count that is 0 and not on the span yet stays off it.
+        add = tokens.input
+        before = get(_IN)
+        if add or before is not None:
+            totals[_IN] = (before if type(before) is int else 0) + add
+        add = tokens.output
+        before = get(_OUT)
+        if add or before is not None:
+            totals[_OUT] = (before if type(before) is int else 0) + add
+        add = tokens.cache_read
+        before = get(_CACHE_READ)
+        if add or before is not None:
+            totals[_CACHE_READ] = (before if type(before) is int else 0) + add
+        add = tokens.cache_creation
+        before = get(_CACHE_CREATION)
+        if add or before is not None:
+            totals[_CACHE_CREATION] = (before if type(before) is int else 0) + add
+        add = tokens.reasoning
+        before = get(_REASONING)
+        if add or before is not None:
+            totals[_REASONING] = (before if type(before) is int else 0) + add
         if _MODEL not in current:
             totals[_MODEL] = model  # the first model (each call: the ledger)
             if provider is not None:
@@ -295,10 +307,6 @@ _MODEL: Final = attr.GEN_AI_REQUEST_MODEL
 _AMOUNT: Final = attr.GEN_AI_USAGE_COST_AMOUNT
 _CURRENCY: Final = attr.GEN_AI_USAGE_COST_CURRENCY
 _SOURCE: Final = attr.GEN_AI_USAGE_COST_SOURCE
-
-
-def _add(before: Any, add: int) -> int:
-    return (before if type(before) is int else 0) + add
 
 
 def _ledger_event(
