@@ -156,3 +156,70 @@ def test_bad_override_entries_fail_loudly(tmp_path: Path, models: str) -> None:
     path.write_text(f'{{"models": {models}}}')
     with pytest.raises(ConfigError, match=r"models\[0\]"):
         Pricing.from_file(path)
+
+
+# The ledger's cost text (str of the Decimal) for these inputs, as the code before the cost
+# cache and the resolved rates produced it: the text must never change with the code.
+GOLDEN_TEXT = [
+    ("gpt-4o", "openai", TokenCounts(1_000_000, 0), "2.50"),
+    ("gpt-4o", "openai", TokenCounts(0, 1_000_000), "10.00"),
+    ("gpt-4o", "openai", TokenCounts(1000, 500, cache_read=200), "0.00725"),
+    (
+        "claude-3-5-sonnet-latest",
+        "anthropic",
+        TokenCounts(1300, 100, cache_read=200, cache_creation=100),
+        "0.004935",
+    ),
+    ("gpt-4o", None, TokenCounts(1200, 80, cache_read=256), "0.00348"),
+    ("o3", "openai", TokenCounts(5000, 3000, cache_read=1000, reasoning=2000), "0.0325"),
+    ("gpt-4o", "openai", TokenCounts(7, 3), "0.0000475"),
+]
+
+
+def test_cached_costs_keep_the_exact_ledger_text() -> None:
+    """A cost served from the per-counts cache has the same text as the first computation."""
+    pricing = Pricing()
+    for _ in range(3):  # cold, then from the cache, with the other counts in between
+        for model, provider, tokens, text in GOLDEN_TEXT:
+            cost = pricing.cost(model, tokens, provider=provider, at=WHEN)
+            assert cost is not None
+            assert str(cost.amount) == text, (model, tokens)
+
+
+def test_cost_cache_tells_counts_and_days_apart() -> None:
+    """Counts that differ in one kind, or another day's price, are never served another's."""
+    pricing = Pricing()
+    base = pricing.cost("gpt-4o", TokenCounts(1000, 500), provider="openai", at=WHEN)
+    cached = pricing.cost(
+        "gpt-4o", TokenCounts(1000, 500, cache_read=200), provider="openai", at=WHEN
+    )
+    assert base is not None and cached is not None
+    assert base.amount - cached.amount == 200 * (Decimal("2.5") - Decimal("1.25")) / 1_000_000
+    old = pricing.cost(
+        "gpt-4o",
+        TokenCounts(1000, 500),
+        provider="openai",
+        at=dt.datetime(2024, 5, 1, tzinfo=dt.UTC),
+    )
+    fresh = Pricing().cost(
+        "gpt-4o",
+        TokenCounts(1000, 500),
+        provider="openai",
+        at=dt.datetime(2024, 5, 1, tzinfo=dt.UTC),
+    )
+    assert old is not None and fresh is not None
+    assert str(old.amount) == str(fresh.amount)
+
+
+def test_override_text_is_exact(tmp_path: Path) -> None:
+    """Override prices resolved once per entry give the same text as the per-kind formula."""
+    path = tmp_path / "pricing.toml"
+    path.write_text(OVERRIDE)
+    pricing = Pricing.from_file(path)
+    at = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+    cost = pricing.cost(
+        "acme-llm", TokenCounts(1000, 300, cache_read=100, cache_creation=50, reasoning=20), at=at
+    )
+    assert cost is not None
+    # 850 x 2.0 + 100 x 0.5 + 50 x 2.5 + 280 x 8.0 + 20 x 8.0, per million
+    assert str(cost.amount) == "0.004275"

@@ -34,6 +34,9 @@ TOKEN_KINDS: Final = ("input", "output", "cache_read", "cache_creation", "reason
 """Price keys of an override entry: ``<kind>_mtok`` is the price per million tokens."""
 
 _MILLION: Final = Decimal(1_000_000)
+_Rates = tuple[Decimal, Decimal, Decimal, Decimal, Decimal]
+"""Per-token-kind prices per million, resolved once: input, cache read, cache creation,
+output, reasoning (a missing cache / reasoning price falls back to input / output)."""
 
 
 class UsageWarning(UserWarning):
@@ -77,6 +80,7 @@ class _Entry:
     currency: str
     valid_from: _dt.datetime
     prices: Mapping[str, Decimal]
+    rates: _Rates
 
 
 def _decimal(value: Any, where: str) -> Decimal:
@@ -161,7 +165,9 @@ class Pricing:
             if "input" not in prices or "output" not in prices:
                 raise ConfigError(f"{where}: input_mtok and output_mtok are required")
             valid_from = _when(spec.get("valid_from", "1970-01-01"), f"{where}.valid_from")
-            entries.append(_Entry(model, provider, currency.upper(), valid_from, prices))
+            entries.append(
+                _Entry(model, provider, currency.upper(), valid_from, prices, _rates(prices))
+            )
         version = data.get("version")
         if version is not None and (not isinstance(version, str) or not version):
             raise ConfigError(f"{source}.version: expected a non-empty string")
@@ -233,7 +239,7 @@ class Pricing:
             entry = self._entry(model, provider, when)
         if entry is not None:
             assert self._override_version is not None
-            return Cost(_apply(entry.prices, tokens), entry.currency, self._override_version)
+            return Cost(_apply(entry.rates, tokens), entry.currency, self._override_version)
         if self._fallback:
             cost = self._library_cost(model, provider, tokens, at)
             if cost is not None:
@@ -333,7 +339,7 @@ class Pricing:
             rates[kind] = Decimal(value)
         rates.setdefault("input", Decimal(0))
         rates.setdefault("output", Decimal(0))
-        return rates, "USD", f"genai-prices {_library_version()}"
+        return _rates(rates), "USD", f"genai-prices {_library_version()}"
 
 
 class _Tiered:
@@ -362,19 +368,27 @@ def _library_full(
     return Cost(Decimal(calc.total_price), "USD", f"genai-prices {_library_version()}")
 
 
-def _apply(prices: Mapping[str, Decimal], t: TokenCounts) -> Decimal:
+def _rates(prices: Mapping[str, Decimal]) -> _Rates:
+    return (
+        prices["input"],
+        prices.get("cache_read", prices["input"]),
+        prices.get("cache_creation", prices["input"]),
+        prices["output"],
+        prices.get("reasoning", prices["output"]),
+    )
+
+
+def _apply(rates: _Rates, t: TokenCounts) -> Decimal:
     """Sum of tokens x price per kind; cached input tokens are billed at their own rate and
     not again as input (semconv ``input_tokens`` includes them), reasoning likewise."""
-    cache_read = prices.get("cache_read", prices["input"])
-    cache_creation = prices.get("cache_creation", prices["input"])
-    reasoning = prices.get("reasoning", prices["output"])
-    plain_in = t.input - t.cache_read - t.cache_creation
-    plain_out = t.output - t.reasoning
+    # The same products, sums and order as ever: the Decimal result (and so its text in the
+    # ledger) must not change with the code.
+    inp, cache_read, cache_creation, out, reasoning = rates
     total = (
-        plain_in * prices["input"]
+        (t.input - t.cache_read - t.cache_creation) * inp
         + t.cache_read * cache_read
         + t.cache_creation * cache_creation
-        + plain_out * prices["output"]
+        + (t.output - t.reasoning) * out
         + t.reasoning * reasoning
     )
     return total / _MILLION

@@ -132,12 +132,19 @@ def _validate(
     reasoning_tokens: Any,
     provider: Any,
 ) -> tuple[str, str | None, TokenCounts]:
-    model = _text(model, "record_usage model=")
+    if not (type(model) is str and model and model.isascii() and len(model) <= MAX_ID_CHARS):
+        model = text(model, "record_usage model=")  # what _text checks, inline: the hot path
     if provider is not None:
         provider = _text(provider, "record_usage provider=")
+    # The common case inline (plain ints in range): one function call per count costs more
+    # than the check; anything else goes through _count, which converts or raises.
+    if not (type(input_tokens) is int and 0 <= input_tokens <= _MAX_TOKENS):
+        input_tokens = _count(input_tokens, "input_tokens")
+    if not (type(output_tokens) is int and 0 <= output_tokens <= _MAX_TOKENS):
+        output_tokens = _count(output_tokens, "output_tokens")
     tokens = TokenCounts(
-        _count(input_tokens, "input_tokens"),
-        _count(output_tokens, "output_tokens"),
+        input_tokens,
+        output_tokens,
         0
         if cache_read_input_tokens is None
         else _count(cache_read_input_tokens, "cache_read_input_tokens"),
@@ -222,8 +229,11 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
             cost.amount if cost is not None else None,
             cost.currency if cost is not None else None,
         )
+    amount = float(cost.amount) if cost is not None else 0.0
     flow = r.flow if r is not None else None
-    _metrics(model, provider, tokens, cost, identity, center, flow.type if flow else None)
+    _metrics(
+        model, provider, tokens, cost, identity, center, flow.type if flow else None, None, amount
+    )
     if r is None or not r.span.is_recording():
         warnings.warn(
             "coworker.record_usage outside a recorded coworker run (no run, no configured SDK, "
@@ -234,7 +244,6 @@ def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | Non
         )
         return cost
     span: Any = r.span  # the SDK span: its attributes are readable
-    amount = float(cost.amount) if cost is not None else 0.0
     with _lock:
         # The live span's own dict, read-only (the public mapping pays a Python-level
         # __getitem__ per key); what the run lifecycle reads for the same reason.
@@ -416,6 +425,7 @@ def _metrics(
     center: str | None,
     flow_type: str | None,
     meter_provider: MeterProvider | None = None,
+    amount: float | None = None,
 ) -> None:
     key = id(meter_provider)
     inst = _instruments.get(key)
@@ -434,7 +444,7 @@ def _metrics(
     inst.tokens.record(tokens.input, sets[0])
     inst.tokens.record(tokens.output, sets[1])
     if cost is not None:
-        inst.cost.add(float(cost.amount), sets[2])
+        inst.cost.add(float(cost.amount) if amount is None else amount, sets[2])
 
 
 _LABELS: dict[tuple[Any, ...], tuple[dict[str, str], dict[str, str], dict[str, str]]] = {}
