@@ -359,15 +359,17 @@ def _put_attributes(span: Any, values: Mapping[str, Any]) -> None:
     ``set_attributes``."""
     attrs: Any = getattr(span, "_attributes", None)
     lock = getattr(span, "_lock", None)
-    setitem = getattr(attrs, "_setitem_locked", None)
+    # One type check instead of probing each internal: the SDK's own BoundedAttributes
+    # (whose _setitem_locked, _dict, maxlen and _lock this relies on), mutable, no value limit.
     if (
-        setitem is None
+        type(attrs) is not _bounded_type()
         or lock is None
-        or getattr(attrs, "max_value_len", 0) is not None
-        or getattr(attrs, "_immutable", True)
+        or attrs.max_value_len is not None
+        or attrs._immutable
     ):
         span.set_attributes(values)
         return
+    setitem = attrs._setitem_locked
     with lock:
         if getattr(span, "_end_time", 0) is not None:
             span_ended = True
@@ -383,6 +385,18 @@ def _put_attributes(span: Any, values: Mapping[str, Any]) -> None:
                         setitem(key, value)
     if span_ended:
         span.set_attributes(values)  # the SDK's own warning for an ended span
+
+
+_BOUNDED: Any = None  # opentelemetry.attributes.BoundedAttributes, once imported
+
+
+def _bounded_type() -> Any:
+    global _BOUNDED
+    if _BOUNDED is None:
+        from opentelemetry.attributes import BoundedAttributes
+
+        _BOUNDED = BoundedAttributes
+    return _BOUNDED
 
 
 # -- metrics ---------------------------------------------------------------------------------
