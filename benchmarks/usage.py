@@ -82,7 +82,23 @@ def _time(fn: Callable[[], None], calls: int) -> float:
     return (time.perf_counter_ns() - start) / calls
 
 
-_CASES: dict[str, Callable[[], None]] = {"bare": bare, "with_usage": with_usage}
+_n = [0]
+
+
+@coworker.run(operation="chat")
+def with_new_counts() -> None:
+    # Counts no earlier call had: every call misses the per-counts cost cache.
+    _n[0] += 1
+    coworker.record_usage(
+        model="gpt-4o", input_tokens=1200 + _n[0], output_tokens=80, cache_read_input_tokens=256
+    )
+
+
+_CASES: dict[str, Callable[[], None]] = {
+    "bare": bare,
+    "with_usage": with_usage,
+    "with_new_counts": with_new_counts,
+}
 
 
 def _instructions(name: str, n: int) -> int:
@@ -124,8 +140,11 @@ def callgrind(n: int) -> None:
     per = {name: (_instructions(name, 2 * n) - _instructions(name, n)) / n for name in _CASES}
     for name, value in per.items():
         print(f"{name:<12}{value:>14,.0f} instructions/call")
-    print(f"record_usage: {per['with_usage'] - per['bare']:+,.0f} instructions/call")
-    print(f"ratio, empty body: {per['with_usage'] / per['bare']:.3f}x")
+    for name in ("with_usage", "with_new_counts"):
+        print(
+            f"{name}: record_usage {per[name] - per['bare']:+,.0f} instructions/call, "
+            f"ratio, empty body: {per[name] / per['bare']:.3f}x"
+        )
 
 
 def main() -> None:

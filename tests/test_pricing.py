@@ -223,3 +223,30 @@ def test_override_text_is_exact(tmp_path: Path) -> None:
     assert cost is not None
     # 850 x 2.0 + 100 x 0.5 + 50 x 2.5 + 280 x 8.0 + 20 x 8.0, per million
     assert str(cost.amount) == "0.004275"
+
+
+def test_integer_pricing_equals_the_decimal_formula_digit_for_digit() -> None:
+    """The integer fast path gives the Decimal formula's coefficient and exponent, always."""
+    import random
+
+    from coworker.pricing import _apply, _apply_decimal, _rates
+
+    rng = random.Random(2)
+    # Equal values with other exponents (2.5 / 2.50, 0 / 0.0 / 0E-9), long rates beyond the
+    # precision, positive exponents.
+    texts = ["0", "0.0", "0E-9", "2.5", "2.50", "10", "1.25", "0.075", "0.000001", "1E+1",
+             "12.345678", "3.1415926535897932384626433832795028841971", "7E+3"]  # fmt: skip
+    for _ in range(20_000):
+        prices = {"input": Decimal(rng.choice(texts)), "output": Decimal(rng.choice(texts))}
+        for kind in ("cache_read", "cache_creation", "reasoning"):
+            if rng.random() < 0.5:
+                prices[kind] = Decimal(rng.choice(texts))
+        top = rng.choice([10, 1000, 10**6, 10**15, 2**53])
+        inp = rng.randrange(top)
+        read = rng.randrange(inp + 1)
+        created = rng.randrange(inp - read + 1)
+        out = rng.randrange(top)
+        tokens = TokenCounts(inp, out, read, created, rng.randrange(out + 1))
+        rates = _rates(prices)
+        fast, slow = _apply(rates, tokens), _apply_decimal(rates, tokens)
+        assert fast.as_tuple() == slow.as_tuple(), (prices, tokens)

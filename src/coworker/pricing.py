@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, getcontext
 from typing import Any, Final
 
 from coworker.exceptions import ConfigError
@@ -34,9 +34,6 @@ TOKEN_KINDS: Final = ("input", "output", "cache_read", "cache_creation", "reason
 """Price keys of an override entry: ``<kind>_mtok`` is the price per million tokens."""
 
 _MILLION: Final = Decimal(1_000_000)
-_Rates = tuple[Decimal, Decimal, Decimal, Decimal, Decimal]
-"""Per-token-kind prices per million, resolved once: input, cache read, cache creation,
-output, reasoning (a missing cache / reasoning price falls back to input / output)."""
 
 
 class UsageWarning(UserWarning):
@@ -368,22 +365,71 @@ def _library_full(
     return Cost(Decimal(calc.total_price), "USD", f"genai-prices {_library_version()}")
 
 
-def _rates(prices: Mapping[str, Decimal]) -> _Rates:
-    return (
-        prices["input"],
-        prices.get("cache_read", prices["input"]),
-        prices.get("cache_creation", prices["input"]),
-        prices["output"],
-        prices.get("reasoning", prices["output"]),
-    )
+class _Rates:
+    """Per-token-kind prices per million, resolved once per price entry: input, cache read,
+    cache creation, output, reasoning (a missing cache / reasoning price falls back to input /
+    output); and the same as integers at one common exponent (``rate_k = mults[k] x 10**exp``).
+
+    Kept with the entry, never looked up by value: ``Decimal("2.5") == Decimal("2.50")``, but
+    their exponents, and so the cost's text, differ.
+    """
+
+    __slots__ = ("decimals", "exp", "mults")
+
+    def __init__(self, prices: Mapping[str, Decimal]) -> None:
+        self.decimals = (
+            prices["input"],
+            prices.get("cache_read", prices["input"]),
+            prices.get("cache_creation", prices["input"]),
+            prices["output"],
+            prices.get("reasoning", prices["output"]),
+        )
+        parts = [r.as_tuple() for r in self.decimals]  # finite, >= 0 (checked on loading)
+        self.exp = min(int(p.exponent) for p in parts)
+        # Integer arithmetic, exact whatever the digits (every exponent is >= self.exp).
+        self.mults = tuple(
+            int("".join(map(str, p.digits))) * 10 ** (int(p.exponent) - self.exp) for p in parts
+        )
+
+
+_rates = _Rates
+_EXACT_LIMIT: Final = 10**28  # the default context's precision: below it Decimal is exact
 
 
 def _apply(rates: _Rates, t: TokenCounts) -> Decimal:
+    """:func:`_apply_decimal`'s exact result, computed on integers when it is exact.
+
+    Below the context precision every product and sum of :func:`_apply_decimal` is exact, so
+    its result is the integer sum of tokens x scaled rates at the smallest rate exponent,
+    divided by a million: Decimal keeps that quotient at the ideal exponent (the dividend's)
+    where it is exact, otherwise at the fewest extra digits. The same coefficient and exponent,
+    so the same text; anything beyond the precision takes the Decimal path.
+    """
+    m_in, m_read, m_creation, m_out, m_reasoning = rates.mults
+    total = (
+        (t.input - t.cache_read - t.cache_creation) * m_in
+        + t.cache_read * m_read
+        + t.cache_creation * m_creation
+        + (t.output - t.reasoning) * m_out
+        + t.reasoning * m_reasoning
+    )
+    if total >= _EXACT_LIMIT or getcontext().prec < 28:
+        return _apply_decimal(rates, t)
+    if not total:
+        return Decimal((0, (0,), rates.exp))  # 0 / 1e6 keeps the dividend's exponent
+    shift = 6  # divide by 10**6: strip up to 6 trailing zeros back toward the ideal exponent
+    while shift and total % 10 == 0:
+        total //= 10
+        shift -= 1
+    return Decimal(f"{total}E{rates.exp - shift}")
+
+
+def _apply_decimal(rates: _Rates, t: TokenCounts) -> Decimal:
     """Sum of tokens x price per kind; cached input tokens are billed at their own rate and
     not again as input (semconv ``input_tokens`` includes them), reasoning likewise."""
     # The same products, sums and order as ever: the Decimal result (and so its text in the
     # ledger) must not change with the code.
-    inp, cache_read, cache_creation, out, reasoning = rates
+    inp, cache_read, cache_creation, out, reasoning = rates.decimals
     total = (
         (t.input - t.cache_read - t.cache_creation) * inp
         + t.cache_read * cache_read
