@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import re
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
+from _callgrind import instructions, per_iteration
 from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
@@ -105,35 +102,12 @@ def timed(flows: int, repeats: int) -> None:
     print(f"inside a step, per run (with the 2 extra spans amortised): {per_run * 1e9:+.0f} ns")
 
 
-def _instructions(name: str, n: int) -> int:
-    out = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            os.path.abspath(__file__),
-            "--case",
-            name,
-            "--flows",
-            str(n),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
-    )
-    match = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
-    assert match, out.stderr[-2000:]
-    return int(match.group(1))
-
-
 def callgrind(n: int) -> None:
-    _instructions("flow3-spans-off", 1)  # warm-up: writes any stale .pyc first
+    instructions(__file__, "flow3-spans-off", "--flows", 1)  # warm-up: writes any stale .pyc
     per: dict[str, float] = {}
     for name in CASES:
         k = n if name.startswith("flow3") else max(1, n // 20)
-        per[name] = (_instructions(name, 2 * k) - _instructions(name, k)) / k
+        per[name] = per_iteration(__file__, name, "--flows", k)
     print(f"{'case':<22}{'instructions/iteration':>24}{'ratio on/off':>14}")
     for name, value in per.items():
         ratio = ""

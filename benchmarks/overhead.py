@@ -22,16 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
-import re
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+from _callgrind import instructions, per_iteration
 from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
@@ -226,39 +223,14 @@ class _nothing:
         return None
 
 
-def _instructions(name: str, calls: int) -> int:
-    out = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            os.path.abspath(__file__),
-            "--case",
-            name,
-            "--calls",
-            str(calls),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
-    )
-    match = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
-    assert match, out.stderr[-2000:]
-    return int(match.group(1))
-
-
 def callgrind(calls: int, only: list[str] | None) -> None:
     wanted = set(only or CASES) | {CASES[o][3] for o in only or () if CASES[o][3]}
-    _instructions("undecorated", 1)  # warm-up: writes any stale .pyc before measuring
+    instructions(__file__, "undecorated", "--calls", 1)  # warm-up: writes any stale .pyc first
     per_call: dict[str, float] = {}
     for name in CASES:
         if name not in wanted:
             continue
-        small = _instructions(name, calls)
-        large = _instructions(name, 2 * calls)
-        per_call[name] = (large - small) / calls
+        per_call[name] = per_iteration(__file__, name, "--calls", calls)
     print(f"{'case':<28}{'instructions/call':>20}{'ratio':>8}{'extra':>10}")
     for name, value in per_call.items():
         base = CASES[name][3]

@@ -26,14 +26,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import re
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Callable
+
+from _callgrind import instructions, per_iteration
 
 import coworker
 from coworker.pricing import UsageWarning
@@ -101,29 +99,6 @@ _CASES: dict[str, Callable[[], None]] = {
 }
 
 
-def _instructions(name: str, n: int) -> int:
-    out = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            os.path.abspath(__file__),
-            "--case",
-            name,
-            "--calls",
-            str(n),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
-    )
-    match = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
-    assert match, out.stderr[-2000:]
-    return int(match.group(1))
-
-
 def _case(name: str, calls: int) -> None:
     fn = _CASES[name]
     for _ in range(200):
@@ -136,8 +111,8 @@ def _case(name: str, calls: int) -> None:
 
 def callgrind(n: int) -> None:
     """Print the instructions per call of each case and the ratio."""
-    _instructions("bare", 1)  # warm-up: writes any stale .pyc first
-    per = {name: (_instructions(name, 2 * n) - _instructions(name, n)) / n for name in _CASES}
+    instructions(__file__, "bare", "--calls", 1)  # warm-up: writes any stale .pyc first
+    per = {name: per_iteration(__file__, name, "--calls", n) for name in _CASES}
     for name, value in per.items():
         print(f"{name:<12}{value:>14,.0f} instructions/call")
     for name in ("with_usage", "with_new_counts"):
