@@ -686,45 +686,30 @@ class S3Publisher:
 
     def __call__(self, checkpoint: Checkpoint, note: bytes) -> None:
         """Publish one checkpoint (raises on failure; the checkpointer retries)."""
-        import datetime
-
         base = f"{self.prefix}{checkpoint.origin}/"
-        extra: dict[str, Any] = {}
-        if self.retain_days is not None:
-            until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=self.retain_days)
-            extra = {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until}
-        self._s3.put_object(
-            Bucket=self.bucket,
-            Key=f"{base}{checkpoint.size}.checkpoint",
-            Body=note,
-            ContentType="text/plain; charset=utf-8",
-            **extra,
-        )
-        self._s3.put_object(
-            Bucket=self.bucket, Key=f"{base}latest.checkpoint", Body=note,
-            ContentType="text/plain; charset=utf-8",
-        )  # fmt: skip
+        self._put(f"{base}{checkpoint.size}.checkpoint", f"{base}latest.checkpoint", note)
 
     def publish_heads(self, origin: str, note: bytes) -> None:
         """Publish one heads note: ``<prefix><origin>/heads/<sha256 of the note>.heads``
         (under Object Lock) and ``<prefix><origin>/latest.heads``."""
+        base = f"{self.prefix}{origin}/"
+        digest = hashlib.sha256(note).hexdigest()
+        self._put(f"{base}heads/{digest}.heads", f"{base}latest.heads", note)
+
+    def _put(self, key: str, latest: str, note: bytes) -> None:
+        """``note`` under ``key`` (Object Lock when ``retain_days``), then under ``latest``."""
         import datetime
 
-        base = f"{self.prefix}{origin}/"
         extra: dict[str, Any] = {}
         if self.retain_days is not None:
             until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=self.retain_days)
             extra = {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until}
         self._s3.put_object(
-            Bucket=self.bucket,
-            Key=f"{base}heads/{hashlib.sha256(note).hexdigest()}.heads",
-            Body=note,
-            ContentType="text/plain; charset=utf-8",
+            Bucket=self.bucket, Key=key, Body=note, ContentType="text/plain; charset=utf-8",
             **extra,
-        )
+        )  # fmt: skip
         self._s3.put_object(
-            Bucket=self.bucket, Key=f"{base}latest.heads", Body=note,
-            ContentType="text/plain; charset=utf-8",
+            Bucket=self.bucket, Key=latest, Body=note, ContentType="text/plain; charset=utf-8",
         )  # fmt: skip
 
     def __repr__(self) -> str:
