@@ -138,9 +138,9 @@ def test_in_flight_run_keeps_flow_active(capcoworker: Any) -> None:
     assert ids == {"quick": "f", "long_call": "f"}
 
 
-@pytest.mark.usefixtures("flow_spans_off")
-def test_idle_timeout_breaks_after_real_idleness(spans: Any) -> None:
-    """After real inactivity the next run breaks with 'timeout', linked to the old flow."""
+def test_idle_timeout_breaks_after_real_idleness(capcoworker: Any) -> None:
+    """After inactivity the next run breaks with 'timeout', linked to the old flow (an
+    injected clock: the runs after the break are in one flow however slow the machine)."""
 
     @coworker.run
     def quick() -> None:
@@ -148,10 +148,10 @@ def test_idle_timeout_breaks_after_real_idleness(spans: Any) -> None:
 
     with coworker.flow("batch-job", "f", idle_timeout=0.05):
         quick()
-        time.sleep(0.08)
+        capcoworker.advance(0.08)
         quick()
         quick()
-    a = [s.attributes for s in spans.get_finished_spans()]
+    a = [s.attributes for s in capcoworker.spans() if attr.RUN_ID in s.attributes]
     assert a[0][attr.FLOW_ID] == "f"
     assert a[1][attr.FLOW_BREAK_REASON] == "timeout" and a[1][attr.FLOW_PREVIOUS_ID] == "f"
     assert a[2][attr.FLOW_ID] == a[1][attr.FLOW_ID]
@@ -180,9 +180,9 @@ class _Rendezvous:
         return "rendezvous"
 
 
-@pytest.mark.usefixtures("flow_spans_off")
-def test_concurrent_runs_after_idle_share_one_new_flow(spans: Any) -> None:
-    """Runs racing after an idle period all land in one new flow."""
+def test_concurrent_runs_after_idle_share_one_new_flow(capcoworker: Any) -> None:
+    """Runs racing after an idle period all land in one new flow (an injected clock: no
+    second break from a slow thread start)."""
     probe = _Rendezvous()
 
     @coworker.run
@@ -191,11 +191,12 @@ def test_concurrent_runs_after_idle_share_one_new_flow(spans: Any) -> None:
 
     with coworker.flow("batch-job", "f", idle_timeout=0.05, probe=probe):
         quick()
-        time.sleep(0.08)
+        capcoworker.advance(0.08)
         probe.armed = True
         with ThreadPoolExecutor(2) as pool:
             for fut in [pool.submit(coworker.propagate(quick)) for _ in range(2)]:
                 fut.result()
-    later = [s.attributes[attr.FLOW_ID] for s in spans.get_finished_spans()[1:]]
+    runs = [s for s in capcoworker.spans() if attr.RUN_ID in s.attributes]
+    later = [s.attributes[attr.FLOW_ID] for s in runs[1:]]
     assert len(later) == 2
-    assert later[0] == later[1]
+    assert later[0] == later[1] != "f"  # one new flow, not the idle one
