@@ -26,6 +26,7 @@ from coworker.audit.keys import Signer, generate_signer, write_signer
 from coworker.audit.store_sqlite import chain_file
 from coworker.audit.urls import open_store, with_chain
 from coworker.cli import main
+from tests.deps import require
 
 from .proofs_helpers import entry
 
@@ -260,16 +261,10 @@ def test_s3_publisher_writes_object_locked_heads_notes(
     """Against moto's S3 server on loopback: each heads note lands under Object Lock
     (cannot be deleted) and as latest.heads, beside the chains' checkpoints."""
     import hashlib
-    import os
 
-    try:
-        import boto3
-        from botocore.exceptions import ClientError
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("boto3 / moto[server] are not installed (CI is set)")
-        pytest.skip("boto3 / moto[server] are not installed")
+    boto3 = require("boto3", "the s3 extra")
+    ClientError = require("botocore.exceptions", "the s3 extra").ClientError
+    ThreadedMotoServer = require("moto.server", "moto[server], the dev extra").ThreadedMotoServer
     from coworker.audit.checkpointer import publisher_for
 
     url = f"sqlite:///{tmp_path / 'a.db'}"
