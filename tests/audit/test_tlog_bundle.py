@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tarfile
 import threading
 from pathlib import Path
@@ -20,6 +19,7 @@ from coworker.audit.keys import generate_signer, write_signer
 from coworker.audit.store_sqlite import SQLiteStore
 from coworker.audit.tlog import STORED_LEVEL, LogTree
 from coworker.cli import main
+from tests.deps import require
 
 from .proofs_helpers import entry, fill
 
@@ -283,16 +283,9 @@ def test_s3_publisher_writes_object_locked_checkpoints(
 ) -> None:
     """Against moto's S3 server on loopback (an S3-compatible HTTP server; no MinIO here):
     each checkpoint lands under Object Lock COMPLIANCE and cannot be deleted."""
-    try:
-        import boto3
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("boto3 / moto[server] are not installed (CI is set)")
-        pytest.skip("boto3 / moto[server] are not installed")
-    import boto3
-    from botocore.exceptions import ClientError
-
+    boto3 = require("boto3", "the s3 extra")
+    ClientError = require("botocore.exceptions", "the s3 extra").ClientError
+    ThreadedMotoServer = require("moto.server", "moto[server], the dev extra").ThreadedMotoServer
     from coworker.audit.checkpointer import publisher_for
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
