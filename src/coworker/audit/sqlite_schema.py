@@ -10,6 +10,9 @@ from typing import Any, Final
 
 from coworker.audit.store import StoredRecord
 
+SCHEMA_VERSION: Final = 1
+"""Version of the table layout, kept in ``audit_meta``."""
+
 _TRIGGERS: Final = (
     "audit_records_no_update",
     "audit_records_no_delete",

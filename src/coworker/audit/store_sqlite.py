@@ -37,19 +37,18 @@ SQLite write lock).
 
 from __future__ import annotations
 
-import logging
 import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
-from urllib.parse import quote
 
-from coworker.audit import erasure, sqlite_integrity
-from coworker.audit.chain import Prepared, check_chain_name, genesis, prepare, seal
+from coworker.audit import erasure, sqlite_integrity, sqlite_open
+from coworker.audit.chain import Prepared, check_chain_name, genesis, prepare
 from coworker.audit.erasure import KeyStore
 from coworker.audit.record import QUERY_FILTERS
-from coworker.audit.sqlite_erasure import _erase_in_txn, _key_in_txn, _shredding
+from coworker.audit.sqlite_append import append_in_txn
+from coworker.audit.sqlite_erasure import _erase_in_txn, _shredding
 from coworker.audit.sqlite_integrity import CANDIDATE_FLAG
 from coworker.audit.sqlite_schema import (  # noqa: F401  (_DDL, _split_ddl...: benchmarks, tests)
     _COLUMNS,
@@ -57,6 +56,7 @@ from coworker.audit.sqlite_schema import (  # noqa: F401  (_DDL, _split_ddl...: 
     _HEAD,
     _INSERT,
     _KEY_DDL,
+    SCHEMA_VERSION,
     _column,
     _expected_triggers,
     _guard_problems,
@@ -68,19 +68,10 @@ from coworker.audit.store import (
     Finding,
     Head,
     StoredRecord,
-    StoreNotFound,
 )
-from coworker.config import DEFAULT_AUDIT_PATH
 from coworker.exceptions import AuditUnavailable, ConfigError
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
-
-SCHEMA_VERSION: Final = 1
-"""Version of the table layout, kept in ``audit_meta``."""
-
-_log = logging.getLogger("coworker.audit")
-
-_MMAP_SIZE: Final = 1 << 30
 
 # OFF is refused: an audit store that can lose committed records on a crash is not one.
 _SYNCHRONOUS: Final = frozenset({"NORMAL", "FULL", "EXTRA"})
@@ -177,114 +168,14 @@ class SQLiteStore:
         with self._lock:
             self._connection()
 
-    # -- connections -------------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        if (self.readonly or not self.create) and not os.path.exists(self.path):
-            raise StoreNotFound(
-                f"cannot open audit store {self.path!r}: no such file (wrong path or URL?); "
-                "a read-only open creates nothing"
-            )
-        try:
-            if self.readonly:
-                conn = sqlite3.connect(
-                    _ro_uri(self.path), uri=True, isolation_level=None, check_same_thread=False
-                )
-            else:
-                directory = os.path.dirname(os.path.abspath(self.path))
-                if not os.path.isdir(directory):
-                    # Loud for a path someone typed; the embedded default's first use is normal.
-                    default = os.path.normpath(self.path) == DEFAULT_AUDIT_PATH
-                    # A store's first named chain makes its .chains directory: normal too.
-                    default = default or bool(self.chain and os.path.exists(self.store_path))
-                    _log.log(
-                        logging.INFO if default else logging.WARNING,
-                        "audit store %r: directory %r does not exist; creating it and a new, "
-                        "EMPTY audit log (if you meant an existing log, the path or URL is wrong)",
-                        self.path,
-                        directory,
-                    )
-                os.makedirs(directory, exist_ok=True)
-                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            if not self.readonly:
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise sqlite3.OperationalError(f"cannot switch to WAL (journal_mode={mode})")
-            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            if self.max_page_count is not None:
-                conn.execute(f"PRAGMA max_page_count = {int(self.max_page_count)}")
-            self._init_schema(conn)
-        except (sqlite3.Error, OSError) as exc:
-            raise AuditUnavailable(f"cannot open audit store {self.path!r}: {exc}") from exc
-        return conn
-
-    def _init_schema(self, conn: sqlite3.Connection) -> None:
-        exists = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_records'"
-        ).fetchone()
-        if exists is None:
-            if self.readonly:
-                raise sqlite3.OperationalError("not an audit store (no audit_records table)")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _split_ddl(_DDL):
-                    conn.execute(statement)
-                conn.execute(
-                    "INSERT OR IGNORE INTO audit_meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        row = conn.execute("SELECT value FROM audit_meta WHERE key = 'schema_version'").fetchone()
-        if row is None or int(row[0]) != SCHEMA_VERSION:
-            found = None if row is None else row[0]
-            raise sqlite3.DatabaseError(
-                f"audit store schema version {found}, this coworker reads {SCHEMA_VERSION}"
-            )
-        if exists is not None and not self.readonly:
-            self._rearm(conn)
-        if not self.readonly:
-            conn.execute(_KEY_DDL)
-
-    def _rearm(self, conn: sqlite3.Connection) -> None:
-        # Somebody with the file can drop the append-only triggers, or replace them with
-        # look-alikes of the same name that do nothing. Compare definitions, put ours back
-        # for the appends to come, and say so loudly: what happened meanwhile is verify's job.
-        problems = _guard_problems(conn)
-        if not problems:
-            return
-        _log.error(
-            "audit store %r: append-only guards tampered with: %s. Re-creating ours; run "
-            "`coworker audit verify` on this file.",
-            self.path,
-            "; ".join(problems),
-        )
-        expected = _expected_triggers()
-        present = {
-            r[0]: _normalise(r[1] or "")
-            for r in conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
-        }
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for name, definition in expected.items():
-                if name in present and present[name] != definition:
-                    conn.execute(f'DROP TRIGGER "{name}"')
-            for statement in _split_ddl(_DDL):
-                conn.execute(statement)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
+    # -- connections (coworker.audit.sqlite_open) ---------------------------------------------
     def _connection(self) -> sqlite3.Connection:
         # Called with self._lock held. A connection must not cross a fork: reopen in the child.
         if self._closed:
             raise AuditUnavailable(f"audit store {self.path!r} is closed")
         pid = os.getpid()
         if self._conn is None or self._pid != pid:
-            self._conn = self._connect()
+            self._conn = sqlite_open.connect(self)
             self._pid = pid
         return self._conn
 
@@ -338,43 +229,8 @@ class SQLiteStore:
         payloads: Sequence[bytes | None] | None,
         prepared: list[Prepared] | None = None,
     ) -> list[StoredRecord]:
-        # Called with the lock held, inside BEGIN IMMEDIATE. Payloads are sealed here, in the
-        # transaction that inserts them: a key created for them commits with them, and an
-        # erase committed by another process just before cannot leave us a stale key.
-        if self.encrypt_payloads and payloads is not None and any(p is not None for p in payloads):
-            keys = (
-                self.keystore.get_or_create_key
-                if self.keystore is not None
-                else lambda subject: _key_in_txn(conn, subject)
-            )
-            entries, payloads = erasure.seal_all(entries, payloads, keys, self.subject_field)
-            try:
-                prepared = prepare(entries)
-            except ValueError as exc:
-                raise sqlite3.DataError(f"unencodable record: {exc}") from exc
-        if prepared is None:
-            prepared = prepare(entries)
-        # The head is read inside the write transaction, every time: it costs one indexed
-        # lookup (~1.5 us; ``PRAGMA data_version`` to validate a cached head would cost ~1 us),
-        # and whatever another process appended is then always the base of our chain.
-        row = conn.execute(_HEAD).fetchone()
-        head = Head(row[0], row[1]) if row is not None else None
-        sealed = seal(prepared, head, payloads, first_prev=self._first_prev)
-        if len(sealed) == 1:  # the common group of one: no executemany machinery
-            inserted = conn.execute(_INSERT, _row(sealed[0], entries[0])).rowcount
-        else:
-            rows = [_row(r, e) for r, e in zip(sealed, entries, strict=True)]
-            inserted = conn.executemany(_INSERT, rows).rowcount
-        if inserted != len(sealed):
-            # A foreign trigger doing RAISE(IGNORE) skips rows without an error.
-            raise sqlite3.IntegrityError(
-                f"only {inserted} of {len(sealed)} row(s) were inserted: a trigger "
-                "dropped them (run `coworker audit verify`)"
-            )
-        blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
-        if blobs:
-            conn.executemany("INSERT INTO audit_payloads (seq, payload) VALUES (?, ?)", blobs)
-        return sealed
+        # Called with the lock held, inside BEGIN IMMEDIATE (coworker.audit.sqlite_append).
+        return append_in_txn(self, conn, entries, payloads, prepared)
 
     # -- erasure (issue 15) ------------------------------------------------------------------
     def key_for(self, subject: str) -> bytes | None:
@@ -538,36 +394,8 @@ class SQLiteStore:
         return [row[0] for row in self._read(query, ())]
 
     def _read(self, query: str, params: tuple[Any, ...], *, mmap: bool = False) -> Iterator[Any]:
-        # A connection of its own per read, so that a long verify neither holds the writers'
-        # lock nor sees a half-written batch (WAL readers see one snapshot).
-        try:
-            if self.readonly:
-                conn = sqlite3.connect(_ro_uri(self.path), uri=True, isolation_level=None)
-            else:
-                conn = sqlite3.connect(self.path, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            if mmap:
-                # Long scans (verify) map the file rather than copy each page: ~1.6x faster.
-                conn.execute(f"PRAGMA mmap_size = {_MMAP_SIZE}")
-        except sqlite3.Error as exc:
-            raise AuditUnavailable(f"audit store {self.path!r}: {exc}") from exc
-        try:
-            try:
-                conn.execute("BEGIN")
-                cursor = conn.execute(query, params)
-            except sqlite3.Error as exc:
-                raise AuditUnavailable(f"audit store {self.path!r}: {exc}") from exc
-            cursor.arraysize = 2048
-            while True:
-                try:
-                    rows = cursor.fetchmany()
-                except sqlite3.Error as exc:
-                    raise AuditUnavailable(f"audit store {self.path!r}: {exc}") from exc
-                if not rows:
-                    break
-                yield from rows
-        finally:
-            conn.close()
+        # A connection of its own per read (coworker.audit.sqlite_open.read).
+        return sqlite_open.read(self, query, params, mmap=mmap)
 
     def integrity_findings(
         self, head: Head | None, *, candidates: Sequence[int] | None = None
@@ -623,11 +451,6 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r}, synchronous={self.synchronous!r})"
-
-
-def _ro_uri(path: str) -> str:
-    # A read-only URI: SQLite creates nothing, even a -wal/-shm file stays as it is.
-    return "file:" + quote(os.path.abspath(path)) + "?mode=ro"
 
 
 def _have_cryptography() -> bool:
