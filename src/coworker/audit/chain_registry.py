@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from coworker.audit.chain import check_chain_name, genesis
 from coworker.audit.record import SCHEMA_VERSION, format_time
-from coworker.audit.store import Head, StoreNotFound
+from coworker.audit.store import Head
 from coworker.exceptions import AuditUnavailable, ConfigError
 
 if TYPE_CHECKING:
@@ -297,7 +297,9 @@ def _sqlite_registrations(path: str, busy_timeout: float) -> dict[str, Registrat
         return {}
     try:
         default = SQLiteStore(path, readonly=True, busy_timeout=busy_timeout)
-    except StoreNotFound:
+    except AuditUnavailable:
+        # Not there, or being created by another process this moment: the locked path
+        # (a writer's open of the default chain) decides.
         return {}
     try:
         return registrations(default)
@@ -350,9 +352,7 @@ def open_postgres_chain(
         _refuse_case(label, store.chain, [known.name])
     if known is not None or getattr(store, "_chain_registered", False):
         if not _pg_chain_exists(conn, store.schema):
-            raise _vanished(
-                label, known or Registration(store.chain, 0, "create", None), "schema"
-            )
+            raise _vanished(label, known or Registration(store.chain, 0, "create", None), "schema")
         ensure()
         store._chain_registered = True
         return
@@ -544,6 +544,8 @@ def check_registry(
                 )
                 continue
         out.append(
-            ChainCheck(name, "registered", True, f"registry seq {reg.seq} ({reg.operation})", reg.seq)
+            ChainCheck(
+                name, "registered", True, f"registry seq {reg.seq} ({reg.operation})", reg.seq
+            )
         )
     return out
