@@ -18,6 +18,7 @@ _AUDIT_COMMAND_MODULES = (
     "coworker.audit.cli",
     "coworker.audit.cli_shared",
     "coworker.audit.cli_proofs",
+    "coworker.audit.cli_chains",
 )
 
 

@@ -41,9 +41,9 @@ def test_sqlite_chains_are_independent(tmp_path: Path) -> None:
     """Each chain counts from 1 in a file of its own; the default chain's bytes are unchanged."""
     base = tmp_path / "audit.db"
     default = open_store(f"sqlite:///{base}")
-    a = open_store(f"sqlite:///{base}?chain=a")
-    b = open_store(f"sqlite:///{base}?chain=b")
     (d1,) = default.append([entry(1)])
+    a = open_store(f"sqlite:///{base}?chain=a")  # registered in the default chain (seq 2)
+    b = open_store(f"sqlite:///{base}?chain=b")
     a1, a2 = a.append([entry(1), entry(2)])
     (b1,) = b.append([entry(1)])
     assert d1.prev_hash == GENESIS_PREV_HASH and d1.hash == link(GENESIS_PREV_HASH, d1.body)
@@ -155,8 +155,9 @@ def test_cli_verify_with_a_heads_note_names_a_chain_that_vanished(
     billing = Path(chain_file(str(path), "billing"))
     for leftover in billing.parent.glob("billing.db*"):
         leftover.unlink()
-    assert main(["audit", "verify", "--url", url]) == 0  # without the note: all "intact"
-    capsys.readouterr()
+    # Without the note too: the chain registry (in the default chain) names it.
+    assert main(["audit", "verify", "--url", url]) == 1
+    assert "FAIL  chain billing: vanished" in capsys.readouterr().out
     assert main(args) == 1
     out = capsys.readouterr().out
     assert "FAIL  heads note: chain billing (tree 5): vanished" in out
@@ -199,10 +200,12 @@ def test_postgres_chains_have_their_own_schema_lock_and_head(pg: Any) -> None:
     for n, s in zip(names, stores[::2], strict=True):
         assert s.schema == (s.base_schema if not n else f"{s.base_schema}:{n}")
         records = list(s.iter_from())
-        assert [r.seq for r in records] == list(range(1, 81))
+        # The default chain also holds the registry records of t1, t2, t3 (chain_registry).
+        extra = 0 if n else 3
+        assert [r.seq for r in records] == list(range(1, 81 + extra))
         assert records[0].prev_hash == genesis(n)
         report = verify_chain(s)
-        assert report.ok and report.checked == 80 and not report.problems, report
+        assert report.ok and report.checked == 80 + extra and not report.problems, report
     for s in stores:
         s.close()
 
@@ -243,7 +246,9 @@ def test_postgres_cli_verify_walks_every_chain(pg: Any, capsys: pytest.CaptureFi
         s.close()
     assert main(["audit", "verify", "--url", url]) == 0
     out = capsys.readouterr().out
-    assert out.count("OK  2 records intact") == 3 and "chain  x" in out and "chain  y" in out
+    assert out.count("OK  2 records intact") == 2 and "chain  x" in out and "chain  y" in out
+    assert "OK  4 records intact" in out  # the default chain: 2 + the registry records of x, y
+    assert "OK  chain registry: 2 named chain(s) registered, all present" in out
 
 
 # -- checkpoints over chains ------------------------------------------------------------------

@@ -45,10 +45,14 @@ def _until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
 
 def _fill_chains(url: str, sizes: dict[str, int]) -> dict[str, tuple[int, bytes]]:
     """Append to each chain; return each chain's (size, RFC 6962 root) from the records."""
-    heads = {}
     for name, n in sizes.items():
         s = open_store(with_chain(url, name))
         s.append([entry(i) for i in range(n)])
+        s.close()
+    # Trees once every chain exists: a named chain's registry record is in the default chain.
+    heads = {}
+    for name in sizes:
+        s = open_store(with_chain(url, name))
         cr = merkle.CompactRange()
         for r in s.iter_from():
             cr.append(merkle.leaf_hash(r.body))
@@ -119,7 +123,8 @@ def test_a_checkpointer_round_signs_every_chain_and_a_heads_note_that_verifies(
     assert main(_verify_heads(url, latest, signer)) == 0
     out = capsys.readouterr().out
     assert "heads note: chain billing (tree 5): ok" in out
-    assert "heads note: chain (default) (tree 3): ok" in out
+    # 3 records + the registry records of billing and eu
+    assert "heads note: chain (default) (tree 5): ok" in out
 
 
 def test_after_a_chain_is_deleted_the_checkpointers_note_names_it_vanished(
@@ -151,13 +156,15 @@ def test_after_a_chain_is_deleted_the_checkpointers_note_names_it_vanished(
         assert "'billing'" in next(
             r.getMessage() for r in caplog.records if "vanished" in r.getMessage()
         )
-        assert cpr.last is not None and cpr.last[0].size == 3  # the own chain is still signed
+        # The own chain is still signed: 2 records, 2 registry records, entry(99).
+        assert cpr.last is not None and cpr.last[0].size == 5
         assert latest.read_bytes() == kept.read_bytes()  # no note leaving billing out
     finally:
         cpr.close()
         store.close()
-    assert main(["audit", "verify", "--url", url]) == 0  # without the note: all "intact"
-    capsys.readouterr()
+    # Without the note too: the chain registry names it.
+    assert main(["audit", "verify", "--url", url]) == 1
+    assert "FAIL  chain billing: vanished" in capsys.readouterr().out
     assert main(_verify_heads(url, kept, signer)) == 1
     out = capsys.readouterr().out
     assert "FAIL  heads note: chain billing (tree 4): vanished" in out

@@ -246,7 +246,10 @@ def _progress(
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    """Verify every chain of the store (or ``--chain``); the worst exit code wins."""
+    """Verify every chain of the store (or ``--chain``) and the chain registry; the worst
+    exit code wins."""
+    from coworker.audit.chain_registry import registrations
+    from coworker.audit.cli_chains import verify_registry
     from coworker.audit.urls import resolve_url, with_chain
 
     try:
@@ -256,6 +259,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             return _verify_one(args, with_chain(url, args.chain), args.chain, False)
         with _store(url, readonly=True) as store:
             chains = store.chains() if hasattr(store, "chains") else [""]
+            # Every named chain is registered in the default chain (chain_registry): one
+            # deleted whole is still named there.
+            known = registrations(store) if "" in chains else {}
     except (AuditUnavailable, ConfigError) as exc:
         return _fail(str(exc))
     named = [c for c in chains if c]
@@ -265,6 +271,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for chain in named:
         one = argparse.Namespace(**{**vars(args), "expected_head": None, "checkpoint": []})
         code = max(code, _verify_one(one, with_chain(url, chain), chain, True))
+    try:
+        code = max(code, verify_registry(url, known, chains, args.json))
+    except (AuditUnavailable, ConfigError) as exc:
+        return _fail(str(exc))
     if heads is not None:
         try:
             code = max(code, _check_heads(url, chains, heads, args.json))

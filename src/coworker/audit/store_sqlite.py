@@ -165,6 +165,16 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._closed = False
+        if self.chain and not readonly:
+            # A named chain is registered in the default chain before its first record
+            # (coworker.audit.chain_registry): deleted whole, it is then named vanished.
+            from coworker.audit.chain_registry import open_sqlite_chain
+
+            open_sqlite_chain(self, self._open)
+        else:
+            self._open()
+
+    def _open(self) -> None:
         with self._lock:
             self._connection()
 

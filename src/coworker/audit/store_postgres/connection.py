@@ -284,6 +284,16 @@ class _Connections:
                 )
 
     def _ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
+        if self.chain and not self.readonly:
+            # A named chain is registered in the default chain before its first record
+            # (coworker.audit.chain_registry): its schema dropped, it is named vanished.
+            from coworker.audit.chain_registry import open_postgres_chain
+
+            open_postgres_chain(self, conn, lambda: self._ensure_chain_schema(conn))
+        else:
+            self._ensure_chain_schema(conn)
+
+    def _ensure_chain_schema(self, conn: psycopg.Connection[Any]) -> None:
         version = self._schema_version(conn)
         if not self.create and version is None:
             raise StoreNotFound(

@@ -1,0 +1,551 @@
+"""The chain registry: every named chain's existence is anchored in the default chain.
+
+A named chain lives in a file or schema of its own (``<path>.chains/<name>.db``, PostgreSQL
+``"<schema>:<name>"``). Deleted whole, it would leave nothing for verify to find, so a
+writer that opens a named chain for the first time first appends a **registry record** to
+the default chain (durably, ``synchronous=FULL``) naming it::
+
+    {"v": 1, "kind": "chain", "category": "chain-registry", "operation": "create" | "adopt",
+     "chain_name": NAME, "chain_genesis": <hex of chain.genesis(NAME)>,
+     "chain_head_seq": N | null, "chain_head_hash": <hex> | null, ...}
+
+``create`` registers a chain with no records yet; ``adopt`` registers one that already had
+records (made before this registry existed, by hand, or left by an interrupted creation)
+and records its head at that moment, so that a later cut below it is named.
+
+The order of a creation is: look the name up; refuse it if it is registered while its file
+or schema is gone (``vanished``: a writer never starts a registered chain again, empty) or if
+a registered or present chain has the same name up to case; create the chain's file or
+schema (empty); append the registry record; only then may the chain's first record be
+written. A crash between the last two leaves an empty, unregistered chain, which verify
+reports as such (nothing was written to it) and the next writer registers; a registered
+chain whose file or schema is missing has therefore always been deleted, never
+half-created. ``coworker audit verify`` checks every registered chain is there
+(:func:`check_registry`).
+
+Creations race safely: on SQLite they serialize on ``<path>.chains/registry.lock`` (SQLite's
+own write lock on an empty file, never written), on PostgreSQL the registry record carries
+the dedup key ``coworker-chain\\0<name, case-folded>`` and ``append_unique`` checks and
+inserts it under the chain's lock, so two processes creating one chain register it once and
+``Billing`` racing ``billing`` registers one of them; the other is refused.
+
+Chain names are case-preserving but unique regardless of case: on a case-insensitive file
+system (macOS, Windows) ``Billing.db`` and ``billing.db`` are one file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from coworker.audit.chain import check_chain_name, genesis
+from coworker.audit.record import SCHEMA_VERSION, format_time
+from coworker.audit.store import Head
+from coworker.exceptions import AuditUnavailable, ConfigError
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from coworker.audit.store_postgres import PostgresStore
+    from coworker.audit.store_sqlite import SQLiteStore
+
+__all__ = [
+    "CATEGORY_CHAIN_REGISTRY",
+    "KIND_CHAIN",
+    "REGISTRY_LOCK",
+    "ChainCheck",
+    "Registration",
+    "case_conflict",
+    "check_registry",
+    "parse_registration",
+    "registrations",
+    "registry_entry",
+    "registry_key",
+]
+
+_log = logging.getLogger("coworker.audit")
+
+KIND_CHAIN: Final = "chain"
+"""``kind`` of a registry record (in the default chain)."""
+CATEGORY_CHAIN_REGISTRY: Final = "chain-registry"
+"""``category`` of a registry record (indexed on SQLite: the registry is read through it)."""
+REGISTRY_LOCK: Final = "registry.lock"
+"""The file in ``<path>.chains/`` whose SQLite write lock serializes chain creations."""
+_KEY_PREFIX: Final = b"coworker-chain\x00"
+# Second key of the PostgreSQL advisory lock namespace 'cowr' is a table oid (>= 16384) or
+# the DDL lock (1); the registry needs none of its own (append_unique is atomic).
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A chain named by the registry.
+
+    Attributes:
+        name: the chain.
+        seq: the registry record's seq in the default chain.
+        operation: ``create`` (registered empty) or ``adopt`` (registered with records).
+        head: for ``adopt``, the chain's head when it was registered.
+    """
+
+    name: str
+    seq: int
+    operation: str
+    head: Head | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChainCheck:
+    """What :func:`check_registry` found for one chain.
+
+    Attributes:
+        name: the chain.
+        status: ``registered`` (there, and anchored), ``vanished`` (registered, its file or
+            schema gone), ``unregistered`` (there with records the registry does not name),
+            ``unregistered-empty`` (there, no records: an interrupted creation),
+            ``truncated`` / ``rewritten`` (no longer holds the head it was adopted with),
+            ``case-conflict`` (another chain has the same name up to case).
+        ok: whether it passes (``registered``, ``unregistered-empty``).
+        detail: one line for a person.
+        seq: the registry record, when there is one.
+    """
+
+    name: str
+    status: str
+    ok: bool
+    detail: str
+    seq: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The check as JSON-able fields."""
+        return {
+            "chain": self.name,
+            "status": self.status,
+            "ok": self.ok,
+            "detail": self.detail,
+            "seq": self.seq,
+        }
+
+
+def registry_entry(name: str, head: Head | None = None) -> dict[str, Any]:
+    """The record fields (without ``seq``) registering chain ``name``; ``head``: its head when
+    it already has records (``adopt``), else ``None`` (``create``)."""
+    now = format_time(time.time_ns())
+    return {
+        "v": SCHEMA_VERSION,
+        "kind": KIND_CHAIN,
+        "category": CATEGORY_CHAIN_REGISTRY,
+        "operation": "adopt" if head is not None else "create",
+        "recorded_at": now,
+        "start": now,
+        "chain_name": check_chain_name(name),
+        "chain_genesis": genesis(name).hex(),
+        "chain_head_seq": head.seq if head is not None else None,
+        "chain_head_hash": head.hash.hex() if head is not None else None,
+        "user_id": None,
+        "payload_digest": None,
+    }
+
+
+def registry_key(name: str) -> bytes:
+    """The dedup key of ``name``'s registry record: equal for names equal up to case."""
+    return _KEY_PREFIX + name.casefold().encode("ascii")
+
+
+def parse_registration(seq: int, body: bytes) -> Registration | None:
+    """The registration a record body states, or ``None`` when it is not a well-formed one
+    (the query columns it was found by are unhashed copies: the body decides)."""
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(fields, dict) or fields.get("kind") != KIND_CHAIN:
+        return None
+    if fields.get("category") != CATEGORY_CHAIN_REGISTRY:
+        return None
+    name = fields.get("chain_name")
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        check_chain_name(name)
+    except ValueError:
+        return None
+    if fields.get("chain_genesis") != genesis(name).hex():
+        return None
+    operation = fields.get("operation")
+    head: Head | None = None
+    if operation == "adopt":
+        at, digest = fields.get("chain_head_seq"), fields.get("chain_head_hash")
+        if type(at) is not int or at < 1 or not isinstance(digest, str):
+            return None
+        try:
+            raw = bytes.fromhex(digest)
+        except ValueError:
+            return None
+        if len(raw) != 32:
+            return None
+        head = Head(at, raw)
+    elif operation != "create":
+        return None
+    return Registration(name, seq, operation, head)
+
+
+def registrations(default: Any) -> dict[str, Registration]:
+    """Every chain the registry in ``default`` (a default chain's store) names, by name: the
+    first registration of each (a second one of the same name is a harmless duplicate)."""
+    out: dict[str, Registration] = {}
+    for record in default.search({"kind": KIND_CHAIN, "category": CATEGORY_CHAIN_REGISTRY}):
+        found = parse_registration(record.seq, record.body)
+        if found is not None:
+            out.setdefault(found.name, found)
+    return out
+
+
+def case_conflict(name: str, names: Iterable[str]) -> str | None:
+    """A name among ``names`` that equals ``name`` up to case without being it, or ``None``."""
+    folded = name.casefold()
+    for other in names:
+        if other and other != name and other.casefold() == folded:
+            return other
+    return None
+
+
+def _refuse_case(store_label: str, name: str, names: Iterable[str]) -> None:
+    other = case_conflict(name, names)
+    if other is not None:
+        raise ConfigError(
+            f"audit store {store_label}: chain {name!r} differs from its chain {other!r} only "
+            "by case; chain names must differ regardless of case (on a case-insensitive file "
+            "system both would be one file)"
+        )
+
+
+def _vanished(label: str, registration: Registration, where: str) -> AuditUnavailable:
+    return AuditUnavailable(
+        f"audit store {label}: chain {registration.name!r} is registered in the default "
+        f"chain (seq {registration.seq}) but its {where} is gone: it vanished. Refusing to "
+        "start it again, empty; run `coworker audit verify`"
+    )
+
+
+# -- SQLite ------------------------------------------------------------------------------------
+def open_sqlite_chain(store: SQLiteStore, connect: Callable[[], None]) -> None:
+    """Open the named chain ``store`` (a writer) through the registry: ``connect`` creates or
+    opens its file; the chain is registered in the default chain before this returns.
+
+    Raises:
+        AuditUnavailable: the chain is registered but its file is gone (``vanished``), or
+            the registry cannot be read or written.
+        ConfigError: another chain of the store has the same name up to case.
+    """
+    from coworker.audit.store_sqlite import SQLiteStore
+
+    label = repr(store.store_path)
+    known = _sqlite_registrations(store.store_path, store.busy_timeout)
+    mine = known.get(store.chain)
+    if mine is not None:  # the common case: registered already, no lock needed
+        if not os.path.exists(store.path):
+            raise _vanished(label, mine, f"file {store.path!r}")
+        connect()
+        return
+    _refuse_case(label, store.chain, [*known, *store.chains()])
+    if not store.create and not os.path.exists(store.path):
+        connect()  # StoreNotFound, as for any store that must exist
+        return
+    # The default chain first (a new store: its directory is made here, with the store's
+    # own warning for a path that did not exist), then the lock beside the chains.
+    default = SQLiteStore(
+        store.store_path, synchronous="FULL", busy_timeout=store.busy_timeout, chain=""
+    )
+    try:
+        with _sqlite_mutex(store.store_path, store.busy_timeout):
+            known = registrations(default)
+            mine = known.get(store.chain)
+            if mine is not None:  # registered by another process meanwhile
+                if not os.path.exists(store.path):
+                    raise _vanished(label, mine, f"file {store.path!r}")
+                connect()
+                return
+            _refuse_case(label, store.chain, [*known, *store.chains()])
+            existed = os.path.exists(store.path)
+            connect()
+            head = store.head() if existed else None
+            default.append([registry_entry(store.chain, head)])
+            if head is not None:
+                _log.warning(
+                    "audit store %s: chain %r (%d records) was not in the chain registry; "
+                    "registered it (adopted at head %d)",
+                    label,
+                    store.chain,
+                    head.seq,
+                    head.seq,
+                )
+    finally:
+        default.close()
+
+
+def _sqlite_registrations(path: str, busy_timeout: float) -> dict[str, Registration]:
+    from coworker.audit.store_sqlite import SQLiteStore
+
+    if not os.path.exists(path):
+        return {}
+    try:
+        default = SQLiteStore(path, readonly=True, busy_timeout=busy_timeout)
+    except AuditUnavailable:
+        # Not there, or being created by another process this moment: the locked path
+        # (a writer's open of the default chain) decides.
+        return {}
+    try:
+        return registrations(default)
+    finally:
+        default.close()
+
+
+@contextmanager
+def _sqlite_mutex(path: str, busy_timeout: float) -> Iterator[None]:
+    """Serialize chain creations of the store at ``path`` across threads and processes."""
+    from coworker.audit.store_sqlite import CHAINS_SUFFIX
+
+    directory = path + CHAINS_SUFFIX
+    try:
+        os.makedirs(directory, exist_ok=True)
+        conn = sqlite3.connect(
+            os.path.join(directory, REGISTRY_LOCK), timeout=busy_timeout, isolation_level=None
+        )
+    except (OSError, sqlite3.Error) as exc:
+        raise AuditUnavailable(f"audit store {path!r}: chain registry lock: {exc}") from exc
+    try:
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # nothing is ever written: the lock is the point
+        except sqlite3.Error as exc:
+            raise AuditUnavailable(f"audit store {path!r}: chain registry lock: {exc}") from exc
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+# -- PostgreSQL --------------------------------------------------------------------------------
+def open_postgres_chain(
+    store: Any, conn: psycopg.Connection[Any], ensure: Callable[[], None]
+) -> None:
+    """Check and create the schema of the named chain ``store`` (a writer) through the
+    registry, on its new connection ``conn``: ``ensure`` creates or checks the schema; the
+    chain is registered in the default chain before this returns.
+
+    Raises:
+        AuditUnavailable: the chain is registered but its schema is gone (``vanished``), or
+            the registry cannot be written.
+        ConfigError: a chain of the same name up to case is registered.
+    """
+    label = str(store)
+    known = _pg_registration(store, conn)
+    if known is not None and known.name != store.chain:
+        _refuse_case(label, store.chain, [known.name])
+    if known is not None or getattr(store, "_chain_registered", False):
+        if not _pg_chain_exists(conn, store.schema):
+            raise _vanished(label, known or Registration(store.chain, 0, "create", None), "schema")
+        ensure()
+        store._chain_registered = True
+        return
+    existed = _pg_chain_exists(conn, store.schema)
+    ensure()
+    head = _pg_head(store, conn) if existed else None
+    _pg_register(store, conn, head)
+    store._chain_registered = True
+
+
+def _pg_chain_exists(conn: psycopg.Connection[Any], schema: str) -> bool:
+    # What chains() lists a chain by: the schema's version table.
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = 'schema_version'",
+            (schema,),
+        )
+        found = cur.fetchone() is not None
+    conn.commit()
+    return found
+
+
+def _pg_registration(store: PostgresStore, conn: psycopg.Connection[Any]) -> Registration | None:
+    """The registration of ``store.chain``'s name up to case, by its indexed dedup key."""
+    from psycopg import sql
+
+    if not _pg_chain_exists(conn, store.base_schema):
+        return None
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL(
+                "SELECT seq, body FROM {} WHERE dedup_key = %s AND seq >= 1 ORDER BY seq"
+            ).format(sql.Identifier(store.base_schema, "records")),
+            (registry_key(store.chain),),
+        )
+        rows = cur.fetchall()
+    conn.commit()
+    for seq, body in rows:
+        found = parse_registration(int(seq), bytes(body))
+        if found is not None:
+            return found
+    return None
+
+
+def _pg_head(store: PostgresStore, conn: psycopg.Connection[Any]) -> Head | None:
+    from psycopg import sql
+
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("SELECT seq, hash FROM {} WHERE seq >= 1 ORDER BY seq DESC LIMIT 1").format(
+                sql.Identifier(store.schema, "records")
+            )
+        )
+        row = cur.fetchone()
+    conn.commit()
+    return Head(int(row[0]), bytes(row[1])) if row is not None else None
+
+
+def _pg_register(store: PostgresStore, conn: psycopg.Connection[Any], head: Head | None) -> None:
+    from coworker.audit.store_postgres import PostgresStore
+
+    default = PostgresStore(
+        store.url,
+        schema=store.base_schema,
+        chain="",
+        spool=None,
+        connect_timeout=store._connect_timeout,
+        io_timeout=store._io_timeout,
+    )
+    try:
+        result = default.append_unique(
+            [registry_entry(store.chain, head)], None, [registry_key(store.chain)]
+        )
+    finally:
+        default.close()
+    if result.duplicates:  # registered meanwhile (another process): by this name, or another case
+        known = _pg_registration(store, conn)
+        if known is not None and known.name != store.chain:
+            _refuse_case(str(store), store.chain, [known.name])
+    elif head is not None:
+        _log.warning(
+            "audit store %s: chain %r (%d records) was not in the chain registry; registered "
+            "it (adopted at head %d)",
+            store,
+            store.chain,
+            head.seq,
+            head.seq,
+        )
+
+
+# -- verify ------------------------------------------------------------------------------------
+def check_registry(
+    registered: Mapping[str, Registration],
+    present: Iterable[str],
+    head_at: Callable[[str, int], Head | None],
+    count: Callable[[str], int],
+) -> list[ChainCheck]:
+    """Every registered chain must be present (else ``vanished``) and still hold the head it
+    was adopted with; every present named chain should be registered.
+
+    Args:
+        registered: :func:`registrations` of the default chain.
+        present: the chains the store holds (``store.chains()``).
+        head_at: ``(chain, seq)`` -> the ``(seq, hash)`` of that record of the chain, or
+            ``None`` when the chain has no such record.
+        count: ``chain`` -> its number of records.
+
+    Returns:
+        One check per chain, by name.
+    """
+    there = {n for n in present if n}
+    out: list[ChainCheck] = []
+    for name in sorted(there | set(registered)):
+        reg = registered.get(name)
+        other = case_conflict(name, there | set(registered))
+        if other is not None:
+            out.append(
+                ChainCheck(
+                    name,
+                    "case-conflict",
+                    False,
+                    f"chain {other!r} has the same name up to case (one file on a "
+                    "case-insensitive file system)",
+                    reg.seq if reg else None,
+                )
+            )
+            continue
+        if reg is None:
+            records = count(name)
+            if records == 0:
+                out.append(
+                    ChainCheck(
+                        name,
+                        "unregistered-empty",
+                        True,
+                        "no records and not in the chain registry (an interrupted creation; "
+                        "the next writer registers it)",
+                    )
+                )
+            else:
+                out.append(
+                    ChainCheck(
+                        name,
+                        "unregistered",
+                        False,
+                        f"{records} records, not named in the default chain's registry "
+                        "(made before the registry, or not by coworker): run `coworker audit "
+                        "adopt-chains` once it is known to be genuine",
+                    )
+                )
+            continue
+        if name not in there:
+            out.append(
+                ChainCheck(
+                    name,
+                    "vanished",
+                    False,
+                    f"registered in the default chain at seq {reg.seq} ({reg.operation}), but "
+                    "the store has no such chain: its file or schema is gone",
+                    reg.seq,
+                )
+            )
+            continue
+        if reg.head is not None:
+            found = head_at(name, reg.head.seq)
+            if found is None or found.seq != reg.head.seq:
+                out.append(
+                    ChainCheck(
+                        name,
+                        "truncated",
+                        False,
+                        f"adopted at head {reg.head.seq} (registry seq {reg.seq}), but the "
+                        "chain no longer reaches it",
+                        reg.seq,
+                    )
+                )
+                continue
+            if found.hash != reg.head.hash:
+                out.append(
+                    ChainCheck(
+                        name,
+                        "rewritten",
+                        False,
+                        f"record {reg.head.seq} is not the one the chain was adopted with "
+                        f"(registry seq {reg.seq})",
+                        reg.seq,
+                    )
+                )
+                continue
+        out.append(
+            ChainCheck(
+                name, "registered", True, f"registry seq {reg.seq} ({reg.operation})", reg.seq
+            )
+        )
+    return out
