@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +66,84 @@ def test_budget_window_rolls_over() -> None:
     rules.check(Identity(User("u"), Agent("other")), None)  # each agent its own budget
     now[0] += 3600
     rules.check(ident, None)
+
+
+def _usage(user: str, tokens: Any, **extra: Any) -> dict[str, Any]:
+    from coworker.audit.record import format_time
+
+    at = format_time(time.time_ns())
+    return {
+        "kind": "usage",
+        "category": "usage",
+        "user_id": user,
+        "start": at,
+        "usage_at": at,
+        "input_tokens": tokens,
+        "output_tokens": 0,
+        **extra,
+    }
+
+
+def test_shared_budget_counts_other_processes_records_and_ignores_hostile_ones(
+    tmp_path: Path,
+) -> None:
+    """A shared store's usage records of other processes count; this process's own (by
+    usage_process), bad counts, bad amounts and other categories do not; each refresh reads
+    only what was appended since the last."""
+    from coworker.audit.store_sqlite import SQLiteStore
+    from coworker.usage_policy import PROCESS_FIELD, process_id
+
+    store = SQLiteStore(str(tmp_path / "a.db"))
+    rules = UsageRules(
+        None,
+        {
+            "budget_refresh": 0,
+            "budgets": {"b": {"per": "user", "max_tokens": 1000, "max_cost": 1}},
+        },
+    )
+    rules.share(store)
+    ident = Identity(User("u"))
+    store.append(
+        [
+            _usage("u", 400),
+            _usage("u", 5000, **{PROCESS_FIELD: process_id()}),  # ours: counted in memory
+            _usage("u", True),
+            _usage("u", -5),
+            _usage("u", 1, cost_amount="NaN", cost_currency="USD"),
+            _usage("u", 1, cost_amount="1e999999999", cost_currency="USD"),
+            {**_usage("u", 5000), "category": "policy-violation"},
+            {**_usage("u", 5000), "usage_at": "not a time", "start": None},
+        ]
+    )
+    rules.check(ident, None)
+    assert rules.ledger is not None and rules.ledger.get(("b", "u"), 0) is None
+    index = int(time.time() // 86400)
+    assert rules.ledger.get(("b", "u"), index) == (402, Decimal(0))
+    store.append([_usage("u", 600)])
+    with pytest.raises(coworker.BudgetExceeded):
+        rules.check(ident, None)
+    assert rules.ledger.refreshes == 2
+    store.close()
+
+
+def test_a_shared_store_that_cannot_be_read_leaves_budgets_on_what_was_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ledger read failing logs a warning and keeps the last spend: no run fails for it."""
+    from coworker.audit.store_sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "a.db"))
+    rules = UsageRules(
+        None, {"budget_refresh": 0, "budgets": {"b": {"per": "user", "max_tokens": 9}}}
+    )
+    rules.share(store)
+    store.append([_usage("u", 5)])
+    rules.check(Identity(User("u")), None)
+    (tmp_path / "a.db").unlink()
+    (tmp_path / "a.db").mkdir()  # the file is gone, a directory in its place
+    rules.check(Identity(User("u")), None)
+    assert "could not read the usage ledger" in caplog.text
+    rules.account(Identity(User("u")), None, 4, None, None)
+    with pytest.raises(coworker.BudgetExceeded):  # 5 read before + 4 of its own
+        rules.check(Identity(User("u")), None)
+    store.close()

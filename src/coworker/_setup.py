@@ -314,6 +314,9 @@ def configure(
         old_pipeline, _audit_pipeline = _audit_pipeline, pipeline
         s.audit_gate = pipeline.gate if pipeline is not None and fail_closed else None
         s.audit_records = pipeline is not None
+        usage_rules = getattr(getattr(enforcer, "policy", None), "usage", None)  # usage (16)
+        if usage_rules is not None:  # budgets count the other processes' ledger records too
+            usage_rules.share(pipeline.store if pipeline is not None else None)
         if pipeline is not None:  # flow events (issue 14): queued ones go to the old writer
             _flow_events.install(
                 pipeline.exporter.writer, event_types, wait_seal=flow_seal == "wait"

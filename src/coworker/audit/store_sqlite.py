@@ -353,6 +353,7 @@ class SQLiteStore:
         since: str | None = None,
         until: str | None = None,
         limit: int | None = None,
+        after: int = 0,
     ) -> Iterator[StoredRecord]:
         """Records matching the filters, in seq order, using the indexed columns.
 
@@ -362,11 +363,12 @@ class SQLiteStore:
             since: RFC 3339 lower bound (inclusive) on the record time.
             until: RFC 3339 upper bound (exclusive) on the record time.
             limit: at most this many records.
+            after: only records with a seq above this (an incremental reader's cursor).
 
         The caller should re-check the decoded body: the columns are unhashed copies.
         """
-        where: list[str] = ["r.seq >= 1"]
-        params: list[Any] = []
+        where: list[str] = ["r.seq > ?"]
+        params: list[Any] = [max(after, 0)]
         for key, value in filters.items():
             if value is None:
                 continue

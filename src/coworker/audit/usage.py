@@ -59,6 +59,7 @@ USAGE_FIELDS: Final = (
     "cost_center",
     "usage_at",  # when record_usage was called (RFC 3339 ns)
     "usage_index",  # 0, 1, ... within the run
+    "usage_process",  # the writing process's random id (absent in records made by ingest)
 )
 """The keys a usage record adds to the run's identity fields."""
 
@@ -86,12 +87,17 @@ _TOKEN_FIELDS: Final = (
 
 
 def usage_entries(
-    span: Any, calls: Sequence[Mapping[str, Any]], *, record: Mapping[str, Any] | None = None
+    span: Any,
+    calls: Sequence[Mapping[str, Any]],
+    *,
+    record: Mapping[str, Any] | None = None,
+    process: str | None = None,
 ) -> list[tuple[dict[str, Any], bytes | None]]:
     """The usage ledger entries of a finished span, one per recorded usage call.
 
     ``record`` is the span's own record when the caller has made it already (the ingest
-    server); else it is made here.
+    server); else it is made here. ``process`` names the writing process
+    (``usage_process``: its budgets skip their own records, which they count in memory).
     """
     if not calls:
         return []
@@ -102,6 +108,8 @@ def usage_entries(
         payload_digest=None,  # the run's captured input/output belongs to its own record
         intent_seq=None,
     )
+    if process is not None:
+        base["usage_process"] = process
     out: list[tuple[dict[str, Any], bytes | None]] = []
     for index, values in enumerate(calls):
         fields = dict(base)
@@ -138,11 +146,12 @@ class UsageLedgerProcessor(SpanProcessor):
             AuditUnavailable: the store failed and the writer's policy is ``"raise"``.
         """
         from coworker.usage import take_pending
+        from coworker.usage_policy import process_id
 
         calls = take_pending(span)
         if not calls:
             return
-        entries = usage_entries(span, calls)
+        entries = usage_entries(span, calls, process=process_id())
         if entries:
             self.exporter.writer.write(entries)
 

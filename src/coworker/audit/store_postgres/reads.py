@@ -144,6 +144,7 @@ class _Reads(_Connections):
         since: str | None = None,
         until: str | None = None,
         limit: int | None = None,
+        after: int = 0,
     ) -> Iterator[StoredRecord]:
         """Records matching the filters, in seq order (same contract as the SQLite store).
 
@@ -154,6 +155,7 @@ class _Reads(_Connections):
             since: RFC 3339 lower bound (inclusive) on the record time.
             until: RFC 3339 upper bound (exclusive) on the record time.
             limit: at most this many records.
+            after: only records with a seq above this (an incremental reader's cursor).
 
         The caller should re-check the decoded body: the columns are unhashed copies.
         """
@@ -179,7 +181,7 @@ class _Reads(_Connections):
             "LEFT JOIN {} p ON p.seq = r.seq WHERE {} ORDER BY r.seq LIMIT %s"
         ).format(self._table, self._payloads, sql.SQL(" AND ").join(where))
         remaining = limit
-        next_seq = 1
+        next_seq = max(after, 0) + 1
         while remaining is None or remaining > 0:
             page = _PAGE if remaining is None else min(_PAGE, remaining)
             rows = self._fetch(query, (*params, next_seq, page))
