@@ -322,6 +322,40 @@ def test_force_flush_waits_for_the_flushers_write_under_way(tmp_path: Path) -> N
     blocker.close()
 
 
+def test_configure_while_the_flushers_write_outlasts_the_flush_timeout_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flusher's write of an ended flow's events is stuck on a locked store past flush()'s
+    deadline: configure() raises with the old trail in force (flush() used to return as if
+    flushed, so the swap went on and the events landed in the new store)."""
+    from coworker import _setup
+
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    coworker.configure(audit=f"sqlite:///{old}")
+    blocker = sqlite3.connect(old, isolation_level=None, timeout=30, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    with FLOW.start() as f:
+        pass  # no audited run: the end and seal wait for the flusher
+    deadline = time.monotonic() + 30
+    while _flow_events._writing == 0:  # the flusher took them and is waiting on the lock
+        assert time.monotonic() < deadline, "the flusher never started writing"
+        time.sleep(0.005)
+    monkeypatch.setattr(_flow_events, "_FLUSH_TIMEOUT", 0.05)
+    with pytest.raises(coworker.AuditUnavailable, match="still being written"):
+        coworker.configure(audit=f"sqlite:///{new}")
+    store_in_force = _setup.audit_store()
+    assert store_in_force is not None and Path(store_in_force.store_path) == old
+    monkeypatch.undo()
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    coworker.force_flush()
+    store = SQLiteStore(old)
+    state = replay(store, f.id)
+    assert state.status == "completed" and state.seal is not None
+    store.close()
+    assert not new.exists() or list(query(SQLiteStore(new), category="flow")) == []
+
+
 def test_configure_that_cannot_flush_queued_events_leaves_the_old_trail(tmp_path: Path) -> None:
     """configure() again while the current store cannot take an ended flow's queued events:
     it raises with the previous audit trail still in force (not half-applied), and every

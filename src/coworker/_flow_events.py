@@ -368,7 +368,8 @@ def flush() -> None:
     events are no longer queued, yet not durable, and their seals are formed only after.
 
     Raises:
-        AuditUnavailable: a write failed (the events stay queued).
+        AuditUnavailable: a write failed, or events were still queued or being written
+            after ``_FLUSH_TIMEOUT`` seconds (they stay queued).
     """
     deadline = time.monotonic() + _FLUSH_TIMEOUT
     while True:
@@ -379,13 +380,23 @@ def flush() -> None:
         with _settled:
             remaining = deadline - time.monotonic()
             if not _settled.wait_for(lambda: _writing == 0, timeout=max(remaining, 0.0)):
-                _log.warning("coworker: flush: flow events still being written after %ss",
-                             _FLUSH_TIMEOUT)  # fmt: skip
-                return
+                # Returning would let the caller act as if they were durable: configure()
+                # would swap the trail under a write still under way (its events then land
+                # in the new store), shutdown would drop them.
+                raise _not_flushed("still being written")
             if not any(live.pending for live in _live.values()):
                 return  # nothing queued, nothing in flight: every seal is formed and written
         if time.monotonic() >= deadline:
-            return
+            raise _not_flushed("still queued")
+
+
+def _not_flushed(state: str) -> Exception:
+    from coworker.exceptions import AuditUnavailable
+
+    return AuditUnavailable(
+        f"coworker: flush: flow events {state} after {_FLUSH_TIMEOUT}s "
+        "(the audit store is not taking them; they stay queued)"
+    )
 
 
 def write_with_events(writer: Any, entry: Entry) -> list[Any]:
