@@ -377,3 +377,37 @@ def test_processes_racing_on_one_file_never_fork_the_chain(db_path: Path) -> Non
     assert report.ok and report.checked == 3 * per_process
     assert [r.seq for r in store.iter_from(1)] == list(range(1, 3 * per_process + 1))
     store.close()
+
+
+def test_opening_a_new_store_waits_for_another_writers_lock_on_the_fresh_file(
+    tmp_path: Path,
+) -> None:
+    """Another connection holds the write lock of a file still in rollback mode (another
+    process creating the same new store): the open waits for it instead of failing with
+    "database is locked" (SQLite refuses the switch to WAL at once, without its busy handler;
+    two processes opening a new store together lost one of the opens)."""
+    path = tmp_path / "new.db"
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("CREATE TABLE unrelated (x)")
+    blocker.execute("BEGIN IMMEDIATE")
+    blocker.execute("INSERT INTO unrelated VALUES (1)")
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            SQLiteStore(path, busy_timeout=60).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    opener = threading.Thread(target=open_it)
+    opener.start()
+    opener.join(timeout=0.3)  # give it time to meet the lock (old code failed at once)
+    blocker.execute("COMMIT")
+    blocker.close()
+    opener.join(timeout=120)
+    assert not opener.is_alive()
+    assert errors == []
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert check.execute("SELECT count(*) FROM audit_records").fetchone()[0] == 0
+    check.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
@@ -70,7 +71,7 @@ def connect(store: SQLiteStore) -> sqlite3.Connection:
             conn = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(store.busy_timeout * 1000)}")
         if not store.readonly:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _switch_to_wal(conn, store.busy_timeout)
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch to WAL (journal_mode={mode})")
         conn.execute(f"PRAGMA synchronous = {store.synchronous}")
@@ -80,6 +81,23 @@ def connect(store: SQLiteStore) -> sqlite3.Connection:
     except (sqlite3.Error, OSError) as exc:
         raise AuditUnavailable(f"cannot open audit store {store.path!r}: {exc}") from exc
     return conn
+
+
+def _switch_to_wal(conn: sqlite3.Connection, timeout: float) -> object:
+    # SQLite answers a journal-mode switch that meets another connection's write lock on a
+    # file still in rollback mode with SQLITE_BUSY at once, without calling the busy handler:
+    # two processes opening a new store together hit it (one of them failed its open). Wait
+    # for the lock as the busy handler would, up to busy_timeout.
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _init_schema(store: SQLiteStore, conn: sqlite3.Connection) -> None:
