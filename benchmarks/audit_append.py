@@ -18,6 +18,10 @@ fresh file, WAL + ``synchronous=FULL`` on every side (a durable commit before a 
   writer), to split what the store costs from what the run costs.
 
 Goals (issue 17): 1 thread >= 0.9x raw; 4 threads >= 0.8x raw group commit.
+
+``--callgrind``: instructions per one-record append under ``valgrind --tool=callgrind``
+(``synchronous=NORMAL``, so that only CPU work counts; N and 2N appends, the difference / N):
+the raw one-row commit of the very rows the store inserts, and ``SQLiteStore.append``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ from coworker.audit import store_sqlite
 from coworker.audit.store_sqlite import SQLiteStore
 
 REPEATS = 5
+
+# The columns an append inserts (schema version 2: seq, prev_hash, hash, body; SQLite derives
+# the query columns), so that the raw baseline inserts exactly what the store does.
+_INSERTED = store_sqlite._INSERT[
+    store_sqlite._INSERT.index("(") + 1 : store_sqlite._INSERT.index(")")
+]
 
 
 @coworker.run(operation="update", doctype="Invoice")
@@ -75,7 +85,7 @@ def audited(tmp: Path, calls: int, n_threads: int) -> tuple[float, list[tuple[An
     elapsed = _threads(n_threads, work)
     coworker.shutdown()
     conn = sqlite3.connect(path)
-    rows = conn.execute("SELECT * FROM audit_records ORDER BY seq").fetchall()
+    rows = conn.execute(f"SELECT {_INSERTED} FROM audit_records ORDER BY seq").fetchall()
     conn.close()
     assert len(rows) == per * n_threads
     return elapsed, rows
@@ -95,12 +105,11 @@ def _raw_file(tmp: Path) -> Path:
 def raw(tmp: Path, rows: list[tuple[Any, ...]]) -> float:
     """The durable one-row commit loop, one thread."""
     path = _raw_file(tmp)
-    marks = ", ".join("?" * len(rows[0]))
 
     def work(_: int) -> None:
         conn = sqlite3.connect(path, isolation_level=None, timeout=30)
         conn.execute("PRAGMA synchronous = FULL")
-        insert = f"INSERT INTO audit_records VALUES ({marks})"
+        insert = store_sqlite._INSERT
         for row in rows:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(insert, row)
@@ -116,7 +125,7 @@ class _GroupCommit:
     def __init__(self, path: Path, width: int) -> None:
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA synchronous = FULL")
-        self.insert = f"INSERT INTO audit_records VALUES ({', '.join('?' * width)})"
+        self.insert = store_sqlite._INSERT
         self.write_lock = threading.Lock()
         self.queue_lock = threading.Lock()
         self.pending: list[list[Any]] = []  # [row, done]
@@ -204,5 +213,62 @@ def main(calls: int = 2000) -> None:
                 )
 
 
+_SETUP_ROWS = 1_000  # rows sealed for the raw case, the same number for N and 2N calls
+
+
+def _case(case: str, calls: int) -> None:
+    """One callgrind case: ``calls`` one-record appends, CPU work only (``synchronous=NORMAL``)."""
+    import json
+
+    tmp = Path(tempfile.mkdtemp())
+    store = SQLiteStore(tmp / "store.db", synchronous="NORMAL")
+    sample = tmp / "sample.db"
+    coworker.configure(audit=f"sqlite:///{sample}", otlp=False)
+    update_invoice(0)
+    coworker.shutdown()
+    reader = SQLiteStore(sample, readonly=True)
+    fields = json.loads(next(iter(reader.iter_from(1))).body)
+    reader.close()
+    fields.pop("seq")
+    store.append([fields] * _SETUP_ROWS)
+    conn = sqlite3.connect(tmp / "store.db")
+    rows = conn.execute(f"SELECT {_INSERTED} FROM audit_records ORDER BY seq").fetchall()
+    conn.close()
+    store.close()
+    if case == "raw":
+        path = _raw_file(tmp)
+        raw_conn = sqlite3.connect(path, isolation_level=None)
+        raw_conn.execute("PRAGMA synchronous = NORMAL")
+        for row in rows[:calls]:
+            raw_conn.execute("BEGIN IMMEDIATE")
+            raw_conn.execute(store_sqlite._INSERT, row)
+            raw_conn.execute("COMMIT")
+        raw_conn.close()
+    else:
+        target = SQLiteStore(tmp / "target.db", synchronous="NORMAL")
+        for _ in range(calls):
+            target.append([fields])
+        target.close()
+
+
+def callgrind(calls: int) -> None:
+    """Instructions per one-record append: raw commit and ``SQLiteStore.append``."""
+    from _callgrind import instructions, per_iteration
+
+    instructions(__file__, "raw", "--calls", 1)  # warm-up: writes any stale .pyc first
+    raw_per = per_iteration(__file__, "raw", "--calls", calls)
+    store_per = per_iteration(__file__, "store", "--calls", calls)
+    print(f"raw one-row commit (SQLite work only): {raw_per:>10,.0f} instructions/record")
+    print(
+        f"SQLiteStore.append:                    {store_per:>10,.0f} instructions/record "
+        f"(+{store_per - raw_per:,.0f} over raw)"
+    )
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2000)
+    if "--case" in sys.argv:
+        _case(sys.argv[sys.argv.index("--case") + 1], int(sys.argv[sys.argv.index("--calls") + 1]))
+    elif "--callgrind" in sys.argv:
+        callgrind(300)
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 2000)

@@ -109,6 +109,22 @@ def fill(store: Any, n: int, **overrides: Any) -> None:
         store.append([fields], [payload])
 
 
+def legacy_log(path: Path, *, check: bool = True) -> None:
+    """An empty schema version 1 file: plain query columns the writer copies from the body
+    (``check=False``: as created before ``CHECK (seq >= 1)`` existed). Open it with
+    ``SQLiteStore(path, upgrade=False)`` to keep it at version 1."""
+    from coworker.audit import sqlite_schema
+
+    ddl = sqlite_schema._DDL_V1
+    if not check:
+        ddl = ddl.replace(" CHECK (seq >= 1)", "")
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in sqlite_schema._split_ddl(ddl):
+        conn.execute(statement)
+    conn.execute("INSERT INTO audit_meta VALUES ('schema_version', '1')")
+    conn.close()
+
+
 def raw(path: Path) -> sqlite3.Connection:
     """A raw connection with the append-only triggers dropped: what a tamperer does."""
     conn = sqlite3.connect(path, isolation_level=None)

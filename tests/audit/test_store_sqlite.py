@@ -80,7 +80,7 @@ def test_body_kept_exactly_as_hashed(sqlite_file_store: SQLiteStore, db_path: Pa
         ),
         (
             "INSERT INTO audit_records (seq, prev_hash, hash, body) "
-            "VALUES (9, x'00', x'00', x'7b')",
+            "VALUES (9, x'00', x'00', x'7b7d')",
             "head seq \\+ 1",
         ),
     ],

@@ -37,13 +37,23 @@ from coworker.audit.verify import (
     verify_chain,
 )
 from coworker.exceptions import AuditUnavailable
-from tests.audit.conftest import fill, make_entries, raw
+from tests.audit.conftest import fill, legacy_log, make_entries, raw
 
 
 @pytest.fixture
 def log(db_path: Path) -> Path:
     """A 20-record SQLite log, closed."""
     store = SQLiteStore(db_path)
+    fill(store, 20)
+    store.close()
+    return db_path
+
+
+@pytest.fixture
+def v1log(db_path: Path) -> Path:
+    """A 20-record SQLite log at schema version 1 (plain query columns), closed."""
+    legacy_log(db_path)
+    store = SQLiteStore(db_path, upgrade=False)
     fill(store, 20)
     store.close()
     return db_path
@@ -60,7 +70,7 @@ def _verify(path: Path, expected_head: Head | None = None) -> VerifyReport:
 def rearm(path: Path) -> None:
     """Put the append-only triggers back (a read-write open does), as a careful tamperer
     would after editing: what is left to find is in the rows."""
-    SQLiteStore(path).close()
+    SQLiteStore(path, upgrade=False).close()
 
 
 def _row(conn: sqlite3.Connection, seq: int) -> tuple[bytes, bytes, bytes]:
@@ -177,8 +187,8 @@ def test_tail_rewritten_with_recomputed_chain(log: Path) -> None:
         body = canonical(fields)
         digest = hashlib.sha256(prev + body).digest()
         conn.execute(
-            "UPDATE audit_records SET prev_hash = ?, hash = ?, body = ?, doctype = ? WHERE seq = ?",
-            (prev, digest, body, "Forged", seq),
+            "UPDATE audit_records SET prev_hash = ?, hash = ?, body = ? WHERE seq = ?",
+            (prev, digest, body, seq),
         )
         prev = digest
     rearm(log)  # a careful owner puts the triggers back
@@ -274,11 +284,16 @@ def test_parallel_verify_large_log(db_path: Path) -> None:
     assert (result["ok"], result["bad_seq"], result["kind"]) == (False, 2_222, EDITED)
 
 
-def test_parallel_verify_reports_the_serial_findings_in_order(db_path: Path) -> None:
-    """The parallel pass selects the rows to check in its hashing scan: edited columns (on
-    records with and without a payload), an edited time and a payload deleted by hand are
-    all reported, the same findings in the same order as the serial verifier's."""
-    store = SQLiteStore(db_path)
+@pytest.mark.parametrize("version", [1, 2])
+def test_parallel_verify_reports_the_serial_findings_in_order(db_path: Path, version: int) -> None:
+    """The parallel pass reports what the serial verifier does, in the same order: in a
+    version 1 file (rows selected in its hashing scan) edited columns (on records with and
+    without a payload), an edited time and a payload deleted by hand; in a version 2 file,
+    where no column can be edited, the payload deleted by hand."""
+    if version == 1:
+        legacy_log(db_path)
+    store = SQLiteStore(db_path, upgrade=False)
+    assert store.schema_version == version
     plain = make_entries(1)[0][0]
     captured, payload = make_entries(1, **{"coworker.input": '{"n": 1}'})[0]
     assert payload is not None
@@ -286,9 +301,10 @@ def test_parallel_verify_reports_the_serial_findings_in_order(db_path: Path) -> 
         store.append([plain] * 499 + [captured], [None] * 499 + [payload])
     store.close()
     conn = raw(db_path)
-    conn.execute("UPDATE audit_records SET user_id = 'mallory' WHERE seq = 2100")
-    conn.execute("UPDATE audit_records SET flow_id = 'elsewhere' WHERE seq = 1000")
-    conn.execute("UPDATE audit_records SET time = '1999-01-01' WHERE seq = 2999")
+    if version == 1:
+        conn.execute("UPDATE audit_records SET user_id = 'mallory' WHERE seq = 2100")
+        conn.execute("UPDATE audit_records SET flow_id = 'elsewhere' WHERE seq = 1000")
+        conn.execute("UPDATE audit_records SET time = '1999-01-01' WHERE seq = 2999")
     conn.execute("DELETE FROM audit_payloads WHERE seq = 1500")
     conn.close()
     rearm(db_path)
@@ -299,12 +315,8 @@ def test_parallel_verify_reports_the_serial_findings_in_order(db_path: Path) -> 
     serial = _verify_in_child(db_path, min_records=10**9)
     assert len(serial["progress"]) <= 2  # progress from the serial loop: at most 2 calls
     kinds = [(p["kind"], p["seq"]) for p in parallel["problems"]]
-    assert kinds == [
-        (COLUMN_MISMATCH, 1000),
-        (COLUMN_MISMATCH, 2100),
-        (COLUMN_MISMATCH, 2999),
-        (PAYLOAD_MISMATCH, 1500),
-    ]
+    columns = [(COLUMN_MISMATCH, 1000), (COLUMN_MISMATCH, 2100), (COLUMN_MISMATCH, 2999)]
+    assert kinds == (columns if version == 1 else []) + [(PAYLOAD_MISMATCH, 1500)]
     assert parallel["problems"] == serial["problems"]
     assert parallel["head"] == serial["head"] and parallel["checked"] == 3_000
 
@@ -329,10 +341,12 @@ def test_parallel_verify_names_a_gap(db_path: Path) -> None:
 
 
 # -- what the links do not cover: columns, payloads, stray rows, guards -------------------------
-def test_edited_query_column_is_reported(log: Path) -> None:
-    """Editing only user_id hides a record from `query --user`: verify names the column."""
+def test_edited_query_column_is_reported(v1log: Path) -> None:
+    """In a version 1 file, editing only user_id hides a record from `query --user`: verify
+    names the column."""
     from coworker.audit.query import query
 
+    log = v1log
     conn = raw(log)
     conn.execute("UPDATE audit_records SET user_id = 'bob' WHERE seq = 5")
     conn.close()
@@ -345,8 +359,10 @@ def test_edited_query_column_is_reported(log: Path) -> None:
     assert "user_id='bob'" in report.detail and "'alice'" in report.detail
 
 
-def test_every_indexed_column_is_checked(log: Path) -> None:
-    """Each query column (and time) differing from the body is a column-mismatch."""
+def test_every_indexed_column_is_checked(v1log: Path) -> None:
+    """In a version 1 file, each query column (and time) differing from the body is a
+    column-mismatch."""
+    log = v1log
     columns = ("kind", "category", "operation", "doctype", "outcome", "flow_id", "step_id")
     columns += ("run_id", "user_id", "agent_id", "trace_id", "span_id", "time")
     conn = raw(log)
@@ -364,22 +380,16 @@ def test_row_at_seq_zero_is_refused_by_the_schema(log: Path) -> None:
     conn = raw(log)
     with pytest.raises(sqlite3.IntegrityError, match="seq >= 1"):
         conn.execute(
-            "INSERT INTO audit_records (seq, prev_hash, hash, body, user_id) "
-            "SELECT 0, prev_hash, hash, body, user_id FROM audit_records WHERE seq = 3"
+            "INSERT INTO audit_records (seq, prev_hash, hash, body) "
+            "SELECT 0, prev_hash, hash, body FROM audit_records WHERE seq = 3"
         )
     conn.close()
 
 
 def _legacy_log(path: Path) -> None:
     """A file created before the CHECK (seq >= 1) existed, with 20 records."""
-    from coworker.audit import store_sqlite
-
-    conn = sqlite3.connect(path, isolation_level=None)
-    for statement in store_sqlite._split_ddl(store_sqlite._DDL.replace(" CHECK (seq >= 1)", "")):
-        conn.execute(statement)
-    conn.execute("INSERT INTO audit_meta VALUES ('schema_version', '1')")
-    conn.close()
-    store = SQLiteStore(path)
+    legacy_log(path, check=False)
+    store = SQLiteStore(path, upgrade=False)
     fill(store, 20)
     store.close()
 
@@ -420,7 +430,7 @@ def test_lookalike_triggers_are_reported_and_replaced_loudly(
         ("audit_records_append_only", "INSERT"),
     ):
         conn.execute(f"CREATE TRIGGER {name} BEFORE {event} ON audit_records BEGIN SELECT 1; END")
-    conn.execute("UPDATE audit_records SET outcome = outcome WHERE seq = 1")  # allowed now
+    conn.execute("UPDATE audit_records SET body = body WHERE seq = 1")  # allowed now
     conn.close()
     report = _verify(log)
     assert not report.ok and {p.kind for p in report.problems} == {GUARD}
@@ -436,7 +446,7 @@ def test_lookalike_triggers_are_reported_and_replaced_loudly(
     assert "audit_records_append_only is altered" in caplog.text
     conn = sqlite3.connect(log, isolation_level=None)
     with pytest.raises(sqlite3.DatabaseError, match="UPDATE is not allowed"):
-        conn.execute("UPDATE audit_records SET outcome = 'x' WHERE seq = 1")
+        conn.execute("UPDATE audit_records SET body = x'7b7d' WHERE seq = 1")
     conn.close()
     assert _verify(log).ok
 
@@ -522,18 +532,45 @@ def test_verify_while_appending_reports_nothing_false(db_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "body",
-    [b'{"seq":99,"x":1}', b'{"x":1}', b"not json", b"[21]"],
-    ids=["wrong-seq", "no-seq", "not-json", "not-an-object"],
+    ("body", "version"),
+    [
+        (b'{"seq":99,"x":1}', 2),
+        (b'{"x":1}', 2),
+        (b'{"seq":"21","x":1}', 2),
+        (b'{"seq":21.0,"x":1}', 2),
+        (b'{"seq":true,"x":1}', 2),
+        (b"[21]", 2),
+        (b'"21"', 2),
+        (b"not json", 1),
+        (b'{"seq":99,"x":1}', 1),
+    ],
+    ids=[
+        "wrong-seq",
+        "no-seq",
+        "seq-a-string",
+        "seq-a-float",
+        "seq-true",
+        "not-an-object",
+        "a-string",
+        "not-json-v1",
+        "wrong-seq-v1",
+    ],
 )
 def test_a_chained_body_that_is_not_a_record_at_its_seq_is_malformed(
-    log: Path, body: bytes
+    db_path: Path, body: bytes, version: int
 ) -> None:
     """A row appended with correct links (hash = SHA-256(prev || body)) whose body is not a
-    JSON object carrying its own seq is named ``malformed``: the links alone passed it."""
+    JSON object carrying its own seq as an integer is named ``malformed``: the links alone
+    passed it (version 2 finds it in the partial index SQLite keeps of such rows)."""
     from coworker.audit.chain import link
     from coworker.audit.store import MALFORMED
 
+    if version == 1:
+        legacy_log(db_path)
+    store = SQLiteStore(db_path, upgrade=False)
+    fill(store, 20)
+    store.close()
+    log = db_path
     conn = sqlite3.connect(log, isolation_level=None)  # an INSERT: the triggers allow it
     (prev,) = conn.execute("SELECT hash FROM audit_records WHERE seq = 20").fetchone()
     conn.execute(
@@ -544,3 +581,21 @@ def test_a_chained_body_that_is_not_a_record_at_its_seq_is_malformed(
     report = _verify(log)
     assert not report.ok
     assert [(p.kind, p.seq) for p in report.problems] == [(MALFORMED, 21)], report.problems
+
+
+def test_a_body_that_is_not_json_cannot_be_appended_to_a_version_2_file(log: Path) -> None:
+    """The generated columns are computed from the body on insert: SQLite refuses a body that
+    is not JSON, even with the triggers dropped; nothing is inserted."""
+    from coworker.audit.chain import link
+
+    conn = raw(log)
+    (prev,) = conn.execute("SELECT hash FROM audit_records WHERE seq = 20").fetchone()
+    with pytest.raises(sqlite3.OperationalError, match="malformed JSON"):
+        conn.execute(
+            "INSERT INTO audit_records (seq, prev_hash, hash, body) VALUES (21, ?, ?, ?)",
+            (prev, link(prev, b"not json"), b"not json"),
+        )
+    assert conn.execute("SELECT max(seq) FROM audit_records").fetchone() == (20,)
+    conn.close()
+    rearm(log)
+    assert _verify(log).ok

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 from coworker.audit import erasure
 from coworker.audit.chain import Prepared, prepare, seal
 from coworker.audit.sqlite_erasure import _key_in_txn
-from coworker.audit.sqlite_schema import _HEAD, _INSERT, _row
+from coworker.audit.sqlite_migrate import file_version
+from coworker.audit.sqlite_schema import _HEAD, _INSERT, _INSERT_V1, _row, _row_v1
 from coworker.audit.store import Head, StoredRecord
 
 if TYPE_CHECKING:
@@ -55,11 +56,17 @@ def append_in_txn(
     row = conn.execute(_HEAD).fetchone()
     head = Head(row[0], row[1]) if row is not None else None
     sealed = seal(prepared, head, payloads, first_prev=store._first_prev)
-    if len(sealed) == 1:  # the common group of one: no executemany machinery
-        inserted = conn.execute(_INSERT, _row(sealed[0], entries[0])).rowcount
-    else:
-        rows = [_row(r, e) for r, e in zip(sealed, entries, strict=True)]
-        inserted = conn.executemany(_INSERT, rows).rowcount
+    try:
+        inserted = _insert(conn, store.schema_version, sealed, entries)
+    except sqlite3.OperationalError as exc:
+        # Another process migrated the file to version 2 since this connection opened it
+        # (the version 1 insert names columns that are generated now): take the file's
+        # version and insert again, in the same transaction (nothing was inserted).
+        version = file_version(conn)
+        if "generated column" not in str(exc) or version == store.schema_version:
+            raise
+        store.schema_version = version or store.schema_version
+        inserted = _insert(conn, store.schema_version, sealed, entries)
     if inserted != len(sealed):
         # A foreign trigger doing RAISE(IGNORE) skips rows without an error.
         raise sqlite3.IntegrityError(
@@ -70,3 +77,17 @@ def append_in_txn(
     if blobs:
         conn.executemany("INSERT INTO audit_payloads (seq, payload) VALUES (?, ?)", blobs)
     return sealed
+
+
+def _insert(
+    conn: sqlite3.Connection,
+    version: int,
+    sealed: list[StoredRecord],
+    entries: Sequence[Mapping[str, Any]],
+) -> int:
+    """Insert the sealed rows into a ``version`` file: how many went in."""
+    insert, row = (_INSERT, _row) if version >= 2 else (_INSERT_V1, _row_v1)
+    if len(sealed) == 1:  # the common group of one: no executemany machinery
+        return conn.execute(insert, row(sealed[0], entries[0])).rowcount
+    rows = [row(r, e) for r, e in zip(sealed, entries, strict=True)]
+    return conn.executemany(insert, rows).rowcount

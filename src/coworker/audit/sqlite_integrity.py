@@ -1,6 +1,13 @@
 """What verify checks in a SQLite store besides the hash links: query columns against the
 hashed bodies, payloads against their digests, rows outside ``1..head``, the append-only
-guards (:meth:`~coworker.audit.store_sqlite.SQLiteStore.integrity_findings`)."""
+guards (:meth:`~coworker.audit.store_sqlite.SQLiteStore.integrity_findings`).
+
+In a schema version 2 file the query columns are generated from the body, so there is no
+column to compare: the table's definition is (with the guards). The bodies that are not a
+record at their seq, and those that commit to a payload, are read from the two partial indexes
+SQLite keeps of them. A version 1 file, or a version 2 file whose definitions are not ours,
+gets the exact check: one JSON parse of every row by SQLite, every candidate checked in
+Python."""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
-from coworker.audit.sqlite_schema import _COLUMNS, _guard_problems, _row
+from coworker.audit.sqlite_schema import _COLUMNS, _COMMITTED, _MALFORMED, _guard_problems, _row_v1
 from coworker.audit.store import (
     COLUMN_MISMATCH,
     GUARD,
@@ -67,6 +74,22 @@ _PAYLOAD_ROWS: Final = (
     " WHERE p.payload IS NOT NULL AND r.seq BETWEEN 1 AND ? ORDER BY r.seq"
 )
 
+# Version 2: the rows SQLite keeps in the partial indexes (``NOT INDEXED``: the same rows by a
+# full scan, when the indexes are not ours).
+_MALFORMED_ROWS: Final = (
+    "SELECT seq FROM audit_records {how} WHERE " + _MALFORMED + " AND seq BETWEEN 1 AND ?"
+    " ORDER BY seq"
+)
+_UNSTORED_ROWS: Final = (
+    "SELECT r.seq FROM audit_records AS r {how} LEFT JOIN audit_payloads p ON p.seq = r.seq"
+    " WHERE " + _COMMITTED + " AND p.payload IS NULL AND r.seq BETWEEN 1 AND ? ORDER BY r.seq"
+)
+
+_CANDIDATE_ROW_V2: Final = (
+    "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload"
+    " FROM audit_records r LEFT JOIN audit_payloads p ON p.seq = r.seq WHERE r.seq = ?"
+)
+
 # One candidate with everything its checks need.
 _CANDIDATE_ROW: Final = (
     "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload, "
@@ -85,9 +108,10 @@ def integrity_findings(
     with store._lock:
         conn = store._connection()
         try:
-            findings += [Finding(GUARD, None, p) for p in _guard_problems(conn)]
+            problems = _guard_problems(conn, store.schema_version)
         except sqlite3.Error as exc:
             raise AuditUnavailable(f"audit store {store.path!r}: {exc}") from exc
+    findings += [Finding(GUARD, None, p) for p in problems]
     # Only below 1: the head is the highest seq, and a row above it was appended after
     # the head was read (verify may run while the application writes).
     stray = list(store._read("SELECT seq FROM audit_records WHERE seq < 1 ORDER BY seq", ()))
@@ -104,21 +128,38 @@ def integrity_findings(
     findings += _capped(
         Finding(PAYLOAD_MISMATCH, r[0], f"seq {r[0]}: a payload with no record") for r in orphans
     )
-    # SQLite's own JSON parser picks the candidate rows (~10x faster than decoding every
-    # body in Python), one parse per row for the columns and the payload commitment; each
-    # candidate is then checked exactly. Values that are not strings are always
-    # candidates, so that the SQL comparison can only over-report, never hide a mismatch.
-    if candidates is None:
+    structural = store.schema_version >= 2 and not problems
+    if store.schema_version >= 2 and not any(p.startswith("table ") for p in problems):
+        # The columns are the body's by definition: only the rows in the partial indexes
+        # (read by a full scan when an index is not ours) are looked at.
         try:
-            candidates = [r[0] for r in store._read(_CANDIDATES, (last,), mmap=True)]
-        except AuditUnavailable:  # a body is not JSON: decode them all, the slow way
-            candidates = [r[0] for r in store._read(_ALL_ROWS, (last,))]
+            how = "INDEXED BY audit_records_malformed" if structural else "NOT INDEXED"
+            candidates = [r[0] for r in store._read(_MALFORMED_ROWS.format(how=how), (last,))]
+            how = "INDEXED BY audit_records_committed" if structural else "NOT INDEXED"
+            unstored = [r[0] for r in store._read(_UNSTORED_ROWS.format(how=how), (last,))]
+        except AuditUnavailable:
+            if structural:
+                raise
+            # A body that is not JSON (only possible with the definitions not ours).
+            candidates, unstored = [r[0] for r in store._read(_ALL_ROWS, (last,))], []
+        check_columns = False
+    else:
+        candidates = _v1_candidates(store, last, candidates)
+        unstored = []
+        check_columns = True
     columns: list[Finding] = []
     malformed: list[Finding] = []
     missing: list[StoredRecord] = []  # no payload stored: a finding if the body has a digest
     names = [*_COLUMNS, "time"]
-    for seq in candidates:
-        rows = list(store._read(_CANDIDATE_ROW, (seq,)))
+    for seq in sorted({*candidates, *unstored}):
+        try:
+            rows = list(store._read(_CANDIDATE_ROW if check_columns else _CANDIDATE_ROW_V2, (seq,)))
+        except AuditUnavailable:
+            if not check_columns:
+                raise
+            # A table rewritten without the query columns: the guard finding says so.
+            check_columns = False
+            rows = list(store._read(_CANDIDATE_ROW_V2, (seq,)))
         if not rows:
             continue
         (row,) = rows
@@ -136,8 +177,8 @@ def integrity_findings(
             continue
         if record.payload is None and fields.get("payload_digest") is not None:
             missing.append(record)
-        expected = _row(record, fields)[4:]
-        if tuple(row[5:]) != expected:
+        expected = _row_v1(record, fields)[4:]
+        if check_columns and tuple(row[5:]) != expected:
             wrong = [
                 f"{n}={got!r} (body: {want!r})"
                 for n, got, want in zip(names, row[5:], expected, strict=True)
@@ -171,6 +212,19 @@ def integrity_findings(
             payloads.append(found)
     payloads.sort(key=lambda f: f.seq or 0)
     return findings + _capped(iter(malformed)) + _capped(iter(columns)) + _capped(iter(payloads))
+
+
+def _v1_candidates(store: SQLiteStore, last: int, candidates: Sequence[int] | None) -> list[int]:
+    # SQLite's own JSON parser picks the candidate rows (~10x faster than decoding every
+    # body in Python), one parse per row for the columns and the payload commitment; each
+    # candidate is then checked exactly. Values that are not strings are always
+    # candidates, so that the SQL comparison can only over-report, never hide a mismatch.
+    if candidates is not None:
+        return list(candidates)
+    try:
+        return [r[0] for r in store._read(_CANDIDATES, (last,), mmap=True)]
+    except AuditUnavailable:  # a body is not JSON (or a column is missing): decode them all
+        return [r[0] for r in store._read(_ALL_ROWS, (last,))]
 
 
 def _capped(findings: Iterator[Finding]) -> list[Finding]:

@@ -12,14 +12,18 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
+from coworker.audit.sqlite_migrate import file_version, migrate
 from coworker.audit.sqlite_schema import (
-    _DDL,
     _KEY_DDL,
+    GENERATED_MIN_SQLITE,
     SCHEMA_VERSION,
+    SCHEMA_VERSIONS,
+    _expected_indexes,
     _expected_triggers,
     _guard_problems,
     _normalise,
     _split_ddl,
+    ddl,
 )
 from coworker.audit.store import StoreNotFound
 from coworker.config import DEFAULT_AUDIT_PATH
@@ -100,6 +104,11 @@ def _switch_to_wal(conn: sqlite3.Connection, timeout: float) -> object:
         delay = min(delay * 2, 0.05)
 
 
+def new_file_version() -> int:
+    """The schema version a new file gets with this SQLite library."""
+    return SCHEMA_VERSION if sqlite3.sqlite_version_info >= GENERATED_MIN_SQLITE else 1
+
+
 def _init_schema(store: SQLiteStore, conn: sqlite3.Connection) -> None:
     exists = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_records'"
@@ -109,33 +118,40 @@ def _init_schema(store: SQLiteStore, conn: sqlite3.Connection) -> None:
             raise sqlite3.OperationalError("not an audit store (no audit_records table)")
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _split_ddl(_DDL):
+            # Another process may have created it since we looked: every statement is
+            # IF NOT EXISTS and the version is only set once, so both agree.
+            created = new_file_version()
+            for statement in _split_ddl(ddl(created)):
                 conn.execute(statement)
             conn.execute(
                 "INSERT OR IGNORE INTO audit_meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
+                (str(created),),
             )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-    row = conn.execute("SELECT value FROM audit_meta WHERE key = 'schema_version'").fetchone()
-    if row is None or int(row[0]) != SCHEMA_VERSION:
-        found = None if row is None else row[0]
+    version = file_version(conn)
+    if version not in SCHEMA_VERSIONS:
         raise sqlite3.DatabaseError(
-            f"audit store schema version {found}, this coworker reads {SCHEMA_VERSION}"
+            f"audit store schema version {version}, this coworker reads "
+            f"{', '.join(map(str, sorted(SCHEMA_VERSIONS)))}"
         )
     if exists is not None and not store.readonly:
-        _rearm(store, conn)
+        _rearm(store, conn, version)
+        if version == 1 and store.upgrade and new_file_version() >= 2:
+            version = migrate(store, conn)
+    store.schema_version = version
     if not store.readonly:
         conn.execute(_KEY_DDL)
 
 
-def _rearm(store: SQLiteStore, conn: sqlite3.Connection) -> None:
+def _rearm(store: SQLiteStore, conn: sqlite3.Connection, version: int) -> None:
     # Somebody with the file can drop the append-only triggers, or replace them with
-    # look-alikes of the same name that do nothing. Compare definitions, put ours back
-    # for the appends to come, and say so loudly: what happened meanwhile is verify's job.
-    problems = _guard_problems(conn)
+    # look-alikes of the same name that do nothing (or, in version 2, drop or alter the
+    # indexes verify reads). Compare definitions, put ours back for the appends to come, and
+    # say so loudly: what happened meanwhile is verify's job.
+    problems = _guard_problems(conn, version)
     if not problems:
         return
     _log.error(
@@ -144,17 +160,19 @@ def _rearm(store: SQLiteStore, conn: sqlite3.Connection) -> None:
         store.path,
         "; ".join(problems),
     )
-    expected = _expected_triggers()
+    expected = {**_expected_triggers(), **(_expected_indexes() if version >= 2 else {})}
     present = {
-        r[0]: _normalise(r[1] or "")
-        for r in conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+        r[0]: (r[1], _normalise(r[2] or ""))
+        for r in conn.execute(
+            "SELECT name, type, sql FROM sqlite_master WHERE type IN ('trigger', 'index')"
+        )
     }
     conn.execute("BEGIN IMMEDIATE")
     try:
         for name, definition in expected.items():
-            if name in present and present[name] != definition:
-                conn.execute(f'DROP TRIGGER "{name}"')
-        for statement in _split_ddl(_DDL):
+            if name in present and present[name][1] != definition:
+                conn.execute(f'DROP {present[name][0].upper()} "{name}"')
+        for statement in _split_ddl(ddl(version)):
             conn.execute(statement)
         conn.execute("COMMIT")
     except BaseException:

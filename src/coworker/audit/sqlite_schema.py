@@ -1,5 +1,19 @@
 """The SQLite audit store's schema: tables, indexes, the append-only triggers and how a file's
-guards are compared with them, and the row a record becomes."""
+guards are compared with them, and the row a record becomes.
+
+Schema version 2 (current): the query columns are ``GENERATED ALWAYS AS (...) VIRTUAL`` from the
+hashed body, so that no row can hold a column that differs from its body: SQLite computes the
+value from the body on every read, and an index entry when the row is inserted. Whether a
+column equals its body is then a property of the table's definition, which
+:func:`_guard_problems` compares with ours, instead of one JSON parse per row at verify time.
+Two partial indexes keep, for verify, the rows whose body is not a record at its own seq
+(``audit_records_malformed``, normally empty) and the rows whose body commits to a payload
+(``audit_records_committed``): SQLite maintains both on every insert, whatever triggers say.
+
+Version 1 (files written before) has plain columns copied by the writer; such a file is read
+and verified as it is (verify then compares every column with its body) and is migrated to
+version 2 on its first read-write open (:mod:`coworker.audit.sqlite_migrate`).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +24,15 @@ from typing import Any, Final
 
 from coworker.audit.store import StoredRecord
 
-SCHEMA_VERSION: Final = 1
-"""Version of the table layout, kept in ``audit_meta``."""
+SCHEMA_VERSION: Final = 2
+"""Version of the table layout, kept in ``audit_meta``: what a new file gets."""
+
+SCHEMA_VERSIONS: Final = frozenset({1, 2})
+"""The versions this coworker reads, verifies and appends to."""
+
+GENERATED_MIN_SQLITE: Final = (3, 38, 0)
+"""The oldest SQLite library that makes version 2 files (its ``->`` operator): with an older
+one, new files are version 1 and version 1 files stay as they are."""
 
 _TRIGGERS: Final = (
     "audit_records_no_update",
@@ -20,23 +41,50 @@ _TRIGGERS: Final = (
 )
 
 
-# Body fields copied into plain indexed columns (column name = body key, except time).
+# Body fields kept as indexed query columns (column name = body key, except time).
 _COLUMNS: Final = (
     "kind", "category", "operation", "doctype", "outcome", "flow_id", "step_id", "run_id",
     "user_id", "agent_id", "trace_id", "span_id",
 )  # fmt: skip
 
-_DDL: Final = f"""
-CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS audit_records (
+# CAST: a BLOB given to SQLite's JSON functions is read as JSONB from SQLite 3.45 on; the
+# body is text JSON kept as a BLOB (the exact hashed bytes).
+_BODY: Final = "CAST(body AS TEXT)"
+
+
+def _field(key: str) -> str:
+    return f"json_extract({_BODY}, '$.{key}')"
+
+
+# The writer's rule for time: ``start``, or ``recorded_at`` when there is no (non-empty) start.
+_TIME: Final = f"COALESCE(NULLIF({_field('start')}, ''), {_field('recorded_at')})"
+
+_TABLE_V1: Final = f"""CREATE TABLE IF NOT EXISTS audit_records (
     seq INTEGER PRIMARY KEY CHECK (seq >= 1),
     prev_hash BLOB NOT NULL,
     hash BLOB NOT NULL,
     body BLOB NOT NULL,
     {", ".join(f"{c} TEXT" for c in _COLUMNS)},
     time TEXT
-);
-CREATE TABLE IF NOT EXISTS audit_payloads (seq INTEGER PRIMARY KEY, payload BLOB);
+);"""
+
+_TABLE_V2: Final = f"""CREATE TABLE IF NOT EXISTS audit_records (
+    seq INTEGER PRIMARY KEY CHECK (seq >= 1),
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    body BLOB NOT NULL,
+    {", ".join(f"{c} TEXT GENERATED ALWAYS AS ({_field(c)}) VIRTUAL" for c in _COLUMNS)},
+    time TEXT GENERATED ALWAYS AS ({_TIME}) VIRTUAL
+);"""
+
+# The body's own seq as JSON text: exactly the decimal digits of the row's seq for a record
+# (Python's rule in ``malformed_finding``: an int equal to the position; a string "21", 21.0,
+# true, a missing seq or a body that is no object all differ). Rows where it differs are in the
+# partial index audit_records_malformed, which is empty in an honest log.
+_MALFORMED: Final = f"({_BODY} -> '$.seq') IS NOT CAST(seq AS TEXT)"
+_COMMITTED: Final = f"{_field('payload_digest')} IS NOT NULL"
+
+_INDEXES: Final = """
 CREATE INDEX IF NOT EXISTS audit_records_flow ON audit_records(flow_id, seq);
 CREATE INDEX IF NOT EXISTS audit_records_user ON audit_records(user_id, seq);
 CREATE INDEX IF NOT EXISTS audit_records_agent ON audit_records(agent_id, seq);
@@ -45,7 +93,13 @@ CREATE INDEX IF NOT EXISTS audit_records_operation ON audit_records(operation, s
 CREATE INDEX IF NOT EXISTS audit_records_category ON audit_records(category, seq);
 CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records(time);
 CREATE INDEX IF NOT EXISTS audit_records_span ON audit_records(span_id);
-CREATE INDEX IF NOT EXISTS audit_records_intent ON audit_records(seq) WHERE kind = 'intent';
+CREATE INDEX IF NOT EXISTS audit_records_intent ON audit_records(seq) WHERE kind = 'intent';"""
+
+_INDEXES_V2: Final = f"""
+CREATE INDEX IF NOT EXISTS audit_records_malformed ON audit_records(seq) WHERE {_MALFORMED};
+CREATE INDEX IF NOT EXISTS audit_records_committed ON audit_records(seq) WHERE {_COMMITTED};"""
+
+_GUARDS: Final = """
 CREATE TRIGGER IF NOT EXISTS audit_records_no_update BEFORE UPDATE ON audit_records
 BEGIN
     SELECT RAISE(ABORT, 'audit_records is append-only: UPDATE is not allowed (write a correction)');
@@ -62,6 +116,21 @@ BEGIN
     WHERE NEW.seq <> COALESCE((SELECT MAX(seq) FROM audit_records), 0) + 1;
 END;
 """
+
+_META: Final = """
+CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"""
+_PAYLOADS: Final = """
+CREATE TABLE IF NOT EXISTS audit_payloads (seq INTEGER PRIMARY KEY, payload BLOB);"""
+
+_DDL_V1: Final = _META + "\n" + _TABLE_V1 + _PAYLOADS + _INDEXES + "\n" + _GUARDS
+_DDL: Final = _META + "\n" + _TABLE_V2 + _PAYLOADS + _INDEXES + _INDEXES_V2 + "\n" + _GUARDS
+"""Every statement of a version 2 store (``_DDL_V1``: version 1)."""
+
+
+def ddl(version: int) -> str:
+    """The schema statements of ``version``."""
+    return _DDL if version == 2 else _DDL_V1
+
 
 # Per-subject data keys of encrypted payloads (coworker.audit.erasure). Deliberately outside
 # the append-only guards: erasing a subject deletes its row, and with it every payload sealed
@@ -83,7 +152,7 @@ def _normalise(statement: str) -> str:
 
 def _expected_triggers() -> dict[str, str]:
     out: dict[str, str] = {}
-    for statement in _split_ddl(_DDL):
+    for statement in _split_ddl(_GUARDS):
         if statement.lstrip().startswith("CREATE TRIGGER"):
             name = statement.split()[5]
             out[name] = _normalise(statement)
@@ -92,14 +161,19 @@ def _expected_triggers() -> dict[str, str]:
 
 _HEAD: Final = "SELECT seq, hash FROM audit_records WHERE seq >= 1 ORDER BY seq DESC LIMIT 1"
 
-_INSERT: Final = (
+_INSERT: Final = "INSERT INTO audit_records (seq, prev_hash, hash, body) VALUES (?, ?, ?, ?)"
+"""A version 2 insert: the chained values only, SQLite derives the rest."""
+
+_INSERT_V1: Final = (
     f"INSERT INTO audit_records (seq, prev_hash, hash, body, {', '.join(_COLUMNS)}, time) "
     f"VALUES ({', '.join('?' * (len(_COLUMNS) + 5))})"
 )
 
 
-def _guard_problems(conn: sqlite3.Connection) -> list[str]:
-    """What is wrong with the append-only triggers: missing, altered, or foreign ones."""
+def _guard_problems(conn: sqlite3.Connection, version: int = SCHEMA_VERSION) -> list[str]:
+    """What is wrong with the append-only guards of a ``version`` file: triggers missing,
+    altered or foreign, the table not ours, and (version 2) its indexes missing, altered or
+    foreign (they are what verify reads instead of parsing every body)."""
     expected = _expected_triggers()
     present = {
         r[0]: (r[1], _normalise(r[2] or ""))
@@ -116,27 +190,67 @@ def _guard_problems(conn: sqlite3.Connection) -> list[str]:
     for name, (table, _) in sorted(present.items()):
         if name not in expected and table in _GUARDED_TABLES:
             problems.append(f"trigger {name} on {table} is not coworker's")
-    # The table itself (PRAGMA writable_schema can rewrite it, e.g. to drop the CHECK): as
-    # created now, or as created before the CHECK existed.
+    # The table itself (PRAGMA writable_schema can rewrite it, e.g. to drop the CHECK or to
+    # turn a generated column into a plain one): as created now, or, in a version 1 file, as
+    # created before the CHECK existed.
     row = conn.execute(
         "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'audit_records'"
     ).fetchone()
     table_sql = _normalise(row[0] if row and row[0] else "")
-    if table_sql not in _expected_tables():
+    if table_sql not in _expected_tables(version):
         problems.append("table audit_records is altered (not coworker's definition)")
+    if version >= 2:
+        problems += _index_problems(conn)
     return problems
 
 
-def _expected_tables() -> tuple[str, str]:
-    (create,) = [s for s in _split_ddl(_DDL) if "TABLE IF NOT EXISTS audit_records" in s]
-    current = _normalise(create)
+def _index_problems(conn: sqlite3.Connection) -> list[str]:
+    expected = _expected_indexes()
+    present = {
+        r[0]: _normalise(r[1])
+        for r in conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' "
+            "AND tbl_name = 'audit_records' AND sql IS NOT NULL"
+        )
+    }
+    problems: list[str] = []
+    for name, definition in expected.items():
+        if name not in present:
+            problems.append(f"index {name} is missing")
+        elif present[name] != definition:
+            problems.append(f"index {name} is altered (not coworker's definition)")
+    problems += [
+        f"index {name} on audit_records is not coworker's"
+        for name in sorted(present)
+        if name not in expected
+    ]
+    return problems
+
+
+def _expected_indexes() -> dict[str, str]:
+    return {
+        statement.split()[5]: _normalise(statement)
+        for statement in _split_ddl(_INDEXES + _INDEXES_V2)
+    }
+
+
+def _expected_tables(version: int = SCHEMA_VERSION) -> tuple[str, ...]:
+    if version >= 2:
+        return (_normalise(_TABLE_V2),)
+    current = _normalise(_TABLE_V1)
     return current, current.replace(" CHECK (seq >= 1)", "")
+
+
+def _row(record: StoredRecord, fields: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The values of a version 2 insert (:data:`_INSERT`)."""
+    return (record.seq, record.prev_hash, record.hash, record.body)
 
 
 _TEXT_TYPES: Final = frozenset({str, type(None)})
 
 
-def _row(record: StoredRecord, fields: Mapping[str, Any]) -> tuple[Any, ...]:
+def _row_v1(record: StoredRecord, fields: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The values of a version 1 insert (:data:`_INSERT_V1`): the writer copies the columns."""
     values = tuple(map(fields.get, _COLUMNS))
     if not _TEXT_TYPES.issuperset(map(type, values)):  # rare: a hand-made entry
         values = tuple(map(_column, values))

@@ -114,14 +114,17 @@ class SQLiteStore:
             (:mod:`coworker.audit.erasure`); default: when ``cryptography`` is installed.
         subject_field: the body field whose value names a payload's data-key subject.
         keystore: where data keys live (a KMS); default: the ``audit_keys`` table here.
+        upgrade: migrate a schema version 1 file to version 2 on a read-write open (default;
+            :mod:`coworker.audit.sqlite_migrate`); ``False`` keeps it at version 1, e.g. while
+            an older coworker still reads it (version 2 files need coworker with this schema).
 
     Raises:
         ConfigError: a bad parameter.
         AuditUnavailable: the file cannot be opened or initialised.
     """
 
-    CANDIDATE_FLAG: Final = CANDIDATE_FLAG
-    """What the parallel verifier computes per row for :meth:`integrity_findings`."""
+    schema_version: int
+    """The file's schema version (:data:`~coworker.audit.sqlite_schema.SCHEMA_VERSIONS`)."""
 
     def __init__(
         self,
@@ -136,6 +139,7 @@ class SQLiteStore:
         subject_field: str = "user_id",
         keystore: KeyStore | None = None,
         chain: str = "",
+        upgrade: bool = True,
     ) -> None:
         sync = synchronous.upper()
         if sync not in _SYNCHRONOUS:
@@ -161,6 +165,8 @@ class SQLiteStore:
         self.encrypt_payloads = encrypt_payloads
         self.subject_field = subject_field
         self.keystore = keystore
+        self.upgrade = upgrade
+        self.schema_version = 0  # set by the open
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -177,6 +183,12 @@ class SQLiteStore:
     def _open(self) -> None:
         with self._lock:
             self._connection()
+
+    @property
+    def CANDIDATE_FLAG(self) -> str | None:
+        """What the parallel verifier computes per row for :meth:`integrity_findings`: the
+        SQL flag of a version 1 file, ``None`` for version 2 (nothing to check per row)."""
+        return CANDIDATE_FLAG if self.schema_version < 2 else None
 
     # -- connections (coworker.audit.sqlite_open) ---------------------------------------------
     def _connection(self) -> sqlite3.Connection:
