@@ -24,6 +24,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import secrets
 import statistics
 import sys
@@ -39,9 +40,9 @@ from coworker.audit.store_postgres import (
     _ByteaArray,
     _column_values,
     _Int8Array,
-    _register_arrays,
     _TextArray,
 )
+from coworker.audit.store_postgres._wire import _pipelined
 
 
 def make_entries(n: int) -> list[tuple[dict[str, Any], bytes | None]]:
@@ -94,24 +95,28 @@ def _raw(url: str, rows: list[list[Any]], batch: int, barrier: Any, out: Any) ->
     # Only for the table name and INSERT statement; read-only, so that it does not restore
     # the chain trigger run_once dropped for the raw side.
     store = PostgresStore(url, spool=None, readonly=True)
-    insert = store._insert_sql()
     # Autocommit: each INSERT is its own transaction, committed synchronously (the server's
     # synchronous_commit, at least 'on'), in one round trip: the fastest way to durably insert
-    # these rows from a client, so the strictest baseline.
+    # these rows from a client, so the strictest baseline. Sent the way the chained side sends
+    # append(): a server-side prepared statement, binary arrays, libpq driven directly
+    # (_pipelined), so that neither side pays psycopg's per-statement Python work.
     conn = psycopg.connect(store._conninfo, autocommit=True)
     conn.execute(
         "SELECT CASE WHEN current_setting('synchronous_commit') = 'off'"
         " THEN set_config('synchronous_commit', 'on', false) END"
     )
-    _register_arrays(conn)
+    numbers = iter(range(1, 1000))
+    insert = re.sub("%b", lambda _: f"${next(numbers)}", store._insert_sql().as_string(conn))
     kinds = [_Int8Array] + [_ByteaArray] * 4 + [_TextArray] * (len(rows[0]) - 5)
+    types = [1016] + [1001] * 4 + [1009] * (len(rows[0]) - 5)
+    setup = [(b"raw_insert", insert.encode(), types)]
     barrier.wait()
     start = time.perf_counter()
     for i in range(0, len(rows), batch):
         chunk = rows[i : i + batch]
-        columns = [k.of(list(c)) for k, c in zip(kinds, zip(*chunk, strict=True), strict=True)]
-        with conn.cursor() as cur:
-            cur.execute(insert, columns)
+        columns = [k.of(list(c)).data for k, c in zip(kinds, zip(*chunk, strict=True), strict=True)]
+        _pipelined(conn, [(b"raw_insert", columns)], setup)
+        setup = []
     out.put((start, time.perf_counter()))
     conn.close()
     store.close()

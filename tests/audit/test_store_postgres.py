@@ -28,6 +28,7 @@ from coworker.audit.store_postgres import (  # noqa: E402
     default_spool_path,
     writer_grants,
 )
+from coworker.audit.store_postgres.writes import _APPEND_TYPES  # noqa: E402
 from coworker.exceptions import AuditUnavailable, ConfigError  # noqa: E402
 from tests.pg import (  # noqa: E402
     PGServer,
@@ -381,8 +382,11 @@ def test_server_side_append_refuses_repeatable_read(pg: PGServer, store: Postgre
     store.append([entry(1)])
     with psycopg.connect(store._conninfo) as raw:
         raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-        with pytest.raises(psycopg.Error, match="needs READ COMMITTED"):
-            raw.execute(store._append_statement(), [b"n" * 16] + [None] * 18)
+        res = raw.pgconn.exec_params(
+            store._append_statement(), [b"n" * 16] + [None] * 18, list(_APPEND_TYPES), [1] * 19
+        )
+        assert res.status == psycopg.pq.ExecStatus.FATAL_ERROR
+        assert b"needs READ COMMITTED" in (res.error_message or b"")
     assert [r.seq for r in store.iter_from()] == [1]
 
 

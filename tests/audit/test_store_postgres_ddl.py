@@ -66,8 +66,8 @@ def test_version_3_store_is_upgraded_in_place(pg: PGServer, tmp_path: Path) -> N
     assert readonly._version == 3 and readonly.head().hash.hex() == V3_HEAD  # type: ignore[union-attr]
     readonly.close()
     store = PostgresStore(url, spool=None)
-    assert versions(pg, schema) == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 4
-    assert store._version == 4
+    assert versions(pg, schema) == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 5
+    assert store._version == 5
     old = list(store.iter_from())
     assert [r.seq for r in old] == [1, 2, 3] and old[-1].hash.hex() == V3_HEAD
     assert json.loads(old[1].body)["user_id"] == "björn ☃ 😀"
@@ -91,11 +91,93 @@ def test_writer_on_a_version_3_store_keeps_appending(pg: PGServer, tmp_path: Pat
     assert w._version == 3
     assert [r.seq for r in w.append([{"kind": "outcome", "i": 4}])] == [4]
     PostgresStore(with_user(url, owner), spool=None).close()  # the upgrade
-    assert versions(pg, schema)[-1] == 4
+    assert versions(pg, schema)[-1] == SCHEMA_VERSION
     w.close()
     w = PostgresStore(with_user(url, writer), spool=None)
-    assert w._version == 4
+    assert w._version == SCHEMA_VERSION
     assert [r.seq for r in w.append([{"kind": "outcome", "i": 5}])] == [5]  # server-side
+    report = verify_chain(w)
+    assert report.ok and report.checked == 5 and not report.problems, report
+    w.close()
+
+
+DUMP_V4 = Path(__file__).parent / "data" / "pg_schema_v4.sql"
+V4_HEAD = "99e55cc1f33e2d3198cb5be6dfd22599c4d5676aabc9cb58da1f709fb1277b25"
+V4_FUNCTIONS = (
+    "refuse_change()",
+    "lock_head(integer)",
+    "check_chain()",
+    "append(integer, bytea, bytea[], bytea[], bytea[], bytea[], text[], text[], text[], text[],"
+    " text[], text[], text[], text[], text[], text[], text[], text[], text[], text[])",
+)
+
+
+def load_v4(pg: PGServer, owner: str | None = None) -> str:
+    """Restore the version-4 dump (made before version 5) into a new schema; return its name."""
+    schema = "v4_" + secrets.token_hex(4)
+    pg.execute(DUMP_V4.read_text().replace("cw_v4_fixture", schema))
+    if owner is not None:
+        s = f'"{schema}"'
+        pg.execute(
+            f"ALTER SCHEMA {s} OWNER TO {owner};"
+            + "".join(
+                f"ALTER TABLE {s}.{t} OWNER TO {owner};"
+                for t in ("records", "payloads", "keys", "schema_version")
+            )
+            + "".join(f"ALTER FUNCTION {s}.{f} OWNER TO {owner};" for f in V4_FUNCTIONS)
+        )
+    return schema
+
+
+def test_version_4_store_is_upgraded_to_5(pg: PGServer) -> None:
+    """The owner's first open migrates 4 -> 5 (the cheaper append() and chain check): the old
+    records verify unchanged, no guard is reported, dedup keys from before still count, and
+    new appends chain on the old head through the new append()."""
+    schema = load_v4(pg)
+    url = pg.schema_url(schema)
+    readonly = PostgresStore(url, readonly=True)
+    assert readonly._version == 4 and readonly.head().hash.hex() == V4_HEAD  # type: ignore[union-attr]
+    readonly.close()
+    store = PostgresStore(url, spool=None)
+    assert versions(pg, schema) == [1, 2, 3, 4, 5] and store._version == 5
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        source = conn.execute(
+            "SELECT prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = %s AND p.proname = 'append'",
+            (schema,),
+        ).fetchone()
+    assert source is not None and "pos integer[]" in source[0]  # version 5's append()
+    old = list(store.iter_from())
+    assert [r.seq for r in old] == [1, 2, 3] and old[-1].hash.hex() == V4_HEAD
+    assert json.loads(old[0].body)["user_id"] == "björn ☃ 😀"
+    result = store.append_unique(
+        [{"kind": "outcome", "i": 4}, {"kind": "outcome", "i": 5}], None, [b"k2", b"k5"]
+    )
+    assert result.duplicates == [0] and [r.seq for r in result.records] == [4]
+    assert result.records[0].prev_hash == old[-1].hash
+    report = verify_chain(store)
+    assert report.ok and report.checked == 4 and not report.problems, report
+    store.close()
+
+
+def test_writer_on_a_version_4_store_appends_until_upgraded(pg: PGServer) -> None:
+    """A writer role cannot migrate 4 -> 5: it keeps appending through version 4's append();
+    after the owner's open it appends through version 5's, one chain throughout."""
+    owner, writer = pg.create_role("v4_owner"), pg.create_role("v4_writer")
+    pg.execute(f'GRANT CREATE ON DATABASE "{pg.dbname}" TO "{owner}"')
+    schema = load_v4(pg, owner)
+    for statement in writer_grants(writer, schema):
+        pg.execute(statement)
+    url = pg.schema_url(schema)
+    w = PostgresStore(with_user(url, writer), spool=None)
+    assert w._version == 4
+    assert [r.seq for r in w.append([{"kind": "outcome", "i": 4}])] == [4]
+    PostgresStore(with_user(url, owner), spool=None).close()  # the upgrade
+    assert versions(pg, schema)[-1] == 5
+    w.close()
+    w = PostgresStore(with_user(url, writer), spool=None)
+    assert w._version == 5
+    assert [r.seq for r in w.append([{"kind": "outcome", "i": 5}])] == [5]
     report = verify_chain(w)
     assert report.ok and report.checked == 5 and not report.problems, report
     w.close()

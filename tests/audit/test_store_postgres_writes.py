@@ -18,9 +18,15 @@ from coworker.audit.chain import GENESIS_PREV_HASH, Prepared, link  # noqa: E402
 from coworker.audit.record import canonical  # noqa: E402
 from coworker.audit.spool import Spool  # noqa: E402
 from coworker.audit.store_postgres import PostgresStore  # noqa: E402
-from coworker.audit.store_postgres._wire import _ByteaArray, _column_values, _TextArray  # noqa: E402
+from coworker.audit.store_postgres._wire import (  # noqa: E402
+    _ByteaArray,
+    _column_arrays,
+    _column_values,
+    _TextArray,
+)
+from coworker.audit.store_postgres.writes import _APPEND_TYPES  # noqa: E402
 from coworker.audit.verify import verify_chain  # noqa: E402
-from tests.pg import PGServer, require_server  # noqa: E402
+from tests.pg import PGServer, require_server, with_user  # noqa: E402
 
 pytestmark = pytest.mark.postgres
 
@@ -94,9 +100,20 @@ def _call_append(store: PostgresStore, nonce: bytes, entries: list[dict[str, Any
         None,
         *[_TextArray.of([row[c] for row in plain]) for c in range(len(plain[0]))],
     ]
+    _exec_append(store, params)
+
+
+def _exec_append(store: PostgresStore, params: list[Any]) -> None:
+    """Run the store's append() statement with these parameters (binary), answer unread."""
     with store._lock:
         conn = store._connection()
-        conn.execute(store._append_statement(), params)
+        res = conn.pgconn.exec_params(
+            store._append_statement(),
+            [p if p is None or isinstance(p, bytes) else p.data for p in params],
+            list(_APPEND_TYPES),
+            [1] * len(params),
+        )
+        assert res.status == psycopg.pq.ExecStatus.TUPLES_OK, res.error_message
 
 
 def test_lost_answer_of_a_server_side_append_is_not_shipped_twice(
@@ -172,11 +189,16 @@ def pg_rows(pg: PGServer, store: PostgresStore, query: str) -> list[Any]:
 def test_chain_check_refuses_a_bad_row_inside_a_multi_row_insert(
     pg: PGServer, store: PostgresStore
 ) -> None:
-    """The database's chain check (version 4 form) refuses a raw multi-row INSERT whose
-    second row skips a seq or does not link to the first, and accepts a correct one."""
+    """The database's chain check refuses a writer role's raw multi-row INSERT whose second
+    row skips a seq or does not link to the first, or whose rows come in descending order
+    (version 5 reads them in insertion order), and accepts a correct one."""
     from coworker.audit.chain import seal
     from coworker.audit.store import Head
+    from coworker.audit.store_postgres import writer_grants
 
+    writer = pg.create_role("mr_writer")
+    for grant in writer_grants(writer, store.schema):
+        pg.execute(grant)
     (first,) = store.append([entry(0)])
     head = Head(first.seq, first.hash)
     plain = [{"n": 1}, {"n": 2}]  # no query columns: the raw rows need none
@@ -184,8 +206,8 @@ def test_chain_check_refuses_a_bad_row_inside_a_multi_row_insert(
     skip = [good[0], seal(plain[1:], Head(good[0].seq + 1, good[0].hash))[0]]  # 2, then 4
     unlinked = [good[0], seal(plain[1:], Head(good[0].seq, b"\x07" * 32))[0]]
     table = f'"{store.schema}".records'
-    with psycopg.connect(pg.url, autocommit=True) as conn:
-        for rows in (skip, unlinked):
+    with psycopg.connect(with_user(pg.url, writer), autocommit=True) as conn:
+        for rows in (skip, unlinked, good[::-1]):
             with pytest.raises(psycopg.errors.IntegrityConstraintViolation):
                 conn.execute(
                     f"INSERT INTO {table} (seq, prev_hash, hash, body) VALUES "
@@ -218,7 +240,7 @@ def test_append_called_with_crafted_halves_is_found_malformed(
     params: list[Any] = [b"\x07" * 16, _ByteaArray.of([before]), _ByteaArray.of([after])]
     params += [None, None, *[_TextArray.of([None]) for _ in range(len(_COLUMNS) + 1)]]
     with store._lock:
-        store._connection().execute(store._append_statement(), params)
+        _exec_append(store, params)
     report = verify_chain(store)
     assert not report.ok
     assert [(p.kind, p.seq) for p in report.problems] == [(MALFORMED, 2)], report.problems

@@ -76,7 +76,8 @@ class _Connections:
     _floor: int
     _insert: sql.Composed | None
     _lock_head: sql.Composed | None
-    _append_sql: sql.Composed | None
+    _append_sql: bytes | None
+    _prepared: psycopg.Connection[Any] | None
     _next_connect: float
     _last_error: str
     _closed: bool
@@ -356,6 +357,7 @@ class _Connections:
             assert row is not None
             self._oid = int(row[0])
             self._lock_head = self._append_sql = None  # built with the oid
+            self._prepared = None
             # The floor for finding a lost server-side append (writes._write_fast): rows
             # appended from now on are above it.
             cur.execute(

@@ -10,7 +10,7 @@ from coworker.audit.store_postgres._wire import DEFAULT_SCHEMA
 _log = logging.getLogger("coworker.audit")
 
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 """Version of the table layout, kept in ``<schema>.schema_version``."""
 
 # First key of the two-int advisory locks we take ('cowr'); the second is a table's oid.
@@ -262,7 +262,182 @@ END
 $$;
 """
 
-_MIGRATIONS: Final = {1: _DDL_V1, 2: _DDL_V2, 3: _DDL_V3, 4: _DDL_V4}
+# Version 5 (issue 17): the same append() and chain check, doing less under the lock (the
+# lock serializes every writer, so its work runs on one core while the others wait):
+# * append() runs with its owner's rights (SECURITY DEFINER, a fixed search_path) and the
+#   chain check skips the rows its owner inserts (records_chain WHEN NOT owner_writes()):
+#   append() computes seq, prev_hash and hash itself under the lock, so re-checking its rows
+#   only doubled the hashing and cost a PL/pgSQL trigger call per append. A writer role's
+#   own INSERTs are checked as before; the owner could drop the trigger anyway.
+# * append(): per entry one PL/pgSQL statement under the lock (the hash); the rows go in
+#   with one INSERT over the parameter arrays themselves (no arrays rebuilt row by row), the
+#   dedup keys are looked up with one query, set_config and the lock are plain expressions
+#   (no executor start), and its statements use generic plans (plan_cache_mode: a custom plan
+#   per call for array parameters otherwise, planned again every time);
+# * check_chain(): reads the statement's rows in their insertion order instead of sorting
+#   them: a row must follow the one inserted before it (seq + 1, its hash as prev_hash), the
+#   first one a record already in the log. That refuses everything version 4 refused, and
+#   also a statement whose rows are out of order (coworker inserts in seq order).
+_DDL_V5: Final = """
+CREATE OR REPLACE FUNCTION {schema}.check_chain() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    bad bigint;
+BEGIN
+    -- In insertion order (no sort): whatever order the rows are read in, they pass only if
+    -- each follows the one read before it, so the first one read must follow the log.
+    SELECT n.seq INTO bad FROM (
+        SELECT r.seq, r.prev_hash, r.hash, r.body,
+               lag(r.seq) OVER () AS lseq, lag(r.hash) OVER () AS lhash
+        FROM new_rows r
+    ) n
+    WHERE n.hash IS DISTINCT FROM sha256(n.prev_hash || n.body)
+       OR (n.lseq IS NOT NULL
+           AND (n.lseq <> n.seq - 1 OR n.lhash IS DISTINCT FROM n.prev_hash))
+       OR (n.lseq IS NULL AND n.seq = 1
+           AND n.prev_hash IS DISTINCT FROM decode(repeat('00', 32), 'hex'))
+       OR (n.lseq IS NULL AND n.seq > 1
+           AND (SELECT p.hash FROM {schema}.records p WHERE p.seq = n.seq - 1)
+               IS DISTINCT FROM n.prev_hash)
+    ORDER BY n.seq LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'coworker audit log: record % does not chain onto the log', bad
+            USING ERRCODE = 'integrity_constraint_violation',
+                  HINT = 'seq must follow the head, prev_hash be its hash, hash be '
+                         'sha256(prev_hash || body), rows in seq order: append through coworker';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE OR REPLACE FUNCTION {schema}.append(
+    lock_key integer, attempt bytea, before bytea[], after bytea[], payload bytea[],
+    dedup bytea[], kind text[], category text[], operation text[], doctype text[],
+    outcome text[], flow_id text[], step_id text[], run_id text[], user_id text[],
+    agent_id text[], trace_id text[], span_id text[], recorded_at text[], "time" text[]
+) RETURNS TABLE (i integer, seq bigint, prev_hash bytea, hash bytea)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    n integer := coalesce(cardinality(before), 0);
+    m integer;
+    head bigint;
+    top bytea;
+    -- NULL: every entry is kept, the k-th gets seq head + k; else pos[k] is the place of
+    -- entry k among the kept ones (NULL: its dedup key is already in the log or the batch).
+    pos integer[];
+    hashes bytea[] := '{}';
+    inserted bigint;
+    done text;
+BEGIN
+    -- Under REPEATABLE READ the snapshot predates the lock and the head read below would be
+    -- stale: the chain would fork (the unique prev_hash refuses it, but refuse it here first).
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'coworker audit append needs READ COMMITTED, not %',
+            current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+    -- Commit without waiting for the WAL flush: the lock is free at once; the store waits
+    -- for the flush after it (see PostgresStore._flush). Assignments, not PERFORM: a plain
+    -- expression costs no executor start.
+    done := set_config('synchronous_commit', 'off', true);
+    done := pg_advisory_xact_lock({namespace}, lock_key)::text;
+    -- A new statement, a new snapshot (READ COMMITTED): the head as of after the lock.
+    SELECT r.seq, r.hash INTO head, top FROM {schema}.records r ORDER BY r.seq DESC LIMIT 1;
+    IF head IS NULL THEN
+        head := 0;
+        top := decode(repeat('00', 32), 'hex');
+    END IF;
+    m := n;
+    IF dedup IS NOT NULL THEN
+        -- Kept: no key, or the first entry of the batch with its key and the key not yet in
+        -- the log. pos numbers the kept entries 1, 2, ... in order.
+        SELECT array_agg(CASE WHEN u.keep THEN u.rank END ORDER BY u.k),
+               coalesce(sum(u.keep::integer), 0)
+            INTO pos, m
+        FROM (
+            SELECT d.k, d.keep, count(*) FILTER (WHERE d.keep) OVER (ORDER BY d.k) AS rank
+            FROM (
+                SELECT x.k, x.key IS NULL OR (
+                    x.k = min(x.k) OVER (PARTITION BY x.key)
+                    AND NOT EXISTS (
+                        SELECT 1 FROM {schema}.records r WHERE r.dedup_key = x.key
+                    )
+                ) AS keep
+                FROM unnest(dedup) WITH ORDINALITY AS x(key, k)
+            ) d
+        ) u;
+    END IF;
+    -- The only per-entry work under the lock in PL/pgSQL: the chain itself.
+    IF pos IS NULL THEN
+        FOR k IN 1..n LOOP
+            hashes[k] := sha256(coalesce(hashes[k - 1], top) || before[k]
+                || convert_to((head + k)::text, 'UTF8') || after[k]);
+        END LOOP;
+    ELSE
+        FOR k IN 1..n LOOP
+            CONTINUE WHEN pos[k] IS NULL;
+            hashes[pos[k]] := sha256(coalesce(hashes[pos[k] - 1], top) || before[k]
+                || convert_to((head + pos[k])::text, 'UTF8') || after[k]);
+        END LOOP;
+    END IF;
+    INSERT INTO {schema}.records (seq, prev_hash, hash, body, dedup_key, kind, category,
+        operation, doctype, outcome, flow_id, step_id, run_id, user_id, agent_id, trace_id,
+        span_id, recorded_at, "time", attempt)
+    SELECT head + s.j, coalesce(hashes[s.j - 1], top), hashes[s.j],
+        s.xb || convert_to((head + s.j)::text, 'UTF8') || s.xa, s.xd, s.x1, s.x2, s.x3,
+        s.x4, s.x5, s.x6, s.x7, s.x8, s.x9, s.x10, s.x11, s.x12, s.x13, s.x14, attempt
+    FROM (
+        SELECT CASE WHEN pos IS NULL THEN u.xk::integer ELSE pos[u.xk] END AS j, u.*
+        FROM unnest(before, after, dedup, kind, category, operation, doctype, outcome,
+            flow_id, step_id, run_id, user_id, agent_id, trace_id, span_id, recorded_at,
+            "time") WITH ORDINALITY
+            AS u(xb, xa, xd, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, xk)
+    ) s
+    WHERE s.j IS NOT NULL;
+    GET DIAGNOSTICS inserted = ROW_COUNT;
+    IF inserted <> m THEN
+        -- A rule (DO INSTEAD NOTHING) or a trigger returning NULL dropped rows silently.
+        RAISE EXCEPTION 'coworker audit append: only % of % row(s) were inserted: a rule or '
+            'trigger on the table dropped them (run coworker audit verify)',
+            inserted, m
+            USING ERRCODE = 'triggered_action_exception';
+    END IF;
+    IF payload IS NOT NULL THEN
+        INSERT INTO {schema}.payloads (seq, payload)
+        SELECT head + s.j, s.xp FROM (
+            SELECT CASE WHEN pos IS NULL THEN u.xk::integer ELSE pos[u.xk] END AS j, u.xp
+            FROM unnest(payload) WITH ORDINALITY AS u(xp, xk)
+        ) s
+        WHERE s.j IS NOT NULL AND s.xp IS NOT NULL;
+    END IF;
+    RETURN QUERY
+        SELECT g.k, head + g.j, CASE WHEN g.j IS NOT NULL THEN
+                coalesce(hashes[g.j - 1], top) END, hashes[g.j]
+        FROM (
+            SELECT x.k, CASE WHEN pos IS NULL THEN x.k ELSE pos[x.k] END AS j
+            FROM generate_series(1, n) AS x(k)
+        ) g;
+END
+$$;
+CREATE OR REPLACE FUNCTION {schema}.owner_writes() RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    -- Whether the rows are inserted with the rights of the owner of records (inside append()).
+    -- Everything schema-qualified: it runs with the inserting session's search_path, and an
+    -- operator or function of a writer's own schema must not answer for it. The name is
+    -- compared exactly (a role named "OWNER" is not the role owner).
+    SELECT pg_catalog.pg_get_userbyid(c.relowner) OPERATOR(pg_catalog.=) current_user
+    FROM pg_catalog.pg_class c
+    WHERE c.oid OPERATOR(pg_catalog.=) {records_regclass}::pg_catalog.regclass
+$$;
+DROP TRIGGER IF EXISTS records_chain ON {schema}.records;
+CREATE TRIGGER records_chain AFTER INSERT ON {schema}.records
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT WHEN (NOT {schema}.owner_writes())
+    EXECUTE FUNCTION {schema}.check_chain();
+ALTER TABLE {schema}.records ENABLE ALWAYS TRIGGER records_chain;
+"""
+
+_MIGRATIONS: Final = {1: _DDL_V1, 2: _DDL_V2, 3: _DDL_V3, 4: _DDL_V4, 5: _DDL_V5}
 
 
 def writer_grants(role: str, schema: str = DEFAULT_SCHEMA) -> list[str]:
@@ -270,7 +445,7 @@ def writer_grants(role: str, schema: str = DEFAULT_SCHEMA) -> list[str]:
 
     INSERT and SELECT on the log tables and nothing else: no UPDATE, DELETE, TRUNCATE, no DDL
     (the schema and tables belong to a separate owner role). Run them as the owner after the
-    schema exists (after the first :class:`PostgresStore` opened it as the owner).
+    schema exists (after the top :class:`PostgresStore` opened it as the owner).
 
     Args:
         role: the writer role (must exist).
@@ -304,8 +479,11 @@ def render(text: str, schema: str, chain: str = "") -> str:
     """Our DDL (or a function source from it) for ``schema``, holding ``chain``."""
     from coworker.audit.chain import genesis
 
-    out = text.replace("{schema}", _quote_ident(schema)).replace(
-        "{namespace}", str(_LOCK_NAMESPACE)
+    records = _quote_ident(schema) + ".records"
+    out = (
+        text.replace("{schema}", _quote_ident(schema))
+        .replace("{namespace}", str(_LOCK_NAMESPACE))
+        .replace("{records_regclass}", "'" + records.replace("'", "''") + "'")
     )
     if chain:
         out = out.replace(_ZERO_GENESIS, f"decode('{genesis(chain).hex()}', 'hex')")

@@ -12,6 +12,7 @@ from coworker.audit.store_postgres.ddl import (
     _DDL_V1,
     _DDL_V2,
     _DDL_V4,
+    _DDL_V5,
     _quote_ident,
     render,
 )
@@ -48,6 +49,19 @@ _GUARD_TRIGGERS_V2: Final = {
 }
 
 
+# Version 5: the chain check skips the rows append() inserts with its owner's rights.
+_GUARD_TRIGGERS_V5: Final = {
+    ("records", "records_chain"): "CREATE TRIGGER records_chain AFTER INSERT ON {s}.records"
+    " REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT WHEN ((NOT {s}.owner_writes()))"
+    " EXECUTE FUNCTION {s}.check_chain()",
+}
+# (SECURITY DEFINER, proconfig) of our functions from version 5 on; (False, None) otherwise.
+_FUNCTION_SETTINGS_V5: Final[dict[str, tuple[bool, list[str] | None]]] = {
+    "append": (True, ["search_path=pg_catalog, pg_temp", "plan_cache_mode=force_generic_plan"]),
+    "check_chain": (False, ["search_path=pg_catalog, pg_temp"]),
+}
+
+
 def _guards_for(version: int) -> tuple[dict[tuple[str, str], str], list[str]]:
     """The triggers and the DDL texts (for their functions) of a schema at ``version``."""
     triggers = dict(_GUARD_TRIGGERS)
@@ -57,6 +71,9 @@ def _guards_for(version: int) -> tuple[dict[tuple[str, str], str], list[str]]:
         ddls.append(_DDL_V2)
     if version >= 4:
         ddls.append(_DDL_V4)  # the append() function (no new trigger)
+    if version >= 5:
+        triggers.update(_GUARD_TRIGGERS_V5)
+        ddls.append(_DDL_V5)  # faster check_chain() and append() (same signatures)
     return triggers, ddls
 
 
@@ -111,20 +128,33 @@ def _guard_problems(cur: psycopg.Cursor[Any], schema: str, chain: str = "") -> l
     for table, name in sorted(set(present) - set(guard_triggers)):
         if table in _GUARDED_TABLES:
             problems.append(f"trigger {name} on {table} is not coworker's")
+    version = _installed_version(cur, _quote_ident(schema))
     cur.execute(
-        "SELECT p.proname, p.prosrc, p.prosecdef, p.proconfig FROM pg_proc p"
-        " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s",
-        (schema,),
+        "SELECT p.proname, p.prosrc, p.prosecdef, p.proconfig,"
+        " p.proowner = (SELECT c.relowner FROM pg_class c WHERE c.oid = to_regclass(%s))"
+        " FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s",
+        (f"{qs}.records", schema),
     )
-    functions = {r[0]: (r[1], r[2], r[3]) for r in cur.fetchall()}
+    functions = {r[0]: (r[1], r[2], r[3], r[4]) for r in cur.fetchall()}
     for name, source in _function_sources(ddls).items():
         # The DDL ran with the schema always double-quoted (_quote_ident), not as quote_ident.
         expected = render(source, schema, chain)
+        secdef, config = (
+            _FUNCTION_SETTINGS_V5.get(name, (False, None))
+            if version >= 5
+            else (
+                False,
+                None,
+            )
+        )
         got = functions.get(name)
         if got is None:
             problems.append(f"function {name} is missing")
-        elif got != (expected, False, None):
+        elif got[:3] != (expected, secdef, config):
             problems.append(f"function {name} is altered (not coworker's)")
+        elif secdef and not got[3]:
+            # It runs with its owner's rights, and the chain check trusts the owner's rows.
+            problems.append(f"function {name} is not owned by the owner of records")
     cur.execute(
         "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = "
         "to_regclass(%s)",
@@ -177,11 +207,18 @@ def _restore_guards_ddl(schema: str, version: int, chain: str = "") -> str:
     ]
     for (table, name), _ in guard_triggers.items():
         statements.append(f"DROP TRIGGER IF EXISTS {name} ON {qs}.{table};")
-    statements += [
+    triggers = [
         m.group(0)
         for ddl in texts
         for m in re.finditer(
             r"(?:CREATE TRIGGER|ALTER TABLE) .*?;", ddl.split("$$;")[-1], re.DOTALL
         )
+    ]
+    # A later version's definition of a trigger replaces the earlier one (records_chain).
+    last = {t.split()[2]: i for i, t in enumerate(triggers) if t.startswith("CREATE TRIGGER")}
+    statements += [
+        t
+        for i, t in enumerate(triggers)
+        if not t.startswith("CREATE TRIGGER") or last[t.split()[2]] == i
     ]
     return "\n".join(statements)

@@ -154,7 +154,8 @@ class PostgresStore(_Erasure):
         self._pid = -1
         self._oid: int | None = None
         self._insert: sql.Composed | None = None
-        self._append_sql: sql.Composed | None = None
+        self._append_sql: bytes | None = None
+        self._prepared: psycopg.Connection[Any] | None = None
         self._version = 0  # the schema version, known once connected
         self._floor = 0  # a seq below every record this store may still append
         self._lock_head: sql.Composed | None = None

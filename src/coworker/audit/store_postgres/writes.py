@@ -19,10 +19,13 @@ from coworker.audit.store_postgres._wire import (
     _COLUMNS,
     AppendResult,
     _ByteaArray,
+    _column_arrays,
     _column_values,
+    _int,
     _Int8Array,
     _is_unreachable,
     _Item,
+    _pipelined,
     _record,
     _ServerDown,
     _TextArray,
@@ -38,6 +41,13 @@ _log = logging.getLogger("coworker.audit")
 
 # Bytes of the random nonce that marks the rows of one server-side append.
 _NONCE: Final = 16
+
+# The prepared statements of the one-round-trip append (per connection, see _write_fast).
+_APPEND: Final = b"coworker_audit_append"
+_FLUSH_NAME: Final = b"coworker_audit_flush"
+# append()'s parameters after the lock key: attempt bytea, before/after/payload/dedup
+# bytea[], then one text[] per query column.
+_APPEND_TYPES: Final = (17, 1001, 1001, 1001, 1001) + (1009,) * (len(_COLUMNS) + 1)
 
 
 class _Writes(_Reads):
@@ -115,8 +125,6 @@ class _Writes(_Reads):
         ``floor`` carrying the nonce (:meth:`_write`).
         """
         prepared = prepare(it.fields for it in items)
-        halves = [p.halves for p in prepared]
-        plain = [_column_values(it.fields) for it in items]
         nonce = secrets.token_bytes(_NONCE)
         mark = (-self._floor - 1, nonce)
         for i in range(len(items)):
@@ -125,30 +133,43 @@ class _Writes(_Reads):
             note.note_attempt({it.spool_id: mark for it in items if it.spool_id})
         payloads = [it.payload for it in items]
         keys = [it.dedup_key for it in items]
-        params: list[Any] = [
+        params: list[bytes | None] = [
             nonce,
-            _ByteaArray.of([h[0] for h in halves]),
-            _ByteaArray.of([h[1] for h in halves]),
-            _ByteaArray.of(payloads) if any(p is not None for p in payloads) else None,
-            _ByteaArray.of(keys) if any(k is not None for k in keys) else None,
+            _ByteaArray.of([p.halves[0] for p in prepared]).data,
+            _ByteaArray.of([p.halves[1] for p in prepared]).data,
+            _ByteaArray.of(payloads).data if any(p is not None for p in payloads) else None,
+            _ByteaArray.of(keys).data if any(k is not None for k in keys) else None,
         ]
-        for c in range(len(_COLUMNS) + 1):
-            params.append(_TextArray.of([row[c] for row in plain]))
-        with conn.pipeline() as pipeline, conn.cursor() as cur:
-            cur.execute(self._append_statement(), params)
-            pipeline.sync()  # the append commits here, asynchronously; the flush is its own
-            conn.execute(_FLUSH)
-            pipeline.sync()
-            rows = cur.fetchall()
+        params += [a.data for a in _column_arrays([it.fields for it in items])]
+        # One round trip: append() commits (asynchronously), then the durable flush, its own
+        # transaction after a Sync (prepared on a new connection in the same round trip).
+        if self._prepared is not conn:
+            self._prepared = None
+            setup = [
+                (_APPEND, self._append_statement(), _APPEND_TYPES),
+                (_FLUSH_NAME, _FLUSH.encode(), ()),
+            ]
+        else:
+            setup = []
+
+        def now_prepared() -> None:
+            self._prepared = conn
+
+        res = _pipelined(conn, [(_APPEND, params), (_FLUSH_NAME, None)], setup, now_prepared)[0]
+        value = res.get_value
+        rows = [
+            (_int(value(r, 0)), _int(value(r, 1)), value(r, 2), value(r, 3))
+            for r in range(res.ntuples)
+        ]
         sealed: list[StoredRecord] = []
         duplicates: list[int] = []
         for index, seq, prev, digest in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0, r[0])):
+            assert index is not None
             i = index - 1
-            if seq is None:
+            if seq is None or prev is None or digest is None:
                 duplicates.append(i)
                 continue
             body = prepared[i].body(seq)
-            prev, digest = bytes(prev), bytes(digest)
             if link(prev, body) != digest:
                 # The Python verifier is the authority: a server that hashes other bytes than
                 # chain.py is a fault to surface now, not at the next verify.
@@ -162,13 +183,16 @@ class _Writes(_Reads):
         duplicates.sort()
         return AppendResult(sealed, duplicates)
 
-    def _append_statement(self) -> sql.Composed:
+    def _append_statement(self) -> bytes:
         if self._append_sql is None:
-            self._append_sql = sql.SQL("SELECT i, seq, prev_hash, hash FROM {}({}, {})").format(
-                sql.Identifier(self.schema, "append"),
-                sql.Literal(self._oid),
-                sql.SQL(", ").join(sql.SQL("%b") for _ in range(5 + len(_COLUMNS) + 1)),
-            )
+            placeholders = ", ".join(f"${n}" for n in range(1, len(_APPEND_TYPES) + 1))
+            self._append_sql = (
+                sql.SQL("SELECT i, seq, prev_hash, hash FROM {}({}, ")
+                .format(sql.Identifier(self.schema, "append"), sql.Literal(self._oid))
+                .as_string()
+                + placeholders
+                + ")"
+            ).encode()
         return self._append_sql
 
     def _write(
