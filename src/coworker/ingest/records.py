@@ -17,6 +17,7 @@ from coworker.audit.record import (
     KIND_OUTCOME,
     SCHEMA_VERSION,
     canonical,
+    canonical_pair,
     format_time,
 )
 from coworker.audit.store import AuditStore
@@ -34,7 +35,7 @@ QUERY_FIELDS: Final = (
 """The fields a :class:`PreparedRecord` carries besides its body: what the stores copy into
 query columns (and ``seal_all`` looks at), and what a token's limits are checked against."""
 _QUERY_INDEX: Final = {name: i for i, name in enumerate(QUERY_FIELDS)}
-_SEQ_ZERO: Final = b"0"
+_SEQ_MARK: Final = b'"seq":0'
 
 
 class PreparedRecord(Prepared, Mapping[str, Any]):
@@ -68,11 +69,21 @@ class PreparedRecord(Prepared, Mapping[str, Any]):
         Raises:
             ValueError: a query field is missing, or a value has no canonical form.
         """
+        return cls.with_digest(fields)[0]
+
+    @classmethod
+    def with_digest(cls, fields: Mapping[str, Any]) -> tuple[PreparedRecord, bytes]:
+        """:meth:`of` and :func:`content_digest` of ``fields``, canonicalised once."""
         missing = [name for name in QUERY_FIELDS if name not in fields]
-        if missing:
-            raise ValueError(f"record without {', '.join(missing)}")
-        before, after = Prepared(fields).halves
-        return cls(before, after, tuple(map(fields.get, QUERY_FIELDS)))
+        if missing or "seq" in fields:
+            raise ValueError(f"record without {', '.join(missing)}" if missing else "has a seq")
+        body, content = canonical_pair({**fields, "seq": 0}, _NOT_CONTENT)
+        at = body.find(_SEQ_MARK)
+        if at < 0:  # pragma: no cover - canonical_pair always writes the key
+            raise ValueError("canonical record without a seq key")
+        before, after = body[: at + len(_SEQ_MARK) - 1], body[at + len(_SEQ_MARK) :]
+        values = tuple(map(fields.get, QUERY_FIELDS))
+        return cls(before, after, values), hashlib.sha256(content).digest()
 
     @property
     def parts(self) -> tuple[bytes, bytes, tuple[Any, ...]]:

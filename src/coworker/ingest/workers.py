@@ -30,7 +30,7 @@ from coworker.ingest.decode import (
     audit_spans,
     decode_request,
 )
-from coworker.ingest.records import PreparedRecord, dedup_key
+from coworker.ingest.records import PreparedRecord
 from coworker.ingest.tokens import INGEST_TOKEN_FIELD
 from coworker.ingest.usage import UsageRefused, usage_entry, usage_key
 
@@ -107,7 +107,8 @@ def decode_body(
         if audited:
             try:
                 fields[INGEST_TOKEN_FIELD] = token_name
-                items.append(_entry(name, fields, record.payload, dedup_key(ids, fields)))
+                prepared, digest = PreparedRecord.with_digest(fields)
+                items.append((ENTRY, name, *prepared.parts, record.payload, ids + digest))
             except Exception as exc:
                 items.append((REJECT, f"span {name!r}: cannot build its audit record: {exc}"))
                 continue
@@ -120,16 +121,12 @@ def decode_body(
                 continue
             try:
                 entry[INGEST_TOKEN_FIELD] = token_name
-                items.append(_entry(name, entry, None, usage_key(ids, entry)))
+                prepared = PreparedRecord.of(entry)
+                items.append((ENTRY, name, *prepared.parts, None, usage_key(ids, entry)))
             except Exception as exc:
                 items.append((REJECT, f"span {name!r}: cannot build its usage record: {exc}"))
     batch.records, batch.keys, batch.audited, batch.usage = [], [], [], []
     return Decoded(None, "", batch, items)
-
-
-def _entry(name: str, fields: dict[str, Any], payload: bytes | None, key: bytes) -> tuple[Any, ...]:
-    prepared = PreparedRecord.of(fields)
-    return (ENTRY, name, *prepared.parts, payload, key)
 
 
 def record_of(item: tuple[Any, ...]) -> tuple[PreparedRecord, bytes | None, bytes]:
