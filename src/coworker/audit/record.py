@@ -39,11 +39,14 @@ __all__ = [
     "QUERY_FILTERS",
     "SCHEMA_VERSION",
     "canonical",
+    "canonical_pair",
     "correction_entry",
     "entry_from_span",
+    "finish_outcome",
     "format_time",
     "intent_from_span",
     "payload_digest",
+    "record_fields",
     "storable",
 ]
 
@@ -194,6 +197,47 @@ def canonical(fields: Mapping[str, Any]) -> bytes:
         return canonical(_scrub(fields))
 
 
+def canonical_pair(fields: Mapping[str, Any], omit: frozenset[str]) -> tuple[bytes, bytes]:
+    """``(canonical(fields), canonical(fields without the keys in omit))`` in one pass.
+
+    The ingest endpoint needs both for every record: the body, and the content its dedup key
+    hashes (the body without ``seq``, ``recorded_at`` and ``ingest_token``). The members of
+    the second are the members of the first minus the omitted ones, in the same order, so
+    both are joined from one list; anything off :func:`canonical`'s fast path is encoded
+    twice by :func:`canonical` itself.
+    """
+    keys = tuple(fields)
+    order = _ORDERS[keys] if keys in _ORDERS else _order(keys)
+    if order is not None:
+        parts: list[str] = []
+        kept: list[str] = []
+        for key, label in order:
+            value = fields[key]
+            kind = type(value)
+            if kind is str:
+                part = label + _encode_str(value)
+            elif value is None:
+                part = label + "null"
+            elif kind is bool:
+                part = label + ("true" if value else "false")
+            elif kind is int and -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT:
+                part = label + int.__repr__(value)
+            else:
+                break
+            parts.append(part)
+            if key not in omit:
+                kept.append(part)
+        else:
+            try:
+                return (
+                    ("{" + ",".join(parts) + "}").encode("utf-8"),
+                    ("{" + ",".join(kept) + "}").encode("utf-8"),
+                )
+            except UnicodeEncodeError:
+                pass  # canonical() scrubs it
+    return canonical(fields), canonical({k: v for k, v in fields.items() if k not in omit})
+
+
 def _reference(fields: Mapping[str, Any]) -> bytes:
     try:
         return rfc8785.dumps(dict(fields))
@@ -296,6 +340,12 @@ def _as_storable(value: Any) -> Any:
     return _as_storable(text)
 
 
+# The last second formatted and its text: the records of one batch share their second, and
+# time.gmtime + the date formatting are most of format_time's cost. One tuple, replaced whole,
+# so threads never see a second with another second's text.
+_LAST_SECOND: tuple[int, str] = (-1, "")
+
+
 def format_time(ns: int | None) -> str | None:
     """Format a Unix time in nanoseconds as fixed-width RFC 3339 UTC, e.g.
     ``2026-01-02T03:04:05.123456789Z``.
@@ -303,14 +353,21 @@ def format_time(ns: int | None) -> str | None:
     Fixed width makes the strings sort in time order, which the stores rely on for
     ``--since`` / ``--until``.
     """
+    global _LAST_SECOND
     if ns is None:
         return None
     secs, frac = divmod(ns, 1_000_000_000)
-    t = time.gmtime(secs)
-    return (
-        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{frac:09d}Z"
-    )
+    last = _LAST_SECOND
+    if last[0] == secs:
+        prefix = last[1]
+    else:
+        t = time.gmtime(secs)
+        prefix = (
+            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+        )
+        _LAST_SECOND = (secs, prefix)
+    return f"{prefix}.{frac:09d}Z"
 
 
 def payload_digest(payload: bytes | None) -> str | None:
@@ -351,25 +408,76 @@ def _base(span: Any, kind: str) -> tuple[dict[str, Any], bytes | None]:
     ctx = span.get_span_context() if hasattr(span, "get_span_context") else span.context
     parent = span.parent
     resource = getattr(span, "resource", None)
-    service = resource.attributes.get(attr.SERVICE_NAME) if resource is not None else None
+    return record_fields(
+        kind,
+        span.name,
+        attributes,
+        resource.attributes.get(attr.SERVICE_NAME) if resource is not None else None,
+        format(ctx.trace_id, "032x") if ctx is not None else None,
+        format(ctx.span_id, "016x") if ctx is not None else None,
+        format(parent.span_id, "016x") if parent is not None else None,
+        span.start_time,
+    )
+
+
+def record_fields(
+    kind: str,
+    name: str,
+    attributes: Mapping[str, Any],
+    service: Any,
+    trace_id: str | None,
+    span_id: str | None,
+    parent_span_id: str | None,
+    start: int | None,
+) -> tuple[dict[str, Any], bytes | None]:
+    """The fields every span record shares, from a span's parts (not an SDK span object).
+
+    :func:`entry_from_span` and :func:`intent_from_span` take the parts from an SDK span; the
+    OTLP ingest endpoint takes them straight from the protobuf message, so that a decoded span
+    needs no ``ReadableSpan`` and still becomes the same record.
+
+    Args:
+        kind: :data:`KIND_OUTCOME` or :data:`KIND_INTENT`.
+        name: the span name.
+        attributes: the span attributes (plain values).
+        service: the resource's ``service.name``.
+        trace_id: 32 lower-case hex digits, or ``None``.
+        span_id: 16 lower-case hex digits, or ``None``.
+        parent_span_id: 16 lower-case hex digits, or ``None`` for a root span.
+        start: the start time (ns since the epoch).
+
+    Returns:
+        ``(fields, payload)``: the fields without ``end``, ``outcome`` and ``seq``, and the
+        canonical payload bytes or ``None``.
+    """
     payload = _payload(attributes)
     fields: dict[str, Any] = {
         "v": SCHEMA_VERSION,
         "kind": kind,
         "recorded_at": format_time(time.time_ns()),
-        "name": span.name,
+        "name": name,
         "service": _as_str(service),
-        "trace_id": format(ctx.trace_id, "032x") if ctx is not None else None,
-        "span_id": format(ctx.span_id, "016x") if ctx is not None else None,
-        "parent_span_id": format(parent.span_id, "016x") if parent is not None else None,
-        "start": format_time(span.start_time),
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "parent_span_id": parent_span_id,
+        "start": format_time(start),
         "payload_digest": payload_digest(payload),
     }
-    for key, name in _STRING_ATTRIBUTES:
-        fields[key] = _as_str(attributes.get(name))
+    for key, attribute in _STRING_ATTRIBUTES:
+        fields[key] = _as_str(attributes.get(attribute))
     intent_seq = attributes.get(attr.AUDIT_INTENT_SEQ)
     fields["intent_seq"] = intent_seq if type(intent_seq) is int else None
     return fields, payload
+
+
+def finish_outcome(fields: dict[str, Any], end: int | None, failed: bool) -> None:
+    """Complete :func:`record_fields` into an outcome record: ``end`` and ``outcome``
+    (``error_type``, else ``"error"`` when ``failed``, else ``"ok"``)."""
+    fields["end"] = format_time(end)
+    if failed or fields["error_type"] is not None:
+        fields["outcome"] = fields["error_type"] or "error"
+    else:
+        fields["outcome"] = OUTCOME_OK
 
 
 def entry_from_span(span: Any) -> tuple[dict[str, Any], bytes | None]:
@@ -389,12 +497,8 @@ def entry_from_span(span: Any) -> tuple[dict[str, Any], bytes | None]:
     from opentelemetry.trace import StatusCode
 
     fields, payload = _base(span, KIND_OUTCOME)
-    fields["end"] = format_time(span.end_time)
     failed = span.status is not None and span.status.status_code is StatusCode.ERROR
-    if failed or fields["error_type"] is not None:
-        fields["outcome"] = fields["error_type"] or "error"
-    else:
-        fields["outcome"] = OUTCOME_OK
+    finish_outcome(fields, span.end_time, failed)
     return fields, payload
 
 

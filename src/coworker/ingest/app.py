@@ -42,9 +42,9 @@ from coworker.ingest.records import (
     content_digest,
 )
 from coworker.ingest.responses import _status_response, _success, _too_large
-from coworker.ingest.tokens import INGEST_TOKEN_FIELD, IngestToken, _secret_digest
+from coworker.ingest.tokens import IngestToken, _secret_digest
 from coworker.ingest.usage import is_usage_key
-from coworker.ingest.workers import REJECT, Decoded, DecodePool, decode_body
+from coworker.ingest.workers import REJECT, Decoded, DecodePool, decode_body, record_of
 
 _log = logging.getLogger("coworker.ingest")
 
@@ -189,7 +189,9 @@ class _Ingest:
         body = b"".join(chunks)
         self._enter()
         try:
-            decoded = await self._decoded(body, media, encoding)
+            decoded = await self._decoded(
+                body, media, encoding, token.name if token is not None else None
+            )
             # Decoding and appending are CPU and I/O bound: off the event loop. The thread is
             # not cancellable, so a client that hangs up does not abort an append half-way.
             return await anyio.to_thread.run_sync(
@@ -198,7 +200,9 @@ class _Ingest:
         finally:
             self._leave()
 
-    async def _decoded(self, body: bytes, media: str, encoding: str) -> Decoded | None:
+    async def _decoded(
+        self, body: bytes, media: str, encoding: str, name: str | None
+    ) -> Decoded | None:
         """The request decoded by a worker process, or ``None``: decode in this process (no
         pool, or the pool failed; a dead worker never loses a request)."""
         pool = self.pool
@@ -208,7 +212,7 @@ class _Ingest:
             await anyio.to_thread.run_sync(pool.restart)
         submitted = pool.submit(
             body, media, encoding, self.max_body_bytes, self.max_attribute_length,
-            self.max_attributes,
+            self.max_attributes, name,
         )  # fmt: skip
         if submitted is None:
             return None
@@ -229,17 +233,17 @@ class _Ingest:
         token: IngestToken | None,
         decoded: Decoded | None = None,
     ) -> Response:
+        name = token.name if token is not None else None
         if decoded is None:
             decoded = decode_body(
                 body, media, encoding, self.max_body_bytes, self.max_attribute_length,
-                self.max_attributes,
+                self.max_attributes, name,
             )  # fmt: skip
         if decoded.status == 413:
             return _too_large(self.max_body_bytes, media)
         if decoded.status is not None:
             return _status_response(decoded.status, decoded.message, media)
         batch = decoded.batch
-        name = token.name if token is not None else None
         entries: list[Mapping[str, Any]] = []
         payloads: list[bytes | None] = []
         keys: list[bytes] = []
@@ -248,17 +252,16 @@ class _Ingest:
             if item[0] == REJECT:
                 batch.reject(item[1])
                 continue
-            _, span_name, fields, payload, key = item
-            refusal = token.refusal(fields) if token is not None else None
-            if fields.get("category") == CATEGORY_INGEST_CONFLICT:
+            record, payload, key = record_of(item)
+            refusal = token.refusal(record) if token is not None else None
+            if record.get("category") == CATEGORY_INGEST_CONFLICT:
                 # Only the server writes conflict records: a client's would read as one.
                 refusal = f"category {CATEGORY_INGEST_CONFLICT!r} is reserved for the server"
             if refusal is not None:
-                batch.reject(f"span {span_name!r}: {refusal}")
+                batch.reject(f"span {item[1]!r}: {refusal}")
                 forbidden += 1
                 continue
-            fields[INGEST_TOKEN_FIELD] = name
-            entries.append(fields)
+            entries.append(record)
             payloads.append(payload)
             keys.append(key)
         if entries:

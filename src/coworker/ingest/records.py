@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
 
+from coworker.audit.chain import Prepared
 from coworker.audit.record import (
     CATEGORY_INGEST_CONFLICT,
     KIND_OUTCOME,
     SCHEMA_VERSION,
     canonical,
+    canonical_pair,
     format_time,
 )
 from coworker.audit.store import AuditStore
@@ -22,6 +25,107 @@ from coworker.ingest.tokens import INGEST_TOKEN_FIELD
 from coworker.ingest.usage import KIND_USAGE, is_usage_key, usage_key
 
 _log = logging.getLogger("coworker.ingest")
+
+# -- records made by the decoding workers ---------------------------------------------------------
+QUERY_FIELDS: Final = (
+    "kind", "category", "operation", "doctype", "outcome", "flow_id", "step_id", "run_id",
+    "user_id", "agent_id", "trace_id", "span_id", "start", "recorded_at", "service",
+    "payload_digest", INGEST_TOKEN_FIELD,
+)  # fmt: skip
+"""The fields a :class:`PreparedRecord` carries besides its body: what the stores copy into
+query columns (and ``seal_all`` looks at), and what a token's limits are checked against."""
+_QUERY_INDEX: Final = {name: i for i, name in enumerate(QUERY_FIELDS)}
+_SEQ_MARK: Final = b'"seq":0'
+
+
+class PreparedRecord(Prepared, Mapping[str, Any]):
+    """A record canonicalised where it was decoded: its body with a hole for the ``seq``, and
+    the values of :data:`QUERY_FIELDS`.
+
+    A decoding worker sends these few bytes and strings instead of the record's fields, so
+    the one process that appends neither canonicalises nor unpickles a dict per span: a store
+    takes it as an already :class:`~coworker.audit.chain.Prepared` entry and splices in the
+    seq. It is also the record's ``Mapping``: the query fields are at hand, any other field
+    (a spool, payload encryption) is read from the body itself, which is what is chained.
+
+    Args:
+        before: the canonical bytes before the seq's digits.
+        after: the canonical bytes after them.
+        values: the values of :data:`QUERY_FIELDS`, in that order.
+    """
+
+    __slots__ = ("_full", "_values")
+
+    def __init__(self, before: bytes, after: bytes, values: tuple[Any, ...]) -> None:
+        self._before = before
+        self._after = after
+        self._values = values
+        self._full: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, fields: Mapping[str, Any]) -> PreparedRecord:
+        """Canonicalise ``fields`` (a record without ``seq``, holding every query field).
+
+        Raises:
+            ValueError: a query field is missing, or a value has no canonical form.
+        """
+        return cls.with_digest(fields)[0]
+
+    @classmethod
+    def with_digest(cls, fields: Mapping[str, Any]) -> tuple[PreparedRecord, bytes]:
+        """:meth:`of` and :func:`content_digest` of ``fields``, canonicalised once."""
+        missing = [name for name in QUERY_FIELDS if name not in fields]
+        if missing or "seq" in fields:
+            raise ValueError(f"record without {', '.join(missing)}" if missing else "has a seq")
+        body, content = canonical_pair({**fields, "seq": 0}, _NOT_CONTENT)
+        at = body.find(_SEQ_MARK)
+        if at < 0:  # pragma: no cover - canonical_pair always writes the key
+            raise ValueError("canonical record without a seq key")
+        before, after = body[: at + len(_SEQ_MARK) - 1], body[at + len(_SEQ_MARK) :]
+        values = tuple(map(fields.get, QUERY_FIELDS))
+        return cls(before, after, values), hashlib.sha256(content).digest()
+
+    @property
+    def parts(self) -> tuple[bytes, bytes, tuple[Any, ...]]:
+        """``(before, after, values)``: what :class:`PreparedRecord` is made of again."""
+        return self._before, self._after, self._values
+
+    @property
+    def fields(self) -> Mapping[str, Any]:
+        """The record's fields (this mapping)."""
+        return self
+
+    @fields.setter
+    def fields(self, value: Mapping[str, Any]) -> None:
+        raise AttributeError("a PreparedRecord's fields are its body")
+
+    def _parsed(self) -> dict[str, Any]:
+        full = self._full
+        if full is None:
+            full = json.loads(self.body(0))
+            del full["seq"]
+            self._full = full
+        return full
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` (a query field without parsing the body)."""
+        i = _QUERY_INDEX.get(key)
+        if i is not None:
+            return self._values[i]
+        return self._parsed().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        i = _QUERY_INDEX.get(key)
+        if i is not None:
+            return self._values[i]
+        return self._parsed()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parsed())
+
+    def __len__(self) -> int:
+        return len(self._parsed())
+
 
 # -- content-addressed dedup -----------------------------------------------------------------------
 _NOT_CONTENT: Final = frozenset({"seq", "recorded_at", INGEST_TOKEN_FIELD})

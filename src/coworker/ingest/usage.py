@@ -125,7 +125,9 @@ def usage_entry(span: Any, fields: Mapping[str, Any]) -> dict[str, Any]:
     """The usage record of an ingested span, given the span's own record ``fields``.
 
     Args:
-        span: the decoded :class:`~opentelemetry.sdk.trace.ReadableSpan`.
+        span: the decoded span: anything with ``attributes`` and ``end_time`` (a
+            :class:`~opentelemetry.sdk.trace.ReadableSpan`, a
+            :class:`~coworker.ingest.decode.SpanRecord`).
         fields: what :func:`~coworker.audit.record.entry_from_span` made of it (the identity
             fields the usage record repeats).
 

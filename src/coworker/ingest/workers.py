@@ -1,14 +1,16 @@
 """Decoding requests in worker processes: several decoders behind the one writer.
 
 The costly part of a request is turning its bytes into audit records: decompressing, parsing
-protobuf or JSON, building a :class:`~opentelemetry.sdk.trace.ReadableSpan` per audit span and
-its record (:func:`~coworker.audit.record.entry_from_span`) and dedup key. In one process that
-runs under one GIL, on one core, however many requests arrive. :class:`DecodePool` runs it in
-worker processes instead; the server process keeps what must be in one place: authentication,
-the token's limits, dedup against the log, the append (durable before the answer) and the
-answer itself. A worker returns plain values (record fields, payload bytes, keys, reasons);
-a worker that dies makes its request decode in the server process, so a request is never lost
-to the pool.
+protobuf or JSON, building each audit span's record (the fields of
+:func:`~coworker.audit.record.entry_from_span`, straight from the protobuf message), its dedup
+key and its canonical bytes. In one process that runs under one GIL, on one core, however many
+requests arrive. :class:`DecodePool` runs it in worker processes instead; the server process
+keeps what must be in one place: authentication, the token's limits, dedup against the log,
+the append (durable before the answer) and the answer itself. A worker returns a few bytes and
+strings per record (its body with a hole for the seq, the query fields, the dedup key: a
+:class:`~coworker.ingest.records.PreparedRecord`), so the appending process only chains and
+inserts. A worker that dies makes its request decode in the server process, so a request is
+never lost to the pool.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from coworker.audit.record import entry_from_span
 from coworker.ingest.decode import (
     AuditBatch,
     MalformedRequest,
@@ -29,7 +30,8 @@ from coworker.ingest.decode import (
     audit_spans,
     decode_request,
 )
-from coworker.ingest.records import dedup_key
+from coworker.ingest.records import PreparedRecord
+from coworker.ingest.tokens import INGEST_TOKEN_FIELD
 from coworker.ingest.usage import UsageRefused, usage_entry, usage_key
 
 __all__ = ["DecodePool", "Decoded", "decode_body"]
@@ -39,7 +41,8 @@ _log = logging.getLogger("coworker.ingest")
 REJECT: Final = "reject"
 """The kind of an item that is a span rejected while its record was built."""
 ENTRY: Final = "entry"
-"""The kind of an item that is a record: ``(ENTRY, name, fields, payload, key)``."""
+"""The kind of an item that is a record: ``(ENTRY, name, before, after, values, payload,
+key)``, a :class:`~coworker.ingest.records.PreparedRecord`'s parts (see :func:`record_of`)."""
 
 
 @dataclass
@@ -50,9 +53,11 @@ class Decoded:
         status: ``None`` when decoded, else the HTTP status of the answer (400, 413).
         message: why, for an error status.
         batch: the audit spans' tally (``spans`` emptied: the records are in ``items``).
-        items: per audit span, in request order: ``(ENTRY, span name, fields, payload,
-            dedup key)`` or ``(REJECT, reason)``; a usage span adds its usage record the
-            same way (key: :func:`~coworker.ingest.usage.usage_key`) or its refusal.
+        items: per audit span, in request order: ``(ENTRY, span name, body before the seq,
+            body after it, query field values, payload, dedup key)`` or ``(REJECT,
+            reason)``; a usage span adds its usage record the same way (key:
+            :func:`~coworker.ingest.usage.usage_key`) or its refusal. Plain tuples of bytes
+            and strings: cheap to send from a worker.
     """
 
     status: int | None = None
@@ -68,8 +73,14 @@ def decode_body(
     max_body_bytes: int,
     max_attribute_length: int,
     max_attributes: int,
+    token_name: str | None = None,
 ) -> Decoded:
-    """Decode one request body into records (runs in a worker or in the server process)."""
+    """Decode one request body into records (runs in a worker or in the server process).
+
+    ``token_name`` (the name of the request's token, already authenticated) goes into every
+    record's ``ingest_token``, so that the record leaves here canonicalised, final but for its
+    seq and chain hash.
+    """
     try:
         raw = _decompress(body, encoding, max_body_bytes)
     except _TooLarge:
@@ -85,31 +96,43 @@ def decode_body(
         max_attribute_length=max_attribute_length,
         max_attributes=max_attributes,
         usage=True,
+        records=True,
     )
     items: list[tuple[Any, ...]] = []
-    for span, ids, audited, usage in zip(
-        batch.spans, batch.keys, batch.audited, batch.usage, strict=True
+    for record, ids, audited, usage in zip(
+        batch.records, batch.keys, batch.audited, batch.usage, strict=True
     ):
-        name = span.name[:80]
-        try:
-            fields, payload = entry_from_span(span)
-            key = dedup_key(ids, fields)
-        except Exception as exc:
-            what = "audit" if audited else "usage"
-            items.append((REJECT, f"span {name!r}: cannot build its {what} record: {exc}"))
-            continue
+        name = record.name[:80]
+        fields = record.fields
         if audited:
-            items.append((ENTRY, name, fields, payload, key))
+            try:
+                fields[INGEST_TOKEN_FIELD] = token_name
+                prepared, digest = PreparedRecord.with_digest(fields)
+                items.append((ENTRY, name, *prepared.parts, record.payload, ids + digest))
+            except Exception as exc:
+                items.append((REJECT, f"span {name!r}: cannot build its audit record: {exc}"))
+                continue
         if usage:
             # Apart from the audit record: a hostile count refuses the usage record alone.
             try:
-                entry = usage_entry(span, fields)
+                entry = usage_entry(record, fields)
             except UsageRefused as exc:
                 items.append((REJECT, f"span {name!r}: usage refused: {exc}"))
                 continue
-            items.append((ENTRY, name, entry, None, usage_key(ids, entry)))
-    batch.spans, batch.keys = [], []
+            try:
+                entry[INGEST_TOKEN_FIELD] = token_name
+                prepared = PreparedRecord.of(entry)
+                items.append((ENTRY, name, *prepared.parts, None, usage_key(ids, entry)))
+            except Exception as exc:
+                items.append((REJECT, f"span {name!r}: cannot build its usage record: {exc}"))
+    batch.records, batch.keys, batch.audited, batch.usage = [], [], [], []
     return Decoded(None, "", batch, items)
+
+
+def record_of(item: tuple[Any, ...]) -> tuple[PreparedRecord, bytes | None, bytes]:
+    """``(record, payload, dedup key)`` of an :data:`ENTRY` item."""
+    _, _, before, after, values, payload, key = item
+    return PreparedRecord(before, after, values), payload, key
 
 
 def _warm() -> int:
