@@ -212,17 +212,23 @@ def test_postgres_chains_have_their_own_schema_lock_and_head(pg: Any) -> None:
 
 @pytest.mark.postgres
 def test_postgres_database_refuses_a_record_from_another_chain(pg: Any) -> None:
-    """A writer's raw INSERT of chain a's first record into chain b is refused by b's own
-    chain check (its genesis is b's), and verify of b stays clean."""
+    """A writer role's raw INSERT of chain a's first record into chain b is refused by b's own
+    chain check (its genesis is b's), and verify of b stays clean. (The owner's own inserts
+    skip the check since schema 5: append() computes the chain itself; the owner could drop
+    the trigger anyway.)"""
     import psycopg
 
-    from coworker.audit.store_postgres import PostgresStore
+    from coworker.audit.store_postgres import PostgresStore, writer_grants
+    from tests.pg import with_user
 
     url = pg.schema_url()
     a = PostgresStore(with_chain(url, "a"), spool=None)
     b = PostgresStore(with_chain(url, "b"), spool=None)
     (rec,) = a.append([entry(1)])
-    with psycopg.connect(pg.url, autocommit=True) as conn:
+    writer = pg.create_role("chain_writer")
+    for grant in writer_grants(writer, b.schema):
+        pg.execute(grant)
+    with psycopg.connect(with_user(pg.url, writer), autocommit=True) as conn:
         with pytest.raises(psycopg.errors.IntegrityConstraintViolation):
             conn.execute(
                 f'INSERT INTO "{b.schema}".records (seq, prev_hash, hash, body) '
