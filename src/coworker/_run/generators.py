@@ -50,6 +50,9 @@ _OTEL_VAR: Final = otelctx._VAR
 _OURS: Final = frozenset(v for v in (SCOPE, _OTEL_VAR) if v is not None)
 """coworker's scope and the OTel current context: the body's own, never kept in step."""
 _MISSING: Final = contextvars.Token.MISSING
+_EXHAUSTED: Final = (StopIteration, StopAsyncIteration)
+_get_hooks: Final = sys.get_asyncgen_hooks
+_set_hooks: Final = sys.set_asyncgen_hooks
 
 
 class View:
@@ -78,6 +81,7 @@ class View:
         "pushed",
         "run",
         "scope",
+        "snap",
         "spec",
     )
 
@@ -95,34 +99,16 @@ class View:
         # or in the consumer's (pushed): resetting one is how a variable is unset there.
         self.pulled: dict[contextvars.ContextVar[Any], contextvars.Token[Any]] | None = None
         self.pushed: dict[contextvars.ContextVar[Any], contextvars.Token[Any]] | None = None
+        # The body's context as the first step left it once the run was open (before the
+        # body ran): what the driver compares with to see what the body changed.
+        self.snap: contextvars.Context | None = None
 
     def enter(self) -> contextvars.Context:
         """The body's context at the first step: the consumer's variables, with the call
-        site's view and the run (opened there).
-
-        Built from an empty context rather than copied, each application variable set with
-        a token kept in :attr:`pulled`: a variable the consumer unsets later can then be
-        unset in the body's context too, which a copy could not do without replacing the
-        context (and the tokens the body holds across its steps, its own or OTel's for a
-        span it keeps current across a ``yield``, would no longer reset).
-        """
+        site's view and the run (opened there); see :func:`_enter`."""
         ctx = self.ctx = contextvars.Context()
-        self.pulled = {}
-        ctx.run(self._enter, _copy_context(), self.pulled)
+        ctx.run(_enter, self, _copy_context())
         return ctx
-
-    def _enter(
-        self,
-        cur: contextvars.Context,
-        tokens: dict[contextvars.ContextVar[Any], contextvars.Token[Any]],
-    ) -> None:
-        for var, value in cur.items():  # coworker's two as well (their tokens go unused)
-            tokens[var] = var.set(value)
-        if _scope_get() is not self.scope:
-            _scope_set(self.scope)
-        if _otel_get() is not self.otel:
-            _otel_set(self.otel)
-        self.start()
 
     def start(self) -> None:
         """Open the run (inside the body's view); a refusal closes the original unstarted."""
@@ -170,7 +156,7 @@ class View:
         _SUSPENDED.discard(self)
         r = self.run
         if r is not None:
-            if isinstance(exc, StopIteration | StopAsyncIteration):
+            if exc is not None and isinstance(exc, _EXHAUSTED):
                 exc = None  # exhaustion is the generator's success
             r.end_detached(exc)
 
@@ -184,6 +170,27 @@ _SUSPENDED: Final[set[View]] = set()
 """Generator runs whose body has started and not finished (their span is open). A plain set
 (C-speed add/discard): a view leaves it when its run finishes, which a collected driver
 does too (collection closes it)."""
+
+
+def _enter(view: View, cur: contextvars.Context) -> None:
+    """Fill the body's new, empty context (current here) at the first step, and open the run.
+
+    Built from an empty context rather than copied, each application variable set with a
+    token kept in :attr:`View.pulled`: a variable the consumer unsets later can then be unset
+    in the body's context too, which a copy could not do without replacing the context (and
+    the tokens the body holds across its steps, its own or OTel's for a span it keeps
+    current across a ``yield``, would no longer reset).
+    """
+    tokens: dict[contextvars.ContextVar[Any], contextvars.Token[Any]] = {}
+    view.pulled = tokens
+    for var, value in cur.items():  # coworker's two as well (their tokens go unused)
+        tokens[var] = var.set(value)
+    if _scope_get() is not view.scope:
+        _scope_set(view.scope)
+    if _otel_get() is not view.otel:
+        _otel_set(view.otel)
+    view.start()
+    view.snap = _copy_context()
 
 
 def finish_abandoned() -> int:
@@ -233,7 +240,7 @@ def _drive(view: View) -> Generator[Any, Any, Any]:
     copy = _copy_context
     try:
         ctx = view.enter()
-        snap = ctx.copy()
+        snap: Any = view.snap
         try:
             item = ctx.run(send, None)  # no frame of ours between the caller and the body
         finally:
@@ -269,11 +276,13 @@ async def _drive_async(view: View) -> AsyncGenerator[Any, Any]:
     """A real async generator running ``view.orig`` inside the body's context.
 
     The original's ``asend``/``athrow`` awaitables are driven by :func:`_pump`, which runs
-    with one ``Context.run`` of the body's context per resumption (:class:`View`). What it
-    yields is the original's next item when it yields itself, and otherwise (it is inside
-    ``yield from`` an awaitable) what the body awaits (a future, or ``None`` for a bare
-    yield), which goes up to the event loop from the driver's own frame, so other tasks
-    never see the body's view.
+    with one ``Context.run`` of the body's context per resumption (:class:`View`); its first
+    resumption fills that context and opens the run (:func:`_enter`). What it yields is the
+    original's next item when it yields itself, and otherwise (it is inside ``yield from``
+    an awaitable) what the body awaits (a future, or ``None`` for a bare yield), which goes
+    up to the event loop from the driver's own frame, so other tasks never see the body's
+    view. The two contexts are brought in step around items only: while the body awaits,
+    its consumer (the task awaiting this generator) runs nothing.
 
     Why a pump (measured with callgrind, 10-item generator): resuming the original's
     awaitable with ``ctx.run`` straight from this frame makes every item arrive as a
@@ -283,57 +292,74 @@ async def _drive_async(view: View) -> AsyncGenerator[Any, Any]:
     in per-item checks than it saves.
     """
     copy = _copy_context
-    ctx = view.enter()
-    snap = ctx.copy()
+    ctx = view.ctx = contextvars.Context()
     seen = copy()
-    pump: Any = _pump(view)
-    send = pump.send
-    value: Any = None  # what goes into the pump: the consumer's or the event loop's value
-    thrown: BaseException | None = None
+    pump: Any = _pump(view, seen)
+    send = method = pump.send
+    snap: Any = None
     try:
+        signal = ctx.run(send, None)  # fills the body's context, opens the run, first step
+        snap = view.snap
         while True:
-            try:
-                if thrown is None:
-                    signal = ctx.run(send, value)
-                else:
-                    signal = ctx.run(pump.throw, thrown)
-            finally:
-                if ctx != snap:  # the body changed its context during the step
-                    seen = view.push(snap)
-                    snap = ctx.copy()
-            thrown = None
             # gi_yieldfrom: set while the pump delegates (inside ``yield from`` an awaitable of
             # the original, passing a suspension up), None at its own yield (an item).
             if pump.gi_yieldfrom is None:
+                if ctx != snap:  # the body changed its context since the last item
+                    seen = view.push(snap)
+                    snap = ctx.copy()
                 try:
-                    value = yield signal
+                    arg = yield signal
+                    method = send
                 except BaseException as exc:  # athrow(), aclose(), the loop's finalizer
-                    thrown = exc
+                    arg = exc
+                    method = pump.throw
                 cur = copy()
-                if cur != seen:  # the consumer changed its context since the last step
+                if cur != seen:  # the consumer changed its context since the last item
                     ctx = view.pull(cur)
                     snap = ctx.copy()
                 seen = cur
             else:
                 try:  # the body awaits: its future goes to the event loop from here
-                    value = await _suspend(signal)
+                    arg = await _suspend(signal)
+                    method = send
                 except BaseException as exc:  # cancellation: the body's to handle
-                    thrown = exc
+                    arg = exc
+                    method = pump.throw
+            signal = ctx.run(method, arg)
     except StopAsyncIteration:
+        if ctx != snap:
+            view.push(snap)
         view.finish(None)
     except BaseException as exc:
+        if snap is not None and ctx != snap:
+            view.push(snap)
         view.finish(exc)
         raise
 
 
 @types.coroutine
-def _pump(view: View) -> Generator[Any, Any, None]:
+def _pump(view: View, cur: contextvars.Context) -> Generator[Any, Any, None]:
     """Drive the original async generator's ``asend``/``athrow`` awaitables (inside the
-    body's context): their suspensions pass through, each item is yielded, a value or
-    exception sent in goes to the original's next step."""
+    body's context, which its first resumption fills from the consumer's ``cur``): their
+    suspensions pass through, each item is yielded, a value or exception sent in goes to
+    the original's next step.
+
+    The original's first awaitable is made with the event loop's ``firstiter`` hook switched
+    off: only the driver is registered with the loop, which closes it (and it the original)
+    at shutdown; registered too, the original would be closed concurrently with it. Its
+    finalizer hook stays (one ``set_asyncgen_hooks`` argument less to switch): the driver
+    holds the original, and a started one is held by :data:`_SUSPENDED` until it finishes,
+    so that finalizer never runs before the driver's has closed it.
+    """
+    _enter(view, cur)
     orig = view.orig
     asend, athrow = orig.asend, orig.athrow
-    step = _unhooked(asend, None)
+    hooks = _get_hooks()
+    _set_hooks(None, None)
+    try:
+        step = asend(None)
+    finally:
+        _set_hooks(*hooks)
     while True:
         item = yield from step
         try:

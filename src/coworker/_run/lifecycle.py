@@ -175,16 +175,14 @@ class Run:
         # Its tokens are never used now; a generator's run made them in the body's own
         # context, which holds the run: dropping them breaks that reference cycle.
         self._scope_token = self._otel_token = None
-        self._close(exc)
-        _flow_events.run_ended(self, exc)  # flow event (issue 14)
-        self.span.end()
-
-    def _close(self, exc: BaseException | None) -> None:
         if self.flow is not None:
             self.flow.run_ended(self)
-        self._reseal()
+        if self._sealed is not None:
+            self._reseal()
         if exc is not None and is_failure(exc):
             record_failure(self.span, exc)
+        _flow_events.run_ended(self, exc)  # flow event (issue 14)
+        self.span.end()
 
     def _reseal(self) -> None:
         """Put back the start values of the sealed attributes and the name, if the body
