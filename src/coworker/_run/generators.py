@@ -52,6 +52,8 @@ _OURS: Final = frozenset(v for v in (SCOPE, _OTEL_VAR) if v is not None)
 _MISSING: Final = contextvars.Token.MISSING
 _EXHAUSTED: Final = (StopIteration, StopAsyncIteration)
 _new_view: Final = object.__new__
+_NOTHING: Final = contextvars.Context()
+"""No variables to fill in: :func:`_enter` then only opens the run (the swapping drivers)."""
 _get_hooks: Final = sys.get_asyncgen_hooks
 _set_hooks: Final = sys.set_asyncgen_hooks
 
@@ -113,17 +115,6 @@ class View:
         ctx = self.ctx = contextvars.Context()
         ctx.run(_enter, self, _copy_context())
         return ctx
-
-    def start(self) -> None:
-        """Open the run (inside the body's view); a refusal closes the original unstarted."""
-        try:
-            self.run = begin(self.spec, self.call)
-        except BaseException:
-            self.done = True  # refused (policy, fail-closed): the body never runs
-            _close_unstarted(self.orig)
-            raise
-        if self.run is not None:
-            _SUSPENDED.add(self)
 
     def pull(self, cur: contextvars.Context) -> contextvars.Context:
         """Bring what the consumer changed (its context is ``cur``) into the body's context;
@@ -192,13 +183,15 @@ does too (collection closes it)."""
 
 
 def _enter(view: View, cur: contextvars.Context) -> None:
-    """Fill the body's new, empty context (current here) at the first step, and open the run.
+    """Fill the body's new, empty context (current here) at the first step, and open the run
+    in it; a refusal closes the original unstarted.
 
     Built from an empty context rather than copied, each application variable set with a
     token kept in :attr:`View.pulled`: a variable the consumer unsets later can then be unset
     in the body's context too, which a copy could not do without replacing the context (and
     the tokens the body holds across its steps, its own or OTel's for a span it keeps
-    current across a ``yield``, would no longer reset).
+    current across a ``yield``, would no longer reset). With :data:`_NOTHING` (the swapping
+    drivers, whose two variables are already in place) it only opens the run.
     """
     tokens: dict[contextvars.ContextVar[Any], contextvars.Token[Any]] = {}
     view.pulled = tokens
@@ -208,7 +201,14 @@ def _enter(view: View, cur: contextvars.Context) -> None:
         _scope_set(view.scope)
     if _otel_get() is not view.otel:
         _otel_set(view.otel)
-    view.start()
+    try:
+        r = view.run = begin(view.spec, view.call)
+    except BaseException:
+        view.done = True  # refused (policy, fail-closed): the body never runs
+        _close_unstarted(view.orig)
+        raise
+    if r is not None:
+        _SUSPENDED.add(view)
     view.snap = _copy_context()
 
 
@@ -336,7 +336,7 @@ async def _drive_async(view: View) -> AsyncGenerator[Any, Any]:
                 if cur != seen:  # the consumer changed its context since the last item
                     ctx = view.pull(cur)
                     snap = ctx.copy()
-                seen = cur
+                    seen = cur  # (equal ones are interchangeable: no store per item)
             else:
                 try:  # the body awaits: its future goes to the event loop from here
                     arg = await _suspend(signal)
@@ -372,7 +372,7 @@ def _pump(view: View, cur: contextvars.Context) -> Generator[Any, Any, None]:
     """
     _enter(view, cur)
     orig = view.orig
-    asend, athrow = orig.asend, orig.athrow
+    asend = orig.asend
     firstiter = _get_hooks()[0]
     _set_hooks(None)
     try:
@@ -384,7 +384,7 @@ def _pump(view: View, cur: contextvars.Context) -> Generator[Any, Any, None]:
         try:
             step = asend((yield item))
         except BaseException as exc:  # athrow(), aclose(): the body's to handle
-            step = athrow(exc)
+            step = orig.athrow(exc)
 
 
 @types.coroutine
@@ -482,7 +482,7 @@ def _drive_swapping(view: View) -> Generator[Any, Any, Any]:  # pragma: no cover
             try:
                 if not started:
                     started = True
-                    view.start()
+                    _enter(view, _NOTHING)
                 item = method(arg)
             finally:
                 scope = _scope_get()
@@ -519,7 +519,7 @@ async def _drive_async_swapping(view: View) -> AsyncGenerator[Any, Any]:  # prag
             try:
                 if not started:
                     started = True
-                    view.start()
+                    _enter(view, _NOTHING)
                     step = _unhooked(method, arg)
                 else:
                     step = method(arg)

@@ -359,7 +359,7 @@ def begin(spec: Spec, call: Call = _NO_CALL, force: bool = False) -> Run | None:
     attrs = entry[1].copy()
     attrs.update(own_attrs)
     step = scope.step if spec.step is None else None
-    if step is None:
+    if step is None and (spec.step is not None or flow is not None):
         step = _step(spec, scope, flow, op)
         if step is not None:
             attrs[attr.STEP_ID] = step
