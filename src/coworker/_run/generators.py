@@ -37,7 +37,7 @@ from coworker._run.lifecycle import Call, Run, begin
 from coworker._run.spec import Spec
 from coworker._scope import SCOPE, Scope, restore
 
-__all__ = ["View", "drive", "drive_async", "finish_abandoned"]
+__all__ = ["View", "drive", "drive_async", "finish_abandoned", "new_view"]
 
 _scope_get = SCOPE.get
 _scope_set = SCOPE.set
@@ -50,6 +50,12 @@ _OTEL_VAR: Final = otelctx._VAR
 _OURS: Final = frozenset(v for v in (SCOPE, _OTEL_VAR) if v is not None)
 """coworker's scope and the OTel current context: the body's own, never kept in step."""
 _MISSING: Final = contextvars.Token.MISSING
+_EXHAUSTED: Final = (StopIteration, StopAsyncIteration)
+_new_view: Final = object.__new__
+_NOTHING: Final = contextvars.Context()
+"""No variables to fill in: :func:`_enter` then only opens the run (the swapping drivers)."""
+_get_hooks: Final = sys.get_asyncgen_hooks
+_set_hooks: Final = sys.set_asyncgen_hooks
 
 
 class View:
@@ -78,62 +84,37 @@ class View:
         "pushed",
         "run",
         "scope",
+        "snap",
         "spec",
     )
 
-    def __init__(self, orig: Any, spec: Spec, call: Call) -> None:
-        self.orig = orig
-        self.spec = spec
-        self.call = call
-        # The body's view as of the call site (the swapping drivers carry it on from there).
-        self.scope: Scope = _scope_get()
-        self.otel: Any = _otel_get()
-        self.run: Run | None = None
-        self.done = False
-        self.ctx: contextvars.Context | None = None
-        # Tokens of variables the driver created from nothing in the body's context (pulled)
-        # or in the consumer's (pushed): resetting one is how a variable is unset there.
-        self.pulled: dict[contextvars.ContextVar[Any], contextvars.Token[Any]] | None = None
-        self.pushed: dict[contextvars.ContextVar[Any], contextvars.Token[Any]] | None = None
+    orig: Any
+    spec: Spec
+    call: Call
+    scope: Scope
+    """The body's scope as of the call site (the swapping drivers carry it on from there)."""
+    otel: Any
+    """The body's OTel context as of the call site (likewise)."""
+    run: Run | None
+    done: bool
+    ctx: contextvars.Context
+    """The body's context (set by the driver at the first step)."""
+    pulled: dict[contextvars.ContextVar[Any], contextvars.Token[Any]] | None
+    """Tokens of variables the driver created from nothing in the body's context: resetting
+    one is how a variable is unset there."""
+    pushed: dict[contextvars.ContextVar[Any], contextvars.Token[Any]] | None
+    """The same for the consumer's context."""
+    snap: contextvars.Context
+    """The body's context as the first step left it once the run was open (before the body
+    ran): what the driver compares with to see what the body changed (set by
+    :func:`_enter`)."""
 
     def enter(self) -> contextvars.Context:
         """The body's context at the first step: the consumer's variables, with the call
-        site's view and the run (opened there).
-
-        Built from an empty context rather than copied, each application variable set with
-        a token kept in :attr:`pulled`: a variable the consumer unsets later can then be
-        unset in the body's context too, which a copy could not do without replacing the
-        context (and the tokens the body holds across its steps, its own or OTel's for a
-        span it keeps current across a ``yield``, would no longer reset).
-        """
+        site's view and the run (opened there); see :func:`_enter`."""
         ctx = self.ctx = contextvars.Context()
-        self.pulled = {}
-        ctx.run(self._enter, _copy_context(), self.pulled)
+        ctx.run(_enter, self, _copy_context())
         return ctx
-
-    def _enter(
-        self,
-        cur: contextvars.Context,
-        tokens: dict[contextvars.ContextVar[Any], contextvars.Token[Any]],
-    ) -> None:
-        for var, value in cur.items():  # coworker's two as well (their tokens go unused)
-            tokens[var] = var.set(value)
-        if _scope_get() is not self.scope:
-            _scope_set(self.scope)
-        if _otel_get() is not self.otel:
-            _otel_set(self.otel)
-        self.start()
-
-    def start(self) -> None:
-        """Open the run (inside the body's view); a refusal closes the original unstarted."""
-        try:
-            self.run = begin(self.spec, self.call)
-        except BaseException:
-            self.done = True  # refused (policy, fail-closed): the body never runs
-            _close_unstarted(self.orig)
-            raise
-        if self.run is not None:
-            _SUSPENDED.add(self)
 
     def pull(self, cur: contextvars.Context) -> contextvars.Context:
         """Bring what the consumer changed (its context is ``cur``) into the body's context;
@@ -170,7 +151,7 @@ class View:
         _SUSPENDED.discard(self)
         r = self.run
         if r is not None:
-            if isinstance(exc, StopIteration | StopAsyncIteration):
+            if exc is not None and isinstance(exc, _EXHAUSTED):
                 exc = None  # exhaustion is the generator's success
             r.end_detached(exc)
 
@@ -180,10 +161,55 @@ class View:
         return bool(getattr(orig, "gi_running", False) or getattr(orig, "ag_running", False))
 
 
+def new_view(orig: Any, spec: Spec, call: Call) -> View:
+    """The view of one call: made without ``View.__init__`` (a class call with an
+    ``__init__`` is a C-to-Python call, ~700 instructions more than this function's frame)."""
+    view = _new_view(View)
+    view.orig = orig
+    view.spec = spec
+    view.call = call
+    view.scope = _scope_get()
+    view.otel = _otel_get()
+    view.run = None
+    view.done = False
+    view.pulled = view.pushed = None
+    return view
+
+
 _SUSPENDED: Final[set[View]] = set()
 """Generator runs whose body has started and not finished (their span is open). A plain set
 (C-speed add/discard): a view leaves it when its run finishes, which a collected driver
 does too (collection closes it)."""
+
+
+def _enter(view: View, cur: contextvars.Context) -> None:
+    """Fill the body's new, empty context (current here) at the first step, and open the run
+    in it; a refusal closes the original unstarted.
+
+    Built from an empty context rather than copied, each application variable set with a
+    token kept in :attr:`View.pulled`: a variable the consumer unsets later can then be unset
+    in the body's context too, which a copy could not do without replacing the context (and
+    the tokens the body holds across its steps, its own or OTel's for a span it keeps
+    current across a ``yield``, would no longer reset). With :data:`_NOTHING` (the swapping
+    drivers, whose two variables are already in place) it only opens the run.
+    """
+    tokens: dict[contextvars.ContextVar[Any], contextvars.Token[Any]] = {}
+    view.pulled = tokens
+    for var, value in cur.items():  # coworker's two as well (their tokens go unused)
+        tokens[var] = var.set(value)
+    if _scope_get() is not view.scope:
+        _scope_set(view.scope)
+    if _otel_get() is not view.otel:
+        _otel_set(view.otel)
+    try:
+        r = view.run = begin(view.spec, view.call)
+    except BaseException:
+        view.done = True  # refused (policy, fail-closed): the body never runs
+        _close_unstarted(view.orig)
+        raise
+    if r is not None:
+        _SUSPENDED.add(view)
+    view.snap = _copy_context()
 
 
 def finish_abandoned() -> int:
@@ -233,7 +259,7 @@ def _drive(view: View) -> Generator[Any, Any, Any]:
     copy = _copy_context
     try:
         ctx = view.enter()
-        snap = ctx.copy()
+        snap: Any = view.snap
         try:
             item = ctx.run(send, None)  # no frame of ours between the caller and the body
         finally:
@@ -269,11 +295,13 @@ async def _drive_async(view: View) -> AsyncGenerator[Any, Any]:
     """A real async generator running ``view.orig`` inside the body's context.
 
     The original's ``asend``/``athrow`` awaitables are driven by :func:`_pump`, which runs
-    with one ``Context.run`` of the body's context per resumption (:class:`View`). What it
-    yields is the original's next item when it yields itself, and otherwise (it is inside
-    ``yield from`` an awaitable) what the body awaits (a future, or ``None`` for a bare
-    yield), which goes up to the event loop from the driver's own frame, so other tasks
-    never see the body's view.
+    with one ``Context.run`` of the body's context per resumption (:class:`View`); its first
+    resumption fills that context and opens the run (:func:`_enter`). What it yields is the
+    original's next item when it yields itself, and otherwise (it is inside ``yield from``
+    an awaitable) what the body awaits (a future, or ``None`` for a bare yield), which goes
+    up to the event loop from the driver's own frame, so other tasks never see the body's
+    view. The two contexts are brought in step around items only: while the body awaits,
+    its consumer (the task awaiting this generator) runs nothing.
 
     Why a pump (measured with callgrind, 10-item generator): resuming the original's
     awaitable with ``ctx.run`` straight from this frame makes every item arrive as a
@@ -283,63 +311,80 @@ async def _drive_async(view: View) -> AsyncGenerator[Any, Any]:
     in per-item checks than it saves.
     """
     copy = _copy_context
-    ctx = view.enter()
-    snap = ctx.copy()
+    ctx = view.ctx = contextvars.Context()
     seen = copy()
-    pump: Any = _pump(view)
-    send = pump.send
-    value: Any = None  # what goes into the pump: the consumer's or the event loop's value
-    thrown: BaseException | None = None
+    pump: Any = _pump(view, seen)
+    send = method = pump.send
+    snap: Any = None
     try:
+        signal = ctx.run(send, None)  # fills the body's context, opens the run, first step
+        snap = view.snap
         while True:
-            try:
-                if thrown is None:
-                    signal = ctx.run(send, value)
-                else:
-                    signal = ctx.run(pump.throw, thrown)
-            finally:
-                if ctx != snap:  # the body changed its context during the step
-                    seen = view.push(snap)
-                    snap = ctx.copy()
-            thrown = None
             # gi_yieldfrom: set while the pump delegates (inside ``yield from`` an awaitable of
             # the original, passing a suspension up), None at its own yield (an item).
             if pump.gi_yieldfrom is None:
+                if ctx != snap:  # the body changed its context since the last item
+                    seen = view.push(snap)
+                    snap = ctx.copy()
                 try:
-                    value = yield signal
+                    arg = yield signal
+                    method = send
                 except BaseException as exc:  # athrow(), aclose(), the loop's finalizer
-                    thrown = exc
+                    arg = exc
+                    method = pump.throw
                 cur = copy()
-                if cur != seen:  # the consumer changed its context since the last step
+                if cur != seen:  # the consumer changed its context since the last item
                     ctx = view.pull(cur)
                     snap = ctx.copy()
-                seen = cur
+                    seen = cur  # (equal ones are interchangeable: no store per item)
             else:
                 try:  # the body awaits: its future goes to the event loop from here
-                    value = await _suspend(signal)
+                    arg = await _suspend(signal)
+                    method = send
                 except BaseException as exc:  # cancellation: the body's to handle
-                    thrown = exc
+                    arg = exc
+                    method = pump.throw
+            signal = ctx.run(method, arg)
     except StopAsyncIteration:
+        if ctx != snap:
+            view.push(snap)
         view.finish(None)
     except BaseException as exc:
+        if snap is not None and ctx != snap:
+            view.push(snap)
         view.finish(exc)
         raise
 
 
 @types.coroutine
-def _pump(view: View) -> Generator[Any, Any, None]:
+def _pump(view: View, cur: contextvars.Context) -> Generator[Any, Any, None]:
     """Drive the original async generator's ``asend``/``athrow`` awaitables (inside the
-    body's context): their suspensions pass through, each item is yielded, a value or
-    exception sent in goes to the original's next step."""
+    body's context, which its first resumption fills from the consumer's ``cur``): their
+    suspensions pass through, each item is yielded, a value or exception sent in goes to
+    the original's next step.
+
+    The original's first awaitable is made with the event loop's ``firstiter`` hook switched
+    off: only the driver is registered with the loop, which closes it (and it the original)
+    at shutdown; registered too, the original would be closed concurrently with it. Its
+    finalizer hook stays (one ``set_asyncgen_hooks`` argument less to switch): the driver
+    holds the original, and a started one is held by :data:`_SUSPENDED` until it finishes,
+    so that finalizer never runs before the driver's has closed it.
+    """
+    _enter(view, cur)
     orig = view.orig
-    asend, athrow = orig.asend, orig.athrow
-    step = _unhooked(asend, None)
+    asend = orig.asend
+    firstiter = _get_hooks()[0]
+    _set_hooks(None)
+    try:
+        step = asend(None)
+    finally:
+        _set_hooks(firstiter)
     while True:
         item = yield from step
         try:
             step = asend((yield item))
         except BaseException as exc:  # athrow(), aclose(): the body's to handle
-            step = athrow(exc)
+            step = orig.athrow(exc)
 
 
 @types.coroutine
@@ -437,7 +482,7 @@ def _drive_swapping(view: View) -> Generator[Any, Any, Any]:  # pragma: no cover
             try:
                 if not started:
                     started = True
-                    view.start()
+                    _enter(view, _NOTHING)
                 item = method(arg)
             finally:
                 scope = _scope_get()
@@ -474,7 +519,7 @@ async def _drive_async_swapping(view: View) -> AsyncGenerator[Any, Any]:  # prag
             try:
                 if not started:
                     started = True
-                    view.start()
+                    _enter(view, _NOTHING)
                     step = _unhooked(method, arg)
                 else:
                     step = method(arg)
