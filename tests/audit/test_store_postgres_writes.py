@@ -305,3 +305,27 @@ def test_append_with_another_owner_or_rights_is_a_guard_finding(
     report = verify_chain(reader)
     assert any(p.kind == GUARD and "append is altered" in p.detail for p in report.problems)
     reader.close()
+
+
+def test_a_role_that_may_not_insert_cannot_append_through_append(
+    pg: PGServer, store: PostgresStore
+) -> None:
+    """append() inserts with its owner's rights (version 5): an auditor role with USAGE and
+    SELECT only that calls it is refused (insufficient privilege), and nothing is appended."""
+    from coworker.audit.store_postgres._wire import _COLUMNS
+
+    store.append([entry(0)])
+    auditor = pg.create_role("auditor")
+    pg.execute(f'GRANT USAGE ON SCHEMA "{store.schema}" TO "{auditor}"')
+    pg.execute(f'GRANT SELECT ON "{store.schema}".records TO "{auditor}"')
+    before, after = Prepared(entry(1)).halves
+    params = [b"\x09" * 16, _ByteaArray.of([before]).data, _ByteaArray.of([after]).data]
+    params += [None, None, *[_TextArray.of([None]).data for _ in range(len(_COLUMNS) + 1)]]
+    with psycopg.connect(with_user(store._conninfo, auditor), autocommit=True) as conn:
+        res = conn.pgconn.exec_params(
+            store._append_statement(), params, list(_APPEND_TYPES), [1] * len(params)
+        )
+    assert res.status == psycopg.pq.ExecStatus.FATAL_ERROR
+    assert res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42501"
+    assert b"may not insert" in (res.error_message or b"")
+    assert [r.seq for r in store.iter_from()] == [1]

@@ -336,6 +336,14 @@ BEGIN
             current_setting('transaction_isolation')
             USING ERRCODE = 'invalid_transaction_state';
     END IF;
+    -- append() inserts with its owner's rights: only a session whose role may INSERT the
+    -- rows itself may call it (an auditor with SELECT only may not append through it).
+    IF NOT has_table_privilege(session_user, {records_regclass}, 'INSERT')
+       OR (payload IS NOT NULL AND NOT has_table_privilege(session_user,
+           {payloads_regclass}, 'INSERT')) THEN
+        RAISE EXCEPTION 'permission denied: % may not insert into the audit log', session_user
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
     -- Commit without waiting for the WAL flush: the lock is free at once; the store waits
     -- for the flush after it (see PostgresStore._flush). Assignments, not PERFORM: a plain
     -- expression costs no executor start.
@@ -481,10 +489,12 @@ def render(text: str, schema: str, chain: str = "") -> str:
     from coworker.audit.chain import genesis
 
     records = _quote_ident(schema) + ".records"
+    payloads = _quote_ident(schema) + ".payloads"
     out = (
         text.replace("{schema}", _quote_ident(schema))
         .replace("{namespace}", str(_LOCK_NAMESPACE))
         .replace("{records_regclass}", "'" + records.replace("'", "''") + "'")
+        .replace("{payloads_regclass}", "'" + payloads.replace("'", "''") + "'")
     )
     if chain:
         out = out.replace(_ZERO_GENESIS, f"decode('{genesis(chain).hex()}', 'hex')")
