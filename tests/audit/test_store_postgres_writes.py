@@ -244,3 +244,88 @@ def test_append_called_with_crafted_halves_is_found_malformed(
     report = verify_chain(store)
     assert not report.ok
     assert [(p.kind, p.seq) for p in report.problems] == [(MALFORMED, 2)], report.problems
+
+
+def test_column_arrays_are_the_row_by_row_arrays() -> None:
+    """The query-column arrays built column by column are byte for byte the arrays of
+    _column_values row by row, on hostile values (NUL, lone surrogates, numbers, objects,
+    missing fields, the time from start or recorded_at)."""
+    rows: list[dict[str, Any]] = [
+        entry(0, user_id="a\x00b", flow_id="\ud800x", start="2026-01-01T00:00:00Z"),
+        {"kind": 7, "category": {"x": [1, 2]}, "recorded_at": "2026-01-02T00:00:00Z"},
+        {},
+        entry(3, operation="☃" * 1000, run_id=None, doctype=1.5, outcome=True),
+    ]
+    plain = [_column_values(r) for r in rows]
+    expected = [_TextArray.of([row[c] for row in plain]).data for c in range(len(plain[0]))]
+    assert [a.data for a in _column_arrays(rows)] == expected
+    assert [a.data for a in _column_arrays([])] == [_TextArray.of([]).data] * len(expected)
+
+
+def test_append_after_a_failed_first_append_on_a_connection(
+    pg: PGServer, store: PostgresStore
+) -> None:
+    """The first append on a connection prepares its statements in the same round trip; when
+    that append then fails (here: REPEATABLE READ), the statements stay prepared and the next
+    append uses them (it does not prepare them twice and fail)."""
+    with store._lock:
+        conn = store._connection()
+        conn.execute("SET default_transaction_isolation = 'repeatable read'")
+    from coworker.exceptions import AuditUnavailable
+
+    with pytest.raises(AuditUnavailable, match="needs READ COMMITTED"):
+        store.append([entry(1)])
+    with store._lock:
+        assert store._connection() is conn  # the same session, statements prepared
+        conn.execute("SET default_transaction_isolation = 'read committed'")
+    assert [r.seq for r in store.append([entry(2)])] == [1]
+    assert verify_chain(store).ok
+
+
+def test_append_with_another_owner_or_rights_is_a_guard_finding(
+    pg: PGServer, store: PostgresStore
+) -> None:
+    """append() runs with its owner's rights and the chain check trusts the owner's rows: an
+    append() owned by another role, or no longer SECURITY DEFINER, is reported by verify."""
+    from coworker.audit.verify import GUARD
+
+    store.append([entry(1)])
+    other = pg.create_role("fn_owner")
+    s = f'"{store.schema}"'
+    signature = f"{s}.append(integer, bytea, bytea[], bytea[], bytea[], bytea[]{', text[]' * 14})"
+    pg.execute(f'ALTER FUNCTION {signature} OWNER TO "{other}"')
+    reader = PostgresStore(store.url, readonly=True)
+    report = verify_chain(reader)
+    assert any(
+        p.kind == GUARD and "append is not owned by the owner of records" in p.detail
+        for p in report.problems
+    ), report
+    pg.execute(f"ALTER FUNCTION {signature} OWNER TO CURRENT_USER")
+    pg.execute(f"ALTER FUNCTION {signature} SECURITY INVOKER")
+    report = verify_chain(reader)
+    assert any(p.kind == GUARD and "append is altered" in p.detail for p in report.problems)
+    reader.close()
+
+
+def test_a_role_that_may_not_insert_cannot_append_through_append(
+    pg: PGServer, store: PostgresStore
+) -> None:
+    """append() inserts with its owner's rights (version 5): an auditor role with USAGE and
+    SELECT only that calls it is refused (insufficient privilege), and nothing is appended."""
+    from coworker.audit.store_postgres._wire import _COLUMNS
+
+    store.append([entry(0)])
+    auditor = pg.create_role("auditor")
+    pg.execute(f'GRANT USAGE ON SCHEMA "{store.schema}" TO "{auditor}"')
+    pg.execute(f'GRANT SELECT ON "{store.schema}".records TO "{auditor}"')
+    before, after = Prepared(entry(1)).halves
+    params = [b"\x09" * 16, _ByteaArray.of([before]).data, _ByteaArray.of([after]).data]
+    params += [None, None, *[_TextArray.of([None]).data for _ in range(len(_COLUMNS) + 1)]]
+    with psycopg.connect(with_user(store._conninfo, auditor), autocommit=True) as conn:
+        res = conn.pgconn.exec_params(
+            store._append_statement(), params, list(_APPEND_TYPES), [1] * len(params)
+        )
+    assert res.status == psycopg.pq.ExecStatus.FATAL_ERROR
+    assert res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42501"
+    assert b"may not insert" in (res.error_message or b"")
+    assert [r.seq for r in store.iter_from()] == [1]

@@ -270,7 +270,7 @@ $$;
 #   only doubled the hashing and cost a PL/pgSQL trigger call per append. A writer role's
 #   own INSERTs are checked as before; the owner could drop the trigger anyway.
 # * append(): per entry one PL/pgSQL statement under the lock (the hash); the rows go in
-#   with one INSERT over the parameter arrays themselves (no arrays rebuilt row by row), the
+#   with one INSERT reading the parameter arrays themselves (no arrays rebuilt row by row), the
 #   dedup keys are looked up with one query, set_config and the lock are plain expressions
 #   (no executor start), and its statements use generic plans (plan_cache_mode: a custom plan
 #   per call for array parameters otherwise, planned again every time);
@@ -336,6 +336,14 @@ BEGIN
             current_setting('transaction_isolation')
             USING ERRCODE = 'invalid_transaction_state';
     END IF;
+    -- append() inserts with its owner's rights: only a session whose role may INSERT the
+    -- rows itself may call it (an auditor with SELECT only may not append through it).
+    IF NOT has_table_privilege(session_user, {records_regclass}, 'INSERT')
+       OR (payload IS NOT NULL AND NOT has_table_privilege(session_user,
+           {payloads_regclass}, 'INSERT')) THEN
+        RAISE EXCEPTION 'permission denied: % may not insert into the audit log', session_user
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
     -- Commit without waiting for the WAL flush: the lock is free at once; the store waits
     -- for the flush after it (see PostgresStore._flush). Assignments, not PERFORM: a plain
     -- expression costs no executor start.
@@ -380,18 +388,19 @@ BEGIN
                 || convert_to((head + pos[k])::text, 'UTF8') || after[k]);
         END LOOP;
     END IF;
+    -- Array parameters are expanded on entry: a subscript is one lookup (cheaper than
+    -- unnesting 17 arrays into a tuplestore).
     INSERT INTO {schema}.records (seq, prev_hash, hash, body, dedup_key, kind, category,
         operation, doctype, outcome, flow_id, step_id, run_id, user_id, agent_id, trace_id,
         span_id, recorded_at, "time", attempt)
     SELECT head + s.j, coalesce(hashes[s.j - 1], top), hashes[s.j],
-        s.xb || convert_to((head + s.j)::text, 'UTF8') || s.xa, s.xd, s.x1, s.x2, s.x3,
-        s.x4, s.x5, s.x6, s.x7, s.x8, s.x9, s.x10, s.x11, s.x12, s.x13, s.x14, attempt
+        before[s.k] || convert_to((head + s.j)::text, 'UTF8') || after[s.k], dedup[s.k],
+        kind[s.k], category[s.k], operation[s.k], doctype[s.k], outcome[s.k], flow_id[s.k],
+        step_id[s.k], run_id[s.k], user_id[s.k], agent_id[s.k], trace_id[s.k], span_id[s.k],
+        recorded_at[s.k], "time"[s.k], attempt
     FROM (
-        SELECT CASE WHEN pos IS NULL THEN u.xk::integer ELSE pos[u.xk] END AS j, u.*
-        FROM unnest(before, after, dedup, kind, category, operation, doctype, outcome,
-            flow_id, step_id, run_id, user_id, agent_id, trace_id, span_id, recorded_at,
-            "time") WITH ORDINALITY
-            AS u(xb, xa, xd, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, xk)
+        SELECT x.k, CASE WHEN pos IS NULL THEN x.k ELSE pos[x.k] END AS j
+        FROM generate_series(1, n) AS x(k)
     ) s
     WHERE s.j IS NOT NULL;
     GET DIAGNOSTICS inserted = ROW_COUNT;
@@ -404,11 +413,11 @@ BEGIN
     END IF;
     IF payload IS NOT NULL THEN
         INSERT INTO {schema}.payloads (seq, payload)
-        SELECT head + s.j, s.xp FROM (
-            SELECT CASE WHEN pos IS NULL THEN u.xk::integer ELSE pos[u.xk] END AS j, u.xp
-            FROM unnest(payload) WITH ORDINALITY AS u(xp, xk)
+        SELECT head + s.j, payload[s.k] FROM (
+            SELECT x.k, CASE WHEN pos IS NULL THEN x.k ELSE pos[x.k] END AS j
+            FROM generate_series(1, n) AS x(k)
         ) s
-        WHERE s.j IS NOT NULL AND s.xp IS NOT NULL;
+        WHERE s.j IS NOT NULL AND payload[s.k] IS NOT NULL;
     END IF;
     RETURN QUERY
         SELECT g.k, head + g.j, CASE WHEN g.j IS NOT NULL THEN
@@ -480,10 +489,12 @@ def render(text: str, schema: str, chain: str = "") -> str:
     from coworker.audit.chain import genesis
 
     records = _quote_ident(schema) + ".records"
+    payloads = _quote_ident(schema) + ".payloads"
     out = (
         text.replace("{schema}", _quote_ident(schema))
         .replace("{namespace}", str(_LOCK_NAMESPACE))
         .replace("{records_regclass}", "'" + records.replace("'", "''") + "'")
+        .replace("{payloads_regclass}", "'" + payloads.replace("'", "''") + "'")
     )
     if chain:
         out = out.replace(_ZERO_GENESIS, f"decode('{genesis(chain).hex()}', 'hex')")

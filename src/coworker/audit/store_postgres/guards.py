@@ -214,11 +214,9 @@ def _restore_guards_ddl(schema: str, version: int, chain: str = "") -> str:
             r"(?:CREATE TRIGGER|ALTER TABLE) .*?;", ddl.split("$$;")[-1], re.DOTALL
         )
     ]
-    # A later version's definition of a trigger replaces the earlier one (records_chain).
-    last = {t.split()[2]: i for i, t in enumerate(triggers) if t.startswith("CREATE TRIGGER")}
-    statements += [
-        t
-        for i, t in enumerate(triggers)
-        if not t.startswith("CREATE TRIGGER") or last[t.split()[2]] == i
-    ]
+    # A later version's definition of a trigger replaces the earlier one (records_chain);
+    # every trigger is created before the ALTER TABLEs (ENABLE ALWAYS) name it.
+    creates = {t.split()[2]: t for t in triggers if t.startswith("CREATE TRIGGER")}
+    statements += list(creates.values())
+    statements += [t for t in triggers if not t.startswith("CREATE TRIGGER")]
     return "\n".join(statements)
