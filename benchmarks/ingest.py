@@ -102,7 +102,7 @@ def _client(
             for body in bodies:
                 if http.post(endpoint, content=body, headers=headers).status_code != 200:
                     raise SystemExit("export failed")
-        out.put((start, time.perf_counter()))
+        out.put((start, time.perf_counter(), 0.0))
         return
     exporter = OTLPSpanExporter(
         endpoint=endpoint,
@@ -115,7 +115,7 @@ def _client(
     for i in range(0, n, batch):
         if exporter.export(spans[i : i + batch]) is not SpanExportResult.SUCCESS:
             raise SystemExit("export failed")
-    out.put((start, time.perf_counter()))
+    out.put((start, time.perf_counter(), 0.0))
 
 
 def _open(url: str) -> Any:
@@ -134,13 +134,50 @@ def _direct(url: str, client: int, n: int, batch: int, barrier: Any, out: Any) -
     spans = make_spans(n, client)
     store = _open(url)
     barrier.wait()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, n, batch):
         # entry_from_span is inside the timing on both sides.
         entries = [entry_from_span(s) for s in spans[i : i + batch]]
         store.append([e[0] for e in entries], [e[1] for e in entries])
-    out.put((start, time.perf_counter()))
+    out.put((start, time.perf_counter(), time.process_time() - cpu))
     store.close()
+
+
+_TICK: float = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * _TICK
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the decoding workers, the resource tracker)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found.append(int(entry))
+    return found
+
+
+def _server_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of the server process and of its decoding workers (its children)."""
+    workers = 0.0
+    for child in _children(pid):
+        try:
+            workers += _cpu_seconds(child)
+        except OSError:
+            pass
+    return _cpu_seconds(pid), workers
 
 
 def _free_port() -> int:
@@ -169,8 +206,14 @@ def run_once(
     tokens: bool = False,
     preencoded: bool = False,
     workers: int | None = None,
+    cpu: dict[str, float] | None = None,
 ) -> float:
-    """One run in a fresh schema (or SQLite file); returns spans/s over the wall time."""
+    """One run in a fresh schema (or SQLite file); returns spans/s over the wall time.
+
+    ``cpu`` (when given) receives CPU seconds per span: ``server`` (the serve process: HTTP,
+    authentication, dedup, the append) and ``workers`` (its decoding workers) for an ingest
+    run, ``direct`` (the appending clients) for a direct one.
+    """
     import tempfile
 
     schema = "bench_" + secrets.token_hex(4)
@@ -196,6 +239,7 @@ def run_once(
                 env={**os.environ, "COWORKER_INGEST_TOKEN": TOKEN},
             )  # fmt: skip
             _wait_healthy(port, server)
+            cpu_before = _server_cpu(server.pid)
             endpoint = f"http://127.0.0.1:{port}/v1/traces"
             args = [
                 (endpoint, TOKEN, c, per_client, batch, gzip, barrier, out, preencoded)
@@ -216,6 +260,9 @@ def run_once(
                 failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if failed:
                     raise SystemExit(f"{kind} client failed with exit code {failed[0]}") from None
+        if server is not None:
+            # Every answer is in: the server's appends are done (200 only once durable).
+            cpu_after = _server_cpu(server.pid)
         for p in procs:
             p.join()
             if p.exitcode != 0:
@@ -240,6 +287,12 @@ def run_once(
             (count,) = conn.execute(f'SELECT count(*) FROM "{schema}".records').fetchone()  # type: ignore[misc]
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
     assert count == clients * per_client, (count, clients * per_client)
+    if cpu is not None:
+        if kind == "ingest":
+            cpu["server"] = (cpu_after[0] - cpu_before[0]) / count
+            cpu["workers"] = (cpu_after[1] - cpu_before[1]) / count
+        else:
+            cpu["direct"] = sum(t[2] for t in times) / count
     return count / (max(t[1] for t in times) - min(t[0] for t in times))
 
 
@@ -282,8 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     rates: dict[str, list[float]] = {"ingest": [], "direct": []}
+    cpus: dict[str, list[float]] = {"server": [], "workers": [], "direct": []}
     for _ in range(args.runs):
         for kind in ("direct", "ingest"):
+            cpu: dict[str, float] = {}
             rates[kind].append(
                 run_once(
                     kind,
@@ -295,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
                     args.tokens,
                     args.preencoded,
                     args.workers,
+                    cpu,
                 )
             )
+            for key, value in cpu.items():
+                cpus[key].append(value)
     ingest, direct = statistics.median(rates["ingest"]), statistics.median(rates["direct"])
     result = {
         "clients": args.clients,
@@ -309,7 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         "ingest_spans_per_s": round(ingest),
         "direct_append_per_s": round(direct),
         "ratio": round(ingest / direct, 3),
+        # CPU per span (median over the runs): what each part would sustain on a core of its own.
+        "server_cpu_us_per_span": round(statistics.median(cpus["server"]) * 1e6, 1),
+        "workers_cpu_us_per_span": round(statistics.median(cpus["workers"]) * 1e6, 1),
+        "direct_cpu_us_per_span": round(statistics.median(cpus["direct"]) * 1e6, 1),
     }
+    result["server_process_spans_per_s"] = round(1e6 / result["server_cpu_us_per_span"])
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -324,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  end-to-end, {sender} -> serve -> store: {ingest:>8.0f} spans/s")
         print(f"  direct store.append of the same spans:          {direct:>8.0f} records/s")
         print(f"  ratio: {result['ratio']:.2f}")
+        print(
+            f"  CPU per span: serve process {result['server_cpu_us_per_span']} us "
+            f"(= {result['server_process_spans_per_s']} spans/s on one core), decoding workers "
+            f"{result['workers_cpu_us_per_span']} us, direct appenders "
+            f"{result['direct_cpu_us_per_span']} us"
+        )
     return 0
 
 

@@ -59,8 +59,7 @@ _ZERO_TRACE: Final = bytes(16)
 _ZERO_SPAN: Final = bytes(8)
 
 
-@dataclass(frozen=True, slots=True)
-class SpanRecord:
+class SpanRecord(NamedTuple):
     """An audit span's record, made from the OTLP message without an SDK span.
 
     The same fields as :func:`coworker.audit.record.entry_from_span` of the span's

@@ -22,7 +22,13 @@ from coworker.audit.record import (
 )
 from coworker.audit.store import AuditStore
 from coworker.ingest.tokens import INGEST_TOKEN_FIELD
-from coworker.ingest.usage import KIND_USAGE, is_usage_key, usage_key
+from coworker.ingest.usage import (
+    _USAGE_MARK,
+    KIND_USAGE,
+    USAGE_KEY_LEN,
+    is_usage_key,
+    usage_key,
+)
 
 _log = logging.getLogger("coworker.ingest")
 
@@ -312,16 +318,20 @@ class _SeenSpans:
         if self._index is None:
             self._index = self._load()
         index = self._index
+        usage = self._usage
         fresh: list[int] = []
         batch: set[bytes] = set()
+        # Per span of every request: the checks of is_usage_key / _has / _add inlined.
         for i, key in enumerate(keys):
             if key in batch:
                 continue
-            if is_usage_key(key):
-                if key in self._usage:
+            if len(key) == USAGE_KEY_LEN and key[-1:] == _USAGE_MARK:
+                if key in usage:
                     continue
-            elif _has(index.get(key[:_IDS_LEN]), key[_IDS_LEN:]):
-                continue
+            else:
+                slot = index.get(key[:_IDS_LEN])
+                if slot is not None and _has(slot, key[_IDS_LEN:]):
+                    continue
             batch.add(key)
             fresh.append(i)
         if fresh:
@@ -330,18 +340,21 @@ class _SeenSpans:
                 [r.seq for r in written] if len(written) == len(fresh) else [None] * len(fresh)
             )
             for i, seq in zip(fresh, seqs, strict=True):
-                if is_usage_key(keys[i]):
-                    self._usage.add(keys[i])
+                key = keys[i]
+                if is_usage_key(key):
+                    usage.add(key)
+                elif key[:_IDS_LEN] not in index:
+                    index[key[:_IDS_LEN]] = (key[_IDS_LEN:], seq)
                 else:
-                    _add(index, keys[i][:_IDS_LEN], keys[i][_IDS_LEN:], seq)
+                    _add(index, key[:_IDS_LEN], key[_IDS_LEN:], seq)
         # Duplicates are checked too: a crash between a record and its conflict record is
-        # repaired by the exporter's retry.
+        # repaired by the exporter's retry. Only span ids with several versions can conflict.
+        several = [k for k in keys if type(index.get(k[:_IDS_LEN])) is dict and not is_usage_key(k)]
         conflicts: list[Mapping[str, Any]] = []
         new_keys: list[bytes] = []
-        for ids, digests in _by_ids(k for k in keys if not is_usage_key(k)).items():
-            slot = index.get(ids)
-            if not isinstance(slot, dict):
-                continue  # one version (or none): no conflict
+        for ids, digests in _by_ids(several).items():
+            slot = index[ids]
+            assert isinstance(slot, dict)
             for ckey, entry in _conflicts(ids, slot, token, digests):
                 if ckey not in self._conflicts and ckey not in new_keys:
                     conflicts.append(entry)
