@@ -447,7 +447,8 @@ ALTER TABLE {schema}.records ENABLE ALWAYS TRIGGER records_chain;
 LOCK_KEY_MISMATCH: Final = "CWLCK"
 """SQLSTATE of a lock_head()/append() call whose lock key is not its chain's (schema 6+)."""
 
-_LOCK_KEY_CHECK: Final = """    IF lock_key IS DISTINCT FROM {records_regclass}::regclass::oid::integer THEN
+_LOCK_KEY_CHECK: Final = """\
+    IF lock_key IS DISTINCT FROM {records_regclass}::regclass::oid::integer THEN
         RAISE EXCEPTION 'coworker audit: lock key % is not the lock of this chain (%)',
             lock_key, {records_regclass}::regclass::oid::integer
             USING ERRCODE = 'CWLCK',
