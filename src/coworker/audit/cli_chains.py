@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
 def _cmd_adopt(args: argparse.Namespace) -> int:
     import sys
 
-    from coworker.audit.chain_registry import registrations
+    from coworker.audit.chain_registry import adopt, registrations
     from coworker.audit.urls import open_store, resolve_url, with_chain
 
     try:
@@ -56,9 +56,11 @@ def _cmd_adopt(args: argparse.Namespace) -> int:
             reader.close()
         todo = [n for n in present if n and n not in known]
         for name in todo:
-            # A writer's open registers the chain (adopted at its head) before it returns.
+            # create=False: a chain that vanished since the listing is an error, never made
+            # again (and registered) empty.
             store = open_store(with_chain(url, name), create=False)
             try:
+                adopt(store)
                 head = store.head()
             finally:
                 store.close()
