@@ -63,6 +63,8 @@ def test_a_deleted_chain_file_is_named_vanished_by_verify_without_a_heads_note(
     assert main(["audit", "verify", "--url", url]) == 1
     out = capsys.readouterr().out
     assert "FAIL  chain billing: vanished" in out and "chain  eu" in out
+    assert main(["audit", "verify", "--url", url, "--chain", "billing"]) == 1
+    assert "FAIL  chain billing: vanished" in capsys.readouterr().out
     assert main(["audit", "verify", "--url", url, "--json"]) == 1
     line = next(x for x in capsys.readouterr().out.splitlines() if '"registry"' in x)
     assert '"status": "vanished"' in line

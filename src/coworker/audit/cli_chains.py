@@ -18,7 +18,7 @@ from coworker.exceptions import AuditUnavailable, ConfigError
 if TYPE_CHECKING:
     from coworker.audit.chain_registry import Registration
 
-__all__ = ["register", "verify_registry"]
+__all__ = ["register", "vanished_chain", "verify_registry"]
 
 
 def register(subparsers: Any) -> None:
@@ -113,6 +113,32 @@ def verify_registry(
     if code == 0:
         print(f"OK  chain registry: {registered} named chain(s) registered, all present")
     return code
+
+
+def vanished_chain(url: str, chain: str, js: bool) -> int | None:
+    """For ``verify --chain NAME``: print ``vanished`` and return 1 when the registry names
+    ``chain`` but the store has no such chain; ``None`` otherwise (verify it as usual)."""
+    from coworker.audit.chain_registry import check_registry, registrations
+    from coworker.audit.urls import open_store
+
+    if not chain:
+        return None
+    try:
+        store = open_store(url, readonly=True, create=False)
+    except AuditUnavailable:
+        return None  # no default chain: no registry (the chain's own open says what is wrong)
+    with _closing(store):
+        present = list(getattr(store, "chains", lambda: [""])())
+        known = registrations(store) if "" in present else {}
+    if chain not in known or chain in present:
+        return None
+    (check,) = check_registry({chain: known[chain]}, [], lambda c, s: None, lambda c: 0)
+    if js:
+        print(json.dumps({"registry": [check.to_dict()]}))
+    else:
+        print(f"FAIL  chain {printable(chain)}: {check.status}")
+        print(f"      {printable(check.detail)}")
+    return 1
 
 
 class _closing:
