@@ -3,6 +3,7 @@ events never pose as runs."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -384,3 +385,47 @@ def test_configure_that_cannot_flush_queued_events_leaves_the_old_trail(tmp_path
         other = SQLiteStore(new)
         assert list(query(other, category="flow")) == []
         other.close()
+
+
+def test_a_failing_store_is_logged_once_per_failure_not_per_retry(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the store refuses the flusher's writes (locked, no busy wait), the flusher
+    retries but says so once (and once when it works again), never once per 50 ms retry;
+    no event is dropped. With the reminder interval at 0 every retry is a reminder."""
+    db = tmp_path / "a.db"
+    coworker.configure(audit=f"sqlite:///{db}?busy_timeout=0")
+    blocker = sqlite3.connect(db, isolation_level=None, timeout=30, check_same_thread=False)
+
+    def said(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.WARNING, logger="coworker.audit"):
+        with FLOW.start() as f:
+            with f.step("one"):
+                create()
+            blocker.execute("BEGIN IMMEDIATE")  # the end and seal cannot be written now
+        flusher = _flow_events._flusher
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            attempts = getattr(getattr(flusher, "failures", None), "attempts", 0)
+            if attempts >= 5 or said("not yet written") >= 3:
+                break
+            time.sleep(0.01)
+        assert said("not yet written") == 1, [r.getMessage() for r in caplog.records]
+        assert said("still not written") == 0
+        monkeypatch.setattr(_flow_events, "FAILURE_REMINDER", 0.0)
+        reached = flusher.failures.attempts + 2  # type: ignore[union-attr]
+        while time.monotonic() < deadline and flusher.failures.attempts < reached:  # type: ignore[union-attr]
+            time.sleep(0.01)
+        assert said("still not written") >= 1
+        blocker.execute("ROLLBACK")
+        while time.monotonic() < deadline and not said("written again"):
+            time.sleep(0.01)
+        assert said("written again") == 1
+    blocker.close()
+    coworker.force_flush()
+    store = SQLiteStore(db)
+    state = replay(store, f.id)
+    assert state.status == "completed" and state.seal is not None and state.seal.head_matches
+    store.close()

@@ -108,3 +108,38 @@ def test_negative_worker_count_is_refused(tmp_path: Path) -> None:
     """decode_workers below zero is a configuration error, before anything starts."""
     with pytest.raises(ConfigError, match="decode_workers"):
         create_app(SQLiteStore(tmp_path / "x.db"), decode_workers=-1)
+
+
+def test_a_failed_restart_is_retried_with_backoff_and_logged_once(
+    pooled: tuple[IngestServer, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Workers killed while new ones cannot start (their interpreter fails: PYTHONHOME
+    points nowhere): requests decode in the server process and are appended, the failure is
+    logged once however many requests retry, and once workers can start again the next due
+    restart brings the pool back."""
+    import logging
+
+    server, path = pooled
+    pool = server.app.state.ingest.pool
+    pool.restart_after = pool.restart_max = 0.0  # every request may retry at once
+    executor = pool._executor
+    assert executor is not None
+    monkeypatch.setenv("PYTHONHOME", str(path.parent / "no-such-python-home"))
+    for pid in list(executor._processes):
+        os.kill(pid, signal.SIGKILL)
+    with caplog.at_level(logging.WARNING, logger="coworker.ingest"):
+        for i in range(3):
+            r = _post(server, encode_spans(make_spans(4, prefix=f"down-{i}")).SerializeToString())
+            assert r.status_code == 200
+        assert pool.broken and pool._executor is None  # still to be restarted
+        assert getattr(pool, "restart_failures", 0) >= 2
+        failed = [r for r in caplog.records if "cannot restart" in r.getMessage()]
+        assert len(failed) == 1
+        monkeypatch.delenv("PYTHONHOME")
+        r = _post(server, encode_spans(make_spans(4, prefix="back")).SerializeToString())
+        assert r.status_code == 200
+        assert pool._executor is not None and not pool.broken and pool.restart_failures == 0
+        assert any("restarted after" in r.getMessage() for r in caplog.records)
+    assert len(_records(path)) == 16

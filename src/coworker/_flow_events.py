@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -106,6 +107,13 @@ Entry = tuple[Mapping[str, Any], "bytes | None"]
 DUE_DELAY: Final = 0.05
 """Seconds an ended flow's queued events (and seal) wait to ride with another flow's record
 before the background flusher writes them on their own."""
+
+FAILURE_REMINDER: Final = 60.0
+"""Seconds between the flusher's reminders while its writes keep failing the same way: it
+logs one line when a failure starts or changes, one when it ends, and this in between (it
+retries every :data:`DUE_DELAY` doubling up to :data:`_RETRY_MAX`; nothing is dropped)."""
+
+_RETRY_MAX: Final = 1.0
 
 _log = logging.getLogger("coworker.audit")
 
@@ -569,6 +577,7 @@ class _Flusher:
     def __init__(self) -> None:
         self._wake = threading.Event()
         self._stop = False
+        self.failures = _FailureLog()
         self._thread = threading.Thread(target=self._run, name="coworker-flow-events", daemon=True)
         self._thread.start()
 
@@ -597,8 +606,61 @@ class _Flusher:
                 try:
                     _write_due(None, [])
                 except Exception as exc:  # kept queued: force_flush/shutdown surface it
-                    _log.warning("coworker: flow events of ended flows not yet written: %s", exc)
-                    time.sleep(DUE_DELAY)
+                    time.sleep(self.failures.failed(exc))
+                else:
+                    self.failures.succeeded()
+
+
+class _FailureLog:
+    """What the flusher says while its writes fail: a line when a failure starts or changes
+    (its type and message, digits aside), a reminder every :data:`FAILURE_REMINDER` seconds
+    while it lasts, a line when writing works again. A store that is down for an hour is
+    three lines and a reminder a minute, not one line per retry (20 a second).
+
+    Attributes:
+        attempts: failed attempts since the last success.
+    """
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self._state: str | None = None
+        self._since = 0.0
+        self._said = 0.0
+
+    def failed(self, exc: BaseException) -> float:
+        """Note a failed write; return the seconds to wait before the next attempt."""
+        now = time.monotonic()
+        state = re.sub(r"\d+", "#", f"{type(exc).__name__}: {exc}")
+        self.attempts += 1
+        if state != self._state:
+            self._state, self._since, self._said = state, now, now
+            _log.warning(
+                "coworker: flow events of ended flows not yet written (kept queued, retrying; "
+                "said again every %gs while this lasts): %s",
+                FAILURE_REMINDER,
+                exc,
+            )
+        elif now - self._said >= FAILURE_REMINDER:
+            self._said = now
+            _log.warning(
+                "coworker: flow events still not written after %d attempts over %.0fs (kept "
+                "queued, retrying): %s",
+                self.attempts,
+                now - self._since,
+                exc,
+            )
+        return float(min(DUE_DELAY * 2 ** min(self.attempts - 1, 16), _RETRY_MAX))
+
+    def succeeded(self) -> None:
+        """Note a successful write (says so once after failures)."""
+        if self._state is not None:
+            _log.warning(
+                "coworker: flow events written again after %d failed attempts over %.0fs",
+                self.attempts,
+                time.monotonic() - self._since,
+            )
+        self._state = None
+        self.attempts = 0
 
 
 def _retire(flow_id: str) -> None:

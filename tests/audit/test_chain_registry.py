@@ -63,6 +63,8 @@ def test_a_deleted_chain_file_is_named_vanished_by_verify_without_a_heads_note(
     assert main(["audit", "verify", "--url", url]) == 1
     out = capsys.readouterr().out
     assert "FAIL  chain billing: vanished" in out and "chain  eu" in out
+    assert main(["audit", "verify", "--url", url, "--chain", "billing"]) == 1
+    assert "FAIL  chain billing: vanished" in capsys.readouterr().out
     assert main(["audit", "verify", "--url", url, "--json"]) == 1
     line = next(x for x in capsys.readouterr().out.splitlines() if '"registry"' in x)
     assert '"status": "vanished"' in line
@@ -318,15 +320,15 @@ def test_postgres_racing_creators_register_a_chain_once_and_refuse_a_case_twin(p
 def test_postgres_an_unregistered_chain_is_adopted_by_its_next_writer(
     pg: Any, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A chain schema with records the registry does not name (a store made before it; here
-    its registry record is left out by writing the chain through a store of another base
-    schema's copy): verify says unregistered; a writer's open adopts it at its head."""
+    """Chain schemas with records the registry does not name (a store made before it; here
+    the default schema is made again without their registry records): verify says
+    unregistered; a writer's open adopts one at its head, adopt-chains the other."""
     import psycopg
 
     from coworker.audit.store_postgres import PostgresStore
 
     url = pg.schema_url()
-    _pg_chains(url, {"": 1, "old": 2})
+    _pg_chains(url, {"": 1, "old": 2, "old2": 2})
     s = PostgresStore(with_chain(url, "old"), spool=None)
     base = s.base_schema
     s.close()
@@ -340,4 +342,48 @@ def test_postgres_an_unregistered_chain_is_adopted_by_its_next_writer(
     with caplog.at_level("WARNING", logger="coworker.audit"):
         PostgresStore(with_chain(url, "old"), spool=None).close()
     assert any("adopted at head 2" in r.getMessage() for r in caplog.records)
+    assert main(["audit", "verify", "--url", url]) == 1  # old2 still unregistered
+    assert "FAIL  chain old2: unregistered" in capsys.readouterr().out
+    assert main(["audit", "adopt-chains", "--url", url]) == 0
+    assert "adopted  chain old2 (head 2)" in capsys.readouterr().out
     assert main(["audit", "verify", "--url", url]) == 0
+
+
+def test_an_open_that_may_not_create_never_registers_a_chain(tmp_path: Path) -> None:
+    """create=False (the checkpointer reading a chain's tree, `correct`) opens an
+    unregistered chain as it is: adopting what is there is for a writer or adopt-chains."""
+    path, old = tmp_path / "a.db", tmp_path / "old.db"
+    _make_chains(path, {"": 1})
+    _make_chains(old, {"legacy": 2})
+    Path(chain_file(str(path), "legacy")).parent.mkdir(exist_ok=True)
+    shutil.copy(chain_file(str(old), "legacy"), chain_file(str(path), "legacy"))
+    SQLiteStore(path, chain="legacy", create=False).close()
+    default = SQLiteStore(path, readonly=True)
+    assert registrations(default) == {}
+    default.close()
+
+
+def test_a_forked_child_does_not_make_a_deleted_chain_again(tmp_path: Path) -> None:
+    """The chain's file deleted under an open store: a forked child (which reconnects) gets
+    AuditUnavailable instead of starting a new, empty, intact-looking chain in its place."""
+    import os
+
+    path = tmp_path / "a.db"
+    _make_chains(path, {"x": 0})
+    s = SQLiteStore(path, chain="x")  # registered already: the open takes the short path
+    s.append([entry(1)])
+    _delete(path, "x")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 3
+        try:
+            s.append([entry(2)])
+            code = 1
+        except AuditUnavailable:
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not Path(chain_file(str(path), "x")).exists()
+    s.close()

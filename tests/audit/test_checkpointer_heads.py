@@ -358,3 +358,37 @@ def test_postgres_checkpointer_heads_note_names_a_dropped_chain_schema(
     out = capsys.readouterr().out
     assert "FAIL  heads note: chain t2 (tree 1): vanished" in out
     assert "heads note: chain t1 (tree 3): ok" in out
+
+
+def test_a_registered_chain_gone_before_any_heads_note_blocks_the_first_note(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chain deleted before any heads note was signed: the chain registry names it, so the
+    checkpointer's first round logs it as vanished and signs no note leaving it out (the own
+    chain's checkpoint is still signed); `coworker audit heads` exits 1."""
+    path = tmp_path / "a.db"
+    url = f"sqlite:///{path}"
+    _fill_chains(url, {"": 2, "billing": 4, "eu": 1})
+    _delete_sqlite_chain(path, "billing")
+    signer = generate_signer(ORIGIN)
+    worm = tmp_path / "worm"
+    store = open_store(url)
+    with caplog.at_level(logging.ERROR, logger="coworker.audit"):
+        cpr = Checkpointer(
+            store, signer, every_records=1, every_seconds=None,
+            publishers=[DirectoryPublisher(worm)], poll=0.02,
+        )  # fmt: skip
+        try:
+            assert _until(lambda: any("vanished" in r.getMessage() for r in caplog.records))
+            assert cpr.last is not None  # the own chain is signed all the same
+            assert cpr.heads is None
+            assert not (worm / ORIGIN.replace("/", "_") / "latest.heads").exists()
+        finally:
+            cpr.close()
+            store.close()
+    assert "'billing'" in next(
+        r.getMessage() for r in caplog.records if "vanished" in r.getMessage()
+    )
+    keyfile = tmp_path / "log.key"
+    write_signer(keyfile, signer)
+    assert main(["audit", "heads", "--url", url, "--key", str(keyfile)]) == 1  # the CLI too

@@ -1142,6 +1142,9 @@ def test_writer_on_a_version_1_schema_keeps_writing(
         f" DROP TABLE {s}.keys;"  # version 3 (issue 15)
         f" DROP FUNCTION {s}.append; ALTER TABLE {s}.records DROP COLUMN attempt;"  # version 4
     )
+    from coworker.audit.store_postgres.guards import _restore_guards_ddl
+
+    pg.execute(_restore_guards_ddl(schema, 1))  # version 5: lock_head() as version 1 made it
     with caplog.at_level("WARNING", logger="coworker.audit"):
         w = PostgresStore(with_user(base, writer), spool=None)
     assert "schema version 1" in caplog.text

@@ -58,16 +58,16 @@ def versions(pg: PGServer, schema: str) -> list[int]:
 
 
 def test_version_3_store_is_upgraded_in_place(pg: PGServer, tmp_path: Path) -> None:
-    """The owner's first open migrates 3 -> 4: the old records verify unchanged, the guards of
-    version 4 are in place (no finding), and new appends chain on the old head."""
+    """The owner's first open migrates 3 -> 6: the old records verify unchanged, the guards of
+    version 6 are in place (no finding), and new appends chain on the old head."""
     schema = load_v3(pg)
     url = pg.schema_url(schema)
     readonly = PostgresStore(url, readonly=True)
     assert readonly._version == 3 and readonly.head().hash.hex() == V3_HEAD  # type: ignore[union-attr]
     readonly.close()
     store = PostgresStore(url, spool=None)
-    assert versions(pg, schema) == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 5
-    assert store._version == 5
+    assert versions(pg, schema) == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 6
+    assert store._version == SCHEMA_VERSION
     old = list(store.iter_from())
     assert [r.seq for r in old] == [1, 2, 3] and old[-1].hash.hex() == V3_HEAD
     assert json.loads(old[1].body)["user_id"] == "björn ☃ 😀"
@@ -139,7 +139,7 @@ def test_version_4_store_is_upgraded_to_5(pg: PGServer) -> None:
     assert readonly._version == 4 and readonly.head().hash.hex() == V4_HEAD  # type: ignore[union-attr]
     readonly.close()
     store = PostgresStore(url, spool=None)
-    assert versions(pg, schema) == [1, 2, 3, 4, 5] and store._version == 5
+    assert versions(pg, schema) == [1, 2, 3, 4, 5, 6] and store._version == SCHEMA_VERSION
     with psycopg.connect(pg.url, autocommit=True) as conn:
         source = conn.execute(
             "SELECT prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
@@ -173,10 +173,10 @@ def test_writer_on_a_version_4_store_appends_until_upgraded(pg: PGServer) -> Non
     assert w._version == 4
     assert [r.seq for r in w.append([{"kind": "outcome", "i": 4}])] == [4]
     PostgresStore(with_user(url, owner), spool=None).close()  # the upgrade
-    assert versions(pg, schema)[-1] == 5
+    assert versions(pg, schema)[-1] == SCHEMA_VERSION
     w.close()
     w = PostgresStore(with_user(url, writer), spool=None)
-    assert w._version == 5
+    assert w._version == SCHEMA_VERSION
     assert [r.seq for r in w.append([{"kind": "outcome", "i": 5}])] == [5]
     report = verify_chain(w)
     assert report.ok and report.checked == 5 and not report.problems, report

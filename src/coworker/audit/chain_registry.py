@@ -235,8 +235,8 @@ def _vanished(label: str, registration: Registration, where: str) -> AuditUnavai
 
 
 # -- SQLite ------------------------------------------------------------------------------------
-def open_sqlite_chain(store: SQLiteStore, connect: Callable[[], None]) -> None:
-    """Open the named chain ``store`` (a writer) through the registry: ``connect`` creates or
+def open_sqlite_chain(store: SQLiteStore, open_file: Callable[[], None]) -> None:
+    """Open the named chain ``store`` (a writer) through the registry: ``open_file`` creates or
     opens its file; the chain is registered in the default chain before this returns.
 
     Raises:
@@ -245,6 +245,12 @@ def open_sqlite_chain(store: SQLiteStore, connect: Callable[[], None]) -> None:
         ConfigError: another chain of the store has the same name up to case.
     """
     from coworker.audit.store_sqlite import SQLiteStore
+
+    def connect() -> None:
+        open_file()
+        # From now on the file exists: a reconnect (in a forked child) that finds it gone
+        # must fail, not make a new, empty chain that would verify as intact.
+        store.create = False
 
     label = repr(store.store_path)
     known = _sqlite_registrations(store.store_path, store.busy_timeout)
@@ -255,8 +261,12 @@ def open_sqlite_chain(store: SQLiteStore, connect: Callable[[], None]) -> None:
         connect()
         return
     _refuse_case(label, store.chain, [*known, *store.chains()])
-    if not store.create and not os.path.exists(store.path):
-        connect()  # StoreNotFound, as for any store that must exist
+    if not store.create:
+        # An open that may not create (the checkpointer, `correct`): the chain must exist
+        # (StoreNotFound otherwise) and is opened as it is; registering what is there is for
+        # an application writer or `coworker audit adopt-chains` (adopt()), never a side
+        # effect of reading a chain's tree.
+        connect()
         return
     # The default chain first (a new store: its directory is made here, with the store's
     # own warning for a path that did not exist), then the lock beside the chains.
@@ -277,17 +287,60 @@ def open_sqlite_chain(store: SQLiteStore, connect: Callable[[], None]) -> None:
             connect()
             head = store.head() if existed else None
             default.append([registry_entry(store.chain, head)])
-            if head is not None:
-                _log.warning(
-                    "audit store %s: chain %r (%d records) was not in the chain registry; "
-                    "registered it (adopted at head %d)",
-                    label,
-                    store.chain,
-                    head.seq,
-                    head.seq,
-                )
+            _adopted(label, store.chain, head)
     finally:
         default.close()
+
+
+def _adopted(label: str, name: str, head: Head | None) -> None:
+    if head is not None:
+        _log.warning(
+            "audit store %s: chain %r (%d records) was not in the chain registry; registered "
+            "it (adopted at head %d)",
+            label,
+            name,
+            head.seq,
+            head.seq,
+        )
+
+
+def adopt(store: Any) -> Head | None:
+    """Register the named chain ``store`` (open as a writer, SQLite or PostgreSQL) in the
+    registry as it is, when the registry does not name it yet (``coworker audit
+    adopt-chains``); returns the head it was adopted at (``None``: it was registered already,
+    or it has no records and is registered as created).
+
+    Raises:
+        ConfigError: a registered chain has the same name up to case.
+        AuditUnavailable: the registry cannot be read or written.
+    """
+    from coworker.audit.store_sqlite import SQLiteStore
+
+    name = check_chain_name(store.chain)
+    if not name:
+        raise ConfigError("the default chain is not registered: it holds the registry")
+    if isinstance(store, SQLiteStore):
+        default = SQLiteStore(
+            store.store_path, synchronous="FULL", busy_timeout=store.busy_timeout, chain=""
+        )
+        try:
+            with _sqlite_mutex(store.store_path, store.busy_timeout):
+                known = registrations(default)
+                if name in known:
+                    return None
+                _refuse_case(repr(store.store_path), name, known)
+                head = store.head()
+                default.append([registry_entry(name, head)])
+        finally:
+            default.close()
+        _adopted(repr(store.store_path), name, head)
+        return head
+    head = store.head()
+    assert head is None or isinstance(head, Head)
+    if not _pg_append_registration(store, head):
+        return None
+    _adopted(str(store), name, head)
+    return head
 
 
 def _sqlite_registrations(path: str, busy_timeout: float) -> dict[str, Registration]:
@@ -356,10 +409,14 @@ def open_postgres_chain(
         ensure()
         store._chain_registered = True
         return
+    if not store.create:  # as on SQLite: opened as it is (StoreNotFound when missing)
+        ensure()
+        return
     existed = _pg_chain_exists(conn, store.schema)
     ensure()
     head = _pg_head(store, conn) if existed else None
-    _pg_register(store, conn, head)
+    if _pg_append_registration(store, head):
+        _adopted(label, store.chain, head)
     store._chain_registered = True
 
 
@@ -412,7 +469,14 @@ def _pg_head(store: PostgresStore, conn: psycopg.Connection[Any]) -> Head | None
     return Head(int(row[0]), bytes(row[1])) if row is not None else None
 
 
-def _pg_register(store: PostgresStore, conn: psycopg.Connection[Any], head: Head | None) -> None:
+def _pg_append_registration(store: Any, head: Head | None) -> bool:
+    """Append ``store.chain``'s registry record to its default chain, once per name up to
+    case (the dedup key, checked under the default chain's lock). ``False``: registered
+    already by this name.
+
+    Raises:
+        ConfigError: it is registered under another case.
+    """
     from coworker.audit.store_postgres import PostgresStore
 
     default = PostgresStore(
@@ -427,21 +491,22 @@ def _pg_register(store: PostgresStore, conn: psycopg.Connection[Any], head: Head
         result = default.append_unique(
             [registry_entry(store.chain, head)], None, [registry_key(store.chain)]
         )
+        if not result.duplicates:
+            return True
+        # Registered meanwhile (another process), by this name or another case.
+        rows = default.dedup_keys_between(
+            [(registry_key(store.chain), registry_key(store.chain) + b"\x00")]
+        )
+        names = []
+        for _, seq in rows:
+            record = next(iter(default.iter_from(seq)), None)
+            found = parse_registration(seq, record.body) if record is not None else None
+            if found is not None and record is not None and record.seq == seq:
+                names.append(found.name)
     finally:
         default.close()
-    if result.duplicates:  # registered meanwhile (another process): by this name, or another case
-        known = _pg_registration(store, conn)
-        if known is not None and known.name != store.chain:
-            _refuse_case(str(store), store.chain, [known.name])
-    elif head is not None:
-        _log.warning(
-            "audit store %s: chain %r (%d records) was not in the chain registry; registered "
-            "it (adopted at head %d)",
-            store,
-            store.chain,
-            head.seq,
-            head.seq,
-        )
+    _refuse_case(str(store), store.chain, names)
+    return False
 
 
 # -- verify ------------------------------------------------------------------------------------

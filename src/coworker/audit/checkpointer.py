@@ -218,9 +218,24 @@ def make_heads(
             chain it lists must still be listed, holding the tree it lists.
 
     Raises:
-        TreeError: a chain of the previous heads note is missing, smaller or no longer holds
-            its tree (it vanished, was cut or rewritten): nothing is signed.
+        TreeError: a chain of the previous heads note, or one the chain registry in the
+            default chain names, is missing, or a chain of the previous note is smaller or
+            no longer holds its tree (it vanished, was cut or rewritten): nothing is signed.
     """
+    if "" in trees:
+        # The chain registry names every chain ever made: a note never leaves out one that
+        # is gone, even when no earlier note listed it.
+        from coworker.audit.chain_registry import registrations
+
+        registered = registrations(trees[""].store)
+        missing = sorted(c for c in registered if c not in checkpoints)
+        if missing:
+            raise TreeError(
+                "chain(s) "
+                + ", ".join(f"{c!r} (registry seq {registered[c].seq})" for c in missing)
+                + " of the chain registry vanished (file or schema deleted whole?): "
+                "refusing to sign a heads note without them"
+            )
     if previous is None:
         stored = table.latest(heads_key(signer.name))
         previous = stored.note if stored is not None else None

@@ -249,13 +249,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     """Verify every chain of the store (or ``--chain``) and the chain registry; the worst
     exit code wins."""
     from coworker.audit.chain_registry import registrations
-    from coworker.audit.cli_chains import verify_registry
+    from coworker.audit.cli_chains import vanished_chain, verify_registry
     from coworker.audit.urls import resolve_url, with_chain
 
     try:
         url = resolve_url(args.url)
         heads = _load_heads(args)
         if args.chain is not None:
+            gone = vanished_chain(url, args.chain, args.json)
+            if gone is not None:
+                return gone
             return _verify_one(args, with_chain(url, args.chain), args.chain, False)
         with _store(url, readonly=True) as store:
             chains = store.chains() if hasattr(store, "chains") else [""]

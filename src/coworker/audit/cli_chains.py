@@ -18,7 +18,7 @@ from coworker.exceptions import AuditUnavailable, ConfigError
 if TYPE_CHECKING:
     from coworker.audit.chain_registry import Registration
 
-__all__ = ["register", "verify_registry"]
+__all__ = ["register", "vanished_chain", "verify_registry"]
 
 
 def register(subparsers: Any) -> None:
@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
 def _cmd_adopt(args: argparse.Namespace) -> int:
     import sys
 
-    from coworker.audit.chain_registry import registrations
+    from coworker.audit.chain_registry import adopt, registrations
     from coworker.audit.urls import open_store, resolve_url, with_chain
 
     try:
@@ -56,9 +56,11 @@ def _cmd_adopt(args: argparse.Namespace) -> int:
             reader.close()
         todo = [n for n in present if n and n not in known]
         for name in todo:
-            # A writer's open registers the chain (adopted at its head) before it returns.
+            # create=False: a chain that vanished since the listing is an error, never made
+            # again (and registered) empty.
             store = open_store(with_chain(url, name), create=False)
             try:
+                adopt(store)
                 head = store.head()
             finally:
                 store.close()
@@ -111,6 +113,32 @@ def verify_registry(
     if code == 0:
         print(f"OK  chain registry: {registered} named chain(s) registered, all present")
     return code
+
+
+def vanished_chain(url: str, chain: str, js: bool) -> int | None:
+    """For ``verify --chain NAME``: print ``vanished`` and return 1 when the registry names
+    ``chain`` but the store has no such chain; ``None`` otherwise (verify it as usual)."""
+    from coworker.audit.chain_registry import check_registry, registrations
+    from coworker.audit.urls import open_store
+
+    if not chain:
+        return None
+    try:
+        store = open_store(url, readonly=True, create=False)
+    except AuditUnavailable:
+        return None  # no default chain: no registry (the chain's own open says what is wrong)
+    with _closing(store):
+        present = list(getattr(store, "chains", lambda: [""])())
+        known = registrations(store) if "" in present else {}
+    if chain not in known or chain in present:
+        return None
+    (check,) = check_registry({chain: known[chain]}, [], lambda c, s: None, lambda c: 0)
+    if js:
+        print(json.dumps({"registry": [check.to_dict()]}))
+    else:
+        print(f"FAIL  chain {printable(chain)}: {check.status}")
+        print(f"      {printable(check.detail)}")
+    return 1
 
 
 class _closing:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -142,28 +143,52 @@ def _warm() -> int:
 class DecodePool:
     """``workers`` decoding processes (spawned: the server has threads, so no fork).
 
+    A pool whose worker died is replaced on the next request (:meth:`restart`); when the
+    replacement cannot start (no memory, a process limit), requests decode in the server
+    process and the restart is tried again after ``restart_after`` seconds, doubling up to
+    ``restart_max``: logged once when it starts failing, once when it works again.
+
     Args:
         workers: how many processes.
+        restart_after: seconds before the first retry of a failed restart.
+        restart_max: the longest wait between retries.
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(
+        self, workers: int, *, restart_after: float = 1.0, restart_max: float = 60.0
+    ) -> None:
         self.workers = workers
+        self.restart_after = restart_after
+        self.restart_max = restart_max
+        self.restart_failures = 0
+        """Failed restarts since the pool last ran."""
         self._executor: ProcessPoolExecutor | None = None
         self._broken: ProcessPoolExecutor | None = None  # the pool to replace, if any
+        self._retry_at: float | None = None  # when to try a failed restart again
         self._restart_lock = threading.Lock()
 
     @property
     def broken(self) -> bool:
-        """``True`` when a worker died and the pool waits for :meth:`restart`."""
-        return self._broken is not None
+        """``True`` when a worker died, or a restart failed, and the pool waits for
+        :meth:`restart`."""
+        return self._broken is not None or self._retry_at is not None
 
     def start(self) -> None:
-        """Start the processes and wait until each has imported the decoder."""
-        self._executor = ProcessPoolExecutor(
+        """Start the processes and wait until each has imported the decoder.
+
+        Raises:
+            Exception: the processes could not start (none is left running).
+        """
+        executor = ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn")
         )
-        for started in [self._executor.submit(_warm) for _ in range(self.workers)]:
-            started.result()
+        try:
+            for started in [executor.submit(_warm) for _ in range(self.workers)]:
+                started.result()
+        except BaseException:
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+        self._executor = executor
 
     def submit(self, *args: Any) -> tuple[Future[Decoded], ProcessPoolExecutor] | None:
         """Hand :func:`decode_body` ``args`` to a worker: the future and the pool it went to
@@ -187,17 +212,46 @@ class DecodePool:
                 self._broken, self._executor = executor, None
 
     def restart(self) -> None:
-        """Replace a broken pool with a fresh one (once, however many requests saw it)."""
-        with self._restart_lock:
-            old, self._broken = self._broken, None
-            if old is None:
+        """Replace a broken pool with a fresh one (once, however many requests saw it).
+
+        Returns at once, leaving the request to decode in the server process, while another
+        thread restarts the pool or while a failed restart waits for its next try.
+        """
+        if not self._restart_lock.acquire(blocking=False):
+            return
+        try:
+            if not self.broken:
                 return
-            old.shutdown(wait=False, cancel_futures=True)
+            if self._retry_at is not None and time.monotonic() < self._retry_at:
+                return
+            old, self._broken = self._broken, None
+            if old is not None:
+                old.shutdown(wait=False, cancel_futures=True)
             try:
                 self.start()
             except Exception:
-                _log.exception("cannot restart the ingest decoding workers")
-                self._executor = None
+                self.restart_failures += 1
+                wait = min(
+                    self.restart_after * 2 ** min(self.restart_failures - 1, 30), self.restart_max
+                )
+                self._retry_at = time.monotonic() + wait
+                if self.restart_failures == 1:
+                    _log.exception(
+                        "cannot restart the ingest decoding workers; decoding in the server "
+                        "process, retrying after %gs (then less often, up to every %gs)",
+                        wait,
+                        self.restart_max,
+                    )
+                return
+            if self.restart_failures:
+                _log.warning(
+                    "ingest decoding workers restarted after %d failed attempt(s)",
+                    self.restart_failures,
+                )
+            self.restart_failures = 0
+            self._retry_at = None
+        finally:
+            self._restart_lock.release()
 
     def shutdown(self) -> None:
         """Stop the processes (after the in-flight requests)."""

@@ -10,7 +10,7 @@ from coworker.audit.store_postgres._wire import DEFAULT_SCHEMA
 _log = logging.getLogger("coworker.audit")
 
 
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 """Version of the table layout, kept in ``<schema>.schema_version``."""
 
 # First key of the two-int advisory locks we take ('cowr'); the second is a table's oid.
@@ -446,7 +446,48 @@ CREATE TRIGGER records_chain AFTER INSERT ON {schema}.records
 ALTER TABLE {schema}.records ENABLE ALWAYS TRIGGER records_chain;
 """
 
-_MIGRATIONS: Final = {1: _DDL_V1, 2: _DDL_V2, 3: _DDL_V3, 4: _DDL_V4, 5: _DDL_V5}
+# Version 6: lock_head() and append() refuse a lock key that is not their chain's. The key is
+# the oid of the chain's records table, which the client caches per connection; a client
+# with another key (a stale cache after the table was re-created, a hand-written call with
+# another chain's key) took a lock no correct writer takes: it read the head and inserted
+# beside them, and *their* appends failed as forks (or it blocked another chain's writers).
+# Now it fails alone, before taking any lock, with SQLSTATE CWLCK; the store then reconnects,
+# re-reads the oid and retries (writes._write_with_retry).
+LOCK_KEY_MISMATCH: Final = "CWLCK"
+"""SQLSTATE of a lock_head()/append() call whose lock key is not its chain's (schema 6+)."""
+
+_LOCK_KEY_CHECK: Final = """\
+    IF lock_key IS DISTINCT FROM {records_regclass}::regclass::oid::integer THEN
+        RAISE EXCEPTION 'coworker audit: lock key % is not the lock of this chain (%)',
+            lock_key, {records_regclass}::regclass::oid::integer
+            USING ERRCODE = 'CWLCK',
+                  HINT = 'the oid of the records table changed (re-created?): reconnect';
+    END IF;
+"""
+
+
+def _with_lock_key_check(ddl: str, function: str) -> str:
+    """``function``'s CREATE statement from ``ddl``, as CREATE OR REPLACE, checking its key
+    before it takes the lock."""
+    import re
+
+    found = re.search(
+        r"CREATE (?:OR REPLACE )?FUNCTION \{schema\}\." + function + r"\(.*?\$\$.*?\$\$;",
+        ddl,
+        re.DOTALL,
+    )
+    assert found is not None, function
+    text = found.group(0).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+    lock = re.search(r"^    \S.*pg_advisory_xact_lock\(\{namespace\}, lock_key\).*$", text, re.M)
+    assert lock is not None, function
+    return text[: lock.start()] + _LOCK_KEY_CHECK + text[lock.start() :]
+
+
+_DDL_V6: Final = "\n".join(
+    [_with_lock_key_check(_DDL_V1, "lock_head"), _with_lock_key_check(_DDL_V5, "append")]
+)
+
+_MIGRATIONS: Final = {1: _DDL_V1, 2: _DDL_V2, 3: _DDL_V3, 4: _DDL_V4, 5: _DDL_V5, 6: _DDL_V6}
 
 
 def writer_grants(role: str, schema: str = DEFAULT_SCHEMA) -> list[str]:

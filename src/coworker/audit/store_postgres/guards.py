@@ -13,6 +13,7 @@ from coworker.audit.store_postgres.ddl import (
     _DDL_V2,
     _DDL_V4,
     _DDL_V5,
+    _DDL_V6,
     _quote_ident,
     render,
 )
@@ -74,6 +75,8 @@ def _guards_for(version: int) -> tuple[dict[tuple[str, str], str], list[str]]:
     if version >= 5:
         triggers.update(_GUARD_TRIGGERS_V5)
         ddls.append(_DDL_V5)  # faster check_chain() and append() (same signatures)
+    if version >= 6:
+        ddls.append(_DDL_V6)  # lock_head() and append() checking their lock key
     return triggers, ddls
 
 

@@ -33,6 +33,7 @@ from coworker.audit.store_postgres._wire import (
 )
 from coworker.audit.store_postgres.ddl import (
     _FLUSH,
+    LOCK_KEY_MISMATCH,
 )
 from coworker.audit.store_postgres.reads import _Reads
 from coworker.exceptions import AuditUnavailable
@@ -81,6 +82,13 @@ class _Writes(_Reads):
                     ) from exc
                 unreachable = _is_unreachable(exc, conn)
                 self._rollback_or_drop(conn)
+                if exc.sqlstate == LOCK_KEY_MISMATCH and attempt == 0:
+                    # Our cached lock key (the records table's oid) is not the chain's any
+                    # more: nothing was written or locked. Reconnect (re-reads it) and retry.
+                    _log.warning("audit store %s: %s; reconnecting", self, str(exc).strip())
+                    self._drop_connection()
+                    self._next_connect = 0.0
+                    continue
                 if not unreachable:
                     if isinstance(exc, psycopg.errors.IntegrityError):
                         raise AuditUnavailable(
