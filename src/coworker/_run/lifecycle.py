@@ -23,7 +23,6 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from coworker import _flow_events, _flow_spans
@@ -402,7 +401,7 @@ def begin(spec: Spec, call: Call = _NO_CALL, force: bool = False) -> Run | None:
     r.span = span
     r._spec = spec
     r._sealed = None
-    r._otel_token = otelctx.attach(trace.set_span_in_context(span, parent_ctx))
+    r._otel_token = otelctx.attach(otelctx.with_span(span, parent_ctx))
     # The body's scope shares the cache of the scope it runs in when its step is the same.
     cache = scope.cache if step is scope.step else [None]
     # tuple.__new__ directly: a NamedTuple's own __new__ is a Python-level call per run.

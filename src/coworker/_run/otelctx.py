@@ -16,10 +16,11 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 
-__all__ = ["attach", "detach", "get_current", "reset"]
+__all__ = ["attach", "detach", "get_current", "reset", "with_span"]
 
 _log = logging.getLogger(__name__)
 
@@ -62,3 +63,17 @@ else:  # pragma: no cover - a custom OTEL_PYTHON_CONTEXT
     def reset(token: Any) -> None:
         """The API's detach (which logs instead of raising)."""
         otel_context.detach(token)
+
+
+# The key under which the OTel API keeps the current span, read through the public API
+# (it is a private, per-process name).
+_SPAN_KEY: Final = next(iter(trace.set_span_in_context(trace.INVALID_SPAN, Context())))
+_new_context: Final = Context
+
+
+def with_span(span: trace.Span, parent: Context | None) -> Context:
+    """``trace.set_span_in_context(span, parent)``: ``parent`` (or the current context)
+    with ``span`` as its span, without the API's three Python layers."""
+    values = (get_current() if parent is None else parent).copy()
+    values[_SPAN_KEY] = span
+    return _new_context(values)

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from coworker._run.generators import drive, drive_async, new_view
+from coworker._run.generators import drive, drive_async, named_driver, new_view
 from coworker._run.lifecycle import begin
 from coworker._run.pickling import Wrapper
 from coworker._run.spec import Spec, check_arguments, kind_of
@@ -103,24 +103,28 @@ def _async_wrapper(spec: Spec) -> Callable[..., Any]:
 
 
 def _gen_wrapper(spec: Spec) -> Callable[..., Any]:
+    driver: Any = None
+
     def wrapper(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
+        nonlocal driver
         # Calling the original creates the generator (argument errors raise here, as before);
         # its body, the policy check and the span wait for the first next().
         orig = wrapped(*args, **kwargs)
-        gen: Any = drive(new_view(orig, spec, (instance, args, kwargs)))
-        gen.__name__ = orig.__name__
-        gen.__qualname__ = orig.__qualname__
-        return gen
+        if driver is None:
+            driver = named_driver(drive, orig)
+        return driver(new_view(orig, spec, (instance, args, kwargs)))
 
     return wrapper
 
 
 def _agen_wrapper(spec: Spec) -> Callable[..., Any]:
+    driver: Any = None
+
     def wrapper(wrapped: Wrapped, instance: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
+        nonlocal driver
         orig = wrapped(*args, **kwargs)
-        agen: Any = drive_async(new_view(orig, spec, (instance, args, kwargs)))
-        agen.__name__ = orig.__name__
-        agen.__qualname__ = orig.__qualname__
-        return agen
+        if driver is None:
+            driver = named_driver(drive_async, orig)
+        return driver(new_view(orig, spec, (instance, args, kwargs)))
 
     return wrapper
