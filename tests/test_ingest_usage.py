@@ -257,3 +257,94 @@ def test_usage_records_come_from_decoding_workers_too(tmp_path: Path) -> None:
     assert "usage refused" in response.partial_success.error_message
     (record,) = _usage(url)
     assert (record["model"], record["input_tokens"], record["user_id"]) == ("gpt-4o", 100, "bob")
+
+
+@coworker.run(operation="chat", doctype="Prompt")
+def _two_models() -> None:
+    # A planner on a large model, then the work on a small one (and the large one again).
+    coworker.record_usage(model="gpt-4o", input_tokens=1000, output_tokens=100, provider="openai")
+    coworker.record_usage(
+        model="gpt-4o-mini", input_tokens=20000, output_tokens=3000, provider="openai"
+    )
+    coworker.record_usage(model="gpt-4o", input_tokens=500, output_tokens=50, provider="openai")
+
+
+def test_a_run_calling_several_models_is_priced_per_model_by_the_server(
+    tmp_path: Path, spans: Any
+) -> None:
+    """One run, two models: the server makes one usage record per model, each priced by its
+    own rates, and its cost equals the direct ledger's (per call) to the last digit."""
+    direct, ingested = f"sqlite:///{tmp_path / 'direct.db'}", f"sqlite:///{tmp_path / 'in.db'}"
+    coworker.configure(audit=direct, metrics=False)
+    with coworker.acting_as("maria"):
+        _two_models()
+    coworker.shutdown()
+    finished = list(spans.get_finished_spans())
+    _export(ingested, finished)
+    got = {r["model"]: r for r in _usage(ingested)}
+    assert sorted(got) == ["gpt-4o", "gpt-4o-mini"]
+    assert (got["gpt-4o"]["input_tokens"], got["gpt-4o"]["output_tokens"]) == (1500, 150)
+    assert (got["gpt-4o-mini"]["input_tokens"], got["gpt-4o-mini"]["output_tokens"]) == (
+        20000,
+        3000,
+    )
+    want = _totals(direct, "model")
+    assert _totals(ingested, "model") == {**want, "records": 2}
+    # gpt-4o: 1500 x 2.5/M + 150 x 10/M; gpt-4o-mini: 20000 x 0.15/M + 3000 x 0.6/M
+    assert want["cost"] == {"USD": "0.01005"}
+    assert main(["usage", "report", "--by", "model", "--url", ingested, "--json"]) == 0
+
+
+def _split_call(**extra: Any) -> dict[str, Any]:
+    return _call(
+        **{
+            a.GEN_AI_USAGE_INPUT_TOKENS: 1100,
+            a.GEN_AI_USAGE_OUTPUT_TOKENS: 110,
+            a.USAGE_BY_MODEL_MODEL: ("gpt-4o", "gpt-4o-mini"),
+            a.USAGE_BY_MODEL_PROVIDER: ("openai", ""),
+            a.USAGE_BY_MODEL_COUNTS[0]: (100, 1000),
+            a.USAGE_BY_MODEL_COUNTS[1]: (10, 100),
+            **extra,
+        }
+    )
+
+
+def test_a_per_model_split_that_does_not_fit_is_refused(tmp_path: Path) -> None:
+    """Splits longer or shorter than their models, of bad types, beyond the totals or
+    inconsistent per model: each usage refused with a reason; a valid split and a partial
+    one (the rest priced by gen_ai.request.model) recorded."""
+    url = f"sqlite:///{tmp_path / 'in.db'}"
+    hostile = [
+        _split_call(**{a.USAGE_BY_MODEL_COUNTS[0]: (100,)}),
+        _split_call(**{a.USAGE_BY_MODEL_MODEL: ("gpt-4o", 7)}),
+        _split_call(**{a.USAGE_BY_MODEL_MODEL: "gpt-4o"}),
+        _split_call(**{a.USAGE_BY_MODEL_COUNTS[0]: (100, 5000)}),
+        _split_call(**{a.USAGE_BY_MODEL_COUNTS[0]: (100, -1)}),
+        _split_call(**{a.USAGE_BY_MODEL_COUNTS[2]: (101, 0)}),
+        _split_call(
+            **{a.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: 2, a.USAGE_BY_MODEL_COUNTS[0]: (100, 999)}
+        ),
+    ]
+    store = open_store(url)
+    with IngestServer(store, token=TOKEN) as server:
+        response = _post(
+            server,
+            _raw_spans(*hostile, _split_call(), _split_call(**{a.GEN_AI_USAGE_INPUT_TOKENS: 1300})),
+        )
+    store.close()
+    assert response.partial_success.rejected_spans == len(hostile)
+    message = response.partial_success.error_message
+    assert "must be an array as long as" in message and "exceeds the span's totals" in message
+    assert "outside the per-model split" in message
+    records = sorted(
+        ((r["name"], r["model"], r["provider"], r["input_tokens"], r["usage_index"])
+         for r in (dict(x, name=x.get("name")) for x in _usage(url))),
+        key=lambda t: (str(t[0]), t[4]),
+    )  # fmt: skip
+    assert [t[1:] for t in records] == [
+        ("gpt-4o", "openai", 100, 0),
+        ("gpt-4o-mini", None, 1000, 1),
+        ("gpt-4o", "openai", 100, 0),
+        ("gpt-4o-mini", None, 1000, 1),
+        ("gpt-4o", None, 200, 2),  # the 200 input tokens outside the split
+    ]

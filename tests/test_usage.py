@@ -368,3 +368,74 @@ def test_usage_attributes_fast_path_keeps_the_sdks_limits_and_ended_spans() -> N
     roomy.end()
     _put_attributes(roomy, {"late": 1})
     assert dict(roomy.attributes) == {"k": 1}  # type: ignore[attr-defined]
+
+
+def test_a_run_calling_several_models_carries_the_per_model_split(spans: Any) -> None:
+    """Totals as the GenAI conventions shape them (first model in gen_ai.request.model),
+    plus coworker.usage.by_model.* arrays: each (model, provider) with its own counts; the
+    cost on the span is each call priced by its own model."""
+    coworker.configure(metrics=False)
+    with coworker.run("agent"):
+        big = coworker.record_usage(
+            model="gpt-4o", input_tokens=1000, output_tokens=100, cache_read_input_tokens=200,
+            provider="openai",
+        )  # fmt: skip
+        small = coworker.record_usage(model="gpt-4o-mini", input_tokens=20000, output_tokens=3000)
+        again = coworker.record_usage(
+            model="gpt-4o", input_tokens=500, output_tokens=50, provider="openai"
+        )
+    (span,) = spans.get_finished_spans()
+    at = span.attributes
+    assert at[a.GEN_AI_REQUEST_MODEL] == "gpt-4o" and at[a.GEN_AI_PROVIDER_NAME] == "openai"
+    assert (at[a.GEN_AI_USAGE_INPUT_TOKENS], at[a.GEN_AI_USAGE_OUTPUT_TOKENS]) == (21500, 3150)
+    assert at[a.USAGE_BY_MODEL_MODEL] == ("gpt-4o", "gpt-4o-mini")
+    assert at[a.USAGE_BY_MODEL_PROVIDER] == ("openai", "")
+    split = [at[name] for name in a.USAGE_BY_MODEL_COUNTS]
+    assert split == [(1500, 20000), (150, 3000), (200, 0), (0, 0), (0, 0)]
+    assert big is not None and small is not None and again is not None
+    assert small.amount != big.amount  # each call at its own model's rates
+    assert math.isclose(
+        at[a.GEN_AI_USAGE_COST_AMOUNT], float(big.amount + small.amount + again.amount)
+    )
+
+
+def test_one_model_leaves_no_split_on_the_span(spans: Any) -> None:
+    """The split is only for runs with several models: one model's span is as before."""
+    coworker.configure(metrics=False)
+    with coworker.run("chat"):
+        coworker.record_usage(model="gpt-4o", input_tokens=10, output_tokens=1)
+        coworker.record_usage(model="gpt-4o", input_tokens=10, output_tokens=1)
+    (span,) = spans.get_finished_spans()
+    assert not [k for k in span.attributes if k.startswith("coworker.usage.by_model")]
+    assert span.attributes[a.GEN_AI_USAGE_INPUT_TOKENS] == 20
+
+
+def test_usage_from_a_thread_racing_the_run_end_is_never_lost(spans: Any) -> None:
+    """Threads recording into a run while it ends: every call is either on the span or
+    warned about as outside a recorded run, never both, never neither."""
+    import contextvars
+    import threading
+
+    coworker.configure(metrics=False)
+    for _ in range(20):
+        started = threading.Event()
+        done: list[int] = []
+        warned: list[int] = []
+
+        def worker(started: threading.Event, done: list[int], warned: list[int]) -> None:
+            started.set()
+            for _ in range(200):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    coworker.record_usage(model="gpt-4o", input_tokens=1, output_tokens=0)
+                (warned if caught else done).append(1)
+
+        with coworker.run("racing"):
+            ctx = contextvars.copy_context()
+            t = threading.Thread(target=ctx.run, args=(worker, started, done, warned))
+            t.start()
+            started.wait(10)
+        t.join(30)
+        span = spans.get_finished_spans()[-1]
+        assert span.attributes.get(a.GEN_AI_USAGE_INPUT_TOKENS, 0) == len(done)
+        assert len(done) + len(warned) == 200

@@ -665,18 +665,21 @@ _TOKEN_KEYS: Final = (
 )
 
 
-def add_usage(tokens: TokenCounts, cost: Cost | None) -> None:
-    """A run recorded usage: add it to every flow, step and turn span it is under."""
+def segment() -> Segment | None:
+    """The innermost flow, step or turn segment of the current context (usage, issue 16:
+    taken at a ``record_usage`` call, added to when the run ends)."""
     seg: Segment | None = _current().get(KEY)  # type: ignore[assignment]
+    return seg
+
+
+def add_usage(tokens: TokenCounts, cost: Cost | None, seg: Segment | None = None) -> None:
+    """A run recorded usage: add it to every flow, step and turn span it is under (those of
+    ``seg``, default: the current context's)."""
     if seg is None:
-        return
-    counts = (
-        tokens.input,
-        tokens.output,
-        tokens.cache_read,
-        tokens.cache_creation,
-        tokens.reasoning,
-    )
+        seg = _current().get(KEY)  # type: ignore[assignment]
+        if seg is None:
+            return
+    counts = tokens  # input, output, cache read, cache creation, reasoning: a tuple
     with _lock:
         while seg is not None:
             if not seg.ended:

@@ -236,6 +236,22 @@ GEN_AI_USAGE_COST_CURRENCY: Final = "gen_ai.usage.cost.currency"
 GEN_AI_USAGE_COST_SOURCE: Final = "gen_ai.usage.cost.source"
 """The pricing version the amount was computed with (``genai-prices 0.2.3``, an override)."""
 COST_CENTER: Final = "coworker.cost_center"
+# The per-model split of a run's usage (coworker's own: the GenAI conventions model one
+# inference span per call and give an agent's span one gen_ai.request.model). Parallel
+# arrays, index i = the run's i-th distinct (model, provider); set only when a run used more
+# than one. ``coworker audit serve`` prices each entry by its own model.
+USAGE_BY_MODEL_MODEL: Final = "coworker.usage.by_model.model"
+USAGE_BY_MODEL_PROVIDER: Final = "coworker.usage.by_model.provider"
+"""Providers of :data:`USAGE_BY_MODEL_MODEL`'s entries; ``""`` for none."""
+USAGE_BY_MODEL_COUNTS: Final = (
+    "coworker.usage.by_model.input_tokens",
+    "coworker.usage.by_model.output_tokens",
+    "coworker.usage.by_model.cache_read.input_tokens",
+    "coworker.usage.by_model.cache_creation.input_tokens",
+    "coworker.usage.by_model.reasoning.output_tokens",
+)
+"""Int arrays in the order of the ``gen_ai.usage.*`` totals: input, output, cache read, cache
+creation, reasoning."""
 """Who pays for a run's usage (see docs/usage.md for the precedence)."""
 CATEGORY_USAGE: Final = "usage"
 """Audit category of usage ledger records (not a classification of runs: not in

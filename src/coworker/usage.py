@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 from coworker import _flow_spans
 from coworker import attributes as attr
-from coworker._run.lifecycle import Run, attribute_dict
+from coworker._run.lifecycle import USAGE_CLOSED, Run, attribute_dict
 from coworker._scope import SCOPE
 from coworker._state import SETTINGS
 from coworker.identity import MAX_ID_CHARS, text
@@ -197,6 +197,7 @@ def record_usage(
         ValueError: a count that is not an int >= 0 (bools, NaN, negative numbers, floats with
             a fraction), inconsistent counts, or an empty / non-string model.
     """
+    # Eager: bad input raises here (nothing recorded), and the cost is the return value.
     model, provider, tokens = _validate(
         model,
         input_tokens,
@@ -206,105 +207,214 @@ def record_usage(
         reasoning_tokens,
         provider,
     )
-    return _record(model, provider, tokens)
-
-
-def _record(model: str, provider: str | None, tokens: TokenCounts) -> Cost | None:
+    cost = default_pricing().cost(model, tokens, provider=provider)
     scope = SCOPE.get()
-    identity = scope.identity
-    r = scope.run if type(scope.run) is Run else None
-    doctype = r.doctype if r is not None else None
+    r = scope.run
+    center: Any = _UNSET
+    enforcer = SETTINGS.policy
+    if enforcer is not None:
+        rules = getattr(getattr(enforcer, "policy", None), "usage", None)
+        if rules is not None and rules.budgets:
+            # Budgets count at the call, not at the run's end: the next run's check (a nested
+            # run, another thread's) must see this call already.
+            center = rules.cost_center(scope.identity, r.doctype if type(r) is Run else None)
+            rules.account(
+                scope.identity,
+                center,
+                tokens.input + tokens.output,
+                cost.amount if cost is not None else None,
+                cost.currency if cost is not None else None,
+            )
+    if type(r) is Run:
+        # Everything else waits for the run's end (finish): one append here.
+        call = (
+            model,
+            provider,
+            tokens,
+            cost,
+            scope.identity,
+            center,
+            time.time_ns(),
+            _flow_spans.segment() if SETTINGS.flow_spans else None,
+        )
+        calls = r.usage
+        if calls is None and r.span.is_recording():
+            with _lock:  # two threads' first calls must not each make a list
+                calls = r.usage
+                if calls is None:
+                    calls = r.usage = []
+        if calls is not None and calls is not USAGE_CLOSED:
+            calls.append(call)
+            if r.usage is not USAGE_CLOSED:
+                return cost
+            # The run ended in another thread meanwhile: finish() drained the list by pops
+            # (atomic, like this remove); whichever took the call handles it.
+            try:
+                calls.remove(call)
+            except ValueError:
+                return cost
+    _unrecorded(model, provider, tokens, cost, scope.identity, center, r)
+    return cost
+
+
+_UNSET: Final = object()  # a call's cost center, before finish() works it out
+
+
+def _unrecorded(
+    model: str,
+    provider: str | None,
+    tokens: TokenCounts,
+    cost: Cost | None,
+    identity: Identity | None,
+    center: Any,
+    r: Any,
+) -> None:
+    """A call outside a recorded run: metrics (budgets counted already) and a warning."""
+    run = r if type(r) is Run else None
+    if center is _UNSET:
+        center = _center(identity, run.doctype if run is not None else None)
+    flow = run.flow if run is not None else None
+    _metrics(model, provider, tokens, cost, identity, center, flow.type if flow else None)
+    warnings.warn(
+        "coworker.record_usage outside a recorded coworker run (no run, no configured SDK, "
+        "or the run already ended): the usage counts for budgets and metrics but is on no "
+        "span and in no usage ledger record",
+        UsageWarning,
+        stacklevel=3,
+    )
+
+
+def _center(identity: Identity | None, doctype: str | None) -> str | None:
     enforcer = SETTINGS.policy
     rules = getattr(getattr(enforcer, "policy", None), "usage", None)
     if rules is not None:
-        center = rules.cost_center(identity, doctype)
-    else:
-        center = _user_center(identity)
-    cost = default_pricing().cost(model, tokens, provider=provider)
-    if rules is not None:
-        rules.account(
-            identity,
-            center,
-            tokens.input + tokens.output,
-            cost.amount if cost is not None else None,
-            cost.currency if cost is not None else None,
-        )
-    amount = float(cost.amount) if cost is not None else 0.0
-    flow = r.flow if r is not None else None
-    _metrics(
-        model, provider, tokens, cost, identity, center, flow.type if flow else None, None, amount
-    )
-    if r is None or not r.span.is_recording():
-        warnings.warn(
-            "coworker.record_usage outside a recorded coworker run (no run, no configured SDK, "
-            "or the run already ended): the usage counts for budgets and metrics but is on no "
-            "span and in no usage ledger record",
-            UsageWarning,
-            stacklevel=3,
-        )
-        return cost
-    span: Any = r.span  # the SDK span: its attributes are readable
-    with _lock:
-        # The live span's own dict, read-only (the public mapping pays a Python-level
-        # __getitem__ per key); what the run lifecycle reads for the same reason.
-        current = attribute_dict(span)
-        get = current.get
-        totals: dict[str, Any] = {}
-        # Unrolled (no per-call tuple of pairs, no helper call): this runs once per model
-        # call. A count that is 0 and not on the span yet stays off it.
-        add = tokens.input
-        before = get(_IN)
-        if add or before is not None:
-            totals[_IN] = (before if type(before) is int else 0) + add
-        add = tokens.output
-        before = get(_OUT)
-        if add or before is not None:
-            totals[_OUT] = (before if type(before) is int else 0) + add
-        add = tokens.cache_read
-        before = get(_CACHE_READ)
-        if add or before is not None:
-            totals[_CACHE_READ] = (before if type(before) is int else 0) + add
-        add = tokens.cache_creation
-        before = get(_CACHE_CREATION)
-        if add or before is not None:
-            totals[_CACHE_CREATION] = (before if type(before) is int else 0) + add
-        add = tokens.reasoning
-        before = get(_REASONING)
-        if add or before is not None:
-            totals[_REASONING] = (before if type(before) is int else 0) + add
-        if _MODEL not in current:
-            totals[_MODEL] = model  # the first model (each call: the ledger)
-            if provider is not None:
-                totals[attr.GEN_AI_PROVIDER_NAME] = provider
-        if center is not None and attr.COST_CENTER not in current:
-            totals[attr.COST_CENTER] = center
+        center: str | None = rules.cost_center(identity, doctype)
+        return center
+    return _user_center(identity)
+
+
+def finish(r: Run, calls: list[Any]) -> None:
+    """The run ``r`` ends: put the usage calls recorded in it on its span (totals, and the
+    per-model split when it used several models), into the usage ledger's pending records,
+    the metrics and the flow roll-ups. Called by the run lifecycle before the span ends,
+    after it set ``r.usage`` to :data:`USAGE_CLOSED`."""
+    # Drain by pops: a thread appending while the run ends either sees its call popped here
+    # or takes it back itself (record_usage's remove); never both, never neither.
+    taken: list[Any] = []
+    pop = calls.pop
+    try:
+        while True:
+            taken.append(pop())
+    except IndexError:
+        pass
+    if not taken:
+        return
+    taken.reverse()
+    flow = r.flow
+    flow_type = flow.type if flow is not None else None
+    doctype = r.doctype
+    ledger = SETTINGS.audit_records
+    events: list[dict[str, Any]] = []
+    n_in = n_out = n_read = n_creation = n_reasoning = 0
+    amount = 0.0
+    currency: str | None = None
+    source: str | None = None
+    mixed: str | None = None
+    first_center: str | None = None
+    for model, provider, tokens, cost, identity, center, at, seg in taken:
+        if center is _UNSET:
+            center = _center(identity, doctype)
+        if first_center is None:
+            first_center = center
+        n_in += tokens.input
+        n_out += tokens.output
+        n_read += tokens.cache_read
+        n_creation += tokens.cache_creation
+        n_reasoning += tokens.reasoning
+        price = 0.0
         if cost is not None:
-            have = get(_CURRENCY)
-            if have is None or have == cost.currency:
-                # A float on the span (OTel has no decimal type); the ledger keeps each call's
-                # exact decimal.
-                totals[_AMOUNT] = float(get(_AMOUNT, 0.0)) + amount
-                if have is None:
-                    totals[_CURRENCY] = cost.currency
-                if get(_SOURCE) != cost.source:
-                    totals[_SOURCE] = cost.source
+            price = float(cost.amount)
+            if currency is None or currency == cost.currency:
+                currency = cost.currency
+                amount += price
+                source = cost.source
             else:
-                _log.warning(
-                    "coworker: run %s mixes cost currencies (%s, %s); the span keeps %s, the "
-                    "usage ledger has each call",
-                    r.id,
-                    have,
-                    cost.currency,
-                    have,
-                )
-        _put_attributes(span, totals)
-        if SETTINGS.audit_records:
-            _PENDING.setdefault(_key(span), []).append(
-                _ledger_event(model, provider, tokens, cost, center)
-            )
-    if SETTINGS.flow_spans:
-        _flow_spans.add_usage(tokens, cost)  # roll-ups on flow/step/turn spans (issue 13)
-    return cost
+                mixed = cost.currency
+        _metrics(model, provider, tokens, cost, identity, center, flow_type, None, price)
+        if seg is not None:
+            _flow_spans.add_usage(tokens, cost, seg)  # roll-ups on flow/step/turn spans
+        if ledger:
+            events.append(_ledger_event(model, provider, tokens, cost, center, at))
+    span: Any = r.span
+    current = attribute_dict(span)
+    get = current.get
+    totals: dict[str, Any] = {}
+    # A count that is 0 and not on the span yet stays off it; one already there (set by the
+    # body or another instrumentation) is added to.
+    for key, add in (
+        (_IN, n_in),
+        (_OUT, n_out),
+        (_CACHE_READ, n_read),
+        (_CACHE_CREATION, n_creation),
+        (_REASONING, n_reasoning),
+    ):
+        before = get(key)
+        if add or before is not None:
+            totals[key] = (before if type(before) is int else 0) + add
+    first = taken[0]
+    if _MODEL not in current:
+        totals[_MODEL] = first[0]  # the first model; each call's: the ledger, the split
+        if first[1] is not None:
+            totals[attr.GEN_AI_PROVIDER_NAME] = first[1]
+    if first_center is not None and attr.COST_CENTER not in current:
+        totals[attr.COST_CENTER] = first_center
+    if currency is not None:
+        have = get(_CURRENCY)
+        if have is None or have == currency:
+            # A float on the span (OTel has no decimal type); the ledger keeps each call's
+            # exact decimal.
+            totals[_AMOUNT] = float(get(_AMOUNT, 0.0)) + amount
+            if have is None:
+                totals[_CURRENCY] = currency
+            if get(_SOURCE) != source:
+                totals[_SOURCE] = source
+        else:
+            mixed = currency
+    if mixed is not None:
+        _log.warning(
+            "coworker: run %s mixes cost currencies (%s, %s); the span keeps %s, the usage "
+            "ledger has each call",
+            r.id,
+            get(_CURRENCY) or currency,
+            mixed,
+            get(_CURRENCY) or currency,
+        )
+    if len(taken) > 1:
+        _split(taken, totals)
+    _put_attributes(span, totals)
+    if events:
+        with _lock:
+            _PENDING.setdefault(_key(span), []).extend(events)
+
+
+def _split(calls: list[Any], out: dict[str, Any]) -> None:
+    """The per-model split (:data:`coworker.attributes.USAGE_BY_MODEL_MODEL` and the arrays
+    next to it) of calls that used more than one (model, provider)."""
+    groups: dict[tuple[str, str | None], list[int]] = {}
+    for call in calls:
+        have = groups.get((call[0], call[1]))
+        if have is None:
+            groups[call[0], call[1]] = list(call[2])
+        else:
+            for i, n in enumerate(call[2]):
+                have[i] += n
+    if len(groups) < 2:
+        return
+    keys = list(groups)
+    out[attr.USAGE_BY_MODEL_MODEL] = tuple(m for m, _ in keys)
+    out[attr.USAGE_BY_MODEL_PROVIDER] = tuple(p or "" for _, p in keys)
+    for i, name in enumerate(attr.USAGE_BY_MODEL_COUNTS):
+        out[name] = tuple(groups[k][i] for k in keys)
 
 
 _IN: Final = attr.GEN_AI_USAGE_INPUT_TOKENS
@@ -319,7 +429,12 @@ _SOURCE: Final = attr.GEN_AI_USAGE_COST_SOURCE
 
 
 def _ledger_event(
-    model: str, provider: str | None, tokens: TokenCounts, cost: Cost | None, center: str | None
+    model: str,
+    provider: str | None,
+    tokens: TokenCounts,
+    cost: Cost | None,
+    center: str | None,
+    at: int,
 ) -> dict[str, Any]:
     """One call's entry for the usage ledger (built only while an audit pipeline is on)."""
     # Zero counts are left out (the ledger reads a missing count as 0).
@@ -339,7 +454,7 @@ def _ledger_event(
         event[_AMOUNT] = str(cost.amount)
         event[_CURRENCY] = cost.currency
         event[_SOURCE] = cost.source
-    event[_AT] = time.time_ns()
+    event[_AT] = at  # the call's time, not the run's end
     return event
 
 

@@ -412,3 +412,27 @@ def test_audit_query_and_tree_know_usage_records(tmp_path: Path, spans: Any) -> 
         assert names == ["update Invoice"]
     finally:
         store.close()
+
+
+def test_a_run_calling_several_models_has_one_record_per_call_at_its_own_price(
+    tmp_path: Path, spans: Any
+) -> None:
+    """The direct ledger: each call its own record, model and cost (the call's own rates);
+    recomputing with today's pricing gives the same per-model costs."""
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    coworker.configure(audit=url, metrics=False)
+    with coworker.run("agent", operation="chat"):
+        big = coworker.record_usage(model="gpt-4o", input_tokens=1000, output_tokens=100)
+        small = coworker.record_usage(model="gpt-4o-mini", input_tokens=1000, output_tokens=100)
+    coworker.shutdown()
+    records = _records(url)
+    assert [(r["model"], r["usage_index"]) for r in records] == [
+        ("gpt-4o", 0),
+        ("gpt-4o-mini", 1),
+    ]
+    assert big is not None and small is not None
+    assert [Decimal(r["cost_amount"]) for r in records] == [big.amount, small.amount]
+    assert big.amount != small.amount
+    rows = {row.key: row for row in report(_all(url), by="model").rows}
+    assert rows["gpt-4o"].cost == {"USD": big.amount}
+    assert rows["gpt-4o-mini"].cost == {"USD": small.amount}

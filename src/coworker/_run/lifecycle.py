@@ -57,6 +57,10 @@ _new_scope: Final = tuple.__new__
 _SEALED: Final = attr.SEALED_ATTRIBUTES
 _RESERVED: Final = attr.RESERVED_ATTRIBUTES
 
+USAGE_CLOSED: Final[list[Any]] = []
+"""``Run.usage`` once the run ended (never appended to): record_usage's calls after that are
+on no span (:func:`coworker.usage.finish` took the run's list)."""
+
 Call = tuple[Any, tuple[Any, ...], dict[str, Any]]
 """``(instance, args, kwargs)`` of one call, as wrapt hands them over."""
 
@@ -99,6 +103,7 @@ class Run:
         "parent_id",
         "span",
         "step",
+        "usage",
     )
 
     id: str
@@ -111,6 +116,7 @@ class Run:
     flow: Flow | None
     category: str | None
     span: Span
+    usage: list[Any] | None  # usage (issue 16): record_usage's calls, until the run ends
     _spec: Spec
     _sealed: dict[str, Any] | None
     _otel_token: Any
@@ -152,6 +158,12 @@ class Run:
         Ending may append the audit record; a failure there (``AuditUnavailable`` under the
         ``raise`` policy) surfaces from here.
         """
+        calls = self.usage  # usage (issue 16): before the flow's spans can end
+        self.usage = USAGE_CLOSED
+        if calls:
+            from coworker.usage import finish
+
+            finish(self, calls)
         if self.flow is not None:
             self.flow.run_ended(self)
         if self._sealed is not None:
@@ -174,6 +186,12 @@ class Run:
         # Its tokens are never used now; a generator's run made them in the body's own
         # context, which holds the run: dropping them breaks that reference cycle.
         self._scope_token = self._otel_token = None
+        calls = self.usage  # usage (issue 16): before the flow's spans can end
+        self.usage = USAGE_CLOSED
+        if calls:
+            from coworker.usage import finish
+
+            finish(self, calls)
         if self.flow is not None:
             self.flow.run_ended(self)
         if self._sealed is not None:
@@ -399,6 +417,7 @@ def begin(spec: Spec, call: Call = _NO_CALL, force: bool = False) -> Run | None:
     r.flow = flow
     r.category = category
     r.span = span
+    r.usage = None
     r._spec = spec
     r._sealed = None
     r._otel_token = otelctx.attach(otelctx.with_span(span, parent_ctx))

@@ -34,7 +34,7 @@ __all__ = [
     "TOKEN_KEYS",
     "UsageRefused",
     "is_usage_key",
-    "usage_entry",
+    "usage_entries_of",
     "usage_key",
     "wants_usage",
 ]
@@ -121,58 +121,127 @@ def _show(value: Any) -> str:
     return repr(value)[:80]
 
 
-def usage_entry(span: Any, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """The usage record of an ingested span, given the span's own record ``fields``.
+_MAX_MODELS: Final = 1000  # entries of a per-model split; more is no run's honest usage
+
+
+def _check(counts: list[int], what: str) -> None:
+    if counts[2] + counts[3] > counts[0]:
+        raise UsageRefused(
+            f"{what}cache read + cache creation input tokens ({counts[2]} + {counts[3]}) "
+            f"exceed the input tokens ({counts[0]})"
+        )
+    if counts[4] > counts[1]:
+        raise UsageRefused(
+            f"{what}reasoning tokens ({counts[4]}) exceed the output tokens ({counts[1]})"
+        )
+
+
+def _split(attributes: Mapping[str, Any]) -> list[tuple[str, str | None, list[int]]]:
+    """The per-model split (``coworker.usage.by_model.*``) of a span, or ``[]``.
+
+    Raises:
+        UsageRefused: arrays of other types or lengths, bad names or counts.
+    """
+    models = attributes.get(attr.USAGE_BY_MODEL_MODEL)
+    if models is None:
+        return []
+    if type(models) is not tuple or not models or len(models) > _MAX_MODELS:
+        raise UsageRefused(
+            f"{attr.USAGE_BY_MODEL_MODEL} must be an array of 1 to {_MAX_MODELS} model names"
+        )
+    providers = attributes.get(attr.USAGE_BY_MODEL_PROVIDER, ("",) * len(models))
+    columns: list[tuple[Any, ...]] = [providers]
+    for name in attr.USAGE_BY_MODEL_COUNTS:
+        columns.append(attributes.get(name, (0,) * len(models)))
+    for name, column in zip(
+        (attr.USAGE_BY_MODEL_PROVIDER, *attr.USAGE_BY_MODEL_COUNTS), columns, strict=True
+    ):
+        if type(column) is not tuple or len(column) != len(models):
+            raise UsageRefused(f"{name} must be an array as long as {attr.USAGE_BY_MODEL_MODEL}")
+    out: list[tuple[str, str | None, list[int]]] = []
+    for i, model in enumerate(models):
+        provider = columns[0][i]
+        if type(model) is not str or not model or type(provider) is not str:
+            raise UsageRefused(
+                f"{attr.USAGE_BY_MODEL_MODEL}[{i}] / provider: expected names, got "
+                f"{_show(model)}, {_show(provider)}"
+            )
+        counts = [
+            _count({f"{name}[{i}]": column[i]}, f"{name}[{i}]")
+            for name, column in zip(attr.USAGE_BY_MODEL_COUNTS, columns[1:], strict=True)
+        ]
+        _check(counts, f"{model}: ")
+        out.append((model, provider or None, counts))
+    return out
+
+
+def usage_entries_of(span: Any, fields: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The usage records of an ingested span, given the span's own record ``fields``.
+
+    One record, priced by ``gen_ai.request.model``; or, when the span carries the per-model
+    split of a run that called several models (``coworker.usage.by_model.*``), one record per
+    model, each priced by its own model, plus one for any part of the ``gen_ai.usage.*``
+    totals outside the split (set on the span by something else), priced by
+    ``gen_ai.request.model``.
 
     Args:
         span: the decoded span: anything with ``attributes`` and ``end_time`` (a
             :class:`~opentelemetry.sdk.trace.ReadableSpan`, a
             :class:`~coworker.ingest.decode.SpanRecord`).
         fields: what :func:`~coworker.audit.record.entry_from_span` made of it (the identity
-            fields the usage record repeats).
+            fields the usage records repeat).
 
     Raises:
         UsageRefused: a count that is not an integer in [0, 2**53), cached tokens beyond the
-            input tokens, reasoning tokens beyond the output tokens, or a model, provider or
-            cost center that is not a non-empty string.
+            input tokens, reasoning tokens beyond the output tokens, a model, provider or
+            cost center that is not a non-empty string, or a split that does not fit in the
+            totals.
     """
     from coworker.audit.usage import usage_entries
     from coworker.pricing import TokenCounts, UsageWarning, default_pricing
 
     attributes = span.attributes or {}
     counts = [_count(attributes, name) for name in TOKEN_ATTRIBUTES]
-    tokens = TokenCounts(counts[0], counts[1], counts[2], counts[3], counts[4])
-    if tokens.cache_read + tokens.cache_creation > tokens.input:
-        raise UsageRefused(
-            f"cache read + cache creation input tokens ({tokens.cache_read} + "
-            f"{tokens.cache_creation}) exceed the input tokens ({tokens.input})"
-        )
-    if tokens.reasoning > tokens.output:
-        raise UsageRefused(
-            f"reasoning tokens ({tokens.reasoning}) exceed the output tokens ({tokens.output})"
-        )
+    _check(counts, "")
     model = _name(attributes, attr.GEN_AI_REQUEST_MODEL)
     provider = _name(attributes, attr.GEN_AI_PROVIDER_NAME)
     center = _name(attributes, attr.COST_CENTER)
-    cost = None
-    if model is not None:
-        at = _dt.datetime.fromtimestamp(span.end_time / 1e9, _dt.UTC)
-        with warnings.catch_warnings():
-            # An unknown model gives a null cost; the report counts it as unpriced. A warning
-            # per model in a server's log says nothing the record does not.
-            warnings.simplefilter("ignore", UsageWarning)
-            cost = default_pricing().cost(model, tokens, provider=provider, at=at)
-    call: dict[str, Any] = {
-        attr.GEN_AI_REQUEST_MODEL: model,
-        attr.GEN_AI_PROVIDER_NAME: provider,
-        attr.COST_CENTER: center,
-        "usage_at": span.end_time,
-    }
-    call.update(zip(TOKEN_ATTRIBUTES, counts, strict=True))
-    if cost is not None:
-        call[attr.GEN_AI_USAGE_COST_AMOUNT] = str(cost.amount)
-        call[attr.GEN_AI_USAGE_COST_CURRENCY] = cost.currency
-        call[attr.GEN_AI_USAGE_COST_SOURCE] = cost.source
-    ((entry, _),) = usage_entries(span, [call], record=fields)
-    assert entry["kind"] == KIND_USAGE
-    return entry
+    parts: list[tuple[str | None, str | None, list[int]]] = list(_split(attributes))
+    rest = list(counts)
+    for _, _, part in parts:
+        for i, n in enumerate(part):
+            rest[i] -= n
+    if any(n < 0 for n in rest):
+        raise UsageRefused(
+            f"the per-model split ({attr.USAGE_BY_MODEL_MODEL}) exceeds the span's totals"
+        )
+    if not parts:
+        parts = [(model, provider, counts)]
+    elif any(rest):
+        _check(rest, "the totals outside the per-model split: ")
+        parts.append((model, provider, rest))
+    at = _dt.datetime.fromtimestamp(span.end_time / 1e9, _dt.UTC)
+    calls: list[dict[str, Any]] = []
+    for name, by, part in parts:
+        cost = None
+        if name is not None:
+            with warnings.catch_warnings():
+                # An unknown model gives a null cost; the report counts it as unpriced. A
+                # warning per model in a server's log says nothing the record does not.
+                warnings.simplefilter("ignore", UsageWarning)
+                cost = default_pricing().cost(name, TokenCounts(*part), provider=by, at=at)
+        call: dict[str, Any] = {
+            attr.GEN_AI_REQUEST_MODEL: name,
+            attr.GEN_AI_PROVIDER_NAME: by,
+            attr.COST_CENTER: center,
+            "usage_at": span.end_time,
+        }
+        call.update(zip(TOKEN_ATTRIBUTES, part, strict=True))
+        if cost is not None:
+            call[attr.GEN_AI_USAGE_COST_AMOUNT] = str(cost.amount)
+            call[attr.GEN_AI_USAGE_COST_CURRENCY] = cost.currency
+            call[attr.GEN_AI_USAGE_COST_SOURCE] = cost.source
+        calls.append(call)
+    entries = [entry for entry, _ in usage_entries(span, calls, record=fields)]
+    assert all(e["kind"] == KIND_USAGE for e in entries)
+    return entries

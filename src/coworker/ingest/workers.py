@@ -33,7 +33,7 @@ from coworker.ingest.decode import (
 )
 from coworker.ingest.records import PreparedRecord
 from coworker.ingest.tokens import INGEST_TOKEN_FIELD
-from coworker.ingest.usage import UsageRefused, usage_entry, usage_key
+from coworker.ingest.usage import UsageRefused, usage_entries_of, usage_key
 
 __all__ = ["DecodePool", "Decoded", "decode_body"]
 
@@ -116,16 +116,17 @@ def decode_body(
         if usage:
             # Apart from the audit record: a hostile count refuses the usage record alone.
             try:
-                entry = usage_entry(record, fields)
+                entries = usage_entries_of(record, fields)  # one per model (usage, issue 16)
             except UsageRefused as exc:
                 items.append((REJECT, f"span {name!r}: usage refused: {exc}"))
                 continue
-            try:
-                entry[INGEST_TOKEN_FIELD] = token_name
-                prepared = PreparedRecord.of(entry)
-                items.append((ENTRY, name, *prepared.parts, None, usage_key(ids, entry)))
-            except Exception as exc:
-                items.append((REJECT, f"span {name!r}: cannot build its usage record: {exc}"))
+            for entry in entries:
+                try:
+                    entry[INGEST_TOKEN_FIELD] = token_name
+                    prepared = PreparedRecord.of(entry)
+                    items.append((ENTRY, name, *prepared.parts, None, usage_key(ids, entry)))
+                except Exception as exc:
+                    items.append((REJECT, f"span {name!r}: cannot build its usage record: {exc}"))
     batch.records, batch.keys, batch.audited, batch.usage = [], [], [], []
     return Decoded(None, "", batch, items)
 
