@@ -13,6 +13,14 @@ the ratio is what HTTP, OTLP encoding and decoding, authentication and dedup cos
 
     python benchmarks/ingest.py [--url postgresql://postgres@127.0.0.1/postgres]
     python benchmarks/ingest.py --url sqlite
+    python benchmarks/ingest.py --callgrind   # instructions per span of each part, SQLite
+
+``--callgrind`` counts instructions (``valgrind --tool=callgrind``, N vs 2N requests of 512
+spans, the same on a loaded machine) of the three parts in one process, without HTTP: what a
+decoding worker does per span (``decode``: the body to canonicalised records), what the serve
+process does per span with a decoded request (``append``: unpickle the worker's answer, token
+limits, dedup, chain, insert, commit), and what a direct appender does (``direct``:
+``entry_from_span`` + ``store.append``).
 """
 
 from __future__ import annotations
@@ -310,6 +318,69 @@ def _wait_healthy(port: int, server: subprocess.Popen[bytes]) -> None:
     raise SystemExit("the ingest server did not start")
 
 
+_POOL = 8  # requests built for every count (the setup is the same for N and 2N)
+
+
+def _callgrind_case(case: str, requests: int) -> None:
+    """One ``--callgrind`` measurement: ``requests`` requests of 512 spans through ``case``."""
+    import pickle
+    import tempfile
+
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from coworker.audit.record import entry_from_span
+    from coworker.audit.store_sqlite import SQLiteStore
+    from coworker.ingest.app import _Ingest
+    from coworker.ingest.workers import decode_body
+
+    spans = make_spans(512 * _POOL, 0)
+    batches = [spans[i : i + 512] for i in range(0, len(spans), 512)]
+    bodies = [encode_spans(b).SerializeToString() for b in batches]
+    args = ("application/x-protobuf", "identity", 20 << 20, 64 * 1024, 1024, "shared-token")
+    store = SQLiteStore(os.path.join(tempfile.mkdtemp(), "cg.db"))
+    ingest = _Ingest(
+        store, token=TOKEN, tokens=None, max_body_bytes=20 << 20, retry_after=5,
+        max_attribute_length=64 * 1024, max_attributes=1024, close_store=False,
+    )  # fmt: skip
+    assert ingest.tokens is not None
+    token = ingest.tokens[0]
+    answers = [pickle.dumps(decode_body(b, *args)) for b in bodies]
+    first = pickle.loads(answers[-1])
+    ingest._handle(b"", args[0], args[1], token, first)  # warm: the index, the statements
+    store.append([entry_from_span(s)[0] for s in batches[-1][:1]])
+    for i in range(requests):
+        if case == "decode":
+            pickle.dumps(decode_body(bodies[i], *args))
+        elif case == "append":
+            ingest._handle(b"", args[0], args[1], token, pickle.loads(answers[i]))
+        else:
+            entries = [entry_from_span(s) for s in batches[i]]
+            store.append([e[0] for e in entries], [e[1] for e in entries])
+    store.close()
+
+
+def _callgrind_report() -> int:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _callgrind import per_iteration
+
+    counts = {
+        case: per_iteration(__file__, case, "--requests", 2) / 512
+        for case in ("decode", "append", "direct")
+    }
+    print("instructions per span (callgrind, 512-span requests into SQLite, no HTTP):")
+    for case, count in counts.items():
+        print(f"  {case:<7} {count:>10,.0f}")
+    print(
+        f"  direct / append (the serve process's serial part against a direct appender): "
+        f"{counts['direct'] / counts['append']:.2f}"
+    )
+    print(
+        f"  direct / (decode + append) (all the work per span): "
+        f"{counts['direct'] / (counts['decode'] + counts['append']):.2f}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -333,7 +404,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=None, help="serve --workers")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--callgrind", action="store_true", help="instructions per span")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--requests", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.case:
+        _callgrind_case(args.case, args.requests)
+        return 0
+    if args.callgrind:
+        return _callgrind_report()
     rates: dict[str, list[float]] = {"ingest": [], "direct": []}
     cpus: dict[str, list[float]] = {"server": [], "workers": [], "direct": []}
     for _ in range(args.runs):

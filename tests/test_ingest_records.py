@@ -291,8 +291,24 @@ def test_prepared_records_append_to_sqlite_with_sealed_payloads(tmp_path: Path) 
             else:
                 assert store.plaintext(record) == payload  # sealed, and it opens again
                 assert got["payload_digest"] != prepared["payload_digest"]  # salted when sealed
-        assert [r[0] for r in store._read("SELECT user_id FROM audit_records ORDER BY seq", ())] == [
-            "user-0", "user-1", "user-2",
-        ]  # fmt: skip
+        columns = store._read("SELECT user_id FROM audit_records ORDER BY seq", ())
+        assert [r[0] for r in columns] == ["user-0", "user-1", "user-2"]
     finally:
         store.close()
+
+
+def test_prepared_records_spool_as_their_fields(tmp_path: Path) -> None:
+    """A store that spools its entries (PostgreSQL during an outage) writes a PreparedRecord
+    as the record's fields, and the spooled record canonicalises to the same body."""
+    from coworker.audit.spool import Spool
+
+    fields = _fields()
+    record = PreparedRecord.of(fields)
+    spool = Spool(tmp_path / "spool.db")
+    try:
+        spool.put([record], [None], [b"k" * 56])
+        (entry,) = spool.peek()
+    finally:
+        spool.close()
+    assert entry.fields == fields
+    assert canonical({**entry.fields, "seq": 4}) == record.body(4)
