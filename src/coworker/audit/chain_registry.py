@@ -11,7 +11,9 @@ the default chain (durably, ``synchronous=FULL``) naming it::
 
 ``create`` registers a chain with no records yet; ``adopt`` registers one that already had
 records (made before this registry existed, by hand, or left by an interrupted creation)
-and records its head at that moment, so that a later cut below it is named.
+and records its head at that moment, so that a later cut below it is named; ``retire``
+(:func:`retire`, ``coworker audit retire-chain``) records a chain's last head before it is
+removed on purpose: verify then says ``retired``, and no writer opens it again.
 
 The order of a creation is: look the name up; refuse it if it is registered while its file
 or schema is gone (``vanished``: a writer never starts a registered chain again, empty) or if
@@ -117,8 +119,9 @@ class ChainCheck:
             schema gone), ``unregistered`` (there with records the registry does not name),
             ``unregistered-empty`` (there, no records: an interrupted creation),
             ``truncated`` / ``rewritten`` (no longer holds the head it was adopted with),
-            ``case-conflict`` (another chain has the same name up to case).
-        ok: whether it passes (``registered``, ``unregistered-empty``).
+            ``case-conflict`` (another chain has the same name up to case), ``retired``
+            (retired on purpose; there or removed).
+        ok: whether it passes (``registered``, ``unregistered-empty``, ``retired``).
         detail: one line for a person.
         seq: the registry record, when there is one.
     """
