@@ -387,3 +387,52 @@ def test_a_forked_child_does_not_make_a_deleted_chain_again(tmp_path: Path) -> N
     assert os.waitstatus_to_exitcode(status) == 0
     assert not Path(chain_file(str(path), "x")).exists()
     s.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_retired_chain_may_be_removed_and_is_never_written_again(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
+) -> None:
+    """retire-chain records the chain's last head: removed afterwards, verify says retired
+    (exit 0) and heads notes may leave it out (even after a stored note listed it, with the
+    records it was retired holding); no writer opens it again; retiring twice is refused."""
+    from coworker.audit.keys import generate_signer, write_signer
+
+    if backend == "sqlite":
+        path = tmp_path / "a.db"
+        url = f"sqlite:///{path}"
+        _make_chains(path, {"": 1, "billing": 2, "eu": 1})
+    else:
+        pg = request.getfixturevalue("pg")
+        url = pg.schema_url()
+        _pg_chains(url, {"": 1, "billing": 2, "eu": 1})
+    keyfile = tmp_path / "log.key"
+    write_signer(keyfile, generate_signer("audit.example.com/retire"))
+    assert main(["audit", "heads", "--url", url, "--key", str(keyfile)]) == 0  # lists billing
+    assert "\nbilling 2 " in capsys.readouterr().out
+    assert main(["audit", "retire-chain", "billing", "--reason", "tenant left", "--url", url]) == 0
+    assert "retired  chain billing at head 2" in capsys.readouterr().out
+    assert main(["audit", "retire-chain", "billing", "--reason", "again", "--url", url]) == 2
+    assert "retired already" in capsys.readouterr().err
+    if backend == "sqlite":
+        _delete(path, "billing")
+        with pytest.raises(AuditUnavailable, match="retired"):
+            SQLiteStore(path, chain="billing")
+    else:
+        import psycopg
+
+        from coworker.audit.store_postgres import PostgresStore
+
+        s = PostgresStore(with_chain(url, "billing"), spool=None, readonly=True)
+        schema = s.schema
+        s.close()
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        with pytest.raises(AuditUnavailable, match="retired"):
+            PostgresStore(with_chain(url, "billing"), spool=None)
+    assert main(["audit", "verify", "--url", url]) == 0
+    assert "OK    chain billing: retired" in capsys.readouterr().out
+    # The stored note listed billing with all 2 records, which it was retired holding.
+    assert main(["audit", "heads", "--url", url, "--key", str(keyfile)]) == 0
+    note = capsys.readouterr().out
+    assert "\neu 1 " in note and "billing" not in note

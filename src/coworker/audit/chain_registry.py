@@ -11,7 +11,9 @@ the default chain (durably, ``synchronous=FULL``) naming it::
 
 ``create`` registers a chain with no records yet; ``adopt`` registers one that already had
 records (made before this registry existed, by hand, or left by an interrupted creation)
-and records its head at that moment, so that a later cut below it is named.
+and records its head at that moment, so that a later cut below it is named; ``retire``
+(:func:`retire`, ``coworker audit retire-chain``) records a chain's last head before it is
+removed on purpose: verify then says ``retired``, and no writer opens it again.
 
 The order of a creation is: look the name up; refuse it if it is registered while its file
 or schema is gone (``vanished``: a writer never starts a registered chain again, empty) or if
@@ -35,6 +37,7 @@ system (macOS, Windows) ``Billing.db`` and ``billing.db`` are one file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -79,6 +82,7 @@ CATEGORY_CHAIN_REGISTRY: Final = "chain-registry"
 REGISTRY_LOCK: Final = "registry.lock"
 """The file in ``<path>.chains/`` whose SQLite write lock serializes chain creations."""
 _KEY_PREFIX: Final = b"coworker-chain\x00"
+_RETIRE_PREFIX: Final = b"coworker-chain-retired\x00"
 # Second key of the PostgreSQL advisory lock namespace 'cowr' is a table oid (>= 16384) or
 # the DDL lock (1); the registry needs none of its own (append_unique is atomic).
 
@@ -90,14 +94,19 @@ class Registration:
     Attributes:
         name: the chain.
         seq: the registry record's seq in the default chain.
-        operation: ``create`` (registered empty) or ``adopt`` (registered with records).
-        head: for ``adopt``, the chain's head when it was registered.
+        operation: ``create`` (registered empty) or ``adopt`` (registered with records);
+            a parsed ``retire`` record has ``retire``.
+        head: for ``adopt``, the chain's head when it was registered; for ``retire``, when it
+            was retired.
+        retired: the ``retire`` record of the chain, once it was retired on purpose (its
+            file or schema may then be removed: verify says ``retired``, not ``vanished``).
     """
 
     name: str
     seq: int
     operation: str
     head: Head | None
+    retired: Registration | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +119,9 @@ class ChainCheck:
             schema gone), ``unregistered`` (there with records the registry does not name),
             ``unregistered-empty`` (there, no records: an interrupted creation),
             ``truncated`` / ``rewritten`` (no longer holds the head it was adopted with),
-            ``case-conflict`` (another chain has the same name up to case).
-        ok: whether it passes (``registered``, ``unregistered-empty``).
+            ``case-conflict`` (another chain has the same name up to case), ``retired``
+            (retired on purpose; there or removed).
+        ok: whether it passes (``registered``, ``unregistered-empty``, ``retired``).
         detail: one line for a person.
         seq: the registry record, when there is one.
     """
@@ -133,15 +143,20 @@ class ChainCheck:
         }
 
 
-def registry_entry(name: str, head: Head | None = None) -> dict[str, Any]:
+def registry_entry(
+    name: str, head: Head | None = None, *, retire: bool = False, reason: str | None = None
+) -> dict[str, Any]:
     """The record fields (without ``seq``) registering chain ``name``; ``head``: its head when
-    it already has records (``adopt``), else ``None`` (``create``)."""
+    it already has records (``adopt``), else ``None`` (``create``). ``retire``: the record
+    retiring it on purpose instead (``head``: its last record; ``reason``: why)."""
     now = format_time(time.time_ns())
+    extra = {"reason": reason} if retire else {}
     return {
+        **extra,
         "v": SCHEMA_VERSION,
         "kind": KIND_CHAIN,
         "category": CATEGORY_CHAIN_REGISTRY,
-        "operation": "adopt" if head is not None else "create",
+        "operation": "retire" if retire else "adopt" if head is not None else "create",
         "recorded_at": now,
         "start": now,
         "chain_name": check_chain_name(name),
@@ -153,9 +168,10 @@ def registry_entry(name: str, head: Head | None = None) -> dict[str, Any]:
     }
 
 
-def registry_key(name: str) -> bytes:
-    """The dedup key of ``name``'s registry record: equal for names equal up to case."""
-    return _KEY_PREFIX + name.casefold().encode("ascii")
+def registry_key(name: str, *, retire: bool = False) -> bytes:
+    """The dedup key of ``name``'s registry record (``retire``: of its retirement): equal for
+    names equal up to case."""
+    return (_RETIRE_PREFIX if retire else _KEY_PREFIX) + name.casefold().encode("ascii")
 
 
 def parse_registration(seq: int, body: bytes) -> Registration | None:
@@ -180,7 +196,9 @@ def parse_registration(seq: int, body: bytes) -> Registration | None:
         return None
     operation = fields.get("operation")
     head: Head | None = None
-    if operation == "adopt":
+    if operation == "retire" and fields.get("chain_head_seq") is None:
+        pass  # an empty chain retired
+    elif operation in ("adopt", "retire"):
         at, digest = fields.get("chain_head_seq"), fields.get("chain_head_hash")
         if type(at) is not int or at < 1 or not isinstance(digest, str):
             return None
@@ -202,8 +220,14 @@ def registrations(default: Any) -> dict[str, Registration]:
     out: dict[str, Registration] = {}
     for record in default.search({"kind": KIND_CHAIN, "category": CATEGORY_CHAIN_REGISTRY}):
         found = parse_registration(record.seq, record.body)
-        if found is not None:
-            out.setdefault(found.name, found)
+        if found is None:
+            continue
+        known = out.get(found.name)
+        if found.operation == "retire":
+            if known is not None and known.retired is None:  # a chain is retired once
+                out[found.name] = dataclasses.replace(known, retired=found)
+        elif known is None:
+            out[found.name] = found
     return out
 
 
@@ -223,6 +247,15 @@ def _refuse_case(store_label: str, name: str, names: Iterable[str]) -> None:
             f"audit store {store_label}: chain {name!r} differs from its chain {other!r} only "
             "by case; chain names must differ regardless of case (on a case-insensitive file "
             "system both would be one file)"
+        )
+
+
+def _refuse_retired(label: str, registration: Registration) -> None:
+    if registration.retired is not None:
+        raise AuditUnavailable(
+            f"audit store {label}: chain {registration.name!r} was retired (registry seq "
+            f"{registration.retired.seq}); a retired chain is never written again: use "
+            "another name"
         )
 
 
@@ -256,6 +289,7 @@ def open_sqlite_chain(store: SQLiteStore, open_file: Callable[[], None]) -> None
     known = _sqlite_registrations(store.store_path, store.busy_timeout)
     mine = known.get(store.chain)
     if mine is not None:  # the common case: registered already, no lock needed
+        _refuse_retired(label, mine)
         if not os.path.exists(store.path):
             raise _vanished(label, mine, f"file {store.path!r}")
         connect()
@@ -278,6 +312,7 @@ def open_sqlite_chain(store: SQLiteStore, open_file: Callable[[], None]) -> None
             known = registrations(default)
             mine = known.get(store.chain)
             if mine is not None:  # registered by another process meanwhile
+                _refuse_retired(label, mine)
                 if not os.path.exists(store.path):
                     raise _vanished(label, mine, f"file {store.path!r}")
                 connect()
@@ -403,6 +438,8 @@ def open_postgres_chain(
     known = _pg_registration(store, conn)
     if known is not None and known.name != store.chain:
         _refuse_case(label, store.chain, [known.name])
+    if known is not None:
+        _refuse_retired(label, known)
     if known is not None or getattr(store, "_chain_registered", False):
         if not _pg_chain_exists(conn, store.schema):
             raise _vanished(label, known or Registration(store.chain, 0, "create", None), "schema")
@@ -442,17 +479,22 @@ def _pg_registration(store: PostgresStore, conn: psycopg.Connection[Any]) -> Reg
     with conn.cursor() as cur:
         cur.execute(
             sql.SQL(
-                "SELECT seq, body FROM {} WHERE dedup_key = %s AND seq >= 1 ORDER BY seq"
+                "SELECT seq, body FROM {} WHERE dedup_key = ANY(%s) AND seq >= 1 ORDER BY seq"
             ).format(sql.Identifier(store.base_schema, "records")),
-            (registry_key(store.chain),),
+            ([registry_key(store.chain), registry_key(store.chain, retire=True)],),
         )
         rows = cur.fetchall()
     conn.commit()
+    mine: Registration | None = None
     for seq, body in rows:
         found = parse_registration(int(seq), bytes(body))
-        if found is not None:
-            return found
-    return None
+        if found is None:
+            continue
+        if found.operation != "retire" and mine is None:
+            mine = found
+        elif found.operation == "retire" and mine is not None and found.name == mine.name:
+            mine = dataclasses.replace(mine, retired=found)
+    return mine
 
 
 def _pg_head(store: PostgresStore, conn: psycopg.Connection[Any]) -> Head | None:
@@ -507,6 +549,52 @@ def _pg_append_registration(store: Any, head: Head | None) -> bool:
         default.close()
     _refuse_case(str(store), store.chain, names)
     return False
+
+
+def retire(store: Any, reason: str) -> tuple[Registration, Head | None]:
+    """Retire the named chain ``store`` (open, SQLite or PostgreSQL) on purpose: append the
+    ``retire`` record, with the chain's head, to its default chain. Afterwards no writer opens
+    it, and once its file or schema is removed verify says ``retired`` (exit 0) instead of
+    ``vanished``, and heads notes may leave it out.
+
+    Returns:
+        Its registration and the head it was retired at.
+
+    Raises:
+        ConfigError: the registry does not name it (adopt it first), or it was retired.
+        AuditUnavailable: the registry cannot be read or written.
+    """
+    from coworker.audit.store_postgres import PostgresStore
+    from coworker.audit.store_sqlite import SQLiteStore
+
+    name = check_chain_name(store.chain)
+    if not name:
+        raise ConfigError("the default chain cannot be retired: it holds the registry")
+    default: Any
+    if isinstance(store, SQLiteStore):
+        default = SQLiteStore(
+            store.store_path, synchronous="FULL", busy_timeout=store.busy_timeout, chain=""
+        )
+    else:
+        default = PostgresStore(store.url, schema=store.base_schema, chain="", spool=None)
+    try:
+        known = registrations(default).get(name)
+        if known is None:
+            raise ConfigError(
+                f"chain {name!r} is not in the chain registry: `coworker audit adopt-chains` "
+                "first (retiring anchors its last head)"
+            )
+        if known.retired is not None:
+            raise ConfigError(f"chain {name!r} was retired already (seq {known.retired.seq})")
+        head = store.head()
+        entry = registry_entry(name, head, retire=True, reason=reason)
+        if isinstance(default, SQLiteStore):
+            default.append([entry])
+        elif default.append_unique([entry], None, [registry_key(name, retire=True)]).duplicates:
+            raise ConfigError(f"chain {name!r} was retired already")
+    finally:
+        default.close()
+    return known, head
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -567,6 +655,29 @@ def check_registry(
                         f"{records} records, not named in the default chain's registry "
                         "(made before the registry, or not by coworker): run `coworker audit "
                         "adopt-chains` once it is known to be genuine",
+                    )
+                )
+            continue
+        if reg.retired is not None:
+            if name in there:
+                out.append(
+                    ChainCheck(
+                        name,
+                        "retired",
+                        True,
+                        f"retired on purpose (registry seq {reg.retired.seq}); its file or "
+                        "schema may be removed",
+                        reg.seq,
+                    )
+                )
+            else:
+                out.append(
+                    ChainCheck(
+                        name,
+                        "retired",
+                        True,
+                        f"retired on purpose (registry seq {reg.retired.seq}) and removed",
+                        reg.seq,
                     )
                 )
             continue

@@ -200,6 +200,15 @@ def open_chain(store: Any, chain: str) -> Any:
     raise ConfigError(f"{store!r} has no chains to open")
 
 
+def _retired_at_or_after(registration: Any, size: int) -> bool:
+    """Whether a chain that a heads note listed with ``size`` records was retired on purpose
+    holding all of them (a chain cut before its retirement still counts as vanished)."""
+    retired = getattr(registration, "retired", None)
+    if retired is None:
+        return False
+    return size == 0 or (retired.head is not None and retired.head.seq >= size)
+
+
 def make_heads(
     signer: Signer,
     trees: Mapping[str, LogTree],
@@ -222,13 +231,16 @@ def make_heads(
             default chain names, is missing, or a chain of the previous note is smaller or
             no longer holds its tree (it vanished, was cut or rewritten): nothing is signed.
     """
+    registered: dict[str, Any] = {}
     if "" in trees:
         # The chain registry names every chain ever made: a note never leaves out one that
-        # is gone, even when no earlier note listed it.
+        # is gone, even when no earlier note listed it, unless it was retired on purpose.
         from coworker.audit.chain_registry import registrations
 
         registered = registrations(trees[""].store)
-        missing = sorted(c for c in registered if c not in checkpoints)
+        missing = sorted(
+            c for c, r in registered.items() if c not in checkpoints and r.retired is None
+        )
         if missing:
             raise TreeError(
                 "chain(s) "
@@ -244,7 +256,11 @@ def make_heads(
             before = open_heads(previous, signer.verifier)
         except CheckpointError as exc:
             raise TreeError(f"the last stored heads note does not verify: {exc}") from None
-        gone = sorted(c for c in before if c not in checkpoints)
+        gone = sorted(
+            c
+            for c, (size, _) in before.items()
+            if c not in checkpoints and not _retired_at_or_after(registered.get(c), size)
+        )
         if gone:
             raise TreeError(
                 "chain(s) "
@@ -255,7 +271,8 @@ def make_heads(
         bad = sorted(
             c
             for c, (size, root) in before.items()
-            if checkpoints[c].size < size or (size and trees[c].root(size) != root)
+            if c in checkpoints  # else retired (above)
+            and (checkpoints[c].size < size or (size and trees[c].root(size) != root))
         )
         if bad:
             raise TreeError(

@@ -39,6 +39,42 @@ def register(subparsers: Any) -> None:
     )
     adopt.set_defaults(func=_cmd_adopt)
 
+    retire = subparsers.add_parser(
+        "retire-chain",
+        help="retire a named chain on purpose (a registry record with its last head): no "
+        "writer opens it again and, once its file or schema is removed, verify says retired",
+    )
+    retire.add_argument("name", help="the chain")
+    retire.add_argument("--reason", required=True, help="why (kept in the record)")
+    retire.add_argument(
+        "--url",
+        default=None,
+        help="audit store URL (default: COWORKER_AUDIT_URL or sqlite:///.coworker/audit.db)",
+    )
+    retire.set_defaults(func=_cmd_retire)
+
+
+def _cmd_retire(args: argparse.Namespace) -> int:
+    import sys
+
+    from coworker.audit.chain_registry import retire
+    from coworker.audit.urls import open_store, resolve_url, with_chain
+
+    try:
+        store = open_store(with_chain(resolve_url(args.url), args.name), readonly=True)
+        try:
+            _, head = retire(store, args.reason)
+        finally:
+            store.close()
+    except (AuditUnavailable, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"retired  chain {printable(args.name)} at head {head.seq if head else 0}; its file or "
+        "schema may now be removed"
+    )
+    return 0
+
 
 def _cmd_adopt(args: argparse.Namespace) -> int:
     import sys
