@@ -1,16 +1,21 @@
 """An owner of a version 2 file editing the *contents* of an index b-tree (its definition left
 exactly coworker's): verify must not take the partial index of payload-committing records on
-trust, or a deleted payload of an honest record goes unreported."""
+trust, or a deleted payload of an honest record goes unreported; an index entry cut out to
+hide a record from queries is found by ``verify --deep`` (SQLite's integrity_check)."""
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from coworker.audit import sqlite_schema
-from coworker.audit.store import PAYLOAD_MISMATCH
+from coworker.audit.query import query
+from coworker.audit.store import COLUMN_MISMATCH, PAYLOAD_MISMATCH
 from coworker.audit.store_sqlite import SQLiteStore
 from coworker.audit.verify import verify_chain
+from coworker.cli import main
 from tests.audit.conftest import fill
 
 
@@ -60,3 +65,32 @@ def test_a_deleted_payload_hidden_from_the_committed_index_is_still_found(db_pat
     finally:
         store.close()
     assert [(p.kind, p.seq) for p in report.problems] == [(PAYLOAD_MISMATCH, 6)]
+
+
+def test_an_index_edited_to_hide_a_record_from_queries_is_found_by_verify_deep(
+    db_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An honest record cut from the user index hides it from ``query(user=...)``; the
+    hash chain and the definitions cannot see it, ``verify --deep`` (SQLite's
+    integrity_check, which recomputes every entry from the body) does."""
+    store = SQLiteStore(db_path)
+    fill(store, 8)
+    store.close()
+    before = [e.seq for e in query(SQLiteStore(db_path, readonly=True), user="alice")]
+    assert 5 in before
+    _swap_in(db_path, "audit_records_user", "seq <> 5")
+    store = SQLiteStore(db_path, readonly=True)
+    try:
+        hidden = [e.seq for e in query(store, user="alice")]
+        assert hidden == [s for s in before if s != 5]
+        assert verify_chain(store).ok  # what the chain and the definitions cover
+        report = verify_chain(store, deep=True)
+    finally:
+        store.close()
+    assert not report.ok
+    assert [p.kind for p in report.problems] == [COLUMN_MISMATCH] * len(report.problems)
+    assert "audit_records_user" in report.detail
+    url = f"sqlite:///{db_path}"
+    assert main(["audit", "verify", "--url", url, "--no-progress"]) == 0
+    assert main(["audit", "verify", "--url", url, "--deep", "--no-progress"]) == 1
+    assert "audit_records_user" in capsys.readouterr().out
