@@ -94,6 +94,12 @@ def register(subparsers: Any) -> None:
         metavar="FILE",
         help="a C2SP tlog-policy each --checkpoint must meet",
     )
+    verify.add_argument(
+        "--deep",
+        action="store_true",
+        help="also check the storage beneath the rows (SQLite: PRAGMA integrity_check, which "
+        "finds an index edited to hide a record from queries; several times slower)",
+    )
     progress = verify.add_mutually_exclusive_group()
     progress.add_argument(
         "--progress",
@@ -352,7 +358,12 @@ def _verify_one(args: argparse.Namespace, url: str, chain: str, label: bool) -> 
             head = store.head()
             progress, done = _progress(head.seq if head else 0, args.progress)
             try:
-                report = verify_chain(store, expected_head=expected, progress=progress)
+                report = verify_chain(
+                    store,
+                    expected_head=expected,
+                    progress=progress,
+                    deep=getattr(args, "deep", False),
+                )
             finally:
                 done()
             anchored = _check_checkpoints(store, args) if args.checkpoint else None

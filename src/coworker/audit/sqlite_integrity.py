@@ -4,10 +4,10 @@ guards (:meth:`~coworker.audit.store_sqlite.SQLiteStore.integrity_findings`).
 
 In a schema version 2 file the query columns are generated from the body, so there is no
 column to compare: the table's definition is (with the guards). The bodies that are not a
-record at their seq, and those that commit to a payload, are read from the two partial indexes
-SQLite keeps of them. A version 1 file, or a version 2 file whose definitions are not ours,
-gets the exact check: one JSON parse of every row by SQLite, every candidate checked in
-Python."""
+record at their seq are read from the partial index SQLite keeps of them; those that commit to
+a payload that is not stored, by a scan of the bodies (an index's contents are not hashed).
+A version 1 file, or a version 2 file whose definitions are not ours, gets the exact check:
+one JSON parse of every row by SQLite, every candidate checked in Python."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from coworker.exceptions import AuditUnavailable
 if TYPE_CHECKING:
     from coworker.audit.store_sqlite import SQLiteStore
 
-__all__ = ["CANDIDATE_FLAG", "integrity_findings"]
+__all__ = ["CANDIDATE_FLAG", "integrity_findings", "storage_findings"]
 
 # Rows whose columns or payload may not match their body (see SQLiteStore.integrity_findings),
 # with one JSON parse per row: a multi-path json_extract yields the body's values as one JSON
@@ -74,15 +74,24 @@ _PAYLOAD_ROWS: Final = (
     " WHERE p.payload IS NOT NULL AND r.seq BETWEEN 1 AND ? ORDER BY r.seq"
 )
 
-# Version 2: the rows SQLite keeps in the partial indexes (``NOT INDEXED``: the same rows by a
-# full scan, when the indexes are not ours).
+# Version 2: the rows SQLite keeps in the malformed-rows index (``NOT INDEXED``: the same rows
+# by a full scan, when the indexes are not ours).
 _MALFORMED_ROWS: Final = (
     "SELECT seq FROM audit_records {how} WHERE " + _MALFORMED + " AND seq BETWEEN 1 AND ?"
     " ORDER BY seq"
 )
+# Records committing to a payload that is not stored: always by a scan of the bodies (one JSON
+# parse per row without a stored payload), never read from audit_records_committed. An index's
+# *contents* are b-tree pages that nothing hashes: the owner of the file can cut one entry
+# out of it (a page edit, or a rebuilt b-tree swapped in under PRAGMA writable_schema) with
+# its definition left exactly ours, and a payload deleted by hand would then go unreported.
+# The malformed index is trusted (a record is in it only if its own body is not coworker's,
+# i.e. the owner chained it: hiding it hides nothing the owner could not append anyway).
 _UNSTORED_ROWS: Final = (
-    "SELECT r.seq FROM audit_records AS r {how} LEFT JOIN audit_payloads p ON p.seq = r.seq"
-    " WHERE " + _COMMITTED + " AND p.payload IS NULL AND r.seq BETWEEN 1 AND ? ORDER BY r.seq"
+    "SELECT r.seq FROM audit_records AS r NOT INDEXED LEFT JOIN audit_payloads p"
+    " ON p.seq = r.seq WHERE r.seq BETWEEN 1 AND ? AND p.payload IS NULL AND "
+    + _COMMITTED
+    + " ORDER BY r.seq"
 )
 
 _CANDIDATE_ROW_V2: Final = (
@@ -130,13 +139,12 @@ def integrity_findings(
     )
     structural = store.schema_version >= 2 and not problems
     if store.schema_version >= 2 and not any(p.startswith("table ") for p in problems):
-        # The columns are the body's by definition: only the rows in the partial indexes
-        # (read by a full scan when an index is not ours) are looked at.
+        # The columns are the body's by definition: only the malformed rows (read by a full
+        # scan when an index is not ours) and the unstored payloads are looked at.
         try:
             how = "INDEXED BY audit_records_malformed" if structural else "NOT INDEXED"
             candidates = [r[0] for r in store._read(_MALFORMED_ROWS.format(how=how), (last,))]
-            how = "INDEXED BY audit_records_committed" if structural else "NOT INDEXED"
-            unstored = [r[0] for r in store._read(_UNSTORED_ROWS.format(how=how), (last,))]
+            unstored = [r[0] for r in store._read(_UNSTORED_ROWS, (last,))]
         except AuditUnavailable:
             if structural:
                 raise
@@ -212,6 +220,28 @@ def integrity_findings(
             payloads.append(found)
     payloads.sort(key=lambda f: f.seq or 0)
     return findings + _capped(iter(malformed)) + _capped(iter(columns)) + _capped(iter(payloads))
+
+
+def storage_findings(store: SQLiteStore) -> list[Finding]:
+    """:meth:`SQLiteStore.storage_findings`: ``PRAGMA integrity_check`` of the records and
+    payloads tables with their indexes, each line of its answer a finding.
+
+    The hash chain covers the rows, never the index b-trees a query reads: the owner of the
+    file can remove the entry of an honest record from ``audit_records_user`` (its definition
+    left exactly ours) and ``query(user=...)`` no longer finds it. SQLite's check recomputes
+    every index entry from its row (each generated column from the body), which costs a few
+    times the rest of verify: hence opt-in.
+    """
+    lines: list[str] = []
+    for table in ("audit_records", "audit_payloads"):
+        lines += [
+            f"{table}: {r[0]}"
+            for r in store._read(f"PRAGMA integrity_check({table})", ())
+            if r[0] != "ok"
+        ]
+    return _capped(
+        Finding(COLUMN_MISMATCH, None, f"SQLite integrity_check: {line}") for line in lines
+    )
 
 
 def _v1_candidates(store: SQLiteStore, last: int, candidates: Sequence[int] | None) -> list[int]:

@@ -9,6 +9,8 @@ column equals its body is then a property of the table's definition, which
 Two partial indexes keep, for verify, the rows whose body is not a record at its own seq
 (``audit_records_malformed``, normally empty) and the rows whose body commits to a payload
 (``audit_records_committed``): SQLite maintains both on every insert, whatever triggers say.
+Verify reads the first; the second it does not trust for a missing payload (an index's
+contents are unhashed pages the file's owner can edit), it scans the bodies for those.
 
 Version 1 (files written before) has plain columns copied by the writer; such a file is read
 and verified as it is (verify then compares every column with its body) and is migrated to

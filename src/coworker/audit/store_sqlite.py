@@ -421,6 +421,13 @@ class SQLiteStore:
         # A connection of its own per read (coworker.audit.sqlite_open.read).
         return sqlite_open.read(self, query, params, mmap=mmap)
 
+    def storage_findings(self) -> list[Finding]:
+        """What SQLite's ``PRAGMA integrity_check`` finds in the log's tables and their index
+        b-trees (``coworker audit verify --deep``): an index entry cut out or added by a page
+        edit, under coworker's definition, that hides a record from a query. Reads only.
+        """
+        return sqlite_integrity.storage_findings(self)
+
     def integrity_findings(
         self, head: Head | None, *, candidates: Sequence[int] | None = None
     ) -> list[Finding]:

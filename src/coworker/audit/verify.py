@@ -153,6 +153,7 @@ def verify_chain(
     expected_head: Head | None = None,
     progress: Callable[[int], None] | None = None,
     check_in_doubt: bool = True,
+    deep: bool = False,
 ) -> VerifyReport:
     """Re-hash the whole log and report the first problem.
 
@@ -162,6 +163,9 @@ def verify_chain(
         progress: called with the number of records checked so far, every few thousand
             records and once at the end.
         check_in_doubt: also list intents without an outcome.
+        deep: also check the storage beneath the rows where the store can (SQLite: ``PRAGMA
+            integrity_check``, so that an index edited to hide a record from queries is
+            found; several times slower).
 
     Returns:
         The report; a tampered log is a report with ``ok=False``, not an exception.
@@ -179,7 +183,7 @@ def verify_chain(
         if candidates is not None:
             # The workers selected the rows to look at in their hashing scan.
             found = store.integrity_findings(last, candidates=candidates)  # type: ignore[attr-defined]
-        return _report(store, last.seq, last, problem, check_in_doubt, found)
+        return _report(store, last.seq, last, problem, check_in_doubt, found, deep)
     # The checks beyond the links run beside the serial hash loop: SQLite and libpq release
     # the GIL while they scan, so the two overlap on two cores.
     beyond = _Beside(store)
@@ -187,7 +191,7 @@ def verify_chain(
         checked, head, problem = _serial(store, expected_head, progress)
     finally:
         findings = beyond.result()
-    return _report(store, checked, head, problem, check_in_doubt, findings)
+    return _report(store, checked, head, problem, check_in_doubt, findings, deep)
 
 
 def _serial(
@@ -266,6 +270,7 @@ def _report(
     problem: tuple[str, int, str] | None,
     check_in_doubt: bool,
     findings: list[Finding] | None = None,
+    deep: bool = False,
 ) -> VerifyReport:
     """The report: the chain's first problem, then what the store finds beyond the links."""
     problems: list[Finding] = []
@@ -277,6 +282,9 @@ def _report(
         # Over every row up to the store's own head, not only the verified prefix: a column
         # edited after a broken link is still a record hidden from a query.
         problems += store.integrity_findings(store.head())
+    storage = getattr(store, "storage_findings", None)
+    if deep and storage is not None:
+        problems += storage()
     if problems:
         first = problems[0]
         return VerifyReport(

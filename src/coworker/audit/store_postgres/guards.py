@@ -134,11 +134,17 @@ def _guard_problems(cur: psycopg.Cursor[Any], schema: str, chain: str = "") -> l
     version = _installed_version(cur, _quote_ident(schema))
     cur.execute(
         "SELECT p.proname, p.prosrc, p.prosecdef, p.proconfig,"
-        " p.proowner = (SELECT c.relowner FROM pg_class c WHERE c.oid = to_regclass(%s))"
+        " p.proowner = (SELECT c.relowner FROM pg_class c WHERE c.oid = to_regclass(%s)),"
+        " p.proisstrict"
         " FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s",
         (f"{qs}.records", schema),
     )
-    functions = {r[0]: (r[1], r[2], r[3], r[4]) for r in cur.fetchall()}
+    functions: dict[str, tuple[Any, ...]] = {}
+    overloaded: set[str] = set()
+    for r in cur.fetchall():
+        if r[0] in functions:
+            overloaded.add(r[0])
+        functions[r[0]] = (r[1], r[2], r[3], r[4], r[5])
     for name, source in _function_sources(ddls).items():
         # The DDL ran with the schema always double-quoted (_quote_ident), not as quote_ident.
         expected = render(source, schema, chain)
@@ -153,8 +159,16 @@ def _guard_problems(cur: psycopg.Cursor[Any], schema: str, chain: str = "") -> l
         got = functions.get(name)
         if got is None:
             problems.append(f"function {name} is missing")
+        elif name in overloaded:
+            # One row per name is compared: another function of the same name (other
+            # arguments) with our source would answer for an altered one.
+            problems.append(f"function {name} is overloaded (not coworker's)")
         elif got[:3] != (expected, secdef, config):
             problems.append(f"function {name} is altered (not coworker's)")
+        elif got[4]:
+            # STRICT (ALTER FUNCTION, source untouched): a call with a NULL argument returns
+            # NULL or no row without running, e.g. append() with no payloads inserts nothing.
+            problems.append(f"function {name} is altered (STRICT; not coworker's)")
         elif secdef and not got[3]:
             # It runs with its owner's rights, and the chain check trusts the owner's rows.
             problems.append(f"function {name} is not owned by the owner of records")

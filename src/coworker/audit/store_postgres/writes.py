@@ -169,6 +169,14 @@ class _Writes(_Reads):
             (_int(value(r, 0)), _int(value(r, 1)), value(r, 2), value(r, 3))
             for r in range(res.ntuples)
         ]
+        if sorted(r[0] or 0 for r in rows) != list(range(1, len(items) + 1)):
+            # append() answers one row per entry (its seq, or NULLs: a duplicate). Anything
+            # else is not coworker's function (e.g. ALTERed to STRICT: a NULL argument then
+            # returns nothing, inserts nothing): never report those entries as written.
+            raise AuditUnavailable(
+                f"audit store {self}: append() answered {len(rows)} row(s) for {len(items)} "
+                "record(s): it is not coworker's function (run `coworker audit verify`)"
+            )
         sealed: list[StoredRecord] = []
         duplicates: list[int] = []
         for index, seq, prev, digest in sorted(rows, key=lambda r: (r[1] is None, r[1] or 0, r[0])):
