@@ -35,7 +35,7 @@ from coworker.ingest.records import (  # noqa: E402
     content_digest,
     dedup_key,
 )
-from coworker.ingest.usage import usage_entry  # noqa: E402
+from coworker.ingest.usage import usage_entries_of  # noqa: E402
 from coworker.ingest.workers import ENTRY, REJECT, decode_body, record_of  # noqa: E402
 
 _TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
@@ -174,7 +174,7 @@ def test_records_from_protobuf_equal_entry_from_span_of_the_decoded_span(
 
 
 def test_usage_records_from_protobuf_equal_those_of_the_decoded_span() -> None:
-    """A usage span's usage record is the one usage_entry makes of its ReadableSpan."""
+    """A usage span's usage record is the one usage_entries_of makes of its ReadableSpan."""
     request = ExportTraceServiceRequest()
     span = request.resource_spans.add().scope_spans.add().spans.add()
     span.name, span.trace_id, span.span_id = "llm", bytes(range(1, 17)), bytes(range(1, 9))
@@ -191,8 +191,8 @@ def test_usage_records_from_protobuf_equal_those_of_the_decoded_span() -> None:
         span.attributes.append(KeyValue(key=key, value=value))
     (old,) = audit_spans(request, usage=True).spans
     (new,) = audit_spans(request, usage=True, records=True).records
-    want = usage_entry(old, entry_from_span(old)[0])
-    got = usage_entry(new, new.fields)
+    (want,) = usage_entries_of(old, entry_from_span(old)[0])
+    (got,) = usage_entries_of(new, new.fields)
     assert _without_time(got) == _without_time(want) and got["input_tokens"] == 120
 
 

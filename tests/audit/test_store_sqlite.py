@@ -6,6 +6,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -411,3 +412,68 @@ def test_opening_a_new_store_waits_for_another_writers_lock_on_the_fresh_file(
     assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert check.execute("SELECT count(*) FROM audit_records").fetchone()[0] == 0
     check.close()
+
+
+def test_an_append_after_the_file_was_deleted_fails_and_makes_no_new_chain(
+    tmp_path: Path,
+) -> None:
+    """The store's file deleted under a live store: the append is refused (SQLite would commit
+    into the unlinked inode, the records lost to the path while reported durable) and no new,
+    empty chain appears at the path, also not from a reconnect."""
+    path = tmp_path / "a.db"
+    store = SQLiteStore(path)
+    fill(store, 2)
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(f"{path}{suffix}"):
+            os.unlink(f"{path}{suffix}")
+    with pytest.raises(AuditUnavailable, match="deleted"):
+        fill(store, 1)
+    with pytest.raises(AuditUnavailable, match="deleted"):
+        fill(store, 1)
+    assert not path.exists()
+    store.close()
+
+
+def test_an_append_after_the_file_was_replaced_fails(tmp_path: Path) -> None:
+    """The file renamed away and another store moved to its path: the append is refused
+    rather than reported durable in a file that is no longer the store at this path."""
+    path = tmp_path / "a.db"
+    store = SQLiteStore(path)
+    fill(store, 2)
+    other = tmp_path / "other.db"
+    SQLiteStore(other).close()
+    os.rename(path, tmp_path / "moved.db")
+    os.rename(other, path)
+    with pytest.raises(AuditUnavailable, match="replaced"):
+        fill(store, 1)
+    store.close()
+
+
+def test_a_forked_child_does_not_recreate_a_deleted_store(tmp_path: Path) -> None:
+    """A forked child reconnecting after the file was deleted fails instead of starting a
+    new, empty chain at the path."""
+    import multiprocessing
+
+    path = tmp_path / "a.db"
+    store = SQLiteStore(path)
+    fill(store, 1)
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(f"{path}{suffix}"):
+            os.unlink(f"{path}{suffix}")
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_append_in_child, args=(store, queue))
+    child.start()
+    outcome = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert outcome.startswith("AuditUnavailable"), outcome
+    assert not path.exists()
+    store.close()
+
+
+def _append_in_child(store: SQLiteStore, queue: Any) -> None:
+    try:
+        fill(store, 1)
+        queue.put("appended")
+    except AuditUnavailable as exc:
+        queue.put(f"AuditUnavailable: {exc}")

@@ -170,6 +170,7 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
+        self._identity: tuple[int, int] | None = None
         self._closed = False
         if self.chain and not readonly:
             # A named chain is registered in the default chain before its first record
@@ -197,9 +198,29 @@ class SQLiteStore:
             raise AuditUnavailable(f"audit store {self.path!r} is closed")
         pid = os.getpid()
         if self._conn is None or self._pid != pid:
+            if self._identity is not None:
+                self._check_identity()  # a reconnect must find the very file it wrote
             self._conn = sqlite_open.connect(self)
             self._pid = pid
+            if self._identity is None and not self.readonly:
+                self._identity = _file_identity(self.path)
+                # From now on the file exists: a reconnect (a forked child) that finds it
+                # gone must fail, not make a new, empty chain that would verify as intact.
+                self.create = False
         return self._conn
+
+    def _check_identity(self) -> None:
+        # The file deleted or replaced under an open connection: SQLite goes on committing
+        # into the unlinked inode (or the renamed file), so every record "written" from then
+        # on would be lost to the store at this path while the caller is told it is durable.
+        now = _file_identity(self.path)
+        if now != self._identity:
+            what = "deleted" if now is None else "replaced by another file"
+            raise AuditUnavailable(
+                f"audit store {self.path!r}: the file was {what} while this process had it "
+                "open; coworker will not write into the unlinked file or start a new, empty "
+                "chain in its place (restore the file, or configure another store)"
+            )
 
     # -- the AuditStore protocol -------------------------------------------------------------
     def append(
@@ -242,6 +263,9 @@ class SQLiteStore:
                 raise AuditUnavailable(
                     f"audit store {self.path!r}: append of {len(entries)} record(s) failed: {exc}"
                 ) from exc
+            # After the commit: a file deleted or replaced at any time before it means these
+            # records are not in the store at this path (one stat, ~1 us).
+            self._check_identity()
             return sealed
 
     def _append_in_txn(
@@ -488,3 +512,11 @@ def _have_cryptography() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("cryptography") is not None
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
