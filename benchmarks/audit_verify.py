@@ -12,6 +12,12 @@ from records made by ``entry_from_span``, then times, median of 5 interleaved re
 
 Also times the canonical encoder against the ``rfc8785`` reference. Goals: verify >= 0.5x the
 baseline and >= 100k records/s.
+
+``--callgrind [N]``: CPU instructions per record under ``valgrind --tool=callgrind`` (N and 2N
+records, the difference / N), stable whatever else the machine runs: the baseline's hash loop
+over the bodies in memory, and one verify worker's scan of the same records from the file
+(``_verify_parallel.verify_range``: row fetch, hashing, every per-row check), for a file at the
+current schema and one at schema version 1 (its per-row column check).
 """
 
 from __future__ import annotations
@@ -148,5 +154,88 @@ def main(n: int = 200_000) -> None:
     print(f"ratio fast / reference:          {t_ref / t_fast:>12.2f}x")
 
 
+_CG_ROWS = 40_000  # records read into memory by every case: the same for N and 2N
+
+
+def _case(case: str, db: str, n: int) -> None:
+    """One callgrind case over the first ``n`` records of ``db``."""
+    import sqlite3
+
+    from coworker.audit import _verify_parallel
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    rows = conn.execute(
+        "SELECT prev_hash, body FROM audit_records WHERE seq <= ? ORDER BY seq", (_CG_ROWS,)
+    ).fetchall()
+    conn.close()
+    global _BLOB, _OFFSETS, _PREVS
+    _BLOB = b"".join(body for _, body in rows)
+    _OFFSETS = array.array("q", [0])
+    for _, body in rows:
+        _OFFSETS.append(_OFFSETS[-1] + len(body))
+    _PREVS = [prev for prev, _ in rows]
+    del rows
+    if case == "baseline":
+        _hash_range((0, n))
+    else:
+        store = SQLiteStore(db, readonly=True)
+        flag = store.CANDIDATE_FLAG
+        store.close()
+        ok = _verify_parallel.verify_range((db, 1, n, flag))[0]
+        assert ok
+
+
+def callgrind(n: int) -> None:
+    """Print instructions per record: baseline hashing vs a verify worker's scan."""
+    from pathlib import Path as _Path
+
+    from _callgrind import per_iteration
+
+    entries = _entries(_CG_ROWS)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for version in (2, 1):
+            path = _Path(tmp) / f"v{version}.db"
+            if version == 1:
+                from coworker.audit import sqlite_schema
+
+                conn = __import__("sqlite3").connect(path, isolation_level=None)
+                for statement in sqlite_schema._split_ddl(sqlite_schema._DDL_V1):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO audit_meta VALUES ('schema_version', '1')")
+                conn.close()
+            store = SQLiteStore(path, synchronous="NORMAL", upgrade=False)
+            for i in range(0, _CG_ROWS, 10_000):
+                store.append(entries[i : i + 10_000])
+            assert store.schema_version == version
+            store.close()
+            paths[version] = str(path)
+        os.environ["AUDIT_VERIFY_DB"] = paths[2]  # the cases' file (inherited by valgrind)
+        base = per_iteration(__file__, "baseline", "--rows", n)
+        scan2 = per_iteration(__file__, "scan", "--rows", n)
+        os.environ["AUDIT_VERIFY_DB"] = paths[1]
+        scan1 = per_iteration(__file__, "scan", "--rows", n)
+    print(f"baseline hash loop (in memory): {base:>10,.0f} instructions/record")
+    print(
+        f"verify worker, schema v2:       {scan2:>10,.0f} instructions/record "
+        f"(baseline/verify {base / scan2:.2f}x)"
+    )
+    print(
+        f"verify worker, schema v1:       {scan1:>10,.0f} instructions/record "
+        f"(baseline/verify {base / scan1:.2f}x)"
+    )
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 200_000)
+    if "--case" in sys.argv:
+        argv = sys.argv
+        _case(
+            argv[argv.index("--case") + 1],
+            os.environ["AUDIT_VERIFY_DB"],
+            int(argv[argv.index("--rows") + 1]),
+        )
+    elif "--callgrind" in sys.argv:
+        rest = sys.argv[sys.argv.index("--callgrind") + 1 :]
+        callgrind(int(rest[0]) if rest else 10_000)
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 200_000)

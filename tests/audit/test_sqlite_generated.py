@@ -59,10 +59,12 @@ def test_a_query_column_cannot_be_written(log: Path, sql: str) -> None:
 
 
 def test_columns_follow_the_body_and_are_indexed(log: Path) -> None:
-    """Each column is the body's field (time: ``start``); the query indexes are used."""
+    """Each column is the body's field (time: ``start``), as a version 1 writer copied it;
+    the four fields no index uses are read from the body; the query indexes are used."""
     conn = sqlite3.connect(log)
+    fields_sql = [sqlite_schema.column_sql(c, 2) for c in (*sqlite_schema._COLUMNS, "time")]
     rows = conn.execute(
-        "SELECT body, " + ", ".join(sqlite_schema._COLUMNS) + ", time FROM audit_records"
+        "SELECT r.body, " + ", ".join(fields_sql) + " FROM audit_records r"
     ).fetchall()
     plan = conn.execute(
         "EXPLAIN QUERY PLAN SELECT seq FROM audit_records WHERE user_id = 'alice'"
@@ -129,12 +131,17 @@ def test_a_plain_table_under_the_same_name_is_reported(log: Path) -> None:
     conn.execute("ALTER TABLE audit_records RENAME TO kept")
     for statement in sqlite_schema._split_ddl(sqlite_schema._DDL_V1):
         conn.execute(statement)
+    values = [
+        f"CASE WHEN seq = 5 THEN 'mallory' ELSE {sqlite_schema.column_sql(c, 2, 'kept')} END"
+        if c == "user_id"
+        else sqlite_schema.column_sql(c, 2, "kept")
+        for c in sqlite_schema._COLUMNS
+    ]
     conn.execute(
         "INSERT INTO audit_records SELECT seq, prev_hash, hash, body, "
-        + ", ".join(f"CASE WHEN seq = 5 AND '{c}' = 'user_id' THEN 'mallory' ELSE {c} END"
-                    for c in sqlite_schema._COLUMNS)
+        + ", ".join(values)
         + ", time FROM kept"
-    )  # fmt: skip
+    )
     conn.execute("DROP TABLE kept")  # and its indexes and triggers: put them back
     for statement in sqlite_schema._split_ddl(sqlite_schema._DDL):
         if "TABLE" not in statement.split("(")[0]:
@@ -148,6 +155,9 @@ def test_a_plain_table_under_the_same_name_is_reported(log: Path) -> None:
     assert _kinds(report) == [(GUARD, None), (COLUMN_MISMATCH, 5)]
     conn = sqlite3.connect(log, isolation_level=None)
     conn.execute("UPDATE audit_meta SET value = '1' WHERE key = 'schema_version'")
+    conn.execute("DROP TRIGGER audit_records_append_only")  # and version 1's guards
+    for statement in sqlite_schema._split_ddl(sqlite_schema._GUARDS_V1):
+        conn.execute(statement)
     conn.close()
     assert _kinds(_verify(log)) == [(COLUMN_MISMATCH, 5)]
 

@@ -67,10 +67,11 @@ _CANDIDATES: Final = (
 _ALL_ROWS: Final = "SELECT seq FROM audit_records WHERE seq BETWEEN 1 AND ? ORDER BY seq"
 
 # Stored payloads with their record (the digest is read from the body in Python: a body
-# that is not JSON must not abort the scan).
+# that is not JSON must not abort the scan). CROSS JOIN keeps the payloads as the outer loop:
+# left to itself, the planner walks every record to look up its (usually absent) payload.
 _PAYLOAD_ROWS: Final = (
     "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload"
-    " FROM audit_payloads p JOIN audit_records r ON r.seq = p.seq"
+    " FROM audit_payloads p CROSS JOIN audit_records r ON r.seq = p.seq"
     " WHERE p.payload IS NOT NULL AND r.seq BETWEEN 1 AND ? ORDER BY r.seq"
 )
 

@@ -27,6 +27,7 @@ from coworker.audit.sqlite_schema import (
     _TABLE_V2,
     _guard_problems,
     _split_ddl,
+    column_sql,
 )
 
 if TYPE_CHECKING:
@@ -40,7 +41,8 @@ _OLD = "audit_records_v1"
 
 _DIFFER = (
     f"SELECT count(*), min(o.seq) FROM {_OLD} o LEFT JOIN audit_records n ON n.seq = o.seq "
-    "WHERE n.seq IS NULL OR " + " OR ".join(f"o.{c} IS NOT n.{c}" for c in (*_COLUMNS, "time"))
+    "WHERE n.seq IS NULL OR "
+    + " OR ".join(f"o.{c} IS NOT {column_sql(c, 2, 'n')}" for c in (*_COLUMNS, "time"))
 )
 
 

@@ -160,7 +160,7 @@ def _rearm(store: SQLiteStore, conn: sqlite3.Connection, version: int) -> None:
         store.path,
         "; ".join(problems),
     )
-    expected = {**_expected_triggers(), **(_expected_indexes() if version >= 2 else {})}
+    expected = {**_expected_triggers(version), **(_expected_indexes() if version >= 2 else {})}
     present = {
         r[0]: (r[1], _normalise(r[2] or ""))
         for r in conn.execute(

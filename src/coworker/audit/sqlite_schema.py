@@ -43,10 +43,19 @@ _TRIGGERS: Final = (
 )
 
 
-# Body fields kept as indexed query columns (column name = body key, except time).
+# Body fields kept as query columns (column name = body key) in version 1, besides time.
 _COLUMNS: Final = (
     "kind", "category", "operation", "doctype", "outcome", "flow_id", "step_id", "run_id",
     "user_id", "agent_id", "trace_id", "span_id",
+)  # fmt: skip
+
+# Version 2's generated columns: the ones an index or a partial index's condition uses.
+# SQLite computes every generated column of a row on insert, VIRTUAL or not, so a column
+# nothing indexes would cost its JSON lookup on every append and save nothing on a read
+# (a VIRTUAL column is computed from the body when read, exactly as ``json_extract`` in the
+# query is): the other four (never indexed) are read from the body (:func:`column_sql`).
+_GENERATED: Final = (
+    "kind", "category", "operation", "doctype", "flow_id", "user_id", "agent_id", "span_id",
 )  # fmt: skip
 
 # CAST: a BLOB given to SQLite's JSON functions is read as JSONB from SQLite 3.45 on; the
@@ -75,7 +84,7 @@ _TABLE_V2: Final = f"""CREATE TABLE IF NOT EXISTS audit_records (
     prev_hash BLOB NOT NULL,
     hash BLOB NOT NULL,
     body BLOB NOT NULL,
-    {", ".join(f"{c} TEXT GENERATED ALWAYS AS ({_field(c)}) VIRTUAL" for c in _COLUMNS)},
+    {", ".join(f"{c} TEXT GENERATED ALWAYS AS ({_field(c)}) VIRTUAL" for c in _GENERATED)},
     time TEXT GENERATED ALWAYS AS ({_TIME}) VIRTUAL
 );"""
 
@@ -97,11 +106,16 @@ CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records(time);
 CREATE INDEX IF NOT EXISTS audit_records_span ON audit_records(span_id);
 CREATE INDEX IF NOT EXISTS audit_records_intent ON audit_records(seq) WHERE kind = 'intent';"""
 
+# The erasure and purge records (coworker.audit.erasure): verify and every payload read look
+# them up; without this index that is a JSON parse of every body.
+_ERASURE_KINDS: Final = "kind IN ('erasure', 'purge')"
+
 _INDEXES_V2: Final = f"""
 CREATE INDEX IF NOT EXISTS audit_records_malformed ON audit_records(seq) WHERE {_MALFORMED};
-CREATE INDEX IF NOT EXISTS audit_records_committed ON audit_records(seq) WHERE {_COMMITTED};"""
+CREATE INDEX IF NOT EXISTS audit_records_committed ON audit_records(seq) WHERE {_COMMITTED};
+CREATE INDEX IF NOT EXISTS audit_records_erasures ON audit_records(seq) WHERE {_ERASURE_KINDS};"""
 
-_GUARDS: Final = """
+_GUARDS_V1: Final = """
 CREATE TRIGGER IF NOT EXISTS audit_records_no_update BEFORE UPDATE ON audit_records
 BEGIN
     SELECT RAISE(ABORT, 'audit_records is append-only: UPDATE is not allowed (write a correction)');
@@ -119,12 +133,30 @@ BEGIN
 END;
 """
 
+# Version 2 checks an insert AFTER it: SQLite computes every generated column of NEW before a
+# BEFORE INSERT trigger runs (and again for the row), which would double the JSON work of an
+# append. After the insert, a row that is not the head (a REPLACE of an earlier seq, a seq
+# below the head) or does not link to the row before it (a gap, or a REPLACE of the head that
+# is not its successor) is refused, and the whole statement with its REPLACE is undone.
+_GUARDS: Final = (
+    _GUARDS_V1.split("CREATE TRIGGER IF NOT EXISTS audit_records_append_only")[0]
+    + """CREATE TRIGGER IF NOT EXISTS audit_records_append_only AFTER INSERT ON audit_records
+BEGIN
+    SELECT RAISE(ABORT, 'audit_records is append-only: seq exists (INSERT OR REPLACE refused)')
+    WHERE NEW.seq <> (SELECT MAX(seq) FROM audit_records);
+    SELECT RAISE(ABORT, 'audit_records is append-only: seq must be the head seq + 1')
+    WHERE NEW.seq > 1
+    AND NEW.prev_hash IS NOT (SELECT hash FROM audit_records WHERE seq = NEW.seq - 1);
+END;
+"""
+)
+
 _META: Final = """
 CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"""
 _PAYLOADS: Final = """
 CREATE TABLE IF NOT EXISTS audit_payloads (seq INTEGER PRIMARY KEY, payload BLOB);"""
 
-_DDL_V1: Final = _META + "\n" + _TABLE_V1 + _PAYLOADS + _INDEXES + "\n" + _GUARDS
+_DDL_V1: Final = _META + "\n" + _TABLE_V1 + _PAYLOADS + _INDEXES + "\n" + _GUARDS_V1
 _DDL: Final = _META + "\n" + _TABLE_V2 + _PAYLOADS + _INDEXES + _INDEXES_V2 + "\n" + _GUARDS
 """Every statement of a version 2 store (``_DDL_V1``: version 1)."""
 
@@ -132,6 +164,15 @@ _DDL: Final = _META + "\n" + _TABLE_V2 + _PAYLOADS + _INDEXES + _INDEXES_V2 + "\
 def ddl(version: int) -> str:
     """The schema statements of ``version``."""
     return _DDL if version == 2 else _DDL_V1
+
+
+def column_sql(name: str, version: int, alias: str = "r") -> str:
+    """SQL for the query field ``name`` of row ``alias`` in a ``version`` file: its column,
+    or (version 2, a field no index uses) the body's field as a generated column would
+    compute it."""
+    if version < 2 or name in _GENERATED or name == "time":
+        return f"{alias}.{name}"
+    return f"json_extract(CAST({alias}.body AS TEXT), '$.{name}')"
 
 
 # Per-subject data keys of encrypted payloads (coworker.audit.erasure). Deliberately outside
@@ -152,9 +193,9 @@ def _normalise(statement: str) -> str:
     return text.replace(" IF NOT EXISTS ", " ", 1).rstrip(";").strip()
 
 
-def _expected_triggers() -> dict[str, str]:
+def _expected_triggers(version: int = SCHEMA_VERSION) -> dict[str, str]:
     out: dict[str, str] = {}
-    for statement in _split_ddl(_GUARDS):
+    for statement in _split_ddl(_GUARDS if version >= 2 else _GUARDS_V1):
         if statement.lstrip().startswith("CREATE TRIGGER"):
             name = statement.split()[5]
             out[name] = _normalise(statement)
@@ -176,7 +217,7 @@ def _guard_problems(conn: sqlite3.Connection, version: int = SCHEMA_VERSION) -> 
     """What is wrong with the append-only guards of a ``version`` file: triggers missing,
     altered or foreign, the table not ours, and (version 2) its indexes missing, altered or
     foreign (they are what verify reads instead of parsing every body)."""
-    expected = _expected_triggers()
+    expected = _expected_triggers(version)
     present = {
         r[0]: (r[1], _normalise(r[2] or ""))
         for r in conn.execute(

@@ -53,6 +53,7 @@ from coworker.audit.sqlite_integrity import CANDIDATE_FLAG
 from coworker.audit.sqlite_schema import (  # noqa: F401  (_DDL, _split_ddl...: benchmarks, tests)
     _COLUMNS,
     _DDL,
+    _ERASURE_KINDS,
     _HEAD,
     _INSERT,
     _KEY_DDL,
@@ -63,6 +64,7 @@ from coworker.audit.sqlite_schema import (  # noqa: F401  (_DDL, _split_ddl...: 
     _normalise,
     _row,
     _split_ddl,
+    column_sql,
 )
 from coworker.audit.store import (
     Finding,
@@ -72,6 +74,12 @@ from coworker.audit.store import (
 from coworker.exceptions import AuditUnavailable, ConfigError
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+_ERASURES: Final = (
+    "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload FROM audit_records AS r "
+    "INDEXED BY audit_records_erasures LEFT JOIN audit_payloads p ON p.seq = r.seq "
+    f"WHERE {_ERASURE_KINDS} AND r.seq >= 1 ORDER BY r.seq"
+)
 
 # OFF is refused: an audit store that can lose committed records on a crash is not one.
 _SYNCHRONOUS: Final = frozenset({"NORMAL", "FULL", "EXTRA"})
@@ -328,10 +336,9 @@ class SQLiteStore:
             ErasureRefused: a legal hold covers the subject; nothing was changed.
             AuditUnavailable: nothing was erased.
         """
-        column = self.subject_field if self.subject_field in _COLUMNS else None
         by_subject = (
-            f"r.{column} = ?"
-            if column is not None
+            f"{column_sql(self.subject_field, self.schema_version)} = ?"
+            if self.subject_field in _COLUMNS
             else f"json_extract(CAST(r.body AS TEXT), '$.{self.subject_field}') = ?"
         )
         with self._lock:
@@ -411,7 +418,7 @@ class SQLiteStore:
             column = _FILTER_COLUMNS.get(key)
             if column is None:
                 raise ConfigError(f"unknown audit filter {key!r}")
-            where.append(f"r.{column} = ?")
+            where.append(f"{column_sql(column, self.schema_version)} = ?")
             params.append(value)
         if since is not None:
             where.append("r.time >= ?")
@@ -432,11 +439,12 @@ class SQLiteStore:
 
     def open_intents(self) -> list[int]:
         """Seqs of intent records with no later outcome for the same span (in doubt)."""
+        o_trace, i_trace = (column_sql("trace_id", self.schema_version, a) for a in "oi")
         query = (
             "SELECT i.seq FROM audit_records i WHERE i.kind = 'intent' AND i.seq >= 1 AND "
             "NOT EXISTS ("
             "SELECT 1 FROM audit_records o WHERE o.span_id = i.span_id "
-            "AND o.trace_id IS i.trace_id AND o.kind = 'outcome' AND o.seq > i.seq) "
+            f"AND {o_trace} IS {i_trace} AND o.kind = 'outcome' AND o.seq > i.seq) "
             "ORDER BY i.seq"
         )
         return [row[0] for row in self._read(query, ())]
@@ -475,10 +483,15 @@ class SQLiteStore:
         return tlog.SQLiteTable(self.path + tlog.TREE_SUFFIX, busy_timeout=self.busy_timeout)
 
     def erased_payloads(self) -> dict[int, Any]:
-        """Erased payloads by record seq, from an indexed search for erasure records."""
-        from coworker.audit.erasure import searched_erasures
+        """Erased payloads by record seq, from the erasure and purge records: in a version 2
+        file read through their partial index (a search by ``kind`` would compute the
+        column from every body), in a version 1 file by a search of the ``kind`` column."""
+        from coworker.audit.erasure import payload_states, searched_erasures
 
-        return searched_erasures(self.search)
+        if self.schema_version < 2:
+            return searched_erasures(self.search)
+        rows = self._read(_ERASURES, ())
+        return payload_states(StoredRecord(r[0], r[1], r[2], r[3], r[4]) for r in rows)
 
     def chains(self) -> list[str]:
         """The chains of this store: ``""`` (the store's own file), then every
