@@ -284,6 +284,35 @@ def test_parallel_verify_large_log(db_path: Path) -> None:
     assert (result["ok"], result["bad_seq"], result["kind"]) == (False, 2_222, EDITED)
 
 
+@pytest.mark.parametrize("edit", ["relinked", "body-as-text", "hash-as-text"])
+def test_parallel_verify_checks_links_and_types_as_the_serial_loop_does(
+    db_path: Path, edit: str
+) -> None:
+    """The parallel workers' batch checks (no Python loop per row) miss nothing the serial
+    loop sees: a record given another prev_hash with a recomputed hash (self-consistent but
+    not linked), a body or hash rewritten as TEXT with the same bytes."""
+    store = SQLiteStore(db_path)
+    store.append([make_entries(1)[0][0]] * 3_000)
+    store.close()
+    conn = raw(db_path)
+    if edit == "relinked":
+        body = _row(conn, 2222)[2]
+        prev = hashlib.sha256(b"elsewhere").digest()
+        conn.execute(
+            "UPDATE audit_records SET prev_hash = ?, hash = ? WHERE seq = 2222",
+            (prev, hashlib.sha256(prev + body).digest()),
+        )
+    elif edit == "body-as-text":
+        conn.execute("UPDATE audit_records SET body = CAST(body AS TEXT) WHERE seq = 2222")
+    else:
+        conn.execute("UPDATE audit_records SET hash = CAST(hash AS TEXT) WHERE seq = 2222")
+    conn.close()
+    result = _verify_in_child(db_path)
+    serial = _verify_in_child(db_path, min_records=10**9)
+    assert not result["ok"] and result["bad_seq"] in (2221, 2222)
+    assert (result["kind"], result["bad_seq"]) == (serial["kind"], serial["bad_seq"])
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_parallel_verify_reports_the_serial_findings_in_order(db_path: Path, version: int) -> None:
     """The parallel pass reports what the serial verifier does, in the same order: in a

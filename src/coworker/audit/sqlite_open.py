@@ -197,6 +197,9 @@ def read(
         else:
             conn = sqlite3.connect(store.path, isolation_level=None)
         conn.execute(f"PRAGMA busy_timeout = {int(store.busy_timeout * 1000)}")
+        # A column rewritten as TEXT that is not UTF-8 (a hash or body CAST by hand) must
+        # reach verify as a value of the wrong type, which it reports, not abort the read.
+        conn.text_factory = _lenient_text
         if mmap:
             conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
     except sqlite3.Error as exc:
@@ -218,6 +221,10 @@ def read(
             yield from rows
     finally:
         conn.close()
+
+
+def _lenient_text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
 
 
 def ro_uri(path: str) -> str:
