@@ -284,7 +284,7 @@ def test_parallel_verify_large_log(db_path: Path) -> None:
     assert (result["ok"], result["bad_seq"], result["kind"]) == (False, 2_222, EDITED)
 
 
-@pytest.mark.parametrize("edit", ["relinked", "body-as-text", "hash-as-text"])
+@pytest.mark.parametrize("edit", ["relinked", "body-as-text", "hash-as-text", "head-as-text"])
 def test_parallel_verify_checks_links_and_types_as_the_serial_loop_does(
     db_path: Path, edit: str
 ) -> None:
@@ -305,11 +305,12 @@ def test_parallel_verify_checks_links_and_types_as_the_serial_loop_does(
     elif edit == "body-as-text":
         conn.execute("UPDATE audit_records SET body = CAST(body AS TEXT) WHERE seq = 2222")
     else:
-        conn.execute("UPDATE audit_records SET hash = CAST(hash AS TEXT) WHERE seq = 2222")
+        seq = 3000 if edit == "head-as-text" else 2222
+        conn.execute(f"UPDATE audit_records SET hash = CAST(hash AS TEXT) WHERE seq = {seq}")
     conn.close()
     result = _verify_in_child(db_path)
     serial = _verify_in_child(db_path, min_records=10**9)
-    assert not result["ok"] and result["bad_seq"] in (2221, 2222)
+    assert not result["ok"] and result["bad_seq"] in (2221, 2222, 3000)
     assert (result["kind"], result["bad_seq"]) == (serial["kind"], serial["bad_seq"])
 
 

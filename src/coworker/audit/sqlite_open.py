@@ -74,6 +74,7 @@ def connect(store: SQLiteStore) -> sqlite3.Connection:
             os.makedirs(directory, exist_ok=True)
             conn = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(store.busy_timeout * 1000)}")
+        conn.text_factory = _lenient_text  # see read()
         if not store.readonly:
             mode = _switch_to_wal(conn, store.busy_timeout)
             if str(mode).lower() != "wal":
