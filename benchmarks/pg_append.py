@@ -234,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                 "chained_per_s": round(chained),
                 "raw_per_s": round(raw),
                 "ratio": round(chained / raw, 3),
+                # per interleaved pair (raw, then chained): the spread on a noisy machine
+                "pairs": [
+                    round(c / r, 3) for c, r in zip(rates["chained"], rates["raw"], strict=True)
+                ],
             }
         )
     if args.json:

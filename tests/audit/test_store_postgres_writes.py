@@ -1,4 +1,4 @@
-"""The server-side append of PostgresStore (schema version 4): the database seals exactly the
+"""The server-side append of PostgresStore (schema versions 4 and 5): the database seals exactly the
 bytes coworker.audit.chain hashes, and an append whose answer was lost is found, not repeated."""
 
 from __future__ import annotations

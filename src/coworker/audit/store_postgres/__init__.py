@@ -1,6 +1,6 @@
 """The shared audit store: an append-only, hash-chained log in PostgreSQL (psycopg 3).
 
-Many processes on many hosts append to one log. Layout (schema version 4, in a PostgreSQL
+Many processes on many hosts append to one log. Layout (schema version 5, in a PostgreSQL
 schema of its own, ``coworker_audit`` by default)::
 
     records(seq bigint PRIMARY KEY, prev_hash bytea UNIQUE, hash bytea, body bytea,
