@@ -94,3 +94,31 @@ def test_an_overload_with_coworkers_source_does_not_hide_an_altered_function(
         )
     details = _guard_details(store)
     assert any("owner_writes is overloaded" in d for d in details), details
+
+
+def test_the_durable_flush_is_pg_catalogs_whatever_the_search_path(
+    pg: PGServer, tmp_path: Path
+) -> None:
+    """The flush after an append (the wait for the WAL) names pg_catalog's functions: a
+    database owner's ``ALTER DATABASE ... SET search_path = evil, pg_catalog`` with a no-op
+    ``pg_logical_emit_message`` in ``evil`` would make every append answer durable before its
+    commit is on disk."""
+    pg.execute("CREATE SCHEMA evil")
+    pg.execute("CREATE TABLE evil.calls (n integer)")
+    pg.execute("GRANT USAGE ON SCHEMA evil TO PUBLIC")
+    pg.execute(
+        "CREATE FUNCTION evil.pg_logical_emit_message(boolean, text, bytea) RETURNS pg_lsn"
+        " LANGUAGE sql AS $$ INSERT INTO evil.calls VALUES (1) RETURNING '0/0'::pg_lsn $$"
+    )
+    pg.execute(f'ALTER DATABASE "{pg.dbname}" SET search_path = evil, pg_catalog, public')
+    store = PostgresStore(pg.schema_url(), spool=tmp_path / "spool.db", encrypt_payloads=False)
+    try:
+        store.append([entry(1)])
+        store.append([entry(2)])
+        assert [r.seq for r in store.iter_from()] == [1, 2]
+    finally:
+        store.close()
+        pg.execute(f'ALTER DATABASE "{pg.dbname}" RESET search_path')
+    with psycopg.connect(pg.url) as conn:
+        row = conn.execute("SELECT count(*) FROM evil.calls").fetchone()
+    assert row == (0,)

@@ -257,13 +257,26 @@ def _scrub(value: Any) -> Any:
     return value
 
 
+QUERY_TEXT_FIELDS: Final = frozenset(
+    {
+        "kind", "category", "operation", "doctype", "outcome", "flow_id", "step_id", "run_id",
+        "user_id", "agent_id", "trace_id", "span_id", "start", "recorded_at",
+    }
+)  # fmt: skip
+"""The fields the stores keep as query columns (``time`` is ``start`` or ``recorded_at``): a
+NUL in one cannot be kept there (SQLite's json_extract, which generates a version 2 column,
+stops at ``\\u0000``; PostgreSQL text holds no NUL), so :func:`storable` escapes it."""
+
+
 def storable(fields: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
     """Make every value of a record representable in every store, naming what changed.
 
     A record must never fail to append because of its content: a lone surrogate is not
     UTF-8, so no store (and no JCS body) can hold it, and a NaN or an integer beyond 2^53 has
     no canonical JSON form. Such values become text: a lone surrogate is escaped as
-    ``\\udXXX`` (visible, never silently replaced), other values by :func:`str`. Checked per
+    ``\\udXXX`` (visible, never silently replaced), other values by :func:`str`. A NUL in a
+    :data:`QUERY_TEXT_FIELDS` value becomes the text ``\\x00`` (a query column would hold
+    less than the body says). Checked per
     value, with a fast path for ASCII strings, so the common record costs one scan.
 
     Args:
@@ -278,7 +291,7 @@ def storable(fields: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
         # The common record (ASCII text, null, booleans, small ints) in one cheap pass.
         kind = type(value)
         if kind is str:
-            if not value.isascii():
+            if not value.isascii() or "\x00" in value:
                 break
         elif (
             value is not None
@@ -289,7 +302,9 @@ def storable(fields: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[str]]:
     else:
         return fields, altered
     for key, value in fields.items():
-        if not _storable_value(value):
+        if not _storable_value(value) or (
+            key in QUERY_TEXT_FIELDS and type(value) is str and "\x00" in value
+        ):
             altered.append(key)
     if not altered:
         return fields, altered
@@ -324,7 +339,8 @@ def _storable_value(value: Any) -> bool:
 
 def _as_storable(value: Any) -> Any:
     if isinstance(value, str):
-        return str.__str__(value).encode("utf-8", "backslashreplace").decode("utf-8")
+        text = str.__str__(value).encode("utf-8", "backslashreplace").decode("utf-8")
+        return text.replace("\x00", "\\x00")
     if isinstance(value, Mapping):
         return {str(_as_storable(k)): _as_storable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

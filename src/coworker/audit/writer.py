@@ -436,7 +436,8 @@ def _isolate(entry: Entry) -> Entry:
         return entry
     _log.critical(
         "AUDIT RECORD ALTERED to be storable: field(s) %s held values no store can keep "
-        "(lone surrogate, NaN, integer beyond 2^53); stored escaped as text: %s %s run=%s "
+        "(lone surrogate, NaN, integer beyond 2^53, NUL in a query field); stored escaped as "
+        "text: %s %s run=%s "
         "span=%s trace=%s",
         ", ".join(altered),
         fixed.get("category"),

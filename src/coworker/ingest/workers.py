@@ -23,6 +23,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from coworker.audit.record import storable
 from coworker.ingest.decode import (
     AuditBatch,
     MalformedRequest,
@@ -105,6 +106,20 @@ def decode_body(
     ):
         name = record.name[:80]
         fields = record.fields
+        fixed, altered = storable(fields)
+        if altered:
+            # As the writer does for local spans (coworker.audit.writer._isolate): a value
+            # no query column can hold (a NUL in user_id ...) is escaped, never stored as a
+            # body that a query reads otherwise.
+            _log.critical(
+                "AUDIT RECORD ALTERED to be storable: span %r field(s) %s held values no store "
+                "can keep; stored escaped as text (trace=%s span=%s)",
+                name,
+                ", ".join(altered),
+                fields.get("trace_id"),
+                fields.get("span_id"),
+            )
+            fields = dict(fixed)
         if audited:
             try:
                 fields[INGEST_TOKEN_FIELD] = token_name

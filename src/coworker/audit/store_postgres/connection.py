@@ -218,7 +218,15 @@ class _Connections:
         # Statements outside an explicit BEGIN (the server-side append) run at the
         # session's default isolation: READ COMMITTED, whatever the server's default says
         # (append() refuses anything else rather than read a stale head).
-        conn.execute("SET default_transaction_isolation = 'read committed'")
+        # Our SQL names its tables by schema, but not every function and operator: resolved
+        # in pg_catalog alone, so that a search_path the database's owner sets (ALTER
+        # DATABASE ... SET search_path = evil, pg_catalog) cannot slip a function of its own
+        # into the durable flush (a no-op: appends answered durable before they are), a
+        # read (an "=" that hides a record from a query) or a dedup lookup.
+        conn.execute(
+            "SET search_path = pg_catalog, pg_temp;"
+            " SET default_transaction_isolation = 'read committed'"
+        )
         if self.readonly:
             conn.execute("SET default_transaction_read_only = on")
 

@@ -21,10 +21,15 @@ _DDL_LOCK: Final = 1
 
 # See PostgresStore._flush. The message is empty; logical decoding consumers (if any) see it
 # under this prefix and can ignore it.
+# Everything qualified: it runs with the writer session's search_path, which the database's
+# owner can set (ALTER DATABASE ... SET search_path = evil, pg_catalog) to put a no-op
+# pg_logical_emit_message ahead of pg_catalog's: every append would be answered durable
+# before its commit is on disk.
 _FLUSH: Final = (
-    "SELECT CASE WHEN current_setting('synchronous_commit') = 'off'"
-    " THEN set_config('synchronous_commit', 'on', true) END,"
-    " pg_logical_emit_message(true, 'coworker-audit-flush', ''::bytea)"
+    "SELECT CASE WHEN pg_catalog.current_setting('synchronous_commit')"
+    " OPERATOR(pg_catalog.=) 'off'"
+    " THEN pg_catalog.set_config('synchronous_commit', 'on', true) END,"
+    " pg_catalog.pg_logical_emit_message(true, 'coworker-audit-flush', ''::pg_catalog.bytea)"
 )
 
 _DDL_V1: Final = """
