@@ -1,30 +1,28 @@
 """The embedded audit store: an append-only, hash-chained log in one SQLite file (the default).
 
-Layout (schema version 1)::
+Layout (schema version 2; :mod:`coworker.audit.sqlite_schema` has the definitions)::
 
     audit_records(seq INTEGER PRIMARY KEY, prev_hash BLOB, hash BLOB, body BLOB,
-                  kind, category, operation, doctype, outcome, flow_id, step_id, run_id,
-                  user_id, agent_id, trace_id, span_id, time)
+                  kind, category, operation, doctype, flow_id, user_id, agent_id, span_id,
+                  time)  -- GENERATED ALWAYS AS (json_extract(body)) VIRTUAL, indexed
     audit_payloads(seq INTEGER PRIMARY KEY, payload BLOB)
     audit_meta(key TEXT PRIMARY KEY, value TEXT)
 
-``seq``, ``prev_hash``, ``hash`` and ``body`` are exactly what the chain hashed; ``seq`` is
-at least 1 (a ``CHECK`` in files created since it was added; every read skips anything
-else). The other columns of ``audit_records`` are copies of body fields, indexed for
-``coworker audit query``; ``verify`` checks that each equals the body (a column edited to hide
-a record from a query is reported). Payloads (the redacted captured input/output) live in
-their own table, which is *not* append-only, so that a payload can be erased without touching
-the chain (the body keeps its digest, and ``verify`` re-hashes every payload still there).
+``seq``, ``prev_hash``, ``hash`` and ``body`` are exactly what the chain hashed (``seq`` at
+least 1). The query columns are computed by SQLite from the body, so none can differ from it;
+``verify`` compares the table's, indexes' and triggers' definitions with ours. Version 1 files
+(plain columns the writer copied) are verified column by column and migrated on a read-write
+open (:mod:`coworker.audit.sqlite_migrate`). Payloads live in their own table, which is *not*
+append-only, so that a payload can be erased without touching the chain (the body keeps its
+digest, and ``verify`` re-hashes every payload still there).
 
 Append-only in the database itself: triggers reject ``UPDATE`` and ``DELETE`` on
-``audit_records``, and a ``BEFORE INSERT`` trigger rejects any insert whose seq is not the
-next one, which also refuses ``INSERT OR REPLACE`` and upserts on an existing seq (``REPLACE``
-deletes the old row without firing delete triggers unless ``recursive_triggers`` is on). The
-owner of the file can drop or replace the triggers: a read-write open compares their
-definitions (not only their names) with these, logs an ERROR naming each one that is
-missing, altered or foreign, and re-creates ours; ``verify`` reports the same, read-only.
-An append also checks that every row it inserted is there (a foreign ``RAISE(IGNORE)``
-trigger would drop rows silently).
+``audit_records`` and any insert that is not the next seq (which also refuses ``INSERT OR
+REPLACE`` of an earlier seq and upserts). The owner of the file can drop or replace them: a
+read-write open compares their definitions with ours, logs an ERROR naming each one that is
+missing, altered or foreign, and re-creates ours; ``verify`` reports the same, read-only. An
+append also checks that every row it inserted is there (a foreign ``RAISE(IGNORE)`` trigger
+would drop rows silently).
 
 Durability: WAL journal; ``synchronous=FULL`` by default, which fsyncs the WAL on every
 commit, so a record whose append returned survives a process crash *and* a power loss or OS
@@ -43,10 +41,9 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
-from coworker.audit import erasure, sqlite_integrity, sqlite_open
+from coworker.audit import erasure, sqlite_integrity, sqlite_open, sqlite_reads
 from coworker.audit.chain import Prepared, check_chain_name, genesis, prepare
 from coworker.audit.erasure import KeyStore
-from coworker.audit.record import QUERY_FILTERS
 from coworker.audit.sqlite_append import append_in_txn
 from coworker.audit.sqlite_erasure import _erase_in_txn, _shredding
 from coworker.audit.sqlite_integrity import CANDIDATE_FLAG
@@ -75,16 +72,8 @@ from coworker.exceptions import AuditUnavailable, ConfigError
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-_ERASURES: Final = (
-    "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload FROM audit_records AS r "
-    "INDEXED BY audit_records_erasures LEFT JOIN audit_payloads p ON p.seq = r.seq "
-    f"WHERE {_ERASURE_KINDS} AND r.seq >= 1 ORDER BY r.seq"
-)
-
 # OFF is refused: an audit store that can lose committed records on a crash is not one.
 _SYNCHRONOUS: Final = frozenset({"NORMAL", "FULL", "EXTRA"})
-
-_FILTER_COLUMNS: Final = QUERY_FILTERS
 
 
 CHAINS_SUFFIX: Final = ".chains"
@@ -410,43 +399,15 @@ class SQLiteStore:
 
         The caller should re-check the decoded body: the columns are unhashed copies.
         """
-        where: list[str] = ["r.seq > ?"]
-        params: list[Any] = [max(after, 0)]
-        for key, value in filters.items():
-            if value is None:
-                continue
-            column = _FILTER_COLUMNS.get(key)
-            if column is None:
-                raise ConfigError(f"unknown audit filter {key!r}")
-            where.append(f"{column_sql(column, self.schema_version)} = ?")
-            params.append(value)
-        if since is not None:
-            where.append("r.time >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("r.time < ?")
-            params.append(until)
-        query = (
-            "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload FROM audit_records r "
-            "LEFT JOIN audit_payloads p ON p.seq = r.seq"
+        query, params = sqlite_reads.search_query(
+            self.schema_version, filters, since, until, limit, after
         )
-        query += " WHERE " + " AND ".join(where)
-        query += " ORDER BY r.seq"
-        if limit is not None:
-            query += f" LIMIT {int(limit)}"
-        for row in self._read(query, tuple(params)):
+        for row in self._read(query, params):
             yield StoredRecord(row[0], row[1], row[2], row[3], row[4])
 
     def open_intents(self) -> list[int]:
         """Seqs of intent records with no later outcome for the same span (in doubt)."""
-        o_trace, i_trace = (column_sql("trace_id", self.schema_version, a) for a in "oi")
-        query = (
-            "SELECT i.seq FROM audit_records i WHERE i.kind = 'intent' AND i.seq >= 1 AND "
-            "NOT EXISTS ("
-            "SELECT 1 FROM audit_records o WHERE o.span_id = i.span_id "
-            f"AND {o_trace} IS {i_trace} AND o.kind = 'outcome' AND o.seq > i.seq) "
-            "ORDER BY i.seq"
-        )
+        query = sqlite_reads.open_intents_query(self.schema_version)
         return [row[0] for row in self._read(query, ())]
 
     def _read(self, query: str, params: tuple[Any, ...], *, mmap: bool = False) -> Iterator[Any]:
@@ -490,7 +451,7 @@ class SQLiteStore:
 
         if self.schema_version < 2:
             return searched_erasures(self.search)
-        rows = self._read(_ERASURES, ())
+        rows = self._read(sqlite_reads.ERASURES, ())
         return payload_states(StoredRecord(r[0], r[1], r[2], r[3], r[4]) for r in rows)
 
     def chains(self) -> list[str]:
