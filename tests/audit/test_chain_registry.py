@@ -436,3 +436,48 @@ def test_a_retired_chain_may_be_removed_and_is_never_written_again(
     assert main(["audit", "heads", "--url", url, "--key", str(keyfile)]) == 0
     note = capsys.readouterr().out
     assert "\neu 1 " in note and "billing" not in note
+
+
+def test_a_chain_cut_below_its_adopted_head_then_retired_is_still_named_truncated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Adopted at head 3, cut to 2 records, then retired (at head 2) and removed: verify still
+    fails (truncated); retiring must not launder a cut made before it."""
+    path, old = tmp_path / "a.db", tmp_path / "old.db"
+    _make_chains(path, {"": 1})
+    _make_chains(old, {"legacy": 2})
+    shorter = tmp_path / "legacy-2.db"
+    shutil.copy(chain_file(str(old), "legacy"), shorter)
+    s = SQLiteStore(old, chain="legacy")
+    s.append([entry(3)])
+    s.close()
+    Path(chain_file(str(path), "legacy")).parent.mkdir(exist_ok=True)
+    shutil.copy(chain_file(str(old), "legacy"), chain_file(str(path), "legacy"))
+    url = f"sqlite:///{path}"
+    assert main(["audit", "adopt-chains", "--url", url]) == 0
+    shutil.copy(shorter, chain_file(str(path), "legacy"))  # cut to 2 records, still linked
+    assert main(["audit", "retire-chain", "legacy", "--reason", "gone", "--url", url]) == 0
+    capsys.readouterr()
+    assert main(["audit", "verify", "--url", url]) == 1
+    assert "FAIL  chain legacy: truncated" in capsys.readouterr().out
+    _delete(path, "legacy")
+    assert main(["audit", "verify", "--url", url]) == 1
+    assert "FAIL  chain legacy: truncated" in capsys.readouterr().out
+
+
+def test_records_appended_after_a_chain_was_retired_fail_verify_while_it_is_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A writer that had the chain open when it was retired goes on appending (told durable):
+    verify fails (written-after-retire) instead of saying retired, may be removed."""
+    path = tmp_path / "a.db"
+    _make_chains(path, {"": 1})
+    writer = SQLiteStore(path, chain="billing")
+    writer.append([entry(1), entry(2)])
+    url = f"sqlite:///{path}"
+    assert main(["audit", "retire-chain", "billing", "--reason", "tenant left", "--url", url]) == 0
+    writer.append([entry(3)])  # the long-lived writer never re-reads the registry
+    writer.close()
+    capsys.readouterr()
+    assert main(["audit", "verify", "--url", url]) == 1
+    assert "FAIL  chain billing: written-after-retire" in capsys.readouterr().out

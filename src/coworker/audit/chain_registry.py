@@ -659,6 +659,10 @@ def check_registry(
                 )
             continue
         if reg.retired is not None:
+            flaw = _retired_flaw(name, reg, name in there, head_at)
+            if flaw is not None:
+                out.append(ChainCheck(name, flaw[0], False, flaw[1], reg.seq))
+                continue
             if name in there:
                 out.append(
                     ChainCheck(
@@ -725,3 +729,43 @@ def check_registry(
             )
         )
     return out
+
+
+def _retired_flaw(
+    name: str,
+    reg: Registration,
+    present: bool,
+    head_at: Callable[[str, int], Head | None],
+) -> tuple[str, str] | None:
+    """Why a retired chain fails, or ``None``. A retire record anchors the head the chain was
+    retired at; it must not stand below the head the chain was adopted with (a cut made before
+    retiring would otherwise turn ``truncated`` into ``retired``, exit 0) and, while the file or
+    schema is still there, the chain must end at exactly that head (records after it were
+    written by a writer that had the chain open when it was retired: deleting the chain would
+    lose them silently)."""
+    assert reg.retired is not None
+    at = reg.retired.head
+    retired_seq = at.seq if at is not None else 0
+    if reg.head is not None and retired_seq < reg.head.seq:
+        return (
+            "truncated",
+            f"adopted at head {reg.head.seq} (registry seq {reg.seq}) but retired at head "
+            f"{retired_seq} (registry seq {reg.retired.seq}): records were cut before retiring",
+        )
+    if not present:
+        return None
+    if at is not None:
+        found = head_at(name, at.seq)
+        if found is None or found.seq != at.seq or found.hash != at.hash:
+            return (
+                "rewritten" if found is not None and found.seq == at.seq else "truncated",
+                f"retired at head {at.seq} (registry seq {reg.retired.seq}), but the chain no "
+                "longer holds that record",
+            )
+    if head_at(name, retired_seq + 1) is not None:
+        return (
+            "written-after-retire",
+            f"retired at head {retired_seq} (registry seq {reg.retired.seq}), but holds records "
+            "after it (a writer had it open when it was retired): removing it would lose them",
+        )
+    return None
