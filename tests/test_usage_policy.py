@@ -147,3 +147,23 @@ def test_a_shared_store_that_cannot_be_read_leaves_budgets_on_what_was_read(
     with pytest.raises(coworker.BudgetExceeded):  # 5 read before + 4 of its own
         rules.check(Identity(User("u")), None)
     store.close()
+
+
+def test_a_future_dated_usage_record_does_not_hide_the_others_spend(tmp_path: Path) -> None:
+    """One usage record dated years ahead (a hostile ingest sender, a skewed clock) must not
+    make the ledger cache skip every later record of the same user: it counts now."""
+    from coworker.audit.record import format_time
+    from coworker.audit.store_sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "a.db"))
+    rules = UsageRules(
+        None, {"budget_refresh": 0, "budgets": {"b": {"per": "user", "max_tokens": 1000}}}
+    )
+    rules.share(store)
+    ahead = format_time(time.time_ns() + 10 * 365 * 86400 * 10**9)
+    store.append([{**_usage("u", 1), "usage_at": ahead}])
+    rules.check(Identity(User("u")), None)
+    store.append([_usage("u", 999)])
+    with pytest.raises(coworker.BudgetExceeded):
+        rules.check(Identity(User("u")), None)
+    store.close()

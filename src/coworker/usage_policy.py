@@ -479,16 +479,20 @@ class LedgerSpend:
                     and fields.get("category") == attr.CATEGORY_USAGE
                     and fields.get(PROCESS_FIELD) != own
                 ):
-                    self._add(fields)
+                    self._add(fields, now)
             self._cursor = cursor
             self._refreshed_at = time.monotonic()
             self.refreshes += 1
             return True
 
-    def _add(self, rec: Mapping[str, Any]) -> None:
+    def _add(self, rec: Mapping[str, Any], now: float) -> None:
         at = _seconds(rec.get("usage_at")) or _seconds(rec.get("end")) or _seconds(rec.get("start"))
         if at is None:
             return
+        # A record read now was spent by now: one dated later (a hostile ingest sender, a
+        # skewed clock) counts in the current window. Left in its future window it would
+        # displace the key's current one, and every later record (older than it) was skipped.
+        at = min(at, now)
         tokens = 0
         for name in ("input_tokens", "output_tokens"):
             value = rec.get(name)
