@@ -477,3 +477,16 @@ def _append_in_child(store: SQLiteStore, queue: Any) -> None:
         queue.put("appended")
     except AuditUnavailable as exc:
         queue.put(f"AuditUnavailable: {exc}")
+
+
+def test_an_append_after_the_wal_file_alone_was_deleted_fails(tmp_path: Path) -> None:
+    """The -wal file deleted alone under a live store: SQLite commits into the unlinked WAL,
+    which no other connection sees and a crash loses; the append is refused instead."""
+    path = tmp_path / "a.db"
+    store = SQLiteStore(path)
+    fill(store, 2)
+    assert os.path.exists(f"{path}-wal")
+    os.unlink(f"{path}-wal")
+    with pytest.raises(AuditUnavailable, match="-wal"):
+        fill(store, 1)
+    store.close()

@@ -168,6 +168,7 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._identity: tuple[int, int] | None = None
+        self._wal: tuple[int, int] | None = None  # the -wal file this connection writes
         self._closed = False
         if self.chain and not readonly:
             # A named chain is registered in the default chain before its first record
@@ -198,7 +199,7 @@ class SQLiteStore:
             if self._identity is not None:
                 self._check_identity()  # a reconnect must find the very file it wrote
             self._conn = sqlite_open.connect(self)
-            self._pid = pid
+            self._pid, self._wal = pid, None
             if self._identity is None and not self.readonly:
                 self._identity = _file_identity(self.path)
                 # From now on the file exists: a reconnect (a forked child) that finds it
@@ -207,15 +208,18 @@ class SQLiteStore:
         return self._conn
 
     def _check_identity(self) -> None:
-        # The file deleted or replaced under an open connection: SQLite goes on committing
-        # into the unlinked inode (or the renamed file), so every record "written" from then
-        # on would be lost to the store at this path while the caller is told it is durable.
-        now = _file_identity(self.path)
+        # The file (or its -wal alone; kept while a connection is open: our first commit's
+        # inode) deleted or replaced: SQLite commits into the unlinked inode, records lost.
+        now, name = _file_identity(self.path), ""
+        if self._pid == os.getpid() and now == self._identity:  # not a reconnect's check
+            wal = _file_identity(self.path + "-wal")
+            self._wal = wal if self._wal is None else self._wal
+            now, name = (now, "") if wal == self._wal else (wal, " -wal")
         if now != self._identity:
             what = "deleted" if now is None else "replaced by another file"
             raise AuditUnavailable(
-                f"audit store {self.path!r}: the file was {what} while this process had it "
-                "open; coworker will not write into the unlinked file or start a new, empty "
+                f"audit store {self.path!r}: the{name} file was {what} while this process had "
+                "it open; coworker will not write into the unlinked file or start a new, empty "
                 "chain in its place (restore the file, or configure another store)"
             )
 
