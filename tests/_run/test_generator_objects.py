@@ -55,6 +55,58 @@ def test_decorated_async_generator_is_a_real_async_generator(spans: Any) -> None
     assert len(spans.get_finished_spans()) == 1
 
 
+def test_async_generator_and_method_generators_carry_the_originals_names(spans: Any) -> None:
+    """Async generators and generators of methods are named like the original's (the driver
+    is named after the decorated function once, not per call)."""
+
+    class Source:
+        @coworker.run
+        def rows(self) -> Any:
+            yield 1
+
+        @coworker.run
+        async def arows(self) -> Any:
+            yield 1
+
+    async def main() -> list[tuple[str, str]]:
+        made = [anumbers(1), Source().arows(), Source().arows()]
+        names = [(a.__name__, a.__qualname__) for a in made]
+        for a in made:
+            await a.aclose()
+        return names
+
+    assert asyncio.run(main()) == [
+        ("anumbers", "anumbers"),
+        ("arows", f"{Source.__qualname__}.arows"),
+        ("arows", f"{Source.__qualname__}.arows"),
+    ]
+    gen = Source().rows()
+    assert (gen.__name__, gen.__qualname__) == ("rows", f"{Source.__qualname__}.rows")
+    gen.close()
+
+
+def test_async_items_that_look_like_suspensions_reach_the_consumer(spans: Any) -> None:
+    """Items the event loop would take for a suspension (None, a future) are items: the
+    driver tells them apart from what the body awaits by how the pump hands them over."""
+
+    @coworker.run
+    async def odd_items(fut: asyncio.Future[int]) -> Any:
+        yield None
+        await asyncio.sleep(0)  # a real suspension (a bare yield) between items
+        yield fut
+        yield [None]
+
+    async def main() -> list[Any]:
+        fut = asyncio.get_running_loop().create_future()
+        got = [item async for item in odd_items(fut)]
+        assert got[1] is fut and not fut.done()
+        return got
+
+    got = asyncio.run(main())
+    assert got[0] is None and got[2] == [None]
+    assert len(spans.get_finished_spans()) == 1
+
+
 def test_create_task_accepts_anext_asend_and_athrow(spans: Any) -> None:
     """asyncio.create_task(gen.__anext__()) merges streams; asend/athrow work as tasks too."""
 
