@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 from coworker import _flow_spans
 from coworker import attributes as attr
+from coworker._run import otelctx
 from coworker._run.lifecycle import USAGE_CLOSED, Run, attribute_dict
 from coworker._scope import SCOPE
 from coworker._state import SETTINGS
@@ -87,6 +88,7 @@ _TOTALS: Final = (
     (attr.GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS, "cache_creation"),
     (attr.GEN_AI_USAGE_REASONING_OUTPUT_TOKENS, "reasoning"),
 )
+_new_tuple: Final = tuple.__new__
 _MAX_TOKENS: Final = 2**53 - 1  # beyond this no audit record (JCS number) holds it exactly
 _AT: Final = "usage_at"  # key of the call's time (ns) in a pending usage entry
 
@@ -142,16 +144,25 @@ def _validate(
         input_tokens = _count(input_tokens, "input_tokens")
     if not (type(output_tokens) is int and 0 <= output_tokens <= _MAX_TOKENS):
         output_tokens = _count(output_tokens, "output_tokens")
-    tokens = TokenCounts(
-        input_tokens,
-        output_tokens,
-        0
-        if cache_read_input_tokens is None
-        else _count(cache_read_input_tokens, "cache_read_input_tokens"),
-        0
-        if cache_creation_input_tokens is None
-        else _count(cache_creation_input_tokens, "cache_creation_input_tokens"),
-        0 if reasoning_tokens is None else _count(reasoning_tokens, "reasoning_tokens"),
+    # Optional counts: None (0) or the same inline check, else _count.
+    read = cache_read_input_tokens
+    if read is None:
+        read = 0
+    elif not (type(read) is int and 0 <= read <= _MAX_TOKENS):
+        read = _count(read, "cache_read_input_tokens")
+    creation = cache_creation_input_tokens
+    if creation is None:
+        creation = 0
+    elif not (type(creation) is int and 0 <= creation <= _MAX_TOKENS):
+        creation = _count(creation, "cache_creation_input_tokens")
+    reasoning = reasoning_tokens
+    if reasoning is None:
+        reasoning = 0
+    elif not (type(reasoning) is int and 0 <= reasoning <= _MAX_TOKENS):
+        reasoning = _count(reasoning, "reasoning_tokens")
+    # tuple.__new__ directly: the named tuple's own __new__ is a Python-level call.
+    tokens: TokenCounts = _new_tuple(
+        TokenCounts, (input_tokens, output_tokens, read, creation, reasoning)
     )
     if tokens.cache_read + tokens.cache_creation > tokens.input:
         raise ValueError(
@@ -234,17 +245,13 @@ def record_usage(
             cost,
             scope.identity,
             center,
-            time.time_ns(),
-            _flow_spans.segment() if SETTINGS.flow_spans else None,
+            time.time_ns() if SETTINGS.audit_records else 0,  # usage_at: for the ledger
+            # The flow/step/turn segment the call is under (otelctx: one ContextVar read).
+            otelctx.get_current().get(_SEGMENT) if SETTINGS.flow_spans else None,
         )
         calls = r.usage
-        if calls is None and r.span.is_recording():
-            with _lock:  # two threads' first calls must not each make a list
-                calls = r.usage
-                if calls is None:
-                    calls = r.usage = []
-        if calls is not None and calls is not USAGE_CLOSED:
-            calls.append(call)
+        if calls is not USAGE_CLOSED and r.span.is_recording():
+            calls.append(call)  # atomic; no lock
             if r.usage is not USAGE_CLOSED:
                 return cost
             # The run ended in another thread meanwhile: finish() drained the list by pops
@@ -258,6 +265,7 @@ def record_usage(
 
 
 _UNSET: Final = object()  # a call's cost center, before finish() works it out
+_SEGMENT: Final = _flow_spans.KEY
 
 
 def _unrecorded(
@@ -303,9 +311,9 @@ def finish(r: Run, calls: list[Any]) -> None:
     taken: list[Any] = []
     pop = calls.pop
     try:
-        while True:
+        while calls:
             taken.append(pop())
-    except IndexError:
+    except IndexError:  # a racing thread's remove emptied it between the test and the pop
         pass
     if not taken:
         return
@@ -351,16 +359,22 @@ def finish(r: Run, calls: list[Any]) -> None:
     totals: dict[str, Any] = {}
     # A count that is 0 and not on the span yet stays off it; one already there (set by the
     # body or another instrumentation) is added to.
-    for key, add in (
-        (_IN, n_in),
-        (_OUT, n_out),
-        (_CACHE_READ, n_read),
-        (_CACHE_CREATION, n_creation),
-        (_REASONING, n_reasoning),
-    ):
-        before = get(key)
-        if add or before is not None:
-            totals[key] = (before if type(before) is int else 0) + add
+    # Unrolled: no tuple of pairs built per run.
+    before = get(_IN)
+    if n_in or before is not None:
+        totals[_IN] = (before if type(before) is int else 0) + n_in
+    before = get(_OUT)
+    if n_out or before is not None:
+        totals[_OUT] = (before if type(before) is int else 0) + n_out
+    before = get(_CACHE_READ)
+    if n_read or before is not None:
+        totals[_CACHE_READ] = (before if type(before) is int else 0) + n_read
+    before = get(_CACHE_CREATION)
+    if n_creation or before is not None:
+        totals[_CACHE_CREATION] = (before if type(before) is int else 0) + n_creation
+    before = get(_REASONING)
+    if n_reasoning or before is not None:
+        totals[_REASONING] = (before if type(before) is int else 0) + n_reasoning
     first = taken[0]
     if _MODEL not in current:
         totals[_MODEL] = first[0]  # the first model; each call's: the ledger, the split
@@ -485,17 +499,21 @@ def _put_attributes(span: Any, values: Mapping[str, Any]) -> None:
         span.set_attributes(values)
         return
     setitem = attrs._setitem_locked
+    # The span's lock only: every SDK writer (set_attribute(s), end) takes it first, so it
+    # excludes them all; the attributes' own lock guards only their iteration, whose copy
+    # (list of the dict) is, like this update (str keys), one C call under the GIL. A lock's
+    # with-block costs ~2,000 instructions (argument parsing in acquire).
     with lock:
         if getattr(span, "_end_time", 0) is not None:
             span_ended = True
         else:
             span_ended = False
-            with attrs._lock:
-                inner = attrs._dict
-                maxlen = attrs.maxlen
-                if type(inner) is dict and (maxlen is None or len(inner) + len(values) <= maxlen):
-                    inner.update(values)  # room for all: nothing to drop
-                else:
+            inner = attrs._dict
+            maxlen = attrs.maxlen
+            if type(inner) is dict and (maxlen is None or len(inner) + len(values) <= maxlen):
+                inner.update(values)  # room for all: nothing to drop
+            else:
+                with attrs._lock:
                     for key, value in values.items():
                         setitem(key, value)
     if span_ended:
