@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import coworker
@@ -112,3 +113,30 @@ def test_redactor_handles_unusual_values() -> None:
     assert r.text("0.000123450000000000") == "0.000123450000000000"
     assert r.text("id 1234567890123456") == "id 1234567890123456"
     assert r.text("card 4111111111111111.") == "card [REDACTED]."
+
+
+LUHN_UUID = "a708a824-f612-4933-9292-85451500f2e6"  # its digits match the card pattern
+
+
+def test_ids_in_coworkers_own_formats_are_exported_whole(tmp_path: Path) -> None:
+    """A flow id whose digits pass the card-number check (about 1 random UUID in 400) reaches
+    the trace exporter whole, so the trace still finds its audit records; a card number used
+    as an id, and a card in any other attribute, are still redacted."""
+    assert Redactor().text(LUHN_UUID) != LUHN_UUID  # the pattern alone would cut it
+    exporter = InMemorySpanExporter()
+    coworker.configure(exporter=exporter, audit=f"sqlite:///{tmp_path / 'a.db'}", otlp=False)
+
+    @coworker.run(operation="update", doctype="Customer")
+    def update() -> None:
+        trace.get_current_span().set_attribute("app.note", f"card {CARD}")
+
+    with coworker.flow("workflow", id=LUHN_UUID):
+        update()
+    with coworker.flow("workflow", id=CARD.replace(" ", "")):
+        update()
+    coworker.shutdown()
+    spans = exporter.get_finished_spans()
+    flow_ids = [s.attributes.get("flow.id") for s in spans if s.attributes.get("flow.id")]
+    assert LUHN_UUID in flow_ids
+    assert CARD.replace(" ", "") not in flow_ids and "[REDACTED]" in flow_ids
+    assert CARD not in _exported_text(exporter)
