@@ -423,9 +423,7 @@ def test_an_append_after_the_file_was_deleted_fails_and_makes_no_new_chain(
     path = tmp_path / "a.db"
     store = SQLiteStore(path)
     fill(store, 2)
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(f"{path}{suffix}"):
-            os.unlink(f"{path}{suffix}")
+    _delete_store_files(path)
     with pytest.raises(AuditUnavailable, match="deleted"):
         fill(store, 1)
     with pytest.raises(AuditUnavailable, match="deleted"):
@@ -457,9 +455,7 @@ def test_a_forked_child_does_not_recreate_a_deleted_store(tmp_path: Path) -> Non
     path = tmp_path / "a.db"
     store = SQLiteStore(path)
     fill(store, 1)
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(f"{path}{suffix}"):
-            os.unlink(f"{path}{suffix}")
+    _delete_store_files(path)
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_append_in_child, args=(store, queue))
@@ -490,3 +486,9 @@ def test_an_append_after_the_wal_file_alone_was_deleted_fails(tmp_path: Path) ->
     with pytest.raises(AuditUnavailable, match="-wal"):
         fill(store, 1)
     store.close()
+
+
+def _delete_store_files(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(f"{path}{suffix}"):
+            os.unlink(f"{path}{suffix}")

@@ -210,18 +210,23 @@ class SQLiteStore:
     def _check_identity(self) -> None:
         # The file (or its -wal alone; kept while a connection is open: our first commit's
         # inode) deleted or replaced: SQLite commits into the unlinked inode, records lost.
-        now, name = _file_identity(self.path), ""
-        if self._pid == os.getpid() and now == self._identity:  # not a reconnect's check
+        db = _file_identity(self.path)
+        if db != self._identity:
+            self._refuse_moved("", db)
+        if self._pid == os.getpid():  # not a reconnect's check: this connection has a -wal
             wal = _file_identity(self.path + "-wal")
-            self._wal = wal if self._wal is None else self._wal
-            now, name = (now, "") if wal == self._wal else (wal, " -wal")
-        if now != self._identity:
-            what = "deleted" if now is None else "replaced by another file"
-            raise AuditUnavailable(
-                f"audit store {self.path!r}: the{name} file was {what} while this process had "
-                "it open; coworker will not write into the unlinked file or start a new, empty "
-                "chain in its place (restore the file, or configure another store)"
-            )
+            if self._wal is None:
+                self._wal = wal
+            elif wal != self._wal:
+                self._refuse_moved(" -wal", wal)
+
+    def _refuse_moved(self, name: str, now: tuple[int, int] | None) -> None:
+        what = "deleted" if now is None else "replaced by another file"
+        raise AuditUnavailable(
+            f"audit store {self.path!r}: the{name} file was {what} while this process had "
+            "it open; coworker will not write into the unlinked file or start a new, empty "
+            "chain in its place (restore the file, or configure another store)"
+        )
 
     # -- the AuditStore protocol -------------------------------------------------------------
     def append(
