@@ -411,7 +411,7 @@ def test_a_retired_chain_may_be_removed_and_is_never_written_again(
     assert main(["audit", "heads", "--url", url, "--key", str(keyfile)]) == 0  # lists billing
     assert "\nbilling 2 " in capsys.readouterr().out
     assert main(["audit", "retire-chain", "billing", "--reason", "tenant left", "--url", url]) == 0
-    assert "retired  chain billing at head 2" in capsys.readouterr().out
+    assert "retired  chain billing: sealed at seq 3" in capsys.readouterr().out
     assert main(["audit", "retire-chain", "billing", "--reason", "again", "--url", url]) == 2
     assert "retired already" in capsys.readouterr().err
     if backend == "sqlite":
@@ -465,19 +465,36 @@ def test_a_chain_cut_below_its_adopted_head_then_retired_is_still_named_truncate
     assert "FAIL  chain legacy: truncated" in capsys.readouterr().out
 
 
-def test_records_appended_after_a_chain_was_retired_fail_verify_while_it_is_there(
+def test_records_inserted_after_a_chain_was_retired_fail_verify_while_it_is_there(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A writer that had the chain open when it was retired goes on appending (told durable):
-    verify fails (written-after-retire) instead of saying retired, may be removed."""
+    """A writer that had the chain open when it was retired is refused (the seal); a row the
+    file's owner inserts by hand after the seal, chained correctly, makes verify fail
+    (written-after-retire) instead of saying retired, may be removed."""
+    import sqlite3
+
+    from coworker.audit.chain import link
+    from coworker.audit.record import canonical
+
     path = tmp_path / "a.db"
     _make_chains(path, {"": 1})
     writer = SQLiteStore(path, chain="billing")
     writer.append([entry(1), entry(2)])
     url = f"sqlite:///{path}"
     assert main(["audit", "retire-chain", "billing", "--reason", "tenant left", "--url", url]) == 0
-    writer.append([entry(3)])  # the long-lived writer never re-reads the registry
+    with pytest.raises(AuditUnavailable, match="retired"):
+        writer.append([entry(3)])  # the long-lived writer never re-reads the registry
+    head = writer.head()
     writer.close()
+    assert head is not None and head.seq == 3  # 2 records and the seal
+    body = canonical({**entry(4), "seq": 4})
+    conn = sqlite3.connect(chain_file(str(path), "billing"))
+    with conn:
+        conn.execute(
+            "INSERT INTO audit_records (seq, prev_hash, hash, body) VALUES (4, ?, ?, ?)",
+            (head.hash, link(head.hash, body), body),
+        )
+    conn.close()
     capsys.readouterr()
     assert main(["audit", "verify", "--url", url]) == 1
     assert "FAIL  chain billing: written-after-retire" in capsys.readouterr().out

@@ -58,15 +58,15 @@ def versions(pg: PGServer, schema: str) -> list[int]:
 
 
 def test_version_3_store_is_upgraded_in_place(pg: PGServer, tmp_path: Path) -> None:
-    """The owner's first open migrates 3 -> 6: the old records verify unchanged, the guards of
-    version 6 are in place (no finding), and new appends chain on the old head."""
+    """The owner's first open migrates 3 -> 7: the old records verify unchanged, the guards of
+    version 7 are in place (no finding), and new appends chain on the old head."""
     schema = load_v3(pg)
     url = pg.schema_url(schema)
     readonly = PostgresStore(url, readonly=True)
     assert readonly._version == 3 and readonly.head().hash.hex() == V3_HEAD  # type: ignore[union-attr]
     readonly.close()
     store = PostgresStore(url, spool=None)
-    assert versions(pg, schema) == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 6
+    assert versions(pg, schema) == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 7
     assert store._version == SCHEMA_VERSION
     old = list(store.iter_from())
     assert [r.seq for r in old] == [1, 2, 3] and old[-1].hash.hex() == V3_HEAD
@@ -139,7 +139,7 @@ def test_version_4_store_is_upgraded_to_5(pg: PGServer) -> None:
     assert readonly._version == 4 and readonly.head().hash.hex() == V4_HEAD  # type: ignore[union-attr]
     readonly.close()
     store = PostgresStore(url, spool=None)
-    assert versions(pg, schema) == [1, 2, 3, 4, 5, 6] and store._version == SCHEMA_VERSION
+    assert versions(pg, schema) == [1, 2, 3, 4, 5, 6, 7] and store._version == SCHEMA_VERSION
     with psycopg.connect(pg.url, autocommit=True) as conn:
         source = conn.execute(
             "SELECT prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"

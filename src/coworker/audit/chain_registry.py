@@ -107,6 +107,9 @@ class Registration:
     operation: str
     head: Head | None
     retired: Registration | None = None
+    sealed: bool = False
+    """For ``retire``: ``head`` is the chain's seal (:mod:`coworker.audit.chain_seal`), its last
+    record; the records it was retired holding end one before it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +123,8 @@ class ChainCheck:
             ``unregistered-empty`` (there, no records: an interrupted creation),
             ``truncated`` / ``rewritten`` (no longer holds the head it was adopted with),
             ``case-conflict`` (another chain has the same name up to case), ``retired``
-            (retired on purpose; there or removed).
+            (retired on purpose; there or removed), ``sealed`` (sealed, its retirement not
+            recorded: interrupted), ``written-after-retire`` (records after the retired head).
         ok: whether it passes (``registered``, ``unregistered-empty``, ``retired``).
         detail: one line for a person.
         seq: the registry record, when there is one.
@@ -211,7 +215,8 @@ def parse_registration(seq: int, body: bytes) -> Registration | None:
         head = Head(at, raw)
     elif operation != "create":
         return None
-    return Registration(name, seq, operation, head)
+    sealed = operation == "retire" and head is not None and fields.get("chain_sealed") is True
+    return Registration(name, seq, operation, head, sealed=sealed)
 
 
 def registrations(default: Any) -> dict[str, Registration]:
@@ -552,49 +557,11 @@ def _pg_append_registration(store: Any, head: Head | None) -> bool:
 
 
 def retire(store: Any, reason: str) -> tuple[Registration, Head | None]:
-    """Retire the named chain ``store`` (open, SQLite or PostgreSQL) on purpose: append the
-    ``retire`` record, with the chain's head, to its default chain. Afterwards no writer opens
-    it, and once its file or schema is removed verify says ``retired`` (exit 0) instead of
-    ``vanished``, and heads notes may leave it out.
+    """Retire the named chain ``store``: seal it, then record the sealed head in the registry
+    (:func:`coworker.audit.chain_seal.retire`)."""
+    from coworker.audit.chain_seal import retire as seal_and_retire
 
-    Returns:
-        Its registration and the head it was retired at.
-
-    Raises:
-        ConfigError: the registry does not name it (adopt it first), or it was retired.
-        AuditUnavailable: the registry cannot be read or written.
-    """
-    from coworker.audit.store_postgres import PostgresStore
-    from coworker.audit.store_sqlite import SQLiteStore
-
-    name = check_chain_name(store.chain)
-    if not name:
-        raise ConfigError("the default chain cannot be retired: it holds the registry")
-    default: Any
-    if isinstance(store, SQLiteStore):
-        default = SQLiteStore(
-            store.store_path, synchronous="FULL", busy_timeout=store.busy_timeout, chain=""
-        )
-    else:
-        default = PostgresStore(store.url, schema=store.base_schema, chain="", spool=None)
-    try:
-        known = registrations(default).get(name)
-        if known is None:
-            raise ConfigError(
-                f"chain {name!r} is not in the chain registry: `coworker audit adopt-chains` "
-                "first (retiring anchors its last head)"
-            )
-        if known.retired is not None:
-            raise ConfigError(f"chain {name!r} was retired already (seq {known.retired.seq})")
-        head = store.head()
-        entry = registry_entry(name, head, retire=True, reason=reason)
-        if isinstance(default, SQLiteStore):
-            default.append([entry])
-        elif default.append_unique([entry], None, [registry_key(name, retire=True)]).duplicates:
-            raise ConfigError(f"chain {name!r} was retired already")
-    finally:
-        default.close()
-    return known, head
+    return seal_and_retire(store, reason)
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -603,9 +570,11 @@ def check_registry(
     present: Iterable[str],
     head_at: Callable[[str, int], Head | None],
     count: Callable[[str], int],
+    sealed: Callable[[str], Head | None] | None = None,
 ) -> list[ChainCheck]:
     """Every registered chain must be present (else ``vanished``) and still hold the head it
-    was adopted with; every present named chain should be registered.
+    was adopted with; every present named chain should be registered; a chain sealed but not
+    retired in the registry is an interrupted retirement (``sealed``).
 
     Args:
         registered: :func:`registrations` of the default chain.
@@ -613,6 +582,8 @@ def check_registry(
         head_at: ``(chain, seq)`` -> the ``(seq, hash)`` of that record of the chain, or
             ``None`` when the chain has no such record.
         count: ``chain`` -> its number of records.
+        sealed: ``chain`` -> its head when that is a seal (:mod:`coworker.audit.chain_seal`),
+            else ``None``.
 
     Returns:
         One check per chain, by name.
@@ -723,6 +694,21 @@ def check_registry(
                     )
                 )
                 continue
+        seal = sealed(name) if sealed is not None else None
+        if seal is not None:
+            out.append(
+                ChainCheck(
+                    name,
+                    "sealed",
+                    False,
+                    f"sealed at seq {seal.seq} but not retired in the registry (registry seq "
+                    f"{reg.seq}): its retirement was interrupted; nothing can be written to it. "
+                    "Run `coworker audit retire-chain` on it again to complete it before "
+                    "removing it (removed now, it is vanished)",
+                    reg.seq,
+                )
+            )
+            continue
         out.append(
             ChainCheck(
                 name, "registered", True, f"registry seq {reg.seq} ({reg.operation})", reg.seq
@@ -746,14 +732,25 @@ def _retired_flaw(
     assert reg.retired is not None
     at = reg.retired.head
     retired_seq = at.seq if at is not None else 0
-    if reg.head is not None and retired_seq < reg.head.seq:
+    # A sealed retirement's head is the seal: the records it was retired holding end before it
+    # (a chain cut to 2 records and sealed at 3 must not pass for one adopted at 3).
+    held = retired_seq - 1 if reg.retired.sealed else retired_seq
+    if reg.head is not None and held < reg.head.seq:
         return (
             "truncated",
-            f"adopted at head {reg.head.seq} (registry seq {reg.seq}) but retired at head "
-            f"{retired_seq} (registry seq {reg.retired.seq}): records were cut before retiring",
+            f"adopted at head {reg.head.seq} (registry seq {reg.seq}) but retired holding "
+            f"{held} records (registry seq {reg.retired.seq}): records were cut before retiring",
         )
     if not present:
         return None
+    if reg.head is not None:
+        adopted = head_at(name, reg.head.seq)
+        if adopted is None or adopted.seq != reg.head.seq or adopted.hash != reg.head.hash:
+            return (
+                "rewritten" if adopted is not None and adopted.seq == reg.head.seq else "truncated",
+                f"adopted at head {reg.head.seq} (registry seq {reg.seq}), but the chain no "
+                "longer holds that record",
+            )
     if at is not None:
         found = head_at(name, at.seq)
         if found is None or found.seq != at.seq or found.hash != at.hash:

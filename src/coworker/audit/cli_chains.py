@@ -41,8 +41,9 @@ def register(subparsers: Any) -> None:
 
     retire = subparsers.add_parser(
         "retire-chain",
-        help="retire a named chain on purpose (a registry record with its last head): no "
-        "writer opens it again and, once its file or schema is removed, verify says retired",
+        help="retire a named chain on purpose: seal it (a last record in the chain; nothing is "
+        "appended after it) and record the sealed head in the registry; once its file or "
+        "schema is removed, verify says retired. Run it again to complete an interrupted one",
     )
     retire.add_argument("name", help="the chain")
     retire.add_argument("--reason", required=True, help="why (kept in the record)")
@@ -57,7 +58,7 @@ def register(subparsers: Any) -> None:
 def _cmd_retire(args: argparse.Namespace) -> int:
     import sys
 
-    from coworker.audit.chain_registry import retire
+    from coworker.audit.chain_seal import retire
     from coworker.audit.urls import open_store, resolve_url, with_chain
 
     try:
@@ -70,8 +71,8 @@ def _cmd_retire(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"retired  chain {printable(args.name)} at head {head.seq if head else 0}; its file or "
-        "schema may now be removed"
+        f"retired  chain {printable(args.name)}: sealed at seq {head.seq if head else 0}; its "
+        "file or schema may now be removed"
     )
     return 0
 
@@ -134,7 +135,13 @@ def verify_registry(
         with _closing(open_store(with_chain(url, chain), readonly=True, create=False)) as s:
             return int(s.count())
 
-    checks = check_registry(known, present, head_at, count)
+    def sealed(chain: str) -> Head | None:
+        from coworker.audit.chain_seal import sealed_head
+
+        with _closing(open_store(with_chain(url, chain), readonly=True, create=False)) as s:
+            return sealed_head(s)
+
+    checks = check_registry(known, present, head_at, count, sealed)
     code = 0 if all(c.ok for c in checks) else 1
     if js:
         print(json.dumps({"registry": [c.to_dict() for c in checks]}))

@@ -12,7 +12,7 @@ from coworker.audit import erasure
 from coworker.audit.chain import Prepared, prepare, seal
 from coworker.audit.sqlite_erasure import _key_in_txn
 from coworker.audit.sqlite_migrate import file_version
-from coworker.audit.sqlite_schema import _HEAD, _INSERT, _INSERT_V1, _row, _row_v1
+from coworker.audit.sqlite_schema import _HEAD_SEAL, _INSERT, _INSERT_V1, _row, _row_v1
 from coworker.audit.store import Head, StoredRecord
 
 if TYPE_CHECKING:
@@ -53,7 +53,9 @@ def append_in_txn(
     # The head is read inside the write transaction, every time: it costs one indexed
     # lookup (~1.5 us; ``PRAGMA data_version`` to validate a cached head would cost ~1 us),
     # and whatever another process appended is then always the base of our chain.
-    row = conn.execute(_HEAD).fetchone()
+    row = conn.execute(_HEAD_SEAL).fetchone()
+    if row is not None and row[1] is None:
+        row = _refuse_sealed(store, conn, row[0], len(entries))
     head = Head(row[0], row[1]) if row is not None else None
     sealed = seal(prepared, head, payloads, first_prev=store._first_prev)
     try:
@@ -91,3 +93,17 @@ def _insert(
         return conn.execute(insert, row(sealed[0], entries[0])).rowcount
     rows = [row(r, e) for r, e in zip(sealed, entries, strict=True)]
     return conn.executemany(insert, rows).rowcount
+
+
+def _refuse_sealed(store: SQLiteStore, conn: sqlite3.Connection, seq: int, count: int) -> Any:
+    """Raise :class:`~coworker.audit.chain_seal.ChainSealed` when the head (``seq``, whose
+    body begins like a seal) is the seal of the store's chain (it was retired); else return
+    the head's ``(seq, hash)`` row (a record that merely begins alike)."""
+    from coworker.audit.chain_seal import is_seal, refused
+
+    found = conn.execute(
+        "SELECT seq, hash, body FROM audit_records WHERE seq = ?", (seq,)
+    ).fetchone()
+    if found is not None and is_seal(bytes(found[2]), store.chain):
+        raise refused(repr(store.path), store.chain, seq, count)
+    return (found[0], found[1]) if found is not None else None

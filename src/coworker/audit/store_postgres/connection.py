@@ -74,6 +74,7 @@ class _Connections:
     _oid: int | None
     _version: int
     _floor: int
+    _sealed_seq: int
     _insert: sql.Composed | None
     _lock_head: sql.Composed | None
     _append_sql: bytes | None

@@ -10,7 +10,7 @@ from coworker.audit.store_postgres._wire import DEFAULT_SCHEMA
 _log = logging.getLogger("coworker.audit")
 
 
-SCHEMA_VERSION: Final = 6
+SCHEMA_VERSION: Final = 7
 """Version of the table layout, kept in ``<schema>.schema_version``."""
 
 # First key of the two-int advisory locks we take ('cowr'); the second is a table's oid.
@@ -492,7 +492,77 @@ _DDL_V6: Final = "\n".join(
     [_with_lock_key_check(_DDL_V1, "lock_head"), _with_lock_key_check(_DDL_V5, "append")]
 )
 
-_MIGRATIONS: Final = {1: _DDL_V1, 2: _DDL_V2, 3: _DDL_V3, 4: _DDL_V4, 5: _DDL_V5, 6: _DDL_V6}
+# Version 7: append() and lock_head() refuse to append after a seal (a retired chain,
+# coworker.audit.chain_seal), with SQLSTATE CWSEA. append() reads the head's category in the
+# head read it already does; only a head whose category is the seal's has its body parsed.
+CHAIN_SEALED: Final = "CWSEA"
+"""SQLSTATE of an append()/lock_head() call on a sealed (retired) chain (schema 7+)."""
+
+_SEAL_CHECK: Final = """\
+    IF cat = 'chain-seal' AND EXISTS (
+        SELECT 1 FROM {schema}.records s WHERE s.seq = head
+           AND pg_catalog.convert_from(s.body, 'UTF8')::pg_catalog.jsonb
+               OPERATOR(pg_catalog.@>) '{"kind": "chain", "operation": "seal"}'::pg_catalog.jsonb
+    ) THEN
+        RAISE EXCEPTION 'coworker audit: chain % was retired (sealed at seq %): append refused',
+            {chain_literal}, head
+            USING ERRCODE = 'CWSEA',
+                  HINT = 'a retired chain is never written again: write to another chain';
+    END IF;
+"""
+
+
+def _with_seal_check(ddl: str, function: str) -> str:
+    """``function``'s CREATE OR REPLACE statement from ``ddl``, refusing a sealed head."""
+    import re
+
+    found = re.search(
+        r"CREATE OR REPLACE FUNCTION \{schema\}\." + function + r"\(.*?\$\$.*?\$\$;",
+        ddl,
+        re.DOTALL,
+    )
+    assert found is not None, function
+    text = found.group(0)
+    if function == "append":
+        read = (
+            "    SELECT r.seq, r.hash INTO head, top FROM {schema}.records r"
+            " ORDER BY r.seq DESC LIMIT 1;\n"
+        )
+        assert read in text and "    done text;\n" in text
+        text = text.replace("    done text;\n", "    done text;\n    cat text;\n", 1)
+        text = text.replace(
+            read,
+            "    SELECT r.seq, r.hash, r.category INTO head, top, cat FROM {schema}.records r"
+            " ORDER BY r.seq DESC LIMIT 1;\n" + _SEAL_CHECK,
+            1,
+        )
+        return text
+    # lock_head(): RETURNS TABLE (seq, hash); its head read is the RETURN QUERY.
+    ret = (
+        "    RETURN QUERY SELECT r.seq, r.hash FROM {schema}.records r"
+        " ORDER BY r.seq DESC LIMIT 1;\n"
+    )
+    assert ret in text
+    text = text.replace(
+        "LANGUAGE plpgsql VOLATILE AS $$\nBEGIN\n",
+        ("LANGUAGE plpgsql VOLATILE AS $$\nDECLARE\n    head bigint;\n    cat text;\nBEGIN\n"),
+        1,
+    )
+    return text.replace(
+        ret,
+        "    SELECT r.seq, r.category INTO head, cat FROM {schema}.records r"
+        " ORDER BY r.seq DESC LIMIT 1;\n" + _SEAL_CHECK + ret,
+        1,
+    )
+
+
+_DDL_V7: Final = "\n".join(
+    [_with_seal_check(_DDL_V6, "lock_head"), _with_seal_check(_DDL_V6, "append")]
+)
+
+_MIGRATIONS: Final = {
+    1: _DDL_V1, 2: _DDL_V2, 3: _DDL_V3, 4: _DDL_V4, 5: _DDL_V5, 6: _DDL_V6, 7: _DDL_V7,
+}  # fmt: skip
 
 
 def writer_grants(role: str, schema: str = DEFAULT_SCHEMA) -> list[str]:
@@ -541,6 +611,7 @@ def render(text: str, schema: str, chain: str = "") -> str:
         .replace("{namespace}", str(_LOCK_NAMESPACE))
         .replace("{records_regclass}", "'" + records.replace("'", "''") + "'")
         .replace("{payloads_regclass}", "'" + payloads.replace("'", "''") + "'")
+        .replace("{chain_literal}", "'" + chain.replace("'", "''") + "'::pg_catalog.text")
     )
     if chain:
         out = out.replace(_ZERO_GENESIS, f"decode('{genesis(chain).hex()}', 'hex')")

@@ -14,6 +14,7 @@ from coworker.audit.store_postgres.ddl import (
     _DDL_V4,
     _DDL_V5,
     _DDL_V6,
+    _DDL_V7,
     _quote_ident,
     render,
 )
@@ -77,6 +78,8 @@ def _guards_for(version: int) -> tuple[dict[tuple[str, str], str], list[str]]:
         ddls.append(_DDL_V5)  # faster check_chain() and append() (same signatures)
     if version >= 6:
         ddls.append(_DDL_V6)  # lock_head() and append() checking their lock key
+    if version >= 7:
+        ddls.append(_DDL_V7)  # lock_head() and append() refusing a sealed (retired) chain
     return triggers, ddls
 
 

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from coworker import attributes as attr
+from coworker.audit.chain_seal import ChainSealed
 from coworker.audit.record import canonical
 from coworker.audit.spool import Spool, SpoolStatus
 from coworker.audit.store_postgres._wire import (
@@ -109,6 +110,19 @@ class _Shipper(_Writes):
                     self._drain_locked()
                 except _ServerDown:
                     continue
+                except ChainSealed as exc:
+                    # Spooled before the chain was retired: kept in the spool (never lost),
+                    # but no append will ever take them. Said once; the shipper stops.
+                    _log.error(
+                        "audit spool %s: %d spooled record(s) of chain %r cannot be shipped: %s."
+                        " They stay in the spool file",
+                        self._spool.path,
+                        self._spool.depth(),
+                        self.chain,
+                        exc,
+                    )
+                    self._shipper = None
+                    return
                 except Exception:
                     _log.exception("audit spool %s: shipping failed", self._spool.path)
                     continue
@@ -138,6 +152,10 @@ class _Shipper(_Writes):
     def _append(self, items: list[_Item]) -> AppendResult:
         if self.readonly:
             raise AuditUnavailable(f"audit store {self} is read-only: append refused")
+        if self._sealed_seq:
+            # The chain was found retired (a seal at its head): never again written, so
+            # never spooled either (a spooled entry is answered durable).
+            raise self._refuse_sealed(self._sealed_seq, len(items))
         spool = self._spool
         with self._lock:
             if spool is not None and not spool.is_empty():

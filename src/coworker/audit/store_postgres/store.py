@@ -158,6 +158,7 @@ class PostgresStore(_Erasure):
         self._prepared: psycopg.Connection[Any] | None = None
         self._version = 0  # the schema version, known once connected
         self._floor = 0  # a seq below every record this store may still append
+        self._sealed_seq = 0  # once an append found the chain sealed (retired): its seal
         self._lock_head: sql.Composed | None = None
         self._next_connect = 0.0
         self._last_error = "server unreachable"

@@ -33,6 +33,7 @@ from coworker.audit.store_postgres._wire import (
 )
 from coworker.audit.store_postgres.ddl import (
     _FLUSH,
+    CHAIN_SEALED,
     LOCK_KEY_MISMATCH,
 )
 from coworker.audit.store_postgres.reads import _Reads
@@ -82,6 +83,10 @@ class _Writes(_Reads):
                     ) from exc
                 unreachable = _is_unreachable(exc, conn)
                 self._rollback_or_drop(conn)
+                if exc.sqlstate == CHAIN_SEALED:
+                    # The chain was retired (its head is a seal): nothing was written, and
+                    # nothing ever will be (coworker.audit.chain_seal).
+                    raise self._refuse_sealed(_sealed_seq(str(exc)), len(items)) from exc
                 if exc.sqlstate == LOCK_KEY_MISMATCH and attempt == 0:
                     # Our cached lock key (the records table's oid) is not the chain's any
                     # more: nothing was written or locked. Reconnect (re-reads it) and retry.
@@ -115,6 +120,12 @@ class _Writes(_Reads):
                     raise _Unreachable(items, exc) from exc
                 self._next_connect = 0.0
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _refuse_sealed(self, seq: int, count: int) -> AuditUnavailable:
+        from coworker.audit.chain_seal import refused
+
+        self._sealed_seq = seq or self._sealed_seq or -1
+        return refused(str(self), self.chain, max(seq, 0), count)
 
     def _write_fast(
         self,
@@ -398,3 +409,11 @@ class _Writes(_Reads):
                 sql.SQL(", ").join(sql.SQL("%b::" + t + "[]") for t in types),
             )
         return self._insert
+
+
+def _sealed_seq(message: str) -> int:
+    """The seq in append()'s refusal of a sealed chain ("... sealed at seq N ..."), or 0."""
+    import re
+
+    found = re.search(r"sealed at seq (\d+)", message)
+    return int(found.group(1)) if found is not None else 0

@@ -1,0 +1,173 @@
+"""Retiring a chain seals it: a writer that opened the chain before it was retired is refused
+afterwards (nothing it was told is durable is lost when the chain is removed), and a
+retirement killed between the seal and the registry record is completed by running it again
+(real SQLite files, the real PostgreSQL server, a real SIGKILLed process)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coworker.audit.chain_seal import ChainSealed, sealed_head
+from coworker.audit.store_sqlite import SQLiteStore, chain_file
+from coworker.audit.urls import open_store, with_chain
+from coworker.cli import main
+from coworker.exceptions import AuditUnavailable
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def entry(i: int) -> dict[str, Any]:
+    return {"kind": "outcome", "category": "state-change", "operation": "create", "i": i}
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Any]:
+    from tests.pg import PGServer, import_psycopg, require_server
+
+    import_psycopg()
+    server = PGServer(require_server())
+    yield server
+    server.close()
+
+
+def _setup(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A store URL with a default chain (1 record); the chain billing is made by the test."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'a.db'}"
+    else:
+        url = request.getfixturevalue("pg").schema_url(spool="off")
+    store = open_store(url)
+    store.append([entry(0)])
+    store.close()
+    return url
+
+
+def _writer(backend: str, url: str) -> Any:
+    return open_store(with_chain(url, "billing"))
+
+
+def _remove(backend: str, url: str, request: pytest.FixtureRequest) -> None:
+    if backend == "sqlite":
+        path = url[len("sqlite:///") :]
+        target = Path(chain_file(path, "billing"))
+        for leftover in target.parent.glob("billing.db*"):
+            leftover.unlink()
+        return
+    import psycopg
+
+    reader = open_store(with_chain(url, "billing"), readonly=True)
+    schema = reader.schema
+    reader.close()
+    with psycopg.connect(request.getfixturevalue("pg").url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE'.encode())
+
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_writer_opened_before_retirement_is_refused_after_it_and_nothing_is_lost(
+    backend: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The writer keeps its open store across the retirement: its next append is refused
+    (AuditUnavailable naming the retired chain, an ERROR log line), not told durable; the
+    chain ends at the seal the registry names, and once removed verify says retired."""
+    url = _setup(backend, tmp_path, request)
+    writer = _writer(backend, url)
+    writer.append([entry(1), entry(2)])
+    assert main(["audit", "retire-chain", "billing", "--reason", "tenant left", "--url", url]) == 0
+    assert "retired  chain billing: sealed at seq 3" in capsys.readouterr().out
+    caplog.set_level(logging.ERROR, logger="coworker.audit")
+    with pytest.raises(AuditUnavailable, match=r"chain 'billing' was retired \(sealed at seq 3\)"):
+        writer.append([entry(3)])  # the long-lived writer never re-reads the registry
+    assert any("'billing' is retired" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ChainSealed):
+        writer.append([entry(4), entry(5)])
+    head = writer.head()
+    writer.close()
+    assert head is not None and head.seq == 3
+    assert main(["audit", "verify", "--url", url]) == 0
+    assert "OK    chain billing: retired" in capsys.readouterr().out
+    _remove(backend, url, request)
+    assert main(["audit", "verify", "--url", url]) == 0
+    assert "OK    chain billing: retired" in capsys.readouterr().out
+
+
+_KILLED_RETIRE = """
+import sys
+from coworker.audit.chain_seal import seal
+from coworker.audit.urls import open_store, with_chain
+store = open_store(with_chain(sys.argv[1], "billing"), readonly=True)
+head = seal(store, "tenant left")
+print("sealed", head.seq, flush=True)
+sys.stdin.read()  # killed here: between the seal and the registry record
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_retirement_killed_between_seal_and_registry_record_is_completed_by_running_it_again(
+    backend: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    """SIGKILL after the seal, before the registry record: nothing can be written to the
+    chain, verify names it sealed (exit 1); retire-chain again records that seal (no second
+    one) and verify says retired, also once the chain is removed."""
+    url = _setup(backend, tmp_path, request)
+    writer = _writer(backend, url)
+    writer.append([entry(1)])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_RETIRE, url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().split() == [b"sealed", b"2"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with pytest.raises(ChainSealed):
+        writer.append([entry(2)])
+    assert main(["audit", "verify", "--url", url]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  chain billing: sealed" in out and "retire-chain" in out
+    assert main(["audit", "retire-chain", "billing", "--reason", "tenant left", "--url", url]) == 0
+    assert "retired  chain billing: sealed at seq 2" in capsys.readouterr().out
+    reader = open_store(with_chain(url, "billing"), readonly=True)
+    found = sealed_head(reader)
+    reader.close()
+    assert found is not None and found.seq == 2
+    writer.close()
+    assert main(["audit", "verify", "--url", url]) == 0
+    assert "OK    chain billing: retired" in capsys.readouterr().out
+    _remove(backend, url, request)
+    assert main(["audit", "verify", "--url", url]) == 0
+    assert "OK    chain billing: retired" in capsys.readouterr().out
+
+
+def test_a_record_that_only_begins_like_a_seal_seals_nothing(tmp_path: Path) -> None:
+    """The head read's byte comparison is a filter: a record of the category chain-seal that
+    is not this chain's seal is parsed and appended after."""
+    store = SQLiteStore(tmp_path / "a.db")
+    store.append([{"category": "chain-seal", "kind": "outcome", "operation": "seal"}])
+    store.append([entry(1)])
+    head = store.head()
+    store.close()
+    assert head is not None and head.seq == 2
