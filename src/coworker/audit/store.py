@@ -30,6 +30,7 @@ from coworker.exceptions import AuditUnavailable
 
 __all__ = [
     "COLUMN_MISMATCH",
+    "DEDUP_MISMATCH",
     "GUARD",
     "MALFORMED",
     "OUT_OF_RANGE",
@@ -54,6 +55,10 @@ MALFORMED: Final = "malformed"
 """A chained body that is not a JSON object carrying its own position as ``seq``: the hash
 links hold (the writer hashed what it inserted), but no coworker store wrote it (a writer
 role's crafted INSERT or ``append()`` call)."""
+DEDUP_MISMATCH: Final = "dedup-mismatch"
+"""A row whose dedup key is not its own body's (:mod:`coworker.audit.dedup`): a row inserted
+by hand with the key of another record, which would have that record dropped as a
+duplicate."""
 PAYLOAD_MISMATCH: Final = "payload-mismatch"
 """A stored payload does not hash to the ``payload_digest`` of its chained record."""
 

@@ -12,8 +12,10 @@ from psycopg import sql
 
 from coworker.audit import erasure
 from coworker.audit.chain import check_chain_name
+from coworker.audit.dedup import key_matches
 from coworker.audit.store import (
     COLUMN_MISMATCH,
+    DEDUP_MISMATCH,
     GUARD,
     MAX_FINDINGS,
     OUT_OF_RANGE,
@@ -281,7 +283,7 @@ class _Reads(_Connections):
         ]
         names = [*_COLUMNS, "time"]
         query = sql.SQL(
-            "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload, {} FROM {} r"
+            "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload, r.dedup_key, {} FROM {} r"
             " LEFT JOIN {} p ON p.seq = r.seq WHERE r.seq >= %s AND r.seq <= %s"
             " ORDER BY r.seq LIMIT %s"
         ).format(
@@ -292,6 +294,7 @@ class _Reads(_Connections):
         columns: list[Finding] = []
         payloads: list[Finding] = []
         malformed: list[Finding] = []
+        keys: list[Finding] = []
         erased = erased_seqs(self)
         next_seq = 1
         while next_seq <= last:
@@ -311,7 +314,21 @@ class _Reads(_Connections):
                     if not isinstance(fields, dict):
                         continue
                 want = [None if v is None else v.decode() for v in _column_values(fields)]
-                got = list(row[5:])
+                got = list(row[6:])
+                if (
+                    row[5] is not None
+                    and len(keys) < MAX_FINDINGS
+                    and not key_matches(bytes(row[5]), record.body)
+                ):
+                    keys.append(
+                        Finding(
+                            DEDUP_MISMATCH,
+                            record.seq,
+                            f"seq {record.seq}: its dedup key is not its body's (a row "
+                            "carrying another record's key: that record would be dropped "
+                            "as a duplicate)",
+                        )
+                    )
                 if got != want:
                     wrong = ", ".join(
                         f"{n}={g!r} (body: {w!r})"
@@ -333,4 +350,4 @@ class _Reads(_Connections):
             if len(rows) < _PAGE:
                 break
             next_seq = rows[-1][0] + 1
-        return findings + malformed + columns + payloads
+        return findings + malformed + keys + columns + payloads

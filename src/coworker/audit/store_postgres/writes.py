@@ -67,8 +67,12 @@ class _Writes(_Reads):
             try:
                 with self._deadline(conn):
                     if self._version >= 4 and not any(it.attempted for it in items):
-                        return self._write_fast(conn, items, sealed_hashes, note)
-                    return self._write(conn, items, sealed_hashes, note)
+                        result = self._write_fast(conn, items, sealed_hashes, note)
+                    else:
+                        result = self._write(conn, items, sealed_hashes, note)
+                    if result.duplicates:
+                        result = self._confirm_duplicates(conn, items, result, note)
+                    return result
             except AuditUnavailable:
                 self._rollback_or_drop(conn)
                 raise
@@ -120,6 +124,61 @@ class _Writes(_Reads):
                     raise _Unreachable(items, exc) from exc
                 self._next_connect = 0.0
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _confirm_duplicates(
+        self,
+        conn: psycopg.Connection[Any],
+        items: list[_Item],
+        result: AppendResult,
+        note: Spool | None,
+    ) -> AppendResult:
+        """Answer "duplicate" only for an entry whose key is held by a row that is that record
+        (:func:`coworker.audit.dedup.body_key`); write the others without their key.
+
+        Only after a duplicate (the append without one costs nothing more): the row holding
+        the key is read back. A row whose body does not earn the key was inserted by hand
+        with another record's key (a writer role can): the genuine record is written all the
+        same, without the key, with a CRITICAL log line; verify names the forged row."""
+        from coworker.audit.dedup import body_key
+
+        keys = [k for i in result.duplicates if (k := items[i].dedup_key) is not None]
+        with conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("SELECT dedup_key, seq, body FROM {} WHERE dedup_key = ANY(%b)").format(
+                    self._table
+                ),
+                (_ByteaArray.of(keys),),
+            )
+            held = {bytes(r[0]): (int(r[1]), bytes(r[2])) for r in cur.fetchall()}
+        forged: list[int] = []
+        for i in result.duplicates:
+            key = items[i].dedup_key
+            row = held.get(key) if key is not None else None
+            if key is None or row is None:
+                continue
+            earned = body_key(key, row[1])
+            if earned is not None and earned != key:
+                forged.append(i)
+                _log.critical(
+                    "audit store %s: the dedup key of an entry is held by seq %d, whose body is "
+                    "not that record (a row inserted with another record's key?): writing the "
+                    "entry without the key; run `coworker audit verify`",
+                    self,
+                    row[0],
+                )
+        if not forged:
+            return result
+        again = [
+            _Item(items[i].fields, items[i].payload, None, (), items[i].spool_id) for i in forged
+        ]
+        hashes: list[tuple[int, bytes] | None] = [None] * len(again)
+        if self._version >= 4:
+            second = self._write_fast(conn, again, hashes, note)
+        else:
+            second = self._write(conn, again, hashes, note)
+        records = sorted([*result.records, *second.records], key=lambda r: r.seq)
+        duplicates = [i for i in result.duplicates if i not in forged]
+        return AppendResult(records, duplicates, result.spooled)
 
     def _refuse_sealed(self, seq: int, count: int) -> AuditUnavailable:
         from coworker.audit.chain_seal import refused

@@ -1,0 +1,103 @@
+"""A row inserted with another record's dedup key (chained correctly, another body) must not
+make the genuine record be answered "duplicate" and dropped: the writer confirms the row is
+that record before it answers so, and verify names the forged row (the real PostgreSQL
+server; SQLite's in-process index, which derives every key from the bodies)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coworker.audit.dedup import body_key, key_matches
+from coworker.audit.record import canonical
+from coworker.cli import main
+
+TRACE, SPAN = "ab" * 16, "cd" * 8
+
+
+def span_record(name: str) -> dict[str, Any]:
+    from coworker.ingest.records import QUERY_FIELDS
+
+    fields: dict[str, Any] = dict.fromkeys(QUERY_FIELDS)
+    fields.update(
+        kind="outcome", category="state-change", operation="update", trace_id=TRACE,
+        span_id=SPAN, recorded_at="2026-01-01T00:00:00.000000000Z", name=name,
+    )  # fmt: skip
+    return fields
+
+
+def genuine_key(fields: dict[str, Any]) -> bytes:
+    from coworker.ingest.records import dedup_key
+
+    return dedup_key(bytes.fromhex(fields["trace_id"]) + bytes.fromhex(fields["span_id"]), fields)
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Any]:
+    from tests.pg import PGServer, import_psycopg, require_server
+
+    import_psycopg()
+    server = PGServer(require_server())
+    yield server
+    server.close()
+
+
+def test_a_key_is_checked_against_its_body() -> None:
+    genuine = span_record("genuine")
+    key = genuine_key(genuine)
+    assert key_matches(key, canonical({**genuine, "seq": 5}))
+    assert body_key(key, canonical({**span_record("forged"), "seq": 5})) not in (None, key)
+    assert key_matches(b"app-key", b"{}")  # nothing to check
+
+
+@pytest.mark.postgres
+def test_a_forged_dedup_key_does_not_drop_the_genuine_record_on_postgres(
+    pg: Any, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A row carrying the key of a span yet to arrive, with another body: the span, when it
+    arrives, is written (not a duplicate; CRITICAL log), and verify names the forged row."""
+    from coworker.audit.store_postgres import PostgresStore
+
+    url = pg.schema_url()
+    store = PostgresStore(url, spool=None)
+    genuine = span_record("genuine")
+    key = genuine_key(genuine)
+    forged = store.append_unique([span_record("forged")], None, [key])
+    assert [r.seq for r in forged.records] == [1]
+    caplog.set_level(logging.CRITICAL, logger="coworker.audit")
+    result = store.append_unique([genuine], None, [key])
+    assert result.duplicates == [] and [r.seq for r in result.records] == [2]
+    assert any("seq 1, whose body is not that record" in r.getMessage() for r in caplog.records)
+    # A genuine resend of a record whose key is its own is still a duplicate.
+    other = {**span_record("other"), "span_id": "ef" * 8}
+    okey = genuine_key(other)
+    assert store.append_unique([other], None, [okey]).records
+    assert store.append_unique([other], None, [okey]).duplicates == [0]
+    store.close()
+    capsys.readouterr()
+    assert main(["audit", "verify", "--url", url]) == 1
+    out = capsys.readouterr().out
+    assert "seq 1" in out and "dedup key is not its body's" in out
+    bodies = [r.fields()["name"] for r in PostgresStore(url, readonly=True).iter_from(1)]
+    assert bodies == ["forged", "genuine", "other"]
+
+
+def test_sqlite_dedup_derives_every_key_from_the_bodies(tmp_path: Path) -> None:
+    """SQLite keeps no key column: ingest's in-process index recomputes each key from the
+    bodies, so a row with a span's ids and another body is a conflict, not a duplicate."""
+    from coworker.audit.store_sqlite import SQLiteStore
+    from coworker.ingest.records import _SeenSpans
+
+    store = SQLiteStore(tmp_path / "a.db")
+    store.append([span_record("forged")])  # the file's writer, by hand
+    genuine = span_record("genuine")
+    fresh, duplicates, conflicts = _SeenSpans(store).append(
+        [genuine], [None], [genuine_key(genuine)], None
+    )
+    assert (fresh, duplicates, conflicts) == (1, 0, 1)
+    assert [r.fields()["name"] for r in store.iter_from(1)][:2] == ["forged", "genuine"]
+    store.close()
