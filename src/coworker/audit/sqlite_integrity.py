@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Final
 
-from coworker.audit._verify_parallel import committing
+from coworker.audit._verify_parallel import BATCH, committing
 from coworker.audit.sqlite_schema import _COLUMNS, _MALFORMED, _guard_problems, _row_v1
 from coworker.audit.store import (
     COLUMN_MISMATCH,
@@ -256,7 +256,7 @@ def _committing(store: SQLiteStore, last: int) -> list[int]:
     :func:`~coworker.audit._verify_parallel.committing`, over every body)."""
     seqs: list[int] = []
     rows = store._read(_BODIES, (last,), mmap=True)
-    while batch := list(islice(rows, 4096)):
+    while batch := list(islice(rows, BATCH)):
         numbers, bodies = zip(*batch, strict=True)
         seqs += [numbers[i] for i in committing(bodies)]
     return seqs
