@@ -6,7 +6,8 @@ from records made by ``entry_from_span``, then times, median of 5 interleaved re
 * baseline: ``sha256(prev_hash + body)`` chained over the very bodies, already in memory, on
   as many cores as ``verify_chain`` uses (``os.cpu_count()`` forked processes, each chaining
   one contiguous range from that range's first ``prev_hash``, as verify's workers do; the
-  pool is started before the clock, so the baseline pays no start-up and verify does);
+  pool is started before the clock, so the baseline pays no start-up and verify does; it is
+  closed before verify runs, whose workers fork only in a process without other threads);
 * ``verify_chain``: the same hashing plus reading the rows from SQLite and every other check
   (query columns, payloads, guards, rows out of range), as ``coworker audit verify`` runs it.
 
@@ -39,6 +40,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from coworker import attributes as a
+from coworker.audit import _verify_parallel
 from coworker.audit.chain import GENESIS_PREV_HASH
 from coworker.audit.record import canonical, entry_from_span
 from coworker.audit.store_sqlite import SQLiteStore
@@ -110,8 +112,6 @@ def main(n: int = 200_000) -> None:
         cores = os.cpu_count() or 1
         step = -(-len(rows) // cores)
         ranges = [(lo, min(lo + step, len(rows))) for lo in range(0, len(rows), step)]
-        pool = multiprocessing.get_context("fork").Pool(cores)
-        pool.map(_hash_range, [(0, 1)] * cores)  # started and warm before the clock
         # The workers share _PREVS' objects: only each range's first prev_hash is read there.
         # Verify the way `coworker audit verify` does: the writer gone, the file opened
         # read-only (a live writer's uncheckpointed WAL slows every page read).
@@ -124,20 +124,29 @@ def main(n: int = 200_000) -> None:
             for _, body in rows:
                 prev = hashlib.sha256(prev + body).digest()
 
-        def baseline() -> None:
-            pool.map(_hash_range, ranges, chunksize=1)
+        def baseline() -> float:
+            # A pool started and warm before the clock, gone before verify runs: its threads
+            # would make verify refuse to fork (_verify_parallel.can_fork) and run serially.
+            with multiprocessing.get_context("fork").Pool(cores) as pool:
+                pool.map(_hash_range, [(0, 1)] * cores)
+                t = time.perf_counter()
+                pool.map(_hash_range, ranges, chunksize=1)
+                elapsed = time.perf_counter() - t
+                pool.close()
+                pool.join()
+            return elapsed
 
         def verify() -> None:
+            assert _verify_parallel.can_fork(), "verify would not run in parallel"
             report = verify_chain(store, check_in_doubt=False)
             assert report.ok and report.checked == n
 
         raw_times, verify_times = [], []
         for _ in range(REPEATS):
-            raw_times.append(_median(baseline, 1))
+            raw_times.append(baseline())
             verify_times.append(_median(verify, 1))
         t_raw, t_verify = statistics.median(raw_times), statistics.median(verify_times)
         t_one = _median(baseline_one, 3)
-        pool.close()
         store.close()
 
     sample = [{**e, "seq": i + 1} for i, e in enumerate(entries[:20_000])]
@@ -160,8 +169,6 @@ _CG_ROWS = 40_000  # records read into memory by every case: the same for N and 
 def _case(case: str, db: str, n: int) -> None:
     """One callgrind case over the first ``n`` records of ``db``."""
     import sqlite3
-
-    from coworker.audit import _verify_parallel
 
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     rows = conn.execute(

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from operator import add, methodcaller
 from typing import Final
 
@@ -24,6 +24,10 @@ CHUNK: Final = 25_000
 
 MMAP_SIZE: Final = 1 << 30
 """Readers map the file instead of copying pages: about 1.6x faster scans."""
+
+BATCH: Final = 256
+"""Rows fetched at a time: a batch's bodies (~700 bytes each) stay in the CPU's cache from
+the fetch through the hashing and the byte search (4,096 cost ~30% more CPU per row)."""
 
 MIN_RECORDS: Final = 150_000
 """Below this, process start-up costs more than it saves."""
@@ -39,8 +43,9 @@ def verify_range(job: Chunk) -> Result:
     ``flag`` is an SQL expression over ``audit_records r LEFT JOIN audit_payloads p`` that is
     true for a row the store's integrity check must look at (its query columns or payload
     commitment may not match its body); it is computed in the same scan as the hashes, so
-    each row is read once for both. ``candidates`` is those seqs, or ``None`` when no flag
-    was given or a body is not JSON (the caller then runs the store's own scan).
+    each row is read once for both. ``candidates`` is those seqs (``None`` when a body is not
+    JSON: the caller then runs the store's own scan); without a flag, the seqs whose body may
+    commit to a payload (:func:`committing`), found in the same batches as the hashes.
     """
     path, lo, hi, flag = job
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -67,8 +72,9 @@ def verify_range(job: Chunk) -> Result:
                 candidates = None
             else:
                 return ok, first[0], last, count, candidates
-        ok, last, count = _scan_links(conn, lo, hi, first[0])
-        return ok, first[0], last, count, None
+        committed: list[int] = []
+        ok, last, count = _scan_links(conn, lo, hi, first[0], committed)
+        return ok, first[0], last, count, committed if flag is None else None
     finally:
         conn.close()
 
@@ -81,10 +87,11 @@ _LINKS: Final = (
 
 
 def _scan_links(
-    conn: sqlite3.Connection, lo: int, hi: int, prev: bytes
+    conn: sqlite3.Connection, lo: int, hi: int, prev: bytes, committed: list[int]
 ) -> tuple[bool, bytes | None, int]:
     """The hash loop over one range without a per-row flag: ``(intact, last hash, records
-    checked)``.
+    checked)``; the seqs of the bodies that may commit to a payload are added to
+    ``committed`` (:func:`committing`, on each batch once its hashes are checked).
 
     No Python bytecode runs per row: each batch is split into columns by ``zip``, the
     ``prev_hash || body`` messages are hashed by ``map`` over C functions, and the links and
@@ -98,7 +105,7 @@ def _scan_links(
     cursor = conn.execute(_LINKS, (lo, hi))
     count = 0
     while True:
-        rows = cursor.fetchmany(4096)
+        rows = cursor.fetchmany(BATCH)
         if not rows:
             break
         hashes, prevs, bodies = zip(*rows, strict=True)
@@ -112,9 +119,53 @@ def _scan_links(
             intact = False
         if not intact:
             return False, None, count
+        first = lo + count  # intact: the batch is seqs lo + count, lo + count + 1, ...
+        committed += [first + i for i in committing(bodies)]
         prev = hashes[-1]
         count += len(rows)
     return count == hi - lo + 1, prev, count
+
+
+# What the bodies are searched for (see committing).
+_KEY: Final = b"payload_digest"
+_NULL_KEY: Final = b'payload_digest":n'
+
+
+def committing(bodies: Sequence[object]) -> list[int]:
+    """The positions in ``bodies`` of those that may commit to a payload: a superset of the
+    bodies that Python's ``json.loads`` decodes to an object with a ``payload_digest`` that
+    is not ``None``, at any depth and under any duplicate key (the integrity check decodes
+    each one it is given, so over-reporting costs time only).
+
+    A body is left out only when it is ``bytes`` with no backslash, no NUL byte, and every
+    occurrence of ``payload_digest`` in it followed by ``":n``. That is sound: without a NUL
+    byte ``json.loads`` decodes the bytes as UTF-8 (UTF-16 or -32 JSON text has a NUL in
+    every ASCII character, and JSON needs some); without a backslash no string has an
+    escape (``\\u0070`` for ``p``...), so a key that decodes to ``payload_digest`` is those
+    very bytes between quotes; and a value after ``":`` that starts with ``n`` can only be
+    ``null``. Every record coworker writes without a payload holds ``"payload_digest":null``
+    once and passes; a whole batch is tested at C speed (one join, two ``memchr``, two
+    counts), body by body only when the batch does not pass.
+    """
+    try:
+        blob = b"\n".join(bodies)  # type: ignore[arg-type]  # not bytes: TypeError
+    except TypeError:
+        blob = None
+    # The separator is in neither pattern: no occurrence spans two bodies.
+    if (
+        blob is not None
+        and b"\\" not in blob
+        and b"\0" not in blob
+        and blob.count(_KEY) == blob.count(_NULL_KEY)
+    ):
+        return []
+    return [i for i, body in enumerate(bodies) if _may_commit(body)]
+
+
+def _may_commit(body: object) -> bool:
+    if type(body) is not bytes:
+        return True
+    return b"\\" in body or b"\0" in body or body.count(_KEY) != body.count(_NULL_KEY)
 
 
 def _scan(
@@ -131,7 +182,7 @@ def _scan(
     # seq is not fetched: rows come in seq order from [lo, hi] and seq is unique, so a
     # gap shows as a short count, and any misplaced row breaks the hash links.
     cursor = conn.execute(query, (lo, hi))
-    cursor.arraysize = 4096
+    cursor.arraysize = BATCH
     while True:
         rows = cursor.fetchmany()
         if not rows:
@@ -170,14 +221,15 @@ def verify_parallel(
     """Verify records ``1..head_seq``: ``(hash of head_seq, candidates)`` if all links are
     intact, or ``None`` when anything is wrong (the caller then runs the serial verifier).
 
-    ``candidates`` are the seqs ``flag`` selects (see :func:`verify_range`), in order, or
-    ``None`` when they could not be computed in the scan."""
+    ``candidates`` are the seqs ``flag`` selects, or without a flag those whose body may
+    commit to a payload (see :func:`verify_range`), in order; ``None`` when they could not be
+    computed in the scan."""
     jobs = [(path, lo, min(lo + CHUNK - 1, head_seq), flag) for lo in range(1, head_seq + 1, CHUNK)]
     workers = min(os.cpu_count() or 1, len(jobs))
     ctx = multiprocessing.get_context("fork")
     prev = genesis
     done = 0
-    candidates: list[int] | None = [] if flag is not None else None
+    candidates: list[int] | None = []
     with ctx.Pool(workers) as pool:
         for ok, first_prev, last, count, found in pool.imap(verify_range, jobs):
             if not ok or first_prev != prev or last is None:

@@ -5,7 +5,9 @@ guards (:meth:`~coworker.audit.store_sqlite.SQLiteStore.integrity_findings`).
 In a schema version 2 file the query columns are generated from the body, so there is no
 column to compare: the table's definition is (with the guards). The bodies that are not a
 record at their seq are read from the partial index SQLite keeps of them; those that commit to
-a payload that is not stored, by a scan of the bodies (an index's contents are not hashed).
+a payload that is not stored, by a byte search of every body (an index's contents are not
+hashed), done in the parallel verifier's hashing scan when it runs, each body it selects then
+decoded in Python.
 A version 1 file, or a version 2 file whose definitions are not ours, gets the exact check:
 one JSON parse of every row by SQLite, every candidate checked in Python."""
 
@@ -14,9 +16,11 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
+from itertools import islice
 from typing import TYPE_CHECKING, Final
 
-from coworker.audit.sqlite_schema import _COLUMNS, _COMMITTED, _MALFORMED, _guard_problems, _row_v1
+from coworker.audit._verify_parallel import BATCH, committing
+from coworker.audit.sqlite_schema import _COLUMNS, _MALFORMED, _guard_problems, _row_v1
 from coworker.audit.store import (
     COLUMN_MISMATCH,
     GUARD,
@@ -81,19 +85,16 @@ _MALFORMED_ROWS: Final = (
     "SELECT seq FROM audit_records {how} WHERE " + _MALFORMED + " AND seq BETWEEN 1 AND ?"
     " ORDER BY seq"
 )
-# Records committing to a payload that is not stored: always by a scan of the bodies (one JSON
-# parse per row without a stored payload), never read from audit_records_committed. An index's
-# *contents* are b-tree pages that nothing hashes: the owner of the file can cut one entry
-# out of it (a page edit, or a rebuilt b-tree swapped in under PRAGMA writable_schema) with
-# its definition left exactly ours, and a payload deleted by hand would then go unreported.
-# The malformed index is trusted (a record is in it only if its own body is not coworker's,
-# i.e. the owner chained it: hiding it hides nothing the owner could not append anyway).
-_UNSTORED_ROWS: Final = (
-    "SELECT r.seq FROM audit_records AS r NOT INDEXED LEFT JOIN audit_payloads p"
-    " ON p.seq = r.seq WHERE r.seq BETWEEN 1 AND ? AND p.payload IS NULL AND "
-    + _COMMITTED
-    + " ORDER BY r.seq"
-)
+# Records committing to a payload that is not stored: always by a scan of the bodies, never
+# read from audit_records_committed. An index's *contents* are b-tree pages that nothing
+# hashes: the owner of the file can cut one entry out of it (a page edit, or a rebuilt b-tree
+# swapped in under PRAGMA writable_schema) with its definition left exactly ours, and a
+# payload deleted by hand would then go unreported. The malformed index is trusted (a record
+# is in it only if its own body is not coworker's, i.e. the owner chained it: hiding it hides
+# nothing the owner could not append anyway). The scan is a byte search of every body
+# (_verify_parallel.committing: no JSON parse), done by the parallel verifier's workers in
+# their hashing scan, here otherwise; each body it selects is then decoded in Python.
+_BODIES: Final = "SELECT seq, body FROM audit_records WHERE seq BETWEEN 1 AND ? ORDER BY seq"
 
 _CANDIDATE_ROW_V2: Final = (
     "SELECT r.seq, r.prev_hash, r.hash, r.body, p.payload"
@@ -139,18 +140,27 @@ def integrity_findings(
         Finding(PAYLOAD_MISMATCH, r[0], f"seq {r[0]}: a payload with no record") for r in orphans
     )
     structural = store.schema_version >= 2 and not problems
+    stored = [
+        StoredRecord(r[0], r[1], r[2], r[3], r[4])
+        for r in store._read(_PAYLOAD_ROWS, (last,), mmap=True)
+    ]
     if store.schema_version >= 2 and not any(p.startswith("table ") for p in problems):
         # The columns are the body's by definition: only the malformed rows (read by a full
         # scan when an index is not ours) and the unstored payloads are looked at.
         try:
             how = "INDEXED BY audit_records_malformed" if structural else "NOT INDEXED"
-            candidates = [r[0] for r in store._read(_MALFORMED_ROWS.format(how=how), (last,))]
-            unstored = [r[0] for r in store._read(_UNSTORED_ROWS, (last,))]
+            malformed_rows = [r[0] for r in store._read(_MALFORMED_ROWS.format(how=how), (last,))]
         except AuditUnavailable:
             if structural:
                 raise
             # A body that is not JSON (only possible with the definitions not ours).
-            candidates, unstored = [r[0] for r in store._read(_ALL_ROWS, (last,))], []
+            malformed_rows = [r[0] for r in store._read(_ALL_ROWS, (last,))]
+        # The bodies that may commit to a payload, minus those whose payload is stored (the
+        # payload scan below checks them).
+        committed = _committing(store, last) if candidates is None else candidates
+        stored_seqs = {r.seq for r in stored}
+        unstored = [seq for seq in committed if seq not in stored_seqs]
+        candidates = malformed_rows
         check_columns = False
     else:
         candidates = _v1_candidates(store, last, candidates)
@@ -203,10 +213,6 @@ def integrity_findings(
             )
     payloads: list[Finding] = []
     erased = erased_seqs(store)
-    stored = [
-        StoredRecord(r[0], r[1], r[2], r[3], r[4])
-        for r in store._read(_PAYLOAD_ROWS, (last,), mmap=True)
-    ]
     for record in [*stored, *missing]:
         try:
             fields = json.loads(record.body)
@@ -243,6 +249,17 @@ def storage_findings(store: SQLiteStore) -> list[Finding]:
     return _capped(
         Finding(COLUMN_MISMATCH, None, f"SQLite integrity_check: {line}") for line in lines
     )
+
+
+def _committing(store: SQLiteStore, last: int) -> list[int]:
+    """The seqs ``1..last`` whose body may commit to a payload (the parallel verifier's test,
+    :func:`~coworker.audit._verify_parallel.committing`, over every body)."""
+    seqs: list[int] = []
+    rows = store._read(_BODIES, (last,), mmap=True)
+    while batch := list(islice(rows, BATCH)):
+        numbers, bodies = zip(*batch, strict=True)
+        seqs += [numbers[i] for i in committing(bodies)]
+    return seqs
 
 
 def _v1_candidates(store: SQLiteStore, last: int, candidates: Sequence[int] | None) -> list[int]:

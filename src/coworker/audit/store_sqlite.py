@@ -186,7 +186,8 @@ class SQLiteStore:
     @property
     def CANDIDATE_FLAG(self) -> str | None:
         """What the parallel verifier computes per row for :meth:`integrity_findings`: the
-        SQL flag of a version 1 file, ``None`` for version 2 (nothing to check per row)."""
+        SQL flag of a version 1 file; ``None`` for version 2, where the workers select the
+        bodies that may commit to a payload instead (no SQL per row)."""
         return CANDIDATE_FLAG if self.schema_version < 2 else None
 
     # -- connections (coworker.audit.sqlite_open) ---------------------------------------------
@@ -438,8 +439,10 @@ class SQLiteStore:
 
         Args:
             head: the last record to check.
-            candidates: the seqs :data:`CANDIDATE_FLAG` selects, in order, when the caller
-                computed them already (the parallel verifier, in its hashing scan).
+            candidates: when the caller computed them already (the parallel verifier, in
+                its hashing scan), in order: in a version 1 file the seqs
+                :data:`CANDIDATE_FLAG` selects, in a version 2 file those whose body may
+                commit to a payload (:func:`~coworker.audit._verify_parallel.committing`).
         """
         return sqlite_integrity.integrity_findings(self, head, candidates)
 
