@@ -10,6 +10,7 @@ import psycopg
 from psycopg import sql
 
 from coworker.audit.chain import genesis, link, prepare, seal
+from coworker.audit.chain_seal import ChainSealed
 from coworker.audit.spool import Spool
 from coworker.audit.store import (
     Head,
@@ -63,6 +64,10 @@ class _Writes(_Reads):
                 conn = self._connection()
             except _ServerDown as exc:
                 raise _Unreachable(items, exc) from exc
+            except ChainSealed as exc:  # a reconnect found the chain retired in the registry
+                self._sealed_seq = exc.seq or self._sealed_seq or -1
+                _log.error("%s: %d record(s) refused", exc, len(items))
+                raise
             sealed_hashes: list[tuple[int, bytes] | None] = [None] * len(items)
             try:
                 with self._deadline(conn):
