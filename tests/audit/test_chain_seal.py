@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,73 @@ def test_a_record_that_only_begins_like_a_seal_seals_nothing(tmp_path: Path) -> 
     head = store.head()
     store.close()
     assert head is not None and head.seq == 2
+
+
+@pytest.mark.postgres
+def test_entries_spooled_before_a_retirement_stay_in_the_spool_and_later_appends_are_refused(
+    pg: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer spools during an outage; meanwhile the chain is retired. Shipping is refused
+    (ERROR naming the chain), the entries stay in the spool (never lost, never in the sealed
+    chain), and from then on appends raise instead of spooling (a spooled entry is answered
+    durable)."""
+    from coworker.audit.chain_seal import retire
+    from coworker.audit.store_postgres import PostgresStore
+    from tests.pg import proxy_to, with_hostport
+
+    url = pg.schema_url()
+    PostgresStore(url, spool=None).close()
+    with proxy_to(pg.url) as proxy:
+        writer = PostgresStore(
+            with_chain(with_hostport(url, "127.0.0.1", proxy.port), "billing"),
+            spool=tmp_path / "spool.db",
+            ship_interval=3600,  # shipped by the test's own ship() calls
+        )
+        writer.append([entry(1)])
+        proxy.cut()
+        assert writer.append([entry(2)]) == []  # spooled
+        reader = PostgresStore(with_chain(url, "billing"), spool=None, readonly=True)
+        _, head = retire(reader, "tenant left")
+        reader.close()
+        assert head.seq == 2  # entry 1 and the seal
+        proxy.restore()
+        caplog.set_level(logging.ERROR, logger="coworker.audit")
+        deadline = time.monotonic() + 10
+        with pytest.raises(ChainSealed):  # once the store reconnects (its retry interval)
+            while time.monotonic() < deadline:
+                writer.ship()
+                time.sleep(0.05)
+        messages = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any("chain 'billing'" in m and "retired" in m for m in messages)
+        with pytest.raises(ChainSealed):
+            writer.append([entry(3)])
+        status = writer.spool_status()
+        assert status is not None and status.depth == 1
+        writer.close()
+    reader = PostgresStore(with_chain(url, "billing"), spool=None, readonly=True)
+    assert [r.seq for r in reader.iter_from(1)] == [1, 2]
+    reader.close()
+
+
+def test_ingest_into_a_retired_chain_answers_503_and_writes_nothing(tmp_path: Path) -> None:
+    """The ingest endpoint's store had the chain open before it was retired: a span sent
+    afterwards is refused with 503 (the exporter keeps it and retries), not acknowledged."""
+    from starlette.testclient import TestClient
+
+    from coworker.ingest import create_app
+    from tests.test_ingest import make_spans, request_bytes
+
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    open_store(url).close()
+    store = open_store(with_chain(url, "billing"))
+    assert main(["audit", "retire-chain", "billing", "--reason", "gone", "--url", url]) == 0
+    with TestClient(create_app(store)) as client:
+        response = client.post(
+            "/v1/traces",
+            content=request_bytes(make_spans(2)),
+            headers={"content-type": "application/x-protobuf"},
+        )
+    assert response.status_code == 503
+    head = store.head()
+    store.close()
+    assert head is not None and head.seq == 1  # the seal alone

@@ -72,6 +72,16 @@ def test_a_forged_dedup_key_does_not_drop_the_genuine_record_on_postgres(
     result = store.append_unique([genuine], None, [key])
     assert result.duplicates == [] and [r.seq for r in result.records] == [2]
     assert any("seq 1, whose body is not that record" in r.getMessage() for r in caplog.records)
+    # Resent after the forgery: its re-key is held by itself, a duplicate.
+    assert store.append_unique([genuine], None, [key]).duplicates == [0]
+    # A forger who also took the re-key: the record is still written (without a key).
+    from coworker.audit.dedup import rekey
+
+    third = {**span_record("third"), "span_id": "01" * 8}
+    tkey = genuine_key(third)
+    store.append_unique([span_record("forged")], None, [tkey])
+    store.append_unique([span_record("forged")], None, [rekey(tkey)])
+    assert [r.seq for r in store.append_unique([third], None, [tkey]).records] == [5]
     # A genuine resend of a record whose key is its own is still a duplicate.
     other = {**span_record("other"), "span_id": "ef" * 8}
     okey = genuine_key(other)
@@ -81,9 +91,10 @@ def test_a_forged_dedup_key_does_not_drop_the_genuine_record_on_postgres(
     capsys.readouterr()
     assert main(["audit", "verify", "--url", url]) == 1
     out = capsys.readouterr().out
-    assert "seq 1" in out and "dedup key is not its body's" in out
+    assert "seq 1" in out and "seq 3" in out and "seq 4" in out
+    assert "dedup key is not its body's" in out and "seq 2" not in out and "seq 5" not in out
     bodies = [r.fields()["name"] for r in PostgresStore(url, readonly=True).iter_from(1)]
-    assert bodies == ["forged", "genuine", "other"]
+    assert bodies == ["forged", "genuine", "forged", "forged", "third", "other"]
 
 
 def test_sqlite_dedup_derives_every_key_from_the_bodies(tmp_path: Path) -> None:

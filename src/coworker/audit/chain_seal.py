@@ -75,9 +75,12 @@ class ChainSealed(AuditUnavailable):
         seq: the seal's seq (``0`` when the server did not say).
     """
 
-    def __init__(self, label: str, chain: str, seq: int, count: int) -> None:
+    def __init__(
+        self, label: str, chain: str, seq: int, count: int, message: str | None = None
+    ) -> None:
         super().__init__(
-            f"audit store {label}: chain {chain!r} was retired (sealed at seq {seq}): "
+            message
+            or f"audit store {label}: chain {chain!r} was retired (sealed at seq {seq}): "
             f"{count} record(s) refused, nothing written; a retired chain is never written "
             "again: write to another chain"
         )

@@ -20,12 +20,20 @@ ingested usage record's (57 bytes), an ingest conflict record's (32 bytes). Any 
 
 from __future__ import annotations
 
+import hashlib
 import json
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["body_key", "key_matches"]
+__all__ = ["body_key", "key_matches", "rekey"]
 
-_IDS_LEN = 24
+_IDS_LEN: Final = 24
+_REKEY_TAG: Final = b"coworker.dedup-rekeyed\x00"
+
+
+def rekey(key: bytes) -> bytes:
+    """The key a record is written under when its own key is held by a forged row: 32 bytes,
+    derived from the key (a resend finds it), checked by :func:`body_key` like the key."""
+    return hashlib.sha256(_REKEY_TAG + key).digest()
 
 
 def _ids(fields: dict[str, Any]) -> bytes | None:
@@ -51,21 +59,34 @@ def body_key(key: bytes, body: bytes) -> bytes | None:
         return b""
     if not isinstance(fields, dict):
         return b""
+    found = parse_registration(1, body) if registry or len(key) == 32 else None
     if registry:
         from coworker.audit.chain_registry import registry_key
 
-        found = parse_registration(1, body)
         if found is None:
             return b""
         return registry_key(found.name, retire=found.operation == "retire")
+    if found is not None:  # a registration under its re-key
+        from coworker.audit.chain_registry import registry_key
+
+        own = registry_key(found.name, retire=found.operation == "retire")
+        return key if rekey(own) == key else b""
     try:
         from coworker.ingest.records import _conflict_key_of, content_digest
         from coworker.ingest.usage import is_usage_key, usage_key
     except ImportError:  # pragma: no cover - ingest's keys need the server extra
         return None
-    if len(key) == 32:
-        return _conflict_key_of(fields) or b""
     ids = _ids(fields)
+    if len(key) == 32:
+        # A conflict record's key, or the re-key of the body's own span or usage key.
+        conflict = _conflict_key_of(fields)
+        if conflict == key:
+            return key
+        if ids is not None:
+            keys = (ids + content_digest(fields), usage_key(ids, fields))
+            if key in {rekey(k) for k in keys}:
+                return key
+        return conflict or b""
     if ids is None:
         return b""
     if len(key) == _IDS_LEN:

@@ -205,11 +205,12 @@ def _expected_triggers(version: int = SCHEMA_VERSION) -> dict[str, str]:
 _HEAD: Final = "SELECT seq, hash FROM audit_records WHERE seq >= 1 ORDER BY seq DESC LIMIT 1"
 
 # The append's head read: its hash is NULL when the head's body begins like a seal
-# (coworker.audit.chain_seal.SEAL_PREFIX; two memcmp in SQL: no third column, no bytes object).
+# (coworker.audit.chain_seal.SEAL_PREFIX; two memcmp in SQL: no third column, no bytes object;
+# aliased: Python's sqlite3 decodes every result column's name on every execute).
 _HEAD_SEAL: Final = (
     "SELECT seq, CASE WHEN body >= X'7b2263617465676f7279223a22636861696e2d7365616c222c'"
     " AND body < X'7b2263617465676f7279223a22636861696e2d7365616c222d' THEN NULL ELSE hash END"
-    " FROM audit_records WHERE seq >= 1 ORDER BY seq DESC LIMIT 1"
+    " AS hash FROM audit_records WHERE seq >= 1 ORDER BY seq DESC LIMIT 1"
 )
 
 _INSERT: Final = "INSERT INTO audit_records (seq, prev_hash, hash, body) VALUES (?, ?, ?, ?)"

@@ -169,6 +169,9 @@ class SQLiteStore:
         self._pid = -1
         self._identity: tuple[int, int] | None = None
         self._wal: tuple[int, int] | None = None  # the -wal file this connection writes
+        # (seq, hash) of the last record this store appended (not a seal): an append that
+        # finds it at the head needs no seal check (coworker.audit.sqlite_append).
+        self._own_head: tuple[int, bytes] | None = None
         self._closed = False
         if self.chain and not readonly:
             # A named chain is registered in the default chain before its first record
@@ -200,7 +203,7 @@ class SQLiteStore:
             if self._identity is not None:
                 self._check_identity()  # a reconnect must find the very file it wrote
             self._conn = sqlite_open.connect(self)
-            self._pid, self._wal = pid, None
+            self._pid, self._wal, self._own_head = pid, None, None
             if self._identity is None and not self.readonly:
                 self._identity = _file_identity(self.path)
                 # From now on the file exists: a reconnect (a forked child) that finds it

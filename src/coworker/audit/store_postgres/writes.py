@@ -10,6 +10,7 @@ import psycopg
 from psycopg import sql
 
 from coworker.audit.chain import genesis, link, prepare, seal
+from coworker.audit.chain_seal import ChainSealed
 from coworker.audit.spool import Spool
 from coworker.audit.store import (
     Head,
@@ -63,6 +64,10 @@ class _Writes(_Reads):
                 conn = self._connection()
             except _ServerDown as exc:
                 raise _Unreachable(items, exc) from exc
+            except ChainSealed as exc:  # a reconnect found the chain retired in the registry
+                self._sealed_seq = exc.seq or self._sealed_seq or -1
+                _log.error("%s: %d record(s) refused", exc, len(items))
+                raise
             sealed_hashes: list[tuple[int, bytes] | None] = [None] * len(items)
             try:
                 with self._deadline(conn):
@@ -133,15 +138,69 @@ class _Writes(_Reads):
         note: Spool | None,
     ) -> AppendResult:
         """Answer "duplicate" only for an entry whose key is held by a row that is that record
-        (:func:`coworker.audit.dedup.body_key`); write the others without their key.
+        (:func:`coworker.audit.dedup.body_key`); write the others under the key's re-key
+        (:func:`coworker.audit.dedup.rekey`), or with no key when that is held by another
+        record too.
 
         Only after a duplicate (the append without one costs nothing more): the row holding
         the key is read back. A row whose body does not earn the key was inserted by hand
         with another record's key (a writer role can): the genuine record is written all the
-        same, without the key, with a CRITICAL log line; verify names the forged row."""
+        same, with a CRITICAL log line; verify names the forged row. A resend of it finds its
+        re-key held by itself: a duplicate again."""
+        from coworker.audit.dedup import rekey
+
+        forged = self._forged(conn, items, result.duplicates, lambda key: key)
+        if not forged:
+            return result
+        for _, seq in forged:
+            _log.critical(
+                "audit store %s: the dedup key of an entry is held by seq %d, whose body is "
+                "not that record (a row inserted with another record's key?): writing the "
+                "entry under its re-key; run `coworker audit verify`",
+                self,
+                seq,
+            )
+        natural = {i: items[i].dedup_key for i, _ in forged}
+        todo = [i for i, _ in forged]
+        again = [_Item(items[i].fields, items[i].payload, rekey(natural[i] or b""), (),
+                       items[i].spool_id) for i in todo]  # fmt: skip
+        second = self._write_again(conn, again, note)
+        records = [*result.records, *second.records]
+        # A re-key held: by this very record (a resend after the forgery), or forged too.
+        by_rekey = {rekey(n): n for n in natural.values() if n is not None}
+        held = self._forged(conn, again, second.duplicates, lambda key: by_rekey[key])
+        if held:
+            for _, seq in held:
+                _log.critical(
+                    "audit store %s: the re-key of an entry is held by seq %d, another record "
+                    "too: writing the entry without a key",
+                    self,
+                    seq,
+                )
+            last = [_Item(again[j].fields, again[j].payload, None, (), again[j].spool_id)
+                    for j, _ in held]  # fmt: skip
+            records += self._write_again(conn, last, note).records
+        duplicates = sorted(
+            {i for i in result.duplicates if i not in natural}
+            | {todo[j] for j in second.duplicates if j not in {h for h, _ in held}}
+        )
+        records.sort(key=lambda r: r.seq)
+        return AppendResult(records, duplicates, result.spooled)
+
+    def _forged(
+        self,
+        conn: psycopg.Connection[Any],
+        items: list[_Item],
+        indexes: list[int],
+        natural: Any,
+    ) -> list[tuple[int, int]]:
+        """``(index, seq of the holder)`` of the items among ``indexes`` whose key is held by a
+        row that does not earn ``natural(key)`` (the record's own key) from its body."""
         from coworker.audit.dedup import body_key
 
-        keys = [k for i in result.duplicates if (k := items[i].dedup_key) is not None]
+        keys = [k for i in indexes if (k := items[i].dedup_key) is not None]
+        if not keys:
+            return []
         with conn.cursor() as cur:
             cur.execute(
                 sql.SQL("SELECT dedup_key, seq, body FROM {} WHERE dedup_key = ANY(%b)").format(
@@ -150,35 +209,25 @@ class _Writes(_Reads):
                 (_ByteaArray.of(keys),),
             )
             held = {bytes(r[0]): (int(r[1]), bytes(r[2])) for r in cur.fetchall()}
-        forged: list[int] = []
-        for i in result.duplicates:
+        out: list[tuple[int, int]] = []
+        for i in indexes:
             key = items[i].dedup_key
             row = held.get(key) if key is not None else None
             if key is None or row is None:
                 continue
-            earned = body_key(key, row[1])
-            if earned is not None and earned != key:
-                forged.append(i)
-                _log.critical(
-                    "audit store %s: the dedup key of an entry is held by seq %d, whose body is "
-                    "not that record (a row inserted with another record's key?): writing the "
-                    "entry without the key; run `coworker audit verify`",
-                    self,
-                    row[0],
-                )
-        if not forged:
-            return result
-        again = [
-            _Item(items[i].fields, items[i].payload, None, (), items[i].spool_id) for i in forged
-        ]
-        hashes: list[tuple[int, bytes] | None] = [None] * len(again)
+            own = natural(key)
+            earned = body_key(own, row[1])
+            if earned is not None and earned != own:
+                out.append((i, row[0]))
+        return out
+
+    def _write_again(
+        self, conn: psycopg.Connection[Any], items: list[_Item], note: Spool | None
+    ) -> AppendResult:
+        hashes: list[tuple[int, bytes] | None] = [None] * len(items)
         if self._version >= 4:
-            second = self._write_fast(conn, again, hashes, note)
-        else:
-            second = self._write(conn, again, hashes, note)
-        records = sorted([*result.records, *second.records], key=lambda r: r.seq)
-        duplicates = [i for i in result.duplicates if i not in forged]
-        return AppendResult(records, duplicates, result.spooled)
+            return self._write_fast(conn, items, hashes, note)
+        return self._write(conn, items, hashes, note)
 
     def _refuse_sealed(self, seq: int, count: int) -> AuditUnavailable:
         from coworker.audit.chain_seal import refused
