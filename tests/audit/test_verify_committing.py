@@ -120,14 +120,21 @@ def test_every_body_python_reads_as_committing_is_selected(
 def _chain_raw(path: Path, body: bytes) -> int:
     """Append ``body`` at the head with a plain INSERT the append-only triggers accept (the
     owner of the file chaining a body of its own); its seq."""
+    from coworker.audit import sqlite_schema
+    from coworker.audit.store import StoredRecord
+
     conn = sqlite3.connect(path, isolation_level=None)
     seq, prev = conn.execute(
         "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1"
     ).fetchone()
-    conn.execute(
-        "INSERT INTO audit_records (seq, prev_hash, hash, body) VALUES (?, ?, ?, ?)",
-        (seq + 1, prev, hashlib.sha256(prev + body).digest(), body),
-    )
+    record = StoredRecord(seq + 1, prev, hashlib.sha256(prev + body).digest(), body)
+    (version,) = conn.execute(
+        "SELECT value FROM audit_meta WHERE key = 'schema_version'"
+    ).fetchone()
+    if version == "1":  # the query columns as the writer copies them
+        conn.execute(sqlite_schema._INSERT_V1, sqlite_schema._row_v1(record, json.loads(body)))
+    else:
+        conn.execute(sqlite_schema._INSERT, sqlite_schema._row(record, {}))
     conn.close()
     return int(seq) + 1
 
@@ -165,14 +172,22 @@ def test_a_deleted_payload_cut_from_the_index_is_found_by_the_parallel_verifier(
     assert parallel["problems"] == serial["problems"] and parallel["checked"] == 3_000
 
 
-def test_hostile_bodies_committing_to_no_stored_payload_are_reported(db_path: Path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_hostile_bodies_committing_to_no_stored_payload_are_reported(
+    db_path: Path, version: int
+) -> None:
     """Bodies chained by the owner that commit to a payload never stored, spelt to slip past
     a substring test or SQLite's JSON functions: each is reported, by the parallel workers
     (one per work item, so that both the batch test and the body-by-body one run) and by the
-    serial verifier, and nothing else is."""
+    serial verifier, and nothing else is; in a version 1 file too (its per-row flag is
+    SQLite's json_extract)."""
     from coworker.audit.record import canonical
+    from tests.audit.conftest import legacy_log
 
-    store = SQLiteStore(db_path)
+    if version == 1:
+        legacy_log(db_path)
+    store = SQLiteStore(db_path, upgrade=False)
+    assert store.schema_version == version
     plain = make_entries(1)[0][0]
     store.append([plain] * 1_000)
     store.close()
@@ -182,7 +197,7 @@ def test_hostile_bodies_committing_to_no_stored_payload_are_reported(db_path: Pa
         honest = canonical({**plain, "seq": seq}).decode()
         seqs.append(_chain_raw(db_path, HOSTILE[name](honest).encode()))
         assert seqs[-1] == seq
-        store = SQLiteStore(db_path)
+        store = SQLiteStore(db_path, upgrade=False)
         store.append([plain] * 699)
         store.close()
     parallel, serial = _both(db_path)
