@@ -1,8 +1,9 @@
-"""Verify finds every record that commits to a payload that is not stored, in a version 2 file,
-through the byte search of the bodies (``_verify_parallel.committing``) that replaced a JSON
-parse of every body: in the parallel workers' hashing scan and in the serial path alike, with
-the committed-records index edited, and for bodies crafted so that a substring test or
-SQLite's JSON functions would not see the commitment (escaped keys, duplicate keys)."""
+"""Verify finds every record that commits to a payload that is not stored through the byte
+search of the bodies (``_verify_parallel.committing``) that replaced SQLite's JSON parse of
+every body: in the parallel workers' hashing scan and in the serial path alike, with the
+committed-records index edited, for bodies crafted so that a substring test or SQLite's JSON
+functions would not see the commitment (escaped keys, duplicate keys), in version 1 and 2
+files; and the workers' selection is never taken for the column check's."""
 
 from __future__ import annotations
 
