@@ -1,8 +1,9 @@
-"""Verify finds every record that commits to a payload that is not stored, in a version 2 file,
-through the byte search of the bodies (``_verify_parallel.committing``) that replaced a JSON
-parse of every body: in the parallel workers' hashing scan and in the serial path alike, with
-the committed-records index edited, and for bodies crafted so that a substring test or
-SQLite's JSON functions would not see the commitment (escaped keys, duplicate keys)."""
+"""Verify finds every record that commits to a payload that is not stored through the byte
+search of the bodies (``_verify_parallel.committing``) that replaced SQLite's JSON parse of
+every body: in the parallel workers' hashing scan and in the serial path alike, with the
+committed-records index edited, for bodies crafted so that a substring test or SQLite's JSON
+functions would not see the commitment (escaped keys, duplicate keys), in version 1 and 2
+files; and the workers' selection is never taken for the column check's."""
 
 from __future__ import annotations
 
@@ -120,14 +121,21 @@ def test_every_body_python_reads_as_committing_is_selected(
 def _chain_raw(path: Path, body: bytes) -> int:
     """Append ``body`` at the head with a plain INSERT the append-only triggers accept (the
     owner of the file chaining a body of its own); its seq."""
+    from coworker.audit import sqlite_schema
+    from coworker.audit.store import StoredRecord
+
     conn = sqlite3.connect(path, isolation_level=None)
     seq, prev = conn.execute(
         "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1"
     ).fetchone()
-    conn.execute(
-        "INSERT INTO audit_records (seq, prev_hash, hash, body) VALUES (?, ?, ?, ?)",
-        (seq + 1, prev, hashlib.sha256(prev + body).digest(), body),
-    )
+    record = StoredRecord(seq + 1, prev, hashlib.sha256(prev + body).digest(), body)
+    (version,) = conn.execute(
+        "SELECT value FROM audit_meta WHERE key = 'schema_version'"
+    ).fetchone()
+    if version == "1":  # the query columns as the writer copies them
+        conn.execute(sqlite_schema._INSERT_V1, sqlite_schema._row_v1(record, json.loads(body)))
+    else:
+        conn.execute(sqlite_schema._INSERT, sqlite_schema._row(record, {}))
     conn.close()
     return int(seq) + 1
 
@@ -165,14 +173,22 @@ def test_a_deleted_payload_cut_from_the_index_is_found_by_the_parallel_verifier(
     assert parallel["problems"] == serial["problems"] and parallel["checked"] == 3_000
 
 
-def test_hostile_bodies_committing_to_no_stored_payload_are_reported(db_path: Path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_hostile_bodies_committing_to_no_stored_payload_are_reported(
+    db_path: Path, version: int
+) -> None:
     """Bodies chained by the owner that commit to a payload never stored, spelt to slip past
     a substring test or SQLite's JSON functions: each is reported, by the parallel workers
     (one per work item, so that both the batch test and the body-by-body one run) and by the
-    serial verifier, and nothing else is."""
+    serial verifier, and nothing else is; in a version 1 file too (its per-row flag is
+    SQLite's json_extract)."""
     from coworker.audit.record import canonical
+    from tests.audit.conftest import legacy_log
 
-    store = SQLiteStore(db_path)
+    if version == 1:
+        legacy_log(db_path)
+    store = SQLiteStore(db_path, upgrade=False)
+    assert store.schema_version == version
     plain = make_entries(1)[0][0]
     store.append([plain] * 1_000)
     store.close()
@@ -182,7 +198,7 @@ def test_hostile_bodies_committing_to_no_stored_payload_are_reported(db_path: Pa
         honest = canonical({**plain, "seq": seq}).decode()
         seqs.append(_chain_raw(db_path, HOSTILE[name](honest).encode()))
         assert seqs[-1] == seq
-        store = SQLiteStore(db_path)
+        store = SQLiteStore(db_path, upgrade=False)
         store.append([plain] * 699)
         store.close()
     parallel, serial = _both(db_path)
@@ -190,4 +206,35 @@ def test_hostile_bodies_committing_to_no_stored_payload_are_reported(db_path: Pa
         (PAYLOAD_MISMATCH, s) for s in seqs
     ]
     assert all("payload deleted" in p["detail"] for p in parallel["problems"])
+    assert parallel["problems"] == serial["problems"]
+
+
+def test_a_version_2_table_made_plain_is_column_checked_by_the_parallel_verifier(
+    db_path: Path,
+) -> None:
+    """A version 2 table rewritten with plain columns (PRAGMA writable_schema) and a column set
+    by hand, in a log large enough for the parallel path: the workers' selection (bodies that
+    may commit to a payload) is not the column check's, which then runs over every row as in
+    the serial path."""
+    from coworker.audit import sqlite_schema
+    from coworker.audit.store import COLUMN_MISMATCH, GUARD
+    from tests.audit.conftest import raw
+    from tests.audit.test_sqlite_generated import _PLAIN, _rewrite_table
+
+    store = SQLiteStore(db_path)
+    store.append([make_entries(1)[0][0]] * 3_000)
+    store.close()
+    _rewrite_table(db_path, _PLAIN)
+    conn = raw(db_path)
+    conn.execute("UPDATE audit_records SET user_id = 'mallory' WHERE seq = 2222")
+    conn.close()
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for statement in sqlite_schema._split_ddl(sqlite_schema._GUARDS):
+        conn.execute(statement)  # the triggers back, as a careful tamperer would
+    conn.close()
+    parallel, serial = _both(db_path)
+    # Every row differs (the plain columns hold nothing the body has): capped, in seq order.
+    kinds = [p["kind"] for p in serial["problems"]]
+    assert kinds[0] == GUARD and kinds[1:] == [COLUMN_MISMATCH] * (len(kinds) - 1)
+    assert "more like it" in serial["problems"][-1]["detail"]
     assert parallel["problems"] == serial["problems"]

@@ -33,31 +33,31 @@ MIN_RECORDS: Final = 150_000
 """Below this, process start-up costs more than it saves."""
 
 Chunk = tuple[str, int, int, str | None]
-Result = tuple[bool, bytes | None, bytes | None, int, list[int] | None]
+Result = tuple[bool, bytes | None, bytes | None, int, list[int] | None, list[int]]
 
 
 def verify_range(job: Chunk) -> Result:
     """Check records ``lo..hi`` of the file: ``(ok, first_prev_hash, last_hash, count,
-    candidates)``.
+    candidates, committed)``.
 
     ``flag`` is an SQL expression over ``audit_records r LEFT JOIN audit_payloads p`` that is
-    true for a row the store's integrity check must look at (its query columns or payload
-    commitment may not match its body); it is computed in the same scan as the hashes, so
-    each row is read once for both. ``candidates`` is those seqs (``None`` when a body is not
-    JSON: the caller then runs the store's own scan); without a flag, the seqs whose body may
-    commit to a payload (:func:`committing`), found in the same batches as the hashes.
+    true for a row the store's integrity check must look at (its query columns may not match
+    its body); it is computed in the same scan as the hashes, so each row is read once for
+    both. ``candidates`` is those seqs, or ``None`` when no flag was given or a body is not
+    JSON (the caller then runs the store's own scan). ``committed`` is the seqs whose body
+    may commit to a payload (:func:`committing`), found in the same batches as the hashes.
     """
     path, lo, hi, flag = job
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    committed: list[int] = []
     try:
         conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
         first = conn.execute("SELECT prev_hash FROM audit_records WHERE seq = ?", (lo,)).fetchone()
         if first is None:
-            return False, None, None, 0, None
-        candidates: list[int] | None = None
+            return False, None, None, 0, None, committed
         if flag is not None:
+            candidates: list[int] = []
             try:
-                candidates = []
                 ok, last, count = _scan(
                     conn,
                     "SELECT r.hash, r.body, " + flag + " FROM audit_records r LEFT JOIN "
@@ -67,14 +67,14 @@ def verify_range(job: Chunk) -> Result:
                     hi,
                     first[0],
                     candidates,
+                    committed,
                 )
             except sqlite3.OperationalError:  # a body that is not JSON
-                candidates = None
+                committed.clear()
             else:
-                return ok, first[0], last, count, candidates
-        committed: list[int] = []
+                return ok, first[0], last, count, candidates, committed
         ok, last, count = _scan_links(conn, lo, hi, first[0], committed)
-        return ok, first[0], last, count, committed if flag is None else None
+        return ok, first[0], last, count, None, committed
     finally:
         conn.close()
 
@@ -174,9 +174,12 @@ def _scan(
     lo: int,
     hi: int,
     prev: bytes,
-    candidates: list[int] | None,
+    candidates: list[int],
+    committed: list[int],
 ) -> tuple[bool, bytes | None, int]:
-    """The hash loop over one range: ``(intact, last hash, records checked)``."""
+    """The hash loop over one range with a per-row flag: ``(intact, last hash, records
+    checked)``; the flagged seqs are added to ``candidates``, those whose body may commit to
+    a payload to ``committed`` (as in :func:`_scan_links`)."""
     expected = lo
     sha256 = hashlib.sha256
     # seq is not fetched: rows come in seq order from [lo, hi] and seq is unique, so a
@@ -187,6 +190,7 @@ def _scan(
         rows = cursor.fetchmany()
         if not rows:
             break
+        first = expected
         for digest, body, flagged in rows:
             try:
                 intact = sha256(prev + body).digest() == digest
@@ -194,10 +198,11 @@ def _scan(
                 intact = False
             if not intact:
                 return False, None, expected - lo
-            if flagged and candidates is not None:
+            if flagged:
                 candidates.append(expected)
             prev = digest
             expected += 1
+        committed += [first + i for i in committing([row[1] for row in rows])]
     return expected - 1 == hi, prev, expected - lo
 
 
@@ -217,21 +222,23 @@ def verify_parallel(
     genesis: bytes,
     progress: Callable[[int], None] | None = None,
     flag: str | None = None,
-) -> tuple[bytes, list[int] | None] | None:
-    """Verify records ``1..head_seq``: ``(hash of head_seq, candidates)`` if all links are
-    intact, or ``None`` when anything is wrong (the caller then runs the serial verifier).
+) -> tuple[bytes, list[int] | None, list[int]] | None:
+    """Verify records ``1..head_seq``: ``(hash of head_seq, candidates, committed)`` if all
+    links are intact, or ``None`` when anything is wrong (the caller then runs the serial
+    verifier).
 
-    ``candidates`` are the seqs ``flag`` selects, or without a flag those whose body may
-    commit to a payload (see :func:`verify_range`), in order; ``None`` when they could not be
-    computed in the scan."""
+    ``candidates`` are the seqs ``flag`` selects, in order, or ``None`` when there is no flag
+    or they could not be computed in the scan; ``committed`` those whose body may commit to a
+    payload (see :func:`verify_range`), in order."""
     jobs = [(path, lo, min(lo + CHUNK - 1, head_seq), flag) for lo in range(1, head_seq + 1, CHUNK)]
     workers = min(os.cpu_count() or 1, len(jobs))
     ctx = multiprocessing.get_context("fork")
     prev = genesis
     done = 0
     candidates: list[int] | None = []
+    committed: list[int] = []
     with ctx.Pool(workers) as pool:
-        for ok, first_prev, last, count, found in pool.imap(verify_range, jobs):
+        for ok, first_prev, last, count, found, commits in pool.imap(verify_range, jobs):
             if not ok or first_prev != prev or last is None:
                 pool.terminate()
                 return None
@@ -239,8 +246,9 @@ def verify_parallel(
                 candidates = None
             elif candidates is not None:
                 candidates += found
+            committed += commits
             prev = last
             done += count
             if progress is not None:
                 progress(done)
-    return prev, candidates
+    return prev, candidates, committed

@@ -110,7 +110,10 @@ _CANDIDATE_ROW: Final = (
 
 
 def integrity_findings(
-    store: SQLiteStore, head: Head | None, candidates: Sequence[int] | None
+    store: SQLiteStore,
+    head: Head | None,
+    candidates: Sequence[int] | None,
+    committed: Sequence[int] | None = None,
 ) -> list[Finding]:
     """:meth:`SQLiteStore.integrity_findings`: columns against bodies, payloads against
     digests, rows outside ``1..head``, the triggers' definitions (read only)."""
@@ -155,17 +158,20 @@ def integrity_findings(
                 raise
             # A body that is not JSON (only possible with the definitions not ours).
             malformed_rows = [r[0] for r in store._read(_ALL_ROWS, (last,))]
-        # The bodies that may commit to a payload, minus those whose payload is stored (the
-        # payload scan below checks them).
-        committed = _committing(store, last) if candidates is None else candidates
-        stored_seqs = {r.seq for r in stored}
-        unstored = [seq for seq in committed if seq not in stored_seqs]
         candidates = malformed_rows
         check_columns = False
     else:
-        candidates = _v1_candidates(store, last, candidates)
-        unstored = []
+        # The caller's candidates are the flag's of a version 1 file: a version 2 file (its
+        # table not ours) has none, and gets the full scan.
+        candidates = _v1_candidates(store, last, candidates if store.schema_version < 2 else None)
         check_columns = True
+    # The bodies that may commit to a payload, minus those whose payload is stored (the
+    # payload scan below checks them): in every version, not SQLite's json_extract, which
+    # reads an escaped or duplicated key otherwise than Python does.
+    if committed is None:
+        committed = _committing(store, last)
+    stored_seqs = {r.seq for r in stored}
+    unstored = [seq for seq in committed if seq not in stored_seqs]
     columns: list[Finding] = []
     malformed: list[Finding] = []
     missing: list[StoredRecord] = []  # no payload stored: a finding if the body has a digest

@@ -189,8 +189,8 @@ class SQLiteStore:
     @property
     def CANDIDATE_FLAG(self) -> str | None:
         """What the parallel verifier computes per row for :meth:`integrity_findings`: the
-        SQL flag of a version 1 file; ``None`` for version 2, where the workers select the
-        bodies that may commit to a payload instead (no SQL per row)."""
+        SQL flag of a version 1 file, ``None`` for version 2 (nothing to check per row; the
+        workers select the bodies that may commit to a payload in either)."""
         return CANDIDATE_FLAG if self.schema_version < 2 else None
 
     # -- connections (coworker.audit.sqlite_open) ---------------------------------------------
@@ -435,19 +435,24 @@ class SQLiteStore:
         return sqlite_integrity.storage_findings(self)
 
     def integrity_findings(
-        self, head: Head | None, *, candidates: Sequence[int] | None = None
+        self,
+        head: Head | None,
+        *,
+        candidates: Sequence[int] | None = None,
+        committed: Sequence[int] | None = None,
     ) -> list[Finding]:
         """See :class:`~coworker.audit.store.IntegrityChecked`: columns against bodies,
         payloads against digests, rows outside ``1..head``, the triggers' definitions.
 
         Args:
             head: the last record to check.
-            candidates: when the caller computed them already (the parallel verifier, in
-                its hashing scan), in order: in a version 1 file the seqs
-                :data:`CANDIDATE_FLAG` selects, in a version 2 file those whose body may
-                commit to a payload (:func:`~coworker.audit._verify_parallel.committing`).
+            candidates: the seqs :data:`CANDIDATE_FLAG` selects (a version 1 file), in
+                order, when the caller computed them already (the parallel verifier, in its
+                hashing scan).
+            committed: likewise, the seqs whose body may commit to a payload
+                (:func:`~coworker.audit._verify_parallel.committing`).
         """
-        return sqlite_integrity.integrity_findings(self, head, candidates)
+        return sqlite_integrity.integrity_findings(self, head, candidates, committed)
 
     def tree_table(self) -> Any:
         """The Merkle tree's table: ``<file>.tree`` beside the chain's file (never the log's

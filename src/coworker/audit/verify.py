@@ -175,14 +175,14 @@ def verify_chain(
     """
     fast = _try_parallel(store, expected_head, progress)
     if fast is not None:
-        last, candidates = fast
+        last, candidates, committed = fast
         problem = None
         if expected_head is not None:
             problem = _against_saved(store, last, expected_head)
-        found = None
-        if candidates is not None:
-            # The workers selected the rows to look at in their hashing scan.
-            found = store.integrity_findings(last, candidates=candidates)  # type: ignore[attr-defined]
+        # The workers selected the rows to look at in their hashing scan.
+        found = store.integrity_findings(  # type: ignore[attr-defined]
+            last, candidates=candidates, committed=committed
+        )
         return _report(store, last.seq, last, problem, check_in_doubt, found, deep)
     # The checks beyond the links run beside the serial hash loop: SQLite and libpq release
     # the GIL while they scan, so the two overlap on two cores.
@@ -304,7 +304,7 @@ def _in_doubt(store: AuditStore, check: bool) -> tuple[int, ...]:
 
 def _try_parallel(
     store: AuditStore, expected_head: Head | None, progress: Callable[[int], None] | None
-) -> tuple[Head, list[int] | None] | None:
+) -> tuple[Head, list[int] | None, list[int]] | None:
     # Large SQLite logs are re-hashed on every core (see _verify_parallel), the rows the
     # store's integrity check must look at selected in the same scan; anything unexpected,
     # including a problem in the log, falls back to the serial path, which is the one that
@@ -326,7 +326,7 @@ def _try_parallel(
         return None
     if found is None or found[0] != head.hash:
         return None
-    return head, found[1]
+    return head, found[1], found[2]
 
 
 def _ok_detail(head: Head | None) -> str:
