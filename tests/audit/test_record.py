@@ -122,6 +122,19 @@ def test_format_time_fixed_width_and_sortable() -> None:
     assert formatted == sorted(formatted)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 4_102_444_800 * 10**9), min_size=1, max_size=200))
+def test_format_time_is_the_calendar_time_whatever_seconds_it_saw_before(times: list[int]) -> None:
+    """Interleaved seconds (recorded_at now, a span's start and end older: one batch of
+    ingested spans) format as the calendar says, the cache of seconds full or not."""
+    import datetime as dt
+
+    for ns in times * 2:
+        secs, frac = divmod(ns, 10**9)
+        day = dt.datetime.fromtimestamp(secs, dt.UTC)
+        assert format_time(ns) == f"{day:%Y-%m-%dT%H:%M:%S}.{frac:09d}Z"
+
+
 def test_canonical_matches_reference_for_a_real_record() -> None:
     """The fast encoder's bytes equal rfc8785's for a record built from a span."""
     fields, _ = entry_from_span(_decoded_span())

@@ -356,10 +356,13 @@ def _as_storable(value: Any) -> Any:
     return _as_storable(text)
 
 
-# The last second formatted and its text: the records of one batch share their second, and
-# time.gmtime + the date formatting are most of format_time's cost. One tuple, replaced whole,
-# so threads never see a second with another second's text.
-_LAST_SECOND: tuple[int, str] = (-1, "")
+# The text of the seconds formatted lately: the records of one batch share a few seconds
+# (recorded_at is now, a span's start and end may be seconds older: one last-second slot
+# missed on every call of an ingested span), and time.gmtime + the date formatting are most
+# of format_time's cost. Emptied when full; dict reads and writes are atomic, so threads
+# never see a second with another second's text.
+_SECONDS: dict[int, str] = {}
+_MAX_SECONDS: Final = 64
 
 
 def format_time(ns: int | None) -> str | None:
@@ -369,20 +372,19 @@ def format_time(ns: int | None) -> str | None:
     Fixed width makes the strings sort in time order, which the stores rely on for
     ``--since`` / ``--until``.
     """
-    global _LAST_SECOND
     if ns is None:
         return None
     secs, frac = divmod(ns, 1_000_000_000)
-    last = _LAST_SECOND
-    if last[0] == secs:
-        prefix = last[1]
-    else:
+    prefix = _SECONDS.get(secs)
+    if prefix is None:
         t = time.gmtime(secs)
         prefix = (
             f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
             f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
         )
-        _LAST_SECOND = (secs, prefix)
+        if len(_SECONDS) >= _MAX_SECONDS:
+            _SECONDS.clear()
+        _SECONDS[secs] = prefix
     return f"{prefix}.{frac:09d}Z"
 
 
