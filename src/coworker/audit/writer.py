@@ -411,6 +411,9 @@ class AuditWriter:
         if self._metric is None or not entries:
             return
         try:
+            if len(entries) == 1:  # the one caller's append: no Counter to build
+                self._metric(str(entries[0][0].get("category")), outcome, seconds, count=1)
+                return
             counts = collections.Counter(str(fields.get("category")) for fields, _ in entries)
             for category, count in counts.items():
                 self._metric(category, outcome, seconds, count=count)
