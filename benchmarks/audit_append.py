@@ -21,7 +21,9 @@ Goals (issue 17): 1 thread >= 0.9x raw; 4 threads >= 0.8x raw group commit.
 
 ``--callgrind``: instructions per one-record append under ``valgrind --tool=callgrind``
 (``synchronous=NORMAL``, so that only CPU work counts; N and 2N appends, the difference / N):
-the raw one-row commit of the very rows the store inserts, and ``SQLiteStore.append``.
+the raw one-row commit of the very rows the store inserts, ``SQLiteStore.append``, the whole
+audited call (``@coworker.run(operation="update")`` into ``audit="sqlite:///...?synchronous=
+normal"``, inside ``acting_as`` + ``flow`` as above) and the same call with no audit trail.
 """
 
 from __future__ import annotations
@@ -221,6 +223,9 @@ def _case(case: str, calls: int) -> None:
     import json
 
     tmp = Path(tempfile.mkdtemp())
+    if case in ("call", "run"):
+        _calls_case(tmp, case, calls)
+        return
     store = SQLiteStore(tmp / "store.db", synchronous="NORMAL")
     sample = tmp / "sample.db"
     coworker.configure(audit=f"sqlite:///{sample}", otlp=False)
@@ -251,17 +256,45 @@ def _case(case: str, calls: int) -> None:
         target.close()
 
 
+def _calls_case(tmp: Path, case: str, calls: int) -> None:
+    """``calls`` runs as in :func:`audited` (1 thread), with the audit trail (``"call"``,
+    ``synchronous=NORMAL``) or without it (``"run"``: the span alone)."""
+    import gc
+
+    audit = f"sqlite:///{tmp / 'calls.db'}?synchronous=normal" if case == "call" else None
+    coworker.configure(audit=audit, otlp=False)
+    with coworker.acting_as("user-0"), coworker.flow("batch-job"):
+        for i in range(10):  # warm-up: first-call imports and caches
+            update_invoice(i)
+        gc.disable()  # no cyclic collection lands in N or 2N calls at random
+        for i in range(calls):
+            update_invoice(i)
+        gc.enable()
+    coworker.shutdown()
+
+
 def callgrind(calls: int) -> None:
-    """Instructions per one-record append: raw commit and ``SQLiteStore.append``."""
+    """Instructions per one-record append (raw commit, ``SQLiteStore.append``) and per call
+    (the whole audited call, and the same run without an audit trail)."""
     from _callgrind import instructions, per_iteration
 
     instructions(__file__, "raw", "--calls", 1)  # warm-up: writes any stale .pyc first
     raw_per = per_iteration(__file__, "raw", "--calls", calls)
     store_per = per_iteration(__file__, "store", "--calls", calls)
+    call_per = per_iteration(__file__, "call", "--calls", calls)
+    run_per = per_iteration(__file__, "run", "--calls", calls)
     print(f"raw one-row commit (SQLite work only): {raw_per:>10,.0f} instructions/record")
     print(
         f"SQLiteStore.append:                    {store_per:>10,.0f} instructions/record "
         f"(+{store_per - raw_per:,.0f} over raw)"
+    )
+    print(
+        f"audited call (run + record + append):  {call_per:>10,.0f} instructions/call "
+        f"(+{call_per - raw_per:,.0f} over raw, {raw_per / call_per:.2f}x)"
+    )
+    print(
+        f"the same run, no audit trail:          {run_per:>10,.0f} instructions/call "
+        f"(audit path: {call_per - run_per - store_per:+,.0f} beside the store)"
     )
 
 

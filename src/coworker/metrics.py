@@ -184,6 +184,8 @@ def audit_append(
         count: How many records of this category the append carried.
         meter_provider: Record with this provider instead of the global one (tests).
     """
+    if meter_provider is None and _no_meter_provider():
+        return  # the API's proxy instruments would drop the points anyway: save the work
     instruments: _AuditInstruments = _instruments.get(_AuditInstruments, meter_provider)
     attributes = {_a.AUDIT_CATEGORY: category, _a.METRIC_ATTR_OUTCOME: outcome}
     instruments.appends.add(count, attributes)

@@ -31,7 +31,9 @@ _log = logging.getLogger("coworker.audit")
 
 def is_audit_span(span: Any) -> bool:
     """``True`` when the span carries ``coworker.audited = True``."""
-    attributes = span.attributes
+    # The SDK span's plain dict when it has one (its public mapping is a new proxy per read).
+    inner = getattr(getattr(span, "_attributes", None), "_dict", None)
+    attributes = inner if type(inner) is dict else span.attributes
     return attributes is not None and attributes.get(attr.AUDITED) is True
 
 

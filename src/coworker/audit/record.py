@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 import rfc8785
+from opentelemetry.trace import StatusCode
 
 from coworker import attributes as attr
 
@@ -420,9 +421,19 @@ def _payload(attributes: Mapping[str, Any]) -> bytes | None:
     return canonical({"input": _as_str(captured_in), "output": _as_str(captured_out)})
 
 
+def _attributes(span: Any) -> Mapping[str, Any]:
+    # An ended SDK span's attributes are an immutable BoundedAttributes around a plain dict:
+    # read that dict itself. Anything else (a live span, a decoded one) gets one plain-dict
+    # copy: the public mapping pays a slow get() per key, and a live one can still change.
+    bounded = getattr(span, "_attributes", None)
+    inner = getattr(bounded, "_dict", None)
+    if type(inner) is dict and getattr(bounded, "_immutable", False) is True:
+        return inner
+    return dict(span.attributes or {})
+
+
 def _base(span: Any, kind: str) -> tuple[dict[str, Any], bytes | None]:
-    # One plain-dict copy: the SDK's BoundedAttributes pays a lock-free but slow get() per key.
-    attributes: dict[str, Any] = dict(span.attributes or {})
+    attributes = _attributes(span)
     ctx = span.get_span_context() if hasattr(span, "get_span_context") else span.context
     parent = span.parent
     resource = getattr(span, "resource", None)
@@ -515,8 +526,6 @@ def entry_from_span(span: Any) -> tuple[dict[str, Any], bytes | None]:
         ``(fields, payload)``: the record fields without ``seq``, and the canonical bytes of
         the captured ``{"input", "output"}`` or ``None`` when nothing was captured.
     """
-    from opentelemetry.trace import StatusCode
-
     fields, payload = _base(span, KIND_OUTCOME)
     failed = span.status is not None and span.status.status_code is StatusCode.ERROR
     finish_outcome(fields, span.end_time, failed)

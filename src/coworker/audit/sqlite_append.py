@@ -38,7 +38,13 @@ def append_in_txn(
     # Payloads are sealed here, in the transaction that inserts them: a key created for them
     # commits with them, and an erase committed by another process just before cannot leave
     # us a stale key.
-    if store.encrypt_payloads and payloads is not None and any(p is not None for p in payloads):
+    # (``prepared`` given: append() found nothing to seal before it took the lock.)
+    if (
+        prepared is None
+        and store.encrypt_payloads
+        and payloads is not None
+        and any(p is not None for p in payloads)
+    ):
         keys = (
             store.keystore.get_or_create_key
             if store.keystore is not None

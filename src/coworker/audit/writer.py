@@ -214,11 +214,18 @@ class AuditWriter:
         seconds = time.perf_counter() - started
         failures = [r for r in results if isinstance(r, BaseException)]
         outcome = _error_type(failures[0]) if failures else "ok"
-        self._settle_retry(results[:retried])
+        if retried:
+            self._settle_retry(results[:retried])
+        # Deferred (spooled) entries are durable: never a failure, never appended twice.
+        deferred = any(r is _DEFERRED for r in results)
         i = retried
         for t in batch:
             mine = results[i : i + len(t.entries)]
             i += len(t.entries)
+            if not failures and not deferred:  # the common batch: every result a record
+                t.records = mine
+                t.done = True
+                continue
             errors = [r for r in mine if isinstance(r, BaseException)]
             if errors:
                 t.error = errors[0] if isinstance(errors[0], AuditUnavailable) else _wrap(errors[0])
@@ -226,8 +233,7 @@ class AuditWriter:
                     e for e, r in zip(t.entries, mine, strict=True) if isinstance(r, BaseException)
                 ]
             t.records = [r for r in mine if isinstance(r, StoredRecord)]
-            # Deferred (spooled) entries are durable: never a failure, never appended twice.
-            t.deferred = any(r is _DEFERRED for r in mine)
+            t.deferred = deferred and any(r is _DEFERRED for r in mine)
             t.done = True
         return entries, outcome, seconds
 
@@ -291,7 +297,8 @@ class AuditWriter:
         return results
 
     def _store_append(self, entries: Sequence[Entry]) -> list[Any]:
-        records = self.store.append([e[0] for e in entries], [e[1] for e in entries])
+        fields, payloads = zip(*entries, strict=True)  # entries is never empty here
+        records = self.store.append(fields, payloads)
         if not records:
             # The store made the entries durable but seals them later (a PostgreSQL store
             # spooling locally during an outage): done, with no seq to hand back yet.
@@ -411,6 +418,9 @@ class AuditWriter:
         if self._metric is None or not entries:
             return
         try:
+            if len(entries) == 1:  # the one caller's append: no Counter to build
+                self._metric(str(entries[0][0].get("category")), outcome, seconds, count=1)
+                return
             counts = collections.Counter(str(fields.get("category")) for fields, _ in entries)
             for category, count in counts.items():
                 self._metric(category, outcome, seconds, count=count)
