@@ -242,3 +242,40 @@ def test_ingest_into_a_retired_chain_answers_503_and_writes_nothing(tmp_path: Pa
     head = store.head()
     store.close()
     assert head is not None and head.seq == 1  # the seal alone
+
+
+@pytest.mark.postgres
+def test_a_writer_roles_raw_insert_after_the_seal_is_refused_by_the_database(
+    pg: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bypassing coworker's append: a writer role's INSERT of a correctly chained row after the
+    seal is refused by the chain check (schema 7), so the retired chain stays as sealed."""
+    import psycopg
+
+    from coworker.audit.chain import link
+    from coworker.audit.store_postgres import PostgresStore, writer_grants
+    from tests.pg import with_user
+
+    url = pg.schema_url(spool="off")
+    open_store(url).close()
+    store = PostgresStore(with_chain(url, "billing"), spool=None)
+    store.append([entry(1)])
+    assert main(["audit", "retire-chain", "billing", "--reason", "gone", "--url", url]) == 0
+    head = store.head()
+    assert head is not None and head.seq == 2
+    writer = pg.create_role("seal_writer")
+    for grant in writer_grants(writer, store.schema):
+        pg.execute(grant)
+    from coworker.audit.record import canonical
+
+    body = canonical({**entry(3), "seq": 3})
+    with psycopg.connect(with_user(pg.url, writer), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.IntegrityConstraintViolation):
+            conn.execute(
+                f'INSERT INTO "{store.schema}".records (seq, prev_hash, hash, body, category) '
+                "VALUES (3, %s, %s, %s, 'state-change')",
+                (head.hash, link(head.hash, body), body),
+            )
+    store.close()
+    capsys.readouterr()
+    assert main(["audit", "verify", "--url", url]) == 0

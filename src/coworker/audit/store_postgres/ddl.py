@@ -556,8 +556,44 @@ def _with_seal_check(ddl: str, function: str) -> str:
     )
 
 
+def _check_chain_v7() -> str:
+    """Version 5's check_chain(), also refusing a writer role's raw INSERT after a seal
+    (append() refuses its own; the owner's inserts skip the check, as since version 5)."""
+    import re
+
+    found = re.search(
+        r"CREATE OR REPLACE FUNCTION \{schema\}\.check_chain\(.*?\$\$.*?\$\$;", _DDL_V5, re.DOTALL
+    )
+    assert found is not None
+    text = found.group(0)
+    lag = "               lag(r.seq) OVER () AS lseq, lag(r.hash) OVER () AS lhash\n"
+    last = (
+        "       OR (n.lseq IS NULL AND n.seq > 1\n"
+        "           AND (SELECT p.hash FROM {schema}.records p WHERE p.seq = n.seq - 1)\n"
+        "               IS DISTINCT FROM n.prev_hash)\n"
+    )
+    assert lag in text and last in text
+    text = text.replace(
+        lag,
+        "               lag(r.seq) OVER () AS lseq, lag(r.hash) OVER () AS lhash,\n"
+        "               lag(r.category) OVER () AS lcat\n",
+        1,
+    )
+    return text.replace(
+        last,
+        last + "       OR n.lcat = 'chain-seal'\n"
+        "       OR (n.lseq IS NULL AND n.seq > 1 AND (SELECT p.category FROM {schema}.records p\n"
+        "           WHERE p.seq = n.seq - 1) = 'chain-seal')\n",
+        1,
+    )
+
+
 _DDL_V7: Final = "\n".join(
-    [_with_seal_check(_DDL_V6, "lock_head"), _with_seal_check(_DDL_V6, "append")]
+    [
+        _with_seal_check(_DDL_V6, "lock_head"),
+        _with_seal_check(_DDL_V6, "append"),
+        _check_chain_v7(),
+    ]
 )
 
 _MIGRATIONS: Final = {
