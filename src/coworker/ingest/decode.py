@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
@@ -99,11 +99,12 @@ class AuditBatch:
         usage: per span, ``True`` when it carries token counts for the usage ledger
             (:func:`coworker.ingest.usage.wants_usage`; only with ``audit_spans(usage=True)``).
         records: with ``audit_spans(records=True)``, instead of ``spans``: per span its
-            outcome record built straight from the protobuf message (:class:`SpanRecord`).
+            outcome record built straight from the protobuf message (:class:`SpanRecord`,
+            or what ``audit_spans``'s ``build`` made of it).
     """
 
     spans: list[ReadableSpan] = field(default_factory=list)
-    records: list[SpanRecord] = field(default_factory=list)
+    records: list[Any] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
     audited: list[bool] = field(default_factory=list)
     usage: list[bool] = field(default_factory=list)
@@ -221,6 +222,7 @@ def audit_spans(
     max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
     usage: bool = False,
     records: bool = False,
+    build: Callable[[Any, _Parts, Any, bool], Any] | None = None,
 ) -> AuditBatch:
     """Select the audit spans of a request (``coworker.audited`` is ``true``) and decode them.
 
@@ -244,6 +246,11 @@ def audit_spans(
         records: make each span's record (``batch.records``) instead of its
             ``ReadableSpan`` (``batch.spans`` stays empty): the same checks and the same
             record as ``entry_from_span`` of the span, without the SDK objects.
+        build: with ``records``, what makes a span's entry of ``batch.records`` instead of
+            :class:`SpanRecord`: called with the span message, its checked parts, the
+            resource's ``service.name`` and whether it is a usage span (``decode_body``
+            makes the stored record in one step, :mod:`coworker.ingest.prepare`); what it
+            raises rejects the span as a record that cannot be built.
 
     Returns:
         The batch of decoded spans, their ids (``trace_id || span_id``) and the rejections.
@@ -303,8 +310,11 @@ def audit_spans(
                     continue
                 if records:
                     try:
-                        built = _span_record(
-                            span, parts, resource_attributes.get(attr.SERVICE_NAME)
+                        service = resource_attributes.get(attr.SERVICE_NAME)
+                        built = (
+                            _span_record(span, parts, service)
+                            if build is None
+                            else build(span, parts, service, wanted)
                         )
                     except Exception as exc:
                         what = "audit" if flag is True else "usage"
