@@ -202,7 +202,7 @@ def builder(token: str | None) -> Callable[[Any, _Parts, Any, bool], Any]:
 
     def build(span: Any, parts: _Parts, service: Any, usage: bool) -> Any:
         if not usage:
-            name = span.name
+            name = parts.name
             item = prepared_item(
                 name,
                 parts.trace_id,
