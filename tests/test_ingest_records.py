@@ -24,7 +24,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue  # noqa:
 
 from coworker import attributes as attr  # noqa: E402
 from coworker.audit.chain import Prepared  # noqa: E402
-from coworker.audit.record import canonical, entry_from_span  # noqa: E402
+from coworker.audit.record import canonical, entry_from_span, storable  # noqa: E402
 from coworker.audit.store_sqlite import SQLiteStore  # noqa: E402
 from coworker.audit.verify import verify_chain  # noqa: E402
 from coworker.ingest.decode import audit_spans  # noqa: E402
@@ -35,7 +35,8 @@ from coworker.ingest.records import (  # noqa: E402
     content_digest,
     dedup_key,
 )
-from coworker.ingest.usage import usage_entries_of  # noqa: E402
+from coworker.ingest.tokens import INGEST_TOKEN_FIELD  # noqa: E402
+from coworker.ingest.usage import UsageRefused, usage_entries_of, usage_key  # noqa: E402
 from coworker.ingest.workers import ENTRY, REJECT, decode_body, record_of  # noqa: E402
 
 _TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
@@ -96,7 +97,13 @@ def _attributes(draw: Any, audited: bool | None) -> list[KeyValue]:
 
 
 @st.composite
-def _requests(draw: Any) -> ExportTraceServiceRequest:
+def _requests(draw: Any, hostile: bool = True) -> ExportTraceServiceRequest:
+    """Requests with spans of every kind of fault; with ``hostile=False``, spans that pass
+    the checks (valid ids, times and status; audited), hostile values in their attributes."""
+
+    def pick(valid: list[Any], faulty: list[Any]) -> Any:
+        return draw(st.sampled_from(valid + faulty if hostile else valid))
+
     request = ExportTraceServiceRequest()
     for _ in range(draw(st.integers(1, 2))):
         rs = request.resource_spans.add()
@@ -114,26 +121,18 @@ def _requests(draw: Any) -> ExportTraceServiceRequest:
             ss.scope.attributes.extend(draw(_attributes(None)))
             for _ in range(draw(st.integers(1, 4))):
                 span = ss.spans.add()
-                span.name = draw(st.sampled_from(["update Invoice", "ü", "n" * 70]))
-                span.trace_id = draw(
-                    st.sampled_from([bytes(range(1, 17)), bytes(16), b"\x01" * 15])
-                )
-                span.span_id = draw(
-                    st.sampled_from([bytes(range(1, 9)), bytes(range(2, 10)), bytes(8)])
-                )
-                span.parent_span_id = draw(
-                    st.sampled_from([b"", bytes(range(3, 11)), bytes(8), b"\x01"])
-                )
-                start = draw(st.integers(0, 2**62))
+                span.name = pick(["update Invoice", "ü", "n" * 40], ["n" * 70])
+                span.trace_id = pick([bytes(range(1, 17))], [bytes(16), b"\x01" * 15])
+                span.span_id = pick([bytes(range(1, 9)), bytes(range(2, 10))], [bytes(8)])
+                span.parent_span_id = pick([b"", bytes(range(3, 11))], [bytes(8), b"\x01"])
+                start = draw(st.integers(0 if hostile else 1, 2**62))
                 span.start_time_unix_nano = start
-                span.end_time_unix_nano = draw(
-                    st.sampled_from([0, start, start + 1_234_567_891, max(start - 1, 0)])
+                span.end_time_unix_nano = pick(
+                    [start, start + 1_234_567_891], [0, max(start - 1, 0)]
                 )
-                span.status.code = draw(st.sampled_from([0, 1, 2, 7]))
+                span.status.code = pick([0, 1, 2], [7])
                 span.status.message = draw(st.sampled_from(["", "boom"]))
-                span.attributes.extend(
-                    draw(_attributes(draw(st.sampled_from([True, True, False, None]))))
-                )
+                span.attributes.extend(draw(_attributes(pick([True], [True, False, None]))))
                 for _ in range(draw(st.integers(0, 2))):
                     event = span.events.add()
                     event.name = "e"
@@ -171,6 +170,88 @@ def test_records_from_protobuf_equal_entry_from_span_of_the_decoded_span(
         assert record.end_time == span.end_time and record.attributes == dict(span.attributes or {})
         assert list(record.fields) == list(fields)  # the same layout, so the same canonical path
         assert canonical(_without_time(record.fields)) == canonical(_without_time(fields))
+
+
+_RECORDED_AT = QUERY_FIELDS.index("recorded_at")
+
+
+def _reference_items(
+    request: ExportTraceServiceRequest, token: str | None, got: list[tuple[Any, ...]]
+) -> tuple[Any, list[tuple[Any, ...]]]:
+    """What decode_body's items must be, the long way: ReadableSpan, entry_from_span,
+    storable, the token, PreparedRecord.with_digest (usage records: usage_entries_of). Each
+    record takes the recorded_at of the item it is compared with (``got``)."""
+    old = audit_spans(request, max_attribute_length=64, max_attributes=5, usage=True)
+    times = iter([item[4][_RECORDED_AT] for item in got if item[0] == ENTRY])
+    want: list[tuple[Any, ...]] = []
+    for span, ids, audited, usage in zip(old.spans, old.keys, old.audited, old.usage, strict=True):
+        name = span.name[:80]
+        fields = dict(storable(entry_from_span(span)[0])[0])
+        if audited:
+            fields.update({"recorded_at": next(times), INGEST_TOKEN_FIELD: token})
+            prepared, digest = PreparedRecord.with_digest(fields)
+            want.append((ENTRY, name, *prepared.parts, entry_from_span(span)[1], ids + digest))
+        if usage:
+            try:
+                entries = usage_entries_of(span, fields)
+            except UsageRefused as exc:
+                want.append((REJECT, f"span {name!r}: usage refused: {exc}"))
+                continue
+            for entry in entries:
+                entry.update({"recorded_at": next(times), INGEST_TOKEN_FIELD: token})
+                parts = PreparedRecord.of(entry).parts
+                want.append((ENTRY, name, *parts, None, usage_key(ids, entry)))
+    return old, want
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(_requests(), _requests(hostile=False)),
+    st.sampled_from(["tok", None, 'ü"\\\x00']),
+)
+def test_decode_body_items_equal_the_records_of_entry_from_span(
+    request: ExportTraceServiceRequest, token: str | None
+) -> None:
+    """What a decoding worker sends (most audit records made in one step by
+    coworker.ingest.prepare, the others the general way) is, item for item and byte for
+    byte, the records entry_from_span makes of the decoded spans, escaped by storable, with
+    the token, canonicalised, with their dedup keys; and the same rejections."""
+    decoded = decode_body(
+        request.SerializeToString(), "application/x-protobuf", "identity", 1 << 20, 64, 5, token
+    )
+    old, want = _reference_items(request, token, decoded.items)
+    assert decoded.status is None
+    assert (decoded.batch.rejected, decoded.batch.errors, decoded.batch.total) == (
+        old.rejected,
+        old.errors,
+        old.total,
+    )
+    assert decoded.items == want
+
+
+def test_records_off_the_templates_take_the_general_way() -> None:
+    """A NUL in a query field, an intent_seq beyond 2**53: what storable changes (and
+    reports) is changed as before, not written by the templates."""
+    request = ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add()
+    for i, (key, value) in enumerate(
+        [
+            (attr.USER_ID, AnyValue(string_value="al\x00ice")),
+            (attr.AUDIT_INTENT_SEQ, AnyValue(int_value=2**60)),
+            (attr.USER_ID, AnyValue(string_value="plain")),
+        ]
+    ):
+        span = spans.spans.add()
+        span.name, span.trace_id, span.span_id = "op", bytes(range(1, 17)), bytes([i + 1] * 8)
+        span.start_time_unix_nano, span.end_time_unix_nano = 1, 2
+        span.attributes.append(KeyValue(key=attr.AUDITED, value=AnyValue(bool_value=True)))
+        span.attributes.append(KeyValue(key=key, value=value))
+    decoded = decode_body(
+        request.SerializeToString(), "application/x-protobuf", "identity", 1 << 20, 64, 5, "t"
+    )
+    records = [record_of(item)[0] for item in decoded.items]
+    assert records[0]["user_id"] == "al\\x00ice" and records[1]["intent_seq"] == str(2**60)
+    assert decoded.items == _reference_items(request, "t", decoded.items)[1]
 
 
 def test_usage_records_from_protobuf_equal_those_of_the_decoded_span() -> None:
@@ -312,3 +393,11 @@ def test_prepared_records_spool_as_their_fields(tmp_path: Path) -> None:
         spool.close()
     assert entry.fields == fields
     assert canonical({**entry.fields, "seq": 4}) == record.body(4)
+
+
+def test_the_one_step_records_are_in_step_with_the_record_layout() -> None:
+    """coworker.ingest.prepare knows every key of an ingested outcome record (else it would
+    quietly hand every span to the general way)."""
+    from coworker.ingest import prepare
+
+    assert prepare._ENABLED

@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
@@ -99,11 +99,12 @@ class AuditBatch:
         usage: per span, ``True`` when it carries token counts for the usage ledger
             (:func:`coworker.ingest.usage.wants_usage`; only with ``audit_spans(usage=True)``).
         records: with ``audit_spans(records=True)``, instead of ``spans``: per span its
-            outcome record built straight from the protobuf message (:class:`SpanRecord`).
+            outcome record built straight from the protobuf message (:class:`SpanRecord`,
+            or what ``audit_spans``'s ``build`` made of it).
     """
 
     spans: list[ReadableSpan] = field(default_factory=list)
-    records: list[SpanRecord] = field(default_factory=list)
+    records: list[Any] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
     audited: list[bool] = field(default_factory=list)
     usage: list[bool] = field(default_factory=list)
@@ -221,6 +222,7 @@ def audit_spans(
     max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
     usage: bool = False,
     records: bool = False,
+    build: Callable[[Any, _Parts, Any, bool], Any] | None = None,
 ) -> AuditBatch:
     """Select the audit spans of a request (``coworker.audited`` is ``true``) and decode them.
 
@@ -244,6 +246,11 @@ def audit_spans(
         records: make each span's record (``batch.records``) instead of its
             ``ReadableSpan`` (``batch.spans`` stays empty): the same checks and the same
             record as ``entry_from_span`` of the span, without the SDK objects.
+        build: with ``records``, what makes a span's entry of ``batch.records`` instead of
+            :class:`SpanRecord`: called with the span message, its checked parts, the
+            resource's ``service.name`` and whether it is a usage span (``decode_body``
+            makes the stored record in one step, :mod:`coworker.ingest.prepare`); what it
+            raises rejects the span as a record that cannot be built.
 
     Returns:
         The batch of decoded spans, their ids (``trace_id || span_id``) and the rejections.
@@ -303,8 +310,11 @@ def audit_spans(
                     continue
                 if records:
                     try:
-                        built = _span_record(
-                            span, parts, resource_attributes.get(attr.SERVICE_NAME)
+                        service = resource_attributes.get(attr.SERVICE_NAME)
+                        built = (
+                            _span_record(span, parts, service)
+                            if build is None
+                            else build(span, parts, service, wanted)
                         )
                     except Exception as exc:
                         what = "audit" if flag is True else "usage"
@@ -313,9 +323,10 @@ def audit_spans(
                         )
                         continue
                     batch.records.append(built)
+                    batch.keys.append(parts.trace_id + parts.span_id)
                 else:
                     batch.spans.append(readable)
-                batch.keys.append(bytes(span.trace_id) + bytes(span.span_id))
+                    batch.keys.append(bytes(span.trace_id) + bytes(span.span_id))
                 batch.audited.append(flag is True)
                 batch.usage.append(wanted)
     return batch
@@ -383,6 +394,7 @@ def _flags(attributes: Iterable[KeyValue]) -> tuple[bool | str | None, bool]:
 
 
 class _Parts(NamedTuple):
+    name: str
     trace_id: bytes
     span_id: bytes
     parent_id: bytes
@@ -414,22 +426,25 @@ def _checked_span(span: Any, limits: _Limits) -> _Parts:
         raise _Invalid("start and end times are required (an audit span must have ended)")
     if end < start:
         raise _Invalid("end time before start time")
-    if len(span.name) > limit:
+    name = span.name
+    if len(name) > limit:
         raise _Invalid(f"name longer than {limit} characters")
-    if len(span.events) > limits.count or len(span.links) > limits.count:
+    span_events, span_links = span.events, span.links  # each read makes a container
+    if len(span_events) > limits.count or len(span_links) > limits.count:
         raise _Invalid(f"more than {limits.count} events or links")
-    events = [(e, _attributes(e.attributes, limits)) for e in span.events] if span.events else []
+    events = [(e, _attributes(e.attributes, limits)) for e in span_events] if span_events else []
     links = []
-    for link in span.links:
+    for link in span_links:
         ltrace, lspan = bytes(link.trace_id), bytes(link.span_id)
         if len(ltrace) != 16 or len(lspan) != 8:
             raise _Invalid("a link's trace_id/span_id have the wrong length")
         links.append((ltrace, lspan, _attributes(link.attributes, limits)))
-    code = _STATUS.get(span.status.code)
+    status = span.status.code
+    code = _STATUS.get(status)
     if code is None:
-        raise _Invalid(f"unknown status code {span.status.code}")
+        raise _Invalid(f"unknown status code {status}")
     attributes = _attributes(span.attributes, limits)
-    return _Parts(trace_id, span_id, parent_id, start, end, events, links, code, attributes)
+    return _Parts(name, trace_id, span_id, parent_id, start, end, events, links, code, attributes)
 
 
 def _span_record(span: Any, parts: _Parts, service: Any) -> SpanRecord:
@@ -521,8 +536,8 @@ def _attributes(kvs: Sequence[KeyValue], limits: _Limits) -> dict[str, Any]:
             # and a trace viewer showing the first another.
             raise _Invalid(f"attribute {key[:80]!r} given twice")
         v = kv.value
-        if v.WhichOneof("value") == "string_value":  # most attributes: no call for them
-            value: Any = v.string_value
+        value: Any = v.string_value
+        if value:  # most attributes: a string, which no other kind of value has
             if len(value) > limit:
                 raise _Invalid(f"attribute value longer than {limit} characters")
         else:

@@ -32,6 +32,7 @@ from coworker.ingest.decode import (
     audit_spans,
     decode_request,
 )
+from coworker.ingest.prepare import ENTRY, builder
 from coworker.ingest.records import PreparedRecord
 from coworker.ingest.tokens import INGEST_TOKEN_FIELD
 from coworker.ingest.usage import UsageRefused, usage_entries_of, usage_key
@@ -42,9 +43,6 @@ _log = logging.getLogger("coworker.ingest")
 
 REJECT: Final = "reject"
 """The kind of an item that is a span rejected while its record was built."""
-ENTRY: Final = "entry"
-"""The kind of an item that is a record: ``(ENTRY, name, before, after, values, payload,
-key)``, a :class:`~coworker.ingest.records.PreparedRecord`'s parts (see :func:`record_of`)."""
 
 
 @dataclass
@@ -99,11 +97,15 @@ def decode_body(
         max_attributes=max_attributes,
         usage=True,
         records=True,
+        build=builder(token_name),
     )
     items: list[tuple[Any, ...]] = []
     for record, ids, audited, usage in zip(
         batch.records, batch.keys, batch.audited, batch.usage, strict=True
     ):
+        if type(record) is tuple:  # the stored record, made in one step (ingest.prepare)
+            items.append(record)
+            continue
         name = record.name[:80]
         fields = record.fields
         fixed, altered = storable(fields)
