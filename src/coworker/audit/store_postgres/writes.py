@@ -133,13 +133,15 @@ class _Writes(_Reads):
         note: Spool | None,
     ) -> AppendResult:
         """Answer "duplicate" only for an entry whose key is held by a row that is that record
-        (:func:`coworker.audit.dedup.body_key`); write the others without their key.
+        (:func:`coworker.audit.dedup.forged`); write the others without their key.
 
         Only after a duplicate (the append without one costs nothing more): the row holding
-        the key is read back. A row whose body does not earn the key was inserted by hand
-        with another record's key (a writer role can): the genuine record is written all the
-        same, without the key, with a CRITICAL log line; verify names the forged row."""
-        from coworker.audit.dedup import body_key
+        the key is read back. When the entry earns its key (a key coworker derived from it)
+        and that row does not, the row was inserted by hand with another record's key (a
+        writer role can): the genuine record is written all the same, without the key, with a
+        CRITICAL log line. A key the entry does not earn (an application's own) is trusted."""
+        from coworker.audit.chain import prepare
+        from coworker.audit.dedup import forged as is_forged
 
         keys = [k for i in result.duplicates if (k := items[i].dedup_key) is not None]
         with conn.cursor() as cur:
@@ -156,8 +158,7 @@ class _Writes(_Reads):
             row = held.get(key) if key is not None else None
             if key is None or row is None:
                 continue
-            earned = body_key(key, row[1])
-            if earned is not None and earned != key:
+            if is_forged(key, prepare([items[i].fields])[0].body(0), row[1]):
                 forged.append(i)
                 _log.critical(
                     "audit store %s: the dedup key of an entry is held by seq %d, whose body is "
