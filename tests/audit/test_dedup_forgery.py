@@ -91,7 +91,10 @@ def test_a_forged_dedup_key_does_not_drop_the_genuine_record_on_postgres(
     capsys.readouterr()
     assert main(["audit", "verify", "--url", url]) == 1
     out = capsys.readouterr().out
-    assert "seq 1" in out and "seq 3" in out and "seq 4" in out
+    # seq 4 holds a forged re-key: 32 bytes on a record that does not earn it, which is also
+    # what an application's own key (a SHA-256 digest) on its record looks like, so verify
+    # trusts it; the writer did not (the genuine record went in without a key, seq 5).
+    assert "seq 1" in out and "seq 3" in out and "seq 4" not in out
     assert "dedup key is not its body's" in out and "seq 2" not in out and "seq 5" not in out
     bodies = [r.fields()["name"] for r in PostgresStore(url, readonly=True).iter_from(1)]
     assert bodies == ["forged", "genuine", "forged", "forged", "third", "other"]
@@ -112,3 +115,69 @@ def test_sqlite_dedup_derives_every_key_from_the_bodies(tmp_path: Path) -> None:
     assert (fresh, duplicates, conflicts) == (1, 0, 1)
     assert [r.fields()["name"] for r in store.iter_from(1)][:2] == ["forged", "genuine"]
     store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "key",
+    [
+        __import__("hashlib").sha256(b"order-1").digest(),  # 32 bytes, a conflict key's length
+        b"0123456789abcdef0123456789abcdef",  # uuid4().hex: 32 bytes too
+        b"order-000000000000000001",  # 24 bytes, a legacy span key's length
+    ],
+    ids=["sha256", "uuid-hex", "24-chars"],
+)
+def test_an_applications_own_key_of_a_coworker_keys_length_still_deduplicates(
+    pg: Any, key: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An application's append_unique with keys of its own (a SHA-256 digest, a uuid's hex)
+    whose length is that of a key coworker derives: its resend was taken for a forgery (the
+    row holding the key is no ingest conflict record), written again with a CRITICAL line on
+    every retry, and verify failed a sound log with dedup-mismatch."""
+    from coworker.audit.store_postgres import PostgresStore
+
+    url = pg.schema_url()
+    store = PostgresStore(url, spool=None)
+    order = {"kind": "outcome", "category": "state-change", "operation": "pay", "order": 1}
+    assert [r.seq for r in store.append_unique([order], None, [key]).records] == [1]
+    again = store.append_unique([order], None, [key])
+    assert again.duplicates == [0] and again.records == []
+    store.close()
+    capsys.readouterr()
+    assert main(["audit", "verify", "--url", url]) == 0, capsys.readouterr().out
+
+
+def _genuine(form: str) -> tuple[dict[str, Any], bytes]:
+    """A record of each key form coworker derives, with its key."""
+    from coworker.audit.chain_registry import registry_entry, registry_key
+    from coworker.ingest.records import _conflict_entry, _conflict_key
+
+    ids = bytes.fromhex(TRACE + SPAN)
+    if form == "span":
+        fields = span_record("genuine")
+        return fields, genuine_key(fields)
+    if form == "conflict":
+        pair = [(b"\x01" * 32, 1), (b"\x02" * 32, 2)]
+        return _conflict_entry(ids, pair, 2, None), _conflict_key(ids, b"\x02" * 32)
+    return registry_entry("billing"), registry_key("billing")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("form", ["span", "conflict", "registry"])
+def test_a_forged_key_on_an_unrelated_body_does_not_drop_the_genuine_record(
+    pg: Any, form: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer's check does not depend on what the forged row's body looks like: the
+    genuine record earns its key, the row holding it does not, so it is written."""
+    from coworker.audit.store_postgres import PostgresStore
+
+    store = PostgresStore(pg.schema_url(), spool=None)
+    try:
+        fields, key = _genuine(form)
+        store.append_unique([{"kind": "outcome", "category": "x"}], None, [key])
+        caplog.set_level(logging.CRITICAL, logger="coworker.audit")
+        result = store.append_unique([fields], None, [key])
+        assert result.duplicates == [] and [r.seq for r in result.records] == [2]
+        assert any("whose body is not that record" in r.getMessage() for r in caplog.records)
+    finally:
+        store.close()

@@ -102,7 +102,14 @@ def refused(label: str, chain: str, seq: int, count: int) -> ChainSealed:
 
 
 def seal_entry(name: str, reason: str) -> dict[str, Any]:
-    """The fields (without ``seq``) of chain ``name``'s sealing record."""
+    """The fields (without ``seq``) of chain ``name``'s sealing record.
+
+    Raises:
+        ConfigError: ``reason`` holds a NUL character: PostgreSQL's jsonb cannot read the
+            seal's body then, and its append functions would not take it for a seal.
+    """
+    if "\0" in reason:
+        raise ConfigError("the reason of a retirement must not contain a NUL character")
     now = format_time(time.time_ns())
     return {
         "v": SCHEMA_VERSION,
@@ -235,6 +242,7 @@ def retire(store: Any, reason: str) -> tuple[Any, Head]:
     name = check_chain_name(_chain(store))
     if not name:
         raise ConfigError("the default chain cannot be retired: it holds the registry")
+    seal_entry(name, reason)  # a reason it cannot take: refused before anything is written
     default: Any
     if isinstance(store, SQLiteStore):
         default = SQLiteStore(

@@ -7,15 +7,21 @@ carry the key of a record that has not arrived yet with another body: the genuin
 would then be answered "duplicate" and never written. Every key coworker makes is derived
 from the record it keys, so both sides recompute it from the body (:func:`body_key`):
 
-* the writer, before answering "duplicate", confirms that the row holding the key is that
-  record; when it is not, the genuine record is written without the key (CRITICAL log line);
-* ``coworker audit verify`` reports every row whose key is not its body's
-  (:data:`~coworker.audit.store.DEDUP_MISMATCH`).
+* the writer, before answering "duplicate" for an entry that earns its own key (a key
+  coworker derived from it), confirms that the row holding the key earns it too
+  (:func:`forged`); when it does not, the genuine record is written under the key's re-key
+  (:func:`rekey`), or without a key when that is held by another record too (CRITICAL log);
+* ``coworker audit verify`` reports every row whose body is a record of a key form's kind
+  but earns another key (:data:`~coworker.audit.store.DEDUP_MISMATCH`).
 
-Key forms: the chain registry's (``coworker-chain[-retired]\\0<name>``), an ingested span's
-(trace id + span id + content digest, 56 bytes; 24 bytes before the content was keyed), an
-ingested usage record's (57 bytes), an ingest conflict record's (32 bytes). Any other key
-(an application's own ``append_unique`` keys) cannot be recomputed and is trusted as before.
+Key forms: the chain registry's (``coworker-chain[-retired]\\0<name>``, any body: the prefix is
+coworker's), an ingested span's (trace id + span id + content digest, 56 bytes; 24 bytes
+before the content was keyed: a body of kind ``outcome`` carrying trace and span ids), an
+ingested usage record's (57 bytes ending ``U``: kind ``usage``), an ingest conflict record's
+(32 bytes: category ``ingest-conflict``), the re-key of any of these (32 bytes, on the body
+that earns the key it re-keys). Any other key, and a key of one of those lengths on a body
+that is not of that kind (an application's own ``append_unique`` keys: a SHA-256 digest, a
+uuid's hex), cannot be recomputed and is trusted as before.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import hashlib
 import json
 from typing import Any, Final
 
-__all__ = ["body_key", "key_matches", "rekey"]
+__all__ = ["body_key", "forged", "key_matches", "rekey"]
 
 _IDS_LEN: Final = 24
 _REKEY_TAG: Final = b"coworker.dedup-rekeyed\x00"
@@ -47,7 +53,8 @@ def _ids(fields: dict[str, Any]) -> bytes | None:
 def body_key(key: bytes, body: bytes) -> bytes | None:
     """The key ``body`` earns in the form of ``key``: ``key`` itself when the row is the
     record the key names, another value (``b""``: none) when it is not, ``None`` when the
-    form is not one coworker derives from a body (nothing to check)."""
+    key's form is not one coworker derives, or ``body`` is not a record of that form's kind
+    (nothing to check: the key may be an application's own)."""
     from coworker.audit.chain_registry import _KEY_PREFIX, _RETIRE_PREFIX, parse_registration
 
     registry = key.startswith(_KEY_PREFIX) or key.startswith(_RETIRE_PREFIX)
@@ -56,49 +63,57 @@ def body_key(key: bytes, body: bytes) -> bytes | None:
     try:
         fields = json.loads(body)
     except ValueError:
-        return b""
+        fields = None
     if not isinstance(fields, dict):
-        return b""
+        return b"" if registry else None
     found = parse_registration(1, body) if registry or len(key) == 32 else None
-    if registry:
+    if found is not None or registry:
         from coworker.audit.chain_registry import registry_key
 
         if found is None:
             return b""
-        return registry_key(found.name, retire=found.operation == "retire")
-    if found is not None:  # a registration under its re-key
-        from coworker.audit.chain_registry import registry_key
-
         own = registry_key(found.name, retire=found.operation == "retire")
-        return key if rekey(own) == key else b""
+        if registry:
+            return own
+        return key if rekey(own) == key else b""  # a registration under its re-key
     try:
+        from coworker.audit.record import CATEGORY_INGEST_CONFLICT, KIND_OUTCOME
         from coworker.ingest.records import _conflict_key_of, content_digest
-        from coworker.ingest.usage import is_usage_key, usage_key
+        from coworker.ingest.usage import KIND_USAGE, is_usage_key, usage_key
     except ImportError:  # pragma: no cover - ingest's keys need the server extra
         return None
     ids = _ids(fields)
+    kind = fields.get("kind")
     if len(key) == 32:
-        # A conflict record's key, or the re-key of the body's own span or usage key.
-        conflict = _conflict_key_of(fields)
-        if conflict == key:
-            return key
-        if ids is not None:
-            keys = (ids + content_digest(fields), usage_key(ids, fields))
-            if key in {rekey(k) for k in keys}:
+        if fields.get("category") == CATEGORY_INGEST_CONFLICT:
+            return _conflict_key_of(fields) or b""
+        # The re-key of the body's own span or usage key; else an application's own key.
+        if ids is not None and kind in (KIND_OUTCOME, KIND_USAGE):
+            own = ids + content_digest(fields) if kind == KIND_OUTCOME else usage_key(ids, fields)
+            if rekey(own) == key:
                 return key
-        return conflict or b""
-    if ids is None:
-        return b""
+        return None
+    usage = is_usage_key(key)
+    if len(key) == 57 and not usage:
+        return None
+    if kind != (KIND_USAGE if usage else KIND_OUTCOME) or ids is None:
+        return None
     if len(key) == _IDS_LEN:
         return ids
-    if is_usage_key(key):
+    if usage:
         return usage_key(ids, fields)
-    if len(key) == 56:
-        return ids + content_digest(fields)
-    return None
+    return ids + content_digest(fields)
 
 
 def key_matches(key: bytes, body: bytes) -> bool:
-    """Whether ``key`` may stand for ``body`` (its own key, or a form nothing can check)."""
+    """Whether ``key`` may stand for ``body`` (its own key, or nothing to check): verify's
+    test of a row."""
     found = body_key(key, body)
     return found is None or found == key
+
+
+def forged(key: bytes, entry_body: bytes, held_body: bytes) -> bool:
+    """Whether the row holding ``key`` (``held_body``) is not the record an entry that
+    ``append_unique`` answered "duplicate" (``entry_body``, with any seq) would duplicate:
+    the entry earns ``key`` itself, the held row does not. The writer's test."""
+    return body_key(key, entry_body) == key and body_key(key, held_body) != key

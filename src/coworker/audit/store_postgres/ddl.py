@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Final
 
+from coworker.audit.chain_seal import SEAL_PREFIX
 from coworker.audit.store_postgres._wire import DEFAULT_SCHEMA
 
 _log = logging.getLogger("coworker.audit")
@@ -494,22 +495,36 @@ _DDL_V6: Final = "\n".join(
 
 # Version 7: append() and lock_head() refuse to append after a seal (a retired chain,
 # coworker.audit.chain_seal), with SQLSTATE CWSEA. append() reads the head's category in the
-# head read it already does; only a head whose category is the seal's has its body parsed.
+# head read it already does; only a head whose category is the seal's has its body looked at.
 CHAIN_SEALED: Final = "CWSEA"
 """SQLSTATE of an append()/lock_head() call on a sealed (retired) chain (schema 7+)."""
 
+# The head is this chain's seal exactly when chain_seal.is_seal says so: the seal's first
+# bytes (SEAL_PREFIX), then kind, operation, the chain's name and genesis. A body jsonb cannot
+# read (not UTF-8, not JSON, a \u0000 in a string: a writer's, or any record an ingest client
+# files under the category chain-seal) is no seal, and must not fail every later append: the
+# EXCEPTION block (a subtransaction) is entered only for a head of the seal's category.
 _SEAL_CHECK: Final = """\
-    IF cat = 'chain-seal' AND EXISTS (
-        SELECT 1 FROM {schema}.records s WHERE s.seq = head
-           AND pg_catalog.convert_from(s.body, 'UTF8')::pg_catalog.jsonb
-               OPERATOR(pg_catalog.@>) '{"kind": "chain", "operation": "seal"}'::pg_catalog.jsonb
-    ) THEN
-        RAISE EXCEPTION 'coworker audit: chain % was retired (sealed at seq %): append refused',
-            {chain_literal}, head
-            USING ERRCODE = 'CWSEA',
-                  HINT = 'a retired chain is never written again: write to another chain';
+    IF cat = 'chain-seal' THEN
+        BEGIN
+            SELECT pg_catalog.substr(s.body, 1, {prefix_len}) OPERATOR(pg_catalog.=)
+                   pg_catalog.decode('{prefix_hex}', 'hex')
+               AND pg_catalog.convert_from(s.body, 'UTF8')::pg_catalog.jsonb
+                   OPERATOR(pg_catalog.@>) pg_catalog.jsonb_build_object(
+                       'kind', 'chain', 'operation', 'seal', 'chain_name', {chain_literal},
+                       'chain_genesis', {genesis_hex})
+                INTO sealed FROM {schema}.records s WHERE s.seq = head;
+        EXCEPTION WHEN OTHERS THEN
+            sealed := false;
+        END;
+        IF sealed THEN
+            RAISE EXCEPTION 'coworker audit: chain % was retired (sealed at seq %): append '
+                'refused', {chain_literal}, head
+                USING ERRCODE = 'CWSEA',
+                      HINT = 'a retired chain is never written again: write to another chain';
+        END IF;
     END IF;
-"""
+""".replace("{prefix_len}", str(len(SEAL_PREFIX))).replace("{prefix_hex}", SEAL_PREFIX.hex())
 
 
 def _with_seal_check(ddl: str, function: str) -> str:
@@ -529,7 +544,9 @@ def _with_seal_check(ddl: str, function: str) -> str:
             " ORDER BY r.seq DESC LIMIT 1;\n"
         )
         assert read in text and "    done text;\n" in text
-        text = text.replace("    done text;\n", "    done text;\n    cat text;\n", 1)
+        text = text.replace(
+            "    done text;\n", "    done text;\n    cat text;\n    sealed boolean;\n", 1
+        )
         text = text.replace(
             read,
             "    SELECT r.seq, r.hash, r.category INTO head, top, cat FROM {schema}.records r"
@@ -545,7 +562,10 @@ def _with_seal_check(ddl: str, function: str) -> str:
     assert ret in text
     text = text.replace(
         "LANGUAGE plpgsql VOLATILE AS $$\nBEGIN\n",
-        ("LANGUAGE plpgsql VOLATILE AS $$\nDECLARE\n    head bigint;\n    cat text;\nBEGIN\n"),
+        (
+            "LANGUAGE plpgsql VOLATILE AS $$\nDECLARE\n    head bigint;\n    cat text;\n"
+            "    sealed boolean;\nBEGIN\n"
+        ),
         1,
     )
     return text.replace(
@@ -648,6 +668,7 @@ def render(text: str, schema: str, chain: str = "") -> str:
         .replace("{records_regclass}", "'" + records.replace("'", "''") + "'")
         .replace("{payloads_regclass}", "'" + payloads.replace("'", "''") + "'")
         .replace("{chain_literal}", "'" + chain.replace("'", "''") + "'::pg_catalog.text")
+        .replace("{genesis_hex}", f"'{genesis(chain).hex()}'::pg_catalog.text")
     )
     if chain:
         out = out.replace(_ZERO_GENESIS, f"decode('{genesis(chain).hex()}', 'hex')")

@@ -138,15 +138,17 @@ class _Writes(_Reads):
         note: Spool | None,
     ) -> AppendResult:
         """Answer "duplicate" only for an entry whose key is held by a row that is that record
-        (:func:`coworker.audit.dedup.body_key`); write the others under the key's re-key
+        (:func:`coworker.audit.dedup.forged`); write the others under the key's re-key
         (:func:`coworker.audit.dedup.rekey`), or with no key when that is held by another
         record too.
 
         Only after a duplicate (the append without one costs nothing more): the row holding
-        the key is read back. A row whose body does not earn the key was inserted by hand
-        with another record's key (a writer role can): the genuine record is written all the
-        same, with a CRITICAL log line; verify names the forged row. A resend of it finds its
-        re-key held by itself: a duplicate again."""
+        the key is read back. When the entry earns its key (a key coworker derived from it)
+        and that row does not, the row was inserted by hand with another record's key (a
+        writer role can): the genuine record is written all the same, with a CRITICAL log
+        line; verify names the forged row when its body is of the key's kind. A resend of it
+        finds its re-key held by itself: a duplicate again. A key the entry does not earn (an
+        application's own) is trusted."""
         from coworker.audit.dedup import rekey
 
         forged = self._forged(conn, items, result.duplicates, lambda key: key)
@@ -195,8 +197,11 @@ class _Writes(_Reads):
         natural: Any,
     ) -> list[tuple[int, int]]:
         """``(index, seq of the holder)`` of the items among ``indexes`` whose key is held by a
-        row that does not earn ``natural(key)`` (the record's own key) from its body."""
-        from coworker.audit.dedup import body_key
+        row that does not earn ``natural(key)`` (the record's own key) from its body, while
+        the item earns it (:func:`coworker.audit.dedup.forged`: a key the item does not earn,
+        an application's own, is trusted)."""
+        from coworker.audit.chain import prepare
+        from coworker.audit.dedup import forged
 
         keys = [k for i in indexes if (k := items[i].dedup_key) is not None]
         if not keys:
@@ -215,9 +220,7 @@ class _Writes(_Reads):
             row = held.get(key) if key is not None else None
             if key is None or row is None:
                 continue
-            own = natural(key)
-            earned = body_key(own, row[1])
-            if earned is not None and earned != own:
+            if forged(natural(key), prepare([items[i].fields])[0].body(0), row[1]):
                 out.append((i, row[0]))
         return out
 
