@@ -23,10 +23,12 @@ be written to it, and verify names it ``sealed`` (a failure: the retirement is i
 removing the chain now would make it ``vanished``). Running ``retire-chain`` again finds the
 seal at the head and records it (it never seals twice).
 
-What the hot path pays: SQLite's head read also compares the first bytes of the head's body
-with :data:`SEAL_PREFIX` (in SQL: no bytes object, one memcmp); PostgreSQL's ``append()``
-reads the head's ``category`` column in the head read it already does. Only a head that looks
-like a seal is parsed (:func:`is_seal`).
+What the hot path pays: on SQLite nothing measurable when the head is the record the same
+store appended last (its hash is kept); a head another process wrote is read again comparing
+its body's first bytes with :data:`SEAL_PREFIX` (in SQL: no bytes object). PostgreSQL's
+``append()`` reads the head's ``category`` column in the head read it already does. Only a
+head that looks like a seal is parsed (:func:`is_seal`). A seal is appended only through a
+store :func:`seal` opens and closes at once, so no store ever finds its own seal at the head.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 from coworker.audit import erasure
 from coworker.audit.chain import Prepared, prepare, seal
-from coworker.audit.chain_seal import SEAL_PREFIX
 from coworker.audit.sqlite_erasure import _key_in_txn
 from coworker.audit.sqlite_migrate import file_version
 from coworker.audit.sqlite_schema import _HEAD, _HEAD_SEAL, _INSERT, _INSERT_V1, _row, _row_v1
@@ -61,7 +60,7 @@ def append_in_txn(
     # lookup (~1.5 us; ``PRAGMA data_version`` to validate a cached head would cost ~1 us),
     # and whatever another process appended is then always the base of our chain.
     row = conn.execute(_HEAD).fetchone()
-    if row is not None and row != store._own_head:
+    if row is not None and row[1] != store._own_head:
         # Not the record this store appended last (another process's, or from before it
         # opened the file): is it a seal (coworker.audit.chain_seal)? The head this store
         # wrote itself is known not to be one: a tuple compare instead of a body read.
@@ -87,10 +86,11 @@ def append_in_txn(
             f"only {inserted} of {len(sealed)} row(s) were inserted: a trigger "
             "dropped them (run `coworker audit verify`)"
         )
-    last = sealed[-1] if sealed else None
-    store._own_head = (
-        None if last is None or last.body.startswith(SEAL_PREFIX) else (last.seq, last.hash)
-    )
+    # The head's hash as this store wrote it (it binds the seq): the next append finding it
+    # there skips the seal check.
+    # A seal is only ever appended by coworker.audit.chain_seal.seal, through a store of its
+    # own that it closes at once (any other store finds the seal at the head, not its own).
+    store._own_head = sealed[-1].hash
     blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
     if blobs:
         conn.executemany("INSERT INTO audit_payloads (seq, payload) VALUES (?, ?)", blobs)

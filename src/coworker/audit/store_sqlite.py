@@ -169,9 +169,9 @@ class SQLiteStore:
         self._pid = -1
         self._identity: tuple[int, int] | None = None
         self._wal: tuple[int, int] | None = None  # the -wal file this connection writes
-        # (seq, hash) of the last record this store appended (not a seal): an append that
-        # finds it at the head needs no seal check (coworker.audit.sqlite_append).
-        self._own_head: tuple[int, bytes] | None = None
+        # The hash of the last record this store appended: an append that finds it at the
+        # head needs no seal check (coworker.audit.sqlite_append).
+        self._own_head: bytes | None = None
         self._closed = False
         if self.chain and not readonly:
             # A named chain is registered in the default chain before its first record
