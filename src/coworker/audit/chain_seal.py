@@ -196,6 +196,7 @@ def seal(store: Any, reason: str) -> Head:
 
     Raises:
         AuditUnavailable: the seal could not be written.
+        ConfigError: ``reason`` holds a NUL character (:func:`seal_entry`); nothing written.
     """
     name = _chain(store)
     writer = _writer(store)

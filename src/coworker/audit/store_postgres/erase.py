@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 from psycopg import sql
@@ -22,6 +23,24 @@ from coworker.audit.store_postgres.shipper import _Shipper
 from coworker.exceptions import AuditUnavailable
 
 _log = logging.getLogger("coworker.audit")
+
+
+# A body jsonb cannot read: canonical JSON writes U+0000 as this escape, which jsonb refuses
+# ("unsupported Unicode escape sequence"). CASE decides before the cast is evaluated.
+_NUL: Final = "pg_catalog.strpos(pg_catalog.convert_from(r.body, 'UTF8'), '\\u0000') > 0"
+
+
+def _field(body: Any, name: str) -> str | None:
+    """The string ``name`` of a record body decoded in Python (``None``: none, or no JSON
+    object)."""
+    if body is None:
+        return None
+    try:
+        fields = json.loads(bytes(body))
+    except ValueError:
+        return None
+    value = fields.get(name) if isinstance(fields, dict) else None
+    return value if isinstance(value, str) else None
 
 
 class _Erasure(_Shipper):
@@ -71,12 +90,14 @@ class _Erasure(_Shipper):
     def _flow_subjects(self, flow_id: str) -> set[str]:
         rows = self._fetch(
             sql.SQL(
-                "SELECT DISTINCT user_id, convert_from(body, 'UTF8')::jsonb ->> 'payload_subject'"
-                " FROM {} WHERE flow_id = %s"
+                "SELECT DISTINCT user_id, CASE WHEN " + _NUL + " THEN NULL ELSE"
+                " convert_from(r.body, 'UTF8')::jsonb ->> 'payload_subject' END,"
+                " CASE WHEN " + _NUL + " THEN r.body END FROM {} r WHERE flow_id = %s"
             ).format(self._table),
             (flow_id,),
         )
-        return {v for row in rows for v in row if isinstance(v, str)}
+        found = {v for row in rows for v in row[:2] if isinstance(v, str)}
+        return found | {v for row in rows if (v := _field(row[2], "payload_subject"))}
 
     def plaintext(self, record: StoredRecord) -> bytes | None:
         """The readable payload of ``record``: decrypted, or as stored when not encrypted."""
@@ -132,13 +153,30 @@ class _Erasure(_Shipper):
         )
         rows = self._fetch(
             sql.SQL(
-                "SELECT p.seq FROM {p} p JOIN {t} r ON r.seq = p.seq WHERE"
-                " convert_from(r.body, 'UTF8')::jsonb ->> 'payload_subject' = %s OR {by}"
+                "SELECT p.seq FROM {p} p JOIN {t} r ON r.seq = p.seq WHERE CASE WHEN "
+                + _NUL
+                + " THEN false ELSE"
+                " convert_from(r.body, 'UTF8')::jsonb ->> 'payload_subject' = %s OR {by} END"
                 " ORDER BY p.seq"
             ).format(p=self._payloads, t=self._table, by=by_subject),
             params,
         )
-        seqs = [int(r[0]) for r in rows]
+        # A body holding a \u0000 (any record's strings may: an ingested span's name) is one
+        # jsonb cannot read: those few are decoded here, and never fail the whole erase.
+        odd = self._fetch(
+            sql.SQL(
+                "SELECT p.seq, r.body FROM {p} p JOIN {t} r ON r.seq = p.seq WHERE " + _NUL
+            ).format(p=self._payloads, t=self._table),
+            (),
+        )
+        seqs = sorted(
+            [int(r[0]) for r in rows]
+            + [
+                int(r[0])
+                for r in odd
+                if subject in (_field(r[1], "payload_subject"), _field(r[1], self.subject_field))
+            ]
+        )
         record = erasure.append_now(self, erasure.erasure_entry(subject, reason, by=by, seqs=seqs))
         deletes: list[tuple[sql.Composed, tuple[Any, ...]]] = [
             (sql.SQL("DELETE FROM {} WHERE seq = ANY(%s)").format(self._payloads), (seqs,))
