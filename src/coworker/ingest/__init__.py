@@ -45,7 +45,8 @@ opentelemetry-proto).
 
 The package's modules, along the request's path: :mod:`~coworker.ingest.decode` (body,
 protobuf/JSON, audit spans and limits), :mod:`~coworker.ingest.tokens` (who may write what),
-:mod:`~coworker.ingest.records` (dedup keys, conflict records), :mod:`~coworker.ingest.usage`
+:mod:`~coworker.ingest.records` (dedup keys, conflict records), :mod:`~coworker.ingest.prepare`
+(an audit span's stored record in one step), :mod:`~coworker.ingest.usage`
 (usage records and their dedup keys), :mod:`~coworker.ingest.app`
 (the ASGI app) and :mod:`~coworker.ingest.server` (uvicorn, ``serve``, :class:`IngestServer`).
 Everything public is importable from ``coworker.ingest``.

@@ -8,9 +8,10 @@ requests arrive. :class:`DecodePool` runs it in worker processes instead; the se
 keeps what must be in one place: authentication, the token's limits, dedup against the log,
 the append (durable before the answer) and the answer itself. A worker returns a few bytes and
 strings per record (its body with a hole for the seq, the query fields, the dedup key: a
-:class:`~coworker.ingest.records.PreparedRecord`), so the appending process only chains and
-inserts. A worker that dies makes its request decode in the server process, so a request is
-never lost to the pool.
+:class:`~coworker.ingest.records.PreparedRecord`; an audit span's made in one step by
+:mod:`~coworker.ingest.prepare`), so the appending process only chains and inserts. A worker
+that dies makes its request decode in the server process, so a request is never lost to the
+pool.
 """
 
 from __future__ import annotations
