@@ -9,11 +9,11 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from coworker.audit import erasure
-from coworker.audit.chain import Prepared, prepare, seal
+from coworker.audit.chain import Prepared, prepare, seal_after
 from coworker.audit.sqlite_erasure import _key_in_txn
 from coworker.audit.sqlite_migrate import file_version
 from coworker.audit.sqlite_schema import _HEAD, _INSERT, _INSERT_V1, _row, _row_v1
-from coworker.audit.store import Head, StoredRecord
+from coworker.audit.store import StoredRecord
 
 if TYPE_CHECKING:
     from coworker.audit.store_sqlite import SQLiteStore
@@ -42,7 +42,7 @@ def append_in_txn(
         prepared is None
         and store.encrypt_payloads
         and payloads is not None
-        and any(p is not None for p in payloads)
+        and payloads.count(None) != len(payloads)
     ):
         keys = (
             store.keystore.get_or_create_key
@@ -60,8 +60,10 @@ def append_in_txn(
     # lookup (~1.5 us; ``PRAGMA data_version`` to validate a cached head would cost ~1 us),
     # and whatever another process appended is then always the base of our chain.
     row = conn.execute(_HEAD).fetchone()
-    head = Head(row[0], row[1]) if row is not None else None
-    sealed = seal(prepared, head, payloads, first_prev=store._first_prev)
+    if row is None:
+        sealed = seal_after(prepared, 0, store._first_prev, payloads)
+    else:
+        sealed = seal_after(prepared, row[0], row[1], payloads)
     try:
         inserted = _insert(conn, store.schema_version, sealed, entries)
     except sqlite3.OperationalError as exc:
@@ -79,8 +81,8 @@ def append_in_txn(
             f"only {inserted} of {len(sealed)} row(s) were inserted: a trigger "
             "dropped them (run `coworker audit verify`)"
         )
-    blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
-    if blobs:
+    if payloads is not None and payloads.count(None) != len(payloads):
+        blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
         conn.executemany("INSERT INTO audit_payloads (seq, payload) VALUES (?, ?)", blobs)
     return sealed
 
