@@ -63,3 +63,16 @@ def test_prepared_bodies_are_byte_identical_to_canonical() -> None:
         assert Prepared(fields).body(seq) == canonical({**fields, "seq": seq})
 
     check()
+
+
+def test_seal_after_is_seal_onto_that_head() -> None:
+    """seal_after(seq, hash) seals exactly as seal onto Head(seq, hash); 0 and the genesis
+    value as seal onto an empty log."""
+    from coworker.audit.chain import prepare, seal_after
+
+    entries = [{"a": "1"}, {"a": "2"}]
+    assert seal_after(prepare(entries), 0, GENESIS_PREV_HASH) == seal(entries, None)
+    head = Head(7, b"\x02" * 32)
+    assert seal_after(prepare(entries), 7, head.hash, [b"p", None]) == seal(
+        entries, head, [b"p", None]
+    )

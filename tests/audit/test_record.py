@@ -190,3 +190,31 @@ def test_module_exports_schema() -> None:
     """The schema version and fields are public."""
     assert record.SCHEMA_VERSION == 1
     assert "payload_digest" in record.FIELDS and "seq" in record.FIELDS
+
+
+def test_sdk_and_decoded_spans_make_the_same_record() -> None:
+    """An ended SDK span's record (read from its attribute dict, not a copy) equals the record
+    of the same span handed over as a plain ReadableSpan, and a live span's intent is built
+    from a copy: attributes set after it was built do not reach it."""
+    factory = SpanFactory()
+    ended = factory.run(3)
+    decoded = ReadableSpan(
+        name=ended.name,
+        context=ended.get_span_context(),
+        parent=ended.parent,
+        resource=ended.resource,
+        attributes=dict(ended.attributes or {}),
+        status=ended.status,
+        start_time=ended.start_time,
+        end_time=ended.end_time,
+    )
+    sdk_fields, sdk_payload = entry_from_span(ended)
+    plain_fields, plain_payload = entry_from_span(decoded)
+    sdk_fields.pop("recorded_at")
+    plain_fields.pop("recorded_at")
+    assert sdk_fields == plain_fields and sdk_payload == plain_payload
+    with factory.tracer.start_as_current_span("x", attributes=audit_attributes(4)) as span:
+        fields = intent_from_span(span)
+        span.set_attribute(a.DOCTYPE, "Changed")
+    factory.shutdown()
+    assert fields["doctype"] != "Changed"

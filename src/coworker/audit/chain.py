@@ -29,6 +29,7 @@ __all__ = [
     "link",
     "prepare",
     "seal",
+    "seal_after",
 ]
 
 GENESIS_PREV_HASH: bytes = bytes(32)
@@ -167,8 +168,20 @@ def seal(
     Returns:
         The sealed records, in order, ready to be written.
     """
-    seq = head.seq if head is not None else 0
-    prev = head.hash if head is not None else first_prev
+    if head is None:
+        return seal_after(entries, 0, first_prev, payloads)
+    return seal_after(entries, head.seq, head.hash, payloads)
+
+
+def seal_after(
+    entries: Iterable[Mapping[str, Any] | Prepared],
+    seq: int,
+    prev: bytes,
+    payloads: Sequence[bytes | None] | None = None,
+) -> list[StoredRecord]:
+    """:func:`seal` onto the record ``seq`` whose hash is ``prev`` (``0`` and the genesis
+    value for an empty log): for a store that has the head as a row of its own query, so
+    that it builds no :class:`~coworker.audit.store.Head` per append."""
     out: list[StoredRecord] = []
     for i, fields in enumerate(entries):
         seq += 1

@@ -9,11 +9,11 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from coworker.audit import erasure
-from coworker.audit.chain import Prepared, prepare, seal
+from coworker.audit.chain import Prepared, prepare, seal_after
 from coworker.audit.sqlite_erasure import _key_in_txn
 from coworker.audit.sqlite_migrate import file_version
 from coworker.audit.sqlite_schema import _HEAD, _HEAD_SEAL, _INSERT, _INSERT_V1, _row, _row_v1
-from coworker.audit.store import Head, StoredRecord
+from coworker.audit.store import StoredRecord
 
 if TYPE_CHECKING:
     from coworker.audit.store_sqlite import SQLiteStore
@@ -42,7 +42,7 @@ def append_in_txn(
         prepared is None
         and store.encrypt_payloads
         and payloads is not None
-        and any(p is not None for p in payloads)
+        and payloads.count(None) != len(payloads)
     ):
         keys = (
             store.keystore.get_or_create_key
@@ -63,12 +63,14 @@ def append_in_txn(
     if row is not None and row[1] != store._own_head:
         # Not the record this store appended last (another process's, or from before it
         # opened the file): is it a seal (coworker.audit.chain_seal)? The head this store
-        # wrote itself is known not to be one: a tuple compare instead of a body read.
+        # wrote itself is known not to be one: a hash compare instead of a body read.
         row = conn.execute(_HEAD_SEAL).fetchone()
         if row is not None and row[1] is None:
             row = _refuse_sealed(store, conn, row[0], len(entries))
-    head = Head(row[0], row[1]) if row is not None else None
-    sealed = seal(prepared, head, payloads, first_prev=store._first_prev)
+    if row is None:
+        sealed = seal_after(prepared, 0, store._first_prev, payloads)
+    else:
+        sealed = seal_after(prepared, row[0], row[1], payloads)
     try:
         inserted = _insert(conn, store.schema_version, sealed, entries)
     except sqlite3.OperationalError as exc:
@@ -91,8 +93,8 @@ def append_in_txn(
     # A seal is only ever appended by coworker.audit.chain_seal.seal, through a store of its
     # own that it closes at once (any other store finds the seal at the head, not its own).
     store._own_head = sealed[-1].hash
-    blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
-    if blobs:
+    if payloads is not None and payloads.count(None) != len(payloads):
+        blobs = [(r.seq, r.payload) for r in sealed if r.payload is not None]
         conn.executemany("INSERT INTO audit_payloads (seq, payload) VALUES (?, ?)", blobs)
     return sealed
 

@@ -247,7 +247,7 @@ class SQLiteStore:
         if not entries:
             return []
         sealing = (
-            self.encrypt_payloads and payloads is not None and any(p is not None for p in payloads)
+            self.encrypt_payloads and payloads is not None and payloads.count(None) != len(payloads)
         )
         try:
             # Canonicalise before the lock (less time holding it), unless payloads are to be
