@@ -17,6 +17,7 @@ from coworker.audit.chain_seal import ChainSealed, sealed_head
 from coworker.audit.urls import open_store, with_chain
 from coworker.audit.writer import AuditWriter
 from coworker.cli import main
+from coworker.exceptions import AuditUnavailable
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 WRITERS = 3
@@ -136,3 +137,56 @@ def test_a_log_policy_writer_keeps_and_reports_what_a_retired_chain_refused(
         )
     finally:
         store.close()
+
+
+@pytest.mark.postgres
+def test_entries_spooled_before_a_retirement_stay_in_the_spool_and_later_appends_are_refused(
+    pg: Any, tmp_path: Path
+) -> None:
+    """A writer spooled an entry during an outage, the chain was retired meanwhile: shipping
+    it is refused (nothing appended after the seal), it stays in the spool, and once the
+    store has met the seal every later append is refused rather than spooled (never answered
+    durable); close is quiet. (Until it meets the seal, a store with entries waiting in its
+    spool spools new ones behind them: docs/audit.md.)"""
+    import time
+
+    from tests.pg import proxy_to, with_hostport
+
+    url = pg.schema_url()
+    default = open_store(url)
+    default.append([entry(-1, 0)])
+    default.close()
+    chain = with_chain(url, "billing")
+    with proxy_to(pg.url) as proxy:
+        proxied = with_chain(with_hostport(url, "127.0.0.1", proxy.port), "billing")
+        from coworker.audit.store_postgres import PostgresStore
+
+        store = PostgresStore(proxied, spool=tmp_path / "spool.db", ship_interval=3600)
+        try:
+            assert len(store.append([entry(0, 0)])) == 1
+            proxy.cut()
+            assert store.append([entry(0, 1)]) == []  # spooled: durable in the spool file
+            assert main(["audit", "retire-chain", "billing", "--reason", "x", "--url", url]) == 0
+            proxy.restore()
+            deadline = time.monotonic() + 30
+            while True:  # until the store reaches the server again (its reconnect backoff)
+                try:
+                    store.ship()
+                except AuditUnavailable as exc:  # it met the retirement
+                    assert "retired" in str(exc)
+                    break
+                assert time.monotonic() < deadline, "the shipper never reached the server"
+                time.sleep(0.05)
+            status = store.spool_status()
+            assert status is not None and status.depth == 1
+            with pytest.raises(ChainSealed):
+                store.append([entry(0, 2)])
+            assert store.spool_status().depth == 1  # type: ignore[union-attr]
+        finally:
+            store.close()
+    reader = open_store(chain, readonly=True)
+    try:
+        seal = sealed_head(reader)
+        assert seal is not None and seal.seq == 2
+    finally:
+        reader.close()

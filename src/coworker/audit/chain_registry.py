@@ -257,17 +257,11 @@ def _refuse_case(store_label: str, name: str, names: Iterable[str]) -> None:
 
 def _refuse_retired(label: str, registration: Registration) -> None:
     if registration.retired is not None:
-        from coworker.audit.chain_seal import ChainSealed
+        from coworker.audit.chain_seal import ChainRetired
 
         head = registration.retired.head
-        raise ChainSealed(
-            label,
-            registration.name,
-            head.seq if head is not None else 0,
-            0,
-            f"audit store {label}: chain {registration.name!r} was retired (registry seq "
-            f"{registration.retired.seq}); a retired chain is never written again: use "
-            "another name",
+        raise ChainRetired(
+            label, registration.name, head.seq if head else 0, registration.retired.seq
         )
 
 

@@ -47,6 +47,7 @@ from coworker.exceptions import AuditUnavailable, ConfigError
 __all__ = [
     "CATEGORY_CHAIN_SEAL",
     "SEAL_PREFIX",
+    "ChainRetired",
     "ChainSealed",
     "is_seal",
     "retire",
@@ -85,6 +86,25 @@ class ChainSealed(AuditUnavailable):
             or f"audit store {label}: chain {chain!r} was retired (sealed at seq {seq}): "
             f"{count} record(s) refused, nothing written; a retired chain is never written "
             "again: write to another chain"
+        )
+        self.chain = chain
+        self.seq = seq
+
+
+class ChainRetired(ChainSealed):
+    """The chain registry says the chain was retired: a store does not open it for writing
+    (a :class:`ChainSealed`, so that a PostgreSQL store stops spooling entries for it).
+
+    Attributes:
+        chain: the chain.
+        seq: the head it was retired at (``0``: none recorded).
+    """
+
+    def __init__(self, label: str, chain: str, seq: int, registry_seq: int) -> None:
+        AuditUnavailable.__init__(
+            self,
+            f"audit store {label}: chain {chain!r} was retired (registry seq {registry_seq}); "
+            "a retired chain is never written again: use another name",
         )
         self.chain = chain
         self.seq = seq

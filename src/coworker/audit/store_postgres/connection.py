@@ -298,8 +298,14 @@ class _Connections:
             # A named chain is registered in the default chain before its first record
             # (coworker.audit.chain_registry): its schema dropped, it is named vanished.
             from coworker.audit.chain_registry import open_postgres_chain
+            from coworker.audit.chain_seal import ChainSealed
 
-            open_postgres_chain(self, conn, lambda: self._ensure_chain_schema(conn))
+            try:
+                open_postgres_chain(self, conn, lambda: self._ensure_chain_schema(conn))
+            except ChainSealed as exc:
+                # Retired: from now on appends are refused, never spooled (shipper.py).
+                self._sealed_seq = exc.seq or self._sealed_seq or -1
+                raise
         else:
             self._ensure_chain_schema(conn)
 

@@ -100,6 +100,9 @@ class _Shipper(_Writes):
                     self._install(self._new_connection())
                 except _ServerDown:
                     continue
+                except ChainSealed as exc:  # retired meanwhile: the registry refused the open
+                    self._stop_shipping_sealed(exc)
+                    return
                 except Exception:
                     _log.exception("audit spool %s: cannot connect to ship", self._spool_path)
                     continue
@@ -111,17 +114,7 @@ class _Shipper(_Writes):
                 except _ServerDown:
                     continue
                 except ChainSealed as exc:
-                    # Spooled before the chain was retired: kept in the spool (never lost),
-                    # but no append will ever take them. Said once; the shipper stops.
-                    _log.error(
-                        "audit spool %s: %d spooled record(s) of chain %r cannot be shipped: %s."
-                        " They stay in the spool file",
-                        self._spool.path,
-                        self._spool.depth(),
-                        self.chain,
-                        exc,
-                    )
-                    self._shipper = None
+                    self._stop_shipping_sealed(exc)
                     return
                 except Exception:
                     _log.exception("audit spool %s: shipping failed", self._spool.path)
@@ -129,6 +122,22 @@ class _Shipper(_Writes):
                 if self._spool.is_empty():
                     self._shipper = None
                     return
+
+    def _stop_shipping_sealed(self, exc: ChainSealed) -> None:
+        # Spooled before the store learnt the chain was retired: kept in the spool (never
+        # lost), but no append will ever take them. Said once; the shipper stops, and from
+        # now on appends are refused, not spooled.
+        self._sealed_seq = exc.seq or self._sealed_seq or -1
+        spool = self._spool
+        _log.error(
+            "audit spool %s: %d spooled record(s) of chain %r cannot be shipped: %s. They stay "
+            "in the spool file",
+            spool.path if spool is not None else self._spool_path,
+            spool.depth() if spool is not None else 0,
+            self.chain,
+            exc,
+        )
+        self._shipper = None
 
     def _drain_locked(self) -> None:
         """Ship the spool, oldest first, until it is empty; raises _ServerDown if it cannot."""
