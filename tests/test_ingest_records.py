@@ -401,3 +401,54 @@ def test_the_one_step_records_are_in_step_with_the_record_layout() -> None:
     from coworker.ingest import prepare
 
     assert prepare._ENABLED
+
+
+def test_a_record_with_every_field_set_is_the_general_ways_byte_for_byte() -> None:
+    """The hypothesis test above holds at most five attributes per span (its limits), so no
+    record it draws has most of the 30 fields set at once; here every string field, the
+    intent seq, the payload and ERROR status are set together, with the values the templates
+    must encode as canonical() does (non-BMP text, U+2028, control characters, -0.0, 5e-324,
+    2**63-1 as text, an empty error_type, raw bytes), and times up to fixed64's limit."""
+    from coworker.audit.record import _STRING_ATTRIBUTES
+
+    values = [
+        AnyValue(string_value="ü€\U0001d11e"),
+        AnyValue(string_value='\u2028\u2029\x7f\x1f"\\/'),
+        AnyValue(int_value=2**63 - 1),
+        AnyValue(double_value=-0.0),
+        AnyValue(double_value=5e-324),
+        AnyValue(bool_value=False),
+        AnyValue(bytes_value=b"\x00\xff"),
+        AnyValue(string_value=""),
+    ]
+    keys = [attribute for _, attribute in _STRING_ATTRIBUTES] + [attr.INPUT, attr.OUTPUT]
+    request = ExportTraceServiceRequest()
+    spans = request.resource_spans.add()
+    spans.resource.attributes.append(
+        KeyValue(key=attr.SERVICE_NAME, value=AnyValue(string_value="svc ü"))
+    )
+    scope = spans.scope_spans.add()
+    for i, start in enumerate([1, 2**64 - 1, 10**18, 1_700_000_000 * 10**9 + 999_999_999]):
+        span = scope.spans.add()
+        span.name = ["op", "\U0001d11e" * 3, "a\u2028", "n" * 80][i]
+        span.trace_id, span.span_id = bytes(range(1, 17)), bytes([i + 1] * 8)
+        span.parent_span_id = b"" if i % 2 else bytes(range(3, 11))
+        span.start_time_unix_nano = span.end_time_unix_nano = start
+        span.status.code = 2 if i % 2 else 0
+        span.attributes.append(KeyValue(key=attr.AUDITED, value=AnyValue(bool_value=True)))
+        for j, key in enumerate(keys):
+            span.attributes.append(KeyValue(key=key, value=values[(i + j) % len(values)]))
+        seq = [0, 2**53 - 1, -(2**53 - 1), 7][i]
+        span.attributes.append(KeyValue(key=attr.AUDIT_INTENT_SEQ, value=AnyValue(int_value=seq)))
+    decoded = decode_body(
+        request.SerializeToString(), "application/x-protobuf", "identity", 1 << 20, 4096, 128, "t"
+    )
+    old = audit_spans(request, max_attribute_length=4096, max_attributes=128, usage=True)
+    assert decoded.status is None and not old.errors and len(decoded.items) == len(old.spans) == 4
+    for item, span, ids in zip(decoded.items, old.spans, old.keys, strict=True):
+        fields, payload = entry_from_span(span)
+        assert storable(fields)[1] == []  # nothing the general way would alter
+        fields.update({"recorded_at": item[4][_RECORDED_AT], INGEST_TOKEN_FIELD: "t"})
+        prepared, digest = PreparedRecord.with_digest(fields)
+        assert payload is not None
+        assert item == (ENTRY, span.name[:80], *prepared.parts, payload, ids + digest)

@@ -218,3 +218,31 @@ def test_sdk_and_decoded_spans_make_the_same_record() -> None:
         span.set_attribute(a.DOCTYPE, "Changed")
     factory.shutdown()
     assert fields["doctype"] != "Changed"
+
+
+def test_format_time_from_many_threads_at_once_is_the_calendar_time() -> None:
+    """The cache of seconds is shared by every thread (ingest decodes on several): threads
+    formatting interleaved seconds at once, the cache emptied under them again and again,
+    each get the calendar text of its own second."""
+    import datetime as dt
+    import threading
+
+    start = threading.Barrier(4)
+    wrong: list[tuple[int, str | None]] = []
+
+    def work(offset: int) -> None:
+        start.wait()
+        for i in range(3_000):
+            ns = (1_700_000_000 + (i * 7 + offset) % 150) * 10**9 + i
+            secs, frac = divmod(ns, 10**9)
+            day = dt.datetime.fromtimestamp(secs, dt.UTC)
+            got = format_time(ns)
+            if got != f"{day:%Y-%m-%dT%H:%M:%S}.{frac:09d}Z":
+                wrong.append((ns, got))
+
+    threads = [threading.Thread(target=work, args=(k * 37,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
