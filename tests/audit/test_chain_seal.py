@@ -174,6 +174,41 @@ def test_a_record_that_only_begins_like_a_seal_seals_nothing(tmp_path: Path) -> 
     assert head is not None and head.seq == 2
 
 
+def test_an_append_rolled_back_after_its_insert_does_not_hide_a_later_seal(
+    tmp_path: Path,
+) -> None:
+    """The store skips the seal check for the head it appended last (its hash); an append
+    whose transaction rolled back after the record's insert (here its payload's insert is
+    refused) left that hash behind, and a seal appended since by another store is still
+    found: the next append is refused, nothing after the seal."""
+    import sqlite3
+
+    from coworker.audit.chain_seal import seal
+
+    path = tmp_path / "a.db"
+    store = SQLiteStore(path, chain="billing")
+    store.append([entry(1)])
+    raw = sqlite3.connect(chain_file(str(path), "billing"))
+    raw.execute(
+        "CREATE TRIGGER no_payloads BEFORE INSERT ON audit_payloads "
+        "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    raw.commit()
+    with pytest.raises(AuditUnavailable, match="refused"):
+        store.append([entry(2)], [b'{"input":"x","output":null}'])
+    raw.execute("DROP TRIGGER no_payloads")
+    raw.commit()
+    raw.close()
+    head = store.head()
+    assert head is not None and head.seq == 1  # the record went with its transaction
+    assert seal(store, "tenant left").seq == 2
+    with pytest.raises(ChainSealed):
+        store.append([entry(3)])
+    head = store.head()
+    store.close()
+    assert head is not None and head.seq == 2
+
+
 @pytest.mark.postgres
 def test_entries_spooled_before_a_retirement_stay_in_the_spool_and_later_appends_are_refused(
     pg: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
