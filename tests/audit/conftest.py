@@ -131,3 +131,24 @@ def raw(path: Path) -> sqlite3.Connection:
     for name in ("audit_records_no_update", "audit_records_no_delete", "audit_records_append_only"):
         conn.execute(f"DROP TRIGGER IF EXISTS {name}")
     return conn
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Any]:
+    """The PostgreSQL server of the tests (tests/pg.py): one per module, its database and roles
+    dropped at the module's end. A module with its own ``pg`` fixture overrides it."""
+    from tests.pg import PGServer, import_psycopg, require_server
+
+    import_psycopg()
+    server = PGServer(require_server())
+    yield server
+    server.close()
+
+
+def store_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A fresh store's URL for a test parametrized over ``backend``: ``sqlite`` (a file in
+    ``tmp_path``) or ``postgres`` (a schema of the module's ``pg`` server, no spool)."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'a.db'}"
+    url: str = request.getfixturevalue("pg").schema_url(spool="off")
+    return url

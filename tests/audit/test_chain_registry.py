@@ -8,7 +8,6 @@ from __future__ import annotations
 import multiprocessing
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,14 +230,6 @@ def test_chain_names_equal_up_to_case_are_refused(tmp_path: Path) -> None:
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Any]:
-    from tests.pg import PGServer, import_psycopg, require_server
-
-    import_psycopg()
-    server = PGServer(require_server())
-    yield server
-    server.close()
 
 
 def _pg_chains(url: str, sizes: dict[str, int]) -> None:

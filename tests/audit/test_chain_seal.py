@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from coworker.audit.store_sqlite import SQLiteStore, chain_file
 from coworker.audit.urls import open_store, with_chain
 from coworker.cli import main
 from coworker.exceptions import AuditUnavailable
+from tests.audit.conftest import store_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,22 +30,9 @@ def entry(i: int) -> dict[str, Any]:
     return {"kind": "outcome", "category": "state-change", "operation": "create", "i": i}
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Any]:
-    from tests.pg import PGServer, import_psycopg, require_server
-
-    import_psycopg()
-    server = PGServer(require_server())
-    yield server
-    server.close()
-
-
 def _setup(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     """A store URL with a default chain (1 record); the chain billing is made by the test."""
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'a.db'}"
-    else:
-        url = request.getfixturevalue("pg").schema_url(spool="off")
+    url = store_url(backend, tmp_path, request)
     store = open_store(url)
     store.append([entry(0)])
     store.close()

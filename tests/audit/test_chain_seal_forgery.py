@@ -6,7 +6,6 @@ every later append fail (the real PostgreSQL server, the real ingest endpoint)."
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,16 +17,6 @@ from coworker.audit.urls import open_store, with_chain
 pytestmark = pytest.mark.postgres
 
 TOKEN = "test-token-0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Any]:
-    from tests.pg import PGServer, import_psycopg, require_server
-
-    import_psycopg()
-    server = PGServer(require_server())
-    yield server
-    server.close()
 
 
 def lock_head(pg: Any, store: Any) -> Any:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +17,10 @@ from coworker.audit.urls import open_store, with_chain
 from coworker.audit.writer import AuditWriter
 from coworker.cli import main
 from coworker.exceptions import AuditUnavailable
+from tests.audit.conftest import store_url
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 WRITERS = 3
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Any]:
-    from tests.pg import PGServer, import_psycopg, require_server
-
-    import_psycopg()
-    server = PGServer(require_server())
-    yield server
-    server.close()
 
 
 def entry(writer: int, i: int) -> dict[str, Any]:
@@ -38,10 +28,7 @@ def entry(writer: int, i: int) -> dict[str, Any]:
 
 
 def _url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'a.db'}"
-    else:
-        url = request.getfixturevalue("pg").schema_url(spool="off")
+    url = store_url(backend, tmp_path, request)
     default = open_store(url)
     default.append([entry(-1, 0)])
     default.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,16 +164,6 @@ def test_cli_verify_with_a_heads_note_names_a_chain_that_vanished(
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Any]:
-    from tests.pg import PGServer, import_psycopg, require_server
-
-    import_psycopg()
-    server = PGServer(require_server())
-    yield server
-    server.close()
 
 
 @pytest.mark.postgres

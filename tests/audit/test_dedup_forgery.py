@@ -6,7 +6,6 @@ server; SQLite's in-process index, which derives every key from the bodies)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +33,6 @@ def genuine_key(fields: dict[str, Any]) -> bytes:
     from coworker.ingest.records import dedup_key
 
     return dedup_key(bytes.fromhex(fields["trace_id"]) + bytes.fromhex(fields["span_id"]), fields)
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Any]:
-    from tests.pg import PGServer, import_psycopg, require_server
-
-    import_psycopg()
-    server = PGServer(require_server())
-    yield server
-    server.close()
 
 
 def test_a_key_is_checked_against_its_body() -> None:

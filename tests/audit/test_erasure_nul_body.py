@@ -4,22 +4,11 @@ cast over every record with a payload, failed for every subject (the real server
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Any]:
-    from tests.pg import PGServer, import_psycopg, require_server
-
-    import_psycopg()
-    server = PGServer(require_server())
-    yield server
-    server.close()
 
 
 def test_a_body_jsonb_cannot_read_does_not_block_erasure(pg: Any) -> None:

@@ -106,17 +106,23 @@ _PLAIN = sqlite_schema._TABLE_V1.replace(" IF NOT EXISTS", "").rstrip(";")
 _OURS = sqlite_schema._TABLE_V2.replace(" IF NOT EXISTS", "").rstrip(";")
 
 
+def make_plain_and_edit(path: Path, seq: int) -> None:
+    """Tamper as a careful owner would: the table's definition rewritten with plain columns,
+    the ``user_id`` of ``seq`` set by hand, the append-only triggers put back."""
+    _rewrite_table(path, _PLAIN)
+    conn = raw(path)
+    conn.execute("UPDATE audit_records SET user_id = 'mallory' WHERE seq = ?", (seq,))
+    conn.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in sqlite_schema._split_ddl(sqlite_schema._GUARDS):
+        conn.execute(statement)
+    conn.close()
+
+
 def test_writable_schema_making_the_columns_plain_is_reported(log: Path) -> None:
     """The table's definition rewritten with plain columns, then a column set by hand: verify
     reports the table as not coworker's, and the column as differing from its body."""
-    _rewrite_table(log, _PLAIN)
-    conn = raw(log)
-    conn.execute("UPDATE audit_records SET user_id = 'mallory' WHERE seq = 5")
-    conn.close()
-    conn = sqlite3.connect(log, isolation_level=None)
-    for statement in sqlite_schema._split_ddl(sqlite_schema._GUARDS):
-        conn.execute(statement)  # the triggers back, as a careful tamperer would
-    conn.close()
+    make_plain_and_edit(log, 5)
     report = _verify(log)
     assert not report.ok and report.kind == GUARD
     assert "table audit_records is altered" in report.detail

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,16 +17,6 @@ from coworker.audit.verify import verify_chain
 
 def entry(i: int) -> dict[str, Any]:
     return {"kind": "outcome", "category": "state-change", "operation": "create", "i": i}
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Any]:
-    from tests.pg import PGServer, import_psycopg, require_server
-
-    import_psycopg()
-    server = PGServer(require_server())
-    yield server
-    server.close()
 
 
 def _oid(conn: Any, schema: str) -> int:

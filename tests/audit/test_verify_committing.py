@@ -216,22 +216,13 @@ def test_a_version_2_table_made_plain_is_column_checked_by_the_parallel_verifier
     by hand, in a log large enough for the parallel path: the workers' selection (bodies that
     may commit to a payload) is not the column check's, which then runs over every row as in
     the serial path."""
-    from coworker.audit import sqlite_schema
     from coworker.audit.store import COLUMN_MISMATCH, GUARD
-    from tests.audit.conftest import raw
-    from tests.audit.test_sqlite_generated import _PLAIN, _rewrite_table
+    from tests.audit.test_sqlite_generated import make_plain_and_edit
 
     store = SQLiteStore(db_path)
     store.append([make_entries(1)[0][0]] * 3_000)
     store.close()
-    _rewrite_table(db_path, _PLAIN)
-    conn = raw(db_path)
-    conn.execute("UPDATE audit_records SET user_id = 'mallory' WHERE seq = 2222")
-    conn.close()
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    for statement in sqlite_schema._split_ddl(sqlite_schema._GUARDS):
-        conn.execute(statement)  # the triggers back, as a careful tamperer would
-    conn.close()
+    make_plain_and_edit(db_path, 2222)
     parallel, serial = _both(db_path)
     # Every row differs (the plain columns hold nothing the body has): capped, in seq order.
     kinds = [p["kind"] for p in serial["problems"]]
