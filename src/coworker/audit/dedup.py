@@ -50,20 +50,25 @@ def _ids(fields: dict[str, Any]) -> bytes | None:
     return ids if len(ids) == _IDS_LEN else None
 
 
-def body_key(key: bytes, body: bytes) -> bytes | None:
+_UNPARSED: Final[Any] = object()
+
+
+def body_key(key: bytes, body: bytes, fields: Any = _UNPARSED) -> bytes | None:
     """The key ``body`` earns in the form of ``key``: ``key`` itself when the row is the
     record the key names, another value (``b""``: none) when it is not, ``None`` when the
     key's form is not one coworker derives, or ``body`` is not a record of that form's kind
-    (nothing to check: the key may be an application's own)."""
+    (nothing to check: the key may be an application's own). ``fields``: ``body`` decoded
+    by ``json.loads`` already (``None`` when it is not JSON), so that it is not parsed twice."""
     from coworker.audit.chain_registry import _KEY_PREFIX, _RETIRE_PREFIX, parse_registration
 
     registry = key.startswith(_KEY_PREFIX) or key.startswith(_RETIRE_PREFIX)
     if not registry and len(key) not in (24, 32, 56, 57):
         return None
-    try:
-        fields = json.loads(body)
-    except ValueError:
-        fields = None
+    if fields is _UNPARSED:
+        try:
+            fields = json.loads(body)
+        except ValueError:
+            fields = None
     if not isinstance(fields, dict):
         return b"" if registry else None
     found = parse_registration(1, body) if registry or len(key) == 32 else None
@@ -105,10 +110,10 @@ def body_key(key: bytes, body: bytes) -> bytes | None:
     return ids + content_digest(fields)
 
 
-def key_matches(key: bytes, body: bytes) -> bool:
+def key_matches(key: bytes, body: bytes, fields: Any = _UNPARSED) -> bool:
     """Whether ``key`` may stand for ``body`` (its own key, or nothing to check): verify's
-    test of a row."""
-    found = body_key(key, body)
+    test of a row (``fields``: see :func:`body_key`)."""
+    found = body_key(key, body, fields)
     return found is None or found == key
 
 

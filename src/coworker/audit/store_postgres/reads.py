@@ -318,7 +318,7 @@ class _Reads(_Connections):
                 if (
                     row[5] is not None
                     and len(keys) < MAX_FINDINGS
-                    and not key_matches(bytes(row[5]), record.body)
+                    and not key_matches(bytes(row[5]), record.body, fields)
                 ):
                     keys.append(
                         Finding(
