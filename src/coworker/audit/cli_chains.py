@@ -118,7 +118,7 @@ def verify_registry(
 
     Prints nothing for a store with no named chain and no registration.
     """
-    from coworker.audit.chain_registry import check_registry
+    from coworker.audit.chain_check import check_registry
     from coworker.audit.store import Head
     from coworker.audit.urls import open_store, with_chain
 
@@ -161,7 +161,8 @@ def verify_registry(
 def vanished_chain(url: str, chain: str, js: bool) -> int | None:
     """For ``verify --chain NAME``: print ``vanished`` and return 1 when the registry names
     ``chain`` but the store has no such chain; ``None`` otherwise (verify it as usual)."""
-    from coworker.audit.chain_registry import check_registry, registrations
+    from coworker.audit.chain_check import check_registry
+    from coworker.audit.chain_registry import registrations
     from coworker.audit.urls import open_store
 
     if not chain:
