@@ -122,9 +122,9 @@ def test_each_new_version_of_a_span_costs_one_conflict_record_not_a_rescan(pg_ur
     class CountingStore(PostgresStore):
         sizes: list[int]
 
-        def append_unique(self, entries, payloads, keys):  # type: ignore[no-untyped-def]
+        def submit_unique(self, entries, payloads, keys):  # type: ignore[no-untyped-def]
             self.sizes.append(len(entries))
-            return super().append_unique(entries, payloads, keys)
+            return super().submit_unique(entries, payloads, keys)
 
     store = CountingStore(pg_url, spool=None)
     store.sizes = []

@@ -106,6 +106,9 @@ class _Ingest:
         self.max_attributes = max_attributes
         self.close_store = close_store
         self.unique = getattr(store, "append_unique", None)
+        # Group commit (PostgresStore): the next request's append runs while this one's
+        # waits for the WAL fsync.
+        self.submit = getattr(store, "submit_unique", None)
         self.between = getattr(store, "dedup_keys_between", None)
         self.seen = None if self.unique is not None else _SeenSpans(store)
         self.append_lock = threading.Lock()
@@ -318,7 +321,7 @@ class _Ingest:
                 assert self.seen is not None
                 with self.append_lock:
                     return self.seen.append(entries, payloads, keys, token)
-            result = self.unique(entries, payloads, keys)
+            result = self._append_unique(entries, payloads, keys)
             duplicates = len(result.duplicates)
             conflicts = self._record_conflicts(keys, token) if self.between is not None else 0
             return len(entries) - duplicates, duplicates, conflicts
@@ -351,8 +354,18 @@ class _Ingest:
                 ckeys.append(ckey)
         if not entries:
             return 0
-        result = self.unique(entries, [None] * len(entries), ckeys)
+        result = self._append_unique(entries, [None] * len(entries), ckeys)
         return len(entries) - len(result.duplicates)
+
+    def _append_unique(
+        self, entries: list[Mapping[str, Any]], payloads: list[bytes | None], keys: list[bytes]
+    ) -> Any:
+        """The store's ``append_unique``, returning once durable; through its group commit
+        where it has one (the answer may be sent only after ``wait()`` returned)."""
+        if self.submit is not None:
+            return self.submit(entries, payloads, keys).wait()
+        assert self.unique is not None
+        return self.unique(entries, payloads, keys)
 
     def _digest_at(self, seq: int) -> bytes:
         record = next(iter(self.store.iter_from(seq)), None)

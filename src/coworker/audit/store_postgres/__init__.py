@@ -26,6 +26,8 @@ The package is split along its seams:
 * :mod:`.reads` — head, pages, search, integrity findings;
 * :mod:`.writes` — the append path (the server-side ``append()`` function, one round trip
   under the lock, then the durable flush);
+* :mod:`.group_flush` — group commit: appends committed asynchronously, made durable by
+  one flush on a connection of its own (``submit_unique``, the ingest endpoint);
 * :mod:`.shipper` — the outage spool and the thread that ships it;
 * :mod:`.erase` — data keys, erasure and purge;
 * :mod:`.store` — :class:`PostgresStore`, which puts them together.
@@ -49,12 +51,14 @@ from coworker.audit.store_postgres._wire import (
     spool_path,
 )
 from coworker.audit.store_postgres.ddl import SCHEMA_VERSION, writer_grants
+from coworker.audit.store_postgres.group_flush import PendingAppend
 from coworker.audit.store_postgres.store import PostgresStore
 
 __all__ = [
     "DEFAULT_SCHEMA",
     "SCHEMA_VERSION",
     "AppendResult",
+    "PendingAppend",
     "PostgresStore",
     "_ByteaArray",
     "_Int8Array",

@@ -158,7 +158,8 @@ class _Shipper(_Writes):
                 spool.remove([e.id for e in batch])
                 _log.info("audit spool %s: shipped %d record(s)", spool.path, len(batch))
 
-    def _append(self, items: list[_Item]) -> AppendResult:
+    def _append(self, items: list[_Item], owed: list[_Item] | None = None) -> AppendResult:
+        """Write, or spool when the server is unreachable; ``owed``: see _write_with_retry."""
         if self.readonly:
             raise AuditUnavailable(f"audit store {self} is read-only: append refused")
         if self._sealed_seq:
@@ -173,7 +174,7 @@ class _Shipper(_Writes):
                 # just failed (it would hold the lock for a connect timeout each time).
                 return self._to_spool(items)
             try:
-                return self._write_with_retry(items)
+                return self._write_with_retry(items, owed=owed)
             except _Unreachable as exc:
                 if self._spool_path is None:
                     raise AuditUnavailable(

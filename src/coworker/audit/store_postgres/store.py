@@ -29,6 +29,7 @@ from coworker.audit.store_postgres._wire import (
     url_chain,
 )
 from coworker.audit.store_postgres.erase import _Erasure
+from coworker.audit.store_postgres.group_flush import FlushLost, GroupFlush, PendingAppend
 from coworker.exceptions import ConfigError
 
 _log = logging.getLogger("coworker.audit")
@@ -177,6 +178,8 @@ class PostgresStore(_Erasure):
         self._watchdog: threading.Thread | None = None
         self._watchdog_pid = -1
         self._warned_fsync = False
+        # Durable flushes of submit_unique's appends, on a connection of their own.
+        self._group = GroupFlush(self._connect_flusher, self._flush_on)
         self._spool: Spool | None = None
         if spool is True:
             spool = default_spool_path(url)
@@ -240,16 +243,66 @@ class PostgresStore(_Erasure):
         Raises:
             AuditUnavailable: nothing was written or spooled.
         """
+        items = self._unique_items(entries, payloads, dedup_keys)
+        return self._append(items) if items else AppendResult([])
+
+    def submit_unique(
+        self,
+        entries: Sequence[Mapping[str, Any]],
+        payloads: Sequence[bytes | None] | None,
+        dedup_keys: Sequence[bytes],
+    ) -> PendingAppend:
+        """Like :meth:`append_unique`, but return once the entries are committed, before
+        they are durable: :meth:`PendingAppend.wait` returns the result once they are.
+
+        This is group commit for concurrent appenders (the ingest endpoint's requests): the
+        store's connection is free for the next append while this one waits for the WAL
+        fsync, and one durable flush, on a connection of its own, answers every append
+        committed before it was sent (:mod:`coworker.audit.store_postgres.group_flush`).
+        Nothing is durable, and no caller may say it is, before ``wait()`` returned.
+
+        Args:
+            entries: record fields without ``seq``.
+            payloads: one payload (or ``None``) per entry, or ``None``.
+            dedup_keys: one key per entry.
+
+        Returns:
+            The pending append (already durable when the append had to take another way:
+            a retry after a lost answer, the spool, an older schema).
+
+        Raises:
+            AuditUnavailable: nothing was written or spooled.
+        """
+        items = self._unique_items(entries, payloads, dedup_keys)
+        if not items:
+            return PendingAppend(AppendResult([]))
+        try:
+            connection = self._group.connection()  # up before the append is sent
+        except (_ServerDown, FlushLost):
+            return PendingAppend(self._append(items))  # as append_unique decides
+        owed: list[_Item] = []
+        result = self._append(items, owed)
+        if not owed:
+            return PendingAppend(result)
+        return PendingAppend(
+            result, self._group, self._group.ticket(connection), lambda: self._append(owed)
+        )
+
+    def _unique_items(
+        self,
+        entries: Sequence[Mapping[str, Any]],
+        payloads: Sequence[bytes | None] | None,
+        dedup_keys: Sequence[bytes],
+    ) -> list[_Item]:
         if len(dedup_keys) != len(entries):
             raise ConfigError("dedup_keys must have one key per entry")
         if not entries:
-            return AppendResult([])
+            return []
         entries, payloads = self._seal_payloads(entries, payloads)
-        items = [
+        return [
             _Item(f, payloads[i] if payloads is not None else None, dedup_keys[i])
             for i, f in enumerate(entries)
         ]
-        return self._append(items)
 
     def close(self) -> None:
         """Stop the shipper, make one last attempt to ship the spool, close; idempotent.
@@ -289,6 +342,7 @@ class PostgresStore(_Erasure):
                 self._spool.close()
             self._closed = True
             self._drop_connection()
+            self._group.close()
 
     def __repr__(self) -> str:
         return f"PostgresStore({_redact(self.url)!r}, schema={self.schema!r})"

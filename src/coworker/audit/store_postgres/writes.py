@@ -57,9 +57,20 @@ class _Writes(_Reads):
     """The append path of the PostgreSQL store: one locked transaction, then the durable flush."""
 
     # -- writing -----------------------------------------------------------------------------
-    def _write_with_retry(self, items: list[_Item], note: Spool | None = None) -> AppendResult:
-        """Write items; one reconnect on a dead connection; raises _Unreachable."""
+    def _write_with_retry(
+        self, items: list[_Item], note: Spool | None = None, owed: list[_Item] | None = None
+    ) -> AppendResult:
+        """Write items; one reconnect on a dead connection; raises _Unreachable.
+
+        With ``owed`` (an empty list), the one-round-trip append leaves the durable flush
+        out (the records are committed, not yet durable) and fills ``owed`` with the items,
+        each carrying its attempt: the caller owes the flush (:mod:`.group_flush`), and
+        when that is lost sends them again, which finds what was committed (:meth:`_write`).
+        ``owed`` stays empty when the result is durable already (the other paths flush).
+        """
         for attempt in range(2):
+            if owed is not None:
+                owed.clear()
             try:
                 conn = self._connection()
             except _ServerDown as exc:
@@ -72,7 +83,11 @@ class _Writes(_Reads):
             try:
                 with self._deadline(conn):
                     if self._version >= 4 and not any(it.attempted for it in items):
-                        result = self._write_fast(conn, items, sealed_hashes, note)
+                        flush = owed is None
+                        result = self._write_fast(conn, items, sealed_hashes, note, flush)
+                        if not flush:
+                            assert owed is not None
+                            owed[:] = _marked(items, sealed_hashes)
                     else:
                         result = self._write(conn, items, sealed_hashes, note)
                     if result.duplicates:
@@ -115,16 +130,7 @@ class _Writes(_Reads):
                 # COMMIT may have reached the server before the connection died: remember the
                 # hashes (or the nonce of a server-side append) so that the next attempt (or
                 # the shipper) can tell.
-                items = [
-                    _Item(
-                        it.fields,
-                        it.payload,
-                        it.dedup_key,
-                        it.attempted + ((h,) if h is not None else ()),
-                        it.spool_id,
-                    )
-                    for it, h in zip(items, sealed_hashes, strict=True)
-                ]
+                items = _marked(items, sealed_hashes)
                 if attempt == 1:
                     raise _Unreachable(items, exc) from exc
                 self._next_connect = 0.0
@@ -244,12 +250,15 @@ class _Writes(_Reads):
         items: list[_Item],
         sealed_hashes: list[tuple[int, bytes] | None],
         note: Spool | None,
+        flush: bool = True,
     ) -> AppendResult:
         """Append in one round trip: the database seals (``append()``, schema version 4).
 
         The lock is taken, the head read, the records hashed and inserted by one statement
         on the server; the durable flush follows in the same pipeline (its own transaction,
         after a Sync), so the client waits for one round trip and holds nothing meanwhile.
+        Without ``flush`` the records are committed (asynchronously) and not yet durable:
+        the caller flushes (:mod:`.group_flush`).
         Before sending, every item notes ``(-floor - 1, nonce)`` as its attempt (durably in
         the spool when shipping): if the answer is lost, the next attempt looks for rows above
         ``floor`` carrying the nonce (:meth:`_write`).
@@ -285,7 +294,10 @@ class _Writes(_Reads):
         def now_prepared() -> None:
             self._prepared = conn
 
-        res = _pipelined(conn, [(_APPEND, params), (_FLUSH_NAME, None)], setup, now_prepared)[0]
+        calls: list[tuple[bytes, list[bytes | None] | None]] = [(_APPEND, params)]
+        if flush:
+            calls.append((_FLUSH_NAME, None))
+        res = _pipelined(conn, calls, setup, now_prepared)[0]
         value = res.get_value
         rows = [
             (_int(value(r, 0)), _int(value(r, 1)), value(r, 2), value(r, 3))
@@ -510,6 +522,33 @@ class _Writes(_Reads):
         # stronger settings (remote_write, remote_apply) are kept.
         conn.execute(_FLUSH)
 
+    def _connect_flusher(self) -> psycopg.Connection[Any]:
+        """A connection of the group flush's own (:mod:`.group_flush`): autocommit, names
+        resolved in ``pg_catalog`` alone (as on the store's connection), the flush prepared.
+
+        Raises:
+            _ServerDown: the server cannot be reached (or refused the connection).
+        """
+        try:
+            conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_options)
+        except psycopg.OperationalError as exc:
+            raise _ServerDown(str(exc).strip()) from exc
+        try:
+            with self._deadline(conn):
+                conn.execute("SET search_path = pg_catalog, pg_temp")
+                res = conn.pgconn.prepare(_FLUSH_NAME, _FLUSH.encode())
+                if res.status != psycopg.pq.ExecStatus.COMMAND_OK:
+                    raise psycopg.errors.error_from_result(res, encoding=conn.info.encoding)
+        except psycopg.Error as exc:
+            conn.close()
+            raise _ServerDown(str(exc).strip()) from exc
+        return conn
+
+    def _flush_on(self, conn: psycopg.Connection[Any]) -> None:
+        """One durable flush on a flusher connection (see :meth:`_flush`), watched."""
+        with self._deadline(conn):
+            _pipelined(conn, [(_FLUSH_NAME, None)])
+
     def _insert_sql(self) -> sql.Composed:
         if self._insert is None:
             names = ["seq", "prev_hash", "hash", "body", "dedup_key", *_COLUMNS, "time"]
@@ -520,6 +559,20 @@ class _Writes(_Reads):
                 sql.SQL(", ").join(sql.SQL("%b::" + t + "[]") for t in types),
             )
         return self._insert
+
+
+def _marked(items: list[_Item], marks: list[tuple[int, bytes] | None]) -> list[_Item]:
+    """``items``, each with its attempt of this round added (what a next attempt looks for)."""
+    return [
+        _Item(
+            it.fields,
+            it.payload,
+            it.dedup_key,
+            it.attempted + ((h,) if h is not None else ()),
+            it.spool_id,
+        )
+        for it, h in zip(items, marks, strict=True)
+    ]
 
 
 def _sealed_seq(message: str) -> int:
