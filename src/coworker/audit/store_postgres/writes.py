@@ -488,7 +488,10 @@ class _Writes(_Reads):
                     }
                 )
             cur.execute("COMMIT")
-        if sealed or committed:  # found committed by an earlier attempt: make sure it is durable
+        if sealed or committed or duplicates:
+            # Found committed by an earlier attempt, or a duplicate of a row another writer
+            # committed asynchronously and may not have flushed yet: make sure it is durable
+            # before the caller is told it is stored.
             self._flush(conn)
         if committed:
             by_index = dict(zip(todo, sealed, strict=True))
