@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import select
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -430,3 +431,13 @@ def _redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _close_owned(conn: psycopg.Connection[Any] | None, pid: int) -> None:
+    """Close ``conn`` if this process (``pid``) opened it; a child never touches its parent's
+    socket. Closing a dead connection's socket may fail: that is ignored."""
+    if conn is not None and pid == os.getpid():
+        try:
+            conn.close()
+        except psycopg.Error:  # pragma: no cover - closing a dead socket
+            pass

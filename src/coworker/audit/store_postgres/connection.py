@@ -22,6 +22,7 @@ from coworker.audit.store import (
 )
 from coworker.audit.store_postgres._wire import (
     _RECONNECT_INTERVAL,
+    _close_owned,
     _is_unreachable,
     _refused_by_server,
     _register_arrays,
@@ -440,8 +441,4 @@ class _Connections:
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and self._pid == os.getpid():
-            try:
-                conn.close()
-            except psycopg.Error:  # pragma: no cover - closing a dead socket
-                pass
+        _close_owned(conn, self._pid)

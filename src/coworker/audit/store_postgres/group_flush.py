@@ -34,7 +34,7 @@ from typing import Any
 
 import psycopg
 
-from coworker.audit.store_postgres._wire import AppendResult
+from coworker.audit.store_postgres._wire import AppendResult, _close_owned
 
 _log = logging.getLogger("coworker.audit")
 
@@ -159,11 +159,7 @@ class GroupFlush:
         # Called with the condition held: every ticket of this connection not covered yet
         # is lost from now on (its number is never current again).
         conn, self._conn = self._conn, None
-        if conn is not None and self._pid == os.getpid():
-            try:
-                conn.close()
-            except psycopg.Error:  # pragma: no cover - closing a dead socket
-                pass
+        _close_owned(conn, self._pid)
 
     def close(self) -> None:
         """Close the flusher connection; appends still waiting get :class:`FlushLost`."""
