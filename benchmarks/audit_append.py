@@ -9,10 +9,11 @@ fresh file, WAL + ``synchronous=FULL`` on every side (a durable commit before a 
 * raw, 1 thread: the very rows those runs produced (same table, same indexes, no triggers),
   inserted with ``sqlite3`` one ``BEGIN IMMEDIATE; INSERT; COMMIT`` per row: the durable
   one-row commit loop, the physical limit of one fsync'd WAL commit per call;
-* raw, 4 threads: the same rows, with the same group commit coworker uses (leader/follower):
-  each thread queues its row and waits; whoever takes the write lock inserts every queued row
-  in one ``BEGIN IMMEDIATE ... COMMIT`` (one fsync for all of them) and each caller returns
-  only once its own row is committed. Without it, four threads each committing alone is not
+* raw, 4 threads: the same rows, through the very group commit coworker's writer uses
+  (:class:`coworker.audit.group_commit.GroupCommit`, leader/follower with hand-over): each
+  thread queues its row and waits; the leader inserts every queued row in one
+  ``BEGIN IMMEDIATE ... COMMIT`` (one fsync for all of them) and each caller returns only
+  once its own row is committed. Without it, four threads each committing alone is not
   the same guarantee at the same cost, and the ratio would flatter coworker;
 * store, 1 thread: ``SQLiteStore.append`` of the same entries one per call (no span, no
   writer), to split what the store costs from what the run costs.
@@ -41,6 +42,7 @@ from typing import Any
 
 import coworker
 from coworker.audit import store_sqlite
+from coworker.audit.group_commit import GroupCommit, Turn
 from coworker.audit.store_sqlite import SQLiteStore
 
 REPEATS = 5
@@ -121,36 +123,36 @@ def raw(tmp: Path, rows: list[tuple[Any, ...]]) -> float:
     return _threads(1, work)
 
 
-class _GroupCommit:
-    """Leader/follower group commit over one connection, as coworker's writer does it."""
+class _Row(Turn):
+    __slots__ = ("row",)
 
-    def __init__(self, path: Path, width: int) -> None:
+    def __init__(self, row: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.row = row
+
+
+class _GroupCommit:
+    """The raw rows through the very group commit coworker's writer uses
+    (:class:`coworker.audit.group_commit.GroupCommit`) over one connection."""
+
+    def __init__(self, path: Path) -> None:
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA synchronous = FULL")
         self.insert = store_sqlite._INSERT
-        self.write_lock = threading.Lock()
-        self.queue_lock = threading.Lock()
-        self.pending: list[list[Any]] = []  # [row, done]
+        self.group: GroupCommit[_Row, None] = GroupCommit(self._commit)
+
+    def _commit(self, batch: list[_Row]) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.executemany(self.insert, [t.row for t in batch])
+        self.conn.execute("COMMIT")
 
     def write(self, row: tuple[Any, ...]) -> None:
-        ticket = [row, False]
-        with self.queue_lock:
-            self.pending.append(ticket)
-        with self.write_lock:
-            if ticket[1]:
-                return  # a leader committed it while we waited: durable
-            with self.queue_lock:
-                batch, self.pending = self.pending, []
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany(self.insert, [t[0] for t in batch])
-            self.conn.execute("COMMIT")
-            for t in batch:
-                t[1] = True
+        self.group.submit(_Row(row))  # returns once its row is committed: durable
 
 
 def raw_group(tmp: Path, rows: list[tuple[Any, ...]], n_threads: int) -> float:
     """The same rows from ``n_threads`` threads through a raw group commit."""
-    group = _GroupCommit(_raw_file(tmp), len(rows[0]))
+    group = _GroupCommit(_raw_file(tmp))
     per = len(rows) // n_threads
 
     def work(t: int) -> None:

@@ -6,10 +6,11 @@
 * **Synchronous**: :meth:`AuditWriter.write` returns only once the records are durable (or
   the failure policy has taken over), so a state-changing call's record is in the store when
   the call returns.
-* **Group commit** (leader/follower): callers that arrive while an append is in progress queue
-  their records; the next caller to take the write lock appends everybody's records in one
-  transaction, and each caller returns when its own records are durable. One fsync covers
-  many concurrent calls.
+* **Group commit** (leader/follower, :mod:`coworker.audit.group_commit`): callers that arrive
+  while an append is in progress queue their records; when it is over, the first of them
+  appends everybody's records in one transaction, and each caller returns as soon as its own
+  records are durable, without waiting for a later commit. One fsync covers many concurrent
+  calls.
 * **Failure policy**: ``"raise"`` propagates :class:`~coworker.AuditUnavailable` to the caller;
   ``"log"`` logs an error per record and keeps the record in a bounded in-memory retry queue,
   retried before the next append and on :meth:`flush`; a record pushed out of a full queue is
@@ -37,6 +38,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context.context import Context
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
+from coworker.audit.group_commit import GroupCommit, Turn
 from coworker.audit.record import storable
 from coworker.audit.store import AuditStore, StoredRecord
 from coworker.exceptions import AuditUnavailable, ConfigError
@@ -99,15 +101,15 @@ def _metrics_hook() -> Callable[..., None] | None:
     return audit_append
 
 
-class _Ticket:
-    __slots__ = ("deferred", "done", "entries", "error", "failed", "records")
+class _Ticket(Turn):
+    __slots__ = ("deferred", "entries", "error", "failed", "records")
 
     def __init__(self, entries: Sequence[Entry]) -> None:
+        super().__init__()
         self.entries = entries
         self.records: list[StoredRecord] = []
         self.error: BaseException | None = None
         self.failed: list[Entry] = []  # the entries that are not durable (when error is set)
-        self.done = False
         self.deferred = False
 
 
@@ -141,9 +143,10 @@ class AuditWriter:
         self.store = store
         self.on_failure = on_failure
         self.retry_limit = retry_limit
-        self._write_lock = threading.Lock()
-        self._queue_lock = threading.Lock()
-        self._pending: list[_Ticket] = []
+        self._write_lock = threading.Lock()  # the store and the retry queue
+        self._group: GroupCommit[_Ticket, tuple[Sequence[Entry], str, float]] = GroupCommit(
+            self._lead
+        )
         self._retry: collections.deque[Entry] = collections.deque()
         self.lost = 0
         """Records discarded from a full retry queue (each was logged)."""
@@ -172,14 +175,9 @@ class AuditWriter:
         if not entries:
             return []
         ticket = _Ticket([_isolate(entry) for entry in entries])
-        with self._queue_lock:
-            self._pending.append(ticket)
-        measured = None
-        with self._write_lock:
-            if not ticket.done:
-                measured = self._lead()
+        measured = self._group.submit(ticket)
         if measured is not None:
-            # Outside the write lock: the next leader's commit (its fsync) runs meanwhile.
+            # After the hand-over: the next leader's commit (its fsync) runs meanwhile.
             self._record_metrics(*measured)
         if ticket.error is None and (ticket.deferred or len(ticket.records) == len(entries)):
             return ticket.records
@@ -187,12 +185,14 @@ class AuditWriter:
             ticket.error = AuditUnavailable("audit store returned fewer records than appended")
         return self._fail(ticket, policy or self.on_failure)
 
-    def _lead(self) -> tuple[Sequence[Entry], str, float] | None:
-        # Called with the write lock: append every queued ticket (ours included) at once,
+    def _lead(self, batch: list[_Ticket]) -> tuple[Sequence[Entry], str, float]:
+        # The group commit's leader: append every queued ticket (ours included) at once,
         # behind the records waiting for retry (so those keep their order). Returns what
-        # the metrics need, for the caller to record once the lock is released.
-        with self._queue_lock:
-            batch, self._pending = self._pending, []
+        # the metrics need, for the caller to record once the leadership is handed over.
+        with self._write_lock:
+            return self._commit(batch)
+
+    def _commit(self, batch: list[_Ticket]) -> tuple[Sequence[Entry], str, float]:
         entries = [e for t in batch for e in t.entries]
         retried = len(self._retry)
         started = time.perf_counter()
@@ -200,13 +200,12 @@ class AuditWriter:
             with suppressed():
                 results = self._append([*self._retry, *entries])
         except BaseException as exc:
-            # Every ticket of the batch must end up done, or its caller would return without
-            # its record; a KeyboardInterrupt in the leader fails the followers too.
+            # Every ticket of the batch must carry the error, or its caller would return
+            # without its record; a KeyboardInterrupt in the leader fails the followers too.
             error = exc if isinstance(exc, AuditUnavailable) else _wrap(exc)
             for t in batch:
                 t.error = error
                 t.failed = list(t.entries)
-                t.done = True
             if not isinstance(exc, Exception):
                 self._record_metrics(entries, _error_type(exc), time.perf_counter() - started)
                 raise
@@ -224,7 +223,6 @@ class AuditWriter:
             i += len(t.entries)
             if not failures and not deferred:  # the common batch: every result a record
                 t.records = mine
-                t.done = True
                 continue
             errors = [r for r in mine if isinstance(r, BaseException)]
             if errors:
@@ -234,7 +232,6 @@ class AuditWriter:
                 ]
             t.records = [r for r in mine if isinstance(r, StoredRecord)]
             t.deferred = deferred and any(r is _DEFERRED for r in mine)
-            t.done = True
         return entries, outcome, seconds
 
     def _settle_retry(self, results: Sequence[Any]) -> None:
@@ -379,6 +376,10 @@ class AuditWriter:
         Returns:
             ``True`` when the retry queue is empty afterwards.
         """
+        # First the tickets of callers interrupted while they waited (nobody leads them).
+        measured = self._group.drain()
+        if measured is not None:
+            self._record_metrics(*measured)
         with self._write_lock:
             if not self._retry:
                 return True
