@@ -211,73 +211,64 @@ def sigint() -> Any:
     signal.signal(signal.SIGINT, saved)
 
 
+class _Interrupted:
+    """A leader held in its commit and the main thread interrupted while it waits behind it
+    (``on_signal`` runs in the handler, before the KeyboardInterrupt)."""
+
+    def __init__(self, on_signal: Callable[[_Interrupted], None] | None = None) -> None:
+        self.rec = _Recorder()
+        self.group: GroupCommit[_Call, int] = GroupCommit(self.rec)
+        self.out: dict[str, Any] = {}
+        self.leader = _submit_in_thread(self.group, _Call("leader"), self.out)
+        self.others: list[threading.Thread] = []
+        _wait(self.rec.entered, "the first commit")
+        sender = _interrupt_main_when_waiting(lambda: on_signal and on_signal(self))
+        self.mine = _Call("main")
+        with pytest.raises(KeyboardInterrupt):
+            self.group.submit(self.mine)
+        sender.join()
+
+    def queue(self, name: str, n: int) -> None:
+        self.others.append(_submit_in_thread(self.group, _Call(name), self.out))
+        _queue_len(self.group, n)
+
+
 def test_interrupted_waiter_keeps_its_ticket_and_the_next_caller_leads(sigint: None) -> None:
-    rec = _Recorder()
-    group: GroupCommit[_Call, int] = GroupCommit(rec)
-    out: dict[str, Any] = {}
-    leader = _submit_in_thread(group, _Call("leader"), out)
-    _wait(rec.entered, "the first commit")
-    sender = _interrupt_main_when_waiting(lambda: None)
-    mine = _Call("main")
-    with pytest.raises(KeyboardInterrupt):
-        group.submit(mine)
-    sender.join()
-    follower = _submit_in_thread(group, _Call("after"), out)
-    _queue_len(group, 2)
-    rec.gate.set()
-    leader.join()
-    follower.join()
+    run = _Interrupted()
+    run.queue("after", 2)
+    run.rec.gate.set()
+    run.leader.join()
+    run.others[0].join()
     # The interrupted caller's ticket went into the next commit, led by the one still waiting.
-    assert rec.batches == [["leader"], ["main", "after"]]
-    assert out == {"leader": 1, "leader.done": True, "after": 2, "after.done": True}
-    assert mine.done
+    assert run.rec.batches == [["leader"], ["main", "after"]]
+    assert run.out == {"leader": 1, "leader.done": True, "after": 2, "after.done": True}
+    assert run.mine.done
 
 
 def test_interrupted_just_as_it_was_given_the_lead(sigint: None) -> None:
     # The handler lets the first commit finish and waits until its leader has returned, so
     # the leadership has been handed to the main thread, and only then raises: it must pass
     # the leadership on, or "after" would wait forever.
-    rec = _Recorder()
-    group: GroupCommit[_Call, int] = GroupCommit(rec)
-    out: dict[str, Any] = {}
-    leader = _submit_in_thread(group, _Call("leader"), out)
-    _wait(rec.entered, "the first commit")
-    follower: list[threading.Thread] = []
+    def on_signal(run: _Interrupted) -> None:
+        run.queue("after", 2)
+        run.rec.gate.set()
+        run.leader.join()  # it handed the leadership to the main thread on its way out
 
-    def on_signal() -> None:
-        follower.append(_submit_in_thread(group, _Call("after"), out))
-        _queue_len(group, 2)
-        rec.gate.set()
-        leader.join()  # it handed the leadership to the main thread on its way out
-
-    sender = _interrupt_main_when_waiting(on_signal)
-    mine = _Call("main")
-    with pytest.raises(KeyboardInterrupt):
-        group.submit(mine)
-    sender.join()
-    follower[0].join()
-    assert rec.batches == [["leader"], ["main", "after"]]
-    assert out["after"] == 2
-    assert mine.done
+    run = _Interrupted(on_signal)
+    run.others[0].join()
+    assert run.rec.batches == [["leader"], ["main", "after"]]
+    assert run.out["after"] == 2
+    assert run.mine.done
 
 
 def test_interrupted_alone_its_ticket_waits_for_drain(sigint: None) -> None:
-    rec = _Recorder()
-    group: GroupCommit[_Call, int] = GroupCommit(rec)
-    out: dict[str, Any] = {}
-    leader = _submit_in_thread(group, _Call("leader"), out)
-    _wait(rec.entered, "the first commit")
-    sender = _interrupt_main_when_waiting(lambda: None)
-    mine = _Call("main")
-    with pytest.raises(KeyboardInterrupt):
-        group.submit(mine)
-    sender.join()
-    rec.gate.set()
-    leader.join()
-    assert rec.batches == [["leader"]] and not mine.done
-    assert group.drain() == 1
-    assert rec.batches == [["leader"], ["main"]] and mine.done
-    assert group.drain() is None  # nothing left
+    run = _Interrupted()
+    run.rec.gate.set()
+    run.leader.join()
+    assert run.rec.batches == [["leader"]] and not run.mine.done
+    assert run.group.drain() == 1
+    assert run.rec.batches == [["leader"], ["main"]] and run.mine.done
+    assert run.group.drain() is None  # nothing left
 
 
 def test_a_leader_that_raises_still_wakes_its_batch_and_hands_over() -> None:
