@@ -190,3 +190,67 @@ def test_a_json_body_spelling_one_field_two_ways_is_400(body: dict[str, Any]) ->
     assert r.status_code == 400, r.text
     assert "one spelling" in r.text
     assert store.head() is None
+
+
+def test_conflict_lookups_do_not_wait_behind_an_append(pg_url: str) -> None:
+    """The lookup for other versions of a request's spans runs on a reader of its own: with
+    the next append stuck on the chain's lock (holding the store's connection), it still
+    answers, and it sees what the store committed."""
+    import psycopg
+
+    from coworker.audit.store_postgres import PostgresStore
+    from coworker.audit.store_postgres.ddl import _LOCK_NAMESPACE
+    from coworker.ingest.app import _Ingest
+    from coworker.ingest.records import _IDS_LEN
+
+    store = PostgresStore(pg_url, spool=None)
+    ingest = _Ingest(
+        store, token=None, tokens=None, max_body_bytes=1 << 20, retry_after=5,
+        max_attribute_length=4096, max_attributes=128, close_store=False,
+    )  # fmt: skip
+    ids = b"i" * _IDS_LEN
+    keys = [ids + b"a" * 32, ids + b"b" * 32]
+    store.append_unique([{"category": "state-change", "v": v} for v in (1, 2)], None, keys)
+    bounds = [(ids, ids + b"\xff" * 33)]
+    blocked: list[BaseException] = []
+    try:
+        with (
+            psycopg.connect(store._conninfo, autocommit=True) as admin,
+            psycopg.connect(store._conninfo) as holder,
+        ):
+            oid = admin.execute("SELECT %s::regclass::oid::int", (f'"{store.schema}".records',))
+            holder.execute(
+                "SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, oid.fetchone()[0])
+            )  # type: ignore[index]
+
+            def append() -> None:
+                try:
+                    store.append([{"category": "state-change", "v": 3}])
+                except BaseException as exc:
+                    blocked.append(exc)
+
+            writer = threading.Thread(target=append)
+            writer.start()
+            waiting = threading.Event()
+            while not waiting.wait(0.01):  # until the store's append waits on the chain lock
+                row = admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND wait_event = 'advisory' AND application_name = 'coworker-audit'"
+                ).fetchone()
+                if row is not None and row[0] >= 1:
+                    break
+            found: list[list[tuple[bytes, int]]] = []
+            lookup = threading.Thread(target=lambda: found.append(ingest._lookup(bounds)))
+            lookup.start()
+            lookup.join(30)
+            stuck = lookup.is_alive()
+            holder.rollback()  # the append goes on
+            writer.join()
+            lookup.join()
+        assert not stuck, "the conflict lookup waited for the append holding the connection"
+        assert sorted(k for k, _ in found[0]) == keys
+        assert blocked == [] and store.count() == 3
+    finally:
+        if ingest._reader is not None:
+            ingest._reader.close()
+        store.close()

@@ -109,7 +109,13 @@ class _Ingest:
         # Group commit (PostgresStore): the next request's append runs while this one's
         # waits for the WAL fsync.
         self.submit = getattr(store, "submit_unique", None)
+        # The conflict lookups after each append go through a reader of their own where the
+        # store has one (PostgresStore.reader), so that they do not hold up the next
+        # request's append on the store's connection; opened at the first lookup.
         self.between = getattr(store, "dedup_keys_between", None)
+        self._open_reader = getattr(store, "reader", None)
+        self._reader: Any = None  # a PostgresStore
+        self._reader_lock = threading.Lock()
         self.seen = None if self.unique is not None else _SeenSpans(store)
         self.append_lock = threading.Lock()
         self.in_flight = 0
@@ -336,7 +342,7 @@ class _Ingest:
         wanted = _by_ids(k for k in keys if not is_usage_key(k))  # usage keys: no versions
         if not wanted:
             return 0
-        rows = self.between([(ids, ids + b"\xff" * 33) for ids in wanted])
+        rows = self._lookup([(ids, ids + b"\xff" * 33) for ids in wanted])
         groups: dict[bytes, dict[bytes, int | None]] = {}
         for key, seq in rows:
             if len(key) == _KEY_LEN:
@@ -356,6 +362,16 @@ class _Ingest:
             return 0
         result = self._append_unique(entries, [None] * len(entries), ckeys)
         return len(entries) - len(result.duplicates)
+
+    def _lookup(self, bounds: list[tuple[bytes, bytes]]) -> list[tuple[bytes, int]]:
+        assert self.between is not None
+        if self._open_reader is None:
+            return list(self.between(bounds))
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = self._open_reader()
+            reader = self._reader
+        return list(reader.dedup_keys_between(bounds))
 
     def _append_unique(
         self, entries: list[Mapping[str, Any]], payloads: list[bytes | None], keys: list[bytes]
@@ -436,6 +452,8 @@ class _Ingest:
             _log.error("shutting down with %d append(s) still in flight", self.in_flight)
         if self.pool is not None:
             await anyio.to_thread.run_sync(self.pool.shutdown)
+        if self._reader is not None:
+            await anyio.to_thread.run_sync(self._reader.close)
         if self.close_store:
             await anyio.to_thread.run_sync(self.store.close)
         _log.info(

@@ -288,6 +288,25 @@ class PostgresStore(_Erasure):
             result, self._group, self._group.ticket(connection), lambda: self._append(owed)
         )
 
+    def reader(self) -> PostgresStore:
+        """A read-only store on a connection of its own: the same server, schema and chain.
+
+        For reads that must not queue behind this store's appends on its one connection
+        (the ingest endpoint's conflict lookups). It sees every committed record, an
+        asynchronously committed one included. Close it when done.
+        """
+        return PostgresStore(
+            self.url,
+            schema=self.base_schema,
+            chain=self.chain,
+            readonly=True,
+            connect_timeout=self._connect_timeout,
+            io_timeout=self._io_timeout,
+            encrypt_payloads=self.encrypt_payloads,
+            subject_field=self.subject_field,
+            keystore=self.keystore,
+        )
+
     def _unique_items(
         self,
         entries: Sequence[Mapping[str, Any]],
