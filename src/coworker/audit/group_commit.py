@@ -72,22 +72,27 @@ class GroupCommit(Generic[T, R]):
             What ``commit`` returned, when this caller led the commit; else ``None``.
         """
         with self._lock:
-            self._queue.append(ticket)
-            if self._leading:
+            if not self._leading:  # nobody commits: lead at once, with what is queued
+                self._leading = True
+                batch, self._queue = self._queue, []
+                batch.append(ticket)
+                wake = None
+            else:
+                self._queue.append(ticket)
                 wake = ticket._wake = threading.Lock()
                 wake.acquire()
-            else:
-                self._leading = True
-                wake = None
-        if wake is not None:
-            try:
-                wake.acquire()  # released when the ticket is done or is to lead
-            except BaseException:
-                self._abandon(ticket)
-                raise
-            if ticket.done:
-                return None
-        return self._lead()
+        if wake is None:
+            return self._lead(batch)
+        try:
+            wake.acquire()  # released when the ticket is done or is to lead
+        except BaseException:
+            self._abandon(ticket)
+            raise
+        if ticket.done:
+            return None
+        with self._lock:
+            batch, self._queue = self._queue, []
+        return self._lead(batch)
 
     def drain(self) -> R | None:
         """Commit the tickets left queued with no leader (their callers were interrupted).
@@ -100,11 +105,10 @@ class GroupCommit(Generic[T, R]):
             if self._leading or not self._queue:
                 return None
             self._leading = True
-        return self._lead()
-
-    def _lead(self) -> R:
-        with self._lock:
             batch, self._queue = self._queue, []
+        return self._lead(batch)
+
+    def _lead(self, batch: list[T]) -> R:
         try:
             return self._commit(batch)
         finally:
@@ -114,7 +118,10 @@ class GroupCommit(Generic[T, R]):
                     if t._wake is not None:
                         t._wake.release()
                         t._wake = None
-                self._hand_over()
+                if self._queue:
+                    self._hand_over()
+                else:
+                    self._leading = False
 
     def _hand_over(self) -> None:
         # With self._lock: the first caller still waiting leads next; with none, the next

@@ -193,6 +193,7 @@ class AuditWriter:
             return self._commit(batch)
 
     def _commit(self, batch: list[_Ticket]) -> tuple[Sequence[Entry], str, float]:
+        # With the write lock (the retry queue is settled here too).
         entries = [e for t in batch for e in t.entries]
         retried = len(self._retry)
         started = time.perf_counter()
