@@ -20,7 +20,11 @@ from operator import add, methodcaller
 from typing import Final
 
 CHUNK: Final = 25_000
-"""Records per work item (also the progress granularity)."""
+"""Records per work item at most (also the progress granularity)."""
+
+MIN_CHUNK: Final = 2_500
+"""Records per work item at least (unless :data:`CHUNK` is smaller): a work item costs ~0.6 ms
+of CPU to start (a connection, its file mapping, two statements), ~250 records' worth."""
 
 MMAP_SIZE: Final = 1 << 30
 """Readers map the file instead of copying pages: about 1.6x faster scans."""
@@ -113,7 +117,7 @@ def _scan_links(
             intact = (
                 prevs[0] == prev
                 and prevs[1:] == hashes[:-1]
-                and list(map(digest, map(sha256, map(add, prevs, bodies)))) == list(hashes)
+                and tuple(map(digest, map(sha256, map(add, prevs, bodies)))) == hashes
             )
         except TypeError:  # a tampered column of another type
             intact = False
@@ -206,6 +210,25 @@ def _scan(
     return expected - 1 == hi, prev, expected - lo
 
 
+def ranges(head_seq: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous seq ranges ``(lo, hi)`` covering ``1..head_seq`` in order, one per work item.
+
+    Guided scheduling: :data:`CHUNK` records each while plenty remain, then a quarter of what
+    remains per worker, down to :data:`MIN_CHUNK`. Each worker takes the next range when it
+    finishes one, so with equal ranges the first worker done idles for up to a whole range
+    while the last one finishes (a median 57-75 ms of a 200,000-record verify on two cores,
+    ranges of 25,000); with shrinking ones the workers end ~10 ms apart.
+    """
+    out = []
+    lo = 1
+    while lo <= head_seq:
+        size = min(CHUNK, max(MIN_CHUNK, (head_seq - lo + 1) // (2 * workers)))
+        hi = min(lo + size - 1, head_seq)
+        out.append((lo, hi))
+        lo = hi + 1
+    return out
+
+
 def can_fork() -> bool:
     """Forking is safe only in a single-threaded process with the fork start method."""
     return (
@@ -230,8 +253,8 @@ def verify_parallel(
     ``candidates`` are the seqs ``flag`` selects, in order, or ``None`` when there is no flag
     or they could not be computed in the scan; ``committed`` those whose body may commit to a
     payload (see :func:`verify_range`), in order."""
-    jobs = [(path, lo, min(lo + CHUNK - 1, head_seq), flag) for lo in range(1, head_seq + 1, CHUNK)]
-    workers = min(os.cpu_count() or 1, len(jobs))
+    workers = min(os.cpu_count() or 1, -(-head_seq // CHUNK))
+    jobs = [(path, lo, hi, flag) for lo, hi in ranges(head_seq, workers)]
     ctx = multiprocessing.get_context("fork")
     prev = genesis
     done = 0
