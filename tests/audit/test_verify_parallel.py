@@ -3,8 +3,10 @@ towards the end (guided scheduling), and a record edited in the smallest ones is
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from itertools import pairwise
@@ -44,7 +46,7 @@ import json, sys
 from coworker.audit import _verify_parallel as par
 from coworker.audit.store_sqlite import SQLiteStore
 from coworker.audit.verify import verify_chain
-par.MIN_RECORDS, par.CHUNK, par.MIN_CHUNK = 1_000, 1_000, 100
+par.MIN_RECORDS, par.CHUNK, par.MIN_CHUNK = int(sys.argv[2]), 1_000, 100
 jobs = []
 ranges = par.ranges
 par.ranges = lambda head, workers: jobs.extend(ranges(head, workers)) or jobs
@@ -54,11 +56,11 @@ print(json.dumps({"parallel": par.can_fork(), "jobs": jobs, "progress": seen, **
 """
 
 
-def _verify_in_child(path: Path) -> dict[str, Any]:
+def _verify_in_child(path: Path, *, serial: bool = False) -> dict[str, Any]:
     # A fresh single-threaded process: the parallel path only forks when that is safe.
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(path)],
+        [sys.executable, "-c", _CHILD, str(path), str(10**9 if serial else 1_000)],
         capture_output=True, text=True, check=True, env=env, timeout=60,
     ).stdout  # fmt: skip
     return json.loads(out)  # type: ignore[no-any-return]
@@ -82,3 +84,54 @@ def test_shrinking_ranges_verify_and_name_an_edit_in_the_last_ones(tmp_path: Pat
     conn.close()
     result = _verify_in_child(path)
     assert (result["ok"], result["bad_seq"], result["kind"]) == (False, 2_950, EDITED)
+
+
+def _rechain(conn: sqlite3.Connection, seq: int, prev: bytes, head: int) -> None:
+    """Re-hash records ``seq..head`` from ``prev``: a tail rewritten with recomputed hashes."""
+    for n in range(seq, head + 1):
+        body = conn.execute("SELECT body FROM audit_records WHERE seq = ?", (n,)).fetchone()[0]
+        digest = hashlib.sha256(prev + body).digest()
+        conn.execute(
+            "UPDATE audit_records SET prev_hash = ?, hash = ? WHERE seq = ?", (prev, digest, n)
+        )
+        prev = digest
+
+
+@pytest.mark.parametrize(
+    "edit", ["prev-as-text", "prev-empty", "hash-as-int", "hash-empty", "text-skipped"]
+)
+def test_rows_of_other_types_fail_the_workers_scan_as_the_serial_loop(
+    tmp_path: Path, edit: str
+) -> None:
+    """The workers read only rows whose three columns are BLOBs, as bytes: a column of
+    another type, an empty hash, or a TEXT body whose neighbours were relinked
+    around it (links intact without it) fails the parallel scan, and the report is the
+    serial verifier's."""
+    path = tmp_path / "audit.db"
+    store = SQLiteStore(path)
+    store.append([make_entries(1)[0][0]] * 3_000)
+    store.close()
+    conn = raw(path)
+    prev = conn.execute("SELECT prev_hash FROM audit_records WHERE seq = 2222").fetchone()[0]
+    if edit == "prev-as-text":
+        conn.execute(
+            "UPDATE audit_records SET prev_hash = CAST(prev_hash AS TEXT) WHERE seq = 2222"
+        )
+    elif edit == "prev-empty":
+        conn.execute("UPDATE audit_records SET prev_hash = x'' WHERE seq = 2222")
+    elif edit == "hash-as-int":
+        conn.execute("UPDATE audit_records SET hash = 7 WHERE seq = 2222")
+    elif edit == "hash-empty":
+        conn.execute("UPDATE audit_records SET hash = x'' WHERE seq = 2222")
+    else:  # a TEXT body with the same bytes, the record after it linked to the one before
+        conn.execute("UPDATE audit_records SET body = CAST(body AS TEXT) WHERE seq = 2222")
+        _rechain(conn, 2223, prev, 3_000)
+    conn.close()
+    result = _verify_in_child(path)
+    serial = _verify_in_child(path, serial=True)
+    if not result["parallel"]:
+        pytest.skip("parallel verify needs fork and several cores")
+    assert result["jobs"] and not serial["jobs"]  # the parallel path ran, then the serial one
+    assert not result["ok"] and result["bad_seq"] in (2221, 2222, 2223)
+    assert (result["kind"], result["bad_seq"]) == (serial["kind"], serial["bad_seq"])
+    assert result["detail"] == serial["detail"]
