@@ -80,3 +80,47 @@ def test_a_server_without_fsync_is_one_warning() -> None:
         finally:
             logger.removeHandler(handler)
     assert len([m for m in seen if "fsync=off" in m]) == 1, seen
+
+
+def test_a_duplicate_found_on_retry_is_durable_before_it_is_answered() -> None:
+    """Writer A commits an entry asynchronously (``submit_unique``, its flush not yet sent);
+    writer B's retry of the same entry (its first attempt's connection was lost) finds A's
+    row by the dedup key and answers "duplicate"; the server crashes: the record B was told
+    is stored is in the log after recovery, because B's retry flushed before it answered.
+
+    ``wal_writer_delay`` = 10 s (the most PostgreSQL allows): A's commit record stays in the
+    server's WAL buffers, not even written to the OS, until a synchronous commit flushes it.
+    """
+    with private_cluster({"wal_writer_delay": "10s"}) as c:
+        url = c.url + "?schema=dup"
+        first = {"kind": "span", "category": "state-change", "operation": "update", "i": 1}
+        key = b"trace-and-span-id-1".ljust(24, b".")
+        a = PostgresStore(url, spool=None)
+        b = PostgresStore(url, spool=None)
+        psycopg = import_psycopg()
+        try:
+            pending = a.submit_unique([first], None, [key])
+            assert pending._ticket is not None  # committed asynchronously, flush still owed
+            conn = b._conn
+            assert conn is not None
+            with psycopg.connect(c.url, autocommit=True) as admin:
+                # B's connection dies (the backend gone, not just signalled) before it sends:
+                # its first attempt is lost, the retry takes the locked path (_write).
+                (gone,) = admin.execute(
+                    "SELECT pg_terminate_backend(%s, 10000)", (conn.info.backend_pid,)
+                ).fetchone()
+            assert gone
+            result = b.append_unique([first], None, [key])
+            assert result.records == [] and result.duplicates == [0]  # answered: stored
+            assert b._conn is not conn  # the answer came from the retry's connection
+            c.crash()  # before A's flush (A never waits)
+        finally:
+            a.close()
+            b.close()
+        c.start()
+        check = PostgresStore(url, spool=None)
+        try:
+            assert [json.loads(r.body)["i"] for r in check.iter_from()] == [1]
+            assert verify_chain(check).ok
+        finally:
+            check.close()

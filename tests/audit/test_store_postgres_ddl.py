@@ -1,5 +1,5 @@
-"""Schema migrations of PostgresStore: a version-3 store made by the old code (a pg_dump of it,
-tests/audit/data/pg_schema_v3.sql) is upgraded to version 4 in place, records intact."""
+"""Schema migrations of PostgresStore: stores made by older code (pg_dumps of them at versions
+3, 4 and 7, tests/audit/data/pg_schema_v*.sql) are upgraded in place, records intact."""
 
 from __future__ import annotations
 
@@ -58,15 +58,15 @@ def versions(pg: PGServer, schema: str) -> list[int]:
 
 
 def test_version_3_store_is_upgraded_in_place(pg: PGServer, tmp_path: Path) -> None:
-    """The owner's first open migrates 3 -> 7: the old records verify unchanged, the guards of
-    version 7 are in place (no finding), and new appends chain on the old head."""
+    """The owner's first open migrates 3 -> 8: the old records verify unchanged, the guards of
+    version 8 are in place (no finding), and new appends chain on the old head."""
     schema = load_v3(pg)
     url = pg.schema_url(schema)
     readonly = PostgresStore(url, readonly=True)
     assert readonly._version == 3 and readonly.head().hash.hex() == V3_HEAD  # type: ignore[union-attr]
     readonly.close()
     store = PostgresStore(url, spool=None)
-    assert versions(pg, schema) == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 7
+    assert versions(pg, schema) == list(range(1, SCHEMA_VERSION + 1)) and SCHEMA_VERSION == 8
     assert store._version == SCHEMA_VERSION
     old = list(store.iter_from())
     assert [r.seq for r in old] == [1, 2, 3] and old[-1].hash.hex() == V3_HEAD
@@ -139,7 +139,7 @@ def test_version_4_store_is_upgraded_to_5(pg: PGServer) -> None:
     assert readonly._version == 4 and readonly.head().hash.hex() == V4_HEAD  # type: ignore[union-attr]
     readonly.close()
     store = PostgresStore(url, spool=None)
-    assert versions(pg, schema) == [1, 2, 3, 4, 5, 6, 7] and store._version == SCHEMA_VERSION
+    assert versions(pg, schema) == [1, 2, 3, 4, 5, 6, 7, 8] and store._version == SCHEMA_VERSION
     with psycopg.connect(pg.url, autocommit=True) as conn:
         source = conn.execute(
             "SELECT prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
@@ -181,3 +181,64 @@ def test_writer_on_a_version_4_store_appends_until_upgraded(pg: PGServer) -> Non
     report = verify_chain(w)
     assert report.ok and report.checked == 5 and not report.problems, report
     w.close()
+
+
+DUMP_V7 = Path(__file__).parent / "data" / "pg_schema_v7.sql"
+V7_FUNCTIONS = (*V4_FUNCTIONS, "owner_writes()")
+
+
+def _owner_writes_language(pg: PGServer, schema: str) -> str:
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT l.lanname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " JOIN pg_language l ON l.oid = p.prolang"
+            " WHERE n.nspname = %s AND p.proname = 'owner_writes'",
+            (schema,),
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_version_7_store_is_upgraded_to_8(pg: PGServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The owner's first open migrates 7 -> 8 (owner_writes() in PL/pgSQL): no guard is
+    reported, a writer's append() still skips the chain check while its raw INSERT that does
+    not chain is still refused, dedup keys from before count, and the chain verifies."""
+    owner, writer = pg.create_role("v7_owner"), pg.create_role("v7_writer")
+    pg.execute(f'GRANT CREATE ON DATABASE "{pg.dbname}" TO "{owner}"')
+    schema = "v7_" + secrets.token_hex(4)
+    pg.execute(DUMP_V7.read_text().replace("cw_v7_fixture", schema))
+    s = f'"{schema}"'
+    pg.execute(
+        f"ALTER SCHEMA {s} OWNER TO {owner};"
+        + "".join(
+            f"ALTER TABLE {s}.{t} OWNER TO {owner};"
+            for t in ("records", "payloads", "keys", "schema_version")
+        )
+        + "".join(f"ALTER FUNCTION {s}.{f} OWNER TO {owner};" for f in V7_FUNCTIONS)
+    )
+    for statement in writer_grants(writer, schema):
+        pg.execute(statement)
+    assert versions(pg, schema) == [1, 2, 3, 4, 5, 6, 7]
+    assert _owner_writes_language(pg, schema) == "sql"
+    url = pg.schema_url(schema)
+    with caplog.at_level("WARNING", logger="coworker.audit"):
+        PostgresStore(with_user(url, owner), spool=None).close()  # the upgrade
+        w = PostgresStore(with_user(url, writer), spool=None)
+    assert not caplog.records, caplog.text  # no guard missing or altered, no warning
+    assert versions(pg, schema) == [1, 2, 3, 4, 5, 6, 7, 8] and w._version == SCHEMA_VERSION
+    assert _owner_writes_language(pg, schema) == "plpgsql"
+    try:
+        result = w.append_unique(
+            [{"kind": "outcome", "i": 3}, {"kind": "outcome", "i": 4}], None, [b"k3", b"k4"]
+        )
+        assert result.duplicates == [0] and [r.seq for r in result.records] == [4]
+        with pytest.raises(psycopg.errors.IntegrityConstraintViolation, match="does not chain"):
+            pg.execute(
+                f"INSERT INTO {s}.records (seq, prev_hash, hash, body) VALUES (5, "
+                f"'\\x{'ee' * 32}', '\\x{'00' * 32}', 'x')",
+                user=writer,
+            )
+        report = verify_chain(w)
+        assert report.ok and report.checked == 4 and not report.problems, report
+    finally:
+        w.close()

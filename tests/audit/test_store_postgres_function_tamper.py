@@ -85,7 +85,7 @@ def test_an_overload_with_coworkers_source_does_not_hide_an_altered_function(
         ).fetchone()
         assert row is not None
         conn.execute(
-            f"CREATE FUNCTION {s}.owner_writes(x integer) RETURNS boolean LANGUAGE sql"
+            f"CREATE FUNCTION {s}.owner_writes(x integer) RETURNS boolean LANGUAGE plpgsql"
             f" STABLE AS $${row[0]}$$".encode()
         )
         conn.execute(

@@ -15,6 +15,7 @@ from coworker.audit.store_postgres.ddl import (
     _DDL_V5,
     _DDL_V6,
     _DDL_V7,
+    _DDL_V8,
     _quote_ident,
     render,
 )
@@ -80,6 +81,8 @@ def _guards_for(version: int) -> tuple[dict[tuple[str, str], str], list[str]]:
         ddls.append(_DDL_V6)  # lock_head() and append() checking their lock key
     if version >= 7:
         ddls.append(_DDL_V7)  # lock_head() and append() refusing a sealed (retired) chain
+    if version >= 8:
+        ddls.append(_DDL_V8)  # owner_writes() in PL/pgSQL (its plan kept per session)
     return triggers, ddls
 
 
