@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from coworker.audit.verify import verify_chain
+from tests.pg import import_psycopg
 
-psycopg = pytest.importorskip("psycopg")
+psycopg = import_psycopg()  # skips, or fails under CI, without the postgres extra
 
 from coworker.audit.store_postgres import PostgresStore  # noqa: E402
 
