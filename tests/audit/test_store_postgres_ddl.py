@@ -112,10 +112,13 @@ V4_FUNCTIONS = (
 )
 
 
-def load_v4(pg: PGServer, owner: str | None = None) -> str:
-    """Restore the version-4 dump (made before version 5) into a new schema; return its name."""
-    schema = "v4_" + secrets.token_hex(4)
-    pg.execute(DUMP_V4.read_text().replace("cw_v4_fixture", schema))
+def load_dump(
+    pg: PGServer, dump: Path, version: int, functions: tuple[str, ...], owner: str | None = None
+) -> str:
+    """Restore a version-``version`` dump into a new schema (owned by ``owner``, with its
+    tables and ``functions``, when given); return its name."""
+    schema = f"v{version}_" + secrets.token_hex(4)
+    pg.execute(dump.read_text().replace(f"cw_v{version}_fixture", schema))
     if owner is not None:
         s = f'"{schema}"'
         pg.execute(
@@ -124,9 +127,14 @@ def load_v4(pg: PGServer, owner: str | None = None) -> str:
                 f"ALTER TABLE {s}.{t} OWNER TO {owner};"
                 for t in ("records", "payloads", "keys", "schema_version")
             )
-            + "".join(f"ALTER FUNCTION {s}.{f} OWNER TO {owner};" for f in V4_FUNCTIONS)
+            + "".join(f"ALTER FUNCTION {s}.{f} OWNER TO {owner};" for f in functions)
         )
     return schema
+
+
+def load_v4(pg: PGServer, owner: str | None = None) -> str:
+    """Restore the version-4 dump (made before version 5) into a new schema; return its name."""
+    return load_dump(pg, DUMP_V4, 4, V4_FUNCTIONS, owner)
 
 
 def test_version_4_store_is_upgraded_to_5(pg: PGServer) -> None:
@@ -205,17 +213,8 @@ def test_version_7_store_is_upgraded_to_8(pg: PGServer, caplog: pytest.LogCaptur
     not chain is still refused, dedup keys from before count, and the chain verifies."""
     owner, writer = pg.create_role("v7_owner"), pg.create_role("v7_writer")
     pg.execute(f'GRANT CREATE ON DATABASE "{pg.dbname}" TO "{owner}"')
-    schema = "v7_" + secrets.token_hex(4)
-    pg.execute(DUMP_V7.read_text().replace("cw_v7_fixture", schema))
+    schema = load_dump(pg, DUMP_V7, 7, V7_FUNCTIONS, owner)
     s = f'"{schema}"'
-    pg.execute(
-        f"ALTER SCHEMA {s} OWNER TO {owner};"
-        + "".join(
-            f"ALTER TABLE {s}.{t} OWNER TO {owner};"
-            for t in ("records", "payloads", "keys", "schema_version")
-        )
-        + "".join(f"ALTER FUNCTION {s}.{f} OWNER TO {owner};" for f in V7_FUNCTIONS)
-    )
     for statement in writer_grants(writer, schema):
         pg.execute(statement)
     assert versions(pg, schema) == [1, 2, 3, 4, 5, 6, 7]
