@@ -166,7 +166,7 @@ def workflow_cost(args: argparse.Namespace, tmp: Path) -> None:
         coworker.configure(
             audit=f"sqlite:///{tmp / f'wf-{events}-{seal}.db'}", flow_events=events, flow_seal=seal
         )
-        per = args.workflows // threads
+        per = max(1, args.workflows // threads)
         workers = [threading.Thread(target=one_thread, args=(per,)) for _ in range(threads)]
         t0 = time.perf_counter()
         for w in workers:
