@@ -20,6 +20,10 @@ its ticket queued, so the next commit still writes it, and passes on the leaders
 had just been given it; nobody is left waiting for a leader that never comes. Tickets left
 queued with nobody to lead them are committed by the next :meth:`GroupCommit.submit` or by
 :meth:`GroupCommit.drain` (the writer's flush and close call it).
+
+Fork: the child of a process that forked while a commit was in progress starts with a free
+group commit and an empty queue (:mod:`coworker.audit._fork`); the queued tickets are the
+parent's callers', and the parent commits them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from coworker.audit import _fork
 
 __all__ = ["GroupCommit", "Turn"]
 
@@ -63,6 +69,13 @@ class GroupCommit(Generic[T, R]):
         self._commit = commit
         self._lock = threading.Lock()  # guards the queue, the leadership and the wake locks
         self._queue: list[T] = []
+        self._leading = False
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The leader and the waiters were the parent's threads: none of them is here.
+        self._lock = threading.Lock()
+        self._queue = []
         self._leading = False
 
     def submit(self, ticket: T) -> R | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import struct
@@ -31,7 +32,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from coworker.audit import _fork
+
 __all__ = ["Spool", "SpoolEntry", "SpoolStatus"]
+
+_log = logging.getLogger("coworker.audit")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
@@ -103,7 +108,7 @@ class Spool:
         deadline = time.monotonic() + 30.0
         while True:
             try:
-                self._db = self._open()
+                self._conn = self._open()
                 break
             except sqlite3.OperationalError as exc:
                 # Several processes creating the same spool at once: switching to WAL and
@@ -120,11 +125,38 @@ class Spool:
         try:
             self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            self._db.close()
+            self._conn.close()
             raise ConfigError(f"spool={self.path!r}: cannot create its lock file: {exc}") from exc
+        self._pid = os.getpid()
         self._mutex = threading.RLock()
         self._ship_mutex = threading.Lock()
         self._closed = False
+        _fork.register(self)
+        _fork.hold_across_fork(self)
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        # Called with self._mutex held. A SQLite connection must not cross a fork: the child
+        # opens its own (and never closes the parent's).
+        if self._pid != os.getpid():
+            _fork.orphan(self._conn)
+            self._conn = self._open()
+            self._pid = os.getpid()
+        return self._conn
+
+    def _fork_lock(self) -> threading.RLock:
+        # Held by the forking thread: no spool transaction is open across a fork.
+        return self._mutex
+
+    def _after_fork_in_child(self) -> None:
+        self._mutex = threading.RLock()
+        self._ship_mutex = threading.Lock()
+        # flock() locks belong to the open file description, which the child shares with the
+        # parent: the child's shipping lock must be a description of its own.
+        try:
+            self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # pragma: no cover - the directory became unwritable
+            _log.error("spool %s: no lock file of its own after a fork: %s", self.path, exc)
 
     def _open(self) -> sqlite3.Connection:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -299,7 +331,8 @@ class Spool:
             if self._closed:
                 return
             self._closed = True
-            self._db.close()
+            if self._pid == os.getpid():
+                self._conn.close()
             os.close(self._lock_fd)
 
     # -- internals -----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
-from coworker.audit import erasure, sqlite_integrity, sqlite_open, sqlite_reads
+from coworker.audit import _fork, erasure, sqlite_integrity, sqlite_open, sqlite_reads
 from coworker.audit.chain import Prepared, check_chain_name, genesis, prepare
 from coworker.audit.erasure import KeyStore
 from coworker.audit.sqlite_append import append_in_txn
@@ -173,6 +173,8 @@ class SQLiteStore:
         # head needs no seal check (coworker.audit.sqlite_append).
         self._own_head: bytes | None = None
         self._closed = False
+        _fork.register(self)
+        _fork.hold_across_fork(self)
         if self.chain and not readonly:
             # A named chain is registered in the default chain before its first record
             # (coworker.audit.chain_registry): deleted whole, it is then named vanished.
@@ -185,6 +187,17 @@ class SQLiteStore:
     def _open(self) -> None:
         with self._lock:
             self._connection()
+
+    def _fork_lock(self) -> threading.Lock:
+        # Held by the forking thread across a fork: no transaction of ours is open in it.
+        return self._lock
+
+    def _after_fork_in_child(self) -> None:
+        # Fresh, in case the fork could not wait for an append; the connection is the
+        # parent's (SQLite: never use or close one across a fork), the child opens its own.
+        self._lock = threading.Lock()
+        _fork.orphan(self._conn)
+        self._conn = None
 
     @property
     def CANDIDATE_FLAG(self) -> str | None:

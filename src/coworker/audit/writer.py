@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,7 @@ from opentelemetry import context as otel_context
 from opentelemetry.context.context import Context
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
+from coworker.audit import _fork
 from coworker.audit.group_commit import GroupCommit, Turn
 from coworker.audit.record import storable
 from coworker.audit.store import AuditStore, StoredRecord
@@ -151,6 +153,22 @@ class AuditWriter:
         self.lost = 0
         """Records discarded from a full retry queue (each was logged)."""
         self._metric = _metrics_hook()
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        # Another thread of the parent may have held the lock through a commit at the fork.
+        self._write_lock = threading.Lock()
+        if self._retry:
+            # The parent still holds these and retries them: written here too, they would be
+            # in the log twice.
+            _log.warning(
+                "audit: %d record(s) queued for retry in the parent process (pid %d) are left "
+                "to it; this process (pid %d) starts with an empty retry queue",
+                len(self._retry),
+                os.getppid(),
+                os.getpid(),
+            )
+            self._retry.clear()
 
     @property
     def retry_depth(self) -> int:

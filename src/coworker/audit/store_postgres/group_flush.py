@@ -34,6 +34,7 @@ from typing import Any
 
 import psycopg
 
+from coworker.audit import _fork
 from coworker.audit.store_postgres._wire import AppendResult, _close_owned
 
 _log = logging.getLogger("coworker.audit")
@@ -83,6 +84,14 @@ class GroupFlush:
         self._covered = 0  # every ticket up to this one on the current connection is durable
         self._flushing = False
         self._closed = False
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The tickets and the flush in progress are the parent's threads'; the child flushes
+        # on a connection of its own (_up() is pid-checked).
+        self._cond = threading.Condition()
+        self._connect_lock = threading.Lock()
+        self._flushing = False
 
     def _up(self) -> bool:
         # A connection must not cross a fork: a child never uses its parent's socket.

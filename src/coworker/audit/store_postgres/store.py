@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from coworker.audit import _fork
 from coworker.audit.chain import check_chain_name
 from coworker.audit.erasure import KeyStore
 from coworker.audit.spool import Spool
@@ -196,6 +197,15 @@ class PostgresStore(_Erasure):
                     _log.warning("audit store %s unreachable at start, spooling: %s", self, exc)
         if self._spool is not None and not self._spool.is_empty():
             self._start_shipper()
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        # Another thread of the parent may have held these through a round trip at the fork;
+        # its connection stays the parent's (pid-checked: the child connects anew).
+        self._lock = threading.RLock()
+        self._connect_lock = threading.Lock()
+        self._watch_lock = threading.Lock()
+        self._watches = {}
 
     # -- the AuditStore protocol -------------------------------------------------------------
     def append(
