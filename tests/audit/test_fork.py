@@ -276,3 +276,30 @@ def _rlock_held(spool: Any) -> bool:
         lock.release()
         return False
     return True
+
+
+def test_a_child_forked_while_the_tree_is_written_reads_it_on_its_own_connection(
+    tmp_path: Path,
+) -> None:
+    """Forked while the checkpointer's tree file write waits for its lock: the fork waits for
+    it, and the child reads the tree (as its final checkpoint at exit would) on its own
+    connection instead of waiting forever for the parent's thread."""
+    from coworker.audit.tlog import SQLiteTable
+
+    path = tmp_path / "audit.db.tree"
+    table = SQLiteTable(str(path))
+    with _writer_blocked_elsewhere(path) as release:
+        parent_write = threading.Thread(
+            target=table.add_checkpoint, args=("example.com/log", 1, b"note")
+        )
+        parent_write.start()
+        _wait_until(table._lock.locked)  # the parent's write waits inside the table
+        forking = threading.Event()
+        threading.Thread(target=lambda: (forking.wait(), release()), daemon=True).start()
+        os.register_at_fork(before=forking.set)
+        code = _in_child(lambda: table.latest("example.com/log") is not None)
+        parent_write.join(timeout=30)
+    assert code == 0, "the child could not read the tree"
+    latest = table.latest("example.com/log")
+    assert latest is not None and latest.note == b"note"
+    table.close()

@@ -24,6 +24,7 @@ PostgreSQL: the same tables as ``<schema>.tree_nodes``, ``tree_state``, ``checkp
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -32,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from coworker.audit import merkle
+from coworker.audit import _fork, merkle
 from coworker.audit.chain import GENESIS_PREV_HASH, link
 from coworker.audit.merkle import CompactRange, NodeKey
 from coworker.audit.store import first_prev
@@ -178,10 +179,11 @@ class SQLiteTable:
 
     def __init__(self, path: str, *, busy_timeout: float = 10.0) -> None:
         self.path = path
+        self._busy_timeout = busy_timeout
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         try:
-            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            self._db = self._connect()
             # The tree is a cache rebuilt from the records, and a checkpoint is also published
             # outside: no fsync per commit, so the writers' lock is held for microseconds.
             self._conn.execute("PRAGMA synchronous = NORMAL")
@@ -189,6 +191,29 @@ class SQLiteTable:
                 self._conn.execute(statement)
         except sqlite3.Error as exc:
             raise AuditUnavailable(f"cannot open the tree tables in {path!r}: {exc}") from exc
+        _fork.register(self)
+        _fork.hold_across_fork(self)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        return conn
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        # With self._lock. A SQLite connection must not cross a fork: a child opens its own.
+        if self._pid != os.getpid():
+            _fork.orphan(self._db)
+            self._db = self._connect()
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._pid = os.getpid()
+        return self._db
+
+    def _fork_lock(self) -> threading.Lock:
+        return self._lock
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
 
     def state(self) -> tuple[int, bytes]:
         """See :class:`TreeTable`."""
@@ -265,9 +290,10 @@ class SQLiteTable:
         return StoredCheckpoint(r[0], r[1], bytes(r[2]), r[3]) if r else None
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (a forked child leaves its parent's alone)."""
         with self._lock:
-            self._conn.close()
+            if self._pid == os.getpid():
+                self._db.close()
 
 
 class PostgresTable:
@@ -279,10 +305,12 @@ class PostgresTable:
 
         self._sql = sql
         self._schema = schema
+        self._conninfo = conninfo
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         s = sql.Identifier(schema)
         try:
-            self._conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=5)
+            self._db = psycopg.connect(conninfo, autocommit=True, connect_timeout=5)
             for ddl in (
                 "CREATE TABLE IF NOT EXISTS {}.tree_nodes (level integer NOT NULL, "
                 "idx bigint NOT NULL, hash bytea NOT NULL, PRIMARY KEY (level, idx))",
@@ -297,6 +325,25 @@ class PostgresTable:
             raise AuditUnavailable(
                 f"cannot open the tree tables in schema {schema}: {exc}"
             ) from exc
+        _fork.register(self)
+
+    @property
+    def _conn(self) -> Any:
+        # With self._lock. A connection must not cross a fork: a child's query on the
+        # parent's socket would break both sessions; the child connects anew.
+        if self._pid != os.getpid():
+            import psycopg
+
+            _fork.orphan(self._db)
+            try:
+                self._db = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+            except psycopg.Error as exc:
+                raise AuditUnavailable(f"cannot reach the tree tables: {exc}") from exc
+            self._pid = os.getpid()
+        return self._db
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
 
     def _t(self, name: str) -> Any:
         return self._sql.Identifier(self._schema, name)
@@ -386,9 +433,10 @@ class PostgresTable:
         return StoredCheckpoint(r[0], int(r[1]), bytes(r[2]), r[3].strftime("%Y-%m-%dT%H:%M:%SZ"))
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (a forked child leaves its parent's alone)."""
         with self._lock:
-            self._conn.close()
+            if self._pid == os.getpid():
+                self._db.close()
 
 
 # In-memory stores keep their tree for as long as they live.
@@ -435,6 +483,7 @@ class LogTree:
         self.store = store
         self.table = table if table is not None else open_table(store)
         self._lock = threading.Lock()
+        _fork.register(self)
         # The right edge as of the last sync, and recent roots: a sync that finds the table
         # where this process left it reads only the new records (no leaf re-reads).
         self._edge: tuple[tuple[int, bytes], CompactRange] | None = None
@@ -446,6 +495,12 @@ class LogTree:
         # The furthest (size, last record hash) this process has hashed: the tree table (a
         # file the database owner can replace) must never go back behind it.
         self._seen: tuple[int, bytes] | None = None
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's checkpointer may have been inside a sync: rebuild from the table.
+        self._lock = threading.Lock()
+        self._edge = None
+        self._edge_trusted = False
 
     @property
     def size(self) -> int:
