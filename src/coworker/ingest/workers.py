@@ -14,12 +14,12 @@ that dies makes its request decode in the server process, so a request is never 
 pool.
 
 The mechanism is ours, not ``concurrent.futures.ProcessPoolExecutor`` (whose feeder and result
-threads, call queue and pickled futures cost the serve process more per request than the
-append's own Python): each worker sits behind a duplex :func:`multiprocessing.Pipe` of its own,
-idle workers wait in a free list, and the request's thread takes one, sends the request, blocks
-on the answer (without the GIL) and puts the worker back. Requests and answers are single
-:mod:`marshal` strings (:func:`encode_decoded`, :func:`decoded_from`), pickle only for a value
-marshal refuses.
+threads, call queue and pickled work items and futures are CPU that the serve process and the
+workers need not spend; docs/ingest.md has the figures): each worker sits behind a duplex
+:func:`multiprocessing.Pipe` of its own, idle workers wait in a free list, and the request's
+thread takes one, sends the request, blocks on the answer (without the GIL) and puts the worker
+back. Requests and answers are single :mod:`marshal` strings (:func:`encode_decoded`,
+:func:`decoded_from`), pickle only for a value marshal refuses.
 """
 
 from __future__ import annotations
