@@ -18,9 +18,9 @@ the ratio is what HTTP, OTLP encoding and decoding, authentication and dedup cos
 ``--callgrind`` counts instructions (``valgrind --tool=callgrind``, N vs 2N requests of 512
 spans, the same on a loaded machine) of the three parts in one process, without HTTP: what a
 decoding worker does per span (``decode``: the body to canonicalised records), what the serve
-process does per span with a decoded request (``append``: unpickle the worker's answer, token
-limits, dedup, chain, insert, commit), and what a direct appender does (``direct``:
-``entry_from_span`` + ``store.append``).
+process does per span with a decoded request (``append``: read the worker's answer,
+``decoded_from``, token limits, dedup, chain, insert, commit), and what a direct appender does
+(``direct``: ``entry_from_span`` + ``store.append``).
 """
 
 from __future__ import annotations
@@ -326,7 +326,6 @@ _POOL = 8  # requests built for every count (the setup is the same for N and 2N)
 
 def _callgrind_case(case: str, requests: int) -> None:
     """One ``--callgrind`` measurement: ``requests`` requests of 512 spans through ``case``."""
-    import pickle
     import tempfile
 
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -334,7 +333,7 @@ def _callgrind_case(case: str, requests: int) -> None:
     from coworker.audit.record import entry_from_span
     from coworker.audit.store_sqlite import SQLiteStore
     from coworker.ingest.app import _Ingest
-    from coworker.ingest.workers import decode_body
+    from coworker.ingest.workers import decode_body, decoded_from, encode_decoded
 
     spans = make_spans(512 * _POOL, 0)
     batches = [spans[i : i + 512] for i in range(0, len(spans), 512)]
@@ -347,15 +346,15 @@ def _callgrind_case(case: str, requests: int) -> None:
     )  # fmt: skip
     assert ingest.tokens is not None
     token = ingest.tokens[0]
-    answers = [pickle.dumps(decode_body(b, *args)) for b in bodies]
-    first = pickle.loads(answers[-1])
+    answers = [encode_decoded(decode_body(b, *args)) for b in bodies]  # what a worker sends
+    first = decoded_from(answers[-1])
     ingest._handle(b"", args[0], args[1], token, first)  # warm: the index, the statements
     store.append([entry_from_span(s)[0] for s in batches[-1][:1]])
     for i in range(requests):
         if case == "decode":
-            pickle.dumps(decode_body(bodies[i], *args))
+            encode_decoded(decode_body(bodies[i], *args))
         elif case == "append":
-            ingest._handle(b"", args[0], args[1], token, pickle.loads(answers[i]))
+            ingest._handle(b"", args[0], args[1], token, decoded_from(answers[i]))
         else:
             entries = [entry_from_span(s) for s in batches[i]]
             store.append([e[0] for e in entries], [e[1] for e in entries])

@@ -43,7 +43,9 @@ PG_CASES = [
 
 def _run(command: str, *extra: str) -> str:
     script, *args = command.split()
-    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+    # This checkout's code (src/ first), not whichever one the environment has installed.
+    root = BENCHMARKS.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args, *extra],
         capture_output=True,

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Final
 
 import anyio
@@ -44,7 +42,15 @@ from coworker.ingest.records import (
 from coworker.ingest.responses import _status_response, _success, _too_large
 from coworker.ingest.tokens import IngestToken, _secret_digest
 from coworker.ingest.usage import is_usage_key
-from coworker.ingest.workers import REJECT, Decoded, DecodePool, decode_body, record_of
+from coworker.ingest.workers import (
+    REJECT,
+    Decoded,
+    DecodePool,
+    WorkerDied,
+    WorkerFailed,
+    decode_body,
+    record_of,
+)
 
 _log = logging.getLogger("coworker.ingest")
 
@@ -198,38 +204,35 @@ class _Ingest:
         body = b"".join(chunks)
         self._enter()
         try:
-            decoded = await self._decoded(
-                body, media, encoding, token.name if token is not None else None
-            )
-            # Decoding and appending are CPU and I/O bound: off the event loop. The thread is
-            # not cancellable, so a client that hangs up does not abort an append half-way.
-            return await anyio.to_thread.run_sync(
-                self._handle, body, media, encoding, token, decoded
-            )
+            # Decoding (in a worker process, waited for here) and appending are CPU and I/O
+            # bound: off the event loop, in one thread. The thread is not cancellable, so a
+            # client that hangs up does not abort an append half-way.
+            return await anyio.to_thread.run_sync(self._serve, body, media, encoding, token)
         finally:
             self._leave()
 
-    async def _decoded(
-        self, body: bytes, media: str, encoding: str, name: str | None
-    ) -> Decoded | None:
-        """The request decoded by a worker process, or ``None``: decode in this process (no
-        pool, or the pool failed; a dead worker never loses a request)."""
+    def _serve(self, body: bytes, media: str, encoding: str, token: IngestToken | None) -> Response:
+        decoded = self._decoded(body, media, encoding, token.name if token is not None else None)
+        return self._handle(body, media, encoding, token, decoded)
+
+    def _decoded(self, body: bytes, media: str, encoding: str, name: str | None) -> Decoded | None:
+        """The request decoded by a worker process (this thread waits for it), or ``None``:
+        decode in this process (no pool, or the pool failed; a dead worker never loses a
+        request)."""
         pool = self.pool
         if pool is None:
             return None
         if pool.broken:
-            await anyio.to_thread.run_sync(pool.restart)
-        submitted = pool.submit(
-            body, media, encoding, self.max_body_bytes, self.max_attribute_length,
-            self.max_attributes, name,
-        )  # fmt: skip
-        if submitted is None:
-            return None
-        future, executor = submitted
+            pool.restart()
         try:
-            return await asyncio.wrap_future(future)
-        except BrokenProcessPool:
-            pool.mark_broken(executor)
+            return pool.decode(
+                body, media, encoding, self.max_body_bytes, self.max_attribute_length,
+                self.max_attributes, name,
+            )  # fmt: skip
+        except WorkerDied as exc:
+            pool.mark_broken(exc.workers)
+        except WorkerFailed as exc:
+            _log.error("ingest decoding worker failed; decoding in the server process:\n%s", exc)
         except Exception:
             _log.exception("ingest decoding worker failed; decoding in the server process")
         return None

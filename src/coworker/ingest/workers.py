@@ -12,16 +12,32 @@ strings per record (its body with a hole for the seq, the query fields, the dedu
 :mod:`~coworker.ingest.prepare`), so the appending process only chains and inserts. A worker
 that dies makes its request decode in the server process, so a request is never lost to the
 pool.
+
+The mechanism is ours, not ``concurrent.futures.ProcessPoolExecutor`` (whose feeder and result
+threads, call queue and pickled work items and futures are CPU that the serve process and the
+workers need not spend; docs/ingest.md has the figures): each worker sits behind a duplex
+:func:`multiprocessing.Pipe` of its own, idle workers wait in a free list, and the request's
+thread takes one, sends the request, blocks on the answer (without the GIL) and puts the worker
+back. Requests and answers are single :mod:`marshal` strings (:func:`encode_decoded`,
+:func:`decoded_from`), pickle only for a value marshal refuses.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import marshal
 import multiprocessing
+import pickle
+import queue
+import signal
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+import traceback
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
 from coworker.audit.record import storable
@@ -38,7 +54,15 @@ from coworker.ingest.records import PreparedRecord
 from coworker.ingest.tokens import INGEST_TOKEN_FIELD
 from coworker.ingest.usage import UsageRefused, usage_entries_of, usage_key
 
-__all__ = ["DecodePool", "Decoded", "decode_body"]
+__all__ = [
+    "DecodePool",
+    "Decoded",
+    "WorkerDied",
+    "WorkerFailed",
+    "decode_body",
+    "decoded_from",
+    "encode_decoded",
+]
 
 _log = logging.getLogger("coworker.ingest")
 
@@ -155,8 +179,217 @@ def record_of(item: tuple[Any, ...]) -> tuple[PreparedRecord, bytes | None, byte
     return PreparedRecord(before, after, values), payload, key
 
 
-def _warm() -> int:
-    return 0
+# -- answers: one marshal string ------------------------------------------------------------------
+_MARSHAL: Final = b"M"
+"""First byte of a message that is :mod:`marshal` data (the rest)."""
+_PICKLE: Final = b"P"
+"""First byte of a message that is pickled: marshal refused one of its values."""
+_FAILED: Final = b"F"
+"""First byte of a worker's answer when decoding raised: the rest is the traceback (UTF-8)."""
+_READY: Final = b"R"
+"""A worker's first message: it has imported the decoder."""
+
+_ALIVE_CHECK: Final = 1.0
+"""Seconds between checks that the worker holding a request is alive."""
+
+_BATCH_FIELDS: Final = tuple(f.name for f in dataclasses.fields(AuditBatch) if f.name != "spans")
+"""The :class:`AuditBatch` fields an answer carries (``spans``, SDK spans, only by pickle)."""
+
+
+def _dumps(value: Any) -> bytes:
+    """``value`` as one message: marshal, or pickle for a value marshal cannot hold."""
+    try:
+        return _MARSHAL + marshal.dumps(value)
+    except ValueError:  # "unmarshallable object": a subclass of str or int, an object ...
+        return _PICKLE + pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+
+def _loads(message: bytes) -> Any:
+    kind, rest = message[:1], memoryview(message)[1:]
+    if kind == _MARSHAL:
+        return marshal.loads(rest)
+    if kind == _PICKLE:
+        return pickle.loads(rest)
+    raise ValueError(f"not a decoding message (first byte {kind!r})")
+
+
+def encode_decoded(decoded: Decoded) -> bytes:
+    """``decoded`` as the bytes a worker sends: one :mod:`marshal` string of plain values
+    (status, message, the batch's tally, the items), or a pickle of the whole
+    :class:`Decoded` when marshal refuses one of them (nothing is lost, only slower).
+    :func:`decoded_from` reads either."""
+    batch = decoded.batch
+    if type(decoded) is not Decoded or type(batch) is not AuditBatch or batch.spans:
+        return _PICKLE + pickle.dumps(decoded, pickle.HIGHEST_PROTOCOL)
+    plain = (
+        decoded.status,
+        decoded.message,
+        tuple(getattr(batch, name) for name in _BATCH_FIELDS),
+        decoded.items,
+    )
+    try:
+        return _MARSHAL + marshal.dumps(plain)
+    except ValueError:
+        return _PICKLE + pickle.dumps(decoded, pickle.HIGHEST_PROTOCOL)
+
+
+def decoded_from(answer: bytes) -> Decoded:
+    """The :class:`Decoded` that :func:`encode_decoded` made ``answer`` of.
+
+    Raises:
+        ValueError: ``answer`` is not such bytes.
+    """
+    value = _loads(answer)
+    if answer[:1] == _PICKLE:
+        if not isinstance(value, Decoded):
+            raise ValueError(f"a pickled answer holds a {type(value).__name__}, not a Decoded")
+        return value
+    status, message, tally, items = value
+    return Decoded(
+        status, message, AuditBatch(**dict(zip(_BATCH_FIELDS, tally, strict=True))), items
+    )
+
+
+# -- the worker processes -------------------------------------------------------------------------
+class WorkerDied(Exception):
+    """The worker holding a request died (its pipe closed) before it answered.
+
+    Attributes:
+        workers: the set it belonged to (for :meth:`DecodePool.mark_broken`).
+    """
+
+    def __init__(self, workers: _Workers) -> None:
+        super().__init__("an ingest decoding worker died")
+        self.workers = workers
+
+
+class WorkerFailed(Exception):
+    """Decoding raised in the worker (which lives on); the message is the worker's traceback."""
+
+
+def _worker_main(conn: Connection) -> None:
+    """A worker: answer each request on ``conn`` until ``None`` or the server's end closes."""
+    # Ctrl-C on `coworker audit serve` reaches the whole process group: the server stops its
+    # workers itself (None), and a server that dies closes the pipe (EOFError).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn.send_bytes(_READY)
+    while True:
+        try:
+            args = _loads(conn.recv_bytes())
+        except EOFError:
+            return
+        if args is None:
+            return
+        try:
+            answer = encode_decoded(decode_body(*args))
+        except Exception:
+            answer = _FAILED + traceback.format_exc().encode("utf-8", "replace")
+        conn.send_bytes(answer)
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: BaseProcess
+    conn: Connection  # the server's end of the worker's pipe
+
+
+class _Workers:
+    """``count`` spawned worker processes, each behind a duplex pipe of its own, and the free
+    list of the idle ones (requests beyond ``count`` wait there for one)."""
+
+    def __init__(self, count: int, *, start_timeout: float = 60.0) -> None:
+        ctx = multiprocessing.get_context("spawn")  # the server has threads: no fork
+        self.workers: list[_Worker] = []
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        try:
+            for _ in range(count):
+                ours, theirs = ctx.Pipe(duplex=True)
+                process = ctx.Process(
+                    target=_worker_main, args=(theirs,), name="coworker-ingest-decode", daemon=True
+                )
+                try:
+                    process.start()
+                finally:
+                    # Only the worker may hold its end: its death must close the pipe (EOF here).
+                    theirs.close()
+                self.workers.append(_Worker(process, ours))
+            deadline = time.monotonic() + start_timeout
+            for worker in self.workers:  # they import in parallel; wait for each
+                if not worker.conn.poll(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"a decoding worker did not start in {start_timeout:g}s")
+                if worker.conn.recv_bytes() != _READY:
+                    raise RuntimeError("a decoding worker sent something else than ready")
+        except BaseException:
+            self.terminate()
+            raise
+        for worker in self.workers:
+            self._idle.put(worker)
+
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process ids."""
+        return [w.process.pid for w in self.workers if w.process.pid is not None]
+
+    def call(self, request: bytes) -> bytes:
+        """Send ``request`` to an idle worker (waiting for one) and return its answer.
+
+        Raises:
+            WorkerDied: the worker died (or was stopped) before answering.
+        """
+        worker = self._idle.get()
+        try:
+            worker.conn.send_bytes(request)
+            # Blocks without the GIL. A dead worker closes its end of the pipe (EOFError),
+            # unless a fork elsewhere in the server copied that end in the instant it was
+            # ours: then its exit is what tells.
+            while not worker.conn.poll(_ALIVE_CHECK):
+                if not worker.process.is_alive():
+                    raise WorkerDied(self)
+            return worker.conn.recv_bytes()
+        except (EOFError, OSError) as exc:  # OSError: a broken pipe, a closed handle
+            raise WorkerDied(self) from exc
+        finally:
+            # Dead or alive: a dead one makes the next caller fail fast, rather than wait
+            # forever for a worker that never comes back.
+            self._idle.put(worker)
+
+    def terminate(self) -> None:
+        """Kill the processes now (a request a worker held raises :class:`WorkerDied`)."""
+        for worker in self.workers:
+            if worker.process.is_alive():
+                worker.process.terminate()
+        for worker in self.workers:
+            self._reap(worker.process, 5.0)
+
+    def stop(self, timeout: float) -> None:
+        """Tell each worker to exit once it is idle (``None``), wait up to ``timeout`` seconds
+        for them, and kill the ones left."""
+        deadline = time.monotonic() + timeout
+        stopped: list[_Worker] = []
+        for _ in self.workers:
+            try:
+                worker = self._idle.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break  # a request still holds one: it is killed below
+            stopped.append(worker)
+            with contextlib.suppress(OSError):
+                worker.conn.send_bytes(_dumps(None))
+        for worker in self.workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                _log.warning("an ingest decoding worker did not exit in time; terminating it")
+                worker.process.terminate()
+            self._reap(worker.process, 5.0)
+        for worker in stopped:
+            worker.conn.close()
+            self._idle.put(worker)  # closed: a late caller gets WorkerDied, not a hang
+
+    @staticmethod
+    def _reap(process: BaseProcess, timeout: float) -> None:
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout)
 
 
 class DecodePool:
@@ -181,8 +414,8 @@ class DecodePool:
         self.restart_max = restart_max
         self.restart_failures = 0
         """Failed restarts since the pool last ran."""
-        self._executor: ProcessPoolExecutor | None = None
-        self._broken: ProcessPoolExecutor | None = None  # the pool to replace, if any
+        self._workers: _Workers | None = None
+        self._broken: _Workers | None = None  # the set to replace, if any
         self._retry_at: float | None = None  # when to try a failed restart again
         self._restart_lock = threading.Lock()
 
@@ -198,37 +431,33 @@ class DecodePool:
         Raises:
             Exception: the processes could not start (none is left running).
         """
-        executor = ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn")
-        )
-        try:
-            for started in [executor.submit(_warm) for _ in range(self.workers)]:
-                started.result()
-        except BaseException:
-            executor.shutdown(wait=False, cancel_futures=True)
-            raise
-        self._executor = executor
+        self._workers = _Workers(self.workers)
 
-    def submit(self, *args: Any) -> tuple[Future[Decoded], ProcessPoolExecutor] | None:
-        """Hand :func:`decode_body` ``args`` to a worker: the future and the pool it went to
-        (for :meth:`mark_broken`); ``None`` when the pool is not running (the caller decodes
-        in its own process)."""
-        executor = self._executor
-        if executor is None:
-            return None
-        try:
-            return executor.submit(decode_body, *args), executor
-        except RuntimeError:  # broken (a worker died): decode here until it is restarted
-            self.mark_broken(executor)
-            return None
+    def decode(self, *args: Any) -> Decoded | None:
+        """:func:`decode_body` of ``args`` in a worker (blocks: call it from a thread);
+        ``None`` when the pool is not running (the caller decodes in its own process).
 
-    def mark_broken(self, executor: ProcessPoolExecutor | None = None) -> None:
-        """Stop handing work to the current pool (a worker died); :meth:`restart` replaces it."""
+        Raises:
+            WorkerDied: the worker died holding the request (:meth:`mark_broken` its
+                ``workers``, decode in this process).
+            WorkerFailed: decoding raised in the worker.
+        """
+        workers = self._workers
+        if workers is None:
+            return None
+        answer = workers.call(_dumps(args))
+        if answer[:1] == _FAILED:
+            raise WorkerFailed(answer[1:].decode("utf-8", "replace"))
+        return decoded_from(answer)
+
+    def mark_broken(self, workers: _Workers | None = None) -> None:
+        """Stop handing work to the current processes (a worker died); :meth:`restart`
+        replaces them."""
         with self._restart_lock:
-            executor = executor or self._executor
-            if executor is not None and executor is self._executor:
+            workers = workers or self._workers
+            if workers is not None and workers is self._workers:
                 _log.error("an ingest decoding worker died; decoding in the server process")
-                self._broken, self._executor = executor, None
+                self._broken, self._workers = workers, None
 
     def restart(self) -> None:
         """Replace a broken pool with a fresh one (once, however many requests saw it).
@@ -245,7 +474,7 @@ class DecodePool:
                 return
             old, self._broken = self._broken, None
             if old is not None:
-                old.shutdown(wait=False, cancel_futures=True)
+                old.terminate()  # its survivors' requests decode in the server process
             try:
                 self.start()
             except Exception:
@@ -272,8 +501,12 @@ class DecodePool:
         finally:
             self._restart_lock.release()
 
-    def shutdown(self) -> None:
-        """Stop the processes (after the in-flight requests)."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True)
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the processes (after the in-flight requests, waiting up to ``timeout``
+        seconds for them; the ones left are killed)."""
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.stop(timeout)
+        broken, self._broken = self._broken, None
+        if broken is not None:
+            broken.terminate()
